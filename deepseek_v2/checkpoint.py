@@ -1,0 +1,174 @@
+"""Checkpoints in the official Hugging Face format: config.json plus one model.safetensors or
+shards listed in model.safetensors.index.json. Loading builds the model on the meta device and
+fills each parameter once from the files (no second copy in memory); routed experts, stored one
+tensor per expert in the files, are stacked into the model's [E, ...] weights on the way in and
+unstacked on the way out."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelArgs
+from .model import DeepseekV2ForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_BAR_BYTES = 1 << 30  # show a progress bar for checkpoints above 1 GiB
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer some older exports carry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names the file or tensor."""
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+             "fp32": torch.float32, "float": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+    return names[dtype]
+
+
+def checkpoint_tensors(model: DeepseekV2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor as the checkpoint names it: a parameter, or one expert's slice of a stack."""
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            inter = param.shape[1] // 2
+            for e in range(param.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", param[e, :inter]
+                yield f"{prefix}{e}.up_proj.weight", param[e, inter:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(param.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", param[e]
+        else:
+            yield name, param
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {INDEX_FILE} is missing")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors checkpoint)")
+
+
+def load_model(path, dtype=None, device="cpu", progress: bool | None = None) -> DeepseekV2ForCausalLM:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    args = ModelArgs.from_pretrained(path)
+    dtype = parse_dtype(dtype) or parse_dtype(args.torch_dtype if args.torch_dtype != "None" else "float32")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(args)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.model.rotary_emb.reset_parameters()
+    targets = dict(checkpoint_tensors(model))
+    if args.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    total = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else total > PROGRESS_BAR_BYTES
+    bar = None
+    if show:
+        from tqdm import tqdm
+        bar = tqdm(total=len(targets), desc=f"Loading {path.name}", unit="tensor")
+    seen, unexpected = set(), []
+    with torch.no_grad():
+        for file in files:
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        if name not in targets:
+                            if not IGNORED.match(name):
+                                unexpected.append(name)
+                            continue
+                        target = targets[name]
+                        shape = tuple(f.get_slice(name).get_shape())
+                        if shape != tuple(target.shape):
+                            raise CheckpointError(f"{file.name}: tensor '{name}' has shape {list(shape)}, "
+                                                  f"the model expects {list(target.shape)}")
+                        target.copy_(f.get_tensor(name))
+                        seen.add(name)
+                        if bar is not None:
+                            bar.update(1)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    if bar is not None:
+        bar.close()
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}"
+                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    missing = [n for n in targets if n not in seen]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return model.eval()
+
+
+def save_model(model: DeepseekV2ForCausalLM, path, max_shard_size: int = 5 * 1024**3) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.args.to_hf_config()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in checkpoint_tensors(model):
+        if model.args.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        old.unlink(missing_ok=True)  # never leave stale shards beside the new ones
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for file, shard in zip(names, shards):
+        # clone: one expert's slice shares storage with its stack, which safetensors refuses
+        tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in shard}
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        for n, t in tensors.items():
+            weight_map[n] = file
+            total += t.numel() * t.element_size()
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def is_checkpoint_dir(path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "parse_dtype", "is_checkpoint_dir"]

@@ -1,0 +1,301 @@
+"""Configuration: the architecture (`ModelArgs`, read from a checkpoint's config.json) and the
+engine knobs (`EngineConfig`). A config.json becomes a ModelArgs in exactly one function,
+`ModelArgs.from_hf_config`; `ModelArgs.to_hf_config` writes it back in the official format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a working DeepSeek-V2 model; the message names the key."""
+
+
+@dataclass
+class RopeScaling:
+    """YaRN parameters (`rope_scaling` in official configs, `rope_parameters` in transformers 5)."""
+
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class ModelArgs:
+    # sizes
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    num_hidden_layers: int = 27
+    intermediate_size: int = 10944  # SwiGLU width of the dense layers
+    # Multi-head Latent Attention
+    num_attention_heads: int = 16
+    q_lora_rank: int | None = None  # None: plain q_proj (Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # DeepSeekMoE
+    n_routed_experts: int | None = 64  # None: every layer dense
+    n_shared_experts: int | None = 2
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 1408
+    topk_method: str = "greedy"  # or "group_limited_greedy"
+    n_group: int | None = 1
+    topk_group: int | None = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    # positions
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = field(
+        default_factory=lambda: RopeScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707))
+    # misc
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer: the normalised latent c_kv and the rotated k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def mha_cache_dim(self) -> int:
+        """Values per token per layer in the full per-head K and V cache the official code keeps."""
+        return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-1/2, times mscale^2 under YaRN with mscale_all_dim set (official code)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, why: str):
+            if not cond:
+                raise ConfigError(f"config key '{key}': {why}")
+
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key,
+                 f"must be a positive integer, got {getattr(self, key)!r}")
+        need(isinstance(self.qk_nope_head_dim, int) and self.qk_nope_head_dim >= 0,
+             "qk_nope_head_dim", "must be a non-negative integer")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"rotary pairs need an even size, got {self.qk_rope_head_dim}")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             "q_lora_rank", f"must be null or a positive integer, got {self.q_lora_rank!r}")
+        need(self.hidden_act == "silu", "hidden_act",
+             f"only 'silu' is supported (DeepSeek-V2 uses SwiGLU), got {self.hidden_act!r}")
+        need(self.scoring_func == "softmax", "scoring_func",
+             f"only 'softmax' is implemented, got {self.scoring_func!r}")
+        if self.n_routed_experts is not None:
+            E = self.n_routed_experts
+            need(isinstance(E, int) and E > 0, "n_routed_experts", f"must be positive, got {E!r}")
+            need(self.topk_method in ("greedy", "group_limited_greedy"), "topk_method",
+                 f"must be 'greedy' or 'group_limited_greedy', got {self.topk_method!r}")
+            need(0 < self.num_experts_per_tok <= E, "num_experts_per_tok",
+                 f"must be in 1..n_routed_experts={E}, got {self.num_experts_per_tok}")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+            need(self.moe_layer_freq >= 1, "moe_layer_freq", "must be >= 1")
+            if self.topk_method == "group_limited_greedy":
+                need(bool(self.n_group) and E % self.n_group == 0, "n_group",
+                     f"must divide n_routed_experts={E}, got {self.n_group!r}")
+                need(bool(self.topk_group) and 0 < self.topk_group <= self.n_group, "topk_group",
+                     f"must be in 1..n_group={self.n_group}, got {self.topk_group!r}")
+                need(self.topk_group * (E // self.n_group) >= self.num_experts_per_tok, "topk_group",
+                     "the kept groups hold fewer experts than num_experts_per_tok")
+        rs = self.rope_scaling
+        if rs is not None:
+            need(rs.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {rs.factor}")
+            need(rs.original_max_position_embeddings > 0,
+                 "rope_scaling.original_max_position_embeddings", "must be positive")
+
+    # ---- config.json in and out ------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """Build from a config.json dict, official (`rope_scaling` + `rope_theta`) or transformers-5
+        style (`rope_parameters`)."""
+        if cfg.get("model_type", "deepseek_v2") != "deepseek_v2":
+            raise ConfigError(f"config key 'model_type': expected 'deepseek_v2', got {cfg['model_type']!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "torch_dtype"}
+        kwargs = {k: cfg[k] for k in known if k in cfg}
+        if "dtype" in cfg or "torch_dtype" in cfg:
+            kwargs["torch_dtype"] = str(cfg.get("torch_dtype") or cfg.get("dtype"))
+        for key in ("n_group", "topk_group"):  # official configs write null for Lite-style greedy
+            if key in kwargs and kwargs[key] is None and cfg.get("topk_method") != "group_limited_greedy":
+                kwargs[key] = 1
+        if cfg.get("topk_method") == "gready":  # the official default's known typo means greedy
+            kwargs["topk_method"] = "greedy"
+
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+        rope = dict(cfg.get(rope_key) or {})
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope.pop("rope_theta")
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or ("default" if not rope else None)
+        rope.pop("type", None)
+        if rope_type in ("default", None) and not rope:
+            kwargs["rope_scaling"] = None
+        elif rope_type in ("yarn", "deepseek_yarn"):
+            names = {f.name for f in dataclasses.fields(RopeScaling)}
+            unknown = set(rope) - names - {"attention_factor", "truncate"}
+            if unknown:
+                raise ConfigError(f"config key '{rope_key}': unknown YaRN parameter(s) {sorted(unknown)}")
+            if "factor" not in rope:
+                raise ConfigError(f"config key '{rope_key}.factor': YaRN needs a scaling factor")
+            kwargs["rope_scaling"] = RopeScaling(**{k: v for k, v in rope.items() if k in names})
+        else:
+            raise ConfigError(f"config key '{rope_key}.type': unsupported rope type {rope_type!r} "
+                              "(supported: default, yarn)")
+
+        head_dim = cfg.get("head_dim")  # transformers 5 writes head_dim = qk_rope_head_dim
+        if head_dim is not None and head_dim != kwargs.get("qk_rope_head_dim", cls.qk_rope_head_dim):
+            raise ConfigError(f"config key 'head_dim': {head_dim} disagrees with qk_rope_head_dim "
+                              f"{kwargs.get('qk_rope_head_dim', cls.qk_rope_head_dim)}")
+        qk_head_dim = cfg.get("qk_head_dim")
+        if qk_head_dim is not None:
+            expect = (kwargs.get("qk_nope_head_dim", cls.qk_nope_head_dim)
+                      + kwargs.get("qk_rope_head_dim", cls.qk_rope_head_dim))
+            if qk_head_dim != expect:
+                raise ConfigError(f"config key 'qk_head_dim': {qk_head_dim} is not "
+                                  f"qk_nope_head_dim + qk_rope_head_dim = {expect}")
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a wrongly typed value
+            raise ConfigError(f"config.json: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ModelArgs":
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: no config.json (not a DeepSeek-V2 checkpoint directory)")
+        try:
+            with open(file) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf_config(cfg)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json dict as the official checkpoints ship it."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rs = d.pop("rope_scaling")
+        d["rope_scaling"] = None if rs is None else {"type": "yarn", **dataclasses.asdict(rs)}
+        d["num_key_value_heads"] = self.num_attention_heads
+        d.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                 attention_dropout=0.0, use_cache=True, pretraining_tp=1, ep_size=1)
+        return dict(sorted(d.items()))
+
+    def replace(self, **changes) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+    # ---- parameter counts ------------------------------------------------------------------------
+    def num_parameters(self) -> dict[str, int]:
+        """Total and per-token activated parameter counts (activated includes the LM head and
+        excludes the input embedding, which is a row lookup)."""
+        D, H = self.hidden_size, self.num_attention_heads
+        if self.q_lora_rank is None:
+            q = D * H * self.qk_head_dim
+        else:
+            q = D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
+        attn = (q + D * self.kv_cache_dim + self.kv_lora_rank
+                + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim) + H * self.v_head_dim * D)
+        if self.attention_bias:
+            attn += (self.q_lora_rank or 0) + self.kv_cache_dim + D
+        norms = 2 * D
+        dense_mlp = 3 * D * self.intermediate_size
+        total = active = 0
+        for i in range(self.num_hidden_layers):
+            total += attn + norms
+            active += attn + norms
+            if self.is_moe_layer(i):
+                expert = 3 * D * self.moe_intermediate_size
+                shared = expert * (self.n_shared_experts or 0)
+                gate = self.n_routed_experts * D
+                total += gate + shared + expert * self.n_routed_experts
+                active += gate + shared + expert * self.num_experts_per_tok
+            else:
+                total += dense_mlp
+                active += dense_mlp
+        embed = self.vocab_size * D
+        head = 0 if self.tie_word_embeddings else self.vocab_size * D
+        total += embed + head + D
+        active += head + D if not self.tie_word_embeddings else embed + D
+        return {"total": total, "activated": active}
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# Built-in shapes of the official checkpoints, for random-weight models of the real size.
+PRESETS: dict[str, ModelArgs] = {
+    "v2-lite": ModelArgs(),
+    "v2": ModelArgs(
+        hidden_size=5120, num_hidden_layers=60, intermediate_size=12288, num_attention_heads=128,
+        q_lora_rank=1536, n_routed_experts=160, moe_intermediate_size=1536,
+        topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0),
+}
+
+
+@dataclass
+class EngineConfig:
+    """Runtime knobs of the inference engine (vLLM's names where vLLM has one)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 64
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30  # cache budget on CPU
+    num_kv_blocks: int | None = None  # fixes the cache size, overriding the budgets
+    max_waiting_requests: int | None = None  # the server answers 503 beyond this
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")

@@ -1,0 +1,254 @@
+"""The engine: requests in, streamed outputs out. Each `step()` is three calls (schedule, run,
+postprocess); postprocessing appends the sampled tokens, detokenizes incrementally, applies the
+stop conditions and frees finished sequences."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import EngineConfig
+from ..model import DeepseekV2ForCausalLM
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, StepResult, cache_bytes_per_token
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("deepseek_v2")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
+
+
+@dataclass
+class SampleState:
+    """Output bookkeeping of one sequence: detokenized text, stop handling, logprobs."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    sent_text: int = 0  # characters already handed out as deltas
+    sent_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleState]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        self.max_model_len = min(config.max_model_len or model.args.max_position_embeddings,
+                                 model.args.max_position_embeddings)
+        self.runner = ModelRunner(model, config, self.max_model_len)
+        self.runner.eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if blocks_per_seq > self.runner.num_blocks:
+            fit = self.runner.num_blocks * config.block_size
+            logger.warning("max_model_len %d does not fit in the cache (%d tokens); lowering it to %d",
+                           self.max_model_len, fit, fit)
+            self.max_model_len = fit
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens = 0  # totals for metrics
+        self.num_generation_tokens = 0
+        self._log_memory()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
+                        device: str | None = None, **knobs) -> "LLMEngine":
+        path = str(model or DEFAULT_MODEL)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        net = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        return cls(net, Tokenizer.from_pretrained(path), EngineConfig(**knobs))
+
+    def _log_memory(self) -> None:
+        a = self.model.args
+        per_token = cache_bytes_per_token(self.model, self.model.dtype)
+        mha = a.num_hidden_layers * a.mha_cache_dim * self.model.dtype.itemsize
+        tokens = self.runner.num_blocks * self.config.block_size
+        logger.info("latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
+                    "(%d values/token/layer; a full per-head K/V cache would need %d, %.1fx more); "
+                    "max_model_len %d, up to %.1f concurrent max-length sequences",
+                    self.runner.num_blocks, self.config.block_size, tokens, tokens * per_token / 2**30,
+                    per_token, a.kv_cache_dim, a.mha_cache_dim, a.mha_cache_dim / a.kv_cache_dim,
+                    self.max_model_len, tokens / self.max_model_len)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a prompt the engine cannot serve (also used by the server)."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is out of the vocabulary (0..{vocab - 1})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the context length is "
+                             f"{self.max_model_len}, leaving no room for output")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop token id {bad_stop[0]} is out of the vocabulary (0..{vocab - 1})")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, ids = self.encode_prompt(prompt)
+        self.validate_prompt(ids, params)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        samples = []
+        for i in range(params.n):
+            p = params
+            if params.n > 1 and params.seed is not None:  # distinct but reproducible samples
+                p = replace(params, seed=params.seed + i)
+            seq = Sequence(ids, p, request_id, i, now)
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            samples.append(SampleState(seq, detok, logprobs=[] if params.logprobs is not None else None,
+                                       cumulative_logprob=0.0 if params.logprobs is not None else None))
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params, samples, RequestMetrics(now),
+                                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        self.num_prompt_tokens += len(ids) * params.n
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. Returns False for an unknown request."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for s in req.samples:
+            if s.finish_reason is None:
+                self._finish(s, SequenceStatus.FINISHED_ABORTED)
+        del self.requests[request_id]
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        if sched.preempted:
+            logger.warning("cache full: preempted %d sequence(s), they will be recomputed", len(sched.preempted))
+        results = self.runner.run(sched)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for item, result in zip(sched.scheduled, results):
+            seq = item.seq
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(seq)
+            if result.prompt_logprobs is not None and req.prompt_logprobs is not None and seq.index == 0:
+                req.prompt_logprobs += [e.as_dict() for e in result.prompt_logprobs]
+            if result.token_id is not None:
+                self._append_token(req, req.samples[seq.index], result, now)
+                touched[req.request_id] = req
+        outputs = [self._make_output(req) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _append_token(self, req: Request, s: SampleState, result: StepResult, now: float) -> None:
+        seq, p = s.seq, req.params
+        token = result.token_id
+        seq.output_token_ids.append(token)
+        self.num_generation_tokens += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        if s.logprobs is not None and result.logprobs is not None:
+            s.logprobs.append(result.logprobs.as_dict())
+            s.cumulative_logprob += result.logprobs.logprob
+        n_out = len(seq.output_token_ids)
+        if not p.ignore_eos and token in self.runner.eos_token_ids and n_out > p.min_tokens - 1:
+            return self._finish(s, SequenceStatus.FINISHED_STOPPED)
+        if token in p.stop_token_ids and n_out > p.min_tokens - 1:
+            s.stop_reason = token
+            return self._finish(s, SequenceStatus.FINISHED_STOPPED)
+        before = len(s.text)
+        s.text += s.detokenizer.add([token])
+        if p.stop and n_out >= p.min_tokens:
+            longest = max(len(x) for x in p.stop)
+            window_start = max(0, before - longest + 1)
+            for stop in p.stop:
+                at = s.text.find(stop, window_start)
+                if at != -1:
+                    s.text = s.text[:at + len(stop) if p.include_stop_str_in_output else at]
+                    s.stop_reason = stop
+                    return self._finish(s, SequenceStatus.FINISHED_STOPPED)
+        if p.max_tokens is not None and n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(s, SequenceStatus.FINISHED_LENGTH)
+
+    def _finish(self, s: SampleState, status: SequenceStatus) -> None:
+        if status is not SequenceStatus.FINISHED_STOPPED or s.stop_reason is None:
+            s.text += s.detokenizer.flush() if status is not SequenceStatus.FINISHED_ABORTED else ""
+        s.finish_reason = status.value
+        self.scheduler.finish(s.seq, status)
+        self.runner.release(s.seq.seq_id)
+        req = self.requests.get(s.seq.request_id)
+        if req is not None and req.finished:
+            req.metrics.finished_time = time.monotonic()
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        hold = max((len(x) for x in req.params.stop), default=1) - 1  # could be a stop string's start
+        for s in req.samples:
+            done = s.finish_reason is not None
+            visible = len(s.text) if done else max(s.sent_text, len(s.text) - hold)
+            token_ids = s.seq.output_token_ids
+            outs.append(CompletionOutput(
+                index=s.seq.index, text=s.text[:visible], token_ids=list(token_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                delta_text=s.text[s.sent_text:visible], delta_token_ids=token_ids[s.sent_tokens:],
+                delta_logprobs=None if s.logprobs is None else s.logprobs[s.sent_tokens:]))
+            s.sent_text, s.sent_tokens = visible, len(token_ids)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                             prompt_logprobs=req.prompt_logprobs,
+                             num_cached_tokens=req.samples[0].seq.num_cached_prompt_tokens,
+                             metrics=req.metrics)
+
+    # ---- statistics -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+                "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}

@@ -1,0 +1,221 @@
+"""Absorbed MLA decode over a paged latent cache (Triton), after FlashMLA and SGLang's grouped
+decode kernel.
+
+With W_UK folded into the query, decode is MQA with one shared 576-dim key [c ; k_pe] and the
+512-dim latent c itself as the value. One program handles (head group, kv split, sequence): it
+loads the queries of BLOCK_H heads once, walks its share of the sequence BLOCK_N tokens at a time
+through the block table, reads each latent tile ONCE for all those heads and keeps an online
+softmax in fp32. When the sequence is split, a second kernel merges the partial outputs with
+their log-sum-exp. No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
+
+Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_BLOCK_N = 32               # tokens per tile (SGLang's choice for MLA on Hopper)
+_BLOCK_H = 16               # heads per program; V2-Lite: all 16 heads in one program
+_MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent bytes read
+_MAX_SPLITS = 128
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    sm_scale_log2, num_heads,
+    stride_ql_n, stride_ql_h, stride_qp_n, stride_qp_h,
+    stride_kv_block, stride_kv_tok, stride_bt_n,
+    stride_o_n, stride_o_h,
+    R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    offs_h = head_group * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_h = offs_h < num_heads
+    mask_r = offs_r < R
+    mask_p = offs_p < P
+
+    q = tl.load(q_lat_ptr + seq * stride_ql_n + offs_h[:, None] * stride_ql_h + offs_r[None, :],
+                mask=mask_h[:, None] & mask_r[None, :], other=0.0)             # [BLOCK_H, BLOCK_R]
+    q_pe = tl.load(q_pe_ptr + seq * stride_qp_n + offs_h[:, None] * stride_qp_h + offs_p[None, :],
+                   mask=mask_h[:, None] & mask_p[None, :], other=0.0)          # [BLOCK_H, BLOCK_P]
+    if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+        q = q.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    # This split's token range, rounded to whole tiles; short sequences leave late splits empty.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        offs_t = tile_start + tl.arange(0, BLOCK_N)
+        mask_t = offs_t < end
+        block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
+        row = block.to(tl.int64) * stride_kv_block + (offs_t % 16) * stride_kv_tok  # [BLOCK_N]
+        c = tl.load(kv_ptr + row[:, None] + offs_r[None, :],
+                    mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
+        pe = tl.load(kv_ptr + row[:, None] + R + offs_p[None, :],
+                     mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
+        if UPCAST_DOT:
+            c = c.to(tl.float32)
+            pe = pe.to(tl.float32)
+        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+        qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range: zeros
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_o_n + offs_h[:, None] * stride_o_h + offs_r[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
+    else:
+        # partials: mid_o [N, H, S, BLOCK_R] fp32 and mid_lse [N, H, S] fp32 (log2 units, -inf if empty)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        mid = ((seq * num_heads + offs_h) * NUM_SPLITS + split).to(tl.int64)   # [BLOCK_H]
+        tl.store(mid_o_ptr + mid[:, None] * BLOCK_R + offs_r[None, :], out, mask=mask_h[:, None])
+        tl.store(mid_lse_ptr + mid, lse, mask=mask_h)
+
+
+@triton.jit
+def _mla_decode_merge_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, stride_o_n, stride_o_h,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    base = ((seq * num_heads + head) * NUM_SPLITS).to(tl.int64)
+    lse = tl.load(mid_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)           # all splits empty (length 0)
+    denom = tl.sum(tl.exp2(lse - m), axis=0)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        lse_s = tl.load(mid_lse_ptr + base + s)
+        o_s = tl.load(mid_o_ptr + (base + s) * BLOCK_R + offs_r, mask=lse_s > float("-inf"), other=0.0)
+        acc += tl.exp2(lse_s - m) * o_s
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_r, out.to(out_ptr.dtype.element_ty),
+             mask=offs_r < R)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small number
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
+    """Enough programs for two per SM, never a split shorter than _MIN_TOKENS_PER_SPLIT tokens."""
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+               block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
+               num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
+               block_n: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode; same contract as reference.mla_decode_ref, returns out [N, H, R].
+
+    q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
+    (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype;
+    block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
+    pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
+    upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
+    capacity). block_n: tokens per tile (tests and tuning). Never reads device values on the host.
+    """
+    if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
+        raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,block_size,R+P];"
+                         f" got {tuple(q_lat.shape)}, {tuple(q_pe.shape)}, {tuple(kv_cache.shape)}")
+    N, H, R = q_lat.shape
+    P = q_pe.shape[2]
+    num_blocks, block_size, width = kv_cache.shape
+    if q_pe.shape[:2] != (N, H) or width != R + P:
+        raise ValueError(f"mla_decode: shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)},"
+                         f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != N or seq_lens.shape != (N,):
+        raise ValueError(f"mla_decode: expected block_tables [{N}, max_blocks] and seq_lens [{N}];"
+                         f" got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    if q_lat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"mla_decode: q_lat dtype must be bf16, fp16 or fp32, got {q_lat.dtype}")
+    if q_pe.dtype != q_lat.dtype or kv_cache.dtype != q_lat.dtype:
+        raise ValueError(f"mla_decode: q_lat, q_pe and kv_cache must share a dtype;"
+                         f" got {q_lat.dtype}, {q_pe.dtype}, {kv_cache.dtype}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"mla_decode: block_tables and seq_lens must be int32;"
+                         f" got {block_tables.dtype}, {seq_lens.dtype}")
+    tensors = (q_lat, q_pe, kv_cache, block_tables, seq_lens)
+    if any(t.device != q_lat.device for t in tensors):
+        raise ValueError("mla_decode: all tensors must be on one device")
+    if q_lat.stride(2) != 1 or q_pe.stride(2) != 1 or kv_cache.stride(2) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("mla_decode: q_lat, q_pe, kv_cache and block_tables need a contiguous last dim")
+    if not seq_lens.is_contiguous():
+        raise ValueError("mla_decode: seq_lens must be contiguous")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
+    block_n = block_n or _BLOCK_N
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
+
+    out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)
+    if N == 0:
+        return out
+    block_h = _BLOCK_H if H >= _BLOCK_H else max(16, triton.next_power_of_2(H))  # tl.dot needs M >= 16
+    head_groups = triton.cdiv(H, block_h)
+    if num_kv_splits is None:
+        capacity = block_tables.shape[1] * block_size
+        num_kv_splits = _default_num_splits(q_lat.device, N * head_groups, max_seq_len or capacity)
+    if num_kv_splits < 1:
+        raise ValueError(f"mla_decode: num_kv_splits must be >= 1, got {num_kv_splits}")
+    block_r, block_p = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(P))
+    if num_kv_splits > 1:
+        mid_o = torch.empty(N, H, num_kv_splits, block_r, dtype=torch.float32, device=q_lat.device)
+        mid_lse = torch.empty(N, H, num_kv_splits, dtype=torch.float32, device=q_lat.device)
+    else:
+        mid_o = mid_lse = out  # unused
+    on_cpu = q_lat.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
+
+    _mla_decode_split_kernel[(head_groups, num_kv_splits, N)](
+        q_lat, q_pe, kv_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        softmax_scale * _LOG2E, H,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
+        BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, UPCAST_DOT=on_cpu,
+        DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if num_kv_splits > 1:
+        _mla_decode_merge_kernel[(H, N)](
+            mid_o, mid_lse, out, H, out.stride(0), out.stride(1),
+            R=R, BLOCK_R=block_r, NUM_SPLITS=num_kv_splits,
+            BLOCK_S=triton.next_power_of_2(num_kv_splits), num_warps=4,
+        )
+    return out

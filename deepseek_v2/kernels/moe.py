@@ -1,0 +1,258 @@
+"""Routed-expert MoE: a fused Triton path (after vLLM's fused_moe_kernel) and a torch._grouped_mm path.
+
+fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token count):
+1. moe_align (one small Triton kernel): the T*K rows (row t*K + k is token t's k-th pick) sorted by
+   expert, each expert's run padded to a multiple of BLOCK_M with the sentinel T*K, the expert of
+   every BLOCK_M block, and the padded total.
+2. gate/up grouped GEMM: a program owns one block (so one expert) and BLOCK_N columns of gate_proj
+   and of up_proj, and writes silu(gate) * up for its rows into inter [T*K, I].
+3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D].
+4. the K picks summed in fp32 and cast to x's dtype.
+Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
+
+Letters: T tokens, K picks per token, E experts, D hidden size, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, expert_ends_ptr,
+                      dest_ptr, num_rows,
+                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program per expert; each recounts all experts (cheap) to find where its run starts."""
+    e = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in range(0, num_rows, BLOCK_T):
+        offs = start + tl.arange(0, BLOCK_T)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=0).to(tl.int32)
+        counts += tl.histogram(ids, BLOCK_E, mask=offs < num_rows)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    run_end = tl.sum(tl.where(offs_e <= e, padded, 0), axis=0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+    run_start = run_end - tl.cdiv(count, BLOCK_M) * BLOCK_M
+    tl.store(expert_ends_ptr + e, run_end)
+    if e == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+
+    seen = tl.zeros([], dtype=tl.int32)  # this expert's rows placed so far (row order kept)
+    for start in range(0, num_rows, BLOCK_T):
+        offs = start + tl.arange(0, BLOCK_T)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=-1).to(tl.int32)
+        hit = (ids == e).to(tl.int32)
+        pos = run_start + seen + tl.cumsum(hit, axis=0) - 1
+        tl.store(sorted_ids_ptr + pos, offs, mask=hit > 0)
+        tl.store(dest_ptr + offs, pos, mask=hit > 0)
+        seen += tl.sum(hit, axis=0)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + run_start + count + offs_m, num_rows, mask=count + offs_m < run_end - run_start)
+    for block in range(run_start // BLOCK_M, run_end // BLOCK_M, BLOCK_T):
+        offs_b = block + tl.arange(0, BLOCK_T)
+        tl.store(expert_ids_ptr + offs_b, e, mask=offs_b < run_end // BLOCK_M)
+
+
+class MoeAlignment(NamedTuple):
+    sorted_ids: torch.Tensor   # [max_padded] int32: row ids grouped by expert; padding holds T*K
+    expert_ids: torch.Tensor   # [max_padded // block_m] int32: the expert of each block
+    num_padded: torch.Tensor   # [1] int32: the used length of sorted_ids (entries past it are garbage)
+    expert_ends: torch.Tensor  # [E] int32: cumulative padded run ends (torch._grouped_mm's offs)
+    dest: torch.Tensor         # [T*K] int64: where each row landed in sorted_ids
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
+    """Sort the T*K rows (row t*K + k) by expert, padding each expert's run to a multiple of block_m.
+
+    topk_ids [T, K] must lie in [0, num_experts). Rows keep their order within an expert.
+    """
+    flat = topk_ids.reshape(-1)
+    rows = flat.numel()
+    # each touched expert wastes < block_m slots: a static bound, so the grid needs no host sync
+    max_padded = triton.cdiv(rows + min(num_experts, rows) * (block_m - 1), block_m) * block_m
+    new = lambda *shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=flat.device)  # noqa: E731
+    out = MoeAlignment(new(max_padded), new(max_padded // block_m), new(1), new(num_experts),
+                       new(rows, dtype=torch.int64))
+    _moe_align_kernel[(num_experts,)](
+        flat, out.sorted_ids, out.expert_ids, out.num_padded, out.expert_ends, out.dest, rows,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_T=1024, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    N, K, max_padded, num_rows,
+    stride_am, stride_be, stride_bn, stride_cm,
+    A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
+    GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
+    MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M blocks of rows walk the columns together, so their weight tiles are shared in L2
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))   # [BLOCK_M]
+    mask_m = rows < num_rows
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            mask_k = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+        if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+        if GATE_UP:
+            if EVEN_K:
+                b_up = tl.load(b_ptrs + N * stride_bn)
+            else:
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
+            if UPCAST_DOT:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
+    if MUL_WEIGHT:
+        acc = acc * tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)[:, None]
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+def _default_configs(rows_per_expert: float) -> tuple[dict, dict]:
+    """(gate/up, down) launch configs by the mean rows per expert; decode gets thin row blocks."""
+    if rows_per_expert < 16:
+        gate_up = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return gate_up, dict(gate_up)
+    if rows_per_expert < 128:
+        gate_up = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+        return gate_up, dict(gate_up)
+    gate_up = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return gate_up, dict(gate_up, BLOCK_N=128)
+
+
+def _check_moe_args(name, x, w13, w2, topk_weights, topk_ids):
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"{name}: expected x [T,D], w13 [E,2I,D], w2 [E,D,I];"
+                         f" got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
+    T, D = x.shape
+    E, two_i, _ = w13.shape
+    if two_i % 2 or w13.shape[2] != D or w2.shape != (E, D, two_i // 2):
+        raise ValueError(f"{name}: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)},"
+                         f" w2 {tuple(w2.shape)} (want w13 [E, 2I, {D}] and w2 [E, {D}, I])")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{name}: expected topk_weights and topk_ids [{T}, K];"
+                         f" got {tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name}: x dtype must be bf16, fp16 or fp32, got {x.dtype}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"{name}: x, w13 and w2 must share a dtype; got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if topk_weights.dtype != torch.float32 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: topk_weights must be fp32 and topk_ids int32/int64;"
+                         f" got {topk_weights.dtype}, {topk_ids.dtype}")
+    if any(t.device != x.device for t in (w13, w2, topk_weights, topk_ids)):
+        raise ValueError(f"{name}: all tensors must be on one device")
+    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError(f"{name}: x, w13 and w2 need a contiguous last dim")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """Routed experts, same contract as reference.moe_ref: y [T, D] in x's dtype.
+
+    x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
+    (last dims contiguous) in x's dtype; topk_weights [T, K] fp32; topk_ids [T, K] int32/int64 in
+    [0, E). The intermediate and the weighted expert outputs are rounded to x's dtype, the K picks
+    are summed in fp32. config (tests and tuning) overrides both GEMMs' launch config: BLOCK_M,
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. No host synchronisation.
+    """
+    _check_moe_args("fused_moe", x, w13, w2, topk_weights, topk_ids)
+    T, D = x.shape
+    E, I = w13.shape[0], w2.shape[2]
+    K = topk_ids.shape[1]
+    if T == 0:
+        return x.new_empty(0, D)
+    cfg_gate_up, cfg_down = (config, config) if config else _default_configs(T * K / E)
+    if cfg_gate_up["BLOCK_M"] != cfg_down["BLOCK_M"]:
+        raise ValueError("fused_moe: both GEMMs share one expert alignment (BLOCK_M)")
+    block_m = cfg_gate_up["BLOCK_M"]
+    align = moe_align(topk_ids, E, block_m)
+    max_padded = align.sorted_ids.numel()
+    weights = topk_weights.reshape(-1)
+    on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+
+    def launch(a, b, c, n, k, a_row_div, gate_up, mul_weight, cfg):
+        cfg = dict(cfg)
+        grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _moe_gemm_kernel[grid](
+            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, n, k, max_padded, T * K,
+            a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+            A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, EVEN_K=k % cfg["BLOCK_K"] == 0,
+            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, **cfg,
+        )
+
+    inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
+    launch(x, w13, inter, I, D, K, True, False, cfg_gate_up)
+    out = x.new_empty(T * K, D)                         # weighted expert outputs
+    launch(inter, w2, out, D, I, 1, False, True, cfg_down)
+    return torch.sum(out.view(T, K, D), dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts through torch._grouped_mm; same contract as fused_moe.
+
+    torch._grouped_mm(a [M, D], b [E, D, N], offs) multiplies rows offs[e-1]:offs[e] of a by b[e]
+    (offs: int32 cumulative row ends; rows past offs[-1] are left undefined). It needs CUDA, bf16
+    and 16-byte-aligned strides; each expert's rows are padded to 16 here, as torchtitan does.
+    """
+    _check_moe_args("grouped_mm_moe", x, w13, w2, topk_weights, topk_ids)
+    if not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError("grouped_mm_moe: this torch has no torch._grouped_mm (added in 2.8)")
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        raise ValueError(f"grouped_mm_moe: torch._grouped_mm on CUDA takes bf16, got {x.dtype}")
+    T, D = x.shape
+    E, I, K = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    if T == 0:
+        return x.new_empty(0, D)
+    align = moe_align(topk_ids, E, 16)
+    offs = align.expert_ends
+    rows = x[align.sorted_ids.clamp(0, T * K - 1).long() // K]               # [max_padded, D]
+    gate, up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    inter = F.silu(gate) * up                                                 # [max_padded, I]
+    out = torch._grouped_mm(inter, w2.transpose(1, 2), offs=offs)             # [max_padded, D]
+    out = out[align.dest].view(T, K, D)                                       # back to row t*K + k
+    return (out.float() * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)

@@ -1,0 +1,76 @@
+"""`LLM`: the offline Python API (vLLM's shape) over the engine: `generate` for text or token-id
+prompts and `chat` for conversations rendered with the checkpoint's chat template."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence as Seq
+
+import torch
+
+from .engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """Load a checkpoint (default: the model that ships with the package) and generate.
+
+    Engine knobs are keyword arguments with vLLM's names: max_model_len, max_num_seqs,
+    max_num_batched_tokens, block_size, enable_prefix_caching, enforce_eager,
+    gpu_memory_utilization, plus num_kv_blocks (fixed cache size) and cpu_kv_cache_bytes."""
+
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
+                 device: str | None = None, seed: int = 0, **engine_knobs):
+        self.model_path = str(model or DEFAULT_MODEL)
+        self.engine = LLMEngine.from_pretrained(self.model_path, dtype=dtype, device=device, seed=seed,
+                                                **engine_knobs)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, a dict with "prompt" or "prompt_token_ids", or a
+        list of these. Returns one RequestOutput per prompt, in order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            if isinstance(prompt, dict):
+                prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(request_ids) > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=len(request_ids), desc="Generating", unit="prompt")
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[r] for r in request_ids]

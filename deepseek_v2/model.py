@@ -1,0 +1,251 @@
+"""DeepSeek-V2, top to bottom as in the paper: RMSNorm, Multi-head Latent Attention (with the
+decoupled RoPE), the feed-forward layers (dense SwiGLU or DeepSeekMoE, in moe.py), the decoder
+block, the model and its LM head.
+
+MLA has two compute paths that give the same numbers:
+- expanded: decompress per-head K and V from the latent with kv_b_proj and run ordinary attention
+  (training, plain forward, prefill);
+- absorbed: attend directly over the cached latent, with W_UK folded into the query and W_UV
+  applied to the attended latent (decode). The cache holds only kv_lora_rank + qk_rope_head_dim
+  values per token per layer: the normalised latent c_kv and the rotated k_pe.
+
+Module attributes keep the checkpoint's tensor names.
+Legend: B batch, S new tokens per sequence, L attended tokens, T flat tokens of an engine step,
+H heads, D hidden, R kv_lora_rank, P qk_rope_head_dim, dn qk_nope_head_dim, dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .kernels.reference import mla_decode_ref
+from .moe import MLP, MoE
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (the official rounding order).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of one engine step over the paged latent cache. Written by the model runner, read by
+    MLA. The T new tokens are ordered: all prefill tokens (sequence by sequence), then the decode
+    tokens (one query each)."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of every new token
+    prefill_query_lens: list[int]  # new tokens of each prefill sequence
+    prefill_context_lens: list[int]  # tokens of each prefill sequence already in the cache
+    prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks] int32
+    decode_block_tables: torch.Tensor | None  # [num_decode_tokens, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None  # [num_decode_tokens] int32, including the new token
+    max_decode_seq_len: int = 0
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_query_lens)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepseekV2Attention in the official code)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, D = args.num_attention_heads, args.hidden_size
+        if args.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * args.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, H * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, args.kv_cache_dim, bias=args.attention_bias)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
+        self.softmax_scale = args.softmax_scale
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata | None = None, kv_cache: torch.Tensor | None = None):
+        """x [..., D] -> [..., D]. Without metadata, x is [B, S, D] of whole causal sequences;
+        with it, x is [T, D] of one engine step and kv_cache is this layer's
+        [num_blocks, block_size, R + P] cache."""
+        a = self.args
+        H, dn, P = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
+        if a.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.unflatten(-1, (H, a.qk_head_dim)).split([dn, P], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, P], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe = apply_rotary(q_pe, cos[..., None, :], sin[..., None, :])
+        k_pe = apply_rotary(k_pe, cos, sin)  # one rope key shared by all heads
+
+        if attn is None:
+            out = self.expanded_attention(q_nope, q_pe, c_kv, k_pe, num_cached=0)
+        else:
+            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache)
+        return self.o_proj(out.flatten(-2))
+
+    # ---- expanded path: decompress K and V ---------------------------------------------------------
+    def expanded_attention(self, q_nope, q_pe, c_kv, k_pe, num_cached: int) -> torch.Tensor:
+        """q_nope [B, S, H, dn], q_pe [B, S, H, P]; c_kv [B, L, R], k_pe [B, L, P] with
+        L = num_cached + S. Query s sits at position num_cached + s. Returns [B, S, H, dv]."""
+        a = self.args
+        B, L, H = c_kv.shape[0], c_kv.shape[1], a.num_attention_heads
+        S = q_nope.shape[1]
+        k_nope, v = self.kv_b_proj(c_kv).view(B, L, H, -1).split([a.qk_nope_head_dim, a.v_head_dim], -1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, dn + P]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, L, H, -1)], dim=-1).transpose(1, 2)
+        if num_cached == 0:
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
+                                                 scale=self.softmax_scale)
+        else:  # causal mask aligned to the end: query s sees keys 0 .. num_cached + s
+            mask = torch.arange(S, device=q.device)[:, None] + num_cached >= torch.arange(L, device=q.device)
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask,
+                                                 scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+    # ---- absorbed path: attend over the latent ------------------------------------------------------
+    def absorbed_attention(self, q_nope, q_pe, kv_cache, block_tables, seq_lens, max_seq_len: int):
+        """One query per row: q_nope [N, H, dn], q_pe [N, H, P] over the paged cache. Returns [N, H, dv]."""
+        a = self.args
+        w_kv_b = self.kv_b_proj.weight.view(a.num_attention_heads, -1, a.kv_lora_rank)
+        w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # W_UK folded into the query
+        if kv_cache.is_cuda:
+            from .kernels.mla_decode import mla_decode
+            o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
+                               max_seq_len=max_seq_len)
+        else:
+            o_lat = mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale)
+        return torch.einsum("nhr,hvr->nhv", o_lat, w_uv)  # W_UV applied to the attended latent
+
+    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache):
+        """Write the step's latents into their slots, then prefill (expanded) and decode (absorbed)."""
+        latent = torch.cat([c_kv, k_pe], dim=-1)  # [T, R + P]
+        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+        flat_cache.index_copy_(0, attn.slot_mapping, latent.to(kv_cache.dtype))
+        outputs = []
+        start = 0
+        block_size = kv_cache.shape[1]
+        for i, (q_len, ctx_len) in enumerate(zip(attn.prefill_query_lens, attn.prefill_context_lens)):
+            end = start + q_len
+            if ctx_len == 0:  # nothing cached before: use this step's latents directly
+                seq_c, seq_pe = c_kv[start:end], k_pe[start:end]
+            else:  # gather the whole context (cached prefix and new tokens) through the block table
+                pos = torch.arange(ctx_len + q_len, device=latent.device)
+                slots = attn.prefill_block_tables[i].long()[pos // block_size] * block_size + pos % block_size
+                seq_c, seq_pe = flat_cache[slots].to(c_kv.dtype).split([self.args.kv_lora_rank, k_pe.shape[-1]], -1)
+            outputs.append(self.expanded_attention(q_nope[None, start:end], q_pe[None, start:end],
+                                                   seq_c[None], seq_pe[None], ctx_len)[0])
+            start = end
+        if start < q_nope.shape[0]:
+            outputs.append(self.absorbed_attention(q_nope[start:], q_pe[start:], kv_cache,
+                                                   attn.decode_block_tables, attn.decode_seq_lens,
+                                                   attn.max_decode_seq_len))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(args)
+        self.mlp = MoE(args) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn=None, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args)
+
+    def forward(self, input_ids, positions, attn=None, kv_caches=None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DeepseekV2Model(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole causal sequences: input_ids [B, S] -> fp32 logits [B, S, vocab]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        return self.compute_logits(self.model(input_ids, positions))
+
+    def forward_step(self, input_ids, positions, attn: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """One engine step over the paged cache: input_ids, positions [T] -> hidden states [T, D]."""
+        return self.model(input_ids, positions, attn, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- weights ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "DeepseekV2ForCausalLM":
+        """Random initialisation as the official code does it: N(0, initializer_range) for every
+        matrix, ones for the norms."""
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        std = self.args.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+        self.model.rotary_emb.reset_parameters()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu", progress: bool | None = None) -> "DeepseekV2ForCausalLM":
+        from .checkpoint import load_model
+        return load_model(path, dtype=dtype, device=device, progress=progress)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 5 * 1024**3) -> None:
+        from .checkpoint import save_model
+        save_model(self, path, max_shard_size=max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device

@@ -1,0 +1,261 @@
+# Run: TRITON_INTERPRET=1 pytest -q tests/test_kernels.py   (CPU only; Triton kernels run in its interpreter)
+"""Triton kernels versus the PyTorch references on small shapes, and the references versus naive formulas.
+
+Tolerances: fp32 kernels and references do the same fp32 math in another order (rtol 1e-4). bf16
+has 8 significant bits (unit roundoff 2^-9) and the two sides round at different points (the
+reference rounds each expert's intermediate to bf16, the kernels keep fp32 until the store), so
+we allow a few ulps of the output scale (2^-6) elementwise and 1% in relative norm.
+"""
+
+import importlib.util
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors need the interpreter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepseek_v2.kernels.reference import mla_decode_ref, moe_ref
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    import triton.runtime.interpreter as _interpreter
+
+    from deepseek_v2.kernels import mla_decode as _mla_module
+    from deepseek_v2.kernels.mla_decode import mla_decode
+    from deepseek_v2.kernels.moe import fused_moe, grouped_mm_moe, moe_align
+
+    # Triton 3.6's interpreter turns loop bounds into ints with int(array of shape (1,)), which
+    # numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream). Same patch, tests only.
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy24(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
+    INTERPRETED = isinstance(_mla_module._mla_decode_split_kernel, _interpreter.InterpretedFunction)
+else:
+    INTERPRETED = False
+
+requires_triton = pytest.mark.skipif(
+    not INTERPRETED, reason="needs triton, with TRITON_INTERPRET=1 set before the kernel modules are imported")
+
+
+def assert_close(out, ref, dtype):
+    out, ref = out.float(), ref.float()
+    scale = ref.abs().max().item() + 1e-6
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(out, ref, rtol=2**-6, atol=2**-6 * scale)
+        assert (out - ref).norm() <= 1e-2 * ref.norm() + 1e-6
+
+
+def paged_cache(seq_lens, block_size, width, dtype, max_blocks=None, spare_blocks=3):
+    """A cache with each sequence's blocks scattered at random; unused table entries hold junk."""
+    needed = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max_blocks or max(max(needed), 1)
+    num_blocks = sum(needed) + spare_blocks
+    kv_cache = torch.randn(num_blocks, block_size, width).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    block_tables = torch.full((len(seq_lens), max_blocks), 10**6, dtype=torch.int32)
+    for n, k in enumerate(needed):
+        block_tables[n, :k] = torch.tensor(perm[:k], dtype=torch.int32)
+        perm = perm[k:]
+    return kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- references versus naive formulas
+
+def test_mla_decode_ref_equals_naive_expanded_attention():
+    """Absorbed decode (q_lat = W_UK^T q_nope; o = W_UV o_lat) equals attention with expanded K and V."""
+    torch.manual_seed(0)
+    H, R, P, d_nope, d_v, block_size = 3, 32, 8, 16, 12, 4
+    seq_lens = [1, 4, 11]
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, torch.float64)
+    w_kv_b = torch.randn(H, d_nope + d_v, R, dtype=torch.float64) / R**0.5
+    w_uk, w_uv = w_kv_b[:, :d_nope], w_kv_b[:, d_nope:]                   # [H, d_nope, R], [H, d_v, R]
+    q_nope = torch.randn(len(seq_lens), H, d_nope, dtype=torch.float64)
+    q_pe = torch.randn(len(seq_lens), H, P, dtype=torch.float64)
+    scale = (d_nope + P) ** -0.5
+
+    q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)
+    out = torch.einsum("nhr,hvr->nhv", mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, lens, scale), w_uv)
+
+    for n, length in enumerate(seq_lens):
+        tokens = torch.stack([kv_cache[block_tables[n, t // block_size], t % block_size] for t in range(length)])
+        c, pe = tokens[:, :R], tokens[:, R:]                                # [t, R], [t, P]
+        for h in range(H):
+            k_nope, v = c @ w_uk[h].T, c @ w_uv[h].T                        # [t, d_nope], [t, d_v]
+            p = torch.softmax(scale * (k_nope @ q_nope[n, h] + pe @ q_pe[n, h]), dim=0)
+            torch.testing.assert_close(out[n, h], p @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_mla_decode_ref_zero_length_gives_zeros():
+    kv_cache, block_tables, lens = paged_cache([0, 3], 16, 24, torch.float32)
+    out = mla_decode_ref(torch.randn(2, 2, 16), torch.randn(2, 2, 8), kv_cache, block_tables, lens, 0.1)
+    assert out[0].abs().max() == 0 and out[1].abs().max() > 0
+
+
+def test_moe_ref_equals_per_token_loop():
+    torch.manual_seed(1)
+    T, E, K, D, I = 7, 5, 2, 12, 6
+    x, w13, w2 = torch.randn(T, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    topk_weights, topk_ids = torch.rand(T, E).topk(K)
+    expected = torch.zeros(T, D)
+    for t in range(T):
+        for k in range(K):
+            e = topk_ids[t, k]
+            hidden = F.silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])
+            expected[t] += topk_weights[t, k] * (w2[e] @ hidden)
+    torch.testing.assert_close(moe_ref(x, w13, w2, topk_weights, topk_ids), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- MLA decode kernel
+
+MLA_CASES = [  # (heads, R, P, block_size, seq_lens, num_kv_splits, block_n, dtype)
+    (2, 32, 16, 16, [1], None, 16, torch.float32),                       # a single token
+    (4, 32, 16, 16, [16, 32], 1, 16, torch.float32),                     # exact block ends, one split
+    (4, 32, 16, 16, [17, 50, 5], 3, 16, torch.float32),                  # mid-block ends, splits
+    (16, 32, 16, 32, [70, 1, 33, 64], None, 16, torch.bfloat16),         # mixed lengths
+    (16, 32, 16, 16, [3, 40], 8, 16, torch.float32),                     # more splits than tiles
+    (2, 32, 16, 64, [0, 20], 2, 16, torch.float32),                      # an empty sequence
+    (16, 512, 64, 64, [100, 129], None, 32, torch.bfloat16),             # real R and P
+    (4, 512, 64, 16, [48, 7], 2, 32, torch.float16),
+    (20, 32, 16, 16, [30, 45], 2, 16, torch.bfloat16),                   # two head groups, ragged
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("case", range(len(MLA_CASES)))
+def test_mla_decode_matches_ref(case):
+    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
+    torch.manual_seed(100 + case)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, dtype)
+    q_lat = torch.randn(len(seq_lens), H, R).to(dtype)
+    q_pe = torch.randn(len(seq_lens), H, P).to(dtype)
+    scale = 192**-0.5
+    out = mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale, num_kv_splits=splits, block_n=block_n)
+    assert out.shape == q_lat.shape and out.dtype == dtype
+    assert_close(out, mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
+
+
+@requires_triton
+def test_mla_decode_strided_views():
+    """q_lat as a transposed bmm output and kv_cache as one layer of a bigger cache."""
+    torch.manual_seed(7)
+    H, R, P, block_size = 4, 32, 16, 16
+    layers, block_tables, lens = paged_cache([21, 40], block_size, R + P, torch.float32)
+    layers = torch.stack([torch.randn_like(layers), layers])                 # [2, blocks, bs, R+P]
+    q_lat = torch.randn(H, 2, R).transpose(0, 1)                              # [N, H, R], stride(1) != R
+    q_pe = torch.randn(2, H, P)
+    out = mla_decode(q_lat, q_pe, layers[1], block_tables, lens, 0.2, block_n=16)
+    assert_close(out, mla_decode_ref(q_lat, q_pe, layers[1], block_tables, lens, 0.2), torch.float32)
+
+
+@requires_triton
+def test_mla_decode_rejects_bad_inputs():
+    kv_cache, block_tables, lens = paged_cache([5], 16, 48, torch.float32)
+    q_lat, q_pe = torch.randn(1, 2, 32), torch.randn(1, 2, 16)
+    bad = [
+        dict(q_lat=q_lat.bfloat16()),                                       # dtype mismatch
+        dict(q_pe=torch.randn(1, 2, 8)),                                    # R + P != cache width
+        dict(block_tables=block_tables.long()),                             # not int32
+        dict(seq_lens=torch.tensor([5, 5], dtype=torch.int32)),             # wrong N
+        dict(kv_cache=kv_cache.transpose(1, 2).contiguous().transpose(1, 2)),  # strided last dim
+        dict(q_lat=q_lat.int()),
+    ]
+    for change in bad:
+        args = dict(q_lat=q_lat, q_pe=q_pe, kv_cache=kv_cache, block_tables=block_tables, seq_lens=lens)
+        args.update(change)
+        with pytest.raises(ValueError, match="mla_decode"):
+            mla_decode(softmax_scale=0.1, **args)
+
+
+# ---------------------------------------------------------------- MoE kernels
+
+@requires_triton
+def test_moe_align_groups_and_pads_rows():
+    torch.manual_seed(3)
+    T, K, E, block_m = 9, 3, 6, 4
+    topk_ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    topk_ids[:, 0] = 2                                                      # a crowded expert
+    a = moe_align(topk_ids, E, block_m)
+    flat = topk_ids.flatten()
+    counts = torch.bincount(flat, minlength=E)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert a.num_padded.item() == padded.sum().item()
+    assert a.expert_ends.tolist() == padded.cumsum(0).tolist()
+    start = 0
+    for e in range(E):
+        run = a.sorted_ids[start:start + padded[e]]
+        real = run[:counts[e]]
+        assert torch.equal(real.long(), (flat == e).nonzero().flatten())      # row order kept
+        assert (run[counts[e]:] == T * K).all()                             # padding sentinel
+        assert (a.expert_ids[start // block_m:(start + padded[e]) // block_m] == e).all()
+        start += padded[e].item()
+    assert torch.equal(a.sorted_ids[a.dest].long(), torch.arange(T * K))     # dest inverts the sort
+
+
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+MOE_CASES = [  # (T, E, K, D, I, config, dtype)
+    (1, 8, 2, 32, 48, None, torch.float32),                              # decode: 2 touched experts
+    (5, 8, 3, 64, 32, SMALL, torch.float32),                             # several N and K tiles
+    (33, 4, 2, 40, 24, SMALL, torch.float32),                            # ragged K (40 % 16), ragged N
+    (40, 16, 6, 32, 32, None, torch.bfloat16),                           # many rows per expert
+    (3, 8, 1, 32, 16, SMALL, torch.bfloat16),                            # top-1
+    (70, 4, 2, 32, 16, dict(SMALL, BLOCK_M=64), torch.float16),          # > 16 rows per expert
+]
+
+
+def moe_inputs(T, E, K, D, I, dtype, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(T, D).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D) / D**0.5).to(dtype)
+    w2 = (torch.randn(E, D, I) / I**0.5).to(dtype)
+    topk_weights, topk_ids = torch.randn(T, E).softmax(-1).topk(K)
+    return x, w13, w2, topk_weights, topk_ids
+
+
+@requires_triton
+@pytest.mark.parametrize("case", range(len(MOE_CASES)))
+def test_fused_moe_matches_ref(case):
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=200 + case)
+    if case % 2:
+        topk_ids = topk_ids.int()
+    y = fused_moe(x, w13, w2, topk_weights, topk_ids, config=config)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, moe_ref(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+@requires_triton
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm needs torch >= 2.8")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_moe_matches_ref(dtype):
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(21, 8, 3, 32, 48, dtype, seed=300)
+    try:
+        y = grouped_mm_moe(x, w13, w2, topk_weights, topk_ids)
+    except (RuntimeError, NotImplementedError) as error:  # older torch: CUDA-only op
+        pytest.skip(f"torch._grouped_mm does not run on CPU here: {error}")
+    assert_close(y, moe_ref(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+@requires_triton
+def test_fused_moe_rejects_bad_inputs():
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(4, 4, 2, 16, 16, torch.float32, seed=5)
+    bad = [
+        dict(w13=w13.bfloat16()),                       # dtype mismatch
+        dict(w2=w2[:, :8]),                             # D mismatch
+        dict(topk_weights=topk_weights.bfloat16()),     # weights must be fp32
+        dict(topk_ids=topk_ids.float()),
+        dict(topk_ids=topk_ids[:3]),                    # wrong T
+        dict(x=x.t().contiguous().t()),                 # strided last dim
+    ]
+    for change in bad:
+        args = dict(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
+        args.update(change)
+        with pytest.raises(ValueError, match="fused_moe"):
+            fused_moe(**args)
