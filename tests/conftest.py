@@ -16,7 +16,7 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_ma
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
             num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, qk_rope_head_dim=8,
-            qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1, max_position_embeddings=4096,
+            qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1, max_position_embeddings=1280,
             bos_token_id=0, eos_token_id=1)
 HF_CONFIGS = {
     "lite-yarn-greedy": dict(BASE, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,

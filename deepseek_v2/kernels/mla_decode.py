@@ -20,8 +20,11 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_BLOCK_N = 32               # tokens per tile (SGLang's choice for MLA on Hopper)
-_BLOCK_H = 16               # heads per program; V2-Lite: all 16 heads in one program
+# Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
+# take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill.
+_BLOCK_N = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
+_BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one program
+_PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
 _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent bytes read
 _MAX_SPLITS = 128
 
@@ -29,13 +32,13 @@ _MAX_SPLITS = 128
 @triton.jit
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    sm_scale_log2, num_heads,
+    sm_scale_log2, num_heads, num_splits,
     stride_ql_n, stride_ql_h, stride_qp_n, stride_qp_h,
     stride_kv_block, stride_kv_tok, stride_bt_n,
     stride_o_n, stride_o_h,
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
@@ -58,7 +61,7 @@ def _mla_decode_split_kernel(
 
     # This split's token range, rounded to whole tiles; short sequences leave late splits empty.
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -69,7 +72,7 @@ def _mla_decode_split_kernel(
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
         block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
-        row = block.to(tl.int64) * stride_kv_block + (offs_t % 16) * stride_kv_tok  # [BLOCK_N]
+        row = block.to(tl.int64) * stride_kv_block + (offs_t % PAGE_SIZE) * stride_kv_tok  # [BLOCK_N]
         c = tl.load(kv_ptr + row[:, None] + offs_r[None, :],
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
         pe = tl.load(kv_ptr + row[:, None] + R + offs_p[None, :],
@@ -89,37 +92,41 @@ def _mla_decode_split_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range: zeros
-    if NUM_SPLITS == 1:
+    if DIRECT_OUT:  # a single split: write the final output, no merge
         tl.store(out_ptr + seq * stride_o_n + offs_h[:, None] * stride_o_h + offs_r[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_r[None, :])
     else:
         # partials: mid_o [N, H, S, BLOCK_R] fp32 and mid_lse [N, H, S] fp32 (log2 units, -inf if empty)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        mid = ((seq * num_heads + offs_h) * NUM_SPLITS + split).to(tl.int64)   # [BLOCK_H]
+        mid = ((seq * num_heads + offs_h) * num_splits + split).to(tl.int64)   # [BLOCK_H]
         tl.store(mid_o_ptr + mid[:, None] * BLOCK_R + offs_r[None, :], out, mask=mask_h[:, None])
         tl.store(mid_lse_ptr + mid, lse, mask=mask_h)
 
 
 @triton.jit
 def _mla_decode_merge_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
+    R: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """out = sum_s 2^lse_s o_s / sum_s 2^lse_s, as an online merge; empty splits (lse -inf) drop out."""
     head = tl.program_id(0)
     seq = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, BLOCK_S)
-    base = ((seq * num_heads + head) * NUM_SPLITS).to(tl.int64)
-    lse = tl.load(mid_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)           # all splits empty (length 0)
-    denom = tl.sum(tl.exp2(lse - m), axis=0)
+    base = ((seq * num_heads + head) * num_splits).to(tl.int64)
+    m = float("-inf")
+    denom = 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        lse_s = tl.load(mid_lse_ptr + base + s)
-        o_s = tl.load(mid_o_ptr + (base + s) * BLOCK_R + offs_r, mask=lse_s > float("-inf"), other=0.0)
-        acc += tl.exp2(lse_s - m) * o_s
-    out = acc / tl.where(denom > 0, denom, 1.0)
+    for s in range(num_splits):
+        lse = tl.load(mid_lse_ptr + base + s)
+        o = tl.load(mid_o_ptr + (base + s) * BLOCK_R + offs_r, mask=lse > float("-inf"), other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)
+        acc = acc * alpha + weight * o
+        denom = denom * alpha + weight
+        m = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)  # every split empty (length 0): zeros
     tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_r, out.to(out_ptr.dtype.element_ty),
              mask=offs_r < R)
 
@@ -132,8 +139,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
-    """Enough programs for two per SM, never a split shorter than _MIN_TOKENS_PER_SPLIT tokens."""
-    want = triton.cdiv(2 * _num_sms(device), programs)
+    """Fill one wave (never more, a partial second wave would halve the speed), never cutting a
+    sequence into pieces shorter than _MIN_TOKENS_PER_SPLIT tokens."""
+    want = _PROGRAMS_PER_SM * _num_sms(device) // programs
     return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
@@ -179,7 +187,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: seq_lens must be contiguous")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
-    block_n = block_n or _BLOCK_N
+    block_n = block_n or _BLOCK_N[q_lat.dtype]
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
@@ -203,19 +211,18 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 
     _mla_decode_split_kernel[(head_groups, num_kv_splits, N)](
         q_lat, q_pe, kv_cache, block_tables, seq_lens, out, mid_o, mid_lse,
-        softmax_scale * _LOG2E, H,
+        softmax_scale * _LOG2E, H, num_kv_splits,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
-        BLOCK_N=block_n, NUM_SPLITS=num_kv_splits, UPCAST_DOT=on_cpu,
+        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=4 if block_n <= 32 else 8, num_stages=2,
     )
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](
-            mid_o, mid_lse, out, H, out.stride(0), out.stride(1),
-            R=R, BLOCK_R=block_r, NUM_SPLITS=num_kv_splits,
-            BLOCK_S=triton.next_power_of_2(num_kv_splits), num_warps=4,
+            mid_o, mid_lse, out, H, num_kv_splits, out.stride(0), out.stride(1),
+            R=R, BLOCK_R=block_r, num_warps=4,
         )
     return out

@@ -76,9 +76,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
     rows = flat.numel()
     # each touched expert wastes < block_m slots: a static bound, so the grid needs no host sync
     max_padded = triton.cdiv(rows + min(num_experts, rows) * (block_m - 1), block_m) * block_m
-    new = lambda *shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=flat.device)  # noqa: E731
+    def new(size, dtype=torch.int32):  # every entry a later step reads gets written: no fill
+        return torch.empty(size, dtype=dtype, device=flat.device)
+
     out = MoeAlignment(new(max_padded), new(max_padded // block_m), new(1), new(num_experts),
-                       new(rows, dtype=torch.int64))
+                       new(rows, torch.int64))
     _moe_align_kernel[(num_experts,)](
         flat, out.sorted_ids, out.expert_ids, out.num_padded, out.expert_ends, out.dest, rows,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_T=1024, num_warps=4,

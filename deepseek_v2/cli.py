@@ -1,0 +1,242 @@
+"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, train, sft.
+
+Only this module parses arguments. Errors a user can cause (no such directory, not a DeepSeek-V2
+checkpoint, a corrupt file, a bad value) print one line and exit with status 1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, OSError)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the model shipped with the package)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine knobs, with vLLM's flag names."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
+    g.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached blocks of shared prompt prefixes")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="latent cache budget on CPU, in GiB")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the number of cache blocks")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler for unseeded requests")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * 2**30), num_kv_blocks=args.num_kv_blocks,
+                seed=args.seed)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed of this generation")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from .sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop)
+
+
+def load_engine(args: argparse.Namespace):
+    from .engine.llm_engine import LLMEngine
+    return LLMEngine.from_pretrained(args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
+
+
+def stream(engine, prompt, params, out=sys.stdout) -> str:
+    """Run one request, printing text as it comes; returns the whole text."""
+    rid = f"cli-{id(prompt)}-{len(engine.requests)}"
+    engine.add_request(rid, prompt, params)
+    text = ""
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid:
+                out.write(o.outputs[0].delta_text)
+                out.flush()
+                text = o.outputs[0].text
+    out.write("\n")
+    return text
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    engine = load_engine(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True)
+    stream(engine, prompt, sampling_params(args))
+
+
+def cmd_chat(args) -> None:
+    engine = load_engine(args)
+    params = sampling_params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("You: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        sys.stdout.write("Assistant: ")
+        reply = stream(engine, ids, params)
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def cmd_info(args) -> None:
+    from .config import PRESETS, ModelArgs
+    from .engine.llm_engine import DEFAULT_MODEL
+    if args.shape:
+        if args.shape not in PRESETS:
+            raise ValueError(f"unknown shape {args.shape!r} (known: {', '.join(PRESETS)})")
+        a, source = PRESETS[args.shape], f"built-in shape {args.shape}"
+    else:
+        source = args.model or DEFAULT_MODEL
+        from .checkpoint import weight_files
+        from pathlib import Path
+        a = ModelArgs.from_pretrained(source)
+        weight_files(Path(source))  # a clear error when the weights are missing
+    counts = a.num_parameters()
+    bytes_per_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(args.cache_dtype, 2)
+    latent = a.kv_cache_dim * a.num_hidden_layers * bytes_per_value
+    full = a.mha_cache_dim * a.num_hidden_layers * bytes_per_value
+    layout = "".join("M" if a.is_moe_layer(i) else "D" for i in range(a.num_hidden_layers))
+    print(f"model: {source}")
+    print(f"parameters: {counts['total']:,} total, {counts['activated']:,} activated per token "
+          f"(incl. LM head, excl. input embedding)")
+    print(f"layers: {a.num_hidden_layers} ({layout.count('D')} dense, {layout.count('M')} MoE): {layout}")
+    print(f"attention: MLA, {a.num_attention_heads} heads, q_lora_rank {a.q_lora_rank}, kv_lora_rank "
+          f"{a.kv_lora_rank}, qk_nope {a.qk_nope_head_dim} + qk_rope {a.qk_rope_head_dim}, v {a.v_head_dim}")
+    if a.n_routed_experts:
+        print(f"MoE: {a.n_routed_experts} routed experts (top-{a.num_experts_per_tok}, {a.topk_method}"
+              + (f", {a.topk_group} of {a.n_group} groups" if a.topk_method == "group_limited_greedy" else "")
+              + f") + {a.n_shared_experts or 0} shared, expert width {a.moe_intermediate_size}, "
+              f"routed_scaling_factor {a.routed_scaling_factor}")
+    rs = a.rope_scaling
+    print("rope: " + (f"yarn x{rs.factor:g} from {rs.original_max_position_embeddings} tokens, "
+                      f"max {a.max_position_embeddings}" if rs else f"plain, max {a.max_position_embeddings}"))
+    print(f"latent cache ({args.cache_dtype}): {a.kv_cache_dim} values/token/layer = {latent:,} bytes/token; "
+          f"the full per-head K/V cache of the official code: {a.mha_cache_dim:,} values/token/layer = "
+          f"{full:,} bytes/token ({full / latent:.1f}x more, MLA saves {100 * (1 - latent / full):.1f}%)")
+
+
+def cmd_demo(args) -> None:
+    from .sampling import SamplingParams
+    engine = load_engine(args)
+    question = "What does the Python function len do?"
+    print(f"User: {question}\nAssistant:", end="", flush=True)
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    stream(engine, ids, SamplingParams(temperature=0, max_tokens=96))
+    prompt = "The dictionary is a data structure that"
+    print(f"\nCompletion of {prompt!r}:\n{prompt}", end="", flush=True)
+    stream(engine, prompt, SamplingParams(temperature=0, max_tokens=64))
+    print("\nChat interactively: .venv/bin/deepseek-v2 chat    "
+          "Start the OpenAI-compatible server: .venv/bin/deepseek-v2 serve  (then open http://127.0.0.1:8000/)")
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepseek-v2", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="a chat reply and a completion from the default model")
+    add_model_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)")
+    p.add_argument("--system", default=None, help="system message")
+    add_model_arguments(p)
+    add_sampling_arguments(p, max_tokens=256)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="parameters, layer layout and cache size of a checkpoint or shape")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--shape", default=None, help="a built-in shape instead: v2 or v2-lite")
+    p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.set_defaults(func=cmd_info)
+
+    for name, module, adder, runner, help_text in LAZY_COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        if name == selected:  # import only the chosen command's module (optional extras)
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise SystemExit(f"deepseek-v2 {name}: error: a dependency is missing ({e}); "
+                                 "install the extras: pip install 'deepseek-v2[server,train]'")
+            getattr(mod, adder)(p)
+            p.set_defaults(func=getattr(mod, runner))
+    return parser
+
+
+# Subcommands whose arguments live with their code (they need optional extras).
+LAZY_COMMANDS = [
+    ("serve", "deepseek_v2.server.cli", "add_arguments", "run", "OpenAI-compatible HTTP server with a chat page"),
+    ("bench", "deepseek_v2.bench", "add_arguments", "run", "benchmark decode, throughput and prefill"),
+    ("train", "deepseek_v2.train.cli", "add_train_arguments", "run_train", "pretrain a model"),
+    ("sft", "deepseek_v2.train.cli", "add_sft_arguments", "run_sft", "supervised fine-tuning on chat data"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(selected).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except EXPECTED_ERRORS as e:
+        print(f"deepseek-v2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

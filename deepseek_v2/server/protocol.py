@@ -1,0 +1,397 @@
+"""The OpenAI schema as pydantic models: requests (with vLLM's extra sampling fields), responses and
+the error body, plus the request-side checks: each request turns itself into `SamplingParams` and
+prompt token ids, raising `APIError` (a 400 naming the field) for anything the engine cannot serve.
+
+Unknown request fields are accepted and ignored, as vLLM does; non-finite floats are refused.
+Value ranges are checked once, by `SamplingParams`; the models here fix types and shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               500: "internal_server_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """A request the server refuses; becomes `error_body` with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+    @classmethod
+    def from_validation(cls, errors: list[dict]) -> "APIError":
+        """The first pydantic error as a 400 naming its field (FastAPI would answer 422)."""
+        if not errors:
+            return cls(400, "invalid request body")
+        e = errors[0]
+        if e.get("type") == "json_invalid":
+            return cls(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}",
+                       code="invalid_json")
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if not loc:
+            return cls(400, "the request body must be a JSON object", code="invalid_request")
+        field = loc[0]
+        if field == "prompt":  # a union: the per-member messages would only confuse
+            return cls(400, "prompt must be a non-empty string, a list of strings, a list of token ids "
+                            "or a list of lists of token ids", param="prompt", code="invalid_type")
+        # union members show up in the location ('str', 'list[int]', ...): keep only field names and indices
+        path = ".".join(x for x in loc if x.isidentifier() or x.isdigit())
+        return cls(400, f"{path}: {e['msg']}", param=field, code=e.get("type"))
+
+
+def _sampling_error(e: ValueError, rename: dict[str, str]) -> APIError:
+    """SamplingParams' messages start with the field's name: report it as the param."""
+    name = str(e).split(" ", 1)[0]
+    return APIError(400, str(e), param=rename.get(name, name), code="invalid_value")
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---- requests --------------------------------------------------------------------------------------
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None  # None: the served model
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = None  # None: 1.0
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # refused unless empty
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                         rename: dict[str, str]) -> SamplingParams:
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        try:
+            return SamplingParams(
+                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output)
+        except ValueError as e:
+            raise _sampling_error(e, rename) from None
+
+    def check_length(self, prompt_ids: list[int], max_model_len: int, max_tokens: int | None, param: str) -> None:
+        if max_tokens is not None and len(prompt_ids) + max_tokens > max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
+                                f"{param}, {max_tokens} for the completion). Please reduce the length of the "
+                                f"{param} or max_tokens.", param=param, code="context_length_exceeded")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None  # refused: no fill-in-the-middle
+    best_of: int | None = None  # only best_of == n is accepted
+    add_special_tokens: bool = True  # BOS for string prompts, as the tokenizer config asks
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens=0: score the prompt, generate nothing (one token is run and dropped)."""
+        return self.echo and self.max_tokens == 0
+
+    def prompts(self, tokenizer: Tokenizer) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt; empty prompts are refused (vllm #7283)."""
+        p = self.prompt
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        if not batch or any(len(x) == 0 for x in batch):
+            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+        return [(x, tokenizer.encode(x, add_special_tokens=self.add_special_tokens)) if isinstance(x, str)
+                else (None, list(x)) for x in batch]
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported (this server does no fill-in-the-middle)",
+                           param="suffix", code="unsupported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of", code="unsupported")
+        if self.max_tokens is not None and self.max_tokens <= 0 and not self.echo_only:
+            raise APIError(400, f"max_tokens must be at least 1 (or 0 with echo=true to score the prompt), "
+                                f"got {self.max_tokens}", param="max_tokens", code="invalid_value")
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs,
+                                     {"prompt_logprobs": "logprobs"})
+
+    def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
+        for _, ids in prompts:
+            self.check_length(ids, max_model_len, 1 if self.echo_only else self.max_tokens, "prompt")
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # None: up to the context length
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the chat template writes the BOS itself
+    tools: list[dict[str, Any]] | None = None  # refused unless empty
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        return conversation(self.messages)
+
+    def prompts(self, tokenizer: Tokenizer) -> list[tuple[str | None, list[int]]]:
+        ids = tokenizer.apply_chat_template(self.conversation(), add_generation_prompt=self.add_generation_prompt)
+        if self.add_special_tokens and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id, *ids]
+        return [(None, ids)]
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools", code="unsupported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
+                           code="unsupported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise APIError(400, f"{name} must be at least 1, got {self.max_new_tokens}", param=name,
+                           code="invalid_value")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(self.max_new_tokens, logprobs, None,
+                                     {"logprobs": "top_logprobs", "max_tokens": name})
+
+    def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
+        self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as {"role", "content"} dicts for the chat template ("developer" is OpenAI's new
+    name for "system"); an empty list or an unknown role is a 400."""
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages", code="empty_messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.role!r}",
+                           param=f"messages.{i}.role", code="invalid_value")
+        out.append({"role": role, "content": m.text()})
+    return out
+
+
+class TokenizeRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses -------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "deepseek_v2"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape; entries of the first prompt token are null (no context)."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Also the shape of each streamed chunk (without usage unless it is the usage chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler):
+        d = handler(self)
+        if d.get("usage") is None:
+            d.pop("usage", None)
+        return d
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler):  # the final delta is {} as OpenAI sends it
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler):
+        d = handler(self)
+        if d.get("usage") is None:
+            d.pop("usage", None)
+        return d

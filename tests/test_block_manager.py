@@ -1,0 +1,169 @@
+# Run: python -m pytest -q tests/test_block_manager.py
+"""Block manager and scheduler on their own: pure Python, no model, no torch."""
+
+import subprocess
+import sys
+
+from deepseek_v2.engine.block_manager import BlockManager
+from deepseek_v2.engine.scheduler import Scheduler
+from deepseek_v2.engine.sequence import Sequence, SequenceStatus
+
+
+def test_scheduler_and_block_manager_import_no_torch():
+    code = ("import sys, deepseek_v2.engine.scheduler, deepseek_v2.engine.block_manager, "
+            "deepseek_v2.engine.sequence; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def run_tokens(bm: BlockManager, seq: Sequence, n: int) -> None:
+    """Pretend n tokens of seq were computed."""
+    bm.allocate(seq, n)
+    seq.num_computed_tokens += n
+    bm.commit(seq)
+
+
+def test_allocate_free_and_reference_counts():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = Sequence(list(range(10)))
+    assert bm.can_allocate(a, 10)
+    run_tokens(bm, a, 10)
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    assert all(bm.blocks[b].ref_count == 1 for b in a.block_table)
+    # decoding into the last block needs no new block until it is full
+    a.output_token_ids += [100, 101]
+    run_tokens(bm, a, 2)
+    assert len(a.block_table) == 3
+    a.output_token_ids.append(102)
+    run_tokens(bm, a, 1)
+    assert len(a.block_table) == 4 and bm.num_free_blocks == 4
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and a.block_table == []
+    assert not bm.can_allocate(Sequence(list(range(40))), 33)
+
+
+def test_prefix_hits_share_blocks_and_count_references():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = Sequence(list(range(13)))
+    run_tokens(bm, a, 13)  # 3 full blocks cached, one partial
+    b = Sequence(list(range(12)) + [99, 98])
+    hits = bm.find_cached_prefix(b)
+    assert hits == a.block_table[:3]
+    assert bm.can_admit(b, hits, b.num_tokens - 12)
+    bm.admit(b, hits)
+    assert b.num_computed_tokens == 12 and b.num_cached_prompt_tokens == 12
+    assert [bm.blocks[x].ref_count for x in hits] == [2, 2, 2]
+    run_tokens(bm, b, 2)
+    assert b.block_table[3] != a.block_table[3]
+    bm.free(a)
+    assert [bm.blocks[x].ref_count for x in hits] == [1, 1, 1]
+    assert bm.prefix_queries == 14 and bm.prefix_hits == 12
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_block():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = Sequence(list(range(8)))
+    run_tokens(bm, a, 8)
+    again = Sequence(list(range(8)))
+    assert bm.find_cached_prefix(again) == a.block_table[:1]  # leaves tokens 4..7 to compute
+
+
+def test_freed_blocks_stay_reusable_until_reallocated_in_lru_order():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = Sequence([1, 2, 3, 4, 5])
+    run_tokens(bm, a, 5)
+    blocks = list(a.block_table)
+    bm.free(a)
+    # a freed prefix is still a hit
+    b = Sequence([1, 2, 3, 4, 9])
+    assert bm.find_cached_prefix(b) == blocks[:2]
+    # eviction order: the never-used block first, then a's tail before its head
+    c = Sequence([7, 7])
+    run_tokens(bm, c, 2)
+    assert c.block_table == [3]
+    d = Sequence([8, 8, 8, 8])
+    run_tokens(bm, d, 4)
+    assert d.block_table == [blocks[2], blocks[1]]
+    assert bm.find_cached_prefix(b) == blocks[:1]  # block 1 evicted, block 0 (the head) survives
+
+
+def test_prefix_cache_switch_off():
+    bm = BlockManager(num_blocks=6, block_size=2, enable_prefix_caching=False)
+    a = Sequence([1, 2, 3, 4, 5])
+    run_tokens(bm, a, 5)
+    assert bm.find_cached_prefix(Sequence([1, 2, 3, 4, 5])) == []
+
+
+def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, max_tokens=32):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(bm, max_num_seqs, max_tokens), bm
+
+
+def finish_step(sched_out):
+    """What the engine does after a step: mark tokens computed, append a token when sampled."""
+    for item in sched_out.scheduled:
+        samples = item.samples
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if samples:
+            item.seq.output_token_ids.append(7)
+
+
+def test_budgets_and_chunked_prefill():
+    s, bm = make_scheduler(max_tokens=10, max_num_seqs=2)
+    seqs = [Sequence(list(range(25))), Sequence(list(range(100, 103))), Sequence([5, 6])]
+    for q in seqs:
+        s.add(q)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(seqs[0], 10)]  # chunk 1 fills the budget
+    finish_step(out)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(seqs[0], 10)]
+    finish_step(out)
+    out = s.schedule()  # last chunk of 5, then the second prompt joins; max_num_seqs=2 keeps the third out
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(seqs[0], 5), (seqs[1], 3)]
+    assert out.scheduled[0].samples and out.scheduled[1].samples
+    finish_step(out)
+    out = s.schedule()  # both decode one token each
+    assert [i.num_new_tokens for i in out.scheduled] == [1, 1]
+    assert len(s.waiting) == 1 and seqs[2].status is SequenceStatus.WAITING
+
+
+def test_new_requests_join_while_others_decode():
+    s, _ = make_scheduler()
+    a = Sequence([1, 2, 3])
+    s.add(a)
+    finish_step(s.schedule())
+    b = Sequence([4, 5, 6, 7])
+    s.add(b)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(a, 1), (b, 4)]
+
+
+def test_preemption_takes_the_newest_and_recomputes_it():
+    s, bm = make_scheduler(num_blocks=4, block_size=2)
+    a, b = Sequence([1, 2, 3]), Sequence([4, 5, 6])
+    s.add(a)
+    s.add(b)
+    finish_step(s.schedule())  # prefill: a and b take 2 blocks each; the cache is full
+    assert bm.num_free_blocks == 0
+    finish_step(s.schedule())  # both decode their 4th token into their 2nd block
+    out = s.schedule()  # a needs a 3rd block for its 5th token: b (newest) is preempted
+    assert out.preempted == [b] and [i.seq for i in out.scheduled] == [a]
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert s.waiting[0] is b and s.num_preemptions == 1
+    s.finish(a, SequenceStatus.FINISHED_STOPPED)
+    out = s.schedule()  # b comes back and recomputes prompt + output (its cached prefix helps)
+    assert out.scheduled[0].seq is b
+    assert b.num_computed_tokens + out.scheduled[0].num_new_tokens == b.num_tokens
+
+
+def test_finish_frees_blocks_and_leaves_queues():
+    s, bm = make_scheduler()
+    a = Sequence([1, 2, 3, 4, 5])
+    s.add(a)
+    finish_step(s.schedule())
+    s.finish(a, SequenceStatus.FINISHED_ABORTED)
+    assert not s.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    w = Sequence([1])
+    s.add(w)
+    s.finish(w, SequenceStatus.FINISHED_ABORTED)
+    assert not s.waiting

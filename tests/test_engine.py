@@ -1,0 +1,203 @@
+# Run: python -m pytest -q tests/test_engine.py
+"""The engine end to end on CPU: batched greedy output equals one-request-at-a-time generation
+and transformers' greedy generate, whatever the engine settings; aborts, stop strings,
+streaming, seeded sampling and prompt logprobs."""
+
+import pytest
+import torch
+
+from deepseek_v2 import DeepseekV2ForCausalLM, EngineConfig, LLMEngine, SamplingParams, Tokenizer
+
+TOKENIZER = "deepseek_v2/default_model"
+NAME = "qlora-yarn-scaled"
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint):
+    hf, path = hf_checkpoint(NAME)
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = Tokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(10)
+    prompts = [torch.randint(2, 96, (n,)).tolist() for n in (3, 17, 40, 9, 66)]
+    with torch.no_grad():
+        hf_out = [hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return model, tokenizer, prompts, hf_out
+
+
+def run_all(engine: LLMEngine, prompts, params, ids=None):
+    ids = ids or [str(i) for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[r] for r in ids]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(enable_prefix_caching=False),
+    dict(max_num_batched_tokens=5),  # forces chunked prefill
+    dict(max_num_seqs=2),
+])
+def test_batched_greedy_equals_transformers(setup, knobs):
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, **knobs))
+    got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
+    assert got == hf_out
+
+
+def test_one_request_at_a_time_equals_transformers(setup):
+    model, tokenizer, prompts, hf_out = setup
+    single = []
+    for p in prompts:  # one request at a time
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_seqs=1))
+        single.append(run_all(engine, [p], GREEDY)[0].outputs[0].token_ids)
+    assert single == hf_out
+
+
+def test_preemption_keeps_outputs_unchanged(setup):
+    model, tokenizer, prompts, hf_out = setup
+    # 15 blocks of 8 tokens: the longest sequence (66 + 24 tokens) fits alone, not with the others
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, num_kv_blocks=15))
+    got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
+    assert engine.scheduler.num_preemptions > 0
+    assert got == hf_out
+    assert engine.block_manager.num_free_blocks == 15
+
+
+def test_prefix_cache_hits_reuse_blocks(setup):
+    model, tokenizer, prompts, _ = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    shared = prompts[4][:48]
+    first = run_all(engine, [shared + [5, 6]], GREEDY, ["a"])[0]
+    second = run_all(engine, [shared + [7, 8, 9]], GREEDY, ["b"])[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 48
+    fresh = LLMEngine(model, tokenizer, EngineConfig(block_size=8, enable_prefix_caching=False))
+    assert run_all(fresh, [shared + [7, 8, 9]], GREEDY, ["c"])[0].outputs[0].token_ids == second.outputs[0].token_ids
+
+
+def test_requests_join_midway_and_abort_frees_blocks(setup):
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    engine.add_request("long", prompts[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    engine.add_request("a", prompts[0], GREEDY)
+    for _ in range(5):
+        engine.step()
+    engine.add_request("b", prompts[1], GREEDY)  # joins while the others decode
+    done = {}
+    steps = 0
+    while "a" not in done or "b" not in done:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        steps += 1
+        if steps == 10:
+            assert engine.abort("long")
+    assert done["a"] == hf_out[0] and done["b"] == hf_out[1]
+    assert "long" not in done and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.abort("unknown")
+
+
+def test_stop_string_spanning_tokens_and_streaming(setup):
+    model, tokenizer, prompts, _ = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    full = run_all(engine, [prompts[1]], GREEDY, ["x"])[0].outputs[0]
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in full.token_ids]
+    # a stop string made of the text of tokens k and k + 1, appearing first there
+    k = next(i for i in range(4, 20) if pieces[i] and pieces[i + 1]
+             and (pieces[i] + pieces[i + 1]) not in "".join(pieces[:i + 1]))
+    stop = pieces[k] + pieces[k + 1]
+    expected = "".join(pieces[:k])
+    assert full.text.startswith(expected + stop)
+    engine.add_request("s", prompts[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    streamed, final = "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed += out.outputs[0].delta_text
+            final = out
+    assert final.outputs[0].text == expected and streamed == expected
+    assert final.outputs[0].finish_reason == "stop" and final.outputs[0].stop_reason == stop
+    assert stop not in streamed
+
+
+def test_stop_token_ids_and_max_tokens(setup):
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8))
+    stop_id = hf_out[3][6]
+    out = run_all(engine, [prompts[3]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]))[0]
+    first = hf_out[3].index(stop_id)
+    assert out.outputs[0].token_ids == hf_out[3][: first + 1] and out.outputs[0].stop_reason == stop_id
+    out = run_all(engine, [prompts[3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), ["m"])[0]
+    assert out.outputs[0].token_ids == hf_out[3][:5] and out.outputs[0].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_across_batches(setup):
+    model, tokenizer, prompts, _ = setup
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = run_all(LLMEngine(model, tokenizer), [prompts[1]], params)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=0.7, max_tokens=10, ignore_eos=True)
+    engine = LLMEngine(model, tokenizer)
+    engine.add_request("o1", prompts[0], other)
+    engine.add_request("o2", prompts[2], other)
+    mixed = run_all(engine, [prompts[1]], params, ["s"])[0].outputs[0].token_ids
+    assert mixed == alone
+    different = run_all(LLMEngine(model, tokenizer), [prompts[1]],
+                        SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=16, seed=99, ignore_eos=True))
+    assert different[0].outputs[0].token_ids != alone
+    # n > 1 with a seed: distinct samples, reproducible as a whole
+    many = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
+    a = [c.token_ids for c in run_all(LLMEngine(model, tokenizer), [prompts[0]], many)[0].outputs]
+    b = [c.token_ids for c in run_all(LLMEngine(model, tokenizer), [prompts[0]], many)[0].outputs]
+    assert a == b and len({tuple(x) for x in a}) == 3
+
+
+def test_top_k_one_equals_greedy(setup):
+    model, tokenizer, prompts, hf_out = setup
+    out = run_all(LLMEngine(model, tokenizer), prompts[:3],
+                  SamplingParams(temperature=1.3, top_k=1, max_tokens=24, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in out] == hf_out[:3]
+
+
+def test_logprobs_match_reference_log_softmax(setup, hf_checkpoint):
+    model, tokenizer, prompts, hf_out = setup
+    hf, _ = hf_checkpoint(NAME)
+    prompt = prompts[2]
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_batched_tokens=16))  # chunked prompt scoring
+    out = run_all(engine, [prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                   prompt_logprobs=3, logprobs=2))[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + hf_out[2][:4]])).logits[0].float().log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry = out.prompt_logprobs[i]
+        assert abs(entry[prompt[i]] - ref[i - 1, prompt[i]].item()) < 1e-4
+        top = ref[i - 1].topk(3)
+        for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(entry[t] - lp) < 1e-4
+    gen = out.outputs[0]
+    for j, tok in enumerate(gen.token_ids):
+        assert abs(gen.logprobs[j][tok] - ref[len(prompt) - 1 + j, tok].item()) < 1e-4
+        assert len(gen.logprobs[j]) <= 3
+    assert abs(gen.cumulative_logprob - sum(gen.logprobs[j][t] for j, t in enumerate(gen.token_ids))) < 1e-5
+
+
+def test_bad_prompts_raise(setup):
+    model, tokenizer, _, _ = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", [], GREEDY)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        engine.add_request("v", [1, 96], GREEDY)
+    with pytest.raises(ValueError, match="context length"):
+        engine.add_request("l", list(range(2, 66)), GREEDY)
+    engine.add_request("ok", [2, 3], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("ok", [2, 3], GREEDY)
