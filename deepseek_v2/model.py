@@ -127,14 +127,14 @@ class MLA(nn.Module):
         a = self.args
         w_kv_b = self.kv_b_proj.weight.view(a.num_attention_heads, -1, a.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
-        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)  # W_UK folded into the query
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W_UK folded into the query
         if kv_cache.is_cuda:
             from .kernels.mla_decode import mla_decode
             o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
                                max_seq_len=max_seq_len)
         else:
             o_lat = mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale)
-        return torch.einsum("nhr,hvr->nhv", o_lat, w_uv)  # W_UV applied to the attended latent
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
 
     def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache):
         """Write the step's latents into their slots, then prefill (expanded) and decode (absorbed)."""
@@ -218,7 +218,7 @@ class DeepseekV2ForCausalLM(nn.Module):
     def init_weights(self, seed: int | None = None) -> "DeepseekV2ForCausalLM":
         """Random initialisation as the official code does it: N(0, initializer_range) for every
         matrix, ones for the norms."""
-        gen = torch.Generator(device="cpu")
+        gen = torch.Generator(device=self.device)  # drawn where the weights live (fast for big shapes)
         if seed is not None:
             gen.manual_seed(seed)
         std = self.args.initializer_range
@@ -228,7 +228,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+                p.normal_(0.0, std, generator=gen)
         self.model.rotary_emb.reset_parameters()
         return self
 

@@ -35,6 +35,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for every prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (stop strings need text)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -72,6 +73,7 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(self.detokenize or not self.stop, "stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

@@ -66,8 +66,9 @@ def bench_mla():
     for batch in (1, 64, 256):
         for ctx in (1024, 4096):
             blocks_per_seq = ctx // block_size
-            kv_cache = torch.randn(batch * blocks_per_seq + 1, block_size, R + P, device=DEVICE, dtype=torch.bfloat16)
-            block_tables = torch.randperm(batch * blocks_per_seq, device=DEVICE).int().view(batch, blocks_per_seq)
+            num_blocks = batch * blocks_per_seq
+            kv_cache = torch.randn(num_blocks, block_size, R + P, device=DEVICE, dtype=torch.bfloat16)
+            block_tables = torch.randperm(num_blocks, device=DEVICE).int().view(batch, blocks_per_seq)
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
             q_lat = torch.randn(batch, H, R, device=DEVICE, dtype=torch.bfloat16)
             q_pe = torch.randn(batch, H, P, device=DEVICE, dtype=torch.bfloat16)
@@ -78,8 +79,8 @@ def bench_mla():
                                         block_n=block_n)
                 eager, graph = time_both(fn)
                 what = "mla_decode" + (f" block_n={block_n}" if block_n else "")
-                report(what, f"B={batch} ctx={ctx}", eager, graph,
-                       lambda us: f"{nbytes / us / 1e3:7.0f} GB/s = {nbytes / us * 1e6 / PEAK_BYTES:5.1%} of 4.3 TB/s")
+                report(what, f"B={batch} ctx={ctx}", eager, graph, lambda us: (
+                    f"{nbytes / us / 1e3:7.0f} GB/s = {nbytes / us * 1e6 / PEAK_BYTES:5.1%} of 4.3 TB/s"))
             del kv_cache
 
 
@@ -110,8 +111,8 @@ def bench_moe():
         for name, rows_per_expert in tiers.items():  # the other launch tiers, to check the heuristic
             gate_up, down = _default_configs(rows_per_expert)
             if gate_up["BLOCK_M"] != default and T >= 8:
-                impls.append((f"fused {name}",
-                              lambda gate_up=gate_up: fused_moe(x, w13, w2, topk_weights, topk_ids, config=gate_up)))
+                impls.append((f"fused {name}", lambda gate_up=gate_up: fused_moe(
+                    x, w13, w2, topk_weights, topk_ids, config=gate_up)))
         for name, fn in impls:
             eager, graph = time_both(fn, capture=name != "moe_ref")  # the reference syncs the host
             report(name, f"T={T}", eager, graph, work)

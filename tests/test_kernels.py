@@ -3,8 +3,10 @@
 
 Tolerances: fp32 kernels and references do the same fp32 math in another order (rtol 1e-4). bf16
 has 8 significant bits (unit roundoff 2^-9) and the two sides round at different points (the
-reference rounds each expert's intermediate to bf16, the kernels keep fp32 until the store), so
-we allow a few ulps of the output scale (2^-6) elementwise and 1% in relative norm.
+reference rounds each expert's intermediate to bf16, the kernels keep fp32 until the store); on
+top of that Triton 3.6's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest, which
+biases the error (~0.7% in norm for the MoE here against ~0.3% expected on a GPU). So: a few ulps
+of the output scale (2^-6) elementwise and 1% in relative norm.
 """
 
 import importlib.util
@@ -44,7 +46,7 @@ else:
     INTERPRETED = False
 
 requires_triton = pytest.mark.skipif(
-    not INTERPRETED, reason="needs triton, with TRITON_INTERPRET=1 set before the kernel modules are imported")
+    not INTERPRETED, reason="needs triton, and TRITON_INTERPRET=1 set before the kernel modules are imported")
 
 
 def assert_close(out, ref, dtype):
@@ -89,7 +91,8 @@ def test_mla_decode_ref_equals_naive_expanded_attention():
     out = torch.einsum("nhr,hvr->nhv", mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, lens, scale), w_uv)
 
     for n, length in enumerate(seq_lens):
-        tokens = torch.stack([kv_cache[block_tables[n, t // block_size], t % block_size] for t in range(length)])
+        tokens = torch.stack([kv_cache[block_tables[n, t // block_size], t % block_size]
+                              for t in range(length)])
         c, pe = tokens[:, :R], tokens[:, R:]                                # [t, R], [t, P]
         for h in range(H):
             k_nope, v = c @ w_uk[h].T, c @ w_uv[h].T                        # [t, d_nope], [t, d_v]
@@ -129,6 +132,8 @@ MLA_CASES = [  # (heads, R, P, block_size, seq_lens, num_kv_splits, block_n, dty
     (16, 512, 64, 64, [100, 129], None, 32, torch.bfloat16),             # real R and P
     (4, 512, 64, 16, [48, 7], 2, 32, torch.float16),
     (20, 32, 16, 16, [30, 45], 2, 16, torch.bfloat16),                   # two head groups, ragged
+    (4, 32, 16, 128, [128, 129, 255, 256, 1], None, 32, torch.float32),  # big blocks, tile > block edge
+    (16, 64, 16, 16, [97, 3, 64, 33, 1, 150, 16, 80], 4, 16, torch.float16),  # eight sequences
 ]
 
 
@@ -211,6 +216,8 @@ MOE_CASES = [  # (T, E, K, D, I, config, dtype)
     (40, 16, 6, 32, 32, None, torch.bfloat16),                           # many rows per expert
     (3, 8, 1, 32, 16, SMALL, torch.bfloat16),                            # top-1
     (70, 4, 2, 32, 16, dict(SMALL, BLOCK_M=64), torch.float16),          # > 16 rows per expert
+    (17, 32, 6, 48, 40, None, torch.bfloat16),                           # V2-like top-6, D < BLOCK_K
+    (64, 8, 2, 64, 32, None, torch.float32),                             # default 64-row tier
 ]
 
 
@@ -285,13 +292,16 @@ for module, name in [(mla, "_mla_decode_split_kernel"), (mla, "_mla_decode_merge
     setattr(module, name, Recorder())
 
 i32 = torch.int32
-for H, N, dtype in [(16, 1, torch.bfloat16), (16, 256, torch.bfloat16), (128, 8, torch.bfloat16), (16, 2, torch.float32)]:
+bf16 = torch.bfloat16
+for H, N, dtype in [(16, 1, bf16), (16, 256, bf16), (128, 8, bf16), (16, 2, torch.float32)]:
     mla.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
-                   torch.empty(64, 64, 576, dtype=dtype), torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1)
+                   torch.empty(64, 64, 576, dtype=dtype), torch.zeros(N, 64, dtype=i32),
+                   torch.ones(N, dtype=i32), 0.1)
 E, D, I, K = 64, 2048, 1408, 6
-w13, w2 = torch.empty(E, 2 * I, D, dtype=torch.bfloat16), torch.empty(E, D, I, dtype=torch.bfloat16)
-for T in (1, 256, 4096):
-    moe.fused_moe(torch.empty(T, D, dtype=torch.bfloat16), w13, w2, torch.ones(T, K), torch.zeros(T, K, dtype=torch.long))
+w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
+for T in (1, 256, 4096):  # one of each launch tier
+    x, ids = torch.empty(T, D, dtype=bf16), torch.zeros(T, K, dtype=torch.long)
+    moe.fused_moe(x, w13, w2, torch.ones(T, K), ids)
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 built, results = set(), []
@@ -311,8 +321,8 @@ for kernel, args, kwargs in launches:
     if key in built:
         continue
     built.add(key)
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
+    source = ASTSource(kernel, signature, constants, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     path = f"/tmp/sm90_{os.getpid()}.cubin"
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])

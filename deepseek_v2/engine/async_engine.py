@@ -38,6 +38,9 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is over `max_waiting_requests`; the caller should retry later."""
 
 
+_ABORTED = object()  # ends the iteration of a request aborted from outside
+
+
 @dataclass
 class _PendingAdd:
     request_id: str
@@ -165,6 +168,9 @@ class AsyncLLMEngine:
                     if isinstance(item, BaseException):
                         finished = True  # nothing left to abort
                         raise item
+                    if item is _ABORTED:
+                        finished = True
+                        return
                 out = _merge(items)
                 finished = out.finished
                 yield out
@@ -174,8 +180,11 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its cache blocks at the next step boundary (no-op if unknown)."""
-        self._streams.pop(request_id, None)
+        """Stop a request and free its cache blocks at the next step boundary (no-op if unknown);
+        its iterator, if one is waiting, ends."""
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(_ABORTED)
         pending = [a for a in self._adds if a.request_id == request_id]
         if pending:
             self._adds.remove(pending[0])

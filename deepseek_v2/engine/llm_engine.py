@@ -202,7 +202,8 @@ class LLMEngine:
             s.stop_reason = token
             return self._finish(s, SequenceStatus.FINISHED_STOPPED)
         before = len(s.text)
-        s.text += s.detokenizer.add([token])
+        if p.detokenize:
+            s.text += s.detokenizer.add([token])
         if p.stop and n_out >= p.min_tokens:
             longest = max(len(x) for x in p.stop)
             window_start = max(0, before - longest + 1)
@@ -216,8 +217,9 @@ class LLMEngine:
             return self._finish(s, SequenceStatus.FINISHED_LENGTH)
 
     def _finish(self, s: SampleState, status: SequenceStatus) -> None:
-        if status is not SequenceStatus.FINISHED_STOPPED or s.stop_reason is None:
-            s.text += s.detokenizer.flush() if status is not SequenceStatus.FINISHED_ABORTED else ""
+        if s.seq.sampling_params.detokenize and status is not SequenceStatus.FINISHED_ABORTED and (
+                status is not SequenceStatus.FINISHED_STOPPED or s.stop_reason is None):
+            s.text += s.detokenizer.flush()
         s.finish_reason = status.value
         self.scheduler.finish(s.seq, status)
         self.runner.release(s.seq.seq_id)

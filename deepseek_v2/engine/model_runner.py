@@ -58,13 +58,20 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.num_blocks = self._size_cache()
         a = model.args
-        self.kv_caches = [torch.zeros(self.num_blocks, self.block_size, a.kv_cache_dim, dtype=self.dtype,
+        # One block more than the block manager hands out: a scratch block that the padding rows
+        # of a CUDA-graph batch write into.
+        self.scratch_block = self.num_blocks
+        self.kv_caches = [torch.zeros(self.num_blocks + 1, self.block_size, a.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(a.num_hidden_layers)]
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
         self.eos_token_ids: list[int] = []  # set by the engine from the tokenizer
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
 
     # ---- cache sizing -----------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -81,7 +88,8 @@ class ModelRunner:
                       - torch.cuda.max_memory_allocated())
         else:
             budget = self.config.cpu_kv_cache_bytes
-        num_blocks = int(budget // per_block)
+        num_blocks = int(budget // per_block) - 1  # one block is the scratch block
+
         if num_blocks <= 0:
             raise RuntimeError(f"no memory left for the latent cache (budget {budget / 2**30:.2f} GiB); "
                                "raise gpu_memory_utilization or the CPU cache budget, or set num_kv_blocks")
@@ -145,6 +153,11 @@ class ModelRunner:
             offset += n
 
         dev = self.device
+        if not prefill_q and not prompt_rows and self.graphs and len(items) <= max(self.graphs):
+            logits = self._replay_decode_graph(input_ids, positions, slots, decode_tables, decode_lens)
+            results = [StepResult() for _ in items]
+            self._sample(items, logits, {k: k for k in sample_rows}, results)  # row k is item k
+            return self._unorder(order, results)
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             prefill_query_lens=prefill_q, prefill_context_lens=prefill_ctx,
@@ -160,7 +173,11 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
             self._sample(items, logits, sample_rows, results)
             self._prompt_logprobs(items, logits, prompt_rows, results)
-        unordered = [None] * len(items)
+        return self._unorder(order, results)
+
+    @staticmethod
+    def _unorder(order: list[int], results: list[StepResult]) -> list[StepResult]:
+        unordered = [None] * len(results)
         for k, i in enumerate(order):
             unordered[i] = results[k]
         return unordered
@@ -208,6 +225,64 @@ class ModelRunner:
                 top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if n else []
                 entries.append(TokenLogprobs(seq.token_at(p + 1), chosen[j], top))
             results[k].prompt_logprobs = entries
+
+    # ---- CUDA graphs for decode steps --------------------------------------------------------------
+    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+    def _decode_metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=self.g_slots[:bs], prefill_query_lens=[], prefill_context_lens=[],
+                                 prefill_block_tables=None, decode_block_tables=self.g_tables[:bs],
+                                 decode_seq_lens=self.g_lens[:bs], max_decode_seq_len=self.max_model_len)
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        """Capture one decode step (forward and LM head) per batch size of a ladder. The graphs read
+        static input buffers; rows past the real batch are padding that writes to the scratch block."""
+        sizes = [b for b in self.GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs] or [1]
+        max_bs, dev = max(sizes), self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), self.scratch_block * self.block_size, dtype=torch.long, device=dev)
+        self.g_tables = torch.full((max_bs, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
+                                   device=dev)
+        self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.h_rows = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True)  # host staging
+        self.h_table = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        pool = None
+        for bs in sorted(sizes, reverse=True):
+            attn = self._decode_metadata(bs)
+            for _ in range(2):  # warm up: Triton compiles and tunes outside the capture
+                self.model.compute_logits(self.model.forward_step(self.g_ids[:bs], self.g_pos[:bs], attn,
+                                                                  self.kv_caches))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model.forward_step(self.g_ids[:bs], self.g_pos[:bs],
+                                                                           attn, self.kv_caches))
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", sorted(sizes))
+
+    def _replay_decode_graph(self, input_ids, positions, slots, tables, lens) -> torch.Tensor:
+        """Fill the static buffers (padding rows point at the scratch block) and replay; returns the
+        logits of the real rows."""
+        n = len(input_ids)
+        bs = min(b for b in self.graphs if b >= n)
+        rows = self.h_rows.numpy()
+        rows[:, :bs] = ((0,), (0,), (self.scratch_block * self.block_size,), (1,))
+        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = input_ids, positions, slots, lens
+        table = self.h_table.numpy()
+        table[:bs] = self.scratch_block
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        for static, k in ((self.g_ids, 0), (self.g_pos, 1), (self.g_slots, 2)):
+            static[:bs].copy_(self.h_rows[k, :bs], non_blocking=True)
+        self.g_lens[:bs].copy_(self.h_rows[3, :bs], non_blocking=True)
+        self.g_tables[:bs].copy_(self.h_table[:bs], non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]
 
     def release(self, seq_id: int) -> None:
         """Forget per-sequence state (its seeded generator) once the sequence is done."""

@@ -159,7 +159,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     capacity). block_n: tokens per tile (tests and tuning). Never reads device values on the host.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
-        raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,block_size,R+P];"
+        raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
                          f" got {tuple(q_lat.shape)}, {tuple(q_pe.shape)}, {tuple(kv_cache.shape)}")
     N, H, R = q_lat.shape
     P = q_pe.shape[2]

@@ -247,7 +247,7 @@ def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if x.is_cuda and x.dtype != torch.bfloat16:
         raise ValueError(f"grouped_mm_moe: torch._grouped_mm on CUDA takes bf16, got {x.dtype}")
     T, D = x.shape
-    E, I, K = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    E, K = w13.shape[0], topk_ids.shape[1]
     if T == 0:
         return x.new_empty(0, D)
     align = moe_align(topk_ids, E, 16)

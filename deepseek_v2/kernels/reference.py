@@ -26,12 +26,12 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     blocks = block_tables.long().clamp(0, num_blocks - 1)                 # unused entries may be junk
     kv = kv_cache[blocks].flatten(1, 2).float()                           # [N, L, R+P]
     q = torch.cat([q_lat, q_pe], dim=-1).float()                          # [N, H, R+P]
-    scores = torch.einsum("nhd,nld->nhl", q, kv) * softmax_scale          # [N, H, L]
+    scores = torch.bmm(q, kv.transpose(1, 2)) * softmax_scale             # [N, H, L]
     positions = torch.arange(kv.shape[1], device=kv.device)
     valid = positions[None, :] < seq_lens[:, None].long()                 # [N, L]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)                     # length 0: all -inf -> 0
-    return torch.einsum("nhl,nlr->nhr", p, kv[..., :R]).to(q_lat.dtype)   # [N, H, R]
+    return torch.bmm(p, kv[..., :R]).to(q_lat.dtype)                      # [N, H, R]
 
 
 def moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

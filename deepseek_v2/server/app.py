@@ -4,17 +4,16 @@
 
 Every bad request gets the OpenAI error body with a 4xx status and leaves the engine untouched;
 a client that goes away aborts its requests; `/v1` routes need a bearer key when keys are set.
+How engine outputs become response bodies and stream chunks lives in `replies.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import secrets
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,10 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
-from ..sampling import SamplingParams
 from . import protocol as P
 from .metrics import ServerMetrics
-from .responses import APIError, ChatBuilder, CompletionBuilder, error_body
+from .protocol import APIError, error_body
+from .replies import ChatReply, CompletionReply
 
 logger = logging.getLogger("deepseek_v2")
 STATIC = Path(__file__).parent / "static"
@@ -39,8 +38,8 @@ ANONYMOUS = "anonymous"
 
 class KeyAuth:
     """Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and disconnects pass through):
-    checks the bearer key on `/v1` routes in constant time, names the key for accounting, and
-    counts `/v1` responses per key and status."""
+    checks the bearer key on `/v1` routes in constant time, names the key for accounting
+    ("key-1", "key-2", ... in the order given) and counts `/v1` responses per key and status."""
 
     def __init__(self, app, api_keys: Sequence[str], metrics: ServerMetrics):
         self.app = app
@@ -61,14 +60,12 @@ class KeyAuth:
             return await self.app(scope, receive, send)
         name = ANONYMOUS
         if self.keys and scope["method"] != "OPTIONS":
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            name = self.key_name(header)
+            name = self.key_name(dict(scope["headers"]).get(b"authorization", b""))
             if name is None:
                 self.metrics.observe_http("unauthorized", 401)
                 body = error_body(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key")
-                response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
+                return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
         scope.setdefault("state", {})["api_key_name"] = name
 
         async def counting_send(message):
@@ -101,7 +98,7 @@ async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
 
 async def until_disconnect(request: Request, coro):
     """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client
-    disconnects first (vLLM's `with_cancellation`)."""
+    disconnects first (vLLM's `with_cancellation`; Starlette does this itself for streams)."""
     handler = asyncio.ensure_future(coro)
 
     async def watch():
@@ -113,16 +110,18 @@ async def until_disconnect(request: Request, coro):
         await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if handler.done():
-        return handler.result()
-    handler.cancel()
-    return Response(status_code=499)  # nobody is listening
+        if not handler.done():
+            handler.cancel()
+    if handler.cancelled():
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    return handler.result()
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "deepseek-v2",
               api_keys: Sequence[str] = (), model_path: str | None = None) -> FastAPI:
-    """The server app around one started-on-lifespan AsyncLLMEngine. `served_model_name`: the
-    name(s) clients may put in `model` (the first is reported); `api_keys`: bearer keys for `/v1`."""
+    """The server around one AsyncLLMEngine, which the app's lifespan starts and shuts down.
+    served_model_name: the name(s) clients may send as `model` (the first is reported);
+    api_keys: bearer keys required on `/v1` routes (none: open)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     metrics = ServerMetrics(names[0])
 
@@ -133,7 +132,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         await engine.shutdown()
 
     app = FastAPI(title="DeepSeek-V2 OpenAI-compatible server", version=__version__, lifespan=lifespan)
-    app.add_middleware(KeyAuth, api_keys=api_keys, metrics=metrics)
+    app.add_middleware(KeyAuth, api_keys=list(api_keys), metrics=metrics)
     app.state.engine, app.state.metrics = engine, metrics
 
     # ---- errors -----------------------------------------------------------------------------------
@@ -152,11 +151,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, exc: Exception):
         logger.exception("internal error on %s", request.url.path)
-        message = re.sub(r"0x[0-9a-fA-F]+", "0x...", f"internal error: {exc!r}")
+        message = re.sub(r"0x[0-9a-fA-F]+", "0x...", f"internal error: {exc!r}")  # no addresses out
         return JSONResponse(error_body(500, message), 500)
 
     def llm():
-        """The loaded LLMEngine (its tokenizer and limits), or a 503."""
+        """The loaded LLMEngine (for its tokenizer and limits), or a 503."""
         if engine.is_dead:
             raise APIError(503, f"the engine is dead: {engine.error!r}", code="engine_dead")
         if engine.engine is None:
@@ -168,11 +167,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             raise APIError(404, f"the model {model!r} does not exist; this server serves {names[0]!r}",
                            param="model", code="model_not_found")
 
-    def start(prompt_ids: list[int], params: SamplingParams, request_id: str, param: str):
+    def submit(prompt_ids: list[int], params, request_id: str, param: str) -> AsyncIterator:
         try:
             return engine.generate(prompt_ids, params, request_id)
         except ValueError as e:
-            raise APIError(400, str(e), param="stop_token_ids" if "stop token" in str(e) else param) from None
+            raise APIError(400, str(e), param="stop_token_ids" if "stop token" in str(e) else param,
+                           code="invalid_value") from None
         except EngineOverloadedError as e:
             raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineDeadError as e:
@@ -180,35 +180,30 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         except EngineNotReadyError as e:
             raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from None
 
-    def abort_all(request_ids: list[str]):
+    def abort_all(request_ids: list[str]) -> None:
         for rid in request_ids:
             engine.abort(rid)
 
-    async def respond(request: Request, builder, prompts: list[tuple[str | None, list[int]]],
-                      params: SamplingParams, stream: bool, param: str):
+    async def serve(request: Request, body, reply_cls, param: str):
+        check_model(body.model)
+        core = llm()
+        prompts = body.prompts(core.tokenizer)
+        params = body.to_sampling_params()
+        body.check_lengths(prompts, core.max_model_len)
+        reply = reply_cls(body, names[0], core.tokenizer, prompts)
+        rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
+        outputs = merge([submit(ids, params, rid, param) for (_, ids), rid in zip(prompts, rids)])
         key = request.scope.get("state", {}).get("api_key_name", ANONYMOUS)
-        rids = [f"{builder.id}-{i}" for i in range(len(prompts))]
-        iterators = [start(ids, params, rid, param) for (_, ids), rid in zip(prompts, rids)]
-        outputs = merge(iterators)
-        if stream:
-            return StreamingResponse(builder.stream(outputs, metrics, key), media_type="text/event-stream",
+        if body.stream:
+            return StreamingResponse(reply.stream(outputs, metrics, key), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(abort_all, rids))
 
         async def collect():
-            final = [None] * len(prompts)
             try:
-                async for i, out in outputs:
-                    final[i] = out
-                    if out.finished:
-                        metrics.observe_request(out)
-            except (EngineDeadError, EngineNotReadyError) as e:
-                raise APIError(503, str(e), code="engine_dead") from None
+                return JSONResponse(await reply.collect(outputs, metrics, key))
             finally:
                 abort_all(rids)
-            body = builder.response(final)
-            metrics.observe_usage(key, body.usage.prompt_tokens, body.usage.completion_tokens)
-            return JSONResponse(body.model_dump(mode="json"))
 
         return await until_disconnect(request, collect())
 
@@ -227,24 +222,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
-        check_model(body.model)
-        core = llm()
-        builder = CompletionBuilder(body, names[0], core.tokenizer)
-        prompts = builder.prompts()
-        params = builder.sampling_params()
-        for _, ids in prompts:
-            builder.check_length(ids, core.max_model_len)
-        return await respond(request, builder, prompts, params, body.stream, "prompt")
+        return await serve(request, body, CompletionReply, "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        core = llm()
-        builder = ChatBuilder(body, names[0], core.tokenizer)
-        prompts = builder.prompts()
-        params = builder.sampling_params()
-        builder.check_length(prompts[0][1], core.max_model_len)
-        return await respond(request, builder, prompts, params, body.stream, "messages")
+        return await serve(request, body, ChatReply, "messages")
 
     # ---- service routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -270,7 +252,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = tok.apply_chat_template(ChatBuilder.messages_as_dicts(body.messages),
+            ids = tok.apply_chat_template(P.conversation(body.messages),
                                           add_generation_prompt=body.add_generation_prompt)
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -286,21 +268,19 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         vocab = core.model.args.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is out of the vocabulary (0..{vocab - 1})", param="tokens")
+            raise APIError(400, f"token id {bad[0]} is out of the vocabulary (0..{vocab - 1})", param="tokens",
+                           code="invalid_value")
         return {"prompt": core.tokenizer.decode(body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        tok = llm().tokenizer
+        core = llm()
+        tok = core.tokenizer
         return {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
-                "model_max_length": llm().max_model_len, "tokenizer_class": "PreTrainedTokenizerFast"}
+                "model_max_length": core.max_model_len, "tokenizer_class": "PreTrainedTokenizerFast"}
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
-
-
-def json_line(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False)

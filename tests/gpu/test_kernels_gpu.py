@@ -1,4 +1,4 @@
-# Run on a CUDA machine: pytest -q tests/gpu/test_kernels_gpu.py   (skipped without a GPU; takes ~1-2 min on an H200)
+# Run on a CUDA machine: pytest -q tests/gpu/test_kernels_gpu.py  (skipped without a GPU; ~1-2 min on an H200)
 """The Triton kernels and the torch._grouped_mm path against the references at the real DeepSeek-V2
 and V2-Lite shapes, in bf16, plus CUDA-graph capture. Metric: ||out - ref|| / ||ref|| < 1e-2.
 
@@ -44,7 +44,8 @@ def paged_cache(seq_lens, max_len, generator):
     max_blocks = -(-max_len // BLOCK_SIZE)
     needed = [-(-n // BLOCK_SIZE) for n in seq_lens]
     num_blocks = sum(needed) + 8
-    kv_cache = torch.randn(num_blocks, BLOCK_SIZE, R + P, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    kv_cache = torch.randn(num_blocks, BLOCK_SIZE, R + P, device=DEVICE, dtype=torch.bfloat16,
+                           generator=generator)
     perm = torch.randperm(num_blocks, device=DEVICE, generator=generator).int()
     block_tables = torch.full((len(seq_lens), max_blocks), 2**30, dtype=torch.int32, device=DEVICE)
     start = 0

@@ -1,0 +1,298 @@
+"""`deepseek-v2 bench`: batch-1 decode latency, output throughput at several concurrencies,
+prefill throughput and time to first token, each against the floor that memory bandwidth or
+arithmetic sets (both ceilings measured in the same run), optionally beside Hugging Face
+transformers' `generate` on the same weights in the same process.
+
+Random weights of a named shape (`--shape v2-lite`), a config.json, or a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import PRESETS, EngineConfig, ModelArgs
+from .engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from .model import DeepseekV2ForCausalLM
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shape", choices=sorted(PRESETS), help="random weights of a built-in shape")
+    src.add_argument("--config", help="random weights of the shape in this config.json")
+    src.add_argument("--model", help="a checkpoint directory (default: the shipped model)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-sizes", default="1,32,256", help="concurrencies for the throughput runs")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--decode-len", type=int, default=128, help="tokens for the batch-1 latency run")
+    p.add_argument("--prefill-len", type=int, default=4096)
+    p.add_argument("--prefill-prompts", type=int, default=8)
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same weights")
+    p.add_argument("--hf-batch-sizes", default="1,8,32")
+    p.add_argument("--hf-output-len", type=int, default=32)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+
+
+@dataclass
+class Ceilings:
+    bandwidth: float  # bytes/s, device-to-device copy counting read + write
+    flops: float  # bf16 matmul FLOP/s
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    if device.type != "cuda":
+        return Ceilings(bandwidth=float("nan"), flops=float("nan"))
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    y = torch.randn_like(x)
+
+    dev = device
+
+    def timed(fn, reps=10):
+        fn()
+        sync(dev)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(dev)
+        return (time.perf_counter() - start) / reps
+
+    bw = 2 * n / timed(lambda: b.copy_(a))
+    flops = 2 * 8192**3 / timed(lambda: x @ y)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return Ceilings(bw, flops)
+
+
+def build_model(args, device) -> tuple[DeepseekV2ForCausalLM, str]:
+    dtype = getattr(torch, args.dtype)
+    if args.shape or args.config:
+        margs = PRESETS[args.shape] if args.shape else ModelArgs.from_pretrained(args.config.rsplit("/", 1)[0]
+                                                                                if args.config.endswith("config.json")
+                                                                                else args.config)
+        with torch.device("meta"):
+            model = DeepseekV2ForCausalLM(margs)
+        model = model.to(dtype).to_empty(device=device).init_weights(seed=0).eval()
+        return model, f"random weights, shape {args.shape or args.config}"
+    path = args.model or DEFAULT_MODEL
+    return DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device), path
+
+
+# ---- floors ---------------------------------------------------------------------------------------
+def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2) -> float:
+    """Bytes one decode step must read: every always-used weight, the routed experts the batch
+    touches (uniform routing), the LM head, and the batch's latent cache."""
+    D = a.hidden_size
+    counts = a.num_parameters()
+    expert = 3 * D * a.moe_intermediate_size
+    moe_layers = sum(a.is_moe_layer(i) for i in range(a.num_hidden_layers))
+    routed_active = moe_layers * a.num_experts_per_tok * expert if a.n_routed_experts else 0
+    always = counts["activated"] - routed_active
+    if a.n_routed_experts:
+        E, K = a.n_routed_experts, a.num_experts_per_tok
+        touched = E * (1 - (1 - K / E) ** batch)
+        always += moe_layers * touched * expert
+    kv = batch * context * a.kv_cache_dim * a.num_hidden_layers
+    return (always + kv) * dtype_bytes
+
+
+def prefill_flops_per_token(a: ModelArgs, length: int) -> float:
+    linear = 2 * (a.num_parameters()["activated"] - a.vocab_size * a.hidden_size)
+    attn = 2 * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) * a.num_hidden_layers * (length + 1) / 2
+    return linear + attn
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (n, length), generator=g).tolist()
+
+
+def run_requests(engine: LLMEngine, prompts, max_tokens: int):
+    """Run prompts to completion; returns (wall seconds, per-request outputs, decode-only step
+    time and tokens)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}-{time.monotonic_ns()}", p, params)
+    sync(engine.runner.device)
+    start = time.perf_counter()
+    outs, decode_time, decode_tokens = [], 0.0, 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        sched_decodes = all(s.num_uncomputed_tokens == 1 for s in engine.scheduler.running) and not engine.scheduler.waiting
+        step_out = engine.step()
+        dt = time.perf_counter() - t0
+        if sched_decodes:
+            decode_time += dt
+            decode_tokens += len(engine.scheduler.running) + sum(o.finished for o in step_out)
+        outs += [o for o in step_out if o.finished]
+    return time.perf_counter() - start, outs, decode_time, decode_tokens
+
+
+def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
+    vocab, res = a.vocab_size, {}
+    run_requests(engine, random_prompts(2, 64, vocab, 0), 8)  # warm up
+    # batch-1 decode latency at prompt_len context
+    _, outs, dtime, dtok = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 1), args.decode_len)
+    m = outs[0].metrics
+    ms = 1e3 * (m.last_token_time - m.first_token_time) / (args.decode_len - 1)
+    floor_ms = 1e3 * decode_bytes(a, 1, args.prompt_len) / ceil.bandwidth
+    res["decode_b1"] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "floor_ms": floor_ms,
+                        "fraction_of_floor": floor_ms / ms}
+    # throughput at each concurrency
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        wall, outs, dtime, dtok = run_requests(engine, random_prompts(b, args.prompt_len, vocab, 2 + b),
+                                               args.output_len)
+        total_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        ctx = args.prompt_len + args.output_len // 2
+        floor_step = decode_bytes(a, b, ctx) / ceil.bandwidth
+        decode_tps = dtok / dtime if dtime else float("nan")
+        res[f"throughput_b{b}"] = {"output_tokens_per_s": total_out / wall, "decode_tokens_per_s": decode_tps,
+                                   "decode_floor_tokens_per_s": b / floor_step,
+                                   "decode_fraction_of_floor": decode_tps / (b / floor_step), "wall_s": wall}
+    # prefill throughput and time to first token
+    n, L = args.prefill_prompts, args.prefill_len
+    wall, _, _, _ = run_requests(engine, random_prompts(n, L, vocab, 100), 1)
+    fl = prefill_flops_per_token(a, L)
+    res["prefill"] = {"prompt_len": L, "prompts": n, "tokens_per_s": n * L / wall,
+                      "mfu": n * L * fl / wall / ceil.flops}
+    wall, _, _, _ = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 200), 1)
+    res["ttft"] = {"prompt_len": args.prompt_len, "ms": 1e3 * wall}
+    return res
+
+
+def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
+    """transformers' DeepseekV2ForCausalLM sharing our weight tensors (same layout, no copy)."""
+    from transformers import DeepseekV2Config
+    from transformers import DeepseekV2ForCausalLM as HFModel
+    cfg = a.to_hf_config()
+    rs = cfg.pop("rope_scaling")
+    cfg["rope_parameters"] = ({"rope_type": "yarn", "rope_theta": a.rope_theta,
+                               **{k: v for k, v in rs.items() if k != "type"}} if rs else
+                              {"rope_type": "default", "rope_theta": a.rope_theta})
+    hf_cfg = DeepseekV2Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "ep_size",
+                                                                            "scoring_func", "seq_aux", "aux_loss_alpha",
+                                                                            "moe_layer_freq", "torch_dtype")})
+    with torch.device("meta"):
+        hf = HFModel(hf_cfg)
+    ours = dict(model.named_parameters())
+    for name, _ in list(hf.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        setattr(hf.get_submodule(module_name), attr, torch.nn.Parameter(ours[name], requires_grad=False))
+    hf.model.rotary_emb.to_empty(device=model.device)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[hf_cfg.rope_parameters["rope_type"]](hf_cfg, model.device) \
+        if hf_cfg.rope_parameters["rope_type"] != "default" else (model.model.rotary_emb.inv_freq, 1.0)
+    hf.model.rotary_emb.inv_freq = inv_freq.to(model.device)
+    hf.model.rotary_emb.original_inv_freq = inv_freq.to(model.device)
+    hf.eval()
+    res, dev = {}, model.device
+
+    def generate(batch, new_tokens, length):
+        ids = torch.tensor(random_prompts(batch, length, a.vocab_size, 7), device=dev)
+        sync(dev)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sync(dev)
+        return time.perf_counter() - t
+
+    generate(1, 2, 32)  # warm up
+    for b in [int(x) for x in args.hf_batch_sizes.split(",")]:
+        one = generate(b, 1, args.prompt_len)
+        full = generate(b, args.hf_output_len + 1, args.prompt_len)
+        per_step = (full - one) / args.hf_output_len
+        res[f"decode_b{b}"] = {"ms_per_step": 1e3 * per_step, "tokens_per_s": b / per_step}
+    ids = torch.tensor(random_prompts(1, args.prefill_len, a.vocab_size, 9), device=dev)
+    with torch.inference_mode():
+        hf(ids[:, :64])
+        sync(dev)
+        t = time.perf_counter()
+        hf(ids, logits_to_keep=1)
+        sync(dev)
+    res["prefill"] = {"prompt_len": args.prefill_len, "tokens_per_s": args.prefill_len / (time.perf_counter() - t)}
+    res["experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
+    return res
+
+
+def run(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ceil = measure_ceilings(device)
+    model, source = build_model(args, device)
+    a = model.args
+    tokenizer = Tokenizer.from_pretrained(args.model or DEFAULT_MODEL)
+    max_len = max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len) + 8
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batch_sizes + [args.prefill_prompts]),
+                          max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
+    t = time.perf_counter()
+    engine = LLMEngine(model, tokenizer, config)
+    startup = time.perf_counter() - t
+    results = {"source": source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "dtype": args.dtype, "engine_startup_s": startup,
+               "ceilings": {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12},
+               "ours": bench_engine(engine, a, args, ceil)}
+    if args.compare_hf:
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["hf"] = bench_hf(model, args, a)
+    print(format_results(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def format_results(r: dict, args) -> str:
+    o = r["ours"]
+    lines = [f"# {r['source']} | {r['device']} | torch {r['torch']} | {r['dtype']}",
+             f"ceilings measured: copy {r['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
+             f"{r['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s; engine start-up {r['engine_startup_s']:.1f} s",
+             "| figure | ours | floor | ours/floor |" + (" HF | ours/HF |" if "hf" in r else ""),
+             "|---|---|---|---|" + ("---|---|" if "hf" in r else "")]
+    d = o["decode_b1"]
+    row = (f"| batch-1 decode, {args.prompt_len}-token context | {d['ms_per_token']:.2f} ms/token "
+           f"({d['tokens_per_s']:.0f} tok/s) | {d['floor_ms']:.2f} ms | {d['fraction_of_floor']:.0%} |")
+    if "hf" in r and "decode_b1" in r["hf"]:
+        h = r["hf"]["decode_b1"]
+        row += f" {h['ms_per_step']:.1f} ms/token | {h['ms_per_step'] / d['ms_per_token']:.1f}x |"
+    lines.append(row)
+    for key, v in o.items():
+        if key.startswith("throughput_b"):
+            b = int(key[len("throughput_b"):])
+            row = (f"| {b} concurrent, {args.prompt_len} in / {args.output_len} out | "
+                   f"{v['output_tokens_per_s']:.0f} output tok/s overall, {v['decode_tokens_per_s']:.0f} in decode steps"
+                   f" | {v['decode_floor_tokens_per_s']:.0f} tok/s (decode) | {v['decode_fraction_of_floor']:.0%} |")
+            if "hf" in r and f"decode_b{b}" in r["hf"]:
+                h = r["hf"][f"decode_b{b}"]["tokens_per_s"]
+                row += f" {h:.0f} tok/s (decode) | {v['decode_tokens_per_s'] / h:.1f}x |"
+            lines.append(row)
+    p = o["prefill"]
+    row = (f"| prefill, {p['prompts']} x {p['prompt_len']} tokens | {p['tokens_per_s']:.0f} tok/s | "
+           f"compute | {p['mfu']:.0%} MFU |")
+    if "hf" in r:
+        row += f" {r['hf']['prefill']['tokens_per_s']:.0f} tok/s (1 prompt) | {p['tokens_per_s'] / r['hf']['prefill']['tokens_per_s']:.1f}x |"
+    lines.append(row)
+    lines.append(f"| time to first token, {o['ttft']['prompt_len']}-token prompt | {o['ttft']['ms']:.1f} ms | | |"
+                 + (" | |" if "hf" in r else ""))
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""`deepseek-v2 serve`: arguments and the run loop of the OpenAI-compatible server.
+
+The server listens at once and loads the checkpoint in the engine's worker thread (`/health` answers
+503 until it is ready); a load failure exits with status 1. SIGTERM or Ctrl+C stops accepting
+connections, lets running requests finish for `--shutdown-timeout` seconds, aborts the rest and
+exits; a second Ctrl+C exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+API_KEY_ENV = "DEEPSEEK_V2_API_KEY"  # comma-separated keys, kept out of `ps` output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' on /v1 routes; repeat for several keys "
+                             f"(also ${API_KEY_ENV}, comma-separated). Metrics name them key-1, key-2, ...")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) clients send; the first is reported (default: --model as given)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="answer 503 with Retry-After when this many requests are waiting (default: no limit)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds running requests may take to finish after SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    engine.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    engine.add_argument("--max-num-seqs", type=int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    engine.add_argument("--block-size", type=int, default=64)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="fix the cache size in blocks")
+    engine.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="cache budget on CPU")
+    engine.add_argument("--seed", type=int, default=0)
+
+
+def _engine_knobs(args: argparse.Namespace) -> dict:
+    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+                cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * 2**30),
+                max_waiting_requests=args.max_waiting_requests, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from ..engine.llm_engine import DEFAULT_MODEL
+    from .app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("deepseek_v2")
+    model = args.model or DEFAULT_MODEL
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        log.error("%s is not a checkpoint directory (no config.json)", model)
+        return 1
+    keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
+    names = args.served_model_name or [args.model or "deepseek-v2-default"]
+    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **_engine_knobs(args))
+    app = build_app(engine, names, keys, model_path=model)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.draining = True  # /health and new requests answer 503 from now on
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    server = Server(config)
+
+    async def serve() -> int:
+        task = asyncio.create_task(server.serve())
+        while engine._task is None and not task.done():  # the app's lifespan starts the engine
+            await asyncio.sleep(0.02)
+        if task.done():  # could not start (port in use, ...): uvicorn has said why
+            await task
+            return 1
+        try:
+            await engine.wait_until_loaded()
+            log.info("serving %r (%d API key(s)) on http://%s:%d  -  chat page at /, API at /v1",
+                     names[0], len(keys), args.host, args.port)
+        except EngineDeadError as e:
+            log.error("%s", e)
+            server.should_exit = True
+            await task
+            return 1
+        await task
+        return 0
+
+    return asyncio.run(serve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepseek-v2 serve", description="OpenAI-compatible server")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+# Run: python -m pytest -q tests/test_server.py   (starts `python -m deepseek_v2.server.cli` on a free port)
+"""The OpenAI-compatible server against the official `openai` client: completions, chat, streaming,
+n > 1, stop strings, seeds, logprobs, echo with prompt logprobs, usage, API keys, service routes
+and 32 concurrent streaming clients. Expected texts come from the offline engine (`LLM`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from deepseek_v2 import LLM, SamplingParams  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("sk-test-one", "sk-test-two")
+GREEDY = dict(temperature=0)
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str, str]:
+    """A server process with the bundled model on a free port; returns (process, base URL, log path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
+    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
+           "--device", "cpu", "--num-kv-blocks", "256", "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{open(log).read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not become healthy:\n{open(log).read()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url, _ = start_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", "tiny", "alias")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEYS[0], max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", device="cpu", num_kv_blocks=256)
+
+
+def offline(llm, prompt, **kw) -> list:
+    return llm.generate(prompt, SamplingParams(**kw), use_tqdm=False)[0].outputs
+
+
+def offline_chat(llm, messages, **kw) -> str:
+    return llm.chat(messages, SamplingParams(**kw), use_tqdm=False)[0].outputs[0].text
+
+
+def sse_events(url: str, path: str, body: dict) -> list:
+    """The raw Server-Sent Events of a streamed request: parsed JSON objects, then "[DONE]"."""
+    events = []
+    with httpx.stream("POST", url + path, json=body, headers={"Authorization": f"Bearer {KEYS[0]}"},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- basics ------------------------------------------------------------------------------------
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", "alias"]
+    assert models[0].max_model_len == 4096
+    assert client.models.retrieve("alias").id == "alias"
+
+
+def test_completion_matches_offline(client, llm):
+    r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=12, **GREEDY)
+    expect = offline(llm, "The quick brown fox", max_tokens=12, **GREEDY)[0]
+    assert r.object == "text_completion" and r.choices[0].text == expect.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_prompt_forms_and_choice_indices(client, llm):
+    ids = llm.tokenizer.encode("Once upon a time")
+    texts = [client.completions.create(model="tiny", prompt=p, max_tokens=6, **GREEDY).choices[0].text
+             for p in ("Once upon a time", ids)]
+    assert texts[0] == texts[1] == offline(llm, ids, max_tokens=6, **GREEDY)[0].text
+    r = client.completions.create(model="tiny", prompt=["Once upon a time", "Hello"], max_tokens=6, n=2, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == texts[0]
+    r = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=6, **GREEDY)
+    assert r.choices[0].text == texts[0] and r.usage.prompt_tokens == len(ids) + 3
+
+
+def test_chat_multi_turn_uses_template(client, llm):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Tell me a story"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, **GREEDY)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == offline_chat(llm, messages, max_tokens=10, **GREEDY)
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(prompt)
+    r = client.chat.completions.create(model="tiny", messages=messages[1:2], max_completion_tokens=3, **GREEDY)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+def test_chat_stream_format_and_text(server, client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count to ten"}], "max_tokens": 16,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events(server, "/v1/chat/completions", body)
+    assert events[-1] == "[DONE]"
+    first, *deltas, usage_chunk, _ = events
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == first["id"] for e in deltas)
+    assert [e["choices"][0]["finish_reason"] for e in deltas][-1] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in deltas[:-1])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 16
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in deltas)
+    plain = client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=16, **GREEDY)
+    assert streamed == plain.choices[0].message.content
+
+
+def test_completion_stream_with_openai_client(client):
+    kw = dict(model="tiny", prompt="In the beginning", max_tokens=20, **GREEDY)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == client.completions.create(**kw).choices[0].text
+    assert chunks[-1].usage.completion_tokens == 20 and chunks[-2].choices[0].finish_reason == "length"
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2,
+                                               max_tokens=5, stream=True, seed=3))
+    assert {c.choices[0].index for c in chat if c.choices} == {0, 1}
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def test_n_and_seed(client):
+    kw = dict(model="tiny", prompt="Random words:", max_tokens=12, temperature=1.0, n=3, seed=1234)
+    a = [c.text for c in client.completions.create(**kw).choices]
+    b = [c.text for c in client.completions.create(**kw).choices]
+    assert a == b and len(set(a)) > 1  # reproducible, and the samples differ from each other
+    c = [c.text for c in client.completions.create(**{**kw, "seed": 99}).choices]
+    assert c != a
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                          max_tokens=4, seed=5, temperature=1.0)
+    assert [ch.index for ch in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+
+
+def test_stop_strings_and_stop_token_ids(client, llm):
+    full = offline(llm, "Stop test", max_tokens=24, **GREEDY)[0]
+    stop = full.text[8:12]
+    r = client.completions.create(model="tiny", prompt="Stop test", max_tokens=24, stop=[stop], **GREEDY)
+    assert r.choices[0].text == full.text[:full.text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt="Stop test", max_tokens=24, **GREEDY,
+                                  extra_body={"stop_token_ids": [full.token_ids[5]]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == full.token_ids.index(full.token_ids[5]) + 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Stop test", max_tokens=24, stop=stop, stream=True, **GREEDY))
+    assert streamed == full.text[:full.text.index(stop)]
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 3 <= len(top) <= 4 and top[token] == value
+        assert value == pytest.approx(max(top.values()))  # greedy: the chosen token is the best
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          logprobs=True, top_logprobs=2, **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob)
+
+
+def test_echo_prompt_logprobs_equal_log_softmax(client, llm):
+    """What lm-evaluation-harness sends to score a continuation."""
+    ids = llm.tokenizer.encode("The capital of France is Paris")
+    r = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, logprobs=1, echo=True, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = llm.engine.model(torch.tensor([ids])).log_softmax(-1)[0]
+    expect = [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expect, abs=1e-4)
+    assert r.choices[0].text.startswith(llm.tokenizer.decode(ids))
+    # max_tokens=0 with echo scores the prompt only
+    r = client.completions.create(model="tiny", prompt="Score me", max_tokens=0, logprobs=0, echo=True)
+    n = len(llm.tokenizer.encode("Score me"))
+    assert r.choices[0].text == "Score me" and len(r.choices[0].logprobs.token_logprobs) == n
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == n
+
+
+# ---- keys, service routes, metrics -------------------------------------------------------------
+def test_api_keys(server):
+    good = openai.OpenAI(base_url=server + "/v1", api_key=KEYS[1], max_retries=0)
+    assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(server + "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(server + "/health").status_code == 200  # only /v1 is protected
+    metrics = httpx.get(server + "/metrics").text
+    assert 'deepseek_v2:api_key_completion_tokens_total{model_name="tiny",api_key="key-2"} 2' in metrics
+    assert 'api_key="unauthorized",status="401"' in metrics
+
+
+def test_service_routes(server):
+    tok = httpx.post(server + "/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert tok["count"] == len(tok["tokens"]) == len(tok["token_strs"]) and tok["max_model_len"] == 4096
+    text = httpx.post(server + "/detokenize", json={"tokens": tok["tokens"][1:]}).json()["prompt"]
+    assert text == "Hello world"
+    chat = httpx.post(server + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 3
+    assert httpx.get(server + "/version").json()["version"]
+    assert httpx.get(server + "/tokenizer_info").json()["eos_token"] == "<｜end▁of▁sentence｜>"
+    assert "<html" in httpx.get(server + "/").text
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="metrics", max_tokens=3)
+    text = httpx.get(server + "/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    label = '{model_name="tiny"}'
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate"):
+        assert f"deepseek_v2:{name}{label}" in values
+    assert values[f"deepseek_v2:prompt_tokens_total{label}"] > 0
+    assert values[f"deepseek_v2:generation_tokens_total{label}"] >= 3
+    assert values[f"deepseek_v2:time_to_first_token_seconds_count{label}"] > 0
+    assert values[f"deepseek_v2:time_per_output_token_seconds_count{label}"] > 0
+    assert values['deepseek_v2:time_to_first_token_seconds_bucket{model_name="tiny",le="+Inf"}'] > 0
+
+
+def test_concurrent_streams(server, llm):
+    prompts = [f"Client number {i} says" for i in range(32)]
+    expect = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY),
+                                                      use_tqdm=False)]
+
+    async def one(aclient, prompt):
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=16, stream=True, **GREEDY)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEYS[0], max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, p) for p in prompts))
+
+    assert asyncio.run(main()) == expect
