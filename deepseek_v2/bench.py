@@ -254,6 +254,8 @@ def run(args) -> None:
                "ours": bench_engine(engine, a, args, ceil)}
     if args.compare_hf:
         del engine
+        import gc
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["hf"] = bench_hf(model, args, a)
