@@ -79,6 +79,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the sampler: argmax of the raw logits is the answer."""
+        return (self.temperature < GREEDY_EPS and self.logprobs is None and self.min_tokens == 0
+                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+
 
 @dataclass
 class SampleRequest:
@@ -111,7 +117,9 @@ class Sampler:
         N, V = logits.shape
         device = logits.device
         params = [r.params for r in rows]
-        logits = self.apply_penalties(logits.clone(), rows)
+        if any(r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
+               or r.params.frequency_penalty for r in rows):
+            logits = self.apply_penalties(logits.clone(), rows)
 
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)

@@ -57,6 +57,7 @@ class AsyncLLMEngine:
         self._loader = loader
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._streams: dict[str, asyncio.Queue] = {}
+        self._reserved: set[str] = set()  # accepted by generate(), iteration not started yet
         self._adds: list[_PendingAdd] = []
         self._aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
@@ -67,7 +68,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, dtype="auto", device: str | None = None,
-                        **knobs) -> "AsyncLLMEngine":
+                        **knobs) -> AsyncLLMEngine:
         """An engine that loads the checkpoint in its worker thread once `start()` is called."""
         return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device, **knobs))
 
@@ -80,14 +81,11 @@ class AsyncLLMEngine:
     def is_ready(self) -> bool:
         return self.engine is not None and self._task is not None and not self.is_dead and not self.draining
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams)
-
     def stats(self) -> dict:
         """The engine's statistics as of the end of the last step (safe to read from any thread),
         with requests accepted but not yet handed to the engine counted as waiting."""
-        return {**self._stats, "num_waiting": self._stats.get("num_waiting", 0) + len(self._adds)}
+        waiting = self._stats.get("num_waiting", 0) + len(self._adds) + len(self._reserved)
+        return {**self._stats, "num_waiting": waiting}
 
     def _check_accepting(self) -> None:
         if self.is_dead:
@@ -140,19 +138,24 @@ class AsyncLLMEngine:
                  arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now (raising ValueError, EngineOverloadedError, EngineNotReadyError or
         EngineDeadError before anything is queued) and return an async iterator of the request's
-        outputs. The request is queued when iteration starts and aborted when iteration stops
-        early, so an iterator that is never started costs nothing. Outputs that pile up while
-        the caller is busy are merged into one (deltas concatenated)."""
+        outputs. The request holds a place in the waiting queue from now on; it reaches the engine
+        when iteration starts and is aborted when iteration stops early (call `abort` for an
+        iterator you never start). Outputs that pile up while the caller is busy are merged into
+        one (deltas concatenated)."""
         ids = self.encode_and_validate(prompt, params)
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self._reserved:
             raise ValueError(f"request id {request_id!r} is already in use")
         limit = self.engine.config.max_waiting_requests
         if limit is not None and self.stats()["num_waiting"] >= limit:
             raise EngineOverloadedError(f"{limit} requests are already waiting; retry later")
+        self._reserved.add(request_id)
         return self._iterate(request_id, ids, params, time.monotonic() if arrival_time is None else arrival_time)
 
     async def _iterate(self, request_id: str, ids: list[int], params: SamplingParams,
                        arrival_time: float) -> AsyncIterator[RequestOutput]:
+        if request_id not in self._reserved:  # aborted before it started
+            return
+        self._reserved.discard(request_id)
         self._check_accepting()
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
@@ -175,16 +178,18 @@ class AsyncLLMEngine:
                 finished = out.finished
                 yield out
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+            self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its cache blocks at the next step boundary (no-op if unknown);
         its iterator, if one is waiting, ends."""
+        self._reserved.discard(request_id)
         queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(_ABORTED)
+        if queue is None:  # unknown, finished or failed: nothing runs
+            return
+        queue.put_nowait(_ABORTED)
         pending = [a for a in self._adds if a.request_id == request_id]
         if pending:
             self._adds.remove(pending[0])
@@ -198,6 +203,7 @@ class AsyncLLMEngine:
             queue.put_nowait(error)
         self._streams.clear()
         self._adds.clear()
+        self._reserved.clear()
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -90,6 +90,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(b)
         seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
         seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         if count_query:
             self.prefix_queries += seq.num_tokens
@@ -118,14 +119,14 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        prev = None
-        for b in range(full):
+        for b in range(seq.num_hashed_blocks, full):
+            prev = self.blocks[seq.block_table[b - 1]].hash if b else None
             block = self.blocks[seq.block_table[b]]
             if block.hash is None:
                 chunk = tuple(seq.tokens_slice(b * self.block_size, (b + 1) * self.block_size))
                 block.hash, block.token_ids = chain_hash(prev, chunk), chunk
                 self.cached.setdefault(block.hash, block.block_id)
-            prev = block.hash
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -134,6 +135,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -234,8 +234,9 @@ class LLMEngine:
             done = s.finish_reason is not None
             visible = len(s.text) if done else max(s.sent_text, len(s.text) - hold)
             token_ids = s.seq.output_token_ids
-            outs.append(CompletionOutput(
-                index=s.seq.index, text=s.text[:visible], token_ids=list(token_ids),
+            outs.append(CompletionOutput(  # token_ids: a snapshot when finished, else the live list
+                index=s.seq.index, text=s.text[:visible] if visible < len(s.text) else s.text,
+                token_ids=list(token_ids) if done else token_ids,
                 cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 delta_text=s.text[s.sent_text:visible], delta_token_ids=token_ids[s.sent_tokens:],

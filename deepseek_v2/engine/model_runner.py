@@ -132,9 +132,15 @@ class ModelRunner:
         for k, item in enumerate(items):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            input_ids += seq.tokens_slice(start, start + n)
-            positions += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            table = seq.block_table
+            if n == 1:
+                input_ids.append(seq.token_at(start))
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += seq.tokens_slice(start, start + n)
+                positions += range(start, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             if n > 1:
                 prefill_q.append(n)
                 prefill_ctx.append(start)
@@ -186,6 +192,11 @@ class ModelRunner:
         if not sample_rows:
             return
         ks = list(sample_rows)
+        if all(items[k].seq.sampling_params.plain_greedy for k in ks):  # the common fast path
+            tokens = logits[[sample_rows[k] for k in ks]].argmax(dim=-1).tolist()
+            for k, t in zip(ks, tokens):
+                results[k].token_id = t
+            return
         requests = []
         for k in ks:
             seq = items[k].seq

@@ -36,6 +36,7 @@ class Sequence:
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks of block_table already in the prefix cache
         self.num_computed_tokens = 0  # tokens whose latents are in the cache
         self.num_cached_prompt_tokens = 0  # of those, how many came from the prefix cache
         self.num_preemptions = 0
@@ -61,7 +62,9 @@ class Sequence:
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return self.token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     @property
     def num_uncomputed_tokens(self) -> int:
