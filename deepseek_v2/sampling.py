@@ -54,8 +54,8 @@ class SamplingParams:
         check(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0,
-              f"top_k must be a non-negative integer (0 or -1 disables it), got {self.top_k!r}")
+        check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31,
+              f"top_k must be a non-negative integer below 2^31 (0 or -1 disables it), got {self.top_k!r}")
         check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
@@ -72,7 +72,8 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")
-        check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63 - 2**16),
+              f"seed must be a 64-bit integer, got {self.seed!r}")
         check(self.detokenize or not self.stop, "stop strings need detokenize=True")
 
     @property

@@ -6,16 +6,16 @@
 - wordnet-base: WordNet 3.0 (WordNet 3.0 licence, Princeton University), one dictionary entry per
   synset (words, part of speech, definition, examples, broader terms, opposites).
 
-Writes into --out (default data/demo, gitignored):
-  train.bin, val.bin, meta.json   the pretraining tokens (uint16; 1% of documents held out)
+Writes into --out (default data/demo, gitignored; about 24 MiB, all that training reads):
+  train.bin, val.bin, meta.json     the pretraining tokens (uint16; 1% of documents held out)
   chat_train.jsonl, chat_val.jsonl  in-domain questions and answers generated from the same text
                                     ({"messages": [...]}; 3% held out), only from documents in the
                                     pretraining split, so the facts are there to learn
-  text/*.txt                      the extracted text (documents separated by form-feed lines)
-and keeps the downloaded packages in --out/debs. Deterministic for the same package versions
-(meta.json records them and their sha256).
+and into --build-dir (default data/demo-build): the downloaded packages (debs/), their files
+(extracted/) and the extracted text (text/*.txt, documents separated by form-feed lines).
+Deterministic for the same package versions (meta.json records them and their sha256).
 
-    apt-get update && python scripts/build_demo_corpus.py [--out data/demo]
+    apt-get update && python scripts/build_demo_corpus.py [--out data/demo] [--build-dir data/demo-build]
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class SphinxPage(html.parser.HTMLParser):
                 api["name"] = a["id"]
         if tag == "dd" and self.apis and len(self.stack) == self.apis[-1]["depth"] + 1:
             self.apis[-1]["dd"] = True
-        if tag == "li":
+        if tag == "li" and self._in("body"):
             self.buf.append("- ")
         self.stack.append((tag, flags))
 
@@ -159,6 +159,8 @@ class SphinxPage(html.parser.HTMLParser):
     def flush(self):
         text = "".join(self.buf)
         self.buf = []
+        if not self._in("body"):
+            return
         if self._in("pre"):
             text = text.strip("\n")
         else:
@@ -376,13 +378,15 @@ def conversations(pairs: list[tuple[str, str]], seed: int) -> list[list[dict]]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/demo")
+    parser.add_argument("--build-dir", default="data/demo-build")
     parser.add_argument("--tokenizer", default=str(Path(__file__).resolve().parent.parent / "deepseek_v2" / "default_model"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     t0 = time.time()
-    out = Path(args.out)
-    root = out / "extracted"
-    versions = fetch_packages(out / "debs", root)
+    out, build = Path(args.out), Path(args.build_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root = build / "extracted"
+    versions = fetch_packages(build / "debs", root)
 
     pages = python_docs(root)
     print(f"python3.11-doc: {len(pages)} pages, {sum(len(p['text']) for p in pages):,} characters, "
@@ -392,7 +396,7 @@ def main():
     print(f"wordnet-base: {len(synsets):,} synsets, {len(lemmas):,} sense-tagged lemmas "
           f"({time.time() - t0:.0f}s)", flush=True)
 
-    text_dir = out / "text"
+    text_dir = build / "text"
     text_dir.mkdir(parents=True, exist_ok=True)
     files = {"python-docs.txt": [p["text"] for p in pages], "wordnet.txt": list(entries.values())}
     for name, docs in files.items():

@@ -70,6 +70,16 @@ def test_preemption_keeps_outputs_unchanged(setup):
     assert engine.scheduler.num_preemptions > 0
     assert got == hf_out
     assert engine.block_manager.num_free_blocks == 15
+    # prompt logprobs survive the recomputation: one entry per prompt token, same values
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, num_kv_blocks=15))
+    squeezed = run_all(engine, prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    roomy = run_all(LLMEngine(model, tokenizer, EngineConfig(block_size=8)), prompts, params)
+    for a, b, p in zip(squeezed, roomy, prompts):
+        assert len(a.prompt_logprobs) == len(p) and a.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
 
 
 def test_prefix_cache_hits_reuse_blocks(setup):

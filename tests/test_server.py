@@ -17,13 +17,19 @@ import httpx
 import pytest
 import torch
 
+from deepseek_v2 import LLM, SamplingParams
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-from deepseek_v2 import LLM, SamplingParams  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 KEYS = ("sk-test-one", "sk-test-two")
 GREEDY = dict(temperature=0)
 
@@ -36,12 +42,14 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str, str]:
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
     cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
            "--device", "cpu", "--num-kv-blocks", "256", "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model: one thread, no contention with pytest
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{open(log).read()}")
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{read(log)}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url, log
@@ -49,7 +57,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"the server did not become healthy:\n{open(log).read()}")
+    raise RuntimeError(f"the server did not become healthy:\n{read(log)}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -189,7 +197,8 @@ def test_stop_strings_and_stop_token_ids(client, llm):
     assert r.choices[0].finish_reason == "stop"
     r = client.completions.create(model="tiny", prompt="Stop test", max_tokens=24, **GREEDY,
                                   extra_body={"stop_token_ids": [full.token_ids[5]]})
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == full.token_ids.index(full.token_ids[5]) + 1
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == full.token_ids.index(full.token_ids[5]) + 1
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="Stop test", max_tokens=24, stop=stop, stream=True, **GREEDY))
     assert streamed == full.text[:full.text.index(stop)]

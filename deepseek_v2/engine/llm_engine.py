@@ -174,7 +174,9 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(seq)
             if result.prompt_logprobs is not None and req.prompt_logprobs is not None and seq.index == 0:
-                req.prompt_logprobs += [e.as_dict() for e in result.prompt_logprobs]
+                # a preempted sequence recomputes its prompt: keep only entries not recorded yet
+                skip = len(req.prompt_logprobs) - result.prompt_logprobs_start
+                req.prompt_logprobs += [e.as_dict() for e in result.prompt_logprobs[max(skip, 0):]]
             if result.token_id is not None:
                 self._append_token(req, req.samples[seq.index], result, now)
                 touched[req.request_id] = req

@@ -41,6 +41,7 @@ class StepResult:
     token_id: int | None = None  # the sampled token, when this step reached the sequence's end
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt positions computed this step
+    prompt_logprobs_start: int = 0  # prompt index of the first entry
 
 
 def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> int:
@@ -236,6 +237,7 @@ class ModelRunner:
                 top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if n else []
                 entries.append(TokenLogprobs(seq.token_at(p + 1), chosen[j], top))
             results[k].prompt_logprobs = entries
+            results[k].prompt_logprobs_start = positions[0] + 1
 
     # ---- CUDA graphs for decode steps --------------------------------------------------------------
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)

@@ -192,7 +192,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         body.check_lengths(prompts, core.max_model_len)
         reply = reply_cls(body, names[0], core.tokenizer, prompts)
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
-        outputs = merge([submit(ids, params, rid, param) for (_, ids), rid in zip(prompts, rids)])
+        try:
+            outputs = merge([submit(ids, params, rid, param) for (_, ids), rid in zip(prompts, rids)])
+        except APIError:
+            abort_all(rids)  # give back the places the earlier prompts took
+            raise
         key = request.scope.get("state", {}).get("api_key_name", ANONYMOUS)
         if body.stream:
             return StreamingResponse(reply.stream(outputs, metrics, key), media_type="text/event-stream",
@@ -234,7 +238,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         if engine.is_ready:
             return {"status": "ok"}
         state = "dead" if engine.is_dead else "draining" if engine.draining else "loading"
-        return JSONResponse(error_body(503, f"the engine is {state}", code=state), 503)
+        detail = f": {engine.error!r}" if engine.is_dead else ""
+        return JSONResponse(error_body(503, f"the engine is {state}{detail}", code=state), 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -252,10 +257,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = tok.apply_chat_template(P.conversation(body.messages),
-                                          add_generation_prompt=body.add_generation_prompt)
+            ids = P.tokenize("messages", tok.apply_chat_template, P.conversation(body.messages),
+                             add_generation_prompt=body.add_generation_prompt)
         else:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = P.tokenize("prompt", tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         out = {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
         if body.return_token_strs:
             out["token_strs"] = tok.convert_ids_to_tokens(ids)

@@ -55,19 +55,21 @@ def _engine_knobs(args: argparse.Namespace) -> dict:
                 max_waiting_requests=args.max_waiting_requests, seed=args.seed)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
+    """Serve until SIGTERM / Ctrl+C; raises FileNotFoundError for a missing checkpoint and
+    EngineDeadError (a RuntimeError) when loading fails."""
     import uvicorn
 
-    from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from ..engine.async_engine import AsyncLLMEngine
     from ..engine.llm_engine import DEFAULT_MODEL
     from .app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("deepseek_v2")
+    log.setLevel(args.log_level.upper())
     model = args.model or DEFAULT_MODEL
     if not os.path.isfile(os.path.join(model, "config.json")):
-        log.error("%s is not a checkpoint directory (no config.json)", model)
-        return 1
+        raise FileNotFoundError(f"{model}: no config.json (not a checkpoint directory)")
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
     engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **_engine_knobs(args))
@@ -82,32 +84,33 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
     server = Server(config)
 
-    async def serve() -> int:
+    async def serve() -> None:
         task = asyncio.create_task(server.serve())
         while engine._task is None and not task.done():  # the app's lifespan starts the engine
             await asyncio.sleep(0.02)
-        if task.done():  # could not start (port in use, ...): uvicorn has said why
-            await task
-            return 1
-        try:
-            await engine.wait_until_loaded()
-            log.info("serving %r (%d API key(s)) on http://%s:%d  -  chat page at /, API at /v1",
-                     names[0], len(keys), args.host, args.port)
-        except EngineDeadError as e:
-            log.error("%s", e)
-            server.should_exit = True
-            await task
-            return 1
-        await task
-        return 0
+        if not task.done():
+            try:
+                await engine.wait_until_loaded()
+                log.info("serving %r (%d API key(s)) on http://%s:%d  -  chat page at /, API at /v1",
+                         names[0], len(keys), args.host, args.port)
+            except Exception:
+                server.should_exit = True
+                await task
+                raise
+        await task  # could not start (port in use, ...): uvicorn has said why and exits
 
-    return asyncio.run(serve())
+    asyncio.run(serve())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-v2 serve", description="OpenAI-compatible server")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        run(parser.parse_args(argv))
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"deepseek-v2 serve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

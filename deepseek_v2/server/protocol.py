@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..sampling import SamplingParams
@@ -38,7 +39,7 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
     @classmethod
-    def from_validation(cls, errors: list[dict]) -> "APIError":
+    def from_validation(cls, errors: list[dict]) -> APIError:
         """The first pydantic error as a 400 naming its field (FastAPI would answer 422)."""
         if not errors:
             return cls(400, "invalid request body")
@@ -53,9 +54,21 @@ class APIError(Exception):
         if field == "prompt":  # a union: the per-member messages would only confuse
             return cls(400, "prompt must be a non-empty string, a list of strings, a list of token ids "
                             "or a list of lists of token ids", param="prompt", code="invalid_type")
-        # union members show up in the location ('str', 'list[int]', ...): keep only field names and indices
-        path = ".".join(x for x in loc if x.isidentifier() or x.isdigit())
+        # union members show up in the location ('str', 'list[TextPart]', ...): keep field names and indices
+        path = ".".join(x for x in loc if x.isdigit() or (x.isidentifier() and x not in _TYPE_TAGS))
         return cls(400, f"{path}: {e['msg']}", param=field, code=e.get("type"))
+
+
+def tokenize(param: str, fn, *args, **kwargs) -> list[int]:
+    """fn(*args, **kwargs) (an encode or a chat-template call), with text the tokenizer cannot take
+    (a lone UTF-16 surrogate, a template that raises) reported as a 400."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError, UnicodeError, TemplateError) as e:
+        raise APIError(400, f"{param} cannot be tokenized: {e}", param=param, code="invalid_value") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage", "StreamOptions"}
 
 
 def _sampling_error(e: ValueError, rename: dict[str, str]) -> APIError:
@@ -101,7 +114,7 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # refused unless empty
     # vLLM extras
-    top_k: int | None = None
+    top_k: int | None = Field(None, le=2**31 - 1)  # larger values would overflow the sampler's tensor
     min_p: float | None = None
     repetition_penalty: float = 1.0
     stop_token_ids: list[int] | None = None
@@ -157,8 +170,8 @@ class CompletionRequest(SamplingFields):
         batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         if not batch or any(len(x) == 0 for x in batch):
             raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-        return [(x, tokenizer.encode(x, add_special_tokens=self.add_special_tokens)) if isinstance(x, str)
-                else (None, list(x)) for x in batch]
+        return [(x, tokenize("prompt", tokenizer.encode, x, add_special_tokens=self.add_special_tokens))
+                if isinstance(x, str) else (None, list(x)) for x in batch]
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix is not None:
@@ -214,7 +227,8 @@ class ChatCompletionRequest(SamplingFields):
         return conversation(self.messages)
 
     def prompts(self, tokenizer: Tokenizer) -> list[tuple[str | None, list[int]]]:
-        ids = tokenizer.apply_chat_template(self.conversation(), add_generation_prompt=self.add_generation_prompt)
+        ids = tokenize("messages", tokenizer.apply_chat_template, self.conversation(),
+                       add_generation_prompt=self.add_generation_prompt)
         if self.add_special_tokens and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         return [(None, ids)]

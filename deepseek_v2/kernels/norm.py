@@ -1,0 +1,89 @@
+"""Fused RMSNorm (optionally with the residual add before it) in one Triton launch, one program per row.
+
+Eager PyTorch spends ~7 elementwise kernels on an RMSNorm; this does the same arithmetic in one, in the
+same rounding order as reference.rms_norm_ref: the residual sum rounded to the input dtype, the sum of
+squares and 1/rms in fp32, the normalised row rounded to the input dtype, THEN times the weight (one
+more rounding). Only the order of the fp32 sum differs from torch's, so a bf16 output can land one ulp
+away where the fp32 value sits on a rounding boundary.
+
+Every kernel here is launched with enable_fp_fusion=False: eager torch runs each multiply and add as
+its own kernel, so a fused multiply-add would round differently.
+
+Letters: T rows, D hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_D = 8192
+
+
+@triton.jit
+def rms_norm_row(x, weight, inv_n, eps):
+    """weight * (x / rms(x)) for one row x [BLOCK] (masked lanes 0) in its storage dtype, rounded as
+    torch rounds `weight * (xf * rsqrt(mean(xf^2) + eps)).to(dtype)`. inv_n = 1 / row length: torch's
+    CUDA mean multiplies the sum by it too. Shared with mla_prepare."""
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf * xf, axis=0) * inv_n
+    normed = (xf * tl.rsqrt(mean + eps)).to(x.dtype)
+    return (weight.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, D, inv_d, eps,
+                     stride_x, stride_r, stride_y, stride_s,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # s = x + residual, rounded to x's dtype as torch's add does
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * stride_s + offs, x, mask=mask)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + row * stride_y + offs, rms_norm_row(x, w, inv_d, eps), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of each row; same contract as reference.rms_norm_ref.
+
+    x [T, D] (last dim contiguous, rows may be strided), weight [D], both one float dtype, D <= 8192.
+    Without residual returns y [T, D]; with residual ([T, D], x's dtype) returns (y, s), s = x + residual
+    and y = rmsnorm(s). Outputs are new contiguous tensors. No host synchronisation.
+    """
+    if x.dim() != 2 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: expected x [T, D] and weight [D]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    T, D = x.shape
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: x and weight must share one of bf16/fp16/fp32; got {x.dtype}, {weight.dtype}")
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"rms_norm: D must be in [1, {MAX_D}], got {D}")
+    if x.stride(1) != 1 or weight.stride(0) != 1:
+        raise ValueError("rms_norm: x needs a contiguous last dim and weight must be contiguous")
+    if weight.device != x.device:
+        raise ValueError("rms_norm: x and weight must be on one device")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}, {x.device});"
+                             f" got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+        if residual.stride(1) != 1:
+            raise ValueError("rms_norm: residual needs a contiguous last dim")
+
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else None
+    if T > 0:
+        block_d = triton.next_power_of_2(D)
+        r = residual if residual is not None else x  # unused without residual
+        _rms_norm_kernel[(T,)](
+            x, r, weight, y, s if s is not None else y, D, 1.0 / D, eps,
+            x.stride(0), r.stride(0), y.stride(0), y.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
+            num_warps=min(max(block_d // 256, 1), 16), enable_fp_fusion=False,
+        )
+    return y if residual is None else (y, s)

@@ -1,0 +1,207 @@
+# Run on a CUDA machine: pytest -q tests/gpu/test_fused_kernels_gpu.py  (skipped without a GPU; ~1 min on an H200)
+"""The fused small-op kernels against their eager references at DeepSeek-V2 / V2-Lite shapes in bf16, and
+under CUDA-graph capture and replay.
+
+The kernels round as torch does, op by op (fp32 math, same casts, IEEE divides, CUDA's expf, no fused
+multiply-adds), so the checks count ulps. What can still differ: the ORDER of fp32 sums (RMSNorm's
+sum of squares, the softmax denominator). That moves an fp32 result by an ulp or so, which flips a bf16
+rounding only near a half-way point (~1e-5 of the elements); a flipped normalised value can become two
+ulps after the weight multiply. So: RoPE (q_pe, k_pe) bit-identical; SiLU-and-mul at most 1 ulp;
+RMSNorm outputs (y, c_kv, the cache) at most 2 ulps, on at most 0.1% of the elements; router weights
+within 8 fp32 ulps and the expert sets equal wherever torch's k-th and (k+1)-th scores differ.
+
+Freed device memory is filled with NaN before each run, so an output a kernel forgets to write shows.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("needs a CUDA GPU and compiled (not interpreted) Triton", allow_module_level=True)
+pytest.importorskip("triton")
+
+from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
+from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
+from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
+from deepseek_v2.kernels.reference import (  # noqa: E402
+    mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
+from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
+
+DEVICE = "cuda"
+BF16 = torch.bfloat16
+R, P, DN, BLOCK_SIZE = 512, 64, 128, 64
+TOKENS = [1, 7, 256, 16384]
+
+
+def poison_free_memory():
+    """Fill big and small cached free blocks with 0xFF bytes (NaN in bf16 and fp32)."""
+    chunks = [torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)]
+    chunks += [torch.empty(1 << 19, dtype=torch.uint8, device=DEVICE) for _ in range(32)]
+    for chunk in chunks:
+        chunk.fill_(0xFF)
+    del chunks
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of the dtype lie between a and b (0: bit-identical; +0 == -0)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    bits = [t.contiguous().view(int_type).long() for t in (a, b)]
+    lowest = torch.iinfo(int_type).min
+    ordered = [torch.where(x < 0, lowest - x, x) for x in bits]
+    return (ordered[0] - ordered[1]).abs()
+
+
+def assert_ulps(out, ref, max_ulps, max_fraction=1e-3, what=""):
+    assert out.shape == ref.shape and out.dtype == ref.dtype, what
+    assert not torch.isnan(out).any(), f"{what}: NaN (an unwritten output?)"
+    d = ulp_distance(out, ref)
+    worst, off = d.max().item(), (d > 0).sum().item()
+    assert worst <= max_ulps, f"{what}: {worst} ulps ({off} of {d.numel()} elements differ)"
+    assert off <= max(1, max_fraction * d.numel()), f"{what}: {off} of {d.numel()} elements differ"
+
+
+def generator(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+# ---------------------------------------------------------------- rms_norm
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("D", [2048, 5120])
+def test_rms_norm(D, T):
+    g = generator(D + T)
+    x = torch.randn(T, D, device=DEVICE, generator=g).mul_(3).to(BF16)
+    residual = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
+    weight = torch.randn(D, device=DEVICE, generator=g).mul_(0.1).add_(1).to(BF16)
+    poison_free_memory()
+    assert_ulps(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6), 2, what="y")
+    y, s = rms_norm(x, weight, 1e-6, residual=residual)
+    y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+    assert torch.equal(s, s_ref), "x + residual: one bf16 rounding, as torch"
+    assert_ulps(y, y_ref, 2, what="y with residual")
+
+
+# ---------------------------------------------------------------- mla_prepare
+
+def mla_inputs(T, H, seed):
+    """The query as the model holds it (q_pe a strided slice), cos/sin of real positions, a paged
+    cache with scattered slots."""
+    g = generator(seed)
+    q = torch.randn(T, H * (DN + P), device=DEVICE, generator=g).to(BF16)
+    kv = torch.randn(T, R + P, device=DEVICE, generator=g).mul_(2).to(BF16)
+    positions = torch.randint(0, 32768, (T, 1), device=DEVICE, generator=g).float()
+    angles = positions * 10000.0 ** (-torch.arange(0, P, 2, device=DEVICE).float() / P)
+    weight = torch.randn(R, device=DEVICE, generator=g).mul_(0.1).add_(1).to(BF16)
+    num_blocks = T // BLOCK_SIZE + 8
+    cache = torch.randn(num_blocks, BLOCK_SIZE, R + P, device=DEVICE, generator=g).to(BF16)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE, generator=g)[:T]
+    return q, kv, torch.cos(angles), torch.sin(angles), weight, cache, slots
+
+
+def q_pe_view(q, H):
+    return q.unflatten(-1, (H, DN + P)).split([DN, P], -1)[1]
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("H", [16, 128])
+def test_mla_prepare(H, T):
+    q, kv, cos, sin, weight, cache, slots = mla_inputs(T, H, seed=H * 100000 + T)
+    q_ref, cache_ref = q.clone(), cache.clone()
+    poison_free_memory()
+    c_kv, k_pe = mla_prepare(q_pe_view(q, H), kv, cos, sin, weight, 1e-6, cache, slots)
+    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H), kv, cos, sin, weight, 1e-6, cache_ref, slots)
+    assert torch.equal(k_pe, k_pe_ref) and torch.equal(q, q_ref), "RoPE: bit-identical, q_nope untouched"
+    assert_ulps(c_kv, c_ref, 2, what="c_kv")
+    assert_ulps(cache, cache_ref, 2, what="cache")
+
+
+# ---------------------------------------------------------------- silu_and_mul
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("I", [1408, 2816, 10944])  # an expert, V2-Lite's shared experts, its dense MLP
+def test_silu_and_mul(I, T):
+    x = torch.randn(T, 2 * I, device=DEVICE, generator=generator(I + T)).mul_(4).to(BF16)
+    poison_free_memory()
+    assert_ulps(silu_and_mul(x), silu_and_mul_ref(x), 1)
+
+
+# ---------------------------------------------------------------- topk_softmax
+
+def assert_same_routing(weights, ids, logits, k, renormalize, scaling):
+    ref_weights, ref_ids = topk_softmax_ref(logits, k, renormalize, scaling)
+    assert ids.dtype == torch.int32 and weights.shape == ref_weights.shape
+    scores = torch.softmax(logits, -1).topk(k + 1, dim=-1).values
+    decided = scores[:, k - 1] > scores[:, k]                      # torch's set is unambiguous
+    assert decided.float().mean() > 0.99
+    ids_sorted, order = ids.sort(dim=-1)
+    ref_sorted, ref_order = ref_ids.sort(dim=-1)
+    assert torch.equal(ids_sorted[decided], ref_sorted[decided])
+    w, w_ref = weights.gather(1, order)[decided], ref_weights.gather(1, ref_order)[decided]
+    assert ulp_distance(w, w_ref).max() <= 8
+    assert (weights[:, :-1] >= weights[:, 1:]).all(), "picks in descending score order"
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,renormalize,scaling", [(64, False, 1.0), (160, False, 16.0), (64, True, 1.0)])
+def test_topk_softmax(E, renormalize, scaling, T):
+    logits = torch.randn(T, E, device=DEVICE, generator=generator(E + T)).mul_(2)
+    poison_free_memory()
+    weights, ids = topk_softmax(logits, 6, renormalize, scaling)
+    assert_same_routing(weights, ids, logits, 6, renormalize, scaling)
+
+
+# ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
+
+def capture(fn):
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_cuda_graphs(T):
+    g = generator(T)
+    # rms_norm with a residual
+    x = torch.randn(T, 2048, device=DEVICE, generator=g).to(BF16)
+    residual, weight = torch.randn_like(x), torch.randn(2048, device=DEVICE, generator=g).to(BF16)
+    graph, (y, s) = capture(lambda: rms_norm(x, weight, 1e-6, residual=residual))
+    x.normal_(generator=g), residual.normal_(generator=g)
+    graph.replay()
+    y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+    assert torch.equal(s, s_ref)
+    assert_ulps(y, y_ref, 2, max_fraction=1e-2)
+
+    # silu_and_mul
+    h = torch.randn(T, 2 * 1408, device=DEVICE, generator=g).to(BF16)
+    graph, y = capture(lambda: silu_and_mul(h))
+    h.normal_(generator=g)
+    graph.replay()
+    assert_ulps(y, silu_and_mul_ref(h), 1, max_fraction=1e-2)
+
+    # topk_softmax
+    logits = torch.randn(T, 64, device=DEVICE, generator=g)
+    graph, (weights, ids) = capture(lambda: topk_softmax(logits, 6, False, 1.0))
+    logits.normal_(generator=g)
+    graph.replay()
+    assert_same_routing(weights, ids, logits, 6, False, 1.0)
+
+    # mla_prepare: new query, latent, positions and slots in the same buffers
+    H = 16
+    q, kv, cos, sin, norm_weight, cache, slots = mla_inputs(T, H, seed=T)
+    graph, (c_kv, k_pe) = capture(lambda: mla_prepare(q_pe_view(q, H), kv, cos, sin, norm_weight, 1e-6,
+                                                      cache, slots))
+    q2, kv2, cos2, sin2, _, _, slots2 = mla_inputs(T, H, seed=T + 1)
+    for dst, src in [(q, q2), (kv, kv2), (cos, cos2), (sin, sin2), (slots, slots2)]:
+        dst.copy_(src)
+    q_ref, cache_ref = q.clone(), cache.clone()
+    graph.replay()
+    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H), kv, cos, sin, norm_weight, 1e-6, cache_ref, slots)
+    assert torch.equal(q, q_ref) and torch.equal(k_pe, k_pe_ref)
+    assert_ulps(c_kv, c_ref, 2, max_fraction=1e-2)
+    assert_ulps(cache, cache_ref, 2, max_fraction=1e-2)

@@ -1,0 +1,407 @@
+# Run: TRITON_INTERPRET=1 pytest -q tests/test_fused_kernels.py   (CPU only; Triton kernels run in its interpreter)
+"""The fused small-op kernels (rms_norm, mla_prepare, silu_and_mul, topk_softmax) against their PyTorch
+references, and the references against the model code they stand in for.
+
+These kernels promise torch's rounding order, so the checks count ulps (the distance between two
+floats in representable steps) rather than relative error. Triton 3.6's interpreter truncates
+fp32 -> bf16 where a GPU rounds to nearest even; a test-only patch below makes it round as the GPU
+(and torch) do, so a misplaced rounding step shows up here as a many-element 1-ulp mismatch.
+Tolerances (on these inputs bf16 comes out bit-identical, fp32 within 4 ulps, fp16 within 2 ulps on
+0.02% of the elements):
+- fp32: at most 8 ulps. The RoPE part is exact; RMSNorm sums its squares in another order than torch,
+  and numpy's exp (the interpreter's) and torch's vectorised exp differ by an ulp or so (SiLU, softmax).
+- bf16/fp16: at most 2 ulps, on at most 1% of the elements. Those fp32 differences flip a rounding
+  only when the fp32 value sits within a few fp32 ulps of a half-way point (~2^-14 per element for
+  bf16, 8x more often for fp16); a flipped intermediate (the normalised row, the silu) can become two
+  ulps after the weight / up multiply. A wrong rounding order moves a large fraction instead.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors need the interpreter
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from deepseek_v2.kernels.reference import (  # noqa: E402
+    mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+import triton.runtime.interpreter as _interpreter  # noqa: E402
+
+from deepseek_v2.kernels import norm as _norm_module  # noqa: E402
+from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
+from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
+from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
+from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
+
+if not isinstance(_norm_module._rms_norm_kernel, _interpreter.InterpretedFunction):
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton is first imported", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter_patches():
+    """Test-only fixes to Triton 3.6's interpreter, undone after this module:
+    1. it turns loop bounds into ints with int(array of shape (1,)), which numpy >= 2.4 refuses
+       (triton-lang/triton#9171, fixed upstream; the same patch as tests/test_kernels.py);
+    2. it casts fp32 -> bf16 by truncation; a GPU (cvt.rn.bf16.f32) and torch round to nearest even."""
+    patch_lang_tensor = _interpreter._patch_lang_tensor
+    cast_impl = _interpreter.InterpreterBuilder.cast_impl
+
+    def patch_lang_tensor_numpy24(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def cast_rounding_to_nearest(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.array(src.data, dtype=np.float32, ndmin=1)).to(torch.bfloat16)
+            bits = data.view(torch.int16).numpy().view(np.uint16).reshape(np.shape(src.data))
+            return _interpreter.TensorHandle(bits, tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    _interpreter._patch_lang_tensor = patch_lang_tensor_numpy24
+    _interpreter.InterpreterBuilder.cast_impl = cast_rounding_to_nearest
+    yield
+    _interpreter._patch_lang_tensor = patch_lang_tensor
+    _interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of the dtype lie between a and b (0: bit-identical; +0 == -0)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    bits = [t.contiguous().view(int_type).long() for t in (a, b)]
+    lowest = torch.iinfo(int_type).min
+    ordered = [torch.where(x < 0, lowest - x, x) for x in bits]  # monotone in the float value
+    return (ordered[0] - ordered[1]).abs()
+
+
+def assert_ulps(out: torch.Tensor, ref: torch.Tensor, what: str = ""):
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (what, out.shape, ref.shape, out.dtype, ref.dtype)
+    if out.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    d = ulp_distance(out, ref)
+    if out.dtype == torch.float32:
+        assert d.max() <= 8, f"{what}: {d.max().item()} fp32 ulps"
+    else:
+        assert d.max() <= 2, f"{what}: {d.max().item()} ulps"
+        assert (d > 0).sum() <= max(1, out.numel() // 100), f"{what}: {(d > 0).sum().item()} of {out.numel()} off"
+
+
+def rows(T, width, dtype, pad=0, scale=1.0):
+    """[T, width] random values whose rows are strided when pad > 0 (a slice of a wider tensor)."""
+    return (torch.randn(T, width + pad) * scale).to(dtype)[:, :width]
+
+
+# ---------------------------------------------------------------- references versus the model code
+
+def test_references_match_the_model_code():
+    from deepseek_v2.model import RMSNorm
+    from deepseek_v2.rope import apply_rotary
+    from deepseek_v2.kernels.reference import _apply_rotary
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(96, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.normal_()
+            x = torch.randn(5, 96).to(dtype)
+            assert torch.equal(rms_norm_ref(x, norm.weight, 1e-6), norm(x))
+            r = torch.randn(5, 96).to(dtype)
+            y, s = rms_norm_ref(x, norm.weight, 1e-6, residual=r)
+            assert torch.equal(s, x + r) and torch.equal(y, norm(x + r))
+        q = torch.randn(5, 3, 16).to(dtype)
+        cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+        assert torch.equal(_apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(q, cos[:, None], sin[:, None]))
+        gate, up = torch.randn(5, 24).to(dtype), torch.randn(5, 24).to(dtype)
+        # torch's CPU silu itself differs by an fp32 ulp between strided and contiguous inputs
+        assert_ulps(silu_and_mul_ref(torch.cat([gate, up], -1)), F.silu(gate) * up, "silu_and_mul_ref")
+
+
+# ---------------------------------------------------------------- rms_norm
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 3, 37])
+def test_rms_norm_matches_ref(T, dtype):
+    torch.manual_seed(T)
+    for D, pad in [(64, 0), (200, 8), (2048, 0)]:  # power of two, ragged with strided rows, real size
+        x = rows(T, D, dtype, pad, scale=3.0)
+        weight = (1 + 0.1 * torch.randn(D)).to(dtype)
+        y = rms_norm(x, weight, 1e-6)
+        assert_ulps(y, rms_norm_ref(x, weight, 1e-6), f"y D={D}")
+        residual = rows(T, D, dtype, pad=3 * pad)
+        y, s = rms_norm(x, weight, 1e-6, residual=residual)
+        y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+        assert torch.equal(s, s_ref), "x + residual rounds once, as torch does"
+        assert_ulps(y, y_ref, f"y with residual D={D}")
+
+
+def test_rms_norm_rejects_bad_inputs():
+    x, w = torch.randn(3, 16), torch.randn(16)
+    bad = [
+        dict(weight=w.bfloat16()),                         # dtype mismatch
+        dict(weight=torch.randn(8)),                       # wrong D
+        dict(x=torch.randn(3, 16).t().contiguous().t()),   # strided last dim
+        dict(x=torch.randn(3, 16).int()),
+        dict(x=torch.randn(2, 9000), weight=torch.randn(9000)),  # D > 8192
+        dict(residual=torch.randn(3, 16).bfloat16()),
+        dict(residual=torch.randn(2, 16)),
+    ]
+    for change in bad:
+        args = dict(x=x, weight=w, eps=1e-6)
+        args.update(change)
+        with pytest.raises(ValueError, match="rms_norm"):
+            rms_norm(**args)
+
+
+# ---------------------------------------------------------------- mla_prepare
+
+def mla_inputs(T, H, R, P, dn, dtype, cache_dtype=None, block_size=16, seed=0):
+    """The query as the model holds it ([T, H*(dn+P)], q_pe a strided slice of it), kv with strided
+    rows, real cos/sin, and a cache with scattered slots (or None)."""
+    torch.manual_seed(seed)
+    q = torch.randn(T, H * (dn + P)).to(dtype)
+    kv = rows(T, R + P, dtype, pad=5, scale=2.0)
+    angles = torch.randint(0, 4096, (T, 1)).float() * 10000.0 ** (-torch.arange(0, P, 2).float() / P)
+    weight = (1 + 0.1 * torch.randn(R)).to(dtype)
+    cache = slots = None
+    if cache_dtype is not None:
+        num_blocks = T // block_size + 3
+        cache = torch.randn(num_blocks, block_size, R + P).to(cache_dtype)
+        slots = torch.randperm(num_blocks * block_size)[:T]
+    return q, kv, torch.cos(angles), torch.sin(angles), weight, cache, slots
+
+
+def q_pe_view(q, H, dn, P):
+    return q.unflatten(-1, (H, dn + P)).split([dn, P], -1)[1]  # [T, H, P], as model.MLA.forward takes it
+
+
+MLA_CASES = [  # (H, R, P, dn, cache dtype, slot dtype)
+    (2, 32, 16, 24, None, None),
+    (20, 32, 16, 8, "same", torch.int64),      # a ragged head block (20 = 16 + 4... of 32)
+    (3, 40, 8, 16, "same", torch.int32),       # R not a power of two
+    (16, 512, 64, 128, "same", torch.int64),   # V2-Lite's real sizes
+    (40, 32, 16, 16, torch.float32, torch.int64),  # two head programs; the cache in another dtype
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [0, 1, 3, 37])
+@pytest.mark.parametrize("case", range(len(MLA_CASES)))
+def test_mla_prepare_matches_ref(case, T, dtype):
+    H, R, P, dn, cache_dtype, slot_dtype = MLA_CASES[case]
+    if R == 512 and T == 37:
+        pytest.skip("the interpreter is slow at real sizes; T <= 3 covers them")
+    cache_dtype = dtype if cache_dtype == "same" else cache_dtype
+    q, kv, cos, sin, weight, cache, slots = mla_inputs(T, H, R, P, dn, dtype, cache_dtype, seed=case * 100 + T)
+    if slots is not None:
+        slots = slots.to(slot_dtype)
+    q_ref, cache_ref = q.clone(), cache.clone() if cache is not None else None
+
+    c_kv, k_pe = mla_prepare(q_pe_view(q, H, dn, P), kv, cos, sin, weight, 1e-6, cache, slots)
+    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H, dn, P), kv, cos, sin, weight, 1e-6, cache_ref, slots)
+    assert c_kv.is_contiguous() and k_pe.is_contiguous()
+    assert_ulps(c_kv, c_ref, "c_kv")
+    assert torch.equal(k_pe, k_pe_ref), "RoPE does torch's fp32 ops in torch's order: bit-identical"
+    assert torch.equal(q, q_ref), "q_pe rotated in place, bit-identical; q_nope untouched"
+    if cache is not None:
+        assert_ulps(cache, cache_ref, "cache")  # every other slot must be left as it was
+        assert torch.equal(cache.view(-1, R + P)[slots.long(), R:], k_pe_ref.to(cache.dtype))
+
+
+def test_mla_prepare_skips_negative_slots():
+    q, kv, cos, sin, weight, cache, slots = mla_inputs(4, 2, 32, 16, 8, torch.float32, torch.float32)
+    before = cache.clone()
+    slots[1] = -1
+    mla_prepare(q_pe_view(q, 2, 8, 16), kv, cos, sin, weight, 1e-6, cache, slots)
+    flat, old = cache.view(-1, 48), before.view(-1, 48)
+    changed = (flat != old).any(-1).nonzero().flatten()
+    assert sorted(changed.tolist()) == sorted(slots[[0, 2, 3]].tolist())
+
+
+def test_mla_prepare_rejects_bad_inputs():
+    q, kv, cos, sin, weight, cache, slots = mla_inputs(3, 2, 32, 16, 8, torch.float32, torch.float32)
+    q_pe = q_pe_view(q, 2, 8, 16)
+    bad = [
+        dict(kv=kv.bfloat16()),                            # dtype mismatch
+        dict(kv=kv[:, :40]),                               # R + P disagrees with the weight
+        dict(cos=cos.double()),                            # cos/sin must be fp32
+        dict(sin=sin[:2]),                                 # wrong T
+        dict(q_pe=torch.randn(3, 2, 16).transpose(1, 2).contiguous().transpose(1, 2)),  # strided last dim
+        dict(kv_cache=None),                               # slot_mapping without a cache
+        dict(slot_mapping=slots.float()),
+        dict(kv_cache=cache[..., :40]),                    # cache width != R + P
+    ]
+    for change in bad:
+        args = dict(q_pe=q_pe, kv=kv, cos=cos, sin=sin, norm_weight=weight, eps=1e-6, kv_cache=cache,
+                    slot_mapping=slots)
+        args.update(change)
+        with pytest.raises(ValueError, match="mla_prepare"):
+            mla_prepare(**args)
+
+
+# ---------------------------------------------------------------- silu_and_mul
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 3, 37])
+def test_silu_and_mul_matches_ref(T, dtype):
+    torch.manual_seed(T)
+    for I, pad in [(16, 0), (100, 6), (1408, 0)]:  # 1408 (V2-Lite's expert size): two column blocks
+        x = rows(T, 2 * I, dtype, pad, scale=4.0)
+        assert_ulps(silu_and_mul(x), silu_and_mul_ref(x), f"I={I}")
+
+
+def test_silu_and_mul_rejects_bad_inputs():
+    for x in [torch.randn(3, 15), torch.randn(3, 16).int(), torch.randn(16, 3).t(), torch.randn(2, 3, 16)]:
+        with pytest.raises(ValueError, match="silu_and_mul"):
+            silu_and_mul(x)
+
+
+# ---------------------------------------------------------------- topk_softmax
+
+def assert_same_routing(weights, ids, ref_weights, ref_ids, logits, k):
+    """Same expert sets where torch's k-th and (k+1)-th scores differ; the weights of equal sets,
+    matched by expert id, within 8 fp32 ulps."""
+    assert weights.shape == ref_weights.shape and ids.dtype == torch.int32 and weights.dtype == torch.float32
+    scores = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values
+    decided = scores[:, k - 1] > scores[:, k] if k < logits.shape[1] else torch.ones(len(logits), dtype=torch.bool)
+    for t in range(len(logits)):
+        if not decided[t]:
+            continue
+        assert sorted(ids[t].tolist()) == sorted(ref_ids[t].tolist()), t
+        order, ref_order = ids[t].argsort(), ref_ids[t].argsort()
+        assert ulp_distance(weights[t, order], ref_weights[t, ref_order]).max() <= 8, t
+    assert (weights[:, :-1] >= weights[:, 1:]).all(), "picks in descending score order"
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("T", [0, 1, 3, 37])
+def test_topk_softmax_matches_ref(T, renormalize):
+    torch.manual_seed(T + renormalize)
+    for E, k in [(8, 2), (64, 6), (160, 6), (64, 2)]:
+        logits = rows(T, E, torch.float32, pad=E % 3, scale=2.0)
+        weights, ids = topk_softmax(logits, k, renormalize, 16.0)
+        assert_same_routing(weights, ids, *topk_softmax_ref(logits, k, renormalize, 16.0), logits, k)
+
+
+def test_topk_softmax_ties_and_infinities():
+    """Equal logits: the lowest expert index first; -inf logits (a masked expert) are never preferred."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0],
+                           [float("-inf"), 0.0, 0.0, float("-inf"), 2.0, 0.0]])
+    weights, ids = topk_softmax(logits, 3, renormalize=False)
+    assert ids.tolist() == [[1, 2, 4], [4, 1, 2]]
+    torch.testing.assert_close(weights, torch.softmax(logits, -1).gather(1, ids.long()), rtol=1e-6, atol=0)
+    weights, ids = topk_softmax(logits[:1], 2, renormalize=True)
+    assert ids.tolist() == [[1, 2]] and weights.tolist() == [[0.5, 0.5]]
+
+
+def test_topk_softmax_rejects_bad_inputs():
+    logits = torch.randn(3, 8)
+    for args in [(logits.bfloat16(), 2), (logits, 9), (logits, 0), (torch.randn(8, 3).t(), 2),
+                 (torch.randn(3, 2000), 2)]:
+        with pytest.raises(ValueError, match="topk_softmax"):
+            topk_softmax(*args, renormalize=True)
+
+
+# ---------------------------------------------------------------- an sm_90 (H100/H200) build, no GPU needed
+
+SM90_BUILD = r"""
+import json, os, re, subprocess, sys
+import torch, triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from deepseek_v2.kernels import activation, mla_prepare, norm, router
+
+launches = []
+for module, name in [(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
+                     (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")]:
+    class Recorder:  # takes the place of kernel[grid](...): records the launch, runs nothing
+        def __getitem__(self, grid, kernel=getattr(module, name)):
+            return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+    setattr(module, name, Recorder())
+
+bf16 = torch.bfloat16
+for T in (1, 16384):
+    for D in (2048, 5120):
+        x = torch.empty(T, D, dtype=bf16)
+        norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6)
+        norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6, residual=x)
+    for H in (16, 128):
+        q = torch.empty(T, H, 192, dtype=bf16)
+        mla_prepare.mla_prepare(q[..., 128:], torch.empty(T, 576, dtype=bf16), torch.empty(T, 32),
+                                torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6,
+                                torch.empty(64, 64, 576, dtype=bf16), torch.zeros(T, dtype=torch.long))
+    activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
+    for E in (64, 160):
+        router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+built, results = set(), []
+for kernel, grid, args, kwargs in launches:
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
+               if k in kwargs}
+    constants = dict(kwargs, LIBDEVICE=True) if "LIBDEVICE" in kwargs else dict(kwargs)
+    signature, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(kernel.arg_names, args)):  # as the JIT specialises them
+        kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[name] = value
+        elif attr:
+            attrs[(index,)] = CUDABackend.parse_attr(attr)
+    signature.update({name: "constexpr" for name in kwargs})
+    key = repr((kernel.__name__, signature, sorted(constants.items()), options))
+    if key in built:
+        continue
+    built.add(key)
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    path = f"/tmp/sm90_fused_{os.getpid()}.cubin"
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    os.remove(path)
+    stack = re.search(r"STACK:(\d+)", usage)
+    ptx = compiled.asm["ptx"]
+    results.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared,
+                        spill_bytes=int(stack.group(1)) if stack else None,
+                        approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
+                        vector_loads="ld.global.v" in ptx,
+                        config={k: str(v) for k, v in constants.items() if k.isupper()}))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="needs triton with its NVIDIA backend")
+def test_fused_kernels_build_for_sm90():
+    """Every variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (bundled ptxas, no
+    GPU), spills no registers, divides with IEEE division (div.rn, not div.full) and, where no libdevice
+    function is called, has no fused multiply-add: the properties the bit-exactness rests on."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SM90_BUILD], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
+                                              "_silu_and_mul_kernel", "_topk_softmax_kernel"}
+    for r in results:
+        assert r["shared"] <= 227 * 1024 and r["spill_bytes"] in (0, None), r
+        assert not r["approx_div"], r
+        if r["kernel"] in ("_rms_norm_kernel", "_mla_prepare_kernel"):
+            assert not r["fma"] and r["vector_loads"], r

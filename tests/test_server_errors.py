@@ -1,0 +1,335 @@
+# Run: python -m pytest -q tests/test_server_errors.py   (starts a server subprocess; the last test drains it)
+"""Bad input never harms the server: each malformed request gets a 4xx with the OpenAI error body
+naming the field, and the next request succeeds. Also: the queue limit (503 + Retry-After), client
+disconnects freeing cache blocks, engine death (in-process), AsyncLLMEngine itself, and SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from deepseek_v2.config import EngineConfig
+from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
+from deepseek_v2.engine.llm_engine import LLMEngine
+from deepseek_v2.sampling import SamplingParams
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+MAX_LEN = 512
+OK_BODY = {"prompt": "hello", "max_tokens": 2}
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
+    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
+           "--device", "cpu", "--num-kv-blocks", "64", "--block-size", "16", "--log-level", "warning", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{read(log)}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not become healthy:\n{read(log)}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server("--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--max-waiting-requests", "4",
+                             "--shutdown-timeout", "20")
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[1]
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f"deepseek_v2:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def wait_until_idle(url: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (metric(url, "num_requests_running") == 0 and metric(url, "num_requests_waiting") == 0
+                and metric(url, "kv_cache_free_blocks") == metric(url, "kv_cache_total_blocks")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("requests still hold cache blocks: " + httpx.get(url + "/metrics").text)
+
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+BAD = [  # (path, body: dict or raw bytes, status, param)
+    (C, b'{"prompt": "hi", ', 400, None),
+    (C, b"[1, 2]", 400, None),
+    (C, b"", 400, None),
+    (C, b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    (C, {"max_tokens": 5}, 400, "prompt"),
+    (C, {"prompt": "hi", "max_tokens": "lots"}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    (C, {"prompt": "hi", "n": 0}, 400, "n"),
+    (C, {"prompt": "hi", "top_k": 0.5}, 400, "top_k"),
+    (C, {"prompt": "hi", "stop": 5}, 400, "stop"),
+    (C, {"prompt": {"text": "hi"}}, 400, "prompt"),
+    (C, {"prompt": ["hi", 3]}, 400, "prompt"),
+    (C, {"prompt": ""}, 400, "prompt"),
+    (C, {"prompt": []}, 400, "prompt"),
+    (C, {"prompt": [[]]}, 400, "prompt"),
+    (C, {"prompt": ["ok", ""]}, 400, "prompt"),
+    (C, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": MAX_LEN}, 400, "prompt"),
+    (C, {"prompt": [7] * (MAX_LEN + 10), "max_tokens": 1}, 400, "prompt"),
+    (C, {"prompt": [5000]}, 400, "prompt"),
+    (C, {"prompt": [-1]}, 400, "prompt"),
+    (C, {"prompt": [[1, 2], [4096]]}, 400, "prompt"),
+    (C, {"prompt": "hi", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
+    (C, {"prompt": "hi", "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+    (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    (C, {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    (C, {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    (C, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    (C, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    (C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (C, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    (C, {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    (C, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (C, {"prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (C, {"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"content": "x"}]}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "messages"),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": MAX_LEN}, 400, "messages"),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
+    (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    (CHAT, {"messages": MSG, "model": "nope"}, 404, "model"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("/detokenize", {"tokens": [99999]}, 400, "tokens"),
+    ("/tokenize", {}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_then_success(url, path, body, status, param):
+    if isinstance(body, bytes):
+        r = httpx.post(url + path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = httpx.post(url + path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param, error
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    assert httpx.post(url + C, json=OK_BODY).status_code == 200  # the server is unharmed
+
+
+def test_other_bad_requests(url):
+    r = httpx.post(url + C, content=json.dumps(OK_BODY), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url + C, json={**OK_BODY, "max_tokens": MAX_LEN})
+    assert r.json()["error"]["code"] == "context_length_exceeded" and str(MAX_LEN) in r.json()["error"]["message"]
+    assert httpx.post(url + C, json={**OK_BODY, "unknown_field": 1}).status_code == 200  # ignored, as vLLM does
+    assert httpx.post(url + C, json={"prompt": "hi", "max_tokens": 2, "stream": True}).status_code == 200
+    wait_until_idle(url)
+
+
+def test_queue_limit_answers_503_with_retry_after(url):
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            body = {"prompt": "busy", "max_tokens": 60, "ignore_eos": True}
+            return await asyncio.gather(*(client.post(C, json=body) for _ in range(16)))
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 503} and codes.count(200) >= 4, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "queue_full"
+    wait_until_idle(url)
+    assert httpx.post(url + C, json=OK_BODY).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_blocks(url):
+    generated = metric(url, "generation_tokens_total")
+    body = {"prompt": "long story", "max_tokens": MAX_LEN - 20, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + C, json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            assert next(lines).startswith("data: ")
+            next(lines)
+        assert metric(url, "kv_cache_free_blocks") < metric(url, "kv_cache_total_blocks")
+    wait_until_idle(url, timeout=3)  # freed long before the request could have finished
+    assert metric(url, "generation_tokens_total") - generated < MAX_LEN - 20
+    assert httpx.post(url + C, json=OK_BODY).status_code == 200
+
+
+def test_disconnect_non_streaming_frees_blocks(url):
+    generated = metric(url, "generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + C, json={"prompt": "long", "max_tokens": MAX_LEN - 20, "ignore_eos": True}, timeout=0.3)
+    wait_until_idle(url, timeout=3)
+    assert metric(url, "generation_tokens_total") - generated < MAX_LEN - 20
+
+
+# ---- in-process: AsyncLLMEngine and a dying engine -----------------------------------------------
+@pytest.fixture(scope="module")
+def core():
+    return LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=64)
+
+
+def fresh(core, **knobs) -> LLMEngine:
+    """Another engine over the same weights (own cache and queues)."""
+    return LLMEngine(core.model, core.tokenizer, EngineConfig(num_kv_blocks=64, **knobs))
+
+
+def test_async_engine(core):
+    engine = fresh(core, max_waiting_requests=3)
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+
+    async def main():
+        a = AsyncLLMEngine(engine)
+        await a.start()
+        with pytest.raises(ValueError, match="empty"):
+            a.generate([], greedy, "empty")  # refused at once, before any iteration
+        texts = await asyncio.gather(*(collect(a, f"prompt {i}", greedy, f"r{i}") for i in range(3)))
+        # early exit (aclose) and cancellation both abort and free the blocks
+        it = a.generate("abort me", SamplingParams(max_tokens=400, ignore_eos=True), "closed")
+        await it.__anext__()
+        await it.aclose()
+        task = asyncio.create_task(collect(a, "cancel me", SamplingParams(max_tokens=400, ignore_eos=True), "c"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.sleep(0.3)
+        assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        # idle: the loop sleeps instead of stepping
+        steps = engine.num_generation_tokens
+        calls = []
+        original = engine.step
+        engine.step = lambda: calls.append(1) or original()
+        await asyncio.sleep(0.3)
+        assert not calls and engine.num_generation_tokens == steps
+        engine.step = original
+        # the waiting limit: accepted requests count as waiting until they are scheduled
+        its = [a.generate("x", greedy, f"w{i}") for i in range(3)]
+        with pytest.raises(EngineOverloadedError):
+            a.generate("x", greedy, "w-over")
+        for i in range(3):  # never started: abort() gives the places back
+            a.abort(f"w{i}")
+        assert a.stats()["num_waiting"] == 0
+        assert [o async for o in its[0]] == []
+        await a.shutdown()
+        return texts
+
+    texts = asyncio.run(main())
+    offline = fresh(core)
+    for i, text in enumerate(texts):
+        offline.add_request(str(i), f"prompt {i}", greedy)
+    done = {}
+    while offline.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].text for o in offline.step() if o.finished})
+    assert texts == [done[str(i)] for i in range(3)]
+
+
+async def collect(a: AsyncLLMEngine, prompt, params, rid) -> str:
+    text = ""
+    async for out in a.generate(prompt, params, rid):
+        text += out.outputs[0].delta_text
+    return text
+
+
+def test_engine_death_fails_requests_and_health(core):
+    from fastapi.testclient import TestClient
+
+    from deepseek_v2.server.app import build_app
+
+    engine = fresh(core)
+    original, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("simulated device failure")
+        return original()
+
+    with TestClient(build_app(AsyncLLMEngine(engine), "tiny")) as client:
+        assert client.post(C, json=OK_BODY).status_code == 200
+        engine.step = flaky_step
+        calls.clear()
+        with client.stream("POST", C, json={"prompt": "x", "max_tokens": 50, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert events[-1] == "data: [DONE]" and '"error"' in events[-2] and "simulated" in events[-2]
+        r = client.post(C, json=OK_BODY)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        health = client.get("/health")
+        assert health.status_code == 503 and "simulated" in health.json()["error"]["message"]
+
+
+def test_sigterm_drains_running_requests(server):
+    """Runs last: it stops the module's server."""
+    proc, url = server
+    body = {"prompt": "drain", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    chunks, done = 0, False
+    with httpx.stream("POST", url + C, json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            if chunks == 1:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                try:  # draining: no new connections (or, just before the socket closes, a 503)
+                    status = httpx.get(url + "/health", timeout=2).status_code
+                except httpx.TransportError:
+                    status = None
+                assert status in (None, 503)
+            if line == "data: [DONE]":
+                done = True
+            else:
+                chunks += 1
+                last = json.loads(line[len("data: "):])
+    assert done and last["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(30) in (0, -signal.SIGTERM)
