@@ -43,17 +43,30 @@ def sdpa_backends(q: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def gpu_inference(x: torch.Tensor) -> bool:
+    """GPU inference runs the fused Triton kernels; CPU and training run plain PyTorch."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with a residual stream: (norm(x + residual), x + residual)."""
+        if gpu_inference(x):
+            from .kernels.norm import rms_norm
+            out = rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
+                           None if residual is None else residual.reshape(-1, x.shape[-1]))
+            return out.view(x.shape) if residual is None else (out[0].view(x.shape), out[1].view(x.shape))
+        if residual is not None:
+            x = residual = x + residual
         # Normalise in fp32, cast back, then scale (the official rounding order).
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if residual is None else (y, residual)
 
 
 @dataclass
@@ -93,28 +106,58 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
         self.softmax_scale = args.softmax_scale
+        self.in_proj_weight: torch.Tensor | None = None  # set by fuse_input_projections
 
     def forward(self, x, cos, sin, attn: AttentionMetadata | None = None, kv_cache: torch.Tensor | None = None):
         """x [..., D] -> [..., D]. Without metadata, x is [B, S, D] of whole causal sequences;
         with it, x is [T, D] of one engine step and kv_cache is this layer's
-        [num_blocks, block_size, R + P] cache."""
+        [num_blocks, block_size, R + P] cache. cos, sin: [..., P / 2] for x's positions."""
         a = self.args
-        H, dn, P = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
-        if a.q_lora_rank is None:
-            q = self.q_proj(x)
+        H, dn, P, R = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        shape = x.shape
+        x, cos, sin = x.reshape(-1, shape[-1]), cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+        if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
+            q, kv = F.linear(x, self.in_proj_weight).split([self.in_proj_weight.shape[0] - R - P, R + P], -1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.unflatten(-1, (H, a.qk_head_dim)).split([dn, P], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, P], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_pe = apply_rotary(q_pe, cos[..., None, :], sin[..., None, :])
-        k_pe = apply_rotary(k_pe, cos, sin)  # one rope key shared by all heads
+            q = self.q_proj(x) if a.q_lora_rank is None else self.q_a_proj(x)
+            kv = self.kv_a_proj_with_mqa(x)
+        if a.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q_nope, q_pe = q.view(-1, H, a.qk_head_dim).split([dn, P], dim=-1)  # [T, H, dn], [T, H, P]
+
+        cache_written = False
+        if gpu_inference(x):  # one kernel: latent norm, both rotations, and the cache write
+            from .kernels.mla_prepare import mla_prepare
+            c_kv, k_pe = mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                     kv_cache, None if attn is None else attn.slot_mapping)
+            cache_written = attn is not None
+        else:
+            c_kv, k_pe = kv.split([R, P], dim=-1)
+            c_kv = self.kv_a_layernorm(c_kv)
+            q_pe = apply_rotary(q_pe, cos[:, None, :], sin[:, None, :])
+            k_pe = apply_rotary(k_pe, cos, sin)  # one rope key shared by all heads
 
         if attn is None:
-            out = self.expanded_attention(q_nope, q_pe, c_kv, k_pe, num_cached=0)
+            B, S = shape[0], shape[1]
+            out = self.expanded_attention(q_nope.view(B, S, H, dn), q_pe.reshape(B, S, H, P),
+                                          c_kv.view(B, S, R), k_pe.reshape(B, S, P), num_cached=0)
         else:
-            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache)
-        return self.o_proj(out.flatten(-2))
+            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache, cache_written)
+        return self.o_proj(out.reshape(*shape[:-1], -1))
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> None:
+        """Inference: concatenate the two projections of x (q_proj or q_a_proj, and
+        kv_a_proj_with_mqa) into one matrix and make both weights views of it: one GEMM instead of
+        two, no extra memory, parameter names unchanged."""
+        first = self.q_proj if self.args.q_lora_rank is None else self.q_a_proj
+        if self.in_proj_weight is not None or first.bias is not None or self.kv_a_proj_with_mqa.bias is not None:
+            return
+        fused = torch.cat([first.weight, self.kv_a_proj_with_mqa.weight])
+        n = first.weight.shape[0]
+        first.weight = nn.Parameter(fused[:n], requires_grad=False)
+        self.kv_a_proj_with_mqa.weight = nn.Parameter(fused[n:], requires_grad=False)
+        self.in_proj_weight = fused
 
     # ---- expanded path: decompress K and V ---------------------------------------------------------
     def expanded_attention(self, q_nope, q_pe, c_kv, k_pe, num_cached: int) -> torch.Tensor:
@@ -149,11 +192,12 @@ class MLA(nn.Module):
             o_lat = mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
 
-    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache):
-        """Write the step's latents into their slots, then prefill (expanded) and decode (absorbed)."""
-        latent = torch.cat([c_kv, k_pe], dim=-1)  # [T, R + P]
+    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache, cache_written=False):
+        """Write the step's latents into their slots (unless done), then prefill (expanded) and
+        decode (absorbed)."""
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        flat_cache.index_copy_(0, attn.slot_mapping, latent.to(kv_cache.dtype))
+        if not cache_written:
+            flat_cache.index_copy_(0, attn.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype))
         outputs = []
         start = 0
         block_size = kv_cache.shape[1]
@@ -162,7 +206,7 @@ class MLA(nn.Module):
             if ctx_len == 0:  # nothing cached before: use this step's latents directly
                 seq_c, seq_pe = c_kv[start:end], k_pe[start:end]
             else:  # gather the whole context (cached prefix and new tokens) through the block table
-                pos = torch.arange(ctx_len + q_len, device=latent.device)
+                pos = torch.arange(ctx_len + q_len, device=c_kv.device)
                 slots = attn.prefill_block_tables[i].long()[pos // block_size] * block_size + pos % block_size
                 seq_c, seq_pe = flat_cache[slots].to(c_kv.dtype).split([self.args.kv_lora_rank, k_pe.shape[-1]], -1)
             outputs.append(self.expanded_attention(q_nope[None, start:end], q_pe[None, start:end],
@@ -183,9 +227,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn=None, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn=None, kv_cache=None):
+        """h = h + Attn(norm(h)); h = h + FFN(norm(h)), with the residual sum h carried beside the
+        layer output so that each add fuses into the next norm. Returns (output, residual)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, attn, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DeepseekV2Model(nn.Module):
@@ -197,11 +248,11 @@ class DeepseekV2Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(args)
 
     def forward(self, input_ids, positions, attn=None, kv_caches=None):
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary_emb(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, None if kv_caches is None else kv_caches[i])
+        return self.norm(x, residual)[0]
 
 
 class DeepseekV2ForCausalLM(nn.Module):
@@ -243,6 +294,18 @@ class DeepseekV2ForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std, generator=gen)
         self.model.rotary_emb.reset_parameters()
+        return self
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> "DeepseekV2ForCausalLM":
+        """Merge the weights that multiply the same input (MLA's two input projections, each MLP's
+        gate and up projections) into single matrices, the originals becoming views of them. Same
+        numbers, fewer GEMMs; for inference (the fused weights are frozen)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.fuse_input_projections()
+            elif isinstance(module, MLP):
+                module.fuse_gate_up()
         return self
 
     @classmethod

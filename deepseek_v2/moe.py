@@ -28,16 +28,37 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, self.gate_up_weight)
+        if x.is_cuda and not torch.is_grad_enabled():
+            from .kernels.activation import silu_and_mul
+            h = silu_and_mul(gate_up.view(-1, gate_up.shape[-1])).view(*x.shape[:-1], -1)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.down_proj(h)
+
+    @torch.no_grad()
+    def fuse_gate_up(self) -> None:
+        """Inference: one [2I, D] matrix for gate_proj and up_proj (the two become views of it)."""
+        if self.gate_up_weight is not None:
+            return
+        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        n = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight = nn.Parameter(fused[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(fused[n:], requires_grad=False)
+        self.gate_up_weight = fused
 
 
 @dataclass
 class Routing:
     """What the router decided for N tokens; kept for the balance losses and load statistics."""
 
-    scores: torch.Tensor  # [N, E] fp32 softmax over all routed experts
+    scores: torch.Tensor | None  # [N, E] fp32 softmax over all routed experts (None: fused GPU router)
     topk_ids: torch.Tensor  # [N, K]
     topk_weights: torch.Tensor  # [N, K] fp32, already normalised or scaled
 
@@ -51,7 +72,13 @@ class MoEGate(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         a = self.args
         # The router runs in fp32 whatever the model dtype (official code; better accuracy).
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        if x.is_cuda and not torch.is_grad_enabled() and a.topk_method == "greedy":
+            from .kernels.router import topk_softmax  # softmax, top-k and weighting in one kernel
+            weights, ids = topk_softmax(logits, a.num_experts_per_tok, a.norm_topk_prob and a.num_experts_per_tok > 1,
+                                        a.routed_scaling_factor)
+            return Routing(None, ids, weights)
+        scores = logits.softmax(dim=-1)
         if a.topk_method == "greedy":
             weights, ids = torch.topk(scores, a.num_experts_per_tok, dim=-1, sorted=False)
         else:  # group_limited_greedy: keep the topk_group groups with the highest max score

@@ -110,7 +110,8 @@ def main():
                 notes = f"CUDA graph, {REPS} calls"
             else:
                 eager_us, fused_us = median_us(eager), median_us(fused)
-                notes = f"fused {nbytes / fused_us / 1e3:6.0f} GB/s = {nbytes / fused_us * 1e6 / PEAK_BYTES:4.0%} of peak"
+                rate = nbytes / fused_us * 1e6
+                notes = f"fused {rate / 1e9:6.0f} GB/s = {rate / PEAK_BYTES:4.0%} of peak"
             print(f"{op:<24} {T:>6} {kernels:>8} {eager_us:9.2f} {fused_us:9.2f} {eager_us / fused_us:7.1f}x  {notes}",
                   flush=True)
             del fused, eager

@@ -211,3 +211,19 @@ def test_rotary_pairs_match_official_permute_rotate_half():
     ours = (apply_rotary(q, cos, sin) * apply_rotary(k, cos, sin)).sum(-1)
     ref = (official(q) * official(k)).sum(-1)
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lite-yarn-greedy", "qlora-yarn-scaled"])
+def test_fused_projections_give_the_same_logits(hf_checkpoint, name):
+    _, path = hf_checkpoint(name)
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 30))
+    with torch.no_grad():
+        before = model(ids)
+        params = dict(model.named_parameters())
+        model.fuse_for_inference()
+        after = model(ids)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert dict(model.named_parameters()).keys() == params.keys()  # checkpoint names unchanged
+    mla = model.model.layers[1].self_attn
+    assert mla.in_proj_weight is not None and mla.kv_a_proj_with_mqa.weight.data_ptr() > mla.in_proj_weight.data_ptr()

@@ -51,7 +51,7 @@ def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> i
 
 class ModelRunner:
     def __init__(self, model: DeepseekV2ForCausalLM, config: EngineConfig, max_model_len: int):
-        self.model = model
+        self.model = model.eval().fuse_for_inference()
         self.config = config
         self.device = model.device
         self.dtype = model.dtype

@@ -87,7 +87,8 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
     """
     name = "mla_prepare"
     if q_pe.dim() != 3 or kv.dim() != 2:
-        raise ValueError(f"{name}: expected q_pe [T, H, P] and kv [T, R + P]; got {tuple(q_pe.shape)}, {tuple(kv.shape)}")
+        raise ValueError(f"{name}: expected q_pe [T, H, P] and kv [T, R + P];"
+                         f" got {tuple(q_pe.shape)}, {tuple(kv.shape)}")
     T, H, P = q_pe.shape
     R = kv.shape[1] - P
     if kv.shape[0] != T or P % 2 or P < 2 or not 1 <= R <= MAX_D:

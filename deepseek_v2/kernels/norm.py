@@ -3,8 +3,8 @@
 Eager PyTorch spends ~7 elementwise kernels on an RMSNorm; this does the same arithmetic in one, in the
 same rounding order as reference.rms_norm_ref: the residual sum rounded to the input dtype, the sum of
 squares and 1/rms in fp32, the normalised row rounded to the input dtype, THEN times the weight (one
-more rounding). Only the order of the fp32 sum differs from torch's, so a bf16 output can land one ulp
-away where the fp32 value sits on a rounding boundary.
+more rounding). Only the order of the fp32 sum differs from torch's, so where the normalised value sits
+on a bf16 rounding boundary it can round the other way: one ulp, rarely two after the weight multiply.
 
 Every kernel here is launched with enable_fp_fusion=False: eager torch runs each multiply and add as
 its own kernel, so a fused multiply-add would round differently.
