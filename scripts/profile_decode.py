@@ -1,0 +1,132 @@
+"""Where a decode step's time goes on the GPU, and which fused-MoE launch configs are fastest.
+
+    PYTHONPATH=. python3 scripts/profile_decode.py        (CUDA only, about a minute on an H200)
+
+1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
+   replay, median of triton.testing.do_bench).
+2. mla_decode at batch 1, 1K context, for several split counts.
+3. One batch-1 decode step of a random V2-Lite model, eager, under the torch profiler: total kernel
+   time per step and the top kernels, against the CUDA-graph step time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import triton
+
+from deepseek_v2.config import PRESETS, EngineConfig
+from deepseek_v2.engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from deepseek_v2.kernels.mla_decode import mla_decode
+from deepseek_v2.kernels.moe import _default_configs, fused_moe
+from deepseek_v2.model import DeepseekV2ForCausalLM
+from deepseek_v2.sampling import SamplingParams
+from deepseek_v2.tokenizer import Tokenizer
+
+DEV = "cuda"
+
+
+def graph_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(8):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median") * 1e3 / 8
+
+
+def sweep_moe() -> None:
+    E, D, I, K = 64, 2048, 1408, 6
+    w13 = torch.randn(E, 2 * I, D, device=DEV, dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, D, I, device=DEV, dtype=torch.bfloat16) * 0.02
+    for T in (1, 8, 64, 256, 4096, 16384):
+        x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
+        w = torch.rand(T, K, device=DEV)
+        results = []
+        if T <= 16:
+            space = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=wp, num_stages=st)
+                     for n, k, wp, st in itertools.product((32, 64), (128, 256), (2, 4), (4,))]
+        elif T <= 256:
+            space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
+                     for m, n, k, wp, st in itertools.product((16, 32, 64), (64, 128), (64,), (4,), (4,))]
+        else:
+            space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
+                     for m, n, k, wp, st in itertools.product((64, 128), (128, 256), (64,), (8,), (3, 4))]
+        default = _default_configs(T * K / E)[0]
+        for cfg in [None] + space:
+            try:
+                us = graph_us(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
+            except Exception as e:  # out of shared memory and the like
+                continue
+            results.append((us, cfg))
+        results.sort(key=lambda r: r[0])
+        base = next(us for us, cfg in results if cfg is None)
+        print(f"fused_moe T={T:6d}: default {base:8.1f} us ({default}); best:")
+        for us, cfg in results[:3]:
+            print(f"    {us:8.1f} us  {cfg}")
+
+
+def sweep_mla() -> None:
+    R, P, H, bs = 512, 64, 16, 64
+    for batch, ctx in ((1, 1024), (1, 4096), (32, 1024), (256, 1024)):
+        blocks = batch * ctx // bs
+        cache = torch.randn(blocks + 1, bs, R + P, device=DEV, dtype=torch.bfloat16)
+        tables = torch.arange(blocks, device=DEV, dtype=torch.int32).view(batch, -1)
+        lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
+        q = torch.randn(batch, H, R, device=DEV, dtype=torch.bfloat16)
+        qp = torch.randn(batch, H, P, device=DEV, dtype=torch.bfloat16)
+        row = []
+        for splits in (None, 1, 2, 4, 8, 16, 32, 64):
+            us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
+                                             max_seq_len=4104))
+            row.append(f"{splits}:{us:.1f}")
+        print(f"mla_decode B={batch} ctx={ctx}: " + "  ".join(row))
+
+
+def profile_step() -> None:
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(PRESETS["v2-lite"])
+    model = model.to(torch.bfloat16).to_empty(device=DEV).init_weights(0).eval()
+    tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
+    for eager in (False, True):
+        engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=4, enforce_eager=eager))
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, detokenize=False)
+        engine.add_request("p", list(range(10, 1034)), params)
+        for _ in range(20):
+            engine.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(50):
+            engine.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t) / 50 * 1e3
+        print(f"{'eager' if eager else 'graph'} decode step at batch 1: {step_ms:.2f} ms")
+        if eager:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    engine.step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            total = sum(e.self_device_time_total for e in events) / 5 / 1e3
+            count = sum(e.count for e in events) / 5
+            print(f"kernel time per step {total:.2f} ms over {count:.0f} kernels; top kernels (ms/step, calls/step):")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
+                print(f"  {e.self_device_time_total / 5 / 1e3:7.3f} {e.count / 5:6.0f}  {e.key[:110]}")
+        engine.abort("p")
+        del engine
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    for fn in (profile_step, sweep_mla, sweep_moe):
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:
+            print(f"{fn.__name__} failed: {type(e).__name__}: {e}")
+        print(f"[{fn.__name__}: {time.perf_counter() - t:.0f} s]", flush=True)
