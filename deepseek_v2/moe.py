@@ -71,8 +71,10 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         a = self.args
-        # The router runs in fp32 whatever the model dtype (official code; better accuracy).
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
+        # under bf16 autocast in training.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
         if x.is_cuda and not torch.is_grad_enabled() and a.topk_method == "greedy":
             from .kernels.router import topk_softmax  # softmax, top-k and weighting in one kernel
             weights, ids = topk_softmax(logits, a.num_experts_per_tok, a.norm_topk_prob and a.num_experts_per_tok > 1,

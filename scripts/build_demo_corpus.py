@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from deepseek_v2.tokenizer import Tokenizer  # noqa: E402
 from deepseek_v2.train.data import DOC_SEPARATOR, chat_example, is_held_out, tokenize_text_files  # noqa: E402
 
@@ -141,7 +142,8 @@ class SphinxPage(html.parser.HTMLParser):
             t, _ = self.stack.pop()
             if t == tag:
                 break
-        if tag == "dd" and self.apis and self.apis[-1]["kind"] == "term" and len(self.stack) == self.apis[-1]["depth"] + 1:
+        glossary = self.apis and self.apis[-1]["kind"] == "term"
+        if tag == "dd" and glossary and len(self.stack) == self.apis[-1]["depth"] + 1:
             self._finish(self.apis[-1])
         if tag == "dl" and self.apis and len(self.stack) == self.apis[-1]["depth"]:
             api = self.apis.pop()
@@ -261,7 +263,8 @@ def wordnet_entry(s: dict, synsets: dict) -> str:
 
     text = f"{', '.join(s['words'])} ({s['pos']}): {s['definition']}."
     if s["examples"]:
-        text += " Example" + ("s" if len(s["examples"]) > 1 else "") + ": " + "; ".join(f'"{e}"' for e in s["examples"]) + "."
+        plural = "s" if len(s["examples"]) > 1 else ""
+        text += f" Example{plural}: " + "; ".join(f'"{e}"' for e in s["examples"]) + "."
     broader = [w for sym, *ptr in s["pointers"] if sym in ("@", "@i") for w in [first_word((sym, *ptr))] if w]
     if broader:
         lead = {"noun": "A kind of", "verb": "A way to"}.get(s["pos"], "Related to")
@@ -379,7 +382,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/demo")
     parser.add_argument("--build-dir", default="data/demo-build")
-    parser.add_argument("--tokenizer", default=str(Path(__file__).resolve().parent.parent / "deepseek_v2" / "default_model"))
+    parser.add_argument("--tokenizer", default=str(ROOT / "deepseek_v2" / "default_model"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     t0 = time.time()
@@ -405,7 +408,8 @@ def main():
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     meta = tokenize_text_files([text_dir / n for n in files], tokenizer, out, val_fraction=VAL_FRACTION)
     print(f"pretraining tokens: train {meta['train']['tokens']:,} ({meta['train']['documents']:,} documents), "
-          f"val {meta['val']['tokens']:,} ({meta['val']['documents']:,} documents) ({time.time() - t0:.0f}s)", flush=True)
+          f"val {meta['val']['tokens']:,} ({meta['val']['documents']:,} documents) ({time.time() - t0:.0f}s)",
+          flush=True)
 
     # questions only about what the pretraining split contains
     train_pages = [p for p in pages if not is_held_out(p["text"], VAL_FRACTION)]
@@ -426,7 +430,8 @@ def main():
     print(f"chat: {len(pairs):,} question/answer pairs; train {len(splits['train']):,} conversations "
           f"({chat_tokens['train']:,} tokens), val {len(splits['val']):,} ({chat_tokens['val']:,} tokens)", flush=True)
 
-    meta.update(packages=versions, chat={s: {"conversations": len(c), "tokens": chat_tokens[s]} for s, c in splits.items()})
+    meta.update(packages=versions,
+                chat={s: {"conversations": len(c), "tokens": chat_tokens[s]} for s, c in splits.items()})
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     carried = ["train.bin", "val.bin", "meta.json", "chat_train.jsonl", "chat_val.jsonl"]
     size = sum((out / n).stat().st_size for n in carried)

@@ -100,14 +100,14 @@ def test_data_order_visits_every_sequence_each_epoch_and_resumes():
 def test_few_steps_lower_the_loss_with_the_papers_schedule(data, tmp_path):
     root, _ = data
     out = tmp_path / "run"
-    cfg = config(root, out, max_steps=20, eval_every=10, lr=1e-3)
+    cfg = config(root, out, max_steps=20, eval_every=10, lr=3e-3)
     train(cfg)
     logs = [m for m in metrics(out) if "loss" in m]
     evals = [m for m in metrics(out) if "val_loss" in m]
-    assert logs[-1]["loss"] < logs[0]["loss"] - 0.5
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert logs[-1]["loss"] < logs[0]["loss"] - 1.0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     # linear warm-up over 2 steps, then x0.316 from 60% (step 12) and again from 90% (step 18)
-    expect = [1e-3 * (i + 1) / 2 if i < 2 else 1e-3 * 0.316 ** ((i >= 12) + (i >= 18)) for i in range(20)]
+    expect = [3e-3 * (i + 1) / 2 if i < 2 else 3e-3 * 0.316 ** ((i >= 12) + (i >= 18)) for i in range(20)]
     assert [m["lr"] for m in logs] == pytest.approx(expect)
     for m in logs:  # logged balance losses and expert load
         assert m["balance_expert"] > 0 and m["balance_device"] > 0 and m["balance_comm"] > 0
@@ -200,7 +200,8 @@ def test_sft_masks_everything_but_the_assistant_tokens(tokenizer):
     assert ids == tokenizer.apply_chat_template(CHATS[1])  # same tokens as the rendered template
     trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
     eos = tokenizer.eos_token
-    assert trained == f' "dog" (noun): a domesticated member of the genus Canis.{eos} A small domesticated carnivore.{eos}'
+    replies = [' "dog" (noun): a domesticated member of the genus Canis.', " A small domesticated carnivore."]
+    assert trained == f"{replies[0]}{eos}{replies[1]}{eos}"
     prompt = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
     assert "User:" in prompt and "Answer briefly." in prompt and "genus" not in prompt and "carnivore" not in prompt
     # a reply is trained as generated after the generation prompt: its tokens follow the prompt's

@@ -87,7 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     out_dir: str = "runs/train"
     resume: bool = False  # continue from out_dir/train_state.pt when there is one
-    max_minutes: float | None = None
+    max_minutes: float | None = None  # time budget of the loop (setup not counted), see the docstring
     # hardware
     device: str = "auto"  # auto: CUDA when available
     peak_flops: float = 989e12  # per process, for MFU (H100/H200 SXM dense bf16)
@@ -245,9 +245,8 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
     mb, accum = cfg.micro_batch_size, cfg.grad_accum_steps
     seqs_per_step = mb * accum * world
     tokens_per_step = seqs_per_step * cfg.seq_len
-    n_active = args.num_parameters()["activated"]
-    E = args.n_routed_experts or 0
     params = args.num_parameters()
+    n_active, E = params["activated"], args.n_routed_experts or 0
     log(f"model: {params['total'] / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M activated per token; "
         f"{len(moe_layers)} MoE layers; {world} process(es) on {device.type}")
     log(f"data: {train_set.num_sequences:,} training sequences of {cfg.seq_len}; "
@@ -261,18 +260,21 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
     n_eval = min(cfg.eval_sequences, val_set.num_sequences) if val_set is not None else 0
     eval_rounds = math.ceil(n_eval / (mb * world))  # every process runs as many forward passes
 
-    @torch.no_grad()
     def evaluate() -> float:
+        # Grad mode stays on (nothing is backpropagated): the model then runs its plain PyTorch
+        # training path, so the held-out loss has the numerics of the loss being trained, not those
+        # of the fused GPU inference kernels, which expect a bf16 model.
         model.eval()
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         for i in range(eval_rounds):
             rows = range((i * world + rank) * mb, (i * world + rank + 1) * mb)
             inputs, targets = val_set.get([j if j < n_eval else 0 for j in rows])
-            targets[torch.tensor([j >= n_eval for j in rows])] = IGNORE  # padding rows count nothing
-            targets = targets.to(device)
+            padding = torch.tensor([j >= n_eval for j in rows])[:, None]  # padding rows count nothing
+            targets = targets.masked_fill(padding, IGNORE).to(device)
             with autocast:
                 logits = model(inputs.to(device))
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").detach()
             count += (targets != IGNORE).sum()
         model.train()
         return (all_sum(total) / all_sum(count)).item()
