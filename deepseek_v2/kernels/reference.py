@@ -55,7 +55,7 @@ def moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
             continue
         rows = order[start:start + n]
         gate, up = (x[rows // K] @ w13[e].t()).chunk(2, dim=-1)           # [n, I] each
-        out[rows] = (F.silu(gate) * up) @ w2[e].t()                       # [n, D]
+        out[rows] = ((F.silu(gate) * up) @ w2[e].t()).to(out.dtype)      # [n, D] (bf16 under autocast)
         start += n
     y = (out.view(T, K, D).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
