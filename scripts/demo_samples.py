@@ -27,14 +27,14 @@ def main(model: str, val_path: str = "data/demo/chat_val.jsonl", n: int = 8) -> 
                 break
     llm = LLM(model, max_num_seqs=16)
     params = SamplingParams(temperature=0, max_tokens=120)
-    convs = [[m for m in c if m["role"] != "assistant"][:2] for c in held_out]
+    convs = [c[:1] for c in held_out]  # the first user turn
     convs += [[{"role": "user", "content": q}] for q in OWN_QUESTIONS]
     outs = llm.chat(convs, params, use_tqdm=False)
     for i, (conv, out) in enumerate(zip(convs, outs)):
         kind = "held-out" if i < len(held_out) else "not from the data set"
         print(f"**User** ({kind}): {conv[-1]['content']}\n")
         if i < len(held_out):
-            ref = next(m["content"] for m in held_out[i] if m["role"] == "assistant")
+            ref = held_out[i][1]["content"]
             print(f"*Reference answer*: {ref}\n")
         print(f"**Model**: {out.outputs[0].text.strip()}\n")
 

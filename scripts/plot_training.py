@@ -21,6 +21,20 @@ def read(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def read_shape(metrics_path: str) -> dict:
+    """MoE layer numbers and device-group size from the run's train_config.json, when it is there."""
+    config = Path(metrics_path).parent / "train_config.json"
+    if not config.is_file():
+        return {}
+    model = json.loads(config.read_text()).get("model", {})
+    layers, first = model.get("num_hidden_layers"), model.get("first_k_dense_replace", 0)
+    experts, groups = model.get("n_routed_experts"), model.get("n_group") or 1
+    shape = {"layer_ids": list(range(first, layers))} if layers else {}
+    if experts and groups > 1:
+        shape["group_size"] = experts // groups
+    return shape
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", help="metrics.jsonl files, one per run")
@@ -57,7 +71,8 @@ def main():
         from deepseek_v2.train.balance import plot_expert_load
         logged = [r for r in read(args.metrics[0]) if r.get("load")]
         if logged:
-            plot_expert_load(logged[-1]["load"], args.load_out, f"expert load, step {logged[-1]['step']}")
+            shape = read_shape(args.metrics[0])
+            plot_expert_load(logged[-1]["load"], args.load_out, f"expert load, step {logged[-1]['step']}", **shape)
             print(f"wrote {args.load_out}")
 
 
