@@ -13,9 +13,11 @@ LOCAL_WHEELS ?= /opt/wheels
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+TORCH_WHEEL := $(firstword $(wildcard $(LOCAL_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl))
+
 $(VENV)/.torch: | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
-	  $(BIN)/pip install -q --no-index --find-links $(LOCAL_WHEELS) "torch==$(TORCH_VERSION)" 2>/dev/null || \
+	  ( [ -n "$(TORCH_WHEEL)" ] && $(BIN)/pip install -q "$(TORCH_WHEEL)" ) || \
 	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
 	    --extra-index-url https://pypi.org/simple
 	@touch $@

@@ -7,7 +7,6 @@ unstacked on the way out."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path

@@ -4,27 +4,17 @@ message, watch the streamed reply appear, continue the conversation, stop a repl
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from server_process import start_server, stop_server
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
 
 KEY = "sk-page-test"
 MODEL = "deepseek-v2-default"
@@ -44,30 +34,9 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
-    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
-           "--device", "cpu", "--num-kv-blocks", "128", "--log-level", "warning", "--api-key", KEY]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"the server did not start:\n{read(log)}")
+    proc, url, _ = start_server("--num-kv-blocks", "128", "--api-key", KEY)
     yield url
-    proc.terminate()
-    proc.wait(30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

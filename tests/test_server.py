@@ -7,71 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 import torch
 
 from deepseek_v2 import LLM, SamplingParams
+from server_process import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 KEYS = ("sk-test-one", "sk-test-two")
 GREEDY = dict(temperature=0)
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str, str]:
-    """A server process with the bundled model on a free port; returns (process, base URL, log path)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
-    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
-           "--device", "cpu", "--num-kv-blocks", "256", "--log-level", "warning", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model: one thread, no contention with pytest
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{read(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the server did not become healthy:\n{read(log)}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server():
-    proc, url, _ = start_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", "tiny", "alias")
+    proc, url, _ = start_server("--num-kv-blocks", "256", "--api-key", KEYS[0], "--api-key", KEYS[1],
+                                "--served-model-name", "tiny", "alias")
     yield url
     stop_server(proc)
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,16 +17,11 @@ from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
 from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.sampling import SamplingParams
+from server_process import start_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 MAX_LEN = 512
@@ -38,34 +29,10 @@ OK_BODY = {"prompt": "hello", "max_tokens": 2}
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
-    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
-           "--device", "cpu", "--num-kv-blocks", "64", "--block-size", "16", "--log-level", "warning", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{read(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the server did not become healthy:\n{read(log)}")
-
-
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--max-waiting-requests", "4",
+    proc, url, _ = start_server("--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", str(MAX_LEN),
+                                "--max-num-seqs", "4", "--max-waiting-requests", "4",
                              "--shutdown-timeout", "20")
     yield proc, url
     if proc.poll() is None:

@@ -90,7 +90,6 @@ class LLMEngine:
     def _log_memory(self) -> None:
         a = self.model.args
         per_token = cache_bytes_per_token(self.model, self.model.dtype)
-        mha = a.num_hidden_layers * a.mha_cache_dim * self.model.dtype.itemsize
         tokens = self.runner.num_blocks * self.config.block_size
         logger.info("latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
                     "(%d values/token/layer; a full per-head K/V cache would need %d, %.1fx more); "
