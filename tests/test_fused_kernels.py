@@ -17,11 +17,7 @@ Tolerances (on these inputs bf16 comes out bit-identical, fp32 within 4 ulps, fp
 """
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors need the interpreter
 
@@ -314,88 +310,14 @@ def test_topk_softmax_rejects_bad_inputs():
 
 # ---------------------------------------------------------------- an sm_90 (H100/H200) build, no GPU needed
 
-SM90_BUILD = r"""
-import json, os, re, subprocess, sys
-import torch, triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
-from triton.compiler import ASTSource
-from deepseek_v2.kernels import activation, mla_prepare, norm, router
-
-launches = []
-for module, name in [(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
-                     (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")]:
-    class Recorder:  # takes the place of kernel[grid](...): records the launch, runs nothing
-        def __getitem__(self, grid, kernel=getattr(module, name)):
-            return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
-    setattr(module, name, Recorder())
-
-bf16 = torch.bfloat16
-for T in (1, 16384):
-    for D in (2048, 5120):
-        x = torch.empty(T, D, dtype=bf16)
-        norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6)
-        norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6, residual=x)
-    for H in (16, 128):
-        q = torch.empty(T, H, 192, dtype=bf16)
-        mla_prepare.mla_prepare(q[..., 128:], torch.empty(T, 576, dtype=bf16), torch.empty(T, 32),
-                                torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6,
-                                torch.empty(64, 64, 576, dtype=bf16), torch.zeros(T, dtype=torch.long))
-    activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
-    for E in (64, 160):
-        router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-built, results = set(), []
-for kernel, grid, args, kwargs in launches:
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
-               if k in kwargs}
-    constants = dict(kwargs, LIBDEVICE=True) if "LIBDEVICE" in kwargs else dict(kwargs)
-    signature, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(kernel.arg_names, args)):  # as the JIT specialises them
-        kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
-        signature[name] = kind
-        if kind == "constexpr":
-            constants[name] = value
-        elif attr:
-            attrs[(index,)] = CUDABackend.parse_attr(attr)
-    signature.update({name: "constexpr" for name in kwargs})
-    key = repr((kernel.__name__, signature, sorted(constants.items()), options))
-    if key in built:
-        continue
-    built.add(key)
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
-    path = f"/tmp/sm90_fused_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    os.remove(path)
-    stack = re.search(r"STACK:(\d+)", usage)
-    ptx = compiled.asm["ptx"]
-    results.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared,
-                        spill_bytes=int(stack.group(1)) if stack else None,
-                        approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
-                        vector_loads="ld.global.v" in ptx,
-                        config={k: str(v) for k, v in constants.items() if k.isupper()}))
-print(json.dumps(results))
-"""
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs triton with its NVIDIA backend")
 def test_fused_kernels_build_for_sm90():
     """Every variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (bundled ptxas, no
     GPU), spills no registers, divides with IEEE division (div.rn, not div.full) and, where no libdevice
     function is called, has no fused multiply-add: the properties the bit-exactness rests on."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", SM90_BUILD], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    from sm90_build import run_in_subprocess
+    results = run_in_subprocess("fused")
     assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
                                               "_silu_and_mul_kernel", "_topk_softmax_kernel"}
     for r in results:

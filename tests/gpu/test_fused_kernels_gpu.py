@@ -29,19 +29,12 @@ from deepseek_v2.kernels.reference import (  # noqa: E402
     mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
 from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
 
+from gpu_memory import poison_free_memory  # noqa: E402
+
 DEVICE = "cuda"
 BF16 = torch.bfloat16
 R, P, DN, BLOCK_SIZE = 512, 64, 128, 64
 TOKENS = [1, 7, 256, 16384]
-
-
-def poison_free_memory():
-    """Fill big and small cached free blocks with 0xFF bytes (NaN in bf16 and fp32)."""
-    chunks = [torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)]
-    chunks += [torch.empty(1 << 19, dtype=torch.uint8, device=DEVICE) for _ in range(32)]
-    for chunk in chunks:
-        chunk.fill_(0xFF)
-    del chunks
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

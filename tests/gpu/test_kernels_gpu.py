@@ -19,18 +19,11 @@ from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
 from deepseek_v2.kernels.moe import fused_moe, grouped_mm_moe, moe_align  # noqa: E402
 from deepseek_v2.kernels.reference import mla_decode_ref, moe_ref  # noqa: E402
 
+from gpu_memory import poison_free_memory  # noqa: E402
+
 DEVICE = "cuda"
 R, P, BLOCK_SIZE = 512, 64, 64
 SCALE = 0.11472139  # 192^-0.5 * mscale^2 for V2's YaRN settings
-
-
-def poison_free_memory():
-    """Fill big and small cached free blocks with 0xFF bytes (NaN in bf16 and fp32)."""
-    chunks = [torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)]
-    chunks += [torch.empty(1 << 19, dtype=torch.uint8, device=DEVICE) for _ in range(32)]
-    for chunk in chunks:
-        chunk.fill_(0xFF)
-    del chunks
 
 
 def rel_error(out, ref):

@@ -1,0 +1,131 @@
+"""Compile every Triton kernel variant the wrappers launch at the V2 / V2-Lite shapes for sm_90
+(H100/H200) with the ptxas bundled in Triton's wheel: no GPU needed. The wrappers run on empty CPU
+tensors with each kernel replaced by a recorder, so only the launches are collected.
+
+    python tests/sm90_build.py decode|fused    (prints one JSON line; without TRITON_INTERPRET)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from deepseek_v2.kernels import activation, mla_decode, mla_prepare, moe, norm, router
+
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
+GPU_CONSTANTS = {"UPCAST_DOT": False, "LIBDEVICE": True}  # what the wrappers pass on a GPU, not on CPU
+
+
+def record(targets) -> list:
+    launches = []
+    for module, name in targets:
+        class Recorder:  # takes the place of kernel[grid](...): records the launch, runs nothing
+            def __getitem__(self, grid, kernel=getattr(module, name)):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        setattr(module, name, Recorder())
+    return launches
+
+
+def launch_decode_kernels() -> None:
+    i32, bf16 = torch.int32, torch.bfloat16
+    for H, N, dtype in [(16, 1, bf16), (16, 256, bf16), (128, 8, bf16), (16, 2, torch.float32)]:
+        mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
+                              torch.empty(64, 64, 576, dtype=dtype), torch.zeros(N, 64, dtype=i32),
+                              torch.ones(N, dtype=i32), 0.1)
+    E, D, I, K = 64, 2048, 1408, 6
+    w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
+    for T in (1, 256, 4096):  # one of each launch tier
+        moe.fused_moe(torch.empty(T, D, dtype=bf16), w13, w2, torch.ones(T, K), torch.zeros(T, K, dtype=torch.long))
+
+
+def launch_fused_kernels() -> None:
+    bf16 = torch.bfloat16
+    for T in (1, 16384):
+        for D in (2048, 5120):
+            x = torch.empty(T, D, dtype=bf16)
+            norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6)
+            norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6, residual=x)
+        for H in (16, 128):
+            q = torch.empty(T, H, 192, dtype=bf16)
+            mla_prepare.mla_prepare(q[..., 128:], torch.empty(T, 576, dtype=bf16), torch.empty(T, 32),
+                                    torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6,
+                                    torch.empty(64, 64, 576, dtype=bf16), torch.zeros(T, dtype=torch.long))
+        activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
+        for E in (64, 160):
+            router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
+
+
+FAMILIES = {
+    "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
+                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel")], launch_decode_kernels),
+    "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
+               (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")], launch_fused_kernels),
+}
+
+
+def build(launches) -> list[dict]:
+    """Compile each distinct launch as the JIT would specialise it; report shared memory, spills and
+    a few properties of the PTX."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    built, results = set(), []
+    for kernel, args, kwargs in launches:
+        kwargs = dict(kwargs)
+        options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+        constants = {**kwargs, **{k: v for k, v in GPU_CONSTANTS.items() if k in kwargs}}
+        signature, attrs = {}, {}
+        for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
+            kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+            signature[name] = kind
+            if kind == "constexpr":
+                constants[name] = value
+            elif attr:
+                attrs[(index,)] = CUDABackend.parse_attr(attr)
+        signature.update({name: "constexpr" for name in kwargs})
+        key = repr((kernel.__name__, signature, sorted(constants.items()), options))
+        if key in built:
+            continue
+        built.add(key)
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        path = f"/tmp/sm90_{os.getpid()}.cubin"
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        os.remove(path)
+        stack = re.search(r"STACK:(\d+)", usage)
+        ptx = compiled.asm["ptx"]
+        results.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared,
+                            spill_bytes=int(stack.group(1)) if stack else None,
+                            approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
+                            vector_loads="ld.global.v" in ptx,
+                            config={k: str(v) for k, v in constants.items() if k.isupper()}))
+    return results
+
+
+def run_in_subprocess(family: str) -> list[dict]:
+    """For the tests: compile in a fresh interpreter (not under TRITON_INTERPRET)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), family], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    targets, launch = FAMILIES[sys.argv[1]]
+    launches = record(targets)
+    launch()
+    print(json.dumps(build(launches)))
