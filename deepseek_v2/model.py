@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelArgs
+from .kernels import use_gpu_kernels
 from .kernels.reference import mla_decode_ref
 from .moe import MLP, MoE
 from .rope import RotaryEmbedding, apply_rotary
@@ -43,11 +44,6 @@ def sdpa_backends(q: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def gpu_inference(x: torch.Tensor) -> bool:
-    """GPU inference runs the fused Triton kernels; CPU and training run plain PyTorch."""
-    return x.is_cuda and not torch.is_grad_enabled()
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -56,7 +52,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual stream: (norm(x + residual), x + residual)."""
-        if gpu_inference(x):
+        if use_gpu_kernels(x):
             from .kernels.norm import rms_norm
             out = rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
                            None if residual is None else residual.reshape(-1, x.shape[-1]))
@@ -126,7 +122,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(-1, H, a.qk_head_dim).split([dn, P], dim=-1)  # [T, H, dn], [T, H, P]
 
         cache_written = False
-        if gpu_inference(x):  # one kernel: latent norm, both rotations, and the cache write
+        if use_gpu_kernels(x):  # one kernel: latent norm, both rotations, and the cache write
             from .kernels.mla_prepare import mla_prepare
             c_kv, k_pe = mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                      kv_cache, None if attn is None else attn.slot_mapping)

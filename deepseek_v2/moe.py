@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .kernels import use_gpu_kernels
 from .kernels.reference import moe_ref
 
 
@@ -34,7 +35,7 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = F.linear(x, self.gate_up_weight)
-        if x.is_cuda and not torch.is_grad_enabled():
+        if use_gpu_kernels(x):
             from .kernels.activation import silu_and_mul
             h = silu_and_mul(gate_up.view(-1, gate_up.shape[-1])).view(*x.shape[:-1], -1)
         else:
@@ -75,7 +76,7 @@ class MoEGate(nn.Module):
         # under bf16 autocast in training.
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        if x.is_cuda and not torch.is_grad_enabled() and a.topk_method == "greedy":
+        if use_gpu_kernels(x) and a.topk_method == "greedy":
             from .kernels.router import topk_softmax  # softmax, top-k and weighting in one kernel
             weights, ids = topk_softmax(logits, a.num_experts_per_tok, a.norm_topk_prob and a.num_experts_per_tok > 1,
                                         a.routed_scaling_factor)
@@ -107,7 +108,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not torch.is_grad_enabled():  # inference on GPU: the fused Triton kernels
+        if use_gpu_kernels(x):  # inference on GPU: the fused Triton kernels
             from .kernels.moe import fused_moe
             return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
         # Tokens grouped by expert, a loop over experts (never over tokens); differentiable, so
