@@ -165,9 +165,4 @@ def save_model(model: DeepseekV2ForCausalLM, path, max_shard_size: int = 5 * 102
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def is_checkpoint_dir(path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
-
-
-__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "parse_dtype", "is_checkpoint_dir"]
+__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "parse_dtype"]

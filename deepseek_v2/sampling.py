@@ -104,7 +104,6 @@ class SampleResult:
     logprobs: torch.Tensor | None = None  # [N] log-probability of the sampled token
     top_ids: torch.Tensor | None = None  # [N, max_logprobs]
     top_logprobs: torch.Tensor | None = None  # [N, max_logprobs]
-    extra: dict = field(default_factory=dict)
 
 
 class Sampler:

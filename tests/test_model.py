@@ -123,7 +123,6 @@ def test_norm_topk_prob_renormalises_without_scaling():
     scores = F.softmax(x @ moe.gate.weight.t(), dim=-1)
     top_w, top_i = scores.topk(3, dim=-1)
     assert torch.allclose(routing.topk_weights.sum(-1), torch.ones(10), atol=1e-6)
-    got = dict(zip(map(tuple, routing.topk_ids.sort(-1).values.tolist()), routing.topk_weights.sort(-1).values.tolist()))
     for i in range(10):
         expected = (top_w[i] / top_w[i].sum()).sort().values
         assert torch.allclose(routing.topk_weights[i].sort().values, expected, atol=1e-6)
@@ -139,7 +138,6 @@ def test_norm_topk_prob_renormalises_without_scaling():
                 h = F.silu(w13[e, :16] @ x[t]) * (w13[e, 16:] @ x[t])
                 expected = expected + (top_w[t, k] / top_w[t].sum()) * (w2[e] @ h)
             assert torch.allclose(y[t], expected, atol=1e-5)
-    assert got  # routing produced entries
 
 
 def test_routed_scaling_without_norm():

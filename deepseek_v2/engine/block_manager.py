@@ -136,7 +136,3 @@ class BlockManager:
                 self.free_queue[block_id] = None
         seq.block_table = []
         seq.num_hashed_blocks = 0
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
