@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--json", default=None, help="also write the results to this file")
+
+
+WARMUP_LEN = 64  # prompt tokens of the warm-up requests
 
 
 @dataclass
@@ -75,19 +79,17 @@ def measure_ceilings(device: torch.device) -> Ceilings:
         sync(dev)
         return (time.perf_counter() - start) / reps
 
-    bw = 2 * n / timed(lambda: b.copy_(a))
-    flops = 2 * 8192**3 / timed(lambda: x @ y)
-    del a, b, x, y
-    torch.cuda.empty_cache()
-    return Ceilings(bw, flops)
+    return Ceilings(2 * n / timed(lambda: b.copy_(a)), 2 * 8192**3 / timed(lambda: x @ y))
 
 
 def build_model(args, device) -> tuple[DeepseekV2ForCausalLM, str]:
     dtype = getattr(torch, args.dtype)
     if args.shape or args.config:
-        margs = PRESETS[args.shape] if args.shape else ModelArgs.from_pretrained(args.config.rsplit("/", 1)[0]
-                                                                                if args.config.endswith("config.json")
-                                                                                else args.config)
+        if args.shape:
+            margs = PRESETS[args.shape]
+        else:  # a config.json file, or a directory holding one
+            path = Path(args.config)
+            margs = ModelArgs.from_hf_config(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
         with torch.device("meta"):
             model = DeepseekV2ForCausalLM(margs)
         model = model.to(dtype).to_empty(device=device).init_weights(seed=0).eval()
@@ -149,7 +151,7 @@ def run_requests(engine: LLMEngine, prompts, max_tokens: int):
 
 def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
     vocab, res = a.vocab_size, {}
-    run_requests(engine, random_prompts(2, 64, vocab, 0), 8)  # warm up
+    run_requests(engine, random_prompts(2, WARMUP_LEN, vocab, 0), 8)  # warm up
     # batch-1 decode latency at prompt_len context
     _, outs, dtime, dtok = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 1), args.decode_len)
     m = outs[0].metrics
@@ -237,10 +239,12 @@ def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
 def run(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ceil = measure_ceilings(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the ceiling measurement's buffers back before the model
     model, source = build_model(args, device)
     a = model.args
     tokenizer = Tokenizer.from_pretrained(args.model or DEFAULT_MODEL)
-    max_len = max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len) + 8
+    max_len = max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len, WARMUP_LEN) + 8
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batch_sizes + [args.prefill_prompts]),
                           max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,

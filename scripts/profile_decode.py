@@ -60,7 +60,7 @@ def sweep_moe() -> None:
         for cfg in [None] + space:
             try:
                 us = graph_us(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
-            except Exception as e:  # out of shared memory and the like
+            except Exception:  # out of shared memory and the like
                 continue
             results.append((us, cfg))
         results.sort(key=lambda r: r[0])

@@ -66,3 +66,17 @@ def test_corrupt_weights_error(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 100)
     r = run("generate", "hi", "--model", str(tmp_path / "m"))
     assert r.returncode == 1 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_runs_on_cpu_and_reports_every_figure(tmp_path):
+    """The benchmark's plumbing (no timing is asserted): random weights of a config's shape, tiny sizes."""
+    out = tmp_path / "bench.json"
+    r = run("bench", "--config", "deepseek_v2/default_model/config.json", "--dtype", "float32",
+            "--batch-sizes", "1,2", "--prompt-len", "16", "--output-len", "4", "--decode-len", "4",
+            "--prefill-len", "32", "--prefill-prompts", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    ours = result["ours"]
+    assert set(ours) == {"decode_b1", "throughput_b1", "throughput_b2", "prefill", "ttft"}
+    assert ours["decode_b1"]["tokens_per_s"] > 0 and ours["prefill"]["tokens_per_s"] > 0
+    assert "random weights" in result["source"] and "| batch-1 decode" in r.stdout
