@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# A CPU build of torch: from the local wheel cache if the machine has one, else PyTorch's CPU index
-# (a plain `pip install torch` would pull a multi-GB CUDA build).
+# A CPU build of torch: from the local wheel cache if the machine has one, else whatever pip's own
+# configuration serves for torch==TORCH_VERSION (point it at a CPU build to avoid a multi-GB CUDA one).
 TORCH_VERSION ?= 2.13.0
 LOCAL_WHEELS ?= /opt/wheels
 
@@ -18,8 +18,7 @@ TORCH_WHEEL := $(firstword $(wildcard $(LOCAL_WHEELS)/torch-$(TORCH_VERSION)+cpu
 $(VENV)/.torch: | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 	  ( [ -n "$(TORCH_WHEEL)" ] && $(BIN)/pip install -q "$(TORCH_WHEEL)" ) || \
-	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
-	    --extra-index-url https://pypi.org/simple
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	@touch $@
 
 $(VENV)/.run: pyproject.toml $(VENV)/.torch

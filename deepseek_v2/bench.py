@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, EngineConfig, ModelArgs
-from .engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
+from .engine.llm_engine import LLMEngine
 from .model import DeepseekV2ForCausalLM
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer

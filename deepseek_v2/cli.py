@@ -120,7 +120,7 @@ def cmd_chat(args) -> None:
 
 def cmd_info(args) -> None:
     from .config import PRESETS, ModelArgs
-    from .engine.llm_engine import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL
     if args.shape:
         if args.shape not in PRESETS:
             raise ValueError(f"unknown shape {args.shape!r} (known: {', '.join(PRESETS)})")

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The demonstration model that ships inside the package: the default wherever no checkpoint is given.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a working DeepSeek-V2 model; the message names the key."""
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from .engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from .config import DEFAULT_MODEL
+from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 

@@ -17,8 +17,8 @@ import time
 import torch
 import triton
 
-from deepseek_v2.config import PRESETS, EngineConfig
-from deepseek_v2.engine.llm_engine import DEFAULT_MODEL, LLMEngine
+from deepseek_v2.config import DEFAULT_MODEL, PRESETS, EngineConfig
+from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.kernels.mla_decode import mla_decode
 from deepseek_v2.kernels.moe import _default_configs, fused_moe
 from deepseek_v2.model import DeepseekV2ForCausalLM

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_v2 import LLM, DeepseekV2ForCausalLM, SamplingParams, Tokenizer
-from deepseek_v2.engine.llm_engine import DEFAULT_MODEL
+from deepseek_v2.config import DEFAULT_MODEL
 
 HELD_OUT = "tests/data/demo_chat_heldout.jsonl"  # 200 conversations of the held-out chat split
 HELD_OUT_LOSS_BOUND = 1.9  # measured 1.66 nats/token on these (1.74 on the whole split); untrained: 8.3

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import EngineConfig
+from ..config import DEFAULT_MODEL, EngineConfig
 from ..model import DeepseekV2ForCausalLM
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling import SamplingParams
@@ -22,7 +22,6 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger("deepseek_v2")
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..engine.async_engine import AsyncLLMEngine
-    from ..engine.llm_engine import DEFAULT_MODEL
+    from ..config import DEFAULT_MODEL
     from .app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

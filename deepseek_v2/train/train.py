@@ -44,14 +44,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..config import ModelArgs
+from ..config import DEFAULT_MODEL, ModelArgs
 from ..model import DeepseekV2ForCausalLM
 from ..moe import MoE
 from ..tokenizer import Tokenizer
 from .balance import BalanceLosses, balance_losses, expert_counts, load_fractions, load_spread, plot_expert_load
 from .data import IGNORE, DataOrder, load_tokens
 
-PACKAGE_MODEL = Path(__file__).resolve().parent.parent / "default_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STATE_FILE = "train_state.pt"
 TRAINING_ONLY_KEYS = {"aux_loss_alpha", "seq_aux"}  # may change when starting from a checkpoint
@@ -194,7 +193,7 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
     # -- setup: data, model, optimizer
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    tokenizer_dir = cfg.tokenizer or str(PACKAGE_MODEL)
+    tokenizer_dir = cfg.tokenizer or DEFAULT_MODEL
     if cfg.tokenizer is None and cfg.init_from and (Path(cfg.init_from) / TOKENIZER_FILES[0]).is_file():
         tokenizer_dir = cfg.init_from
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
