@@ -294,6 +294,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixes the cache size, overriding the budgets
     max_waiting_requests: int | None = None  # the server answers 503 beyond this
     seed: int = 0
+    kernels: str = "auto"  # auto: "triton" on a GPU, else "reference" (kernels/__init__.py)
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -303,3 +304,5 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kernels not in ("auto", "reference", "triton"):
+            raise ValueError(f"kernels must be auto, reference or triton, got {self.kernels!r}")

@@ -2,6 +2,11 @@
 decoupled RoPE), the feed-forward layers (dense SwiGLU or DeepSeekMoE, in moe.py), the decoder
 block, the model and its LM head.
 
+The arithmetic of each step with a fused GPU kernel (norms, MLA's prepare step and decode attention,
+SwiGLU's activation, routing, the routed experts) is called through the module's kernel set:
+kernels/reference.py, the plain PyTorch math, unless `use_kernels("triton")` picks the Triton
+kernels (the engine does, on a GPU).
+
 MLA has two compute paths that give the same numbers:
 - expanded: decompress per-head K and V from the latent with kv_b_proj and run ordinary attention
   (training, plain forward, prefill);
@@ -26,10 +31,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelArgs
-from .kernels import use_gpu_kernels
-from .kernels.reference import mla_decode_ref
+from .kernels import REFERENCE, load_kernels
 from .moe import MLP, MoE
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding
 
 
 # On GPUs, prefer cuDNN's fused attention: flash attention refuses MLA's mixed head dims (192 for
@@ -49,20 +53,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual stream: (norm(x + residual), x + residual)."""
-        if use_gpu_kernels(x):
-            from .kernels.norm import rms_norm
-            out = rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
-                           None if residual is None else residual.reshape(-1, x.shape[-1]))
-            return out.view(x.shape) if residual is None else (out[0].view(x.shape), out[1].view(x.shape))
-        if residual is not None:
-            x = residual = x + residual
-        # Normalise in fp32, cast back, then scale (the official rounding order).
-        xf = x.float()
-        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return y if residual is None else (y, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 @dataclass
@@ -103,6 +98,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
         self.softmax_scale = args.softmax_scale
         self.in_proj_weight: torch.Tensor | None = None  # set by fuse_input_projections
+        self.kernels = REFERENCE
 
     def forward(self, x, cos, sin, attn: AttentionMetadata | None = None, kv_cache: torch.Tensor | None = None):
         """x [..., D] -> [..., D]. Without metadata, x is [B, S, D] of whole causal sequences;
@@ -120,25 +116,17 @@ class MLA(nn.Module):
         if a.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(-1, H, a.qk_head_dim).split([dn, P], dim=-1)  # [T, H, dn], [T, H, P]
-
-        cache_written = False
-        if use_gpu_kernels(x):  # one kernel: latent norm, both rotations, and the cache write
-            from .kernels.mla_prepare import mla_prepare
-            c_kv, k_pe = mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-                                     kv_cache, None if attn is None else attn.slot_mapping)
-            cache_written = attn is not None
-        else:
-            c_kv, k_pe = kv.split([R, P], dim=-1)
-            c_kv = self.kv_a_layernorm(c_kv)
-            q_pe = apply_rotary(q_pe, cos[:, None, :], sin[:, None, :])
-            k_pe = apply_rotary(k_pe, cos, sin)  # one rope key shared by all heads
-
+        # The latent's norm, the RoPE of q_pe and of the one rope key all heads share, and (in an engine
+        # step) the write of [c_kv ; k_pe] into this layer's cache.
+        q_pe, c_kv, k_pe = self.kernels.mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight,
+                                                    self.kv_a_layernorm.eps, kv_cache,
+                                                    None if attn is None else attn.slot_mapping)
         if attn is None:
             B, S = shape[0], shape[1]
             out = self.expanded_attention(q_nope.view(B, S, H, dn), q_pe.reshape(B, S, H, P),
                                           c_kv.view(B, S, R), k_pe.reshape(B, S, P), num_cached=0)
         else:
-            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache, cache_written)
+            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache)
         return self.o_proj(out.reshape(*shape[:-1], -1))
 
     @torch.no_grad()
@@ -180,20 +168,14 @@ class MLA(nn.Module):
         w_kv_b = self.kv_b_proj.weight.view(a.num_attention_heads, -1, a.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W_UK folded into the query
-        if kv_cache.is_cuda:
-            from .kernels.mla_decode import mla_decode
-            o_lat = mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
-                               max_seq_len=max_seq_len)
-        else:
-            o_lat = mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale)
+        o_lat = self.kernels.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
+                                        max_seq_len=max_seq_len)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
 
-    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache, cache_written=False):
-        """Write the step's latents into their slots (unless done), then prefill (expanded) and
-        decode (absorbed)."""
+    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache):
+        """Prefill sequences (expanded), then decode tokens (absorbed), over the paged cache that
+        already holds this step's latents."""
         flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-        if not cache_written:
-            flat_cache.index_copy_(0, attn.slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype))
         outputs = []
         start = 0
         block_size = kv_cache.shape[1]
@@ -272,6 +254,15 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def use_kernels(self, name: str) -> "DeepseekV2ForCausalLM":
+        """Run the kernel families with the set called `name`: "reference" (the default: PyTorch,
+        differentiable, any device) or "triton" (fused GPU kernels, inference only)."""
+        kernels = load_kernels(name)
+        for module in self.modules():
+            if "kernels" in vars(module):
+                module.kernels = kernels
+        return self
 
     # ---- weights ------------------------------------------------------------------------------------
     @torch.no_grad()

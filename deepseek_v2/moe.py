@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .kernels import use_gpu_kernels
-from .kernels.reference import moe_ref
+from .kernels import REFERENCE
 
 
 class MLP(nn.Module):
@@ -30,18 +29,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse_gate_up
+        self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x))."""
         if self.gate_up_weight is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = F.linear(x, self.gate_up_weight)
-        if use_gpu_kernels(x):
-            from .kernels.activation import silu_and_mul
-            h = silu_and_mul(gate_up.view(-1, gate_up.shape[-1])).view(*x.shape[:-1], -1)
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.down_proj(h)
+            gate_up = F.linear(x, self.gate_up_weight)
+        return self.down_proj(self.kernels.silu_and_mul(gate_up))
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:
@@ -59,9 +55,14 @@ class MLP(nn.Module):
 class Routing:
     """What the router decided for N tokens; kept for the balance losses and load statistics."""
 
-    scores: torch.Tensor | None  # [N, E] fp32 softmax over all routed experts (None: fused GPU router)
+    logits: torch.Tensor  # [N, E] fp32 router logits
     topk_ids: torch.Tensor  # [N, K]
     topk_weights: torch.Tensor  # [N, K] fp32, already normalised or scaled
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """[N, E] the softmax over all routed experts (what the balance losses average)."""
+        return self.logits.softmax(dim=-1)
 
 
 class MoEGate(nn.Module):
@@ -69,33 +70,25 @@ class MoEGate(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Softmax scores over the routed experts, the top K of them (greedy, or among the best
+        topk_group of n_group expert groups), weighted: divided by their sum with norm_topk_prob,
+        else times routed_scaling_factor."""
         a = self.args
         # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
         # under bf16 autocast in training.
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        if use_gpu_kernels(x) and a.topk_method == "greedy":
-            from .kernels.router import topk_softmax  # softmax, top-k and weighting in one kernel
-            weights, ids = topk_softmax(logits, a.num_experts_per_tok, a.norm_topk_prob and a.num_experts_per_tok > 1,
-                                        a.routed_scaling_factor)
-            return Routing(None, ids, weights)
-        scores = logits.softmax(dim=-1)
+        K = a.num_experts_per_tok
+        renormalize = a.norm_topk_prob and K > 1
         if a.topk_method == "greedy":
-            weights, ids = torch.topk(scores, a.num_experts_per_tok, dim=-1, sorted=False)
-        else:  # group_limited_greedy: keep the topk_group groups with the highest max score
-            group_scores = scores.view(-1, a.n_group, a.n_routed_experts // a.n_group).amax(dim=-1)
-            group_ids = torch.topk(group_scores, a.topk_group, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1.0)
-            expert_mask = group_mask.repeat_interleave(a.n_routed_experts // a.n_group, dim=-1)
-            masked = scores.masked_fill(expert_mask == 0, 0.0)
-            weights, ids = torch.topk(masked, a.num_experts_per_tok, dim=-1, sorted=False)
-        if a.num_experts_per_tok > 1 and a.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights, ids = self.kernels.topk_softmax(logits, K, renormalize, a.routed_scaling_factor)
         else:
-            weights = weights * a.routed_scaling_factor
-        return Routing(scores, ids, weights)
+            weights, ids = self.kernels.grouped_topk_softmax(logits, K, a.n_group, a.topk_group, renormalize,
+                                                             a.routed_scaling_factor)
+        return Routing(logits, ids, weights)
 
 
 class RoutedExperts(nn.Module):
@@ -106,14 +99,11 @@ class RoutedExperts(nn.Module):
         E, D, I = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if use_gpu_kernels(x):  # inference on GPU: the fused Triton kernels
-            from .kernels.moe import fused_moe
-            return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
-        # Tokens grouped by expert, a loop over experts (never over tokens); differentiable, so
-        # it is also the training path.
-        return moe_ref(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        """x [N, D] -> sum over each token's K experts of weight * SwiGLU expert(x), [N, D]."""
+        return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 
 class MoE(nn.Module):

@@ -4,7 +4,8 @@ The official checkpoints rotate adjacent channel pairs (2i, 2i+1) of q_pe and k_
 pos * inv_freq[i] (GPT-J / "interleaved" convention). The official code gets there by permuting
 to half-split and applying rotate_half; we rotate the pairs in place, which gives the same dot
 products and keeps the output interleaved (as transformers' native port and DeepSeek-V3 do).
-Only dot products of rotated q and k are ever used, so the layout is internal to this project.
+Only dot products of rotated q and k are ever used, so the layout is internal to this project. The
+rotation itself is kernels/reference.py's apply_rotary (the MLA prepare kernel family).
 
 YaRN is static: the blended frequencies apply at every position. Its length correction lives in
 the attention softmax scale (ModelArgs.softmax_scale); the cos/sin magnitude is
@@ -62,11 +63,3 @@ class RotaryEmbedding(nn.Module):
         angles = positions.to(torch.float32)[..., None] * self.inv_freq
         return torch.cos(angles) * self.magnitude, torch.sin(angles) * self.magnitude
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of x [..., P] by cos/sin [..., P/2] (broadcast over heads by the
-    caller), in fp32, returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)

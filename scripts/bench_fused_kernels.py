@@ -20,11 +20,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from deepseek_v2.kernels import reference  # noqa: E402
 from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
-from deepseek_v2.kernels.reference import (  # noqa: E402
-    mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
 from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
 
 DEVICE = "cuda"
@@ -67,10 +66,10 @@ def inputs(op: str, T: int):
 
     if op == "rms_norm D=2048":
         x, w = randn(T, 2048), randn(2048)
-        return (lambda: rms_norm(x, w, 1e-6)), (lambda: rms_norm_ref(x, w, 1e-6)), 2 * T * 2048 * 2
+        return (lambda: rms_norm(x, w, 1e-6)), (lambda: reference.rms_norm(x, w, 1e-6)), 2 * T * 2048 * 2
     if op == "add+rms_norm D=2048":
         x, r, w = randn(T, 2048), randn(T, 2048), randn(2048)
-        return ((lambda: rms_norm(x, w, 1e-6, residual=r)), (lambda: rms_norm_ref(x, w, 1e-6, residual=r)),
+        return ((lambda: rms_norm(x, w, 1e-6, residual=r)), (lambda: reference.rms_norm(x, w, 1e-6, residual=r)),
                 4 * T * 2048 * 2)
     if op == "mla_prepare H=16":
         H, R, P, dn = 16, 512, 64, 128
@@ -81,15 +80,15 @@ def inputs(op: str, T: int):
         cache = randn(T // 64 + 8, 64, R + P)
         slots = torch.randperm(cache.shape[0] * 64, device=DEVICE, generator=g)[:T]
         return ((lambda: mla_prepare(q_pe, kv, cos, sin, w, 1e-6, cache, slots)),
-                (lambda: mla_prepare_ref(q_pe, kv, cos, sin, w, 1e-6, cache, slots)),
+                (lambda: reference.mla_prepare(q_pe, kv, cos, sin, w, 1e-6, cache, slots)),
                 T * (2 * H * P * 2 + (R + P) * 2 * 3 + P * 4))
     if op.startswith("silu_and_mul"):
         I = int(op.split("=")[1])
         x = randn(T, 2 * I)
-        return (lambda: silu_and_mul(x)), (lambda: silu_and_mul_ref(x)), 3 * T * I * 2
+        return (lambda: silu_and_mul(x)), (lambda: reference.silu_and_mul(x)), 3 * T * I * 2
     if op == "topk_softmax E=64 k=6":
         logits = randn(T, 64, dtype=torch.float32)
-        return ((lambda: topk_softmax(logits, 6, False, 1.0)), (lambda: topk_softmax_ref(logits, 6, False, 1.0)),
+        return ((lambda: topk_softmax(logits, 6, False, 1.0)), (lambda: reference.topk_softmax(logits, 6, False, 1.0)),
                 T * (64 * 4 + 6 * 8))
     raise ValueError(op)
 

@@ -18,9 +18,11 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import torch.nn.functional as F  # noqa: E402
+
+from deepseek_v2.kernels import reference  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
-from deepseek_v2.kernels.moe import _default_configs, fused_moe, grouped_mm_moe  # noqa: E402
-from deepseek_v2.kernels.reference import moe_ref  # noqa: E402
+from deepseek_v2.kernels.moe import default_config, fused_moe, moe_align  # noqa: E402
 
 PEAK_BYTES = 4.3e12
 DEVICE = "cuda"
@@ -86,6 +88,27 @@ def bench_mla():
 
 # ------------------------------------------------------------------ routed MoE (V2-Lite layer)
 
+def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
+    """The baseline the fused kernel must beat: torch._grouped_mm (CUDA, bf16, torch >= 2.8), which
+    multiplies rows offs[e-1]:offs[e] of a by b[e]. Rows are grouped by expert with fused_moe's own
+    alignment kernel, each expert's run padded to 16 (16-byte aligned strides, as torchtitan does)."""
+    T, D = x.shape
+    E, K = w13.shape[0], topk_ids.shape[1]
+    a = moe_align(topk_ids, E, 16)
+    blocks = torch.arange(a.expert_ids.numel(), device=x.device)
+    used = blocks * 16 < a.num_padded                                     # blocks past the total: junk
+    per_expert = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, torch.where(used, a.expert_ids, 0).long(), used.int() * 16)
+    offs = per_expert.cumsum(0, dtype=torch.int32)
+    slot_used = torch.arange(a.sorted_ids.numel(), device=x.device) < a.num_padded
+    row = torch.where(slot_used, a.sorted_ids, T * K).long()             # T * K: padding, dropped below
+    gate, up = torch._grouped_mm(x[row.clamp(max=T * K - 1) // K], w13.transpose(1, 2), offs=offs).chunk(2, -1)
+    out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = x.new_empty(T * K + 1, D)
+    y[row] = out                                                          # back to row t*K + k
+    return (y[:T * K].view(T, K, D).float() * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
 def bench_moe():
     E, D, I, K = 64, 2048, 1408, 6
     print(f"\nRouted MoE, V2-Lite layer (E={E}, D={D}, I={I}, top-{K}, bf16); eager / graph")
@@ -106,15 +129,15 @@ def bench_moe():
         impls = [("fused_moe", lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))]
         if hasattr(torch, "_grouped_mm"):
             impls.append(("grouped_mm_moe", lambda: grouped_mm_moe(x, w13, w2, topk_weights, topk_ids)))
-        impls.append(("moe_ref", lambda: moe_ref(x, w13, w2, topk_weights, topk_ids)))
-        default = _default_configs(T * K / E)[0]["BLOCK_M"]
+        impls.append(("reference.moe", lambda: reference.moe(x, w13, w2, topk_weights, topk_ids)))
+        default = default_config(T * K / E)["BLOCK_M"]
         for name, rows_per_expert in tiers.items():  # the other launch tiers, to check the heuristic
-            gate_up, down = _default_configs(rows_per_expert)
-            if gate_up["BLOCK_M"] != default and T >= 8:
-                impls.append((f"fused {name}", lambda gate_up=gate_up: fused_moe(
-                    x, w13, w2, topk_weights, topk_ids, config=gate_up)))
+            config = default_config(rows_per_expert)
+            if config["BLOCK_M"] != default and T >= 8:
+                impls.append((f"fused {name}", lambda config=config: fused_moe(
+                    x, w13, w2, topk_weights, topk_ids, config=config)))
         for name, fn in impls:
-            eager, graph = time_both(fn, capture=name != "moe_ref")  # the reference syncs the host
+            eager, graph = time_both(fn, capture=name != "reference.moe")  # the reference syncs the host
             report(name, f"T={T}", eager, graph, work)
 
 

@@ -20,7 +20,7 @@ import triton
 from deepseek_v2.config import DEFAULT_MODEL, PRESETS, EngineConfig
 from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.kernels.mla_decode import mla_decode
-from deepseek_v2.kernels.moe import _default_configs, fused_moe
+from deepseek_v2.kernels.moe import default_config, fused_moe
 from deepseek_v2.model import DeepseekV2ForCausalLM
 from deepseek_v2.sampling import SamplingParams
 from deepseek_v2.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def sweep_moe() -> None:
         else:
             space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
                      for m, n, k, wp, st in itertools.product((64, 128), (128, 256), (64,), (8,), (3, 4))]
-        default = _default_configs(T * K / E)[0]
+        default = default_config(T * K / E)
         for cfg in [None] + space:
             try:
                 us = graph_us(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))

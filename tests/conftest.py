@@ -1,10 +1,14 @@
 """Shared fixtures: tiny random DeepSeek-V2 checkpoints written by Hugging Face transformers
-(the numerical oracle) in the official format."""
+(the numerical oracle) in the official format, and the Triton kernels under Triton's CPU interpreter."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +66,75 @@ def hf_checkpoint(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+KERNEL_MODULES = ("activation", "mla_decode", "mla_prepare", "moe", "norm", "router")
+
+
+@pytest.fixture(scope="module")
+def interpreted_kernels():
+    """The Triton kernel modules built for Triton's CPU interpreter, for the test module that asks:
+    a namespace with one attribute per kernel module, plus `kernels`, the model's "triton" kernel set
+    made of them. Everything is put back afterwards, so every host (with or without a GPU, whatever
+    ran before) runs the same tests:
+    - TRITON_INTERPRET=1 is set only while the module runs. triton.jit reads it when a function is
+      defined, so the kernel modules are imported afresh, and the jit functions of Triton's own
+      language library (tl.sum, tl.max, ...: defined when triton was imported, maybe compiled) are
+      swapped for interpreted ones; all of it is put back after;
+    - two test-only fixes to Triton 3.6's interpreter, undone after:
+      1. it turns loop bounds into ints with int(array of shape (1,)), which numpy >= 2.4 refuses
+         (triton-lang/triton#9171, fixed upstream);
+      2. it casts fp32 -> bf16 by truncation, where a GPU (cvt.rn.bf16.f32) and torch round to
+         nearest even: without this, a kernel that rounds at the right places would look wrong."""
+    pytest.importorskip("triton")
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+    from triton.runtime.jit import JITFunction
+
+    names = [f"deepseek_v2.kernels.{m}" for m in KERNEL_MODULES]
+    package = importlib.import_module("deepseek_v2.kernels")
+    saved_modules = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    patch_lang_tensor = interpreter._patch_lang_tensor
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def patch_lang_tensor_numpy24(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def cast_rounding_to_nearest(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.array(src.data, dtype=np.float32, ndmin=1)).to(torch.bfloat16)
+            bits = data.view(torch.int16).numpy().view(np.uint16).reshape(np.shape(src.data))
+            return interpreter.TensorHandle(bits, tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    library = [(module, attr, value) for name, module in list(sys.modules.items())
+               if name == "triton.language" or name.startswith("triton.language.")
+               for attr, value in list(vars(module).items()) if isinstance(value, JITFunction)]
+    interpreted = {id(value): interpreter.InterpretedFunction(value.fn) for _, _, value in library}
+    os.environ["TRITON_INTERPRET"] = "1"
+    for module, attr, value in library:
+        setattr(module, attr, interpreted[id(value)])
+    interpreter._patch_lang_tensor = patch_lang_tensor_numpy24
+    interpreter.InterpreterBuilder.cast_impl = cast_rounding_to_nearest
+    try:
+        modules = {m: importlib.import_module(f"deepseek_v2.kernels.{m}") for m in KERNEL_MODULES}
+        assert isinstance(modules["norm"]._rms_norm_kernel, interpreter.InterpretedFunction)
+        yield types.SimpleNamespace(**modules, kernels=package.load_kernels("triton"))
+    finally:
+        for module, attr, value in library:
+            setattr(module, attr, value)
+        interpreter._patch_lang_tensor = patch_lang_tensor
+        interpreter.InterpreterBuilder.cast_impl = cast_impl
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        for m, n in zip(KERNEL_MODULES, names):
+            sys.modules.pop(n, None)
+            if n in saved_modules:
+                sys.modules[n] = saved_modules[n]
+                setattr(package, m, saved_modules[n])
+            elif hasattr(package, m):
+                delattr(package, m)

@@ -29,7 +29,8 @@ def args(**kw) -> ModelArgs:
 
 
 def routing(scores=SCORES, ids=IDS) -> Routing:
-    return Routing(scores.clone(), ids.clone(), torch.ones(ids.shape))
+    """A routing record whose softmax scores are `scores` (each row sums to 1, so log gives logits)."""
+    return Routing(scores.log(), ids.clone(), torch.ones(ids.shape))
 
 
 def test_balance_losses_equal_hand_computation():
@@ -58,16 +59,17 @@ def test_communication_loss_uses_the_device_limit():
 
 
 def test_gradient_reaches_the_router_only_through_the_scores():
-    scores = SCORES.clone().requires_grad_()
-    balance_losses(Routing(scores, IDS, torch.ones(4, 2)), 1, args()).expert.backward()
-    f = torch.tensor([1.5, 1.0, 1.0, 0.5])
-    assert torch.allclose(scores.grad, (f / 4).expand(4, 4))  # dL/ds[t, e] = alpha1 f_e / T
+    logits = SCORES.log().requires_grad_()
+    balance_losses(Routing(logits, IDS, torch.ones(4, 2)), 1, args()).expert.backward()
+    g = torch.tensor([1.5, 1.0, 1.0, 0.5]) / 4  # dL/ds[t, e] = alpha1 f_e / T: the f terms carry no gradient
+    # through the softmax: dL/dlogit[t, e] = s[t, e] (g_e - sum_j s[t, j] g_j)
+    assert torch.allclose(logits.grad, SCORES * (g - (SCORES @ g)[:, None]))
 
 
 def test_per_sequence_mean_and_whole_batch_variant():
     other_scores = SCORES.flip(1)
     other_ids = 3 - IDS
-    both = Routing(torch.cat([SCORES, other_scores]), torch.cat([IDS, other_ids]), torch.ones(8, 2))
+    both = routing(torch.cat([SCORES, other_scores]), torch.cat([IDS, other_ids]))
     a = args()
     first = balance_losses(routing(), 1, a)
     second = balance_losses(routing(other_scores, other_ids), 1, a)

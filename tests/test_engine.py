@@ -211,3 +211,23 @@ def test_bad_prompts_raise(setup):
     engine.add_request("ok", [2, 3], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("ok", [2, 3], GREEDY)
+
+
+@pytest.mark.parametrize("name", ["qlora-yarn-scaled", "qlora-plain-grouped"])
+def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name):
+    """The engine with kernels="triton" (the Triton kernels, run here by Triton's CPU interpreter) gives
+    the reference set's greedy tokens: the one switch flips every kernel family and nothing else. The
+    grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference)."""
+    _, path = hf_checkpoint(name)
+    tokenizer = Tokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(11)
+    prompts = [torch.randint(2, 96, (n,)).tolist() for n in (5, 21)]  # 21 > 16: a chunked prefill
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outputs = {}
+    for kernels in ("reference", "triton"):  # a model each: the engine sets the model's kernel set
+        model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=16, kernels=kernels))
+        assert {type(m).__name__: m.kernels.name for m in model.modules() if "kernels" in vars(m)} == {
+            "RMSNorm": kernels, "MLA": kernels, "MLP": kernels, "MoEGate": kernels, "RoutedExperts": kernels}
+        outputs[kernels] = [o.outputs[0].token_ids for o in run_all(engine, prompts, params)]
+    assert outputs["triton"] == outputs["reference"]

@@ -1,11 +1,11 @@
-# Run: TRITON_INTERPRET=1 pytest -q tests/test_fused_kernels.py   (CPU only; Triton kernels run in its interpreter)
+# Run: python -m pytest -q tests/test_fused_kernels.py   (CPU; the Triton kernels run in Triton's interpreter)
 """The fused small-op kernels (rms_norm, mla_prepare, silu_and_mul, topk_softmax) against their PyTorch
-references, and the references against the model code they stand in for.
+references (kernels/reference.py, the model's own math).
 
 These kernels promise torch's rounding order, so the checks count ulps (the distance between two
 floats in representable steps) rather than relative error. Triton 3.6's interpreter truncates
-fp32 -> bf16 where a GPU rounds to nearest even; a test-only patch below makes it round as the GPU
-(and torch) do, so a misplaced rounding step shows up here as a many-element 1-ulp mismatch.
+fp32 -> bf16 where a GPU rounds to nearest even; a test-only patch (conftest.py) makes it round as the
+GPU (and torch) do, so a misplaced rounding step shows up here as a many-element 1-ulp mismatch.
 Tolerances (on these inputs bf16 comes out bit-identical, fp32 within 4 ulps, fp16 within 2 ulps on
 0.02% of the elements):
 - fp32: at most 8 ulps. The RoPE part is exact; RMSNorm sums its squares in another order than torch,
@@ -17,59 +17,20 @@ Tolerances (on these inputs bf16 comes out bit-identical, fp32 within 4 ulps, fp
 """
 
 import importlib.util
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors need the interpreter
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from deepseek_v2.kernels.reference import (  # noqa: E402
-    mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
-
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
-import triton.runtime.interpreter as _interpreter  # noqa: E402
-
-from deepseek_v2.kernels import norm as _norm_module  # noqa: E402
-from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
-from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
-from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
-from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
-
-if not isinstance(_norm_module._rms_norm_kernel, _interpreter.InterpretedFunction):
-    pytest.skip("TRITON_INTERPRET=1 must be set before triton is first imported", allow_module_level=True)
+from deepseek_v2.kernels import reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_patches():
-    """Test-only fixes to Triton 3.6's interpreter, undone after this module:
-    1. it turns loop bounds into ints with int(array of shape (1,)), which numpy >= 2.4 refuses
-       (triton-lang/triton#9171, fixed upstream; the same patch as tests/test_kernels.py);
-    2. it casts fp32 -> bf16 by truncation; a GPU (cvt.rn.bf16.f32) and torch round to nearest even."""
-    patch_lang_tensor = _interpreter._patch_lang_tensor
-    cast_impl = _interpreter.InterpreterBuilder.cast_impl
-
-    def patch_lang_tensor_numpy24(tensor, scope):
-        patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    def cast_rounding_to_nearest(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = torch.from_numpy(np.array(src.data, dtype=np.float32, ndmin=1)).to(torch.bfloat16)
-            bits = data.view(torch.int16).numpy().view(np.uint16).reshape(np.shape(src.data))
-            return _interpreter.TensorHandle(bits, tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    _interpreter._patch_lang_tensor = patch_lang_tensor_numpy24
-    _interpreter.InterpreterBuilder.cast_impl = cast_rounding_to_nearest
-    yield
-    _interpreter._patch_lang_tensor = patch_lang_tensor
-    _interpreter.InterpreterBuilder.cast_impl = cast_impl
+@pytest.fixture(scope="module")
+def tk(interpreted_kernels):
+    """The Triton kernel modules, run by Triton's interpreter on CPU tensors, with its fp32 -> bf16 cast
+    rounding to nearest as a GPU does (conftest.py)."""
+    return interpreted_kernels
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,50 +61,25 @@ def rows(T, width, dtype, pad=0, scale=1.0):
     return (torch.randn(T, width + pad) * scale).to(dtype)[:, :width]
 
 
-# ---------------------------------------------------------------- references versus the model code
-
-def test_references_match_the_model_code():
-    from deepseek_v2.model import RMSNorm
-    from deepseek_v2.rope import apply_rotary
-    from deepseek_v2.kernels.reference import _apply_rotary
-
-    torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        norm = RMSNorm(96, eps=1e-6).to(dtype)
-        with torch.no_grad():
-            norm.weight.normal_()
-            x = torch.randn(5, 96).to(dtype)
-            assert torch.equal(rms_norm_ref(x, norm.weight, 1e-6), norm(x))
-            r = torch.randn(5, 96).to(dtype)
-            y, s = rms_norm_ref(x, norm.weight, 1e-6, residual=r)
-            assert torch.equal(s, x + r) and torch.equal(y, norm(x + r))
-        q = torch.randn(5, 3, 16).to(dtype)
-        cos, sin = torch.randn(5, 8), torch.randn(5, 8)
-        assert torch.equal(_apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(q, cos[:, None], sin[:, None]))
-        gate, up = torch.randn(5, 24).to(dtype), torch.randn(5, 24).to(dtype)
-        # torch's CPU silu itself differs by an fp32 ulp between strided and contiguous inputs
-        assert_ulps(silu_and_mul_ref(torch.cat([gate, up], -1)), F.silu(gate) * up, "silu_and_mul_ref")
-
-
 # ---------------------------------------------------------------- rms_norm
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 @pytest.mark.parametrize("T", [0, 1, 3, 37])
-def test_rms_norm_matches_ref(T, dtype):
+def test_rms_norm_matches_ref(tk, T, dtype):
     torch.manual_seed(T)
     for D, pad in [(64, 0), (200, 8), (2048, 0)]:  # power of two, ragged with strided rows, real size
         x = rows(T, D, dtype, pad, scale=3.0)
         weight = (1 + 0.1 * torch.randn(D)).to(dtype)
-        y = rms_norm(x, weight, 1e-6)
-        assert_ulps(y, rms_norm_ref(x, weight, 1e-6), f"y D={D}")
+        y = tk.norm.rms_norm(x, weight, 1e-6)
+        assert_ulps(y, reference.rms_norm(x, weight, 1e-6), f"y D={D}")
         residual = rows(T, D, dtype, pad=3 * pad)
-        y, s = rms_norm(x, weight, 1e-6, residual=residual)
-        y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+        y, s = tk.norm.rms_norm(x, weight, 1e-6, residual=residual)
+        y_ref, s_ref = reference.rms_norm(x, weight, 1e-6, residual=residual)
         assert torch.equal(s, s_ref), "x + residual rounds once, as torch does"
         assert_ulps(y, y_ref, f"y with residual D={D}")
 
 
-def test_rms_norm_rejects_bad_inputs():
+def test_rms_norm_rejects_bad_inputs(tk):
     x, w = torch.randn(3, 16), torch.randn(16)
     bad = [
         dict(weight=w.bfloat16()),                         # dtype mismatch
@@ -158,7 +94,7 @@ def test_rms_norm_rejects_bad_inputs():
         args = dict(x=x, weight=w, eps=1e-6)
         args.update(change)
         with pytest.raises(ValueError, match="rms_norm"):
-            rms_norm(**args)
+            tk.norm.rms_norm(**args)
 
 
 # ---------------------------------------------------------------- mla_prepare
@@ -195,7 +131,7 @@ MLA_CASES = [  # (H, R, P, dn, cache dtype, slot dtype)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [0, 1, 3, 37])
 @pytest.mark.parametrize("case", range(len(MLA_CASES)))
-def test_mla_prepare_matches_ref(case, T, dtype):
+def test_mla_prepare_matches_ref(tk, case, T, dtype):
     H, R, P, dn, cache_dtype, slot_dtype = MLA_CASES[case]
     cache_dtype = dtype if cache_dtype == "same" else cache_dtype
     q, kv, cos, sin, weight, cache, slots = mla_inputs(T, H, R, P, dn, dtype, cache_dtype, seed=case * 100 + T)
@@ -203,28 +139,32 @@ def test_mla_prepare_matches_ref(case, T, dtype):
         slots = slots.to(slot_dtype)
     q_ref, cache_ref = q.clone(), cache.clone() if cache is not None else None
 
-    c_kv, k_pe = mla_prepare(q_pe_view(q, H, dn, P), kv, cos, sin, weight, 1e-6, cache, slots)
-    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H, dn, P), kv, cos, sin, weight, 1e-6, cache_ref, slots)
+    q_pe = q_pe_view(q, H, dn, P)
+    q_pe_out, c_kv, k_pe = tk.mla_prepare.mla_prepare(q_pe, kv, cos, sin, weight, 1e-6, cache, slots)
+    q_pe_ref, c_ref, k_pe_ref = reference.mla_prepare(q_pe_view(q_ref, H, dn, P), kv, cos, sin, weight, 1e-6,
+                                                      cache_ref, slots)
     assert c_kv.is_contiguous() and k_pe.is_contiguous()
     assert_ulps(c_kv, c_ref, "c_kv")
     assert torch.equal(k_pe, k_pe_ref), "RoPE does torch's fp32 ops in torch's order: bit-identical"
-    assert torch.equal(q, q_ref), "q_pe rotated in place, bit-identical; q_nope untouched"
+    assert q_pe_out is q_pe and torch.equal(q_pe_out, q_pe_ref), "q_pe rotated in place, bit-identical"
+    q_nope, q_nope_before = (t.unflatten(-1, (H, dn + P))[..., :dn] for t in (q, q_ref))
+    assert torch.equal(q_nope, q_nope_before), "q_nope untouched"
     if cache is not None:
         assert_ulps(cache, cache_ref, "cache")  # every other slot must be left as it was
         assert torch.equal(cache.view(-1, R + P)[slots.long(), R:], k_pe_ref.to(cache.dtype))
 
 
-def test_mla_prepare_skips_negative_slots():
+def test_mla_prepare_skips_negative_slots(tk):
     q, kv, cos, sin, weight, cache, slots = mla_inputs(4, 2, 32, 16, 8, torch.float32, torch.float32)
     before = cache.clone()
     slots[1] = -1
-    mla_prepare(q_pe_view(q, 2, 8, 16), kv, cos, sin, weight, 1e-6, cache, slots)
+    tk.mla_prepare.mla_prepare(q_pe_view(q, 2, 8, 16), kv, cos, sin, weight, 1e-6, cache, slots)
     flat, old = cache.view(-1, 48), before.view(-1, 48)
     changed = (flat != old).any(-1).nonzero().flatten()
     assert sorted(changed.tolist()) == sorted(slots[[0, 2, 3]].tolist())
 
 
-def test_mla_prepare_rejects_bad_inputs():
+def test_mla_prepare_rejects_bad_inputs(tk):
     q, kv, cos, sin, weight, cache, slots = mla_inputs(3, 2, 32, 16, 8, torch.float32, torch.float32)
     q_pe = q_pe_view(q, 2, 8, 16)
     bad = [
@@ -242,24 +182,35 @@ def test_mla_prepare_rejects_bad_inputs():
                     slot_mapping=slots)
         args.update(change)
         with pytest.raises(ValueError, match="mla_prepare"):
-            mla_prepare(**args)
+            tk.mla_prepare.mla_prepare(**args)
 
 
 # ---------------------------------------------------------------- silu_and_mul
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 @pytest.mark.parametrize("T", [0, 1, 3, 37])
-def test_silu_and_mul_matches_ref(T, dtype):
+def test_silu_and_mul_matches_ref(tk, T, dtype):
     torch.manual_seed(T)
     for I, pad in [(16, 0), (100, 6), (1408, 0)]:  # 1408 (V2-Lite's expert size): two column blocks
         x = rows(T, 2 * I, dtype, pad, scale=4.0)
-        assert_ulps(silu_and_mul(x), silu_and_mul_ref(x), f"I={I}")
+        assert_ulps(tk.activation.silu_and_mul(x), reference.silu_and_mul(x), f"I={I}")
 
 
-def test_silu_and_mul_rejects_bad_inputs():
-    for x in [torch.randn(3, 15), torch.randn(3, 16).int(), torch.randn(16, 3).t(), torch.randn(2, 3, 16)]:
+def test_leading_dims_are_flattened(tk):
+    """The wrappers take [..., D] as the model holds activations ([B, S, D] outside the engine)."""
+    x, residual, weight = torch.randn(2, 5, 32), torch.randn(2, 5, 32), 1 + 0.1 * torch.randn(32)
+    y, s = tk.norm.rms_norm(x, weight, 1e-6, residual=residual)
+    y_ref, s_ref = reference.rms_norm(x, weight, 1e-6, residual=residual)
+    assert y.shape == (2, 5, 32) and torch.equal(s, s_ref)
+    assert_ulps(y, y_ref, "rms_norm [B, S, D]")
+    gate_up = torch.randn(2, 5, 48)
+    assert_ulps(tk.activation.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), "silu_and_mul [B, S, 2I]")
+
+
+def test_silu_and_mul_rejects_bad_inputs(tk):
+    for x in [torch.randn(3, 15), torch.randn(3, 16).int(), torch.randn(16, 3).t()]:
         with pytest.raises(ValueError, match="silu_and_mul"):
-            silu_and_mul(x)
+            tk.activation.silu_and_mul(x)
 
 
 # ---------------------------------------------------------------- topk_softmax
@@ -281,31 +232,31 @@ def assert_same_routing(weights, ids, ref_weights, ref_ids, logits, k):
 
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("T", [0, 1, 3, 37])
-def test_topk_softmax_matches_ref(T, renormalize):
+def test_topk_softmax_matches_ref(tk, T, renormalize):
     torch.manual_seed(T + renormalize)
     for E, k in [(8, 2), (64, 6), (160, 6), (64, 2)]:
         logits = rows(T, E, torch.float32, pad=E % 3, scale=2.0)
-        weights, ids = topk_softmax(logits, k, renormalize, 16.0)
-        assert_same_routing(weights, ids, *topk_softmax_ref(logits, k, renormalize, 16.0), logits, k)
+        weights, ids = tk.router.topk_softmax(logits, k, renormalize, 16.0)
+        assert_same_routing(weights, ids, *reference.topk_softmax(logits, k, renormalize, 16.0), logits, k)
 
 
-def test_topk_softmax_ties_and_infinities():
+def test_topk_softmax_ties_and_infinities(tk):
     """Equal logits: the lowest expert index first; -inf logits (a masked expert) are never preferred."""
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0],
                            [float("-inf"), 0.0, 0.0, float("-inf"), 2.0, 0.0]])
-    weights, ids = topk_softmax(logits, 3, renormalize=False)
+    weights, ids = tk.router.topk_softmax(logits, 3, renormalize=False)
     assert ids.tolist() == [[1, 2, 4], [4, 1, 2]]
     torch.testing.assert_close(weights, torch.softmax(logits, -1).gather(1, ids.long()), rtol=1e-6, atol=0)
-    weights, ids = topk_softmax(logits[:1], 2, renormalize=True)
+    weights, ids = tk.router.topk_softmax(logits[:1], 2, renormalize=True)
     assert ids.tolist() == [[1, 2]] and weights.tolist() == [[0.5, 0.5]]
 
 
-def test_topk_softmax_rejects_bad_inputs():
+def test_topk_softmax_rejects_bad_inputs(tk):
     logits = torch.randn(3, 8)
     for args in [(logits.bfloat16(), 2), (logits, 9), (logits, 0), (torch.randn(8, 3).t(), 2),
                  (torch.randn(3, 2000), 2)]:
         with pytest.raises(ValueError, match="topk_softmax"):
-            topk_softmax(*args, renormalize=True)
+            tk.router.topk_softmax(*args, renormalize=True)
 
 
 # ---------------------------------------------------------------- an sm_90 (H100/H200) build, no GPU needed

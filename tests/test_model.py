@@ -1,7 +1,7 @@
 # Run: python -m pytest -q tests/test_model.py
 """The model against Hugging Face transformers' DeepseekV2ForCausalLM (same random weights), the
 two MLA paths against each other, and the options the transformers port ignores against values
-computed from the spec."""
+computed from the official code (modeling_deepseek.py of the DeepSeek-V2 checkpoints)."""
 
 import math
 
@@ -113,7 +113,7 @@ def small_args(**changes) -> ModelArgs:
 
 
 def test_norm_topk_prob_renormalises_without_scaling():
-    """Spec 3.7: with norm_topk_prob the K weights are divided by their sum and the routed
+    """Official MoEGate: with norm_topk_prob the K weights are divided by their sum and the routed
     scaling is not applied (the transformers port ignores this option)."""
     torch.manual_seed(3)
     model = DeepseekV2ForCausalLM(small_args(norm_topk_prob=True, routed_scaling_factor=16.0)).init_weights(3)
@@ -127,7 +127,7 @@ def test_norm_topk_prob_renormalises_without_scaling():
         expected = (top_w[i] / top_w[i].sum()).sort().values
         assert torch.allclose(routing.topk_weights[i].sort().values, expected, atol=1e-6)
         assert sorted(routing.topk_ids[i].tolist()) == sorted(top_i[i].tolist())
-    # The whole layer against a per-token loop over the spec's formula.
+    # The whole layer against a per-token loop over the formula.
     with torch.no_grad():
         y = moe(x)
         w13, w2 = moe.experts.gate_up_proj, moe.experts.down_proj
@@ -150,7 +150,7 @@ def test_routed_scaling_without_norm():
 
 
 def test_moe_layer_freq_and_dense_layers():
-    """Spec 3.3: a layer is MoE if i >= first_k_dense_replace and i % moe_layer_freq == 0."""
+    """Official DeepseekV2DecoderLayer: a layer is MoE if i >= first_k_dense_replace and i % moe_layer_freq == 0."""
     from deepseek_v2.moe import MLP, MoE
     model = DeepseekV2ForCausalLM(small_args(num_hidden_layers=7, first_k_dense_replace=2, moe_layer_freq=2))
     kinds = [type(layer.mlp) for layer in model.model.layers]
@@ -176,7 +176,7 @@ def test_group_limited_routing_uses_at_most_topk_group_groups():
         assert sorted(allowed[expected].tolist()) == sorted(r.topk_ids[t].tolist())
 
 
-def test_yarn_constants_match_spec():
+def test_yarn_constants_match_official_code():
     from deepseek_v2.config import PRESETS
     from deepseek_v2.rope import yarn_inv_freq
     args = PRESETS["v2-lite"]
@@ -190,9 +190,9 @@ def test_yarn_constants_match_spec():
 
 
 def test_rotary_pairs_match_official_permute_rotate_half():
-    """Spec 3.5: the official code permutes (2i, 2i+1) pairs to half-split and applies
+    """The official code permutes (2i, 2i+1) pairs to half-split and applies
     rotate_half; our in-place pair rotation must give the same q.k."""
-    from deepseek_v2.rope import apply_rotary
+    from deepseek_v2.kernels.reference import apply_rotary
     torch.manual_seed(6)
     q, k = torch.randn(5, 16), torch.randn(5, 16)
     pos = torch.tensor([0, 3, 100, 4000, 9000])

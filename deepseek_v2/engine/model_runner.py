@@ -51,9 +51,15 @@ def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> i
 
 class ModelRunner:
     def __init__(self, model: DeepseekV2ForCausalLM, config: EngineConfig, max_model_len: int):
-        self.model = model.eval().fuse_for_inference()
-        self.config = config
         self.device = model.device
+        kernels = config.kernels
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" else "reference"
+        if kernels == "reference" and self.device.type == "cuda" and not config.enforce_eager:
+            raise ValueError("kernels='reference' cannot run in CUDA graphs (it reads expert counts on the "
+                             "host): also set enforce_eager")
+        self.model = model.eval().fuse_for_inference().use_kernels(kernels)
+        self.config = config
         self.dtype = model.dtype
         self.block_size = config.block_size
         self.max_model_len = max_model_len

@@ -1,9 +1,49 @@
-"""Triton kernels (GPU inference) beside their PyTorch references (reference.py). The kernel
-modules import triton, so callers import them only on the GPU path chosen by `use_gpu_kernels`."""
+"""The kernel families the model calls, and the one switch between their two implementations.
 
-import torch
+Each family has a PyTorch reference (reference.py: the model's math; differentiable, any device) and
+a Triton kernel (one module per family: fused, GPU inference only, same contract). A `Kernels` set
+names one implementation per family. The model holds one set: the reference unless
+`DeepseekV2ForCausalLM.use_kernels("triton")` picks the kernels, which the engine does on a GPU
+(EngineConfig.kernels). Nothing else chooses: not the device, not grad mode.
+
+The Triton modules import triton, so they are imported only when the "triton" set is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import reference
+
+KERNEL_SETS = ("reference", "triton")
 
 
-def use_gpu_kernels(x: torch.Tensor) -> bool:
-    """GPU inference runs the fused Triton kernels; CPU and training (autograd) run plain PyTorch."""
-    return x.is_cuda and not torch.is_grad_enabled()
+@dataclass(frozen=True)
+class Kernels:
+    name: str
+    rms_norm: Callable             # RMSNorm, optionally after the residual add
+    mla_prepare: Callable          # latent norm, both RoPEs and the latent-cache write
+    mla_decode: Callable           # absorbed MLA decode over the paged latent cache
+    silu_and_mul: Callable         # SwiGLU's activation
+    topk_softmax: Callable         # greedy routing
+    grouped_topk_softmax: Callable  # group-limited routing
+    moe: Callable                  # the routed experts
+
+
+REFERENCE = Kernels("reference", reference.rms_norm, reference.mla_prepare, reference.mla_decode,
+                    reference.silu_and_mul, reference.topk_softmax, reference.grouped_topk_softmax,
+                    reference.moe)
+
+
+def load_kernels(name: str) -> Kernels:
+    """The kernel set called `name`: "reference" or "triton"."""
+    if name == "reference":
+        return REFERENCE
+    if name != "triton":
+        raise ValueError(f"unknown kernel set {name!r} (known: {', '.join(KERNEL_SETS)})")
+    from . import activation, mla_decode, mla_prepare, moe, norm, router
+    return Kernels("triton", norm.rms_norm, mla_prepare.mla_prepare, mla_decode.mla_decode,
+                   activation.silu_and_mul, router.topk_softmax,
+                   reference.grouped_topk_softmax,  # no kernel yet: V2's group-limited router runs eagerly
+                   moe.fused_moe)

@@ -1,6 +1,6 @@
 """SwiGLU's activation, silu(gate) * up, in one Triton launch (eager PyTorch: silu, then mul).
 
-Rounded exactly as reference.silu_and_mul_ref: silu in fp32 as torch's CUDA kernel computes it,
+Rounded exactly as reference.silu_and_mul: silu in fp32 as torch's CUDA kernel computes it,
 x / (1 + expf(-x)) with CUDA's accurate expf (libdevice, not Triton's ex2.approx-based tl.exp) and an
 IEEE divide, rounded to the dtype; then the product of the two dtype values rounded once. Launched
 with enable_fp_fusion=False and enable_reflect_ftz=False (no fused multiply-adds, denormals kept),
@@ -38,14 +38,17 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y,
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """y [T, I] = silu(x[:, :I]) * x[:, I:] for x [T, 2I] (last dim contiguous, rows may be strided),
-    bf16/fp16/fp32; same contract as reference.silu_and_mul_ref. No host synchronisation."""
-    if x.dim() != 2 or x.shape[1] % 2:
-        raise ValueError(f"silu_and_mul: expected x [T, 2I]; got {tuple(x.shape)}")
+    """y [..., I] = silu(x[..., :I]) * x[..., I:] for x [..., 2I] (rows of the flattened [T, 2I] view may be
+    strided, the last dim contiguous), bf16/fp16/fp32; same contract as reference.silu_and_mul. No host
+    synchronisation."""
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: expected x [..., 2I]; got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"silu_and_mul: x dtype must be bf16, fp16 or fp32, got {x.dtype}")
-    if x.stride(1) != 1:
+    if x.stride(-1) != 1:
         raise ValueError("silu_and_mul: x needs a contiguous last dim")
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
     T, I = x.shape[0], x.shape[1] // 2
     y = torch.empty(T, I, dtype=x.dtype, device=x.device)
     if T > 0 and I > 0:
@@ -54,4 +57,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x, y, I, x.stride(0), y.stride(0), BLOCK=block, LIBDEVICE=x.is_cuda,
             num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
         )
-    return y
+    return y.view(*shape[:-1], I)

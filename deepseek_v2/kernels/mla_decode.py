@@ -149,7 +149,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
                block_n: int | None = None) -> torch.Tensor:
-    """Absorbed MLA decode; same contract as reference.mla_decode_ref, returns out [N, H, R].
+    """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R].
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
     (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype;

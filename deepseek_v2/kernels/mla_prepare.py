@@ -6,8 +6,8 @@ Grid (T, 1 + head blocks): program (t, 0) does token t's latent, k_pe and cache 
 (t, 1 + j) rotates heads [j * BLOCK_H, (j + 1) * BLOCK_H) of q_pe. So a decode step (T = 1) still
 spreads over a few SMs. The rotation of a pair (x0, x1) by (cos, sin) is done in fp32 as
 (x0 cos - x1 sin, x0 sin + x1 cos), each product rounded, no fused multiply-add
-(enable_fp_fusion=False), then rounded to the tensor's dtype: bit-identical to rope.apply_rotary.
-The norm is norm.rms_norm_row: same rounding as reference.rms_norm_ref.
+(enable_fp_fusion=False), then rounded to the tensor's dtype: bit-identical to reference.apply_rotary.
+The norm is norm.rms_norm_row: same rounding as reference.rms_norm.
 
 Letters: T tokens, H heads, R kv_lora_rank, P qk_rope_head_dim.
 """
@@ -74,9 +74,9 @@ def _mla_prepare_kernel(
 
 def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor | None = None,
-                slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as reference.mla_prepare_ref; returns (c_kv [T, R], k_pe [T, P]), new and
-    contiguous in kv's dtype, and rotates q_pe in place.
+                slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as reference.mla_prepare; returns (q_pe, c_kv [T, R], k_pe [T, P]): q_pe is the
+    input, rotated in place; c_kv and k_pe are new and contiguous in kv's dtype.
 
     q_pe [T, H, P] (last dim contiguous; the strided rope slice of the query is fine), kv [T, R + P]
     (kv_a_proj_with_mqa's output, last dim contiguous), cos/sin [T, P/2] fp32, norm_weight [R] in
@@ -126,7 +126,7 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
     c_kv = torch.empty(T, R, dtype=kv.dtype, device=kv.device)
     k_pe = torch.empty(T, P, dtype=kv.dtype, device=kv.device)
     if T == 0:
-        return c_kv, k_pe
+        return q_pe, c_kv, k_pe
     has_cache = kv_cache is not None
     cache = kv_cache if has_cache else c_kv  # unused without a cache
     block_h = min(_BLOCK_H, triton.next_power_of_2(H))
@@ -139,4 +139,4 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(P), BLOCK_H=block_h, HAS_CACHE=has_cache,
         num_warps=4 if block_r <= 1024 else 8, enable_fp_fusion=False,
     )
-    return c_kv, k_pe
+    return q_pe, c_kv, k_pe

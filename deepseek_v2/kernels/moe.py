@@ -1,4 +1,4 @@
-"""Routed-expert MoE: a fused Triton path (after vLLM's fused_moe_kernel) and a torch._grouped_mm path.
+"""Routed-expert MoE in Triton, after vLLM's fused_moe_kernel.
 
 fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token count):
 1. moe_align (one small Triton kernel): the T*K rows (row t*K + k is token t's k-th pick) sorted by
@@ -9,6 +9,7 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D].
 4. the K picks summed in fp32 and cast to x's dtype.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
+(torch._grouped_mm was slower at every size measured; scripts/bench_kernels.py keeps it as the baseline.)
 
 Letters: T tokens, K picks per token, E experts, D hidden size, I expert intermediate size.
 """
@@ -18,14 +19,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, expert_ends_ptr,
-                      dest_ptr, num_rows,
+def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_rows,
                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """One program per expert; each recounts all experts (cheap) to find where its run starts."""
     e = tl.program_id(0)
@@ -39,7 +38,6 @@ def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_p
     run_end = tl.sum(tl.where(offs_e <= e, padded, 0), axis=0)
     count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
     run_start = run_end - tl.cdiv(count, BLOCK_M) * BLOCK_M
-    tl.store(expert_ends_ptr + e, run_end)
     if e == 0:
         tl.store(num_padded_ptr, tl.sum(padded, axis=0))
 
@@ -50,7 +48,6 @@ def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_p
         hit = (ids == e).to(tl.int32)
         pos = run_start + seen + tl.cumsum(hit, axis=0) - 1
         tl.store(sorted_ids_ptr + pos, offs, mask=hit > 0)
-        tl.store(dest_ptr + offs, pos, mask=hit > 0)
         seen += tl.sum(hit, axis=0)
     offs_m = tl.arange(0, BLOCK_M)
     tl.store(sorted_ids_ptr + run_start + count + offs_m, num_rows, mask=count + offs_m < run_end - run_start)
@@ -63,8 +60,6 @@ class MoeAlignment(NamedTuple):
     sorted_ids: torch.Tensor   # [max_padded] int32: row ids grouped by expert; padding holds T*K
     expert_ids: torch.Tensor   # [max_padded // block_m] int32: the expert of each block
     num_padded: torch.Tensor   # [1] int32: the used length of sorted_ids (entries past it are garbage)
-    expert_ends: torch.Tensor  # [E] int32: cumulative padded run ends (torch._grouped_mm's offs)
-    dest: torch.Tensor         # [T*K] int64: where each row landed in sorted_ids
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
@@ -79,10 +74,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
     def new(size, dtype=torch.int32):  # every entry a later step reads gets written: no fill
         return torch.empty(size, dtype=dtype, device=flat.device)
 
-    out = MoeAlignment(new(max_padded), new(max_padded // block_m), new(1), new(num_experts),
-                       new(rows, torch.int64))
+    out = MoeAlignment(new(max_padded), new(max_padded // block_m), new(1))
     _moe_align_kernel[(num_experts,)](
-        flat, out.sorted_ids, out.expert_ids, out.num_padded, out.expert_ends, out.dest, rows,
+        flat, out.sorted_ids, out.expert_ids, out.num_padded, rows,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_T=1024, num_warps=4,
     )
     return out
@@ -153,21 +147,19 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
-def _default_configs(rows_per_expert: float) -> tuple[dict, dict]:
-    """(gate/up, down) launch configs by the mean rows per expert; decode gets thin row blocks."""
+def default_config(rows_per_expert: float) -> dict:
+    """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks."""
     if rows_per_expert < 16:
-        gate_up = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-        return gate_up, dict(gate_up)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if rows_per_expert < 128:
-        gate_up = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-        return gate_up, dict(gate_up)
-    # prefill: 128-wide column tiles for both GEMMs (8% faster than 64 for gate/up at 4096 tokens of
-    # the V2-Lite shape on an H200; scripts/profile_decode.py sweeps these)
-    gate_up = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return gate_up, dict(gate_up)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    # prefill: 128-wide column tiles (8% faster than 64 for gate/up at 4096 tokens of the V2-Lite shape
+    # on an H200; scripts/profile_decode.py sweeps these)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _check_moe_args(name, x, w13, w2, topk_weights, topk_ids):
+def _check_args(x, w13, w2, topk_weights, topk_ids):
+    name = "fused_moe"
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"{name}: expected x [T,D], w13 [E,2I,D], w2 [E,D,I];"
                          f" got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
@@ -194,32 +186,28 @@ def _check_moe_args(name, x, w13, w2, topk_weights, topk_ids):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """Routed experts, same contract as reference.moe_ref: y [T, D] in x's dtype.
+    """Routed experts, same contract as reference.moe: y [T, D] in x's dtype.
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
     (last dims contiguous) in x's dtype; topk_weights [T, K] fp32; topk_ids [T, K] int32/int64 in
     [0, E). The intermediate and the weighted expert outputs are rounded to x's dtype, the K picks
-    are summed in fp32. config (tests and tuning) overrides both GEMMs' launch config: BLOCK_M,
+    are summed in fp32. config (tests and tuning) overrides the GEMMs' launch config: BLOCK_M,
     BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. No host synchronisation.
     """
-    _check_moe_args("fused_moe", x, w13, w2, topk_weights, topk_ids)
+    _check_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     K = topk_ids.shape[1]
     if T == 0:
         return x.new_empty(0, D)
-    cfg_gate_up, cfg_down = (config, config) if config else _default_configs(T * K / E)
-    if cfg_gate_up["BLOCK_M"] != cfg_down["BLOCK_M"]:
-        raise ValueError("fused_moe: both GEMMs share one expert alignment (BLOCK_M)")
-    block_m = cfg_gate_up["BLOCK_M"]
-    align = moe_align(topk_ids, E, block_m)
+    cfg = config or default_config(T * K / E)
+    align = moe_align(topk_ids, E, cfg["BLOCK_M"])
     max_padded = align.sorted_ids.numel()
     weights = topk_weights.reshape(-1)
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
-    def launch(a, b, c, n, k, a_row_div, gate_up, mul_weight, cfg):
-        cfg = dict(cfg)
+    def launch(a, b, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _moe_gemm_kernel[grid](
             a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, n, k, max_padded, T * K,
@@ -229,34 +217,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
-    launch(x, w13, inter, I, D, K, True, False, cfg_gate_up)
+    launch(x, w13, inter, I, D, K, True, False)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
-    launch(inter, w2, out, D, I, 1, False, True, cfg_down)
+    launch(inter, w2, out, D, I, 1, False, True)
     return torch.sum(out.view(T, K, D), dim=1, dtype=torch.float32).to(x.dtype)
 
-
-def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor) -> torch.Tensor:
-    """Routed experts through torch._grouped_mm; same contract as fused_moe.
-
-    torch._grouped_mm(a [M, D], b [E, D, N], offs) multiplies rows offs[e-1]:offs[e] of a by b[e]
-    (offs: int32 cumulative row ends; rows past offs[-1] are left undefined). It needs CUDA, bf16
-    and 16-byte-aligned strides; each expert's rows are padded to 16 here, as torchtitan does.
-    """
-    _check_moe_args("grouped_mm_moe", x, w13, w2, topk_weights, topk_ids)
-    if not hasattr(torch, "_grouped_mm"):
-        raise RuntimeError("grouped_mm_moe: this torch has no torch._grouped_mm (added in 2.8)")
-    if x.is_cuda and x.dtype != torch.bfloat16:
-        raise ValueError(f"grouped_mm_moe: torch._grouped_mm on CUDA takes bf16, got {x.dtype}")
-    T, D = x.shape
-    E, K = w13.shape[0], topk_ids.shape[1]
-    if T == 0:
-        return x.new_empty(0, D)
-    align = moe_align(topk_ids, E, 16)
-    offs = align.expert_ends
-    rows = x[align.sorted_ids.clamp(0, T * K - 1).long() // K]               # [max_padded, D]
-    gate, up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    inter = F.silu(gate) * up                                                 # [max_padded, I]
-    out = torch._grouped_mm(inter, w2.transpose(1, 2), offs=offs)             # [max_padded, D]
-    out = out[align.dest].view(T, K, D)                                       # back to row t*K + k
-    return (out.float() * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)

@@ -1,7 +1,7 @@
 """Fused RMSNorm (optionally with the residual add before it) in one Triton launch, one program per row.
 
 Eager PyTorch spends ~7 elementwise kernels on an RMSNorm; this does the same arithmetic in one, in the
-same rounding order as reference.rms_norm_ref: the residual sum rounded to the input dtype, the sum of
+same rounding order as reference.rms_norm: the residual sum rounded to the input dtype, the sum of
 squares and 1/rms in fp32, the normalised row rounded to the input dtype, THEN times the weight (one
 more rounding). Only the order of the fp32 sum differs from torch's, so where the normalised value sits
 on a bf16 rounding boundary it can round the other way: one ulp, rarely two after the weight multiply.
@@ -51,15 +51,19 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, D, inv_d, 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of each row; same contract as reference.rms_norm_ref.
+    """RMSNorm of each row; same contract as reference.rms_norm.
 
-    x [T, D] (last dim contiguous, rows may be strided), weight [D], both one float dtype, D <= 8192.
-    Without residual returns y [T, D]; with residual ([T, D], x's dtype) returns (y, s), s = x + residual
-    and y = rmsnorm(s). Outputs are new contiguous tensors. No host synchronisation.
+    x [..., D] (rows of the flattened [T, D] view may be strided, the last dim contiguous), weight [D],
+    both one float dtype, D <= 8192. Without residual returns y; with residual (x's shape and dtype)
+    returns (y, s), s = x + residual and y = rmsnorm(s). Outputs are new contiguous tensors of x's
+    shape. No host synchronisation.
     """
-    if x.dim() != 2 or weight.shape != (x.shape[-1],):
-        raise ValueError(f"rms_norm: expected x [T, D] and weight [D]; got {tuple(x.shape)}, {tuple(weight.shape)}")
-    T, D = x.shape
+    shape = x.shape
+    if x.dim() < 1 or weight.shape != shape[-1:]:
+        raise ValueError(f"rms_norm: expected x [..., D] and weight [D]; got {tuple(shape)}, {tuple(weight.shape)}")
+    D = shape[-1]
+    x = x.reshape(-1, D)
+    T = x.shape[0]
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"rms_norm: x and weight must share one of bf16/fp16/fp32; got {x.dtype}, {weight.dtype}")
     if not 1 <= D <= MAX_D:
@@ -69,9 +73,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if weight.device != x.device:
         raise ValueError("rms_norm: x and weight must be on one device")
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}, {x.device});"
+        if residual.shape != shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"rms_norm: residual must match x ({tuple(shape)}, {x.dtype}, {x.device});"
                              f" got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+        residual = residual.reshape(-1, D)
         if residual.stride(1) != 1:
             raise ValueError("rms_norm: residual needs a contiguous last dim")
 
@@ -86,4 +91,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
             num_warps=min(max(block_d // 256, 1), 16), enable_fp_fusion=False,
         )
-    return y if residual is None else (y, s)
+    return y.view(shape) if s is None else (y.view(shape), s.view(shape))

@@ -1,9 +1,14 @@
-"""Plain PyTorch references for the Triton kernels: absorbed MLA decode over a paged latent cache,
-the routed-expert MoE, and the fused small ops (RMSNorm, MLA's norm/RoPE/cache write, SiLU-and-mul,
-top-k softmax). They are the CPU path of the model and the oracle of the kernel tests.
+"""The model's arithmetic for each kernel family, in plain PyTorch: RMSNorm, RoPE, MLA's step between
+the projections and attention, absorbed MLA decode over the paged latent cache, SwiGLU's activation,
+the softmax router's top-k (greedy and group-limited) and the routed experts.
 
-Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, L = max_blocks * block_size,
-T tokens, K experts per token, E experts, D hidden size, I expert intermediate size.
+This is the model's own math, not a copy of it: the model calls these functions through its kernel set
+(kernels/__init__.py), and they are what it runs for training, on the CPU and whenever the reference
+set is chosen. They are differentiable and run on any device. Each Triton kernel promises the same
+contract as its function here, and the kernel tests compare the two.
+
+Letters: T tokens, N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, L = max_blocks *
+block_size, K experts per token, E experts, D hidden size, I expert intermediate size.
 """
 
 from __future__ import annotations
@@ -12,15 +17,56 @@ import torch
 import torch.nn.functional as F
 
 
-def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   softmax_scale: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = weight * (v / rms(v)) over the last dim, with v = x, or v = x + residual (rounded to x's
+    dtype); returns y, or (y, v) with a residual, so the residual stream is carried beside the layer
+    output. Normalised in fp32 and cast back BEFORE the weight multiply (the official rounding order)."""
+    v = x if residual is None else x + residual
+    vf = v.float()
+    y = weight * (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)).to(v.dtype)
+    return y if residual is None else (y, v)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (2i, 2i+1) of x [..., P] by cos/sin [..., P/2] (broadcast over heads by the
+    caller), in fp32, returned in x's dtype. Why pairs: see rope.py."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor | None = None,
+                slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA between the projections and attention for T tokens. q_pe [T, H, P] is the rope part of every
+    head's query, kv [T, R + P] = [latent | raw k_pe] (kv_a_proj_with_mqa's output), cos/sin [T, P/2].
+    Returns (q_pe rotated, c_kv = RMSNorm(latent) [T, R], k_pe = RoPE(raw k_pe) [T, P]: one rope key
+    shared by all heads). With kv_cache [num_blocks, block_size, R + P] also writes [c_kv ; k_pe] (in
+    the cache's dtype) to the flat slot slot_mapping[t] of every token t.
+
+    The caller must use the returned q_pe and not its input: a kernel may rotate it in place."""
+    R = kv.shape[-1] - q_pe.shape[-1]
+    c_kv = rms_norm(kv[:, :R], norm_weight, eps)
+    k_pe = apply_rotary(kv[:, R:], cos, sin)
+    q_pe = apply_rotary(q_pe, cos[:, None], sin[:, None])
+    if kv_cache is not None:
+        latent = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)                 # [T, R + P]
+        kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent)
+    return q_pe, c_kv, k_pe
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+               seq_lens: torch.Tensor, softmax_scale: float, max_seq_len: int | None = None) -> torch.Tensor:
     """out[n, h] = sum_t softmax_t(scale * (q_lat[n,h].c_t + q_pe[n,h].pe_t)) c_t over t < seq_lens[n].
 
-    kv_cache [num_blocks, block_size, R + P] holds per token the latent c (first R) and the rotated
-    k_pe (last P); token t of sequence n sits in block block_tables[n, t // block_size] at row
-    t % block_size. Table entries past a sequence's last block are ignored. A sequence of length 0
-    gets a zero output. Math in fp32, result in q_lat's dtype.
+    Absorbed decode: with W_UK folded into the query (q_lat [N, H, R]), attention is MQA with one
+    shared key [c ; pe] and the latent c itself as the value. kv_cache [num_blocks, block_size, R + P]
+    holds per token the latent c (first R) and the rotated k_pe (last P); token t of sequence n sits in
+    block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
+    block are ignored. A sequence of length 0 gets a zero output. Math in fp32, result in q_lat's
+    dtype. max_seq_len (a bound on seq_lens) only tunes the kernel; unused here.
     """
     R = q_lat.shape[-1]
     num_blocks, block_size, _ = kv_cache.shape
@@ -35,13 +81,49 @@ def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     return torch.bmm(p, kv[..., :R]).to(q_lat.dtype)                      # [N, H, R]
 
 
-def moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor) -> torch.Tensor:
-    """y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t,k].
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: x [..., 2I] = [gate | up] -> silu(gate) * up [..., I], each op rounded to
+    x's dtype."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _weigh(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:
+    """The picked scores divided by their sum (norm_topk_prob), else times routed_scaling_factor."""
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) if renormalize else weights * scaling
+
+
+def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
+                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy routing: scores = softmax(logits [T, E]) in fp32, the k highest picked. Returns (weights
+    [T, k] fp32, ids [T, k] int32), in descending score order."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    return _weigh(weights, renormalize, scaling), ids.int()
+
+
+def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group: int, renormalize: bool,
+                         scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited routing (the paper's device-limited routing; official `group_limited_greedy`): the
+    E experts form n_group contiguous groups; keep the topk_group groups with the highest best score,
+    then pick the k highest scores among their experts. Same outputs as topk_softmax."""
+    scores = torch.softmax(logits.float(), dim=-1)                        # [T, E]
+    grouped = scores.unflatten(-1, (n_group, -1))                         # [T, n_group, E / n_group]
+    kept = torch.topk(grouped.amax(dim=-1), topk_group, dim=-1).indices   # [T, topk_group]
+    group_mask = torch.zeros_like(grouped[..., 0]).scatter_(1, kept, 1.0)  # [T, n_group]
+    masked = (grouped * group_mask[..., None]).flatten(1)                 # other groups' scores -> 0
+    weights, ids = torch.topk(masked, k, dim=-1)
+    return _weigh(weights, renormalize, scaling), ids.int()
+
+
+def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor) -> torch.Tensor:
+    """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
+    e = topk_ids[t,k].
 
     x [T, D]; w13 [E, 2I, D] (rows :I gate_proj, I: up_proj); w2 [E, D, I]. Expert outputs in x's
-    dtype, combined in fp32, cast back to x's dtype. Tokens are grouped by expert; the loop runs over
-    experts (with a host sync for the counts, which is fine for a reference).
+    dtype (the autocast dtype in training), combined in fp32, cast back to x's dtype. Tokens are
+    grouped by expert and the loop runs over experts, never over tokens (the host reads the counts,
+    which a kernel must not do, but is fine here).
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]
@@ -54,68 +136,8 @@ def moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
         if n == 0:
             continue
         rows = order[start:start + n]
-        gate, up = (x[rows // K] @ w13[e].t()).chunk(2, dim=-1)           # [n, I] each
-        out[rows] = ((F.silu(gate) * up) @ w2[e].t()).to(out.dtype)      # [n, D] (bf16 under autocast)
+        h = silu_and_mul(x[rows // K] @ w13[e].t())                       # [n, I]
+        out[rows] = (h @ w2[e].t()).to(out.dtype)                         # [n, D]
         start += n
     y = (out.view(T, K, D).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
-
-
-# ---------------------------------------------------------------- fused elementwise kernels (norm, mla_prepare,
-# activation, router): the eager code they replace, rounding step by rounding step.
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """y = weight * (v / rms(v)) over the last dim, v = x or s = x + residual (in x's dtype); returns
-    y, or (y, s) with a residual. Normalised in fp32 and cast to v's dtype BEFORE the weight multiply,
-    as model.RMSNorm does (the official rounding order)."""
-    v = x if residual is None else x + residual
-    vf = v.float()
-    y = weight * (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)).to(v.dtype)
-    return y if residual is None else (y, v)
-
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rope.apply_rotary, repeated here because kernels import nothing internal (a test checks they agree):
-    pairs (2i, 2i+1) of x [..., P] rotated by cos/sin [..., P/2] in fp32, returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
-
-
-def mla_prepare_ref(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor | None = None,
-                    slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLA between the projections and attention. kv [T, R + P] = [latent | raw k_pe]; returns
-    c_kv = RMSNorm(latent) [T, R] and k_pe = RoPE(raw k_pe) [T, P]; rotates q_pe [T, H, P] in place;
-    with kv_cache [num_blocks, block_size, R + P] writes [c_kv ; k_pe] (in the cache dtype) to the
-    flat slot slot_mapping[t] of every token t."""
-    R = kv.shape[1] - q_pe.shape[-1]
-    c_kv = rms_norm_ref(kv[:, :R], norm_weight, eps)
-    k_pe = _apply_rotary(kv[:, R:], cos, sin)
-    q_pe.copy_(_apply_rotary(q_pe, cos[:, None], sin[:, None]))
-    if kv_cache is not None:
-        latent = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)                 # [T, R + P]
-        kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent)
-    return c_kv, k_pe
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I], each op rounded to x's dtype."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def topk_softmax_ref(logits: torch.Tensor, k: int, renormalize: bool,
-                     scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy routing as model.MoEGate does it: scores = softmax(logits [T, E]) in fp32, the top-k
-    scores divided by their sum (+1e-20) if renormalize, else times scaling. Returns (weights [T, k]
-    fp32, ids [T, k] int32), in descending score order."""
-    scores = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(scores, k, dim=-1)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        weights = weights * scaling
-    return weights, ids.int()

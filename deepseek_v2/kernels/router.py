@@ -64,7 +64,7 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
                  scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy top-k routing; same contract as reference.topk_softmax_ref.
+    """Greedy top-k routing; same contract as reference.topk_softmax.
 
     logits [T, E] fp32 (last dim contiguous, E <= 1024). scores = softmax(logits); returns weights [T, k]
     fp32 (the picked scores / (their sum + 1e-20) if renormalize, else times scaling) and ids [T, k]

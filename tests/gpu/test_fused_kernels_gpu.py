@@ -25,8 +25,7 @@ pytest.importorskip("triton")
 from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
-from deepseek_v2.kernels.reference import (  # noqa: E402
-    mla_prepare_ref, rms_norm_ref, silu_and_mul_ref, topk_softmax_ref)
+from deepseek_v2.kernels import reference  # noqa: E402
 from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
@@ -70,9 +69,9 @@ def test_rms_norm(D, T):
     residual = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
     weight = torch.randn(D, device=DEVICE, generator=g).mul_(0.1).add_(1).to(BF16)
     poison_free_memory()
-    assert_ulps(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6), 2, what="y")
+    assert_ulps(rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), 2, what="y")
     y, s = rms_norm(x, weight, 1e-6, residual=residual)
-    y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+    y_ref, s_ref = reference.rms_norm(x, weight, 1e-6, residual=residual)
     assert torch.equal(s, s_ref), "x + residual: one bf16 rounding, as torch"
     assert_ulps(y, y_ref, 2, what="y with residual")
 
@@ -98,15 +97,21 @@ def q_pe_view(q, H):
     return q.unflatten(-1, (H, DN + P)).split([DN, P], -1)[1]
 
 
+def q_nope_view(q, H):
+    return q.unflatten(-1, (H, DN + P)).split([DN, P], -1)[0]
+
+
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("H", [16, 128])
 def test_mla_prepare(H, T):
     q, kv, cos, sin, weight, cache, slots = mla_inputs(T, H, seed=H * 100000 + T)
     q_ref, cache_ref = q.clone(), cache.clone()
     poison_free_memory()
-    c_kv, k_pe = mla_prepare(q_pe_view(q, H), kv, cos, sin, weight, 1e-6, cache, slots)
-    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H), kv, cos, sin, weight, 1e-6, cache_ref, slots)
-    assert torch.equal(k_pe, k_pe_ref) and torch.equal(q, q_ref), "RoPE: bit-identical, q_nope untouched"
+    q_pe, c_kv, k_pe = mla_prepare(q_pe_view(q, H), kv, cos, sin, weight, 1e-6, cache, slots)
+    q_pe_ref, c_ref, k_pe_ref = reference.mla_prepare(q_pe_view(q_ref, H), kv, cos, sin, weight, 1e-6,
+                                                      cache_ref, slots)
+    assert torch.equal(k_pe, k_pe_ref) and torch.equal(q_pe, q_pe_ref), "RoPE: bit-identical"
+    assert torch.equal(q_nope_view(q, H), q_nope_view(q_ref, H)), "q_nope untouched"
     assert_ulps(c_kv, c_ref, 2, what="c_kv")
     assert_ulps(cache, cache_ref, 2, what="cache")
 
@@ -118,13 +123,13 @@ def test_mla_prepare(H, T):
 def test_silu_and_mul(I, T):
     x = torch.randn(T, 2 * I, device=DEVICE, generator=generator(I + T)).mul_(4).to(BF16)
     poison_free_memory()
-    assert_ulps(silu_and_mul(x), silu_and_mul_ref(x), 1)
+    assert_ulps(silu_and_mul(x), reference.silu_and_mul(x), 1)
 
 
 # ---------------------------------------------------------------- topk_softmax
 
 def assert_same_routing(weights, ids, logits, k, renormalize, scaling):
-    ref_weights, ref_ids = topk_softmax_ref(logits, k, renormalize, scaling)
+    ref_weights, ref_ids = reference.topk_softmax(logits, k, renormalize, scaling)
     assert ids.dtype == torch.int32 and weights.shape == ref_weights.shape
     scores = torch.softmax(logits, -1).topk(k + 1, dim=-1).values
     decided = scores[:, k - 1] > scores[:, k]                      # torch's set is unambiguous
@@ -166,7 +171,7 @@ def test_cuda_graphs(T):
     graph, (y, s) = capture(lambda: rms_norm(x, weight, 1e-6, residual=residual))
     x.normal_(generator=g), residual.normal_(generator=g)
     graph.replay()
-    y_ref, s_ref = rms_norm_ref(x, weight, 1e-6, residual=residual)
+    y_ref, s_ref = reference.rms_norm(x, weight, 1e-6, residual=residual)
     assert torch.equal(s, s_ref)
     assert_ulps(y, y_ref, 2, max_fraction=1e-2)
 
@@ -175,7 +180,7 @@ def test_cuda_graphs(T):
     graph, y = capture(lambda: silu_and_mul(h))
     h.normal_(generator=g)
     graph.replay()
-    assert_ulps(y, silu_and_mul_ref(h), 1, max_fraction=1e-2)
+    assert_ulps(y, reference.silu_and_mul(h), 1, max_fraction=1e-2)
 
     # topk_softmax
     logits = torch.randn(T, 64, device=DEVICE, generator=g)
@@ -187,14 +192,15 @@ def test_cuda_graphs(T):
     # mla_prepare: new query, latent, positions and slots in the same buffers
     H = 16
     q, kv, cos, sin, norm_weight, cache, slots = mla_inputs(T, H, seed=T)
-    graph, (c_kv, k_pe) = capture(lambda: mla_prepare(q_pe_view(q, H), kv, cos, sin, norm_weight, 1e-6,
-                                                      cache, slots))
+    graph, (q_pe, c_kv, k_pe) = capture(lambda: mla_prepare(q_pe_view(q, H), kv, cos, sin, norm_weight, 1e-6,
+                                                            cache, slots))
     q2, kv2, cos2, sin2, _, _, slots2 = mla_inputs(T, H, seed=T + 1)
     for dst, src in [(q, q2), (kv, kv2), (cos, cos2), (sin, sin2), (slots, slots2)]:
         dst.copy_(src)
     q_ref, cache_ref = q.clone(), cache.clone()
     graph.replay()
-    c_ref, k_pe_ref = mla_prepare_ref(q_pe_view(q_ref, H), kv, cos, sin, norm_weight, 1e-6, cache_ref, slots)
-    assert torch.equal(q, q_ref) and torch.equal(k_pe, k_pe_ref)
+    q_pe_ref, c_ref, k_pe_ref = reference.mla_prepare(q_pe_view(q_ref, H), kv, cos, sin, norm_weight, 1e-6,
+                                                      cache_ref, slots)
+    assert torch.equal(q_pe_view(q, H), q_pe_ref) and torch.equal(k_pe, k_pe_ref)
     assert_ulps(c_kv, c_ref, 2, max_fraction=1e-2)
     assert_ulps(cache, cache_ref, 2, max_fraction=1e-2)

@@ -1,5 +1,5 @@
 # Run on a CUDA machine: pytest -q tests/gpu/test_kernels_gpu.py  (skipped without a GPU; ~1-2 min on an H200)
-"""The Triton kernels and the torch._grouped_mm path against the references at the real DeepSeek-V2
+"""The MLA decode and fused MoE Triton kernels against the references at the real DeepSeek-V2
 and V2-Lite shapes, in bf16, plus CUDA-graph capture. Metric: ||out - ref|| / ||ref|| < 1e-2.
 
 The wrappers allocate their own outputs, so instead of poisoning an out buffer we fill freed
@@ -16,8 +16,8 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton")
 
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
-from deepseek_v2.kernels.moe import fused_moe, grouped_mm_moe, moe_align  # noqa: E402
-from deepseek_v2.kernels.reference import mla_decode_ref, moe_ref  # noqa: E402
+from deepseek_v2.kernels import reference  # noqa: E402
+from deepseek_v2.kernels.moe import fused_moe, moe_align  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
 
@@ -65,7 +65,7 @@ def test_mla_decode(heads, batch, max_len):
     args = mla_inputs(heads, batch, max_len, seed=heads * 1000 + batch)
     poison_free_memory()
     out = mla_decode(*args, SCALE)
-    assert rel_error(out, mla_decode_ref(*args, SCALE)) < 1e-2
+    assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
 
 
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 64])
@@ -73,7 +73,7 @@ def test_mla_decode_explicit_splits(num_kv_splits):
     args = mla_inputs(16, 8, 5000, seed=num_kv_splits)
     poison_free_memory()
     out = mla_decode(*args, SCALE, num_kv_splits=num_kv_splits)
-    assert rel_error(out, mla_decode_ref(*args, SCALE)) < 1e-2
+    assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
 
 
 def test_mla_decode_cuda_graph():
@@ -88,7 +88,7 @@ def test_mla_decode_cuda_graph():
     shorter = torch.tensor([4096, 1, 100, 2000, 64, 65, 3000, 17], dtype=torch.int32, device=DEVICE)
     seq_lens.copy_(torch.minimum(seq_lens, shorter))  # the block tables only cover the old lengths
     graph.replay()
-    assert rel_error(out, mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE)) < 1e-2
+    assert rel_error(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE)) < 1e-2
 
 
 MOE_SHAPES = {"v2-lite": (64, 2048, 1408, 6), "v2": (160, 5120, 1536, 6)}  # E, D, I, K
@@ -114,15 +114,12 @@ def routed_tokens(T, E, D, K, seed):
 
 
 @pytest.mark.parametrize("T", [1, 8, 256, 4096])
-@pytest.mark.parametrize("impl", ["fused_moe", "grouped_mm_moe"])
-def test_moe(moe_weights, T, impl):
+def test_moe(moe_weights, T):
     w13, w2, K = moe_weights
-    if impl == "grouped_mm_moe" and not hasattr(torch, "_grouped_mm"):
-        pytest.skip("torch._grouped_mm needs torch >= 2.8")
     x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T)
     poison_free_memory()
-    y = (fused_moe if impl == "fused_moe" else grouped_mm_moe)(x, w13, w2, topk_weights, topk_ids)
-    assert rel_error(y, moe_ref(x, w13, w2, topk_weights, topk_ids)) < 1e-2
+    y = fused_moe(x, w13, w2, topk_weights, topk_ids)
+    assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
 
 
 @pytest.mark.parametrize("T,E,block_m", [(4096, 160, 128), (3, 64, 16), (256, 64, 64)])
@@ -135,8 +132,6 @@ def test_moe_align(T, E, block_m):
     counts = torch.bincount(flat, minlength=E)
     padded = (counts + block_m - 1) // block_m * block_m
     assert a.num_padded.item() == padded.sum().item()
-    assert torch.equal(a.expert_ends.long(), padded.cumsum(0))
-    assert torch.equal(a.sorted_ids[a.dest].long(), torch.arange(flat.numel(), device=DEVICE))
     used = a.sorted_ids[: a.num_padded.item()].long()
     real = used < flat.numel()
     assert real.sum().item() == flat.numel()
@@ -158,4 +153,4 @@ def test_fused_moe_cuda_graph():
     x2, topk_weights2, topk_ids2 = routed_tokens(8, E, D, K, seed=3)  # new routing, same buffers
     x.copy_(x2), topk_weights.copy_(topk_weights2), topk_ids.copy_(topk_ids2)
     graph.replay()
-    assert rel_error(y, moe_ref(x, w13, w2, topk_weights, topk_ids)) < 1e-2
+    assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
