@@ -18,18 +18,20 @@ import torch
 
 from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
 from .engine.llm_engine import LLMEngine
+from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, flag_name
 from .model import DeepseekV2ForCausalLM
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+
+WARMUP_LEN = 64  # prompt tokens of the warm-up requests
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shape", choices=sorted(PRESETS), help="random weights of a built-in shape")
     src.add_argument("--config", help="random weights of the shape in this config.json")
-    src.add_argument("--model", help="a checkpoint directory (default: the shipped model)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default=None)
+    add_model_arguments(p, model_into=src)
     p.add_argument("--batch-sizes", default="1,32,256", help="concurrencies for the throughput runs")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
@@ -39,13 +41,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same weights")
     p.add_argument("--hf-batch-sizes", default="1,8,32")
     p.add_argument("--hf-output-len", type=int, default=32)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    add_engine_arguments(p)
+    # The settings docs/benchmarks.md's figures were measured with. None: sized from the workload.
+    p.set_defaults(dtype="bfloat16", max_num_batched_tokens=16384, gpu_memory_utilization=0.85,
+                   max_model_len=None, max_num_seqs=None)
+    p.epilog = ("Unless given, --max-model-len and --max-num-seqs (None above) are what the workload needs: "
+                "the longest prompt plus output, the largest concurrency. A larger value is used as given, "
+                "a smaller one is refused.")
 
 
-WARMUP_LEN = 64  # prompt tokens of the warm-up requests
+def engine_config(args) -> EngineConfig:
+    """The flags' EngineConfig, with max_model_len and max_num_seqs sized for the workload unless given
+    (a given value below the workload's needs would fail or mislabel a figure, so it is refused)."""
+    need = {"max_model_len": max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len,
+                                 WARMUP_LEN) + 8,
+            "max_num_seqs": max([int(x) for x in args.batch_sizes.split(",")] + [args.prefill_prompts])}
+    knobs = engine_kwargs(args)
+    for name, value in need.items():
+        if knobs[name] is None:
+            knobs[name] = value
+        elif knobs[name] < value:
+            raise ValueError(f"{flag_name(name)} {knobs[name]} is below the {value} this workload needs")
+    return EngineConfig(**knobs)
 
 
 @dataclass
@@ -83,7 +101,10 @@ def measure_ceilings(device: torch.device) -> Ceilings:
 
 
 def build_model(args, device) -> tuple[DeepseekV2ForCausalLM, str]:
-    dtype = getattr(torch, args.dtype)
+    if args.dtype == "auto":  # the engine's rule (LLMEngine.from_pretrained)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     if args.shape or args.config:
         if args.shape:
             margs = PRESETS[args.shape]
@@ -237,6 +258,7 @@ def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
 
 
 def run(args) -> None:
+    config = engine_config(args)  # a refused value fails here, before the minutes of measuring
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ceil = measure_ceilings(device)
     if device.type == "cuda":
@@ -244,16 +266,12 @@ def run(args) -> None:
     model, source = build_model(args, device)
     a = model.args
     tokenizer = Tokenizer.from_pretrained(args.model or DEFAULT_MODEL)
-    max_len = max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len, WARMUP_LEN) + 8
-    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batch_sizes + [args.prefill_prompts]),
-                          max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
     t = time.perf_counter()
     engine = LLMEngine(model, tokenizer, config)
     startup = time.perf_counter() - t
     results = {"source": source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "dtype": args.dtype, "engine_startup_s": startup,
+               "torch": torch.__version__, "dtype": str(model.dtype).removeprefix("torch."),  # "auto" resolved
+               "engine_startup_s": startup,
                "ceilings": {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12},
                "ours": bench_engine(engine, a, args, ceil)}
     if args.compare_hf:

@@ -10,38 +10,9 @@ import importlib
 import logging
 import sys
 
+from .flags import add_engine_arguments, add_model_argument, add_model_arguments, engine_kwargs
+
 EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, OSError)
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the model shipped with the package)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The engine knobs, with vLLM's flag names."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
-    g.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse cached blocks of shared prompt prefixes")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
-    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="latent cache budget on CPU, in GiB")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the number of cache blocks")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampler for unseeded requests")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * 2**30), num_kv_blocks=args.num_kv_blocks,
-                seed=args.seed)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -195,7 +166,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="parameters, layer layout and cache size of a checkpoint or shape")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    add_model_argument(p)
     p.add_argument("--shape", default=None, help="a built-in shape instead: v2 or v2-lite")
     p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.set_defaults(func=cmd_info)

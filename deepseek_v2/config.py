@@ -279,22 +279,32 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
+def _knob(default, help: str, choices: tuple | None = None):
+    """An EngineConfig field with its help text (and allowed values); deepseek_v2/flags.py makes the flag
+    from them."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class EngineConfig:
-    """Runtime knobs of the inference engine (vLLM's names where vLLM has one)."""
+    """Runtime knobs of the inference engine (vLLM's names where vLLM has one). Every field is also a
+    command-line flag (`--max-num-seqs` for max_num_seqs), with this default and help."""
 
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 64
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 1 << 30  # cache budget on CPU
-    num_kv_blocks: int | None = None  # fixes the cache size, overriding the budgets
-    max_waiting_requests: int | None = None  # the server answers 503 beyond this
-    seed: int = 0
-    kernels: str = "auto"  # auto: "triton" on a GPU, else "reference" (kernels/__init__.py)
+    max_model_len: int | None = _knob(None, "context length, prompt plus output (default: the model's)")
+    max_num_seqs: int = _knob(256, "sequences in one batch")
+    max_num_batched_tokens: int = _knob(8192, "tokens per engine step; longer prompts are prefilled in chunks")
+    block_size: int = _knob(64, "tokens per cache block")
+    enable_prefix_caching: bool = _knob(True, "reuse cached blocks of shared prompt prefixes")
+    enforce_eager: bool = _knob(False, "no CUDA graphs")
+    gpu_memory_utilization: float = _knob(0.9, "fraction of GPU memory for weights, activations and cache")
+    cpu_kv_cache_gib: float = _knob(1.0, "cache budget on CPU, in GiB")
+    num_kv_blocks: int | None = _knob(None, "fix the number of cache blocks, overriding the budgets "
+                                            "(default: as many as the budget holds)")
+    max_waiting_requests: int | None = _knob(None, "the server answers 503 with Retry-After when this many "
+                                                   "requests are waiting (default: no limit)")
+    seed: int = _knob(0, "seed of the sampler for requests without a seed of their own")
+    kernels: str = _knob("auto", "the model's kernel set: reference (PyTorch) or triton (fused GPU kernels); "
+                                 "auto: triton on a GPU, else reference", choices=("auto", "reference", "triton"))
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -304,5 +314,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
-        if self.kernels not in ("auto", "reference", "triton"):
-            raise ValueError(f"kernels must be auto, reference or triton, got {self.kernels!r}")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
+
+    @property
+    def cpu_kv_cache_bytes(self) -> int:
+        """The CPU budget as the model runner sizes the cache; people speak GiB (the field, the flag)."""
+        return int(self.cpu_kv_cache_gib * 2**30)

@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 
+from ..flags import add_engine_arguments, add_model_arguments, engine_kwargs
+
 API_KEY_ENV = "DEEPSEEK_V2_API_KEY"  # comma-separated keys, kept out of `ps` output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -26,33 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(also ${API_KEY_ENV}, comma-separated). Metrics name them key-1, key-2, ...")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients send; the first is reported (default: --model as given)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--max-waiting-requests", type=int, default=None,
-                        help="answer 503 with Retry-After when this many requests are waiting (default: no limit)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds running requests may take to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    engine.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    engine.add_argument("--block-size", type=int, default=64)
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--num-kv-blocks", type=int, default=None, help="fix the cache size in blocks")
-    engine.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="cache budget on CPU")
-    engine.add_argument("--seed", type=int, default=0)
-
-
-def _engine_knobs(args: argparse.Namespace) -> dict:
-    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-                cpu_kv_cache_bytes=int(args.cpu_kv_cache_gib * 2**30),
-                max_waiting_requests=args.max_waiting_requests, seed=args.seed)
+    add_model_arguments(parser)
+    add_engine_arguments(parser, server=True)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -72,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{model}: no config.json (not a checkpoint directory)")
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
-    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **_engine_knobs(args))
+    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
     app = build_app(engine, names, keys, model_path=model)
 
     class Server(uvicorn.Server):

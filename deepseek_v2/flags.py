@@ -1,0 +1,59 @@
+"""The flags every command shares: which checkpoint to load (--model, --dtype, --device) and the engine
+knobs. The engine flags are generated from EngineConfig's fields, so a knob's name, type, default and
+help are written once, in config.py; `engine_kwargs` turns the parsed flags back into its fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from .config import EngineConfig
+
+DTYPES = ["auto", "bfloat16", "float16", "float32"]
+SERVER_ONLY = {"max_waiting_requests"}  # a limit on the HTTP server's queue; no other command has one
+
+
+def add_model_argument(container) -> None:
+    """--model alone (`info`, and bench's group of model sources)."""
+    container.add_argument("--model", default=None,
+                           help="checkpoint directory (default: the model shipped with the package)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_into=None) -> None:
+    """--model, --dtype and --device under a "model" heading. `model_into`: where --model goes instead
+    (bench puts it in a mutually exclusive group with its random-weight sources)."""
+    g = parser.add_argument_group("model")
+    add_model_argument(model_into or g)
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bfloat16 on GPU, float32 on CPU (default: %(default)s)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, server: bool = False) -> None:
+    """One flag per EngineConfig field under an "engine" heading (SERVER_ONLY's only when `server`):
+    max_num_seqs becomes --max-num-seqs, typed by the field's annotation and defaulting to the field's
+    default; a bool becomes --x / --no-x."""
+    g = parser.add_argument_group("engine")
+    hints = typing.get_type_hints(EngineConfig)  # config.py's annotations are strings
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in SERVER_ONLY and not server:
+            continue
+        # %(default)s shows the parser's default, so a command's set_defaults override shows too; a
+        # field whose default is None says in its help what None means.
+        text = f.metadata["help"] + ("" if f.default is None else " (default: %(default)s)")
+        kind = hints[f.name]
+        kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
+        if kind is bool:
+            g.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            g.add_argument(flag_name(f.name), type=kind, default=f.default, choices=f.metadata["choices"], help=text)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig's keyword arguments from the parsed flags; a field without a flag keeps its default."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
