@@ -20,7 +20,7 @@ from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
 from .engine.llm_engine import LLMEngine
 from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, flag_name
 from .model import DeepseekV2ForCausalLM
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
 

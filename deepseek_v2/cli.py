@@ -27,7 +27,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128) ->
 
 
 def sampling_params(args: argparse.Namespace):
-    from .sampling import SamplingParams
+    from .sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                           seed=args.sampling_seed, stop=args.stop)
@@ -127,7 +127,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .sampling import SamplingParams
+    from .sampling_params import SamplingParams
     engine = load_engine(args)
     question = "What does the Python function len do?"
     print(f"User: {question}\nAssistant:", end="", flush=True)

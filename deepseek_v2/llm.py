@@ -12,7 +12,7 @@ import torch
 from .config import DEFAULT_MODEL
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
 

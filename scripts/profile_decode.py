@@ -22,7 +22,7 @@ from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.kernels.mla_decode import mla_decode
 from deepseek_v2.kernels.moe import default_config, fused_moe
 from deepseek_v2.model import DeepseekV2ForCausalLM
-from deepseek_v2.sampling import SamplingParams
+from deepseek_v2.sampling_params import SamplingParams
 from deepseek_v2.tokenizer import Tokenizer
 
 DEV = "cuda"

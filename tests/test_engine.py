@@ -231,3 +231,19 @@ def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kerne
             "RMSNorm": kernels, "MLA": kernels, "MLP": kernels, "MoEGate": kernels, "RoutedExperts": kernels}
         outputs[kernels] = [o.outputs[0].token_ids for o in run_all(engine, prompts, params)]
     assert outputs["triton"] == outputs["reference"]
+
+
+def test_bad_requests_name_their_parameter(setup):
+    from deepseek_v2 import InvalidRequestError
+    model, tokenizer, prompts, _ = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_model_len=64))
+    for prompt, params, param in [
+        ([], GREEDY, "prompt"),
+        ([3, 96], GREEDY, "prompt"),                                   # out of the vocabulary (96 tokens)
+        (list(range(2, 66)), GREEDY, "prompt"),                        # no room left for output
+        ([3, 4], SamplingParams(stop_token_ids=[500]), "stop_token_ids"),
+    ]:
+        with pytest.raises(InvalidRequestError) as info:
+            engine.add_request("bad", prompt, params)
+        assert info.value.param == param
+    assert not engine.has_unfinished_requests()

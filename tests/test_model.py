@@ -14,7 +14,7 @@ from deepseek_v2 import DeepseekV2ForCausalLM, ModelArgs
 from deepseek_v2.config import RopeScaling
 from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.model import AttentionMetadata
-from deepseek_v2.sampling import SamplingParams
+from deepseek_v2.sampling_params import SamplingParams
 from deepseek_v2.tokenizer import Tokenizer
 
 DEFAULT_TOKENIZER = "deepseek_v2/default_model"

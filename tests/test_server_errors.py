@@ -16,7 +16,7 @@ import pytest
 from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
 from deepseek_v2.engine.llm_engine import LLMEngine
-from deepseek_v2.sampling import SamplingParams
+from deepseek_v2.sampling_params import SamplingParams
 from server_process import start_server
 
 pytest.importorskip("fastapi")

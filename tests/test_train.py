@@ -173,7 +173,7 @@ def test_checkpoint_is_official_format_for_engine_and_transformers(data, tmp_pat
         assert torch.allclose(hf(x).logits, ours(x), atol=1e-4)
 
     from deepseek_v2.llm import LLM
-    from deepseek_v2.sampling import SamplingParams
+    from deepseek_v2.sampling_params import SamplingParams
     llm = LLM(str(model_dir), dtype="float32", device="cpu")
     [result] = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     seq = list(ids)

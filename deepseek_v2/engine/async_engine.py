@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..outputs import RequestOutput
-from ..sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .llm_engine import LLMEngine
 
 logger = logging.getLogger("deepseek_v2")
@@ -128,15 +128,16 @@ class AsyncLLMEngine:
     # ---- requests ---------------------------------------------------------------------------------
     def encode_and_validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Token ids of `prompt` (a string is encoded with the tokenizer's defaults); raises
-        ValueError for a prompt or parameters the engine cannot serve."""
+        InvalidRequestError for a request the engine cannot serve. The engine's own check, so the
+        worker thread only enqueues."""
         self._check_accepting()
         _, ids = self.engine.encode_prompt(prompt)  # reads only immutable tokenizer/model state
-        self.engine.validate_prompt(ids, params)
+        self.engine.validate_request(ids, params)
         return ids
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                  arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising ValueError, EngineOverloadedError, EngineNotReadyError or
+        """Validate now (raising InvalidRequestError, EngineOverloadedError, EngineNotReadyError or
         EngineDeadError before anything is queued) and return an async iterator of the request's
         outputs. The request holds a place in the waiting queue from now on; it reaches the engine
         when iteration starts and is aborted when iteration stops early (call `abort` for an
@@ -244,7 +245,7 @@ class AsyncLLMEngine:
         failed = []
         for a in adds:
             try:
-                self.engine.add_request(a.request_id, a.prompt_token_ids, a.params, arrival_time=a.arrival_time)
+                self.engine.enqueue(a.request_id, None, a.prompt_token_ids, a.params, arrival_time=a.arrival_time)
             except Exception as e:  # only this request fails
                 failed.append((a.request_id, e))
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []

@@ -1,6 +1,10 @@
-"""The engine: requests in, streamed outputs out. Each `step()` is three calls (schedule, run,
-postprocess); postprocessing appends the sampled tokens, detokenizes incrementally, applies the
-stop conditions and frees finished sequences."""
+"""The engine: requests in, streamed outputs out.
+
+`add_request` checks a request against the engine's rules (`validate_request`, the only place they
+live), then queues one sequence per sample. Each `step()` schedules a batch, has the model runner
+run it (prepare inputs, forward, sample), then for every scheduled sequence advances its computed
+tokens and, when a token was sampled, appends it, detokenizes incrementally, applies the stop
+conditions and frees the sequence if it finished; it returns the outputs of the requests touched."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from ..config import DEFAULT_MODEL, EngineConfig
 from ..model import DeepseekV2ForCausalLM
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
-from ..sampling import SamplingParams
+from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult, cache_bytes_per_token
@@ -62,7 +66,6 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.args.max_position_embeddings,
                                  model.args.max_position_embeddings)
         self.runner = ModelRunner(model, config, self.max_model_len)
-        self.runner.eos_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             fit = self.runner.num_blocks * config.block_size
@@ -103,40 +106,51 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError for a prompt the engine cannot serve (also used by the server)."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """Raise InvalidRequestError unless every id is a token of the vocabulary."""
         vocab = self.model.args.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]!r} is out of the vocabulary (0..{vocab - 1})")
+            raise InvalidRequestError(f"token id {bad[0]!r} is out of the vocabulary (0..{vocab - 1})", param)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError, naming the parameter, for a request this engine cannot serve.
+        (SamplingParams checked its own values when it was made; these are the rules that need the
+        model and the engine's limits.)"""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        self.check_token_ids(prompt_token_ids, "prompt")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the context length is "
-                             f"{self.max_model_len}, leaving no room for output")
-        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
-        if bad_stop:
-            raise ValueError(f"stop token id {bad_stop[0]} is out of the vocabulary (0..{vocab - 1})")
+            raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens; the context length is "
+                                      f"{self.max_model_len}, leaving no room for output", "prompt")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        """Check the request (InvalidRequestError) and queue it."""
         params = params or SamplingParams()
         text, ids = self.encode_prompt(prompt)
-        self.validate_prompt(ids, params)
+        self.validate_request(ids, params)
+        self.enqueue(request_id, text, ids, params, arrival_time)
+
+    def enqueue(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                arrival_time: float | None = None) -> None:
+        """Queue a request that validate_request has passed: one sequence per sample."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = prompt_token_ids
         now = time.monotonic() if arrival_time is None else arrival_time
         samples = []
         for i in range(params.n):
             p = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples
                 p = replace(params, seed=params.seed + i)
-            seq = Sequence(ids, p, request_id, i, now)
+            seq = Sequence(ids, p, request_id, i, now, eos_token_id=self.tokenizer.eos_token_id)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             samples.append(SampleState(seq, detok, logprobs=[] if params.logprobs is not None else None,
                                        cumulative_logprob=0.0 if params.logprobs is not None else None))
             self.scheduler.add(seq)
-        self.requests[request_id] = Request(request_id, text, ids, params, samples, RequestMetrics(now),
+        self.requests[request_id] = Request(request_id, prompt, ids, params, samples, RequestMetrics(now),
                                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self.num_prompt_tokens += len(ids) * params.n
 
@@ -196,10 +210,8 @@ class LLMEngine:
             s.logprobs.append(result.logprobs.as_dict())
             s.cumulative_logprob += result.logprobs.logprob
         n_out = len(seq.output_token_ids)
-        if not p.ignore_eos and token in self.runner.eos_token_ids and n_out > p.min_tokens - 1:
-            return self._finish(s, SequenceStatus.FINISHED_STOPPED)
-        if token in p.stop_token_ids and n_out > p.min_tokens - 1:
-            s.stop_reason = token
+        if token in seq.stop_token_ids and n_out >= p.min_tokens:  # (the sampler masks them until then)
+            s.stop_reason = token if token in p.stop_token_ids else None  # None: EOS
             return self._finish(s, SequenceStatus.FINISHED_STOPPED)
         before = len(s.text)
         if p.detokenize:

@@ -1,6 +1,8 @@
-"""The model runner: the only owner of the model, the paged latent cache and the sampler. It turns
-a scheduled batch into flat tensors (tokens, positions, slot mapping, block tables, sequence
-lengths), runs one forward step, computes logits only for the rows that need them, and samples.
+"""The model runner: the only owner of the model, the paged latent cache, the CUDA graphs and the
+sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into flat host lists
+(tokens, positions, slot mapping, block tables, which rows need logits), `forward` runs the model
+(replaying a captured CUDA graph for a decode-only batch) and returns the logits of those rows, and
+`sample` turns them into tokens and logprobs.
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
 holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else.
@@ -9,31 +11,16 @@ holding the normalised latent c_kv and the rotated k_pe of every cached token, n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config import EngineConfig
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
-from ..sampling import SampleRequest, Sampler
-from .scheduler import SchedulerOutput
+from ..sampler import Sampler, TokenLogprobs
+from .scheduler import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger("deepseek_v2")
-
-
-@dataclass
-class TokenLogprobs:
-    """Log-probabilities at one position: the chosen (or actual prompt) token first, then the top-N."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-    def as_dict(self) -> dict[int, float]:
-        d = {self.token_id: self.logprob}
-        for t, lp in self.top:
-            d.setdefault(t, lp)
-        return d
 
 
 @dataclass
@@ -42,6 +29,30 @@ class StepResult:
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None  # for prompt positions computed this step
     prompt_logprobs_start: int = 0  # prompt index of the first entry
+
+
+@dataclass
+class StepInputs:
+    """One step on the host. items are the scheduled sequences, prefills first then decodes; item k
+    is sched.scheduled[order[k]]. The T flat tokens follow the items' order."""
+
+    items: list[ScheduledSequence]
+    order: list[int]
+    input_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    slots: list[int] = field(default_factory=list)  # [T] cache slot of every token
+    prefill_query_lens: list[int] = field(default_factory=list)
+    prefill_context_lens: list[int] = field(default_factory=list)
+    prefill_tables: list[list[int]] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)  # including the new token
+    logit_rows: list[int] = field(default_factory=list)  # flat rows whose logits are needed, in order
+    sample_rows: dict[int, int] = field(default_factory=dict)  # item -> its row among the logits
+    prompt_rows: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # item -> (first row, positions)
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.prefill_query_lens and not self.prompt_rows
 
 
 def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> int:
@@ -71,11 +82,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(self.num_blocks + 1, self.block_size, a.kv_cache_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(a.num_hidden_layers)]
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(config.seed)
-        self.sampler = Sampler(generator)
-        self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
-        self.eos_token_ids: list[int] = []  # set by the engine from the tokenizer
+        self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
@@ -125,125 +132,85 @@ class ModelRunner:
         rows = [t + [0] * (width - len(t)) for t in tables]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
-    @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> list[StepResult]:
-        """Run one step; returns one StepResult per scheduled sequence, in sched.scheduled order."""
+        """One step; returns one StepResult per scheduled sequence, in sched.scheduled order."""
+        inputs = self.prepare_inputs(sched)
+        return self.sample(inputs, self.forward(inputs))
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
+        """The step's flat inputs, on the host."""
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
-        items = [sched.scheduled[i] for i in order]  # prefills first, then decodes
+        step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
         bs = self.block_size
-        input_ids, positions, slots = [], [], []
-        prefill_q, prefill_ctx, prefill_tables, decode_tables, decode_lens = [], [], [], [], []
-        logit_rows: list[int] = []  # rows of the flat batch whose logits we need
-        sample_rows, prompt_rows = {}, {}  # item index -> row / (first row, positions)
         offset = 0
-        for k, item in enumerate(items):
+        for k, item in enumerate(step.items):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             table = seq.block_table
             if n == 1:
-                input_ids.append(seq.token_at(start))
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                step.input_ids.append(seq.token_at(start))
+                step.positions.append(start)
+                step.slots.append(table[start // bs] * bs + start % bs)
+                step.decode_tables.append(table)
+                step.decode_lens.append(start + 1)
             else:
-                input_ids += seq.tokens_slice(start, start + n)
-                positions += range(start, start + n)
-                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if n > 1:
-                prefill_q.append(n)
-                prefill_ctx.append(start)
-                prefill_tables.append(seq.block_table)
-            else:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(start + 1)
-            params = seq.sampling_params
-            if params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                step.input_ids += seq.tokens_slice(start, start + n)
+                step.positions += range(start, start + n)
+                step.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                step.prefill_query_lens.append(n)
+                step.prefill_context_lens.append(start)
+                step.prefill_tables.append(table)
+            if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)  # logits at p score token p + 1
-                prompt_rows[k] = (len(logit_rows), list(range(start, last)))
-                logit_rows += range(offset, offset + last - start)
+                step.prompt_rows[k] = (len(step.logit_rows), list(range(start, last)))
+                step.logit_rows += range(offset, offset + last - start)
             if item.samples:
-                sample_rows[k] = len(logit_rows)
-                logit_rows.append(offset + n - 1)
+                step.sample_rows[k] = len(step.logit_rows)
+                step.logit_rows.append(offset + n - 1)
             offset += n
+        return step
 
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        """The model over the step's tokens; returns the logits [len(step.logit_rows), V] (None when
+        no row needs them). A decode-only batch replays the captured graph of its size."""
+        if step.decode_only and self.graphs and len(step.items) <= max(self.graphs):
+            return self._replay_decode_graph(step)  # every decode samples: logit row k is item k
         dev = self.device
-        if not prefill_q and not prompt_rows and self.graphs and len(items) <= max(self.graphs):
-            logits = self._replay_decode_graph(input_ids, positions, slots, decode_tables, decode_lens)
-            results = [StepResult() for _ in items]
-            self._sample(items, logits, {k: k for k in sample_rows}, results)  # row k is item k
-            return self._unorder(order, results)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            prefill_query_lens=prefill_q, prefill_context_lens=prefill_ctx,
-            prefill_block_tables=self._block_table_tensor(prefill_tables) if prefill_tables else None,
-            decode_block_tables=self._block_table_tensor(decode_tables) if decode_tables else None,
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev) if decode_lens else None,
-            max_decode_seq_len=max(decode_lens, default=0))
-        hidden = self.model.forward_step(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                                         torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            prefill_query_lens=step.prefill_query_lens, prefill_context_lens=step.prefill_context_lens,
+            prefill_block_tables=self._block_table_tensor(step.prefill_tables) if step.prefill_tables else None,
+            decode_block_tables=self._block_table_tensor(step.decode_tables) if step.decode_tables else None,
+            decode_seq_lens=(torch.tensor(step.decode_lens, dtype=torch.int32, device=dev)
+                             if step.decode_lens else None),
+            max_decode_seq_len=max(step.decode_lens, default=0))
+        hidden = self.model.forward_step(torch.tensor(step.input_ids, dtype=torch.long, device=dev),
+                                         torch.tensor(step.positions, dtype=torch.long, device=dev),
                                          attn, self.kv_caches)
-        results = [StepResult() for _ in items]
-        if logit_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
-            self._sample(items, logits, sample_rows, results)
-            self._prompt_logprobs(items, logits, prompt_rows, results)
-        return self._unorder(order, results)
+        if not step.logit_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(step.logit_rows, device=dev)])
 
-    @staticmethod
-    def _unorder(order: list[int], results: list[StepResult]) -> list[StepResult]:
+    def sample(self, step: StepInputs, logits: torch.Tensor | None) -> list[StepResult]:
+        """Tokens for the rows that sample and prompt logprobs for the rows that want them, as
+        StepResults in the scheduler's order."""
+        results = [StepResult() for _ in step.items]
+        if step.sample_rows:
+            ks = list(step.sample_rows)
+            rows = [step.sample_rows[k] for k in ks]
+            picked = logits if rows == list(range(logits.shape[0])) else logits[rows]  # no copy if all sample
+            sampled = self.sampler(picked, [step.items[k].seq for k in ks])
+            for k, token in zip(ks, sampled):
+                results[k].token_id, results[k].logprobs = token.token_id, token.logprobs
+        for k, (first, positions) in step.prompt_rows.items():
+            results[k].prompt_logprobs = self.sampler.prompt_logprobs(
+                logits[first:first + len(positions)], step.items[k].seq, positions)
+            results[k].prompt_logprobs_start = positions[0] + 1
         unordered = [None] * len(results)
-        for k, i in enumerate(order):
+        for k, i in enumerate(step.order):
             unordered[i] = results[k]
         return unordered
-
-    def _sample(self, items, logits, sample_rows, results) -> None:
-        if not sample_rows:
-            return
-        ks = list(sample_rows)
-        if all(items[k].seq.sampling_params.plain_greedy for k in ks):  # the common fast path
-            tokens = logits[[sample_rows[k] for k in ks]].argmax(dim=-1).tolist()
-            for k, t in zip(ks, tokens):
-                results[k].token_id = t
-            return
-        requests = []
-        for k in ks:
-            seq = items[k].seq
-            p = seq.sampling_params
-            gen = None
-            if p.seed is not None and not p.greedy:
-                gen = self.generators.get(seq.seq_id)
-                if gen is None:
-                    gen = self.generators[seq.seq_id] = torch.Generator(device=self.device)
-                    gen.manual_seed(p.seed)
-            blocked = []
-            if len(seq.output_token_ids) < p.min_tokens:  # stop tokens may not end it yet
-                blocked = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-            requests.append(SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids, gen, blocked))
-        out = self.sampler(logits[[sample_rows[k] for k in ks]], requests)
-        tokens = out.token_ids.tolist()
-        chosen = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        for j, k in enumerate(ks):
-            results[k].token_id = tokens[j]
-            n = items[k].seq.sampling_params.logprobs
-            if n is not None:
-                top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids else []
-                results[k].logprobs = TokenLogprobs(tokens[j], chosen[j], top)
-
-    def _prompt_logprobs(self, items, logits, prompt_rows, results) -> None:
-        for k, (first, positions) in prompt_rows.items():
-            seq = items[k].seq
-            n = seq.sampling_params.prompt_logprobs
-            lp = logits[first:first + len(positions)].log_softmax(dim=-1)
-            targets = torch.tensor([seq.token_at(p + 1) for p in positions], device=lp.device)
-            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-            top_v, top_i = lp.topk(n, dim=-1) if n else (None, None)
-            entries = []
-            for j, p in enumerate(positions):
-                top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if n else []
-                entries.append(TokenLogprobs(seq.token_at(p + 1), chosen[j], top))
-            results[k].prompt_logprobs = entries
-            results[k].prompt_logprobs_start = positions[0] + 1
 
     # ---- CUDA graphs for decode steps --------------------------------------------------------------
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -283,17 +250,18 @@ class ModelRunner:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", sorted(sizes))
 
-    def _replay_decode_graph(self, input_ids, positions, slots, tables, lens) -> torch.Tensor:
+    def _replay_decode_graph(self, step: StepInputs) -> torch.Tensor:
         """Fill the static buffers (padding rows point at the scratch block) and replay; returns the
         logits of the real rows."""
-        n = len(input_ids)
+        n = len(step.input_ids)
         bs = min(b for b in self.graphs if b >= n)
         rows = self.h_rows.numpy()
         rows[:, :bs] = ((0,), (0,), (self.scratch_block * self.block_size,), (1,))
-        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = input_ids, positions, slots, lens
+        rows[0, :n], rows[1, :n], rows[2, :n] = step.input_ids, step.positions, step.slots
+        rows[3, :n] = step.decode_lens
         table = self.h_table.numpy()
         table[:bs] = self.scratch_block
-        for i, t in enumerate(tables):
+        for i, t in enumerate(step.decode_tables):
             table[i, :len(t)] = t
         for static, k in ((self.g_ids, 0), (self.g_pos, 1), (self.g_slots, 2)):
             static[:bs].copy_(self.h_rows[k, :bs], non_blocking=True)
@@ -305,4 +273,4 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         """Forget per-sequence state (its seeded generator) once the sequence is done."""
-        self.generators.pop(seq_id, None)
+        self.sampler.release(seq_id)

@@ -81,9 +81,8 @@ class Scheduler:
         # 2. Then waiting sequences in arrival order, unless this step already had to preempt.
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            params = seq.sampling_params
-            wants_prompt_logprobs = params is not None and getattr(params, "prompt_logprobs", None) is not None
-            hits = [] if wants_prompt_logprobs else bm.find_cached_prefix(seq)
+            # prompt logprobs need the logits of every prompt position: no cached prefix
+            hits = [] if seq.sampling_params.prompt_logprobs is not None else bm.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
             if not bm.can_admit(seq, hits, n):
                 break

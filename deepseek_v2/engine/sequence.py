@@ -6,7 +6,8 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from typing import Any
+
+from ..sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -26,14 +27,16 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, prompt_token_ids: list[int], sampling_params: Any = None, request_id: str = "",
-                 index: int = 0, arrival_time: float | None = None):
+    def __init__(self, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None,
+                 request_id: str = "", index: int = 0, arrival_time: float | None = None,
+                 eos_token_id: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n samples this is
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
-        self.sampling_params = sampling_params
+        self.sampling_params = sampling_params or SamplingParams()
+        self.stop_token_ids = self.sampling_params.all_stop_token_ids(eos_token_id)  # EOS unless ignore_eos
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks of block_table already in the prefix cache

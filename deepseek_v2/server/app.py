@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
+from ..sampling_params import InvalidRequestError
 from . import protocol as P
 from .metrics import ServerMetrics
 from .protocol import APIError, error_body
@@ -167,12 +168,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             raise APIError(404, f"the model {model!r} does not exist; this server serves {names[0]!r}",
                            param="model", code="model_not_found")
 
-    def submit(prompt_ids: list[int], params, request_id: str, param: str) -> AsyncIterator:
+    def submit(body, prompt_ids: list[int], params, request_id: str) -> AsyncIterator:
         try:
             return engine.generate(prompt_ids, params, request_id)
-        except ValueError as e:
-            raise APIError(400, str(e), param="stop_token_ids" if "stop token" in str(e) else param,
-                           code="invalid_value") from None
+        except InvalidRequestError as e:
+            raise body.invalid(e) from None
         except EngineOverloadedError as e:
             raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineDeadError as e:
@@ -184,7 +184,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         for rid in request_ids:
             engine.abort(rid)
 
-    async def serve(request: Request, body, reply_cls, param: str):
+    async def serve(request: Request, body, reply_cls):
         check_model(body.model)
         core = llm()
         prompts = body.prompts(core.tokenizer)
@@ -193,7 +193,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         reply = reply_cls(body, names[0], core.tokenizer, prompts)
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
         try:
-            outputs = merge([submit(ids, params, rid, param) for (_, ids), rid in zip(prompts, rids)])
+            outputs = merge([submit(body, ids, params, rid) for (_, ids), rid in zip(prompts, rids)])
         except APIError:
             abort_all(rids)  # give back the places the earlier prompts took
             raise
@@ -226,11 +226,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
-        return await serve(request, body, CompletionReply, "prompt")
+        return await serve(request, body, CompletionReply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        return await serve(request, body, ChatReply, "messages")
+        return await serve(request, body, ChatReply)
 
     # ---- service routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -270,11 +270,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     async def detokenize(body: P.DetokenizeRequest):
         check_model(body.model)
         core = llm()
-        vocab = core.model.args.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is out of the vocabulary (0..{vocab - 1})", param="tokens",
-                           code="invalid_value")
+        try:
+            core.check_token_ids(body.tokens, "tokens")
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         return {"prompt": core.tokenizer.decode(body.tokens)}
 
     @app.get("/tokenizer_info")

@@ -1,9 +1,12 @@
 """The OpenAI schema as pydantic models: requests (with vLLM's extra sampling fields), responses and
-the error body, plus the request-side checks: each request turns itself into `SamplingParams` and
-prompt token ids, raising `APIError` (a 400 naming the field) for anything the engine cannot serve.
+the error body. Each request turns itself into `SamplingParams` and prompt token ids, and names
+its own field for an engine parameter (`param_name`), so an `InvalidRequestError` from the engine's
+rules becomes a 400 naming the field the client sent (`invalid`).
 
 Unknown request fields are accepted and ignored, as vLLM does; non-finite floats are refused.
-Value ranges are checked once, by `SamplingParams`; the models here fix types and shapes.
+Value ranges are checked once, by `SamplingParams` and the engine; the models here fix types and
+shapes, and check only what is the OpenAI API's own (its field combinations, the context length with
+max_tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any, Literal
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from ..sampling import SamplingParams
+from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -71,12 +74,6 @@ def tokenize(param: str, fn, *args, **kwargs) -> list[int]:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage", "StreamOptions"}
 
 
-def _sampling_error(e: ValueError, rename: dict[str, str]) -> APIError:
-    """SamplingParams' messages start with the field's name: report it as the param."""
-    name = str(e).split(" ", 1)[0]
-    return APIError(400, str(e), param=rename.get(name, name), code="invalid_value")
-
-
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -123,8 +120,16 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                         rename: dict[str, str]) -> SamplingParams:
+    def param_name(self, engine_param: str) -> str:
+        """The request field that carries an engine parameter (SamplingParams' field, or "prompt")."""
+        return engine_param
+
+    def invalid(self, error: InvalidRequestError) -> APIError:
+        """An engine rule the request broke, as a 400 naming the request's field."""
+        return APIError(400, str(error), param=self.param_name(error.param), code="invalid_value")
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
         if self.stream_options is not None and not self.stream:
@@ -139,8 +144,8 @@ class SamplingFields(OpenAIModel):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output)
-        except ValueError as e:
-            raise _sampling_error(e, rename) from None
+        except InvalidRequestError as e:
+            raise self.invalid(e) from None
 
     def check_length(self, prompt_ids: list[int], max_model_len: int, max_tokens: int | None, param: str) -> None:
         if max_tokens is not None and len(prompt_ids) + max_tokens > max_model_len:
@@ -173,19 +178,18 @@ class CompletionRequest(SamplingFields):
         return [(x, tokenize("prompt", tokenizer.encode, x, add_special_tokens=self.add_special_tokens))
                 if isinstance(x, str) else (None, list(x)) for x in batch]
 
+    def param_name(self, engine_param: str) -> str:
+        return "logprobs" if engine_param == "prompt_logprobs" else engine_param  # echo's prompt logprobs
+
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported (this server does no fill-in-the-middle)",
                            param="suffix", code="unsupported")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of", code="unsupported")
-        if self.max_tokens is not None and self.max_tokens <= 0 and not self.echo_only:
-            raise APIError(400, f"max_tokens must be at least 1 (or 0 with echo=true to score the prompt), "
-                                f"got {self.max_tokens}", param="max_tokens", code="invalid_value")
-        max_tokens = 1 if self.echo_only else self.max_tokens
+        max_tokens = 1 if self.echo_only else self.max_tokens  # one token is run and dropped
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs,
-                                     {"prompt_logprobs": "logprobs"})
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
     def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
         for _, ids in prompts:
@@ -233,6 +237,11 @@ class ChatCompletionRequest(SamplingFields):
             ids = [tokenizer.bos_token_id, *ids]
         return [(None, ids)]
 
+    def param_name(self, engine_param: str) -> str:
+        renamed = {"prompt": "messages", "logprobs": "top_logprobs",
+                   "max_tokens": "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"}
+        return renamed.get(engine_param, engine_param)
+
     def to_sampling_params(self) -> SamplingParams:
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported")
@@ -241,13 +250,8 @@ class ChatCompletionRequest(SamplingFields):
                            code="unsupported")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise APIError(400, f"{name} must be at least 1, got {self.max_new_tokens}", param=name,
-                           code="invalid_value")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(self.max_new_tokens, logprobs, None,
-                                     {"logprobs": "top_logprobs", "max_tokens": name})
+        return self._sampling_params(self.max_new_tokens, logprobs, None)
 
     def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
         self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")

@@ -1,0 +1,166 @@
+"""The sampler: everything between one step's logits and its tokens, for a batch of sequences with
+their own parameters. It owns the random generators (one per seeded sequence, one for the rest), the
+token masks (stop tokens before min_tokens; the place for grammar masks), the penalties, temperature,
+top-k / top-p / min-p, the draw itself and the logprobs handed back.
+
+Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws from p, so each row needs
+only its own noise; a seeded sequence draws its noise from its own generator, which makes its
+samples independent of whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .engine.sequence import Sequence
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities at one position: the chosen (or actual prompt) token first, then the top-N."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    def as_dict(self) -> dict[int, float]:
+        d = {self.token_id: self.logprob}
+        for t, lp in self.top:
+            d.setdefault(t, lp)
+        return d
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: TokenLogprobs | None = None  # when the sequence asked for logprobs
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)  # rows without a seed of their own
+        self.generator.manual_seed(seed)
+        self.seeded: dict[int, torch.Generator] = {}  # seq_id -> its generator
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """logits [N, V] fp32 (the raw model output, one row per sequence) -> one token per sequence."""
+        params = [s.sampling_params for s in seqs]
+        if all(p.plain_greedy for p in params):  # the common fast path: nothing but an argmax
+            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+        raw = logits
+        logits = self.apply_penalties(self.apply_masks(logits, seqs), seqs)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self.draw(logits, seqs)
+        token_list = tokens.tolist()
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        if not wanted:
+            return [SampledToken(t) for t in token_list]
+        logprobs = raw.log_softmax(dim=-1)  # of the model's distribution, as vLLM and OpenAI report them
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        top_values, top_ids = logprobs.topk(max(wanted), dim=-1) if max(wanted) else (None, None)
+        out = []
+        for i, (token, p) in enumerate(zip(token_list, params)):
+            packed = None
+            if p.logprobs is not None:
+                top = (list(zip(top_ids[i, :p.logprobs].tolist(), top_values[i, :p.logprobs].tolist()))
+                       if p.logprobs else [])
+                packed = TokenLogprobs(token, chosen[i], top)
+            out.append(SampledToken(token, packed))
+        return out
+
+    def apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Tokens a sequence may not produce now get -inf: its stop tokens (EOS included) while it has
+        fewer than min_tokens output tokens."""
+        V = logits.shape[1]
+        rows, cols = [], []
+        for i, s in enumerate(seqs):
+            if len(s.output_token_ids) < s.sampling_params.min_tokens:
+                blocked = [t for t in s.stop_token_ids if t < V]
+                rows += [i] * len(blocked)
+                cols += blocked
+        if not rows:
+            return logits
+        logits = logits.clone()
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        return logits
+
+    @staticmethod
+    def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Repetition penalty over prompt and output tokens (as vLLM and transformers apply it); presence
+        and frequency penalties over output tokens (OpenAI's definition)."""
+        if not any(s.sampling_params.repetition_penalty != 1.0 or s.sampling_params.presence_penalty
+                   or s.sampling_params.frequency_penalty for s in seqs):
+            return logits
+        logits = logits.clone()
+        V = logits.shape[1]
+        for i, s in enumerate(seqs):
+            p = s.sampling_params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)),
+                                    dtype=torch.long, device=logits.device)
+                seen = seen[seen < V]
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and s.output_token_ids:
+                out = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
+                counts = torch.bincount(out[out < V], minlength=V).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    def draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Temperature, then top-k, top-p and min-p, then the exponential race; greedy rows take the
+        argmax. Returns [N] token ids."""
+        params = [s.sampling_params for s in seqs]
+        V, device = logits.shape[1], logits.device
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        scaled = logits / temps[:, None]
+        if any(p.top_k for p in params):
+            k = torch.tensor([p.top_k if p.top_k else V for p in params], device=device).clamp(max=V)
+            kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        if any(p.top_p < 1 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=device)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_before > top_p[:, None]  # keeps at least the most likely token
+            probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if params[i].seed is not None and not params[i].greedy:
+                noise[i].exponential_(generator=self.generator_of(s))
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def generator_of(self, seq: Sequence) -> torch.Generator:
+        """The generator of a seeded sequence, made on its first draw."""
+        gen = self.seeded.get(seq.seq_id)
+        if gen is None:
+            gen = self.seeded[seq.seq_id] = torch.Generator(device=self.device)
+            gen.manual_seed(seq.sampling_params.seed)
+        return gen
+
+    def prompt_logprobs(self, logits: torch.Tensor, seq: Sequence, positions: list[int]) -> list[TokenLogprobs]:
+        """logits [len(positions), V] at prompt positions p -> the log-probability of the prompt's
+        token p + 1 under them, with the top-N (N = prompt_logprobs)."""
+        n = seq.sampling_params.prompt_logprobs
+        logprobs = logits.log_softmax(dim=-1)
+        targets = [seq.token_at(p + 1) for p in positions]
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        top_values, top_ids = (t.tolist() for t in logprobs.topk(n, dim=-1)) if n else ([], [])
+        return [TokenLogprobs(t, lp, list(zip(top_ids[j], top_values[j])) if n else [])
+                for j, (t, lp) in enumerate(zip(targets, chosen))]
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished sequence's generator."""
+        self.seeded.pop(seq_id, None)

@@ -1,0 +1,103 @@
+"""What a request asks of generation: `SamplingParams` (vLLM's names and defaults), and
+`InvalidRequestError`, the one error every request check raises, naming the parameter at fault.
+
+Pure Python (no torch): the scheduler and sequences hold these, and the server builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GREEDY_EPS = 1e-5  # temperatures below this mean greedy
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve. `param` names the request parameter at fault (the
+    SamplingParams field, or "prompt"), so a server can report it without parsing the message."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0  # stop tokens (EOS included) cannot end the output before this many tokens
+    logprobs: int | None = None  # top-N alternatives per generated token (0: only the chosen one)
+    prompt_logprobs: int | None = None  # same for every prompt token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (stop strings need text)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError, naming the field, for a value generation cannot use."""
+        def check(cond: bool, param: str, message: str):
+            if not cond:
+                raise InvalidRequestError(message, param)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        check(integer(self.n) and self.n >= 1, "n", f"n must be a positive integer, got {self.n!r}")
+        check(self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        check(integer(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
+              f"top_k must be a non-negative integer below 2^31 (0 or -1 disables it), got {self.top_k!r}")
+        check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        check(self.repetition_penalty > 0, "repetition_penalty",
+              f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(-2 <= getattr(self, name) <= 2, name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        check(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+              f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        check(integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+              f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+              f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (integer(value) and 0 <= value <= 20), name,
+                  f"{name} must be an integer in 0..20, got {value!r}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        check(all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "stop_token_ids must be non-negative integers")
+        check(self.seed is None or (integer(self.seed) and -2**63 <= self.seed < 2**63 - 2**16), "seed",
+              f"seed must be a 64-bit integer, got {self.seed!r}")
+        check(self.detokenize or not self.stop, "stop", "stop strings need detokenize=True")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the sampler: argmax of the raw logits is the answer."""
+        return (self.greedy and self.logprobs is None and self.min_tokens == 0
+                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+
+    def all_stop_token_ids(self, eos_token_id: int | None) -> frozenset[int]:
+        """The tokens that end a sequence: stop_token_ids, and the tokenizer's EOS unless ignore_eos."""
+        eos = () if self.ignore_eos or eos_token_id is None else (eos_token_id,)
+        return frozenset([*self.stop_token_ids, *eos])
