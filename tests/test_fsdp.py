@@ -16,7 +16,8 @@ import torch
 
 from deepseek_v2.tokenizer import Tokenizer
 from deepseek_v2.train.data import tokenize_text_files
-from deepseek_v2.train.train import TrainConfig, train
+from deepseek_v2.train.config import TrainConfig
+from deepseek_v2.train.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=4096, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,

@@ -41,7 +41,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import TrainConfig
     overrides = dict(args.overrides)
     for name in ("out_dir", "init_from", "max_steps", "max_minutes", "device"):
         if getattr(args, name) is not None:

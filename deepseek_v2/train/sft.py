@@ -10,8 +10,9 @@ template of the tokenizer, packed whole into sequences, with the loss on the ass
 
 from __future__ import annotations
 
+from .config import TrainConfig
 from .data import load_chat
-from .train import TrainConfig, train
+from .train import train
 
 
 def sft(cfg: TrainConfig) -> dict:
