@@ -149,22 +149,19 @@ class TimeBudget:
 def evaluate(model, val_set, procs: Processes, n_eval: int, rounds: int, micro_batch_size: int) -> float:
     """Mean loss over the first n_eval held-out sequences. The processes take turns at micro-batches;
     every process runs `rounds` forward passes (collectives under FSDP), padded with rows that count nothing."""
-    # Grad mode stays on (nothing is backpropagated): the model then runs its plain PyTorch
-    # training path, so the held-out loss has the numerics of the loss being trained, not those
-    # of the fused GPU inference kernels, which expect a bf16 model.
     mb, world, rank, device = micro_batch_size, procs.world, procs.rank, procs.device
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(rounds):
-        rows = range((i * world + rank) * mb, (i * world + rank + 1) * mb)
-        inputs, targets = val_set.get([j if j < n_eval else 0 for j in rows])
-        padding = torch.tensor([j >= n_eval for j in rows])[:, None]
-        targets = targets.masked_fill(padding, IGNORE).to(device)
-        with procs.autocast():
-            logits = model(inputs.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                 reduction="sum").detach()
-        count += (targets != IGNORE).sum()
+    with torch.no_grad():
+        for i in range(rounds):
+            rows = range((i * world + rank) * mb, (i * world + rank + 1) * mb)
+            inputs, targets = val_set.get([j if j < n_eval else 0 for j in rows])
+            padding = torch.tensor([j >= n_eval for j in rows])[:, None]
+            targets = targets.masked_fill(padding, IGNORE).to(device)
+            with procs.autocast():
+                logits = model(inputs.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+            count += (targets != IGNORE).sum()
     model.train()
     return (procs.all_sum(total) / procs.all_sum(count)).item()
 
