@@ -2,8 +2,8 @@
 function, then the loop (evaluate and checkpoint every N steps, accumulate, clip, step, log).
 Fine-tuning (sft.py) is this same loop fed chat conversations.
 
-    python -m deepseek_v2.train.train configs/demo-pretrain.json [--set lr=1e-3 ...]
-    torchrun --nproc-per-node 8 -m deepseek_v2.train.train configs/demo-pretrain.json
+    deepseek-v2 train configs/demo-pretrain.json [--set lr=1e-3 ...]
+    torchrun --nproc-per-node 8 -m deepseek_v2.cli train configs/demo-pretrain.json
 
 - Model: a ModelArgs shape from the config (official config.json names), or a checkpoint (init_from).
 - Data: packed token sequences (data.py), the same global batch for any number of processes.
@@ -315,8 +315,3 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
         metrics_file.close()
     stop_processes(procs)
     return last_metrics
-
-
-if __name__ == "__main__":
-    from .cli import train_main
-    train_main()
