@@ -1,8 +1,9 @@
 """Checkpoints in the official Hugging Face format: config.json plus one model.safetensors or
-shards listed in model.safetensors.index.json. Loading builds the model on the meta device and
-fills each parameter once from the files (no second copy in memory); routed experts, stored one
-tensor per expert in the files, are stacked into the model's [E, ...] weights on the way in and
-unstacked on the way out."""
+shards listed in model.safetensors.index.json. Loading fills a model built on the meta device
+(DeepseekV2ForCausalLM.from_pretrained), each parameter once from the files (no second copy in
+memory); routed experts, stored one tensor per expert in the files, are stacked into the model's
+[E, ...] weights on the way in and unstacked on the way out. This module works on the model object
+it is given and does not import the model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import ConfigError, ModelArgs
-from .model import DeepseekV2ForCausalLM
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,7 +40,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def checkpoint_tensors(model: DeepseekV2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor as the checkpoint names it: a parameter, or one expert's slice of a stack."""
     for name, param in model.named_parameters(remove_duplicate=True):
         if name.endswith("experts.gate_up_proj"):
@@ -72,17 +73,23 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (not a safetensors checkpoint)")
 
 
-def load_model(path, dtype=None, device="cpu", progress: bool | None = None) -> DeepseekV2ForCausalLM:
+def checkpoint_args(path) -> ModelArgs:
+    """The architecture of a checkpoint directory (its config.json)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    args = ModelArgs.from_pretrained(path)
+    return ModelArgs.from_pretrained(path)
+
+
+def load_weights(model: nn.Module, path, dtype=None, device="cpu", progress: bool | None = None) -> nn.Module:
+    """Fill a model built on the meta device with the checkpoint's weights, in `dtype` (default: the
+    checkpoint's torch_dtype) on `device`. Every parameter must come from the files; buffers that
+    are not in them are left uninitialised for the model to compute. Returns the model."""
+    path = Path(path)
+    args = model.args
     dtype = parse_dtype(dtype) or parse_dtype(args.torch_dtype if args.torch_dtype != "None" else "float32")
     files = weight_files(path)
-    with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(args)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.model.rotary_emb.reset_parameters()
+    model.to(dtype=dtype).to_empty(device=device)
     targets = dict(checkpoint_tensors(model))
     if args.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
@@ -122,10 +129,12 @@ def load_model(path, dtype=None, device="cpu", progress: bool | None = None) -> 
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    return model.eval()
+    return model
 
 
-def save_model(model: DeepseekV2ForCausalLM, path, max_shard_size: int = 5 * 1024**3) -> None:
+def save_model(model: nn.Module, path, max_shard_size: int = 5 * 1024**3) -> None:
+    """Write config.json, generation_config.json and the weights (sharded above max_shard_size) from
+    the model's parameters, args and dtype."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.args.to_hf_config()
@@ -165,4 +174,4 @@ def save_model(model: DeepseekV2ForCausalLM, path, max_shard_size: int = 5 * 102
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "parse_dtype"]
+__all__ = ["CheckpointError", "ConfigError", "checkpoint_args", "load_weights", "save_model", "parse_dtype"]

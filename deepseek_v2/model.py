@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .checkpoint import checkpoint_args, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
 from .moe import MLP, MoE
@@ -298,11 +299,15 @@ class DeepseekV2ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", progress: bool | None = None) -> "DeepseekV2ForCausalLM":
-        from .checkpoint import load_model
-        return load_model(path, dtype=dtype, device=device, progress=progress)
+        """A checkpoint in the official format, in its own dtype unless `dtype` is given. The model is
+        built on the meta device and each parameter filled once from the files (checkpoint.py)."""
+        with torch.device("meta"):
+            model = cls(checkpoint_args(path))
+        load_weights(model, path, dtype=dtype, device=device, progress=progress)
+        model.model.rotary_emb.reset_parameters()  # a computed buffer, not in the files
+        return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 5 * 1024**3) -> None:
-        from .checkpoint import save_model
         save_model(self, path, max_shard_size=max_shard_size)
 
     @property

@@ -7,9 +7,9 @@ export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 PRE_MIN=${1:-4.3}; SFT_MIN=${2:-1.2}
 nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m deepseek_v2.train.train configs/demo-pretrain.json --max-minutes "$PRE_MIN" 2>&1 | tee runs/pretrain.log \
+python3 -m deepseek_v2.cli train configs/demo-pretrain.json --max-minutes "$PRE_MIN" 2>&1 | tee runs/pretrain.log \
   | grep -E "val|model:|data:|budget|saved|00/|Error|error" 
-python3 -m deepseek_v2.train.sft configs/demo-sft.json --max-minutes "$SFT_MIN" 2>&1 | tee runs/sft.log \
+python3 -m deepseek_v2.cli sft configs/demo-sft.json --max-minutes "$SFT_MIN" 2>&1 | tee runs/sft.log \
   | grep -E "val|model:|data:|budget|saved|0/|Error|error"
 python3 scripts/plot_training.py runs/demo-pretrain/metrics.jsonl runs/demo-sft/metrics.jsonl \
   --out runs/demo-loss.png --load-out runs/demo-expert-load.png 2>&1 | tail -3

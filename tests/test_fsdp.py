@@ -16,7 +16,8 @@ import torch
 
 from deepseek_v2.tokenizer import Tokenizer
 from deepseek_v2.train.data import tokenize_text_files
-from deepseek_v2.train.train import TrainConfig, train
+from deepseek_v2.train.config import TrainConfig
+from deepseek_v2.train.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=4096, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
@@ -51,7 +52,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     (tmp_path / "two.json").write_text(json.dumps(dict(common, grad_accum_steps=1, out_dir=str(tmp_path / "two"))))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "deepseek_v2.train.train", str(tmp_path / "two.json")]
+           "--master-port", str(free_port()), "-m", "deepseek_v2.cli", "train", str(tmp_path / "two.json")]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 process(es) on cpu" in run.stdout

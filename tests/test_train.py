@@ -18,7 +18,8 @@ from deepseek_v2.train import train as train_module
 from deepseek_v2.train.data import (IGNORE, ChatSequences, DataOrder, TokenSequences, chat_example, load_chat,
                                     tokenize_text_files)
 from deepseek_v2.train.sft import sft
-from deepseek_v2.train.train import TrainConfig, train
+from deepseek_v2.train.config import TrainConfig
+from deepseek_v2.train.train import TimeBudget, train
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "deepseek_v2" / "default_model"
 TINY = dict(vocab_size=4096, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
@@ -192,6 +193,39 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.lr == 0.5 and cfg.betas == (0.8, 0.9) and cfg.model == {"hidden_size": 32}
     with pytest.raises(ValueError, match="unknown train config"):
         TrainConfig.load(None, {"learning_rate": 1.0})
+
+
+# ---- time budget ------------------------------------------------------------------------------------------
+def test_time_budget_shortens_the_schedule_once_from_the_measured_speed():
+    budget = TimeBudget(seconds=600.0, start_step=0, eval_every=100, eval_rounds=3, grad_accum_steps=1)
+    # 2 s per step, and a 2 s evaluation between steps 10 and 11 (paused, not a step's cost)
+    for step in range(1, 20):
+        elapsed, paused = 2.0 * step + 2.0 * (step > 10), 2.0 * (step > 10)
+        assert budget.replan(step, 1000, elapsed, paused) == 1000  # warm-up and measurement: no change
+    # step 20, 42 s in: (42 - 10 - 2) / 15 = 2 s per step; an evaluation is 2 * 3 / (3 * 1) = 2 s and
+    # (1000 - 20) // 100 + 1 = 10 are to come; left 600 - 42 - 20 = 538 s; int(0.97 * 538 / 2) = 260
+    assert budget.replan(20, 1000, 42.0, 2.0) == 20 + 260
+    assert budget.per_step_s == 2.0
+    assert budget.replan(21, 280, 44.0, 2.0) == 280  # once only
+    assert budget.replan(40, 280, 900.0, 2.0) == 280
+
+
+def test_time_budget_never_lengthens_and_leaves_at_least_one_step():
+    # a resumed run (start 100) with 4 micro-steps per step: 45 s / 15 = 3 s per step, evaluations
+    # 3 * 6 / (3 * 4) = 1.5 s, 4 to come; 3600 - 1045 - 6 = 2549 s left fit 824 more steps: keep 300
+    budget = TimeBudget(seconds=3600.0, start_step=100, eval_every=50, eval_rounds=6, grad_accum_steps=4)
+    assert budget.replan(105, 300, 1000.0, 30.0) == 300
+    assert budget.replan(120, 300, 1045.0, 30.0) == 300
+    # already over time: 30 - 42 - 20 = -32 s left; still one more step (the time check then stops the run)
+    late = TimeBudget(seconds=30.0, start_step=0, eval_every=100, eval_rounds=3, grad_accum_steps=1)
+    late.replan(5, 1000, 10.0, 0.0)
+    assert late.replan(20, 1000, 42.0, 2.0) == 21
+    # every process takes rank 0's figure
+    seen = []
+    ranked = TimeBudget(seconds=600.0, start_step=0, eval_every=100, eval_rounds=3, grad_accum_steps=1)
+    ranked.replan(5, 1000, 10.0, 0.0)
+    assert ranked.replan(20, 1000, 42.0, 2.0, agree=lambda v: seen.append(v) or 250.0) == 250
+    assert seen == [280]
 
 
 # ---- supervised fine-tuning --------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""DeepSeekMoE balance losses (DeepSeek-V2 paper, section 2.2.3; spec 3.8), expert load statistics
-and the load plot.
+"""DeepSeekMoE balance losses (DeepSeek-V2 paper, section 2.2.3 "Auxiliary Loss for Load Balance",
+equations 23 to 31), expert load statistics and the load plot.
 
 The routed experts are split into D device groups, contiguous blocks of E/D experts: the model's
 `n_group` (as in the official configs, where V2 has 8 groups of 20). For one sequence of T tokens,
 with s[t, e] the router's softmax score and K experts picked per token:
 
     f_e   = E / (K T) * #{t picks e}            P_e   = mean_t s[t, e]
-    L_exp = alpha1 * sum_e f_e P_e                                              (expert level)
+    L_exp = alpha1 * sum_e f_e P_e                                              (expert level, eqs. 23-25)
     f'_d  = mean_{e in d} f_e                   P'_d  = sum_{e in d} P_e
-    L_dev = alpha2 * sum_d f'_d P'_d                                            (device level)
+    L_dev = alpha2 * sum_d f'_d P'_d                                            (device level, eqs. 26-28)
     f''_d = D / (M T) * #{t sends to d}         (a token is sent to d if it picks any expert there)
-    L_com = alpha3 * sum_d f''_d P'_d                                           (communication)
+    L_com = alpha3 * sum_d f''_d P'_d                                           (communication, eqs. 29-31)
 
 M is the device limit (`topk_group` under group_limited_greedy routing, otherwise min(K, D)).
 Each loss is averaged over the sequences of the batch (the official seq_aux=True; with seq_aux

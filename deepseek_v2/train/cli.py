@@ -2,12 +2,19 @@
 
 A config file (JSON or TOML, TrainConfig fields; the model shape under "model") plus overrides:
 `--set key=value` for any field (values parsed as JSON, dotted keys reach into the model, e.g.
-`--set model.num_hidden_layers=2`) and shortcuts for the common ones."""
+`--set model.num_hidden_layers=2`) and shortcuts for the common ones. On several GPUs of one host:
+
+    torchrun --nproc-per-node N -m deepseek_v2.cli train CONFIG
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from .config import TrainConfig
+from .sft import sft
+from .train import train
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -40,8 +47,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
-def _config(args: argparse.Namespace):
-    from .train import TrainConfig
+def _config(args: argparse.Namespace) -> TrainConfig:
     overrides = dict(args.overrides)
     for name in ("out_dir", "init_from", "max_steps", "max_minutes", "device"):
         if getattr(args, name) is not None:
@@ -52,24 +58,11 @@ def _config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import train
     train(_config(args))
     return 0
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from .sft import sft
     sft(_config(args))
     return 0
 
-
-def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepseek-v2 train", description="Pretrain a DeepSeek-V2 model.")
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
-
-
-def sft_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepseek-v2 sft", description="Fine-tune a DeepSeek-V2 model on chat data.")
-    add_sft_arguments(parser)
-    return run_sft(parser.parse_args(argv))

@@ -5,21 +5,17 @@ template of the tokenizer, packed whole into sequences, with the loss on the ass
 (each reply and the EOS that ends it; data.chat_example). Training starts from a checkpoint
 (`init_from`) and writes one in the same official format.
 
-    python -m deepseek_v2.train.sft configs/demo-sft.json [--set lr=1e-4 ...]
+    deepseek-v2 sft configs/demo-sft.json [--set lr=1e-4 ...]
 """
 
 from __future__ import annotations
 
+from .config import TrainConfig
 from .data import load_chat
-from .train import TrainConfig, train
+from .train import train
 
 
 def sft(cfg: TrainConfig) -> dict:
     if not cfg.init_from:
         raise ValueError("fine-tuning starts from a checkpoint: set init_from in the config")
     return train(cfg, load_data=load_chat)
-
-
-if __name__ == "__main__":
-    from .cli import sft_main
-    sft_main()
