@@ -15,7 +15,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 from tokenizers import processors
 
-# The template shipped by DeepSeek-V2, -Chat, -Lite(-Chat) and Coder-V2 (spec section 7), byte for byte.
+# The chat_template of tokenizer_config.json in the DeepSeek-V2, -Chat, -Lite(-Chat) and Coder-V2
+# checkpoints, byte for byte.
 DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{{ bos_token }}{% for message in messages %}"

@@ -13,7 +13,7 @@ from deepseek_v2 import DeepseekV2ForCausalLM, ModelArgs
 from deepseek_v2.checkpoint import CheckpointError
 from deepseek_v2.config import PRESETS, ConfigError
 
-# The DeepSeek-V2-Lite config.json as the official checkpoint ships it (spec section 1).
+# The DeepSeek-V2-Lite config.json as the official checkpoint ships it.
 V2_LITE_CONFIG = {
     "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, "aux_loss_alpha": 0.001,

@@ -89,7 +89,7 @@ def test_chat_template_matches_transformers(tok, hf, messages, add_generation_pr
     hf_ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)["input_ids"]
     assert ids == hf_ids
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
-    assert text.endswith("Assistant:") == add_generation_prompt  # no trailing space (spec section 7)
+    assert text.endswith("Assistant:") == add_generation_prompt  # no trailing space, as the official template writes it
 
 
 def test_checkpoint_template_is_the_spec_template(tok):
