@@ -4,6 +4,8 @@ arithmetic sets (both ceilings measured in the same run), optionally beside Hugg
 transformers' `generate` on the same weights in the same process.
 
 Random weights of a named shape (`--shape v2-lite`), a config.json, or a real checkpoint.
+(A little over 300 lines: the floors, the runs, the transformers baseline and the table are one
+command's job, and each reads the others' numbers.)
 """
 
 from __future__ import annotations

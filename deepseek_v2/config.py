@@ -1,6 +1,8 @@
 """Configuration: the architecture (`ModelArgs`, read from a checkpoint's config.json) and the
 engine knobs (`EngineConfig`). A config.json becomes a ModelArgs in exactly one function,
-`ModelArgs.from_hf_config`; `ModelArgs.to_hf_config` writes it back in the official format."""
+`ModelArgs.from_hf_config`; `ModelArgs.to_hf_config` writes it back in the official format.
+(A little over 300 lines: the two dataclasses stay together, each with its checks, and ModelArgs
+with its parameter count, which `info` and the benchmark floors read.)"""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
 from ..sampling_params import InvalidRequestError
 from . import protocol as P
+from . import responses as R
 from .metrics import ServerMetrics
 from .protocol import APIError, error_body
 from .replies import ChatReply, CompletionReply
@@ -212,15 +213,15 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         return await until_disconnect(request, collect())
 
     # ---- OpenAI routes ----------------------------------------------------------------------------
-    def model_card(name: str) -> P.ModelCard:
-        return P.ModelCard(id=name, root=model_path or name, max_model_len=llm().max_model_len)
+    def model_card(name: str) -> R.ModelCard:
+        return R.ModelCard(id=name, root=model_path or name, max_model_len=llm().max_model_len)
 
     @app.get("/v1/models")
-    async def list_models() -> P.ModelList:
-        return P.ModelList(data=[model_card(n) for n in names])
+    async def list_models() -> R.ModelList:
+        return R.ModelList(data=[model_card(n) for n in names])
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> P.ModelCard:
+    async def get_model(model: str) -> R.ModelCard:
         check_model(model)
         return model_card(model)
 

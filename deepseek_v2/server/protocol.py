@@ -1,5 +1,5 @@
-"""The OpenAI schema as pydantic models: requests (with vLLM's extra sampling fields), responses and
-the error body. Each request turns itself into `SamplingParams` and prompt token ids, and names
+"""The OpenAI requests as pydantic models (with vLLM's extra sampling fields) and the error body
+(responses.py holds the response bodies). Each request turns itself into `SamplingParams` and prompt token ids, and names
 its own field for an engine parameter (`param_name`), so an `InvalidRequestError` from the engine's
 rules becomes a 400 naming the field the client sent (`invalid`).
 
@@ -11,11 +11,10 @@ max_tokens).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
@@ -76,18 +75,6 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart",
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-
-# ---- errors ----------------------------------------------------------------------------------------
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -284,132 +271,3 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int]
-
-
-# ---- responses -------------------------------------------------------------------------------------
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "deepseek_v2"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class CompletionLogprobs(BaseModel):
-    """The legacy completions shape; entries of the first prompt token are null (no context)."""
-
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    """Also the shape of each streamed chunk (without usage unless it is the usage chunk)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler):
-        d = handler(self)
-        if d.get("usage") is None:
-            d.pop("usage", None)
-        return d
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None = None
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_nulls(self, handler):  # the final delta is {} as OpenAI sends it
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler):
-        d = handler(self)
-        if d.get("usage") is None:
-            d.pop("usage", None)
-        return d

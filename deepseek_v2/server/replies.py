@@ -18,6 +18,7 @@ from ..engine.async_engine import EngineDeadError, EngineNotReadyError
 from ..outputs import CompletionOutput, RequestOutput
 from ..tokenizer import Tokenizer
 from . import protocol as P
+from . import responses as R
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("deepseek_v2")
@@ -49,14 +50,14 @@ class Reply:
     def index(self, i: int, o: CompletionOutput) -> int:
         return i * self.n + o.index
 
-    def usage(self, finals: list[RequestOutput | None]) -> P.UsageInfo:
+    def usage(self, finals: list[RequestOutput | None]) -> R.UsageInfo:
         prompt = sum(len(ids) for _, ids in self.prompts)
         done = [f for f in finals if f is not None]
         completion = 0 if getattr(self.body, "echo_only", False) else sum(
             len(o.token_ids) for f in done for o in f.outputs)
         cached = sum(f.num_cached_tokens for f in done)
-        return P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                           prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
+        return R.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                           prompt_tokens_details=R.PromptTokensDetails(cached_tokens=cached))
 
     # ---- to be filled in per endpoint -----------------------------------------------------------
     def opening(self) -> list[str]:
@@ -65,7 +66,7 @@ class Reply:
     def delta_choice(self, i: int, out: RequestOutput, o: CompletionOutput, first: bool):
         raise NotImplementedError
 
-    def chunk(self, choices: list, usage: P.UsageInfo | None = None):
+    def chunk(self, choices: list, usage: R.UsageInfo | None = None):
         raise NotImplementedError
 
     def body_of(self, finals: list[RequestOutput]) -> dict:
@@ -125,8 +126,8 @@ class Reply:
 class CompletionReply(Reply):
     """`/v1/completions`: text choices, legacy logprobs, echo of the prompt with its logprobs."""
 
-    def legacy_logprobs(self, token_ids: list[int], entries: list, offset: int) -> P.CompletionLogprobs:
-        lp = P.CompletionLogprobs()
+    def legacy_logprobs(self, token_ids: list[int], entries: list, offset: int) -> R.CompletionLogprobs:
+        lp = R.CompletionLogprobs()
         for tid, entry in zip(token_ids, entries):
             s = self.token_str(tid)
             lp.tokens.append(s)
@@ -160,18 +161,18 @@ class CompletionReply(Reply):
             self._offsets[idx] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         if not text and o.finish_reason is None and not (logprobs and logprobs.tokens):
             return None
-        return P.CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
+        return R.CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
                                   stop_reason=o.stop_reason)
 
     def chunk(self, choices, usage=None):
-        return P.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return R.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def body_of(self, finals):
         choices = []
         for i, out in enumerate(finals):
             for o in out.outputs:
                 text, logprobs = self.piece(i, out, o, first=True, delta=False, offset=0)
-                choices.append(P.CompletionChoice(index=self.index(i, o), text=text, logprobs=logprobs,
+                choices.append(R.CompletionChoice(index=self.index(i, o), text=text, logprobs=logprobs,
                                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         choices.sort(key=lambda c: c.index)
         return self.chunk(choices, self.usage(finals)).model_dump(mode="json")
@@ -182,7 +183,7 @@ class ChatReply(Reply):
 
     prefix = "chatcmpl"
 
-    def chat_logprobs(self, token_ids: list[int], entries: list | None) -> P.ChatLogprobs | None:
+    def chat_logprobs(self, token_ids: list[int], entries: list | None) -> R.ChatLogprobs | None:
         if not self.body.logprobs:
             return None
         top_n = self.body.top_logprobs or 0
@@ -190,35 +191,35 @@ class ChatReply(Reply):
         for tid, entry in zip(token_ids, entries or []):
             s = self.token_str(tid)
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
-            content.append(P.TokenLogprob(
+            content.append(R.TokenLogprob(
                 token=s, logprob=entry[tid], bytes=list(s.encode("utf-8", "replace")),
-                top_logprobs=[P.TopLogprob(token=self.token_str(t), logprob=v,
+                top_logprobs=[R.TopLogprob(token=self.token_str(t), logprob=v,
                                            bytes=list(self.token_str(t).encode("utf-8", "replace")))
                               for t, v in top]))
-        return P.ChatLogprobs(content=content)
+        return R.ChatLogprobs(content=content)
 
     def opening(self):
-        return [sse(self.chunk([P.ChatStreamChoice(index=k, delta=P.DeltaMessage(role="assistant", content=""),
+        return [sse(self.chunk([R.ChatStreamChoice(index=k, delta=R.DeltaMessage(role="assistant", content=""),
                                                    logprobs=None, finish_reason=None)]))
                 for k in range(len(self.prompts) * self.n)]
 
     def delta_choice(self, i, out, o, first):
         if not o.delta_text and o.finish_reason is None and not (self.body.logprobs and o.delta_token_ids):
             return None
-        delta = P.DeltaMessage(content=o.delta_text) if o.delta_text else P.DeltaMessage()
-        return P.ChatStreamChoice(index=self.index(i, o), delta=delta,
+        delta = R.DeltaMessage(content=o.delta_text) if o.delta_text else R.DeltaMessage()
+        return R.ChatStreamChoice(index=self.index(i, o), delta=delta,
                                   logprobs=self.chat_logprobs(o.delta_token_ids, o.delta_logprobs),
                                   finish_reason=o.finish_reason)
 
     def chunk(self, choices, usage=None):
-        return P.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+        return R.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
                                      usage=usage)
 
     def body_of(self, finals):
-        choices = [P.ChatChoice(index=self.index(i, o), message=P.ChatMessageOut(content=o.text),
+        choices = [R.ChatChoice(index=self.index(i, o), message=R.ChatMessageOut(content=o.text),
                                 logprobs=self.chat_logprobs(o.token_ids, o.logprobs),
                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                    for i, out in enumerate(finals) for o in out.outputs]
         choices.sort(key=lambda c: c.index)
-        return P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+        return R.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                         usage=self.usage(finals)).model_dump(mode="json")
