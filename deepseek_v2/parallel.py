@@ -1,0 +1,102 @@
+"""Tensor and expert parallelism: which part of each weight a rank holds, and the collectives.
+
+The layout (docs/parallel.md has the table):
+- attention split by heads: q_proj / q_b_proj and kv_b_proj by output rows, o_proj by input columns,
+  then one all-reduce; q_a_proj, kv_a_proj_with_mqa, the norms and the latent cache replicated (the
+  latent has a single head);
+- routed experts partitioned whole across ranks (expert parallel); shared experts and dense MLPs split
+  by the intermediate dimension; the MoE layer sums routed and shared outputs with one all-reduce;
+- the router replicated and computed identically on every rank;
+- the embedding replicated (a lookup reads only the rows it uses), the LM head split by vocabulary
+  rows with the logits gathered (each rank reads 1/N of the largest matrix of a decode step).
+
+Every split gives ranks contiguous ranges whose sizes differ by at most one (`split`), so 160 experts
+over 6 ranks is 27, 27, 27, 27, 26, 26. With one rank every collective is a no-op and every module
+holds the whole weight: the model reads exactly like the single-device model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """The [start, end) of part `index` when n items are cut into `parts` contiguous parts whose sizes
+    differ by at most one (the first n % parts parts are one larger)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in the tensor-parallel group; the default is a single process."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None  # None: the default group
+
+    def part(self, n: int) -> tuple[int, int]:
+        """This rank's [start, end) of n items (heads, experts, intermediate columns, vocabulary rows)."""
+        return split(n, self.size, self.rank)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """Each rank's x [..., n_r] (its part of `total` along the last dim) -> [..., total] on every rank."""
+        if self.size == 1:
+            return x
+        width = split(total, self.size, 0)[1]  # the largest part; smaller ones are padded to it
+        padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
+        gathered = torch.empty((self.size, *padded.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(gathered, padded, group=self.group)
+        bounds = [split(total, self.size, r) for r in range(self.size)]
+        return torch.cat([gathered[r, ..., :end - start] for r, (start, end) in enumerate(bounds)], dim=-1)
+
+
+SINGLE = TensorParallel()
+
+
+class ShardedLinear(nn.Linear):
+    """A linear layer holding rows [start, end) of the checkpoint's weight (dim 0: output features) or
+    columns (dim 1: input features). `shard` says which, in the checkpoint's coordinates, for the
+    loader. With input features split, the outputs are partial sums: `reduce` all-reduces them
+    (before the bias, which only the whole sum gets); without it the caller reduces once for several."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dim: int, units: int, unit_size: int,
+                 tp: TensorParallel, reduce: bool = True):
+        start, end = tp.part(units)
+        local = (end - start) * unit_size
+        super().__init__(local if dim == 1 else in_features, local if dim == 0 else out_features, bias=bias)
+        self.shard = (dim, start * unit_size, end * unit_size)
+        self.tp, self.reduce = tp, reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard[0] == 0 or self.tp.size == 1:
+            return super().forward(x)
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+def column_parallel(in_features: int, units: int, unit_size: int, tp: TensorParallel, bias: bool = False):
+    """Output features split: `units` groups of `unit_size` rows (heads, intermediate columns, tokens of
+    the vocabulary) divided between ranks."""
+    return ShardedLinear(in_features, units * unit_size, bias, 0, units, unit_size, tp)
+
+
+def row_parallel(units: int, unit_size: int, out_features: int, tp: TensorParallel, bias: bool = False,
+                 reduce: bool = True):
+    """Input features split (the outputs of a column-parallel layer): partial sums, all-reduced unless
+    reduce=False."""
+    return ShardedLinear(units * unit_size, out_features, bias, 1, units, unit_size, tp, reduce)
