@@ -2,8 +2,10 @@
 shards listed in model.safetensors.index.json. Loading fills a model built on the meta device
 (DeepseekV2ForCausalLM.from_pretrained), each parameter once from the files (no second copy in
 memory); routed experts, stored one tensor per expert in the files, are stacked into the model's
-[E, ...] weights on the way in and unstacked on the way out. This module works on the model object
-it is given and does not import the model."""
+[E, ...] weights on the way in and unstacked on the way out. Under tensor parallelism a rank reads
+only its part: its rows or columns of each sharded matrix (safetensors' get_slice) and its experts,
+skipping the others'. This module works on the model object it is given and does not import the
+model."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, ModelArgs
+from .parallel import ShardedLinear
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,21 +44,45 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor as the checkpoint names it: a parameter, or one expert's slice of a stack."""
+class CheckpointTensor(NamedTuple):
+    name: str  # as the checkpoint names it
+    target: torch.Tensor  # the parameter, or the slice of an expert stack, it fills
+    index: tuple[slice, ...]  # the part of the checkpoint's tensor that goes there: () for all of it
+    shape: tuple[int, ...]  # the checkpoint tensor's whole shape
+
+
+def checkpoint_tensors(model: nn.Module) -> Iterator[CheckpointTensor]:
+    """Every tensor this model (this rank's part of it) holds, with where it comes from."""
     for name, param in model.named_parameters(remove_duplicate=True):
-        if name.endswith("experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            inter = param.shape[1] // 2
-            for e in range(param.shape[0]):
-                yield f"{prefix}{e}.gate_proj.weight", param[e, :inter]
-                yield f"{prefix}{e}.up_proj.weight", param[e, inter:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(param.shape[0]):
-                yield f"{prefix}{e}.down_proj.weight", param[e]
+        module_name, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            prefix = f"{module_name}."
+            inter = param.shape[-1] if kind == "down_proj" else param.shape[1] // 2
+            for e in range(param.shape[0]):  # this rank's experts: checkpoint ids first_expert + e
+                expert = f"{prefix}{module.first_expert + e}."
+                if kind == "gate_up_proj":
+                    yield CheckpointTensor(expert + "gate_proj.weight", param[e, :inter], (), (inter, param.shape[2]))
+                    yield CheckpointTensor(expert + "up_proj.weight", param[e, inter:], (), (inter, param.shape[2]))
+                else:
+                    yield CheckpointTensor(expert + "down_proj.weight", param[e], (), tuple(param.shape[1:]))
+        elif isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind == "weight"):
+            dim, start, end, total = module.shard  # a bias is split only with the output rows
+            shape = tuple(total if d == dim else n for d, n in enumerate(param.shape))
+            yield CheckpointTensor(name, param, (slice(None),) * dim + (slice(start, end),), shape)
         else:
-            yield name, param
+            yield CheckpointTensor(name, param, (), tuple(param.shape))
+
+
+def other_ranks_experts(model: nn.Module) -> set[str]:
+    """The checkpoint names of the routed experts that other ranks hold (a rank skips them)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if hasattr(module, "first_expert"):
+            held = range(module.first_expert, module.first_expert + module.gate_up_proj.shape[0])
+            for e in set(range(module.num_experts)) - set(held):
+                names.update(f"{module_name}.{e}.{w}_proj.weight" for w in ("gate", "up", "down"))
+    return names
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -83,16 +111,18 @@ def checkpoint_args(path) -> ModelArgs:
 
 def load_weights(model: nn.Module, path, dtype=None, device="cpu", progress: bool | None = None) -> nn.Module:
     """Fill a model built on the meta device with the checkpoint's weights, in `dtype` (default: the
-    checkpoint's torch_dtype) on `device`. Every parameter must come from the files; buffers that
-    are not in them are left uninitialised for the model to compute. Returns the model."""
+    checkpoint's torch_dtype) on `device`; a tensor-parallel rank reads only its part. Every parameter
+    must come from the files; buffers that are not in them are left uninitialised for the model to
+    compute. Returns the model."""
     path = Path(path)
     args = model.args
     dtype = parse_dtype(dtype) or parse_dtype(args.torch_dtype if args.torch_dtype != "None" else "float32")
     files = weight_files(path)
     model.to(dtype=dtype).to_empty(device=device)
-    targets = dict(checkpoint_tensors(model))
+    targets = {t.name: t for t in checkpoint_tensors(model)}
     if args.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
+    elsewhere = other_ranks_experts(model)
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > PROGRESS_BAR_BYTES
     bar = None
@@ -106,15 +136,16 @@ def load_weights(model: nn.Module, path, dtype=None, device="cpu", progress: boo
                 with safe_open(file, framework="pt", device="cpu") as f:
                     for name in f.keys():
                         if name not in targets:
-                            if not IGNORED.match(name):
+                            if not IGNORED.match(name) and name not in elsewhere:
                                 unexpected.append(name)
                             continue
-                        target = targets[name]
-                        shape = tuple(f.get_slice(name).get_shape())
-                        if shape != tuple(target.shape):
+                        t = targets[name]
+                        part = f.get_slice(name)
+                        shape = tuple(part.get_shape())
+                        if shape != t.shape:
                             raise CheckpointError(f"{file.name}: tensor '{name}' has shape {list(shape)}, "
-                                                  f"the model expects {list(target.shape)}")
-                        target.copy_(f.get_tensor(name))
+                                                  f"the model expects {list(t.shape)}")
+                        t.target.copy_(part[t.index] if t.index else f.get_tensor(name))  # only this rank's part
                         seen.add(name)
                         if bar is not None:
                             bar.update(1)
@@ -145,7 +176,9 @@ def save_model(model: nn.Module, path, max_shard_size: int = 5 * 1024**3) -> Non
 
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for name, tensor in checkpoint_tensors(model):
+    if getattr(model, "tp", None) is not None and model.tp.size > 1:
+        raise ValueError("save_pretrained writes a whole model: save from a single process, not a tensor-parallel rank")
+    for name, tensor, _, _ in checkpoint_tensors(model):
         if model.args.tie_word_embeddings and name == "lm_head.weight":
             continue
         nbytes = tensor.numel() * tensor.element_size()

@@ -14,6 +14,10 @@ MLA has two compute paths that give the same numbers:
   applied to the attended latent (decode). The cache holds only kv_lora_rank + qk_rope_head_dim
   values per token per layer: the normalised latent c_kv and the rotated k_pe.
 
+Tensor parallelism (parallel.py) shrinks the modules to this rank's part: its heads, its
+intermediate columns, its experts, its vocabulary rows; the all-reduces sit in the sharded linear
+layers and the MoE layer. With one rank (the default) nothing is split and nothing is reduced.
+
 Module attributes keep the checkpoint's tensor names.
 Legend: B batch, S new tokens per sequence, L attended tokens, T flat tokens of an engine step,
 H heads, D hidden, R kv_lora_rank, P qk_rope_head_dim, dn qk_nope_head_dim, dv v_head_dim.
@@ -34,6 +38,7 @@ from .checkpoint import checkpoint_args, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
 from .moe import MLP, MoE
+from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel
 from .rope import RotaryEmbedding
 
 
@@ -81,22 +86,25 @@ class AttentionMetadata:
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention (DeepseekV2Attention in the official code)."""
+    """Multi-head Latent Attention (DeepseekV2Attention in the official code). Under tensor parallelism
+    a rank holds its heads' rows of q_proj / q_b_proj and kv_b_proj and columns of o_proj."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
         self.args = args
         H, D = args.num_attention_heads, args.hidden_size
+        first, end = tp.part(H)
+        self.num_heads = end - first  # this rank's
         if args.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * args.qk_head_dim, bias=False)
+            self.q_proj = column_parallel(D, H, args.qk_head_dim, tp)
         else:
             self.q_a_proj = nn.Linear(D, args.q_lora_rank, bias=args.attention_bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank)
-            self.q_b_proj = nn.Linear(args.q_lora_rank, H * args.qk_head_dim, bias=False)
+            self.q_b_proj = column_parallel(args.q_lora_rank, H, args.qk_head_dim, tp)
         self.kv_a_proj_with_mqa = nn.Linear(D, args.kv_cache_dim, bias=args.attention_bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
+        self.kv_b_proj = column_parallel(args.kv_lora_rank, H, args.qk_nope_head_dim + args.v_head_dim, tp)
+        self.o_proj = row_parallel(H, args.v_head_dim, D, tp, bias=args.attention_bias)  # sums the heads
         self.softmax_scale = args.softmax_scale
         self.in_proj_weight: torch.Tensor | None = None  # set by fuse_input_projections
         self.kernels = REFERENCE
@@ -106,7 +114,7 @@ class MLA(nn.Module):
         with it, x is [T, D] of one engine step and kv_cache is this layer's
         [num_blocks, block_size, R + P] cache. cos, sin: [..., P / 2] for x's positions."""
         a = self.args
-        H, dn, P, R = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        H, dn, P, R = self.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         shape = x.shape
         x, cos, sin = x.reshape(-1, shape[-1]), cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
         if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
@@ -149,7 +157,7 @@ class MLA(nn.Module):
         """q_nope [B, S, H, dn], q_pe [B, S, H, P]; c_kv [B, L, R], k_pe [B, L, P] with
         L = num_cached + S. Query s sits at position num_cached + s. Returns [B, S, H, dv]."""
         a = self.args
-        B, L, H = c_kv.shape[0], c_kv.shape[1], a.num_attention_heads
+        B, L, H = c_kv.shape[0], c_kv.shape[1], self.num_heads
         S = q_nope.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, L, H, -1).split([a.qk_nope_head_dim, a.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, dn + P]
@@ -166,7 +174,7 @@ class MLA(nn.Module):
     def absorbed_attention(self, q_nope, q_pe, kv_cache, block_tables, seq_lens, max_seq_len: int):
         """One query per row: q_nope [N, H, dn], q_pe [N, H, P] over the paged cache. Returns [N, H, dv]."""
         a = self.args
-        w_kv_b = self.kv_b_proj.weight.view(a.num_attention_heads, -1, a.kv_lora_rank)
+        w_kv_b = self.kv_b_proj.weight.view(self.num_heads, -1, a.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W_UK folded into the query
         o_lat = self.kernels.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
@@ -198,11 +206,26 @@ class MLA(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def check_tensor_parallel(args: ModelArgs, size: int) -> None:
+    """A clear error for a tensor-parallel size this model cannot be split into."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    if size > args.num_attention_heads:
+        raise ValueError(f"tensor_parallel_size {size} is more than the model's {args.num_attention_heads} "
+                         "attention heads: every rank needs at least one")
+    if args.n_routed_experts and size > args.n_routed_experts:
+        raise ValueError(f"tensor_parallel_size {size} is more than the model's {args.n_routed_experts} "
+                         "routed experts: every rank needs at least one")
+    if size > 1 and args.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings with tensor_parallel_size > 1 is not supported (the LM head is "
+                         "split by vocabulary, the embedding replicated; no DeepSeek-V2 checkpoint ties them)")
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = MLA(args)
-        self.mlp = MoE(args) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size)
+        self.self_attn = MLA(args, tp)
+        self.mlp = MoE(args, tp) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size, tp)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -219,10 +242,10 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV2Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)  # replicated
+        self.layers = nn.ModuleList(DecoderLayer(args, i, tp) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
 
@@ -235,11 +258,12 @@ class DeepseekV2Model(nn.Module):
 
 
 class DeepseekV2ForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.args = args
-        self.model = DeepseekV2Model(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        check_tensor_parallel(args, tp.size)
+        self.args, self.tp = args, tp
+        self.model = DeepseekV2Model(args, tp)
+        self.lm_head = column_parallel(args.hidden_size, args.vocab_size, 1, tp)  # this rank's vocabulary rows
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -254,7 +278,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """hidden [..., D] -> fp32 logits [..., vocab] (the ranks' vocabulary rows gathered)."""
+        return self.tp.all_gather_last(self.lm_head(hidden), self.args.vocab_size).float()
 
     def use_kernels(self, name: str) -> "DeepseekV2ForCausalLM":
         """Run the kernel families with the set called `name`: "reference" (the default: PyTorch,
@@ -298,12 +323,14 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", progress: bool | None = None) -> "DeepseekV2ForCausalLM":
-        """A checkpoint in the official format, in its own dtype unless `dtype` is given. The model is
-        built on the meta device and each parameter filled once from the files (checkpoint.py)."""
+                        device: torch.device | str = "cpu", progress: bool | None = None,
+                        tp: TensorParallel = SINGLE) -> "DeepseekV2ForCausalLM":
+        """A checkpoint in the official format, in its own dtype unless `dtype` is given; with `tp`, this
+        rank's part of it. The model is built on the meta device and each parameter filled once from
+        the files (checkpoint.py). The progress bar shows on rank 0."""
         with torch.device("meta"):
-            model = cls(checkpoint_args(path))
-        load_weights(model, path, dtype=dtype, device=device, progress=progress)
+            model = cls(checkpoint_args(path), tp)
+        load_weights(model, path, dtype=dtype, device=device, progress=False if tp.rank else progress)
         model.model.rotary_emb.reset_parameters()  # a computed buffer, not in the files
         return model.eval()
 

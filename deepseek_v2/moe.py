@@ -5,6 +5,10 @@ Routed expert weights are stacked at load time: `experts.gate_up_proj [E, 2I, D]
 each expert's gate_proj, rows I..2I-1 its up_proj) and `experts.down_proj [E, D, I]`. The
 checkpoint keeps one tensor per expert; checkpoint.py stacks and unstacks them.
 
+Under tensor parallelism (parallel.py) a rank holds a contiguous range of the routed experts whole,
+and its columns of the shared experts and dense MLPs; the MoE layer sums its routed and shared parts
+with one all-reduce. The router is replicated: every rank routes every token the same way.
+
 Legend: N tokens, D hidden, E routed experts, K experts per token, I expert width.
 """
 
@@ -18,16 +22,18 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
+from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: dense layers and the fused shared experts."""
+    """SwiGLU MLP: dense layers and the fused shared experts. Split by the intermediate dimension; the
+    down projection's partial sums are all-reduced unless reduce=False (the MoE layer reduces once)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel = SINGLE, reduce: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = column_parallel(hidden_size, intermediate_size, 1, tp)
+        self.up_proj = column_parallel(hidden_size, intermediate_size, 1, tp)
+        self.down_proj = row_parallel(intermediate_size, 1, hidden_size, tp, reduce=reduce)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse_gate_up
         self.kernels = REFERENCE
 
@@ -92,28 +98,35 @@ class MoEGate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """All routed experts of one layer as two stacked weights."""
+    """The routed experts of one layer this rank holds (all of them on one rank) as two stacked weights."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
         E, D, I = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.first_expert, end = tp.part(E)
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(end - self.first_expert, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(end - self.first_expert, D, I))
         self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [N, D] -> sum over each token's K experts of weight * SwiGLU expert(x), [N, D]."""
+        """x [N, D] -> sum over each token's K experts of weight * SwiGLU expert(x), [N, D]; with part
+        of the experts, over those held here (a pick of another rank's expert gets the id -1)."""
+        held = self.gate_up_proj.shape[0]
+        if held < self.num_experts:  # global ids -> this rank's, -1 for the rest
+            local = topk_ids - self.first_expert
+            topk_ids = torch.where((local >= 0) & (local < held), local, -1)
         return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.args = args
+        self.args, self.tp = args, tp
         self.gate = MoEGate(args)
-        self.experts = RoutedExperts(args)
-        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
-                               if args.n_shared_experts else None)
+        self.experts = RoutedExperts(args, tp)
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, tp,
+                                   reduce=False) if args.n_shared_experts else None)
         self.last_routing: Routing | None = None  # set when record_routing is on (training)
         self.record_routing = False
 
@@ -126,4 +139,4 @@ class MoE(nn.Module):
         y = self.experts(x, routing.topk_ids, routing.topk_weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return self.tp.all_reduce(y).view(shape)  # routed and shared parts of every rank, summed once

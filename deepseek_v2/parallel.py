@@ -57,8 +57,9 @@ class TensorParallel:
             return x
         width = split(total, self.size, 0)[1]  # the largest part; smaller ones are padded to it
         padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
-        gathered = torch.empty((self.size, *padded.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(gathered, padded, group=self.group)
+        gathered = torch.empty((self.size * padded.shape[0], *padded.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(gathered, padded, group=self.group)  # the ranks' parts along dim 0
+        gathered = gathered.view(self.size, *padded.shape)
         bounds = [split(total, self.size, r) for r in range(self.size)]
         return torch.cat([gathered[r, ..., :end - start] for r, (start, end) in enumerate(bounds)], dim=-1)
 
@@ -77,7 +78,7 @@ class ShardedLinear(nn.Linear):
         start, end = tp.part(units)
         local = (end - start) * unit_size
         super().__init__(local if dim == 1 else in_features, local if dim == 0 else out_features, bias=bias)
-        self.shard = (dim, start * unit_size, end * unit_size)
+        self.shard = (dim, start * unit_size, end * unit_size, units * unit_size)  # dim, [start, end), whole
         self.tp, self.reduce = tp, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

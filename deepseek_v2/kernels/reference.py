@@ -128,10 +128,10 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]
     flat = topk_ids.flatten().long()                                      # [T*K], row t*K + k
-    order = flat.argsort(stable=True)                                     # rows grouped by expert
-    counts = torch.bincount(flat, minlength=E).tolist()
-    out = x.new_empty(T * K, D)
-    start = 0
+    order = flat.argsort(stable=True)                                     # rows grouped by expert, -1 first
+    counts = torch.bincount(flat + 1, minlength=E + 1).tolist()           # [-1 (held elsewhere), 0, .., E-1]
+    out = x.new_zeros(T * K, D)
+    start, counts = counts[0], counts[1:]
     for e, n in enumerate(counts):
         if n == 0:
             continue
