@@ -281,10 +281,10 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
-def _knob(default, help: str, choices: tuple | None = None):
-    """An EngineConfig field with its help text (and allowed values); deepseek_v2/flags.py makes the flag
-    from them."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _knob(default, help: str, choices: tuple | None = None, short: str | None = None):
+    """An EngineConfig field with its help text (and allowed values, and a short flag); deepseek_v2/flags.py
+    makes the flag from them."""
+    return field(default=default, metadata={"help": help, "choices": choices, "short": short})
 
 
 @dataclass
@@ -305,11 +305,13 @@ class EngineConfig:
     max_waiting_requests: int | None = _knob(None, "the server answers 503 with Retry-After when this many "
                                                    "requests are waiting (default: no limit)")
     seed: int = _knob(0, "seed of the sampler for requests without a seed of their own")
+    tensor_parallel_size: int = _knob(1, "processes (GPUs) the model is split over: heads, experts, MLP "
+                                            "columns and vocabulary (docs/parallel.md)", short="-tp")
     kernels: str = _knob("auto", "the model's kernel set: reference (PyTorch) or triton (fused GPU kernels); "
                                  "auto: triton on a GPU, else reference", choices=("auto", "reference", "triton"))
 
     def __post_init__(self):
-        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if not 0 < self.gpu_memory_utilization <= 1:

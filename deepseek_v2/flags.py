@@ -48,10 +48,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, server: bool = False) 
         text = f.metadata["help"] + ("" if f.default is None else " (default: %(default)s)")
         kind = hints[f.name]
         kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # int | None -> int
+        names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
         if kind is bool:
-            g.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            g.add_argument(flag_name(f.name), type=kind, default=f.default, choices=f.metadata["choices"], help=text)
+            g.add_argument(*names, type=kind, default=f.default, choices=f.metadata["choices"], help=text)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -58,13 +58,15 @@ class TensorParallel:
         width = split(total, self.size, 0)[1]  # the largest part; smaller ones are padded to it
         padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
         gathered = torch.empty((self.size * padded.shape[0], *padded.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(gathered, padded, group=self.group)  # the ranks' parts along dim 0
+        all_gather_single(gathered, padded, group=self.group)  # the ranks' parts along dim 0
         gathered = gathered.view(self.size, *padded.shape)
         bounds = [split(total, self.size, r) for r in range(self.size)]
         return torch.cat([gathered[r, ..., :end - start] for r, (start, end) in enumerate(bounds)], dim=-1)
 
 
 SINGLE = TensorParallel()
+# all_gather_single is all_gather_into_tensor's newer name (torch 2.13 deprecates the old one; 2.11 lacks the new)
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ShardedLinear(nn.Linear):

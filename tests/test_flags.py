@@ -29,6 +29,7 @@ GIVEN = {
     "max_waiting_requests": (["--max-waiting-requests", "3"], 3),
     "seed": (["--seed", "7"], 7),
     "kernels": (["--kernels", "reference"], "reference"),
+    "tensor_parallel_size": (["-tp", "2"], 2),
 }
 
 

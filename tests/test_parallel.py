@@ -64,3 +64,74 @@ def test_tensor_parallel_logits_equal_one_process(hf_checkpoint, name, world):
     assert sum(shares) == total_split
     assert all(r == replicated for (_, (_, r)) in results)
     assert max(shares) <= total_split / world * 1.25, shares
+
+
+# ---- the engine over tensor-parallel ranks (rank 0 here, the others spawned by the engine) -------------------
+def tp_engine(path, world, **knobs):
+    from deepseek_v2 import EngineConfig, LLMEngine, Tokenizer
+    from deepseek_v2.engine.workers import ModelSource
+    config = EngineConfig(tensor_parallel_size=world, **knobs)
+    return LLMEngine.from_source(ModelSource(path=str(path)), Tokenizer.from_pretrained(TOKENIZER), config,
+                                 dtype="float32", device="cpu")
+
+
+TOKENIZER = "deepseek_v2/default_model"
+
+
+def greedy_outputs(engine, prompts, params):
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_tensor_parallel_engine_equals_one_process(hf_checkpoint, world):
+    """Greedy outputs and prompt logprobs over a batch with a shared prefix, chunked prefill (16 tokens a
+    step) and a cache small enough to preempt."""
+    from deepseek_v2 import SamplingParams
+    _, path = hf_checkpoint("qlora-plain-grouped")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(2, 96, (20,), generator=g).tolist()
+    prompts = [shared + torch.randint(2, 96, (n,), generator=g).tolist() for n in (3, 30, 11)] + [[5, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+    knobs = dict(block_size=8, num_kv_blocks=13, max_num_batched_tokens=16)
+    single = greedy_outputs(tp_engine(path, 1, **knobs), prompts, params)
+    engine = tp_engine(path, world, **knobs)
+    try:
+        parallel = greedy_outputs(engine, prompts, params)
+        assert engine.scheduler.num_preemptions > 0
+        assert [o.outputs[0].token_ids for o in parallel] == [o.outputs[0].token_ids for o in single]
+        for a, b in zip(parallel, single):
+            assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+            for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert list(x) == list(y) and list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)
+        processes = engine.workers.processes
+    finally:
+        engine.close()
+    assert len(processes) == world - 1 and not any(p.is_alive() for p in processes)
+
+
+def test_a_killed_rank_ends_the_engine_with_an_error_naming_it(hf_checkpoint):
+    import os
+    import signal
+    import time
+    from deepseek_v2 import SamplingParams
+    from deepseek_v2.engine.workers import WorkerError
+    _, path = hf_checkpoint("lite-yarn-greedy")
+    engine = tp_engine(path, 2, block_size=8, num_kv_blocks=32)
+    workers = engine.workers.processes
+    engine.add_request("r", [3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    os.kill(workers[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 exited"):
+        for _ in range(50):
+            engine.step()
+    assert time.monotonic() - start < 30, "no hang"
+    engine.close()
+    assert not any(p.is_alive() for p in workers)

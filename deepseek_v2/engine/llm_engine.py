@@ -8,6 +8,7 @@ conditions and frees the sequence if it finished; it returns the outputs of the 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -15,15 +16,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import DEFAULT_MODEL, EngineConfig
-from ..model import DeepseekV2ForCausalLM
+from ..config import DEFAULT_MODEL, EngineConfig, ModelArgs
+from ..model import DeepseekV2ForCausalLM, check_tensor_parallel
+from ..parallel import SINGLE
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, StepResult, cache_bytes_per_token
+from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+from .workers import Control, ModelSource, Workers, choose_device, join_group
 
 logger = logging.getLogger("deepseek_v2")
 
@@ -59,13 +62,16 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 workers: Workers | None = None, control: Control | None = None, graphs: bool = True):
+        """model: the whole model, or rank 0's part of a tensor-parallel one whose other ranks are
+        `workers`, reached through `control` (use from_pretrained / from_source to build those)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
-        self.max_model_len = min(config.max_model_len or model.args.max_position_embeddings,
-                                 model.args.max_position_embeddings)
-        self.runner = ModelRunner(model, config, self.max_model_len)
+        self.workers, self.control = workers, control
+        self.max_model_len = engine_max_model_len(config, model.args)
+        self.runner = ModelRunner(model, config, self.max_model_len, tp=model.tp, control=control, graphs=graphs)
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             fit = self.runner.num_blocks * config.block_size
@@ -82,12 +88,47 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
                         device: str | None = None, **knobs) -> "LLMEngine":
+        """Load a checkpoint (default: the shipped model) and build the engine; with
+        tensor_parallel_size > 1 the other ranks are started on this node."""
         path = str(model or DEFAULT_MODEL)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls.from_source(ModelSource(path=path), Tokenizer.from_pretrained(path), EngineConfig(**knobs),
+                               dtype, device)
+
+    @classmethod
+    def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
+                    dtype: str | torch.dtype = "auto", device: str | None = None,
+                    launch: tuple[int, str, int] | None = None) -> "LLMEngine":
+        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group:
+        ranks started here, or (launch = (world, init_method, ranks per node), under torchrun) by the
+        launcher."""
+        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
         if dtype == "auto":
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        net = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-        return cls(net, Tokenizer.from_pretrained(path), EngineConfig(**knobs))
+            dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+        source = replace(source, dtype=dtype)
+        world = config.tensor_parallel_size
+        if world == 1:
+            return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
+        check_tensor_parallel(source.args or ModelArgs.from_pretrained(source.path), world)  # before any spawn
+        if launch is None:
+            workers, init_method = Workers.spawn(world, source, config, device_type)
+            ranks_per_node = world
+        else:
+            (_, init_method, ranks_per_node), workers = launch, Workers(world)
+        try:
+            dev, backend = choose_device(device_type, 0, ranks_per_node)
+            tp, control = join_group(0, world, init_method, backend)
+            engine = cls(source.build(tp, dev), tokenizer, config, workers, control, graphs=backend == "nccl")
+        except BaseException:
+            workers.close(None)
+            raise
+        atexit.register(engine.close)
+        return engine
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one process). Idempotent."""
+        if self.workers is not None:
+            workers, self.workers = self.workers, None
+            workers.close(self.control)
 
     def _log_memory(self) -> None:
         a = self.model.args
@@ -175,7 +216,14 @@ class LLMEngine:
             return []
         if sched.preempted:
             logger.warning("cache full: preempted %d sequence(s), they will be recomputed", len(sched.preempted))
-        results = self.runner.run(sched)
+        if self.workers is None:
+            results = self.runner.run(sched)
+        else:
+            self.workers.check()
+            try:
+                results = self.runner.run(sched)
+            except Exception as e:
+                raise self.workers.explain(e) from e
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for item, result in zip(sched.scheduled, results):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, ModelArgs
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
+from ..parallel import SINGLE, TensorParallel
 from ..sampler import Sampler, TokenLogprobs
 from .scheduler import ScheduledSequence, SchedulerOutput
 
@@ -32,12 +33,11 @@ class StepResult:
 
 
 @dataclass
-class StepInputs:
-    """One step on the host. items are the scheduled sequences, prefills first then decodes; item k
-    is sched.scheduled[order[k]]. The T flat tokens follow the items' order."""
+class ForwardInputs:
+    """What the model's forward over one step needs, on the host: plain lists, the same on every
+    tensor-parallel rank (rank 0 makes them and sends them to the others). The T flat tokens are the
+    prefill sequences' then the decode tokens."""
 
-    items: list[ScheduledSequence]
-    order: list[int]
     input_ids: list[int] = field(default_factory=list)  # [T]
     positions: list[int] = field(default_factory=list)  # [T]
     slots: list[int] = field(default_factory=list)  # [T] cache slot of every token
@@ -47,12 +47,24 @@ class StepInputs:
     decode_tables: list[list[int]] = field(default_factory=list)
     decode_lens: list[int] = field(default_factory=list)  # including the new token
     logit_rows: list[int] = field(default_factory=list)  # flat rows whose logits are needed, in order
+    decode_only: bool = True  # no prefill and no prompt logprobs: a captured graph may run it
+
+
+@dataclass
+class StepInputs:
+    """One step on rank 0: the forward's inputs and where the logits go. items are the scheduled
+    sequences, prefills first then decodes; item k is sched.scheduled[order[k]]."""
+
+    items: list[ScheduledSequence]
+    order: list[int]
+    forward: ForwardInputs = field(default_factory=ForwardInputs)
     sample_rows: dict[int, int] = field(default_factory=dict)  # item -> its row among the logits
     prompt_rows: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # item -> (first row, positions)
 
-    @property
-    def decode_only(self) -> bool:
-        return not self.prefill_query_lens and not self.prompt_rows
+
+def engine_max_model_len(config: EngineConfig, args: ModelArgs) -> int:
+    """The context length the engine serves: the configured one, at most the model's."""
+    return min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
 
 
 def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> int:
@@ -61,7 +73,11 @@ def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> i
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV2ForCausalLM, config: EngineConfig, max_model_len: int):
+    def __init__(self, model: DeepseekV2ForCausalLM, config: EngineConfig, max_model_len: int,
+                 tp: TensorParallel = SINGLE, control=None, graphs: bool = True):
+        """tp and control: this rank's place in a tensor-parallel engine and rank 0's channel to the
+        others (engine/workers.py); graphs=False: no CUDA graphs (collectives that cannot be captured)."""
+        self.tp, self.control = tp, control
         self.device = model.device
         kernels = config.kernels
         if kernels == "auto":
@@ -84,7 +100,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and graphs:
             self._capture_decode_graphs()
 
     # ---- cache sizing -----------------------------------------------------------------------------
@@ -103,6 +119,8 @@ class ModelRunner:
         else:
             budget = self.config.cpu_kv_cache_bytes
         num_blocks = int(budget // per_block) - 1  # one block is the scratch block
+        if self.control is not None:  # the cache is replicated: every rank holds as many blocks as the smallest
+            num_blocks = self.control.agree_min(num_blocks)
 
         if num_blocks <= 0:
             raise RuntimeError(f"no memory left for the latent cache (budget {budget / 2**30:.2f} GiB); "
@@ -133,64 +151,71 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     def run(self, sched: SchedulerOutput) -> list[StepResult]:
-        """One step; returns one StepResult per scheduled sequence, in sched.scheduled order."""
-        inputs = self.prepare_inputs(sched)
-        return self.sample(inputs, self.forward(inputs))
+        """One step (on rank 0); returns one StepResult per scheduled sequence, in sched.scheduled order."""
+        step = self.prepare_inputs(sched)
+        if self.control is not None:
+            self.control.send(step.forward)  # the other ranks run the same forward
+        return self.sample(step, self.forward(step.forward))
+
+    def serve(self) -> None:
+        """The loop of a tensor-parallel rank other than 0: run each step rank 0 sends, until it says stop."""
+        while (inputs := self.control.receive()) is not None:
+            self.forward(inputs)
 
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step's flat inputs, on the host."""
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
         step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
-        bs = self.block_size
+        f, bs = step.forward, self.block_size
         offset = 0
         for k, item in enumerate(step.items):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             table = seq.block_table
             if n == 1:
-                step.input_ids.append(seq.token_at(start))
-                step.positions.append(start)
-                step.slots.append(table[start // bs] * bs + start % bs)
-                step.decode_tables.append(table)
-                step.decode_lens.append(start + 1)
+                f.input_ids.append(seq.token_at(start))
+                f.positions.append(start)
+                f.slots.append(table[start // bs] * bs + start % bs)
+                f.decode_tables.append(table)
+                f.decode_lens.append(start + 1)
             else:
-                step.input_ids += seq.tokens_slice(start, start + n)
-                step.positions += range(start, start + n)
-                step.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-                step.prefill_query_lens.append(n)
-                step.prefill_context_lens.append(start)
-                step.prefill_tables.append(table)
+                f.input_ids += seq.tokens_slice(start, start + n)
+                f.positions += range(start, start + n)
+                f.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                f.prefill_query_lens.append(n)
+                f.prefill_context_lens.append(start)
+                f.prefill_tables.append(table)
             if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)  # logits at p score token p + 1
-                step.prompt_rows[k] = (len(step.logit_rows), list(range(start, last)))
-                step.logit_rows += range(offset, offset + last - start)
+                step.prompt_rows[k] = (len(f.logit_rows), list(range(start, last)))
+                f.logit_rows += range(offset, offset + last - start)
             if item.samples:
-                step.sample_rows[k] = len(step.logit_rows)
-                step.logit_rows.append(offset + n - 1)
+                step.sample_rows[k] = len(f.logit_rows)
+                f.logit_rows.append(offset + n - 1)
             offset += n
+        f.decode_only = not f.prefill_query_lens and not step.prompt_rows
         return step
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> torch.Tensor | None:
-        """The model over the step's tokens; returns the logits [len(step.logit_rows), V] (None when
-        no row needs them). A decode-only batch replays the captured graph of its size."""
-        if step.decode_only and self.graphs and len(step.items) <= max(self.graphs):
-            return self._replay_decode_graph(step)  # every decode samples: logit row k is item k
+    def forward(self, f: ForwardInputs) -> torch.Tensor | None:
+        """The model over the step's tokens; returns the logits [len(f.logit_rows), V] (None when no
+        row needs them). A decode-only batch replays the captured graph of its size."""
+        if f.decode_only and self.graphs and len(f.input_ids) <= max(self.graphs):
+            return self._replay_decode_graph(f)  # every decode samples: logit row k is token k
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
-            prefill_query_lens=step.prefill_query_lens, prefill_context_lens=step.prefill_context_lens,
-            prefill_block_tables=self._block_table_tensor(step.prefill_tables) if step.prefill_tables else None,
-            decode_block_tables=self._block_table_tensor(step.decode_tables) if step.decode_tables else None,
-            decode_seq_lens=(torch.tensor(step.decode_lens, dtype=torch.int32, device=dev)
-                             if step.decode_lens else None),
-            max_decode_seq_len=max(step.decode_lens, default=0))
-        hidden = self.model.forward_step(torch.tensor(step.input_ids, dtype=torch.long, device=dev),
-                                         torch.tensor(step.positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(f.slots, dtype=torch.long, device=dev),
+            prefill_query_lens=f.prefill_query_lens, prefill_context_lens=f.prefill_context_lens,
+            prefill_block_tables=self._block_table_tensor(f.prefill_tables) if f.prefill_tables else None,
+            decode_block_tables=self._block_table_tensor(f.decode_tables) if f.decode_tables else None,
+            decode_seq_lens=torch.tensor(f.decode_lens, dtype=torch.int32, device=dev) if f.decode_lens else None,
+            max_decode_seq_len=max(f.decode_lens, default=0))
+        hidden = self.model.forward_step(torch.tensor(f.input_ids, dtype=torch.long, device=dev),
+                                         torch.tensor(f.positions, dtype=torch.long, device=dev),
                                          attn, self.kv_caches)
-        if not step.logit_rows:
+        if not f.logit_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(step.logit_rows, device=dev)])
+        return self.model.compute_logits(hidden[torch.tensor(f.logit_rows, device=dev)])
 
     def sample(self, step: StepInputs, logits: torch.Tensor | None) -> list[StepResult]:
         """Tokens for the rows that sample and prompt logprobs for the rows that want them, as
@@ -250,18 +275,17 @@ class ModelRunner:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", sorted(sizes))
 
-    def _replay_decode_graph(self, step: StepInputs) -> torch.Tensor:
+    def _replay_decode_graph(self, f: ForwardInputs) -> torch.Tensor:
         """Fill the static buffers (padding rows point at the scratch block) and replay; returns the
         logits of the real rows."""
-        n = len(step.input_ids)
+        n = len(f.input_ids)
         bs = min(b for b in self.graphs if b >= n)
         rows = self.h_rows.numpy()
         rows[:, :bs] = ((0,), (0,), (self.scratch_block * self.block_size,), (1,))
-        rows[0, :n], rows[1, :n], rows[2, :n] = step.input_ids, step.positions, step.slots
-        rows[3, :n] = step.decode_lens
+        rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = f.input_ids, f.positions, f.slots, f.decode_lens
         table = self.h_table.numpy()
         table[:bs] = self.scratch_block
-        for i, t in enumerate(step.decode_tables):
+        for i, t in enumerate(f.decode_tables):
             table[i, :len(t)] = t
         for static, k in ((self.g_ids, 0), (self.g_pos, 1), (self.g_slots, 2)):
             static[:bs].copy_(self.h_rows[k, :bs], non_blocking=True)
