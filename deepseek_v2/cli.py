@@ -11,6 +11,7 @@ import logging
 import sys
 
 from .flags import add_engine_arguments, add_model_argument, add_model_arguments, engine_kwargs
+from .parallel import launch_env
 
 EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, OSError)
 
@@ -33,9 +34,18 @@ def sampling_params(args: argparse.Namespace):
                           seed=args.sampling_seed, stop=args.stop)
 
 
+def engine_source(args: argparse.Namespace):
+    """(where the model comes from, EngineConfig, dtype, device) of a command that loads a checkpoint."""
+    from .config import DEFAULT_MODEL, EngineConfig
+    from .engine.workers import ModelSource
+    return ModelSource(path=args.model or DEFAULT_MODEL), EngineConfig(**engine_kwargs(args)), args.dtype, args.device
+
+
 def load_engine(args: argparse.Namespace):
     from .engine.llm_engine import LLMEngine
-    return LLMEngine.from_pretrained(args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
+    from .tokenizer import Tokenizer
+    source, config, dtype, device = engine_source(args)
+    return LLMEngine.from_source(source, Tokenizer.from_pretrained(source.path), config, dtype, device)
 
 
 def stream(engine, prompt, params, out=sys.stdout) -> str:
@@ -200,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        if hasattr(args, "tensor_parallel_size") and launch_env().rank > 0:
+            # torchrun started this process as a tensor-parallel rank of the command rank 0 runs
+            from .engine.workers import run_launched_worker
+            run_launched_worker(*getattr(args, "engine_source", engine_source)(args))
+        else:
+            args.func(args)
     except EXPECTED_ERRORS as e:
         print(f"deepseek-v2 {args.command}: error: {e}", file=sys.stderr)
         return 1

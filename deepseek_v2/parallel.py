@@ -17,6 +17,7 @@ holds the whole weight: the model reads exactly like the single-device model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,24 @@ def split(n: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, parts)
     start = index * base + min(index, extra)
     return start, start + base + (index < extra)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a launcher (torchrun) told this process: its rank among `world` processes, of which
+    `local_world` run on this node. One process when nothing launched it."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+
+def launch_env() -> Launch:
+    """The variables torchrun sets (the one place the environment is read, for training and serving)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return Launch(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world)))
 
 
 @dataclass(frozen=True)

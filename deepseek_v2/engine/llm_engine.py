@@ -18,7 +18,7 @@ import torch
 
 from ..config import DEFAULT_MODEL, EngineConfig, ModelArgs
 from ..model import DeepseekV2ForCausalLM, check_tensor_parallel
-from ..parallel import SINGLE
+from ..parallel import SINGLE, launch_env
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -26,7 +26,7 @@ from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
-from .workers import Control, ModelSource, Workers, choose_device, join_group
+from .workers import Control, ModelSource, Workers, choose_device, join_group, resolve_device
 
 logger = logging.getLogger("deepseek_v2")
 
@@ -96,24 +96,23 @@ class LLMEngine:
 
     @classmethod
     def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
-                    dtype: str | torch.dtype = "auto", device: str | None = None,
-                    launch: tuple[int, str, int] | None = None) -> "LLMEngine":
-        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group:
-        ranks started here, or (launch = (world, init_method, ranks per node), under torchrun) by the
-        launcher."""
-        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-        if dtype == "auto":
-            dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        source = replace(source, dtype=dtype)
+                    dtype: str | torch.dtype = "auto", device: str | None = None) -> "LLMEngine":
+        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group whose
+        other ranks it starts on this node, or which torchrun started (then every rank but 0 runs
+        engine/workers.py's run_worker: the CLI does that)."""
+        source, device_type = resolve_device(source, dtype, device)
         world = config.tensor_parallel_size
-        if world == 1:
+        launch = launch_env()
+        if world == 1 and launch.world == 1:
             return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
         check_tensor_parallel(source.args or ModelArgs.from_pretrained(source.path), world)  # before any spawn
-        if launch is None:
+        if launch.world == 1:
             workers, init_method = Workers.spawn(world, source, config, device_type)
             ranks_per_node = world
+        elif launch.world != world:
+            raise ValueError(f"tensor_parallel_size is {world} but torchrun started {launch.world} processes")
         else:
-            (_, init_method, ranks_per_node), workers = launch, Workers(world)
+            workers, init_method, ranks_per_node = Workers(world), "env://", launch.local_world
         try:
             dev, backend = choose_device(device_type, 0, ranks_per_node)
             tp, control = join_group(0, world, init_method, backend)

@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig, ModelArgs
-from ..parallel import TensorParallel
+from ..parallel import TensorParallel, launch_env
 
 logger = logging.getLogger("deepseek_v2")
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer fails: first Triton compiles take minutes
@@ -62,6 +62,14 @@ class ModelSource:
         with torch.device("meta"):
             model = DeepseekV2ForCausalLM(self.args, tp)
         return model.to(self.dtype).to_empty(device=device).init_weights(seed=self.seed).eval()
+
+
+def resolve_device(source: ModelSource, dtype: str | torch.dtype, device: str | None) -> tuple[ModelSource, str]:
+    """The source with its dtype settled ("auto": bfloat16 on a GPU, float32 on CPU), and the device type."""
+    device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return replace(source, dtype=dtype), device_type
 
 
 class Control:
@@ -101,6 +109,19 @@ def join_group(rank: int, world: int, init_method: str, backend: str) -> tuple[T
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None
     return TensorParallel(rank, world), Control(control)
+
+
+def run_launched_worker(source: ModelSource, config: EngineConfig, dtype: str | torch.dtype,
+                        device: str | None) -> None:
+    """A rank other than 0 that torchrun started, running the command rank 0 runs (the CLI's branch)."""
+    launch = launch_env()
+    if launch.world != config.tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size is {config.tensor_parallel_size} but torchrun started "
+                         f"{launch.world} processes")
+    source, device_type = resolve_device(source, dtype, device)
+    _die_with_parent()
+    run_worker(launch.rank, launch.world, "env://", launch.local_rank, launch.local_world, source, config,
+               device_type)
 
 
 def run_worker(rank: int, world: int, init_method: str, local_rank: int, ranks_per_node: int,

@@ -5,17 +5,13 @@ so the loop reads like single-device code."""
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def distributed_env() -> tuple[int, int, int]:
-    """rank, world size, local rank: what torchrun sets (the one place the environment is read)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+from ..parallel import launch_env
 
 
 @dataclass
@@ -57,7 +53,8 @@ class Processes:
 
 def start_processes(device: str) -> Processes:
     """Pick the device ("auto": CUDA when available) and join the process group under torchrun."""
-    rank, world, local_rank = distributed_env()
+    launch = launch_env()
+    rank, world, local_rank = launch.rank, launch.world, launch.local_rank
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     procs = Processes(rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
     if use_cuda:
