@@ -12,6 +12,7 @@ import sys
 
 from .flags import add_engine_arguments, add_model_argument, add_model_arguments, engine_kwargs
 from .parallel import launch_env
+from .plan import DTYPE_BYTES
 
 EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, OSError)
 
@@ -45,6 +46,7 @@ def load_engine(args: argparse.Namespace):
     from .engine.llm_engine import LLMEngine
     from .tokenizer import Tokenizer
     source, config, dtype, device = engine_source(args)
+    source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
     return LLMEngine.from_source(source, Tokenizer.from_pretrained(source.path), config, dtype, device)
 
 
@@ -112,8 +114,9 @@ def cmd_info(args) -> None:
         from pathlib import Path
         a = ModelArgs.from_pretrained(source)
         weight_files(Path(source))  # a clear error when the weights are missing
+    plan_lines = memory_plan_lines(a, args)  # before any output: a bad size is one line of error, not half a report
     counts = a.num_parameters()
-    bytes_per_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(args.cache_dtype, 2)
+    bytes_per_value = DTYPE_BYTES[args.cache_dtype]
     latent = a.kv_cache_dim * a.num_hidden_layers * bytes_per_value
     full = a.mha_cache_dim * a.num_hidden_layers * bytes_per_value
     layout = "".join("M" if a.is_moe_layer(i) else "D" for i in range(a.num_hidden_layers))
@@ -134,6 +137,35 @@ def cmd_info(args) -> None:
     print(f"latent cache ({args.cache_dtype}): {a.kv_cache_dim} values/token/layer = {latent:,} bytes/token; "
           f"the full per-head K/V cache of the official code: {a.mha_cache_dim:,} values/token/layer = "
           f"{full:,} bytes/token ({full / latent:.1f}x more, MLA saves {100 * (1 - latent / full):.1f}%)")
+    print("\n".join(plan_lines))
+
+
+# The engine knobs that change a memory plan; `info` takes these and no others.
+PLAN_KNOBS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_memory_utilization",
+              "enforce_eager"}
+
+
+def memory_plan_lines(a, args) -> list[str]:
+    """`info`'s memory plans: for --gpu-memory-gib, or for an H100 and an H200 when it is not given."""
+    from .config import EngineConfig
+    from .plan import KNOWN_GPUS, GiB, format_plan, longest_fitting_len, memory_plan
+    config, tp = EngineConfig(**engine_kwargs(args)), args.tensor_parallel_size
+    sizes = (config, DTYPE_BYTES[args.dtype], DTYPE_BYTES[args.cache_dtype])
+    gpus = KNOWN_GPUS if args.gpu_memory_gib is None else {None: int(args.gpu_memory_gib * GiB)}
+    lines = [f"memory plan: {args.dtype} weights, {args.cache_dtype} cache, max_num_batched_tokens "
+             f"{config.max_num_batched_tokens:,}, max_num_seqs {config.max_num_seqs}"]
+    if tp > 1:
+        lines.append(f"the latent cache is replicated on every rank: each of the {tp} GPUs holds every "
+                     "cached token's latent (the bytes/token above)")
+    for name, memory in gpus.items():
+        plan = memory_plan(a, tp, memory, *sizes)
+        if name is not None:
+            lines.append(f"{name} ({memory / GiB:.1f} GiB):")
+        lines.append(format_plan(plan))
+        if not plan.fits:
+            n = longest_fitting_len(a, tp, memory, *sizes)
+            lines.append(f"  the longest max_model_len that fits: {n:,}" if n else "  no max_model_len fits")
+    return lines
 
 
 def cmd_demo(args) -> None:
@@ -175,10 +207,18 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="parameters, layer layout and cache size of a checkpoint or shape")
+    p = sub.add_parser("info", help="parameters, layer layout, cache size and memory plans of a checkpoint or "
+                                    "shape")
     add_model_argument(p)
     p.add_argument("--shape", default=None, help="a built-in shape instead: v2 or v2-lite")
-    p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="the weights' dtype "
+                   "(default: %(default)s)")
+    p.add_argument("--cache-dtype", default="bfloat16", choices=list(DTYPE_BYTES))
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over "
+                   "(default: %(default)s)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="memory of one GPU (default: a plan for an H100 80 GB and one for an H200 141 GB)")
+    add_engine_arguments(p, only=PLAN_KNOBS)
     p.set_defaults(func=cmd_info)
 
     for name, module, adder, runner, help_text in LAZY_COMMANDS:

@@ -34,14 +34,15 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, server: bool = False) -> None:
-    """One flag per EngineConfig field under an "engine" heading (SERVER_ONLY's only when `server`):
-    max_num_seqs becomes --max-num-seqs, typed by the field's annotation and defaulting to the field's
-    default; a bool becomes --x / --no-x."""
+def add_engine_arguments(parser: argparse.ArgumentParser, server: bool = False,
+                         only: set[str] | None = None) -> None:
+    """One flag per EngineConfig field under an "engine" heading (SERVER_ONLY's only when `server`;
+    only the fields in `only` when given): max_num_seqs becomes --max-num-seqs, typed by the field's
+    annotation and defaulting to the field's default; a bool becomes --x / --no-x."""
     g = parser.add_argument_group("engine")
     hints = typing.get_type_hints(EngineConfig)  # config.py's annotations are strings
     for f in dataclasses.fields(EngineConfig):
-        if f.name in SERVER_ONLY and not server:
+        if (f.name in SERVER_ONLY and not server) or (only is not None and f.name not in only):
             continue
         # %(default)s shows the parser's default, so a command's set_defaults override shows too; a
         # field whose default is None says in its help what None means.

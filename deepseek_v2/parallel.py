@@ -25,13 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def split(n: int, parts: int, index: int) -> tuple[int, int]:
-    """The [start, end) of part `index` when n items are cut into `parts` contiguous parts whose sizes
-    differ by at most one (the first n % parts parts are one larger)."""
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
+from .plan import split  # in plan.py, which sizes the same parts without importing torch
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import DEFAULT_MODEL, EngineConfig, ModelArgs
+from ..config import DEFAULT_MODEL, EngineConfig
 from ..model import DeepseekV2ForCausalLM, check_tensor_parallel
 from ..parallel import SINGLE, launch_env
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -90,9 +90,9 @@ class LLMEngine:
                         device: str | None = None, **knobs) -> "LLMEngine":
         """Load a checkpoint (default: the shipped model) and build the engine; with
         tensor_parallel_size > 1 the other ranks are started on this node."""
-        path = str(model or DEFAULT_MODEL)
-        return cls.from_source(ModelSource(path=path), Tokenizer.from_pretrained(path), EngineConfig(**knobs),
-                               dtype, device)
+        source = ModelSource(path=str(model or DEFAULT_MODEL))
+        source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
+        return cls.from_source(source, Tokenizer.from_pretrained(source.path), EngineConfig(**knobs), dtype, device)
 
     @classmethod
     def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
@@ -105,7 +105,7 @@ class LLMEngine:
         launch = launch_env()
         if world == 1 and launch.world == 1:
             return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
-        check_tensor_parallel(source.args or ModelArgs.from_pretrained(source.path), world)  # before any spawn
+        check_tensor_parallel(source.model_args(), world)  # before any process is started
         if launch.world == 1:
             workers, init_method = Workers.spawn(world, source, config, device_type)
             ranks_per_node = world

@@ -55,6 +55,11 @@ class ModelSource:
     seed: int = 0
     dtype: str | torch.dtype | None = None
 
+    def model_args(self) -> ModelArgs:
+        """The architecture (a checkpoint's config.json; clear errors for a missing or foreign directory)."""
+        from ..checkpoint import checkpoint_args
+        return self.args if self.path is None else checkpoint_args(self.path)
+
     def build(self, tp: TensorParallel, device: torch.device):
         from ..model import DeepseekV2ForCausalLM
         if self.path is not None:
