@@ -42,10 +42,11 @@ def launch_decode_kernels() -> None:
         mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                               torch.empty(64, 64, 576, dtype=dtype), torch.zeros(N, 64, dtype=i32),
                               torch.ones(N, dtype=i32), 0.1)
-    E, D, I, K = 64, 2048, 1408, 6
-    w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
-    for T in (1, 256, 4096):  # one of each launch tier
-        moe.fused_moe(torch.empty(T, D, dtype=bf16), w13, w2, torch.ones(T, K), torch.zeros(T, K, dtype=torch.long))
+    # V2-Lite's 64 experts, and one rank's 20 of V2's 160 under 8-way expert parallelism
+    for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
+        w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
+        for T in (1, 256, 4096):  # one of each launch tier
+            moe.fused_moe(torch.empty(T, D, dtype=bf16), w13, w2, torch.ones(T, K), torch.zeros(T, K, dtype=torch.long))
 
 
 def launch_fused_kernels() -> None:

@@ -82,18 +82,54 @@ def test_mla_decode_ref_zero_length_gives_zeros():
     assert out[0].abs().max() == 0 and out[1].abs().max() > 0
 
 
-def test_moe_ref_equals_per_token_loop():
+def drop_picks(topk_ids, fraction, seed):
+    """topk_ids with about `fraction` of the picks set to -1 (an expert on another rank); with
+    0 < fraction < 1 the first token loses every pick and the last keeps its first."""
+    torch.manual_seed(seed)
+    drop = torch.rand(topk_ids.shape) < fraction
+    if 0 < fraction < 1:
+        drop[0] = True
+        drop[-1, 0] = False
+    return topk_ids.masked_fill(drop, -1)
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.4, 1.0])
+def test_moe_ref_equals_per_token_loop(missing):
+    """Values and gradients; a -1 pick is skipped."""
     torch.manual_seed(1)
     T, E, K, D, I = 7, 5, 2, 12, 6
     x, w13, w2 = torch.randn(T, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
     topk_weights, topk_ids = torch.rand(T, E).topk(K)
-    expected = torch.zeros(T, D)
-    for t in range(T):
-        for k in range(K):
-            e = topk_ids[t, k]
-            hidden = F.silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])
-            expected[t] += topk_weights[t, k] * (w2[e] @ hidden)
-    torch.testing.assert_close(reference.moe(x, w13, w2, topk_weights, topk_ids), expected, rtol=1e-5, atol=1e-5)
+    topk_ids = drop_picks(topk_ids, missing, seed=2)
+    inputs = [t.requires_grad_() for t in (x, w13, w2, topk_weights)]
+
+    def per_token_loop(x, w13, w2, topk_weights):
+        rows = []
+        for t in range(T):
+            y = torch.zeros(D)
+            for k in range(K):
+                e = topk_ids[t, k]
+                if e == -1:
+                    continue
+                hidden = F.silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])
+                y = y + topk_weights[t, k] * (w2[e] @ hidden)
+            rows.append(y)
+        return torch.stack(rows)
+
+    y = reference.moe(x, w13, w2, topk_weights, topk_ids)
+    expected = per_token_loop(*inputs)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+    probe = torch.randn(T, D)
+
+    def grads(out):  # an input that out does not depend on gets a zero gradient
+        if not out.requires_grad:
+            return [torch.zeros_like(t) for t in inputs]
+        found = torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs)]
+
+    for grad, want in zip(grads(y), grads(expected)):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- MLA decode kernel
@@ -159,21 +195,25 @@ def test_mla_decode_rejects_bad_inputs(tk):
 
 # ---------------------------------------------------------------- MoE kernels
 
-def test_moe_align_groups_and_pads_rows(tk):
+@pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])
+def test_moe_align_groups_and_pads_rows(tk, missing):
+    """Each expert's run holds exactly its rows; the -1 rows form bucket E's run after them all."""
     torch.manual_seed(3)
     T, K, E, block_m = 9, 3, 6, 4
     topk_ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     topk_ids[:, 0] = 2                                                      # a crowded expert
+    topk_ids = drop_picks(topk_ids, missing, seed=4)
     a = tk.moe.moe_align(topk_ids, E, block_m)
     flat = topk_ids.flatten()
-    counts = torch.bincount(flat, minlength=E)
+    bucket = flat.where(flat >= 0, E)
+    counts = torch.bincount(bucket, minlength=E + 1)
     padded = (counts + block_m - 1) // block_m * block_m
     assert a.num_padded.item() == padded.sum().item()
     start = 0
-    for e in range(E):
+    for e in range(E + 1):
         run = a.sorted_ids[start:start + padded[e]]
         real = run[:counts[e]]
-        assert torch.equal(real.long(), (flat == e).nonzero().flatten())      # row order kept
+        assert torch.equal(real.long(), (bucket == e).nonzero().flatten())  # row order kept
         assert (run[counts[e]:] == T * K).all()                             # padding sentinel
         assert (a.expert_ids[start // block_m:(start + padded[e]) // block_m] == e).all()
         start += padded[e].item()
@@ -210,6 +250,36 @@ def test_fused_moe_matches_ref(tk, case):
     y = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, config=config)
     assert y.shape == x.shape and y.dtype == dtype
     assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+@pytest.mark.parametrize("case", [1, 2, 3, 5])
+@pytest.mark.parametrize("missing", [0.3, 1.0])
+def test_fused_moe_skips_missing_picks(tk, case, missing):
+    """-1 picks (experts on another rank) add nothing; a token (or a batch) with no pick here gets
+    exactly zero although the wrapper does not zero its buffers."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=300 + case)
+    topk_ids = drop_picks(topk_ids, missing, seed=case)
+    if case % 2:
+        topk_ids = topk_ids.int()
+    for size in (I, D):  # freed NaN blocks of the buffers' sizes, likely handed out again by malloc
+        torch.full((T * K, size), float("nan"), dtype=dtype)
+    y = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, config=config)
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+    assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), dtype)
+
+
+def test_fused_moe_expert_parallel_split(tk):
+    """Experts split over 3 "ranks" in contiguous ranges, each rank's picks mapped to its local ids
+    (-1 elsewhere): the ranks' outputs add up to the output with every expert in one place."""
+    T, E, K, D, I = 12, 8, 3, 32, 16
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.float32, seed=9)
+    y = torch.zeros(T, D)
+    for first, last in [(0, 3), (3, 6), (6, 8)]:
+        here = (topk_ids >= first) & (topk_ids < last)
+        local_ids = torch.where(here, topk_ids - first, -1)
+        y += tk.moe.fused_moe(x, w13[first:last], w2[first:last], topk_weights, local_ids, config=SMALL)
+    assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), torch.float32)
 
 
 def test_fused_moe_rejects_bad_inputs(tk):

@@ -3,12 +3,15 @@
 fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token count):
 1. moe_align (one small Triton kernel): the T*K rows (row t*K + k is token t's k-th pick) sorted by
    expert, each expert's run padded to a multiple of BLOCK_M with the sentinel T*K, the expert of
-   every BLOCK_M block, and the padded total.
+   every BLOCK_M block, and the padded total. Picks with id -1 (under expert parallelism: an expert
+   on another rank) get their own bucket E, after the E experts' runs.
 2. gate/up grouped GEMM: a program owns one block (so one expert) and BLOCK_N columns of gate_proj
    and of up_proj, and writes silu(gate) * up for its rows into inter [T*K, I].
-3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D].
+3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D]. A block of bucket E
+   stores zero rows and reads no weights (the gate/up pass skips it altogether).
 4. the K picks summed in fp32 and cast to x's dtype.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
+With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs.
 (torch._grouped_mm was slower at every size measured; scripts/bench_kernels.py keeps it as the baseline.)
 
 Letters: T tokens, K picks per token, E experts, D hidden size, I expert intermediate size.
@@ -24,28 +27,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_rows,
+def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_rows, num_experts,
                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-    """One program per expert; each recounts all experts (cheap) to find where its run starts."""
+    """One program per bucket (the experts, then bucket num_experts for the -1 rows); each recounts
+    all experts (cheap) to find where its run starts."""
     e = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for start in range(0, num_rows, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
         ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=0).to(tl.int32)
-        counts += tl.histogram(ids, BLOCK_E, mask=offs < num_rows)
+        counts += tl.histogram(ids, BLOCK_E, mask=(offs < num_rows) & (ids >= 0))  # -1 is out of range
+    # the -1 rows are all the others: counted without widening the histogram past the E experts
+    num_missing = num_rows - tl.sum(counts, axis=0)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
-    run_end = tl.sum(tl.where(offs_e <= e, padded, 0), axis=0)
-    count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
-    run_start = run_end - tl.cdiv(count, BLOCK_M) * BLOCK_M
+    run_start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)  # for bucket E: after every expert
+    count = tl.where(e < num_experts, tl.sum(tl.where(offs_e == e, counts, 0), axis=0), num_missing)
+    run_end = run_start + tl.cdiv(count, BLOCK_M) * BLOCK_M
     if e == 0:
-        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0) + tl.cdiv(num_missing, BLOCK_M) * BLOCK_M)
 
-    seen = tl.zeros([], dtype=tl.int32)  # this expert's rows placed so far (row order kept)
+    target = tl.where(e < num_experts, e, -1)  # the id this program collects
+    seen = tl.zeros([], dtype=tl.int32)  # this bucket's rows placed so far (row order kept)
     for start in range(0, num_rows, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
-        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=-1).to(tl.int32)
-        hit = (ids == e).to(tl.int32)
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_rows, other=-2).to(tl.int32)  # -2: no target
+        hit = (ids == target).to(tl.int32)
         pos = run_start + seen + tl.cumsum(hit, axis=0) - 1
         tl.store(sorted_ids_ptr + pos, offs, mask=hit > 0)
         seen += tl.sum(hit, axis=0)
@@ -58,34 +65,43 @@ def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_p
 
 class MoeAlignment(NamedTuple):
     sorted_ids: torch.Tensor   # [max_padded] int32: row ids grouped by expert; padding holds T*K
-    expert_ids: torch.Tensor   # [max_padded // block_m] int32: the expert of each block
+    expert_ids: torch.Tensor   # [max_padded // block_m] int32: the expert of each block (E: the -1 rows)
     num_padded: torch.Tensor   # [1] int32: the used length of sorted_ids (entries past it are garbage)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
     """Sort the T*K rows (row t*K + k) by expert, padding each expert's run to a multiple of block_m.
 
-    topk_ids [T, K] must lie in [0, num_experts). Rows keep their order within an expert.
+    topk_ids [T, K] must lie in [0, num_experts) or be -1. The rows with id -1 form one more run,
+    of bucket num_experts, after all the experts' runs. Rows keep their order within a run.
     """
     flat = topk_ids.reshape(-1)
     rows = flat.numel()
-    # each touched expert wastes < block_m slots: a static bound, so the grid needs no host sync
-    max_padded = triton.cdiv(rows + min(num_experts, rows) * (block_m - 1), block_m) * block_m
+    # each touched bucket (the experts and the -1 rows) wastes < block_m slots: a static bound, so
+    # the grid needs no host sync
+    max_padded = triton.cdiv(rows + min(num_experts + 1, rows) * (block_m - 1), block_m) * block_m
     def new(size, dtype=torch.int32):  # every entry a later step reads gets written: no fill
         return torch.empty(size, dtype=dtype, device=flat.device)
 
     out = MoeAlignment(new(max_padded), new(max_padded // block_m), new(1))
-    _moe_align_kernel[(num_experts,)](
-        flat, out.sorted_ids, out.expert_ids, out.num_padded, rows,
+    _moe_align_kernel[(num_experts + 1,)](
+        flat, out.sorted_ids, out.expert_ids, out.num_padded, rows, num_experts,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_T=1024, num_warps=4,
     )
     return out
 
 
 @triton.jit
+def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
+    """c[rows, offs_n] = acc in c's dtype, for the real rows and the columns < N."""
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-    N, K, max_padded, num_rows,
+    N, K, max_padded, num_rows, num_experts,
     stride_am, stride_be, stride_bn, stride_cm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
@@ -93,7 +109,8 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block."""
+    """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
+    blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -110,6 +127,11 @@ def _moe_gemm_kernel(
     mask_m = rows < num_rows
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if expert == num_experts:  # picks of experts held elsewhere: no weight read, no GEMM
+        if not GATE_UP:  # the final sum reads every row of the down output, so these must be zero
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
+        return
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
@@ -143,8 +165,7 @@ def _moe_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if MUL_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)[:, None]
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
+    _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm)
 
 
 def default_config(rows_per_expert: float) -> dict:
@@ -190,9 +211,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
     (last dims contiguous) in x's dtype; topk_weights [T, K] fp32; topk_ids [T, K] int32/int64 in
-    [0, E). The intermediate and the weighted expert outputs are rounded to x's dtype, the K picks
-    are summed in fp32. config (tests and tuning) overrides the GEMMs' launch config: BLOCK_M,
-    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. No host synchronisation.
+    [0, E) or -1, E = w13.shape[0] (the experts held here): a -1 pick (an expert on another rank)
+    adds exactly zero and costs no weight read or GEMM work (its routing weight is never read). The
+    intermediate and the weighted expert outputs are rounded to x's dtype, the K picks are summed in
+    fp32. config (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K,
+    GROUP_M, num_warps, num_stages. No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids)
     T, D = x.shape
@@ -210,7 +233,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _moe_gemm_kernel[grid](
-            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, n, k, max_padded, T * K,
+            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, n, k, max_padded, T * K, E,
             a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, **cfg,

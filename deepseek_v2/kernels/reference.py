@@ -1,6 +1,7 @@
 """The model's arithmetic for each kernel family, in plain PyTorch: RMSNorm, RoPE, MLA's step between
 the projections and attention, absorbed MLA decode over the paged latent cache, SwiGLU's activation,
-the softmax router's top-k (greedy and group-limited) and the routed experts.
+the softmax router's top-k (greedy and group-limited) and the routed experts (a pick with expert id
+-1, an expert on another rank under expert parallelism, adds nothing).
 
 This is the model's own math, not a copy of it: the model calls these functions through its kernel set
 (kernels/__init__.py), and they are what it runs for training, on the CPU and whenever the reference
@@ -118,20 +119,22 @@ def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group:
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
         topk_ids: torch.Tensor) -> torch.Tensor:
     """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
-    e = topk_ids[t,k].
+    e = topk_ids[t,k], over the picks with e != -1.
 
-    x [T, D]; w13 [E, 2I, D] (rows :I gate_proj, I: up_proj); w2 [E, D, I]. Expert outputs in x's
-    dtype (the autocast dtype in training), combined in fp32, cast back to x's dtype. Tokens are
-    grouped by expert and the loop runs over experts, never over tokens (the host reads the counts,
-    which a kernel must not do, but is fine here).
+    x [T, D]; w13 [E, 2I, D] (rows :I gate_proj, I: up_proj); w2 [E, D, I]; topk_ids [T, K] in
+    [0, E) or -1, E = w13.shape[0] (the experts held here). A -1 pick (under expert parallelism, an
+    expert on another rank) adds exactly zero. Expert outputs in x's dtype (the autocast dtype in
+    training), combined in fp32, cast back to x's dtype. Tokens are grouped by expert and the loop
+    runs over experts, never over tokens (the host reads the counts, which a kernel must not do, but
+    is fine here).
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]
     flat = topk_ids.flatten().long()                                      # [T*K], row t*K + k
     order = flat.argsort(stable=True)                                     # rows grouped by expert, -1 first
-    counts = torch.bincount(flat + 1, minlength=E + 1).tolist()           # [-1 (held elsewhere), 0, .., E-1]
-    out = x.new_zeros(T * K, D)
-    start, counts = counts[0], counts[1:]
+    missing, *counts = torch.bincount(flat + 1, minlength=E + 1).tolist()
+    out = x.new_zeros(T * K, D) if missing else x.new_empty(T * K, D)     # the -1 rows stay zero
+    start = missing
     for e, n in enumerate(counts):
         if n == 0:
             continue

@@ -105,52 +105,81 @@ def moe_weights(request):
     torch.cuda.empty_cache()
 
 
-def routed_tokens(T, E, D, K, seed):
+def routed_tokens(T, E, D, K, seed, missing=0.0):
+    """x, topk_weights, topk_ids; with missing > 0, about that fraction of the picks is -1 (an expert
+    on another rank), the first token of several has none left here, the last keeps its first pick."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
     logits = torch.randn(T, E, device=DEVICE, generator=g)
     topk_weights, topk_ids = logits.softmax(dim=-1).topk(K)
+    if missing:
+        drop = torch.rand(T, K, device=DEVICE, generator=g) < missing
+        if T > 1:
+            drop[0] = True
+        drop[-1, 0] = False
+        topk_ids = topk_ids.masked_fill(drop, -1)
     return x, topk_weights, topk_ids
 
 
+@pytest.mark.parametrize("missing", [0.0, 0.5])
 @pytest.mark.parametrize("T", [1, 8, 256, 4096])
-def test_moe(moe_weights, T):
+def test_moe(moe_weights, T, missing):
     w13, w2, K = moe_weights
-    x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T)
+    x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T, missing=missing)
     poison_free_memory()
     y = fused_moe(x, w13, w2, topk_weights, topk_ids)
     assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()  # no pick here: exactly zero, not poison
 
 
+@pytest.mark.parametrize("T", [1, 256])
+def test_moe_every_pick_elsewhere(moe_weights, T):
+    """Every expert picked lives on another rank: exactly zero (the poisoned buffers are written)."""
+    w13, w2, K = moe_weights
+    x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T)
+    topk_ids.fill_(-1)
+    poison_free_memory()
+    y = fused_moe(x, w13, w2, topk_weights, topk_ids)
+    assert (y == 0).all() and (reference.moe(x, w13, w2, topk_weights, topk_ids) == 0).all()
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.3])
 @pytest.mark.parametrize("T,E,block_m", [(4096, 160, 128), (3, 64, 16), (256, 64, 64)])
-def test_moe_align(T, E, block_m):
+def test_moe_align(T, E, block_m, missing):
     g = torch.Generator(device=DEVICE).manual_seed(T)
     topk_ids = torch.randn(T, E, device=DEVICE, generator=g).topk(6).indices
     topk_ids[: T // 2, 0] = 5  # one crowded expert
+    topk_ids[torch.rand(T, 6, device=DEVICE, generator=g) < missing] = -1
     a = moe_align(topk_ids, E, block_m)
     flat = topk_ids.flatten()
-    counts = torch.bincount(flat, minlength=E)
+    bucket = torch.where(flat >= 0, flat, E)  # the -1 rows: bucket E
+    counts = torch.bincount(bucket, minlength=E + 1)
     padded = (counts + block_m - 1) // block_m * block_m
     assert a.num_padded.item() == padded.sum().item()
     used = a.sorted_ids[: a.num_padded.item()].long()
     real = used < flat.numel()
     assert real.sum().item() == flat.numel()
-    block_expert = a.expert_ids[: a.num_padded.item() // block_m].long().repeat_interleave(block_m)
-    assert torch.equal(flat[used[real]], block_expert[real])  # every row sits in its expert's blocks
+    block_expert = a.expert_ids[: a.num_padded.item() // block_m].long()
+    assert (block_expert.diff() >= 0).all()  # runs in expert order, the -1 rows' last
+    block_expert = block_expert.repeat_interleave(block_m)
+    assert torch.equal(bucket[used[real]], block_expert[real])  # every row sits in its bucket's blocks
 
 
-def test_fused_moe_cuda_graph():
+@pytest.mark.parametrize("captured_missing,replayed_missing", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0)])
+def test_fused_moe_cuda_graph(captured_missing, replayed_missing):
+    """Replayed on new routing, with -1 picks (experts on another rank) appearing or vanishing."""
     E, D, I, K = MOE_SHAPES["v2-lite"]
     g = torch.Generator(device=DEVICE).manual_seed(1)
     w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16, generator=g).mul_(D**-0.5)
     w2 = torch.randn(E, D, I, device=DEVICE, dtype=torch.bfloat16, generator=g).mul_(I**-0.5)
-    x, topk_weights, topk_ids = routed_tokens(8, E, D, K, seed=2)
+    x, topk_weights, topk_ids = routed_tokens(8, E, D, K, seed=2, missing=captured_missing)
     fused_moe(x, w13, w2, topk_weights, topk_ids)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = fused_moe(x, w13, w2, topk_weights, topk_ids)
-    x2, topk_weights2, topk_ids2 = routed_tokens(8, E, D, K, seed=3)  # new routing, same buffers
+    x2, topk_weights2, topk_ids2 = routed_tokens(8, E, D, K, seed=3, missing=replayed_missing)
     x.copy_(x2), topk_weights.copy_(topk_weights2), topk_ids.copy_(topk_ids2)
     graph.replay()
     assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
