@@ -20,6 +20,7 @@ import torch
 
 from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
 from .engine.llm_engine import LLMEngine
+from .engine.workers import ModelSource
 from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, flag_name
 from .model import DeepseekV2ForCausalLM
 from .sampling_params import SamplingParams
@@ -102,29 +103,29 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     return Ceilings(2 * n / timed(lambda: b.copy_(a)), 2 * 8192**3 / timed(lambda: x @ y))
 
 
-def build_model(args, device) -> tuple[DeepseekV2ForCausalLM, str]:
-    if args.dtype == "auto":  # the engine's rule (LLMEngine.from_pretrained)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    if args.shape or args.config:
-        if args.shape:
-            margs = PRESETS[args.shape]
-        else:  # a config.json file, or a directory holding one
-            path = Path(args.config)
-            margs = ModelArgs.from_hf_config(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
-        with torch.device("meta"):
-            model = DeepseekV2ForCausalLM(margs)
-        model = model.to(dtype).to_empty(device=device).init_weights(seed=0).eval()
-        return model, f"random weights, shape {args.shape or args.config}"
+def model_source(args) -> tuple[ModelSource, str]:
+    """Random weights of a shape (a preset or a config.json), or a checkpoint; and how to name it."""
+    if args.shape:
+        return ModelSource(args=PRESETS[args.shape]), f"random weights, shape {args.shape}"
+    if args.config:  # a config.json file, or a directory holding one
+        path = Path(args.config)
+        margs = ModelArgs.from_hf_config(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+        return ModelSource(args=margs), f"random weights, shape {args.config}"
     path = args.model or DEFAULT_MODEL
-    return DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device=device), path
+    return ModelSource(path=path), path
+
+
+def engine_source(args):
+    """(model source, EngineConfig, dtype, device): what every tensor-parallel rank builds (the CLI)."""
+    return model_source(args)[0], engine_config(args), args.dtype, args.device
 
 
 # ---- floors ---------------------------------------------------------------------------------------
-def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2) -> float:
-    """Bytes one decode step must read: every always-used weight, the routed experts the batch
-    touches (uniform routing), the LM head, and the batch's latent cache."""
+def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2, tp: int = 1) -> float:
+    """Bytes one decode step must read on each GPU: every always-used weight, the routed experts the
+    batch touches (uniform routing), the LM head (these split over tp GPUs; the small replicated
+    matrices counted as split too), and the batch's latent cache (replicated: each GPU reads it all).
+    All-reduce time is not in it."""
     D = a.hidden_size
     counts = a.num_parameters()
     expert = 3 * D * a.moe_intermediate_size
@@ -136,7 +137,7 @@ def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2) -
         touched = E * (1 - (1 - K / E) ** batch)
         always += moe_layers * touched * expert
     kv = batch * context * a.kv_cache_dim * a.num_hidden_layers
-    return (always + kv) * dtype_bytes
+    return (always / tp + kv) * dtype_bytes
 
 
 def prefill_flops_per_token(a: ModelArgs, length: int) -> float:
@@ -173,13 +174,13 @@ def run_requests(engine: LLMEngine, prompts, max_tokens: int):
 
 
 def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
-    vocab, res = a.vocab_size, {}
+    vocab, res, tp = a.vocab_size, {}, engine.config.tensor_parallel_size  # floors and MFU per GPU
     run_requests(engine, random_prompts(2, WARMUP_LEN, vocab, 0), 8)  # warm up
     # batch-1 decode latency at prompt_len context
     _, outs, dtime, dtok = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 1), args.decode_len)
     m = outs[0].metrics
     ms = 1e3 * (m.last_token_time - m.first_token_time) / (args.decode_len - 1)
-    floor_ms = 1e3 * decode_bytes(a, 1, args.prompt_len) / ceil.bandwidth
+    floor_ms = 1e3 * decode_bytes(a, 1, args.prompt_len, tp=tp) / ceil.bandwidth
     res["decode_b1"] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "floor_ms": floor_ms,
                         "fraction_of_floor": floor_ms / ms}
     # throughput at each concurrency
@@ -188,7 +189,7 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
                                                args.output_len)
         total_out = sum(len(o.outputs[0].token_ids) for o in outs)
         ctx = args.prompt_len + args.output_len // 2
-        floor_step = decode_bytes(a, b, ctx) / ceil.bandwidth
+        floor_step = decode_bytes(a, b, ctx, tp=tp) / ceil.bandwidth
         decode_tps = dtok / dtime if dtime else float("nan")
         res[f"throughput_b{b}"] = {"output_tokens_per_s": total_out / wall, "decode_tokens_per_s": decode_tps,
                                    "decode_floor_tokens_per_s": b / floor_step,
@@ -198,7 +199,7 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
     wall, _, _, _ = run_requests(engine, random_prompts(n, L, vocab, 100), 1)
     fl = prefill_flops_per_token(a, L)
     res["prefill"] = {"prompt_len": L, "prompts": n, "tokens_per_s": n * L / wall,
-                      "mfu": n * L * fl / wall / ceil.flops}
+                      "mfu": n * L * fl / wall / (ceil.flops * tp)}
     wall, _, _, _ = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 200), 1)
     res["ttft"] = {"prompt_len": args.prompt_len, "ms": 1e3 * wall}
     return res
@@ -265,17 +266,20 @@ def run(args) -> None:
     ceil = measure_ceilings(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the ceiling measurement's buffers back before the model
-    model, source = build_model(args, device)
-    a = model.args
+    if args.compare_hf and config.tensor_parallel_size > 1:
+        raise ValueError("--compare-hf runs transformers in this process: use it with one process (-tp 1)")
+    source, description = model_source(args)
     tokenizer = Tokenizer.from_pretrained(args.model or DEFAULT_MODEL)
     t = time.perf_counter()
-    engine = LLMEngine(model, tokenizer, config)
-    startup = time.perf_counter() - t
-    results = {"source": source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    engine = LLMEngine.from_source(source, tokenizer, config, args.dtype, args.device)
+    startup = time.perf_counter() - t  # building (or loading) the weights, the profile run, the graphs
+    model, a = engine.model, engine.model.args
+    results = {"source": description, "tensor_parallel_size": config.tensor_parallel_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(model.dtype).removeprefix("torch."),  # "auto" resolved
                "engine_startup_s": startup,
                "ceilings": {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12},
                "ours": bench_engine(engine, a, args, ceil)}
+    engine.close()  # the other tensor-parallel ranks, if any
     if args.compare_hf:
         del engine
         import gc

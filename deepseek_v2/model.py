@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,8 @@ from .checkpoint import checkpoint_args, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
 from .moe import MLP, MoE
-from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel
+from .plan import check_parallel_size
+from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel, split_parameters
 from .rope import RotaryEmbedding
 
 
@@ -206,21 +208,6 @@ class MLA(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def check_tensor_parallel(args: ModelArgs, size: int) -> None:
-    """A clear error for a tensor-parallel size this model cannot be split into."""
-    if size < 1:
-        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
-    if size > args.num_attention_heads:
-        raise ValueError(f"tensor_parallel_size {size} is more than the model's {args.num_attention_heads} "
-                         "attention heads: every rank needs at least one")
-    if args.n_routed_experts and size > args.n_routed_experts:
-        raise ValueError(f"tensor_parallel_size {size} is more than the model's {args.n_routed_experts} "
-                         "routed experts: every rank needs at least one")
-    if size > 1 and args.tie_word_embeddings:
-        raise ValueError("tie_word_embeddings with tensor_parallel_size > 1 is not supported (the LM head is "
-                         "split by vocabulary, the embedding replicated; no DeepSeek-V2 checkpoint ties them)")
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -260,7 +247,7 @@ class DeepseekV2Model(nn.Module):
 class DeepseekV2ForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
-        check_tensor_parallel(args, tp.size)
+        check_parallel_size(args, tp.size)
         self.args, self.tp = args, tp
         self.model = DeepseekV2Model(args, tp)
         self.lm_head = column_parallel(args.hidden_size, args.vocab_size, 1, tp)  # this rank's vocabulary rows
@@ -292,12 +279,12 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> "DeepseekV2ForCausalLM":
+    def init_weights(self, seed: int = 0) -> "DeepseekV2ForCausalLM":
         """Random initialisation as the official code does it: N(0, initializer_range) for every
-        matrix, ones for the norms."""
+        matrix, ones for the norms. Each tensor draws from its own seed (seed, name, and the rank for a
+        split tensor), so a replicated tensor is the same on every tensor-parallel rank."""
         gen = torch.Generator(device=self.device)  # drawn where the weights live (fast for big shapes)
-        if seed is not None:
-            gen.manual_seed(seed)
+        split_names = split_parameters(self)
         std = self.args.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
@@ -305,6 +292,8 @@ class DeepseekV2ForCausalLM(nn.Module):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
+                rank = self.tp.rank if name in split_names else 0
+                gen.manual_seed(seed + zlib.crc32(f"{name}@{rank}".encode()))
                 p.normal_(0.0, std, generator=gen)
         self.model.rotary_emb.reset_parameters()
         return self

@@ -116,3 +116,16 @@ def row_parallel(units: int, unit_size: int, out_features: int, tp: TensorParall
     """Input features split (the outputs of a column-parallel layer): partial sums, all-reduced unless
     reduce=False."""
     return ShardedLinear(units * unit_size, out_features, bias, 1, units, unit_size, tp, reduce)
+
+
+def split_parameters(model: nn.Module) -> set[str]:
+    """The names of the parameters split between ranks (the rest are replicated): sharded linear
+    weights (and the biases of output-split ones) and the routed-expert stacks."""
+    names = set()
+    for name, _ in model.named_parameters():
+        module_name, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if (isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind == "weight")) or \
+                hasattr(module, "first_expert"):
+            names.add(name)
+    return names

@@ -47,6 +47,9 @@ def check_parallel_size(args: ModelArgs, tensor_parallel_size: int) -> None:
     if args.n_routed_experts is not None and tp > args.n_routed_experts:
         raise ValueError(f"tensor_parallel_size {tp} is larger than the model's {args.n_routed_experts} "
                          "routed experts: experts are partitioned whole, so every rank needs one")
+    if tp > 1 and args.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings with tensor_parallel_size > 1 is not supported (the LM head is "
+                         "split by vocabulary, the embedding replicated; no DeepSeek-V2 checkpoint ties them)")
 
 
 def rank_parameters(args: ModelArgs, tensor_parallel_size: int, rank: int = 0) -> tuple[int, int]:
@@ -168,9 +171,13 @@ class MemoryPlan:
         return self.cache_tokens / self.max_model_len
 
     @property
+    def weights_fit(self) -> bool:
+        """Weights and the activation reserve fit in the budget (the engine refuses to start otherwise)."""
+        return self.weight_bytes + self.activation_bytes < self.budget_bytes
+
+    @property
     def fits(self) -> bool:
-        return (self.weight_bytes + self.activation_bytes < self.budget_bytes
-                and self.cache_tokens >= self.max_model_len)
+        return self.weights_fit and self.cache_tokens >= self.max_model_len
 
 
 def memory_plan(args: ModelArgs, tensor_parallel_size: int, gpu_memory_bytes: int,
@@ -224,7 +231,7 @@ def format_plan(plan: MemoryPlan) -> str:
             f"({_gib(p.sharded_weight_bytes)} sharded + {_gib(p.replicated_weight_bytes)} replicated), "
             f"activations ~{_gib(p.activation_bytes)} GiB, ")
     needed = p.weight_bytes + p.activation_bytes
-    if needed >= p.budget_bytes:
+    if not p.weights_fit:
         return (head + f"no cache\n  does not fit in {memory}: weights and activations need {_gib(needed)} GiB "
                 f"of the {_gib(p.budget_bytes)} GiB budget")
     verdict = (f"fits in {memory}" if p.fits else

@@ -68,14 +68,17 @@ def test_corrupt_weights_error(tmp_path):
     assert r.returncode == 1 and "corrupt" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bench_runs_on_cpu_and_reports_every_figure(tmp_path):
-    """The benchmark's plumbing (no timing is asserted): random weights of a config's shape, tiny sizes."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bench_runs_on_cpu_and_reports_every_figure(tmp_path, tp):
+    """The benchmark's plumbing (no timing is asserted): random weights of a config's shape, tiny sizes,
+    on one process and over two tensor-parallel ranks."""
     out = tmp_path / "bench.json"
     r = run("bench", "--config", "deepseek_v2/default_model/config.json", "--dtype", "float32",
             "--batch-sizes", "1,2", "--prompt-len", "16", "--output-len", "4", "--decode-len", "4",
-            "--prefill-len", "32", "--prefill-prompts", "1", "--json", str(out))
+            "--prefill-len", "32", "--prefill-prompts", "1", "--json", str(out), "-tp", str(tp))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
+    assert result["tensor_parallel_size"] == tp
     ours = result["ours"]
     assert set(ours) == {"decode_b1", "throughput_b1", "throughput_b2", "prefill", "ttft"}
     assert ours["decode_b1"]["tokens_per_s"] > 0 and ours["prefill"]["tokens_per_s"] > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepseek_v2 import DeepseekV2ForCausalLM
-from deepseek_v2.parallel import ShardedLinear, split
+from deepseek_v2.parallel import split, split_parameters
 from ranks import run_ranks
 
 # q_lora + group-limited routing + two dense-first layers + shared experts + attention bias; and the Lite
@@ -29,16 +29,10 @@ def test_split_is_contiguous_and_near_equal():
 
 def parameter_bytes(model) -> tuple[int, int]:
     """(bytes of split tensors, bytes of replicated ones) this model holds."""
-    split_bytes = replicated = 0
-    for name, p in model.named_parameters():
-        module = model.get_submodule(name.rpartition(".")[0])
-        sharded = name.endswith(("experts.gate_up_proj", "experts.down_proj")) or (
-            isinstance(module, ShardedLinear) and (module.shard[0] == 0 or name.endswith("weight")))
-        if sharded:
-            split_bytes += p.numel() * p.element_size()
-        else:
-            replicated += p.numel() * p.element_size()
-    return split_bytes, replicated
+    split_names = split_parameters(model)
+    sizes = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
+    return (sum(n for name, n in sizes.items() if name in split_names),
+            sum(n for name, n in sizes.items() if name not in split_names))
 
 
 def rank_logits(tp, path, ids):

@@ -124,6 +124,8 @@ class AsyncLLMEngine:
             except (asyncio.CancelledError, Exception):
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.close()  # the other tensor-parallel ranks
 
     # ---- requests ---------------------------------------------------------------------------------
     def encode_and_validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import DEFAULT_MODEL, EngineConfig
-from ..model import DeepseekV2ForCausalLM, check_tensor_parallel
+from ..model import DeepseekV2ForCausalLM
 from ..parallel import SINGLE, launch_env
+from ..plan import check_parallel_size, format_plan, memory_plan
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -102,10 +103,12 @@ class LLMEngine:
         engine/workers.py's run_worker: the CLI does that)."""
         source, device_type = resolve_device(source, dtype, device)
         world = config.tensor_parallel_size
+        check_parallel_size(source.model_args(), world)  # before any process is started
+        if device_type == "cuda" and config.num_kv_blocks is None:
+            refuse_what_cannot_fit(source, config, torch.device(device or device_type))
         launch = launch_env()
         if world == 1 and launch.world == 1:
             return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
-        check_tensor_parallel(source.model_args(), world)  # before any process is started
         if launch.world == 1:
             workers, init_method = Workers.spawn(world, source, config, device_type)
             ranks_per_node = world
@@ -139,6 +142,18 @@ class LLMEngine:
                     self.runner.num_blocks, self.config.block_size, tokens, tokens * per_token / 2**30,
                     per_token, a.kv_cache_dim, a.mha_cache_dim, a.mha_cache_dim / a.kv_cache_dim,
                     self.max_model_len, tokens / self.max_model_len)
+        if self.config.tensor_parallel_size > 1:
+            logger.info("tensor parallel over %d ranks: rank 0 holds %d of %d heads and %s routed experts; the "
+                        "latent cache is replicated on every rank (MLA's latent has a single head)",
+                        self.config.tensor_parallel_size, self.model.model.layers[0].self_attn.num_heads,
+                        a.num_attention_heads, self._experts_held() or "no")
+
+    def _experts_held(self) -> str:
+        for layer in self.model.model.layers:
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is not None:
+                return f"{experts.gate_up_proj.shape[0]} of {experts.num_experts}"
+        return ""
 
     # ---- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -314,3 +329,15 @@ class LLMEngine:
                 "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
+
+
+def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: torch.device) -> None:
+    """Before any weight is loaded: the memory plan (plan.py, what `deepseek-v2 info` prints) of this
+    GPU; a ValueError with its figures if the weights and the activation reserve do not fit."""
+    args = source.model_args()
+    value_bytes = torch.tensor([], dtype=source.dtype).element_size()
+    total = torch.cuda.get_device_properties(device).total_memory
+    plan = memory_plan(args, config.tensor_parallel_size, total, config, value_bytes, value_bytes)
+    if not plan.weights_fit:
+        raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
+                         + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")

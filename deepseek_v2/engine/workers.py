@@ -71,10 +71,11 @@ class ModelSource:
 
 def resolve_device(source: ModelSource, dtype: str | torch.dtype, device: str | None) -> tuple[ModelSource, str]:
     """The source with its dtype settled ("auto": bfloat16 on a GPU, float32 on CPU), and the device type."""
+    from ..checkpoint import parse_dtype
     device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     if dtype == "auto":
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return replace(source, dtype=dtype), device_type
+    return replace(source, dtype=parse_dtype(dtype)), device_type
 
 
 class Control:

@@ -87,3 +87,15 @@ def test_triton_equals_reference_on_the_gpu(tmp_path):
     assert out["triton"] == out["reference"]
     with pytest.raises(ValueError, match="enforce_eager"):
         LLMEngine(model, tok, EngineConfig(block_size=16, num_kv_blocks=256, kernels="reference"))
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_loading():
+    """DeepSeek-V2 (236B) on one GPU: refused with the memory plan's figures, before any weight exists."""
+    from deepseek_v2.config import PRESETS
+    from deepseek_v2.engine.workers import ModelSource
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(ValueError, match="does not fit") as info:
+        LLMEngine.from_source(ModelSource(args=PRESETS["v2"]), Tokenizer.from_pretrained(TOKENIZER), EngineConfig(),
+                              dtype="bfloat16", device="cuda")
+    assert "weights 439.1 GiB" in str(info.value)
+    assert torch.cuda.memory_allocated() == before
