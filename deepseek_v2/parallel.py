@@ -48,26 +48,37 @@ def launch_env() -> Launch:
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in the tensor-parallel group; the default is a single process."""
+    """This process's place in the tensor-parallel group. Without a group (the default: one process)
+    the collectives are skipped; with one they run, even over a single rank (so that a one-GPU run
+    exercises them, CUDA graphs included)."""
 
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None  # None: the default group
+    group: dist.ProcessGroup | None = None
 
     def part(self, n: int) -> tuple[int, int]:
         """This rank's [start, end) of n items (heads, experts, intermediate columns, vocabulary rows)."""
         return split(n, self.size, self.rank)
 
+    def _via_host(self, x: torch.Tensor) -> bool:
+        """gloo reduces host memory: ranks that share a GPU (gloo on CUDA tensors) go through the host."""
+        return x.is_cuda and dist.get_backend(self.group) == "gloo"
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+        if self.group is not None:
+            if self._via_host(x):
+                x.copy_(self.all_reduce(x.cpu()))
+            else:
+                dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor, total: int) -> torch.Tensor:
         """Each rank's x [..., n_r] (its part of `total` along the last dim) -> [..., total] on every rank."""
-        if self.size == 1:
+        if self.group is None:
             return x
+        if self._via_host(x):
+            return self.all_gather_last(x.cpu(), total).to(x.device)
         width = split(total, self.size, 0)[1]  # the largest part; smaller ones are padded to it
         padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
         gathered = torch.empty((self.size * padded.shape[0], *padded.shape[1:]), dtype=x.dtype, device=x.device)
@@ -97,7 +108,7 @@ class ShardedLinear(nn.Linear):
         self.tp, self.reduce = tp, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shard[0] == 0 or self.tp.size == 1:
+        if self.shard[0] == 0 or self.tp.group is None:
             return super().forward(x)
         y = F.linear(x, self.weight)
         if self.reduce:

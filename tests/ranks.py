@@ -26,7 +26,7 @@ def _rank_main(rank: int, world: int, port: int, target: str, args: tuple, out_d
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         module, name = target.split(":")
-        result = getattr(importlib.import_module(module), name)(TensorParallel(rank, world), *args)
+        result = getattr(importlib.import_module(module), name)(TensorParallel(rank, world, dist.group.WORLD), *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()

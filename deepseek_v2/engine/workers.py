@@ -114,7 +114,7 @@ def join_group(rank: int, world: int, init_method: str, backend: str) -> tuple[T
     """Join the process group; returns this rank's TensorParallel and the control channel."""
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None
-    return TensorParallel(rank, world), Control(control)
+    return TensorParallel(rank, world, dist.group.WORLD), Control(control)
 
 
 def run_launched_worker(source: ModelSource, config: EngineConfig, dtype: str | torch.dtype,

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 from deepseek_v2 import DeepseekV2ForCausalLM, EngineConfig, LLMEngine, ModelArgs, SamplingParams, Tokenizer  # noqa: E402
 from deepseek_v2.config import RopeScaling  # noqa: E402
+from deepseek_v2.parallel import SINGLE  # noqa: E402
 
 TOKENIZER = "deepseek_v2/default_model"
 
@@ -99,3 +100,57 @@ def test_a_plan_that_cannot_fit_is_refused_before_loading():
                               dtype="bfloat16", device="cuda")
     assert "weights 439.1 GiB" in str(info.value)
     assert torch.cuda.memory_allocated() == before
+
+
+def test_world_size_one_through_the_distributed_path(tmp_path):
+    """An NCCL group of one rank: every all-reduce and the logits' gather run, inside the captured decode
+    graphs too; the greedy tokens equal the plain single-process engine's."""
+    import socket
+    import torch.distributed as dist
+    from deepseek_v2.engine.workers import ModelSource, Workers, join_group
+    DeepseekV2ForCausalLM(model_args(q_lora_rank=96)).init_weights(seed=5).save_pretrained(tmp_path)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (9, 130, 40)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    config = EngineConfig(block_size=16, max_num_seqs=4, num_kv_blocks=256)
+    source = ModelSource(path=str(tmp_path), dtype=torch.float32)
+    plain = LLMEngine(source.build(SINGLE, torch.device("cuda")), tok, config)
+    expected = run(plain, prompts, params)
+    del plain
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tp, control = join_group(0, 1, f"tcp://127.0.0.1:{port}", "nccl")
+    try:
+        engine = LLMEngine(source.build(tp, torch.device("cuda")), tok, config, Workers(1), control)
+        assert engine.runner.graphs and engine.model.tp.group is not None
+        assert run(engine, prompts, params) == expected
+        engine.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_ranks_sharing_the_gpu_over_gloo(tmp_path):
+    """Tensor parallelism over 2 ranks on the one GPU (gloo through the host; NCCL refuses two ranks on one
+    device): the Triton kernels at 8 of 16 heads and half the experts give the single-process tokens."""
+    from deepseek_v2.engine.workers import ModelSource
+    DeepseekV2ForCausalLM(model_args(topk_method="group_limited_greedy", n_group=4, topk_group=2)
+                          ).init_weights(seed=7).save_pretrained(tmp_path)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 77, 200)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    out = {}
+    for world in (1, 2):
+        config = EngineConfig(block_size=16, max_num_seqs=4, num_kv_blocks=256, tensor_parallel_size=world)
+        engine = LLMEngine.from_source(ModelSource(path=str(tmp_path)), tok, config, dtype="float32", device="cuda")
+        assert engine.model.model.layers[0].self_attn.num_heads == 16 // world
+        assert engine.model.model.layers[0].self_attn.kernels.name == "triton"
+        out[world] = run(engine, prompts, params)
+        processes = engine.workers.processes if engine.workers else []
+        engine.close()
+        assert not any(p.is_alive() for p in processes)
+        del engine
+    assert out[2] == out[1]
