@@ -172,8 +172,8 @@ def test_loading_builds_on_meta_then_fills_once(tmp_path, monkeypatch):
     built_on = []
     original_init = DeepseekV2ForCausalLM.__init__
 
-    def recording_init(self, args):
-        original_init(self, args)
+    def recording_init(self, args, *rest):
+        original_init(self, args, *rest)
         built_on.append(self.lm_head.weight.device.type)
 
     monkeypatch.setattr(DeepseekV2ForCausalLM, "__init__", recording_init)
