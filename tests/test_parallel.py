@@ -129,3 +129,76 @@ def test_a_killed_rank_ends_the_engine_with_an_error_naming_it(hf_checkpoint):
     assert time.monotonic() - start < 30, "no hang"
     engine.close()
     assert not any(p.is_alive() for p in workers)
+
+
+# ---- processes: every rank goes when the command does ------------------------------------------------------
+def children(pid: int) -> list[int]:
+    """The tensor-parallel ranks pid started: its child processes made by multiprocessing's spawn (Linux /proc)."""
+    import glob
+    found = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as f:
+            found += [int(c) for c in f.read().split()]
+    ranks = []
+    for child in found:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                ranks.append(child)
+    return ranks
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_server_over_two_ranks_answers_and_sigterm_stops_every_process():
+    import signal
+    import httpx
+    from server_process import start_server
+    proc, url, log = start_server("-tp", "2")
+    try:
+        ranks = children(proc.pid)
+        assert len(ranks) == 1, "the server started its second rank"
+        r = httpx.post(url + "/v1/completions", json={"prompt": "def main():", "max_tokens": 8, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    import time
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in ranks), "no stray rank"
+
+
+def test_ctrl_c_stops_every_process():
+    """Ctrl-C in a terminal signals the whole process group: the chat exits and takes its rank along."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "deepseek_v2.cli", "chat", "-tp", "2", "--device", "cpu", "--max-tokens", "4"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        proc.stdin.write("hello\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()  # the first reply: both ranks are up and have run steps
+        assert line.startswith("You: Assistant:"), line + proc.stderr.read()
+        ranks = children(proc.pid)
+        assert len(ranks) == 1
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in ranks)
