@@ -22,7 +22,8 @@ class LLM:
 
     Engine knobs are keyword arguments, EngineConfig's fields with vLLM's names: max_model_len,
     max_num_seqs, max_num_batched_tokens, block_size, enable_prefix_caching, enforce_eager,
-    gpu_memory_utilization, plus num_kv_blocks (fixed cache size) and cpu_kv_cache_gib (cache budget on CPU)."""
+    gpu_memory_utilization, tensor_parallel_size (GPUs the model is split over), plus num_kv_blocks (fixed
+    cache size) and cpu_kv_cache_gib (cache budget on CPU)."""
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
                  device: str | None = None, seed: int = 0, **engine_knobs):

@@ -74,7 +74,7 @@ TOKENIZER = "deepseek_v2/default_model"
 
 def greedy_outputs(engine, prompts, params):
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, params[i] if isinstance(params, list) else params)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -85,14 +85,16 @@ def greedy_outputs(engine, prompts, params):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_tensor_parallel_engine_equals_one_process(hf_checkpoint, world):
-    """Greedy outputs and prompt logprobs over a batch with a shared prefix, chunked prefill (16 tokens a
-    step) and a cache small enough to preempt."""
+    """Greedy outputs and prompt logprobs, and seeded sampled outputs with logprobs, over a batch with a
+    shared prefix, chunked prefill (16 tokens a step) and a cache small enough to preempt."""
     from deepseek_v2 import SamplingParams
     _, path = hf_checkpoint("qlora-plain-grouped")
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(2, 96, (20,), generator=g).tolist()
     prompts = [shared + torch.randint(2, 96, (n,), generator=g).tolist() for n in (3, 30, 11)] + [[5, 6, 7]]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True, logprobs=2)
+    params = [greedy, seeded, greedy, seeded]
     knobs = dict(block_size=8, num_kv_blocks=13, max_num_batched_tokens=16)
     single = greedy_outputs(tp_engine(path, 1, **knobs), prompts, params)
     engine = tp_engine(path, world, **knobs)
@@ -100,10 +102,12 @@ def test_tensor_parallel_engine_equals_one_process(hf_checkpoint, world):
         parallel = greedy_outputs(engine, prompts, params)
         assert engine.scheduler.num_preemptions > 0
         assert [o.outputs[0].token_ids for o in parallel] == [o.outputs[0].token_ids for o in single]
-        for a, b in zip(parallel, single):
+        for a, b in zip(parallel[::2], single[::2]):
             assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
             for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
                 assert list(x) == list(y) and list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)
+        for a, b in zip(parallel[1::2], single[1::2]):  # seeded sampling draws the same tokens
+            assert [list(x) for x in a.outputs[0].logprobs] == [list(x) for x in b.outputs[0].logprobs]
         processes = engine.workers.processes
     finally:
         engine.close()
