@@ -164,7 +164,7 @@ def memory_plan_lines(a, args) -> list[str]:
         lines.append(format_plan(plan))
         if not plan.fits:
             n = longest_fitting_len(a, tp, memory, *sizes)
-            lines.append(f"  the longest max_model_len that fits: {n:,}" if n else "  no max_model_len fits")
+            lines.append(f"  fits with --max-model-len up to {n:,}" if n else "  no max_model_len fits")
     return lines
 
 

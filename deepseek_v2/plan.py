@@ -235,7 +235,7 @@ def format_plan(plan: MemoryPlan) -> str:
         return (head + f"no cache\n  does not fit in {memory}: weights and activations need {_gib(needed)} GiB "
                 f"of the {_gib(p.budget_bytes)} GiB budget")
     verdict = (f"fits in {memory}" if p.fits else
-               f"does not fit in {memory}: weights and activations do, but one sequence of "
-               f"{p.max_model_len:,} tokens needs {_gib(p.max_model_len * p.cache_bytes_per_token)} GiB of cache")
+               f"the model fits in {memory}, but not a whole sequence of {p.max_model_len:,} tokens "
+               f"({_gib(p.max_model_len * p.cache_bytes_per_token)} GiB of cache): serve a shorter context")
     return (head + f"cache {_gib(p.cache_bytes)} GiB\n  = {p.cache_tokens:,} tokens = "
             f"{p.max_length_sequences:,.1f} sequences of {p.max_model_len:,}; {verdict}")

@@ -150,7 +150,7 @@ def test_info_prints_the_plans(capsys):
     for name, size in KNOWN_GPUS.items():
         assert f"{name} ({size / GiB:.1f} GiB):\n" + format_plan(memory_plan(v2, 8, size)) in out
     assert "fits in 140.4 GiB x 0.90" in out
-    assert f"the longest max_model_len that fits: {longest_fitting_len(v2, 8, KNOWN_GPUS['H100 80 GB']):,}" in out
+    assert f"fits with --max-model-len up to {longest_fitting_len(v2, 8, KNOWN_GPUS['H100 80 GB']):,}" in out
 
     assert main(["info", "--shape", "v2", "--tensor-parallel-size", "8", "--gpu-memory-gib", "141",
                  "--max-model-len", "32768", "--dtype", "float32"]) == 0
