@@ -9,7 +9,7 @@ kernels (the engine does, on a GPU).
 
 MLA has two compute paths that give the same numbers:
 - expanded: decompress per-head K and V from the latent with kv_b_proj and run ordinary attention
-  (training, plain forward, prefill);
+  (training, plain forward, and an engine step's prefill sequences, all in one call);
 - absorbed: attend directly over the cached latent, with W_UK folded into the query and W_UV
   applied to the attended latent (decode). The cache holds only kv_lora_rank + qk_rope_head_dim
   values per token per layer: the normalised latent c_kv and the rotated k_pe.
@@ -76,8 +76,10 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of every new token
     prefill_query_lens: list[int]  # new tokens of each prefill sequence
-    prefill_context_lens: list[int]  # tokens of each prefill sequence already in the cache
-    prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks] int32
+    prefill_key_lens: list[int]  # its whole context: the tokens already in the cache and the new ones
+    prefill_key_slots: torch.Tensor | None  # [sum of key lens] the cache slots of each one's context, in order
+    prefill_cu_query: torch.Tensor | None  # [num_prefills + 1] int32 cumulative query lens (for the kernel)
+    prefill_cu_key: torch.Tensor | None  # [num_prefills + 1] int32 cumulative key lens
     decode_block_tables: torch.Tensor | None  # [num_decode_tokens, max_blocks] int32
     decode_seq_lens: torch.Tensor | None  # [num_decode_tokens] int32, including the new token
     max_decode_seq_len: int = 0
@@ -135,9 +137,9 @@ class MLA(nn.Module):
         if attn is None:
             B, S = shape[0], shape[1]
             out = self.expanded_attention(q_nope.view(B, S, H, dn), q_pe.reshape(B, S, H, P),
-                                          c_kv.view(B, S, R), k_pe.reshape(B, S, P), num_cached=0)
+                                          c_kv.view(B, S, R), k_pe.reshape(B, S, P))
         else:
-            out = self.paged_attention(q_nope, q_pe, c_kv, k_pe, attn, kv_cache)
+            out = self.paged_attention(q_nope, q_pe, attn, kv_cache)
         return self.o_proj(out.reshape(*shape[:-1], -1))
 
     @torch.no_grad()
@@ -155,21 +157,16 @@ class MLA(nn.Module):
         self.in_proj_weight = fused
 
     # ---- expanded path: decompress K and V ---------------------------------------------------------
-    def expanded_attention(self, q_nope, q_pe, c_kv, k_pe, num_cached: int) -> torch.Tensor:
-        """q_nope [B, S, H, dn], q_pe [B, S, H, P]; c_kv [B, L, R], k_pe [B, L, P] with
-        L = num_cached + S. Query s sits at position num_cached + s. Returns [B, S, H, dv]."""
+    def expanded_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """Whole causal sequences: q_nope [B, S, H, dn], q_pe [B, S, H, P]; c_kv [B, S, R], k_pe [B, S, P].
+        Returns [B, S, H, dv]."""
         a = self.args
-        B, L, H = c_kv.shape[0], c_kv.shape[1], self.num_heads
-        S = q_nope.shape[1]
-        k_nope, v = self.kv_b_proj(c_kv).view(B, L, H, -1).split([a.qk_nope_head_dim, a.v_head_dim], -1)
+        B, S, H = c_kv.shape[0], c_kv.shape[1], self.num_heads
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([a.qk_nope_head_dim, a.v_head_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, dn + P]
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, L, H, -1)], dim=-1).transpose(1, 2)
-        mask = None
-        if num_cached:  # causal mask aligned to the end: query s sees keys 0 .. num_cached + s
-            mask = torch.arange(S, device=q.device)[:, None] + num_cached >= torch.arange(L, device=q.device)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, -1)], dim=-1).transpose(1, 2)
         with sdpa_backends(q):
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)
 
     # ---- absorbed path: attend over the latent ------------------------------------------------------
@@ -183,29 +180,31 @@ class MLA(nn.Module):
                                         max_seq_len=max_seq_len)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
 
-    def paged_attention(self, q_nope, q_pe, c_kv, k_pe, attn: AttentionMetadata, kv_cache):
-        """Prefill sequences (expanded), then decode tokens (absorbed), over the paged cache that
-        already holds this step's latents."""
-        flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+    def paged_attention(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache):
+        """The step's prefill sequences (expanded), then its decode tokens (absorbed), over the paged
+        cache that already holds this step's latents."""
+        n = attn.num_prefill_tokens
         outputs = []
-        start = 0
-        block_size = kv_cache.shape[1]
-        for i, (q_len, ctx_len) in enumerate(zip(attn.prefill_query_lens, attn.prefill_context_lens)):
-            end = start + q_len
-            if ctx_len == 0:  # nothing cached before: use this step's latents directly
-                seq_c, seq_pe = c_kv[start:end], k_pe[start:end]
-            else:  # gather the whole context (cached prefix and new tokens) through the block table
-                pos = torch.arange(ctx_len + q_len, device=c_kv.device)
-                slots = attn.prefill_block_tables[i].long()[pos // block_size] * block_size + pos % block_size
-                seq_c, seq_pe = flat_cache[slots].to(c_kv.dtype).split([self.args.kv_lora_rank, k_pe.shape[-1]], -1)
-            outputs.append(self.expanded_attention(q_nope[None, start:end], q_pe[None, start:end],
-                                                   seq_c[None], seq_pe[None], ctx_len)[0])
-            start = end
-        if start < q_nope.shape[0]:
-            outputs.append(self.absorbed_attention(q_nope[start:], q_pe[start:], kv_cache,
-                                                   attn.decode_block_tables, attn.decode_seq_lens,
-                                                   attn.max_decode_seq_len))
+        if n:
+            outputs.append(self.prefill_attention(q_nope[:n], q_pe[:n], attn, kv_cache))
+        if n < q_nope.shape[0]:
+            outputs.append(self.absorbed_attention(q_nope[n:], q_pe[n:], kv_cache, attn.decode_block_tables,
+                                                   attn.decode_seq_lens, attn.max_decode_seq_len))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def prefill_attention(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache):
+        """All prefill sequences of a step in one attention call: each one's whole context (cached prefix
+        and new tokens) read from the cache and decompressed to per-head K and V with kv_b_proj, the
+        causal mask aligned to the end. q_nope [Tq, H, dn], q_pe [Tq, H, P] -> [Tq, H, dv]."""
+        a = self.args
+        H, dn = self.num_heads, a.qk_nope_head_dim
+        latent = kv_cache.view(-1, kv_cache.shape[-1])[attn.prefill_key_slots].to(q_nope.dtype)   # [Tk, R + P]
+        c, k_pe = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c).view(-1, H, dn + a.v_head_dim).split([dn, a.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)                                                    # [Tq, H, dn + P]
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)                      # [Tk, H, dn + P]
+        return self.kernels.prefill_attention(q, k, v, attn.prefill_cu_query, attn.prefill_cu_key,
+                                              attn.prefill_query_lens, attn.prefill_key_lens, self.softmax_scale)
 
 
 class DecoderLayer(nn.Module):

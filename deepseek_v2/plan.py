@@ -122,12 +122,9 @@ def activation_terms(args: ModelArgs, tensor_parallel_size: int, config: EngineC
         # [T, R + P]; the rotated q_pe [T, h, P]; attention's output and its copy laid out for o_proj
         "attention": T * ((a.q_lora_rank or 0) + 2 * h * a.qk_head_dim + R + P + h * P + 2 * h * a.v_head_dim) * b,
         # the context's latents gathered from the cache [L, R + P]; kv_b_proj's output [L, h, dn + dv];
-        # K concatenated with the shared rope key [L, h, dn + P]; V made contiguous [L, h, dv]
-        "expanded_kv": L * (R + P + h * (a.qk_nope_head_dim + a.v_head_dim) + h * a.qk_head_dim
-                            + h * a.v_head_dim) * b,
-        # a chunk after cached context passes an explicit causal mask [T, L] of bools, which
-        # scaled_dot_product_attention turns into an additive mask of q's dtype
-        "causal_mask": T * L * (1 + b),
+        # K concatenated with the shared rope key [L, h, dn + P]; V padded to that head dim for flash
+        # attention [L, h, dn + P] (kernels/prefill.py; it needs no mask: causal is aligned to the end)
+        "expanded_kv": L * (R + P + h * (a.qk_nope_head_dim + a.v_head_dim) + 2 * h * a.qk_head_dim) * b,
         "ffn": max(moe, dense),
         # the vocabulary-split head's outputs gathered from every rank, then padded and concatenated
         # [N, V] (weights' dtype), then fp32 logits and the sampler's working copies of them

@@ -40,17 +40,30 @@ T = n_pref * L
 ids = torch.randint(10, a.vocab_size, (T,), device=dev, generator=g)
 pos = torch.arange(L, device=dev).repeat(n_pref)
 slots = torch.arange(T, device=dev)
-pre = AttentionMetadata(slot_mapping=slots, prefill_query_lens=[L] * n_pref, prefill_context_lens=[0] * n_pref,
-                        prefill_block_tables=None, decode_block_tables=None, decode_seq_lens=None)
+
+def metadata(**fields):
+    """AttentionMetadata of this tree's version: packed prefill fields, or the older per-sequence ones."""
+    try:
+        return AttentionMetadata(**fields)
+    except TypeError:
+        old = {k: v for k, v in fields.items() if not k.startswith(("prefill_key", "prefill_cu"))}
+        return AttentionMetadata(**old, prefill_context_lens=[0] * len(fields["prefill_query_lens"]),
+                                 prefill_block_tables=None)
+
+
+cu = torch.arange(0, T + 1, L, dtype=torch.int32, device=dev)
+pre = metadata(slot_mapping=slots, prefill_query_lens=[L] * n_pref, prefill_key_lens=[L] * n_pref,
+               prefill_key_slots=slots, prefill_cu_query=cu, prefill_cu_key=cu, decode_block_tables=None,
+               decode_seq_lens=None)
 last = torch.arange(L - 1, T, L, device=dev)
 with torch.inference_mode():
     prefill_ms = timed(lambda: model.compute_logits(model.forward_step(ids, pos, pre, caches)[last]), 10)
     B, ctx = 256, 1024
     base = n_pref * L // bs
     tables = (base + torch.arange(B * ctx // bs, device=dev).view(B, ctx // bs)).int()
-    dec = AttentionMetadata(slot_mapping=(tables[:, -1].long() * bs + (ctx - 1)), prefill_query_lens=[],
-                            prefill_context_lens=[], prefill_block_tables=None, decode_block_tables=tables,
-                            decode_seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=dev), max_decode_seq_len=ctx)
+    dec = metadata(slot_mapping=(tables[:, -1].long() * bs + (ctx - 1)), prefill_query_lens=[], prefill_key_lens=[],
+                   prefill_key_slots=None, prefill_cu_query=None, prefill_cu_key=None, decode_block_tables=tables,
+                   decode_seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=dev), max_decode_seq_len=ctx)
     dids = torch.randint(10, a.vocab_size, (B,), device=dev, generator=g)
     dpos = torch.full((B,), ctx - 1, device=dev)
     decode_ms = timed(lambda: model.compute_logits(model.forward_step(dids, dpos, dec, caches)), 20)

@@ -64,8 +64,8 @@ def absorbed_logits(model: DeepseekV2ForCausalLM, ids: torch.Tensor, block_size:
     caches = [torch.zeros(num_blocks, block_size, a.kv_cache_dim, dtype=model.dtype) for _ in range(a.num_hidden_layers)]
     pos = torch.arange(S)
     slots = perm[pos // block_size] * block_size + pos % block_size
-    attn = AttentionMetadata(slot_mapping=slots, prefill_query_lens=[], prefill_context_lens=[],
-                             prefill_block_tables=None,
+    attn = AttentionMetadata(slot_mapping=slots, prefill_query_lens=[], prefill_key_lens=[], prefill_key_slots=None,
+                             prefill_cu_query=None, prefill_cu_key=None,
                              decode_block_tables=perm.to(torch.int32)[None].expand(S, -1).contiguous(),
                              decode_seq_lens=(pos + 1).to(torch.int32), max_decode_seq_len=S)
     with torch.no_grad():

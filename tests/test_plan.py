@@ -84,8 +84,7 @@ def test_activation_terms_by_hand():
     assert activation_terms(SMALL, 2, config, max_model_len=64, bytes_per_value=2) == {
         "hidden": 4 * 16 * 4 * 2,
         "attention": 16 * (2 + 2 * 2 * 4 + 2 + 2 + 2 * 2 + 2 * 2 * 1) * 2,  # q_a, q twice, latent, q_pe, out twice
-        "expanded_kv": 64 * (2 + 2 + 2 * 3 + 2 * 4 + 2 * 1) * 2,  # gathered latent, kv_b out, K, V
-        "causal_mask": 16 * 64 * (1 + 2),
+        "expanded_kv": 64 * (2 + 2 + 2 * 3 + 2 * 2 * 4) * 2,  # gathered latent, kv_b out, K, V padded to K's dim
         "ffn": 16 * 2 * (2 * 3 + 4) * 2 + 16 * 5 * 4 + 16 * 4 * 4 + 16 * 2 * 2 * 2,  # MoE > dense 16*2*3*2
         "logits": 4 * 10 * (2 * 2 + 40),
         "fixed": 3 * GiB,  # CUDA context, allocator slack, NCCL; no graphs under enforce_eager

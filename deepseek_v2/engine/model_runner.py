@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..config import EngineConfig, ModelArgs
@@ -32,18 +33,21 @@ class StepResult:
     prompt_logprobs_start: int = 0  # prompt index of the first entry
 
 
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class ForwardInputs:
-    """What the model's forward over one step needs, on the host: plain lists, the same on every
-    tensor-parallel rank (rank 0 makes them and sends them to the others). The T flat tokens are the
-    prefill sequences' then the decode tokens."""
+    """What the model's forward over one step needs, on the host: int64 arrays and lists, the same on
+    every tensor-parallel rank (rank 0 makes them and sends them to the others). The T flat tokens are
+    the prefill sequences' then the decode tokens."""
 
-    input_ids: list[int] = field(default_factory=list)  # [T]
-    positions: list[int] = field(default_factory=list)  # [T]
-    slots: list[int] = field(default_factory=list)  # [T] cache slot of every token
+    input_ids: np.ndarray = field(default_factory=lambda: EMPTY)  # [T]
+    positions: np.ndarray = field(default_factory=lambda: EMPTY)  # [T]
+    slots: np.ndarray = field(default_factory=lambda: EMPTY)  # [T] cache slot of every token
     prefill_query_lens: list[int] = field(default_factory=list)
-    prefill_context_lens: list[int] = field(default_factory=list)
-    prefill_tables: list[list[int]] = field(default_factory=list)
+    prefill_key_lens: list[int] = field(default_factory=list)  # cached + new tokens
+    prefill_key_slots: np.ndarray = field(default_factory=lambda: EMPTY)  # the cache slots of every prefill context
     decode_tables: list[list[int]] = field(default_factory=list)
     decode_lens: list[int] = field(default_factory=list)  # including the new token
     logit_rows: list[int] = field(default_factory=list)  # flat rows whose logits are needed, in order
@@ -137,8 +141,10 @@ class ModelRunner:
                  for _ in range(self.model.args.num_hidden_layers)]
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
-        attn = AttentionMetadata(slot_mapping=pos, prefill_query_lens=[n], prefill_context_lens=[0],
-                                 prefill_block_tables=None, decode_block_tables=None, decode_seq_lens=None)
+        attn = AttentionMetadata(slot_mapping=pos, prefill_query_lens=[n], prefill_key_lens=[n], prefill_key_slots=pos,
+                                 prefill_cu_query=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                                 prefill_cu_key=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                                 decode_block_tables=None, decode_seq_lens=None)
         hidden = self.model.forward_step(ids, pos, attn, cache)
         self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
         del cache, hidden
@@ -163,28 +169,29 @@ class ModelRunner:
             self.forward(inputs)
 
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
-        """The step's flat inputs, on the host."""
+        """The step's flat inputs, on the host: array code per prefill sequence, a few list appends per
+        decode token."""
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
         step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
         f, bs = step.forward, self.block_size
+        prefill_ids, key_slots, decode_ids, decode_pos, decode_slots = [], [], [], [], []
         offset = 0
         for k, item in enumerate(step.items):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             table = seq.block_table
             if n == 1:
-                f.input_ids.append(seq.token_at(start))
-                f.positions.append(start)
-                f.slots.append(table[start // bs] * bs + start % bs)
+                decode_ids.append(seq.token_at(start))
+                decode_pos.append(start)
+                decode_slots.append(table[start // bs] * bs + start % bs)
                 f.decode_tables.append(table)
                 f.decode_lens.append(start + 1)
             else:
-                f.input_ids += seq.tokens_slice(start, start + n)
-                f.positions += range(start, start + n)
-                f.slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                context = np.arange(start + n)  # the whole context: cached prefix, then the new tokens
+                key_slots.append(np.asarray(table)[context // bs] * bs + context % bs)
+                prefill_ids.append(seq.tokens_slice(start, start + n))
                 f.prefill_query_lens.append(n)
-                f.prefill_context_lens.append(start)
-                f.prefill_tables.append(table)
+                f.prefill_key_lens.append(start + n)
             if seq.sampling_params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)  # logits at p score token p + 1
                 step.prompt_rows[k] = (len(f.logit_rows), list(range(start, last)))
@@ -193,6 +200,16 @@ class ModelRunner:
                 step.sample_rows[k] = len(f.logit_rows)
                 f.logit_rows.append(offset + n - 1)
             offset += n
+        if key_slots:
+            new = [slots[-q:] for slots, q in zip(key_slots, f.prefill_query_lens)]  # the new tokens' slots
+            f.prefill_key_slots = np.concatenate(key_slots)
+            f.input_ids = np.concatenate([np.concatenate(prefill_ids), decode_ids])
+            f.positions = np.concatenate([np.arange(k - q, k) for q, k in zip(f.prefill_query_lens, f.prefill_key_lens)]
+                                         + [decode_pos])
+            f.slots = np.concatenate(new + [decode_slots])
+        else:
+            f.input_ids, f.positions, f.slots = (np.asarray(x, dtype=np.int64) for x in (decode_ids, decode_pos,
+                                                                                     decode_slots))
         f.decode_only = not f.prefill_query_lens and not step.prompt_rows
         return step
 
@@ -203,16 +220,21 @@ class ModelRunner:
         if f.decode_only and self.graphs and len(f.input_ids) <= max(self.graphs):
             return self._replay_decode_graph(f)  # every decode samples: logit row k is token k
         dev = self.device
+
+        def device_array(x, dtype=torch.long):
+            return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
+        prefills = bool(f.prefill_query_lens)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(f.slots, dtype=torch.long, device=dev),
-            prefill_query_lens=f.prefill_query_lens, prefill_context_lens=f.prefill_context_lens,
-            prefill_block_tables=self._block_table_tensor(f.prefill_tables) if f.prefill_tables else None,
+            slot_mapping=device_array(f.slots),
+            prefill_query_lens=f.prefill_query_lens, prefill_key_lens=f.prefill_key_lens,
+            prefill_key_slots=device_array(f.prefill_key_slots) if prefills else None,
+            prefill_cu_query=device_array(np.cumsum([0] + f.prefill_query_lens), torch.int32) if prefills else None,
+            prefill_cu_key=device_array(np.cumsum([0] + f.prefill_key_lens), torch.int32) if prefills else None,
             decode_block_tables=self._block_table_tensor(f.decode_tables) if f.decode_tables else None,
-            decode_seq_lens=torch.tensor(f.decode_lens, dtype=torch.int32, device=dev) if f.decode_lens else None,
+            decode_seq_lens=device_array(f.decode_lens, torch.int32) if f.decode_lens else None,
             max_decode_seq_len=max(f.decode_lens, default=0))
-        hidden = self.model.forward_step(torch.tensor(f.input_ids, dtype=torch.long, device=dev),
-                                         torch.tensor(f.positions, dtype=torch.long, device=dev),
-                                         attn, self.kv_caches)
+        hidden = self.model.forward_step(device_array(f.input_ids), device_array(f.positions), attn, self.kv_caches)
         if not f.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(f.logit_rows, device=dev)])
@@ -241,8 +263,9 @@ class ModelRunner:
     GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
     def _decode_metadata(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.g_slots[:bs], prefill_query_lens=[], prefill_context_lens=[],
-                                 prefill_block_tables=None, decode_block_tables=self.g_tables[:bs],
+        return AttentionMetadata(slot_mapping=self.g_slots[:bs], prefill_query_lens=[], prefill_key_lens=[],
+                                 prefill_key_slots=None, prefill_cu_query=None, prefill_cu_key=None,
+                                 decode_block_tables=self.g_tables[:bs],
                                  decode_seq_lens=self.g_lens[:bs], max_decode_seq_len=self.max_model_len)
 
     @torch.inference_mode()

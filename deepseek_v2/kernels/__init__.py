@@ -1,7 +1,8 @@
 """The kernel families the model calls, and the one switch between their two implementations.
 
 Each family has a PyTorch reference (reference.py: the model's math; differentiable, any device) and
-a Triton kernel (one module per family: fused, GPU inference only, same contract). A `Kernels` set
+a GPU kernel (one module per family: fused, inference only, same contract; Triton, except prefill
+attention, which is FlashAttention through torch). A `Kernels` set
 names one implementation per family. The model holds one set: the reference unless
 `DeepseekV2ForCausalLM.use_kernels("triton")` picks the kernels, which the engine does on a GPU
 (EngineConfig.kernels). Nothing else chooses: not the device, not grad mode.
@@ -24,6 +25,7 @@ class Kernels:
     name: str
     rms_norm: Callable             # RMSNorm, optionally after the residual add
     mla_prepare: Callable          # latent norm, both RoPEs and the latent-cache write
+    prefill_attention: Callable    # causal attention of the step's prefill sequences, packed
     mla_decode: Callable           # absorbed MLA decode over the paged latent cache
     silu_and_mul: Callable         # SwiGLU's activation
     topk_softmax: Callable         # greedy routing
@@ -31,7 +33,8 @@ class Kernels:
     moe: Callable                  # the routed experts
 
 
-REFERENCE = Kernels("reference", reference.rms_norm, reference.mla_prepare, reference.mla_decode,
+REFERENCE = Kernels("reference", reference.rms_norm, reference.mla_prepare, reference.prefill_attention,
+                    reference.mla_decode,
                     reference.silu_and_mul, reference.topk_softmax, reference.grouped_topk_softmax,
                     reference.moe)
 
@@ -42,8 +45,8 @@ def load_kernels(name: str) -> Kernels:
         return REFERENCE
     if name != "triton":
         raise ValueError(f"unknown kernel set {name!r} (known: {', '.join(KERNEL_SETS)})")
-    from . import activation, mla_decode, mla_prepare, moe, norm, router
-    return Kernels("triton", norm.rms_norm, mla_prepare.mla_prepare, mla_decode.mla_decode,
+    from . import activation, mla_decode, mla_prepare, moe, norm, prefill, router
+    return Kernels("triton", norm.rms_norm, mla_prepare.mla_prepare, prefill.prefill_attention, mla_decode.mla_decode,
                    activation.silu_and_mul, router.topk_softmax,
                    reference.grouped_topk_softmax,  # no kernel yet: V2's group-limited router runs eagerly
                    moe.fused_moe)

@@ -1,5 +1,6 @@
 """The model's arithmetic for each kernel family, in plain PyTorch: RMSNorm, RoPE, MLA's step between
-the projections and attention, absorbed MLA decode over the paged latent cache, SwiGLU's activation,
+the projections and attention, prefill attention over packed sequences, absorbed MLA decode over the
+paged latent cache, SwiGLU's activation,
 the softmax router's top-k (greedy and group-limited) and the routed experts (a pick with expert id
 -1, an expert on another rank under expert parallelism, adds nothing).
 
@@ -56,6 +57,26 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
         latent = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)                 # [T, R + P]
         kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent)
     return q_pe, c_kv, k_pe
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
+                      cu_key: torch.Tensor, query_lens: list[int], key_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention of several sequences packed together: q [Tq, H, dq] holds each sequence's new
+    tokens, k [Tk, H, dq] and v [Tk, H, dv] each sequence's whole context (its cached prefix, then its
+    new tokens), query_lens / key_lens per sequence (cu_query / cu_key: their cumulative sums, for
+    the kernels). Query i of a sequence with C = key_len - query_len cached tokens sees keys 0 .. C + i
+    (the causal mask aligned to the end). Returns [Tq, H, dv]."""
+    outputs, q_start, k_start = [], 0, 0
+    for q_len, k_len in zip(query_lens, key_lens):
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q_start:q_start + q_len], k[k_start:k_start + k_len],
+                                                          v[k_start:k_start + k_len]))   # [1, H, len, d]
+        mask = None
+        if k_len > q_len:  # cached context: the causal mask aligned to the end
+            mask = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len) >= torch.arange(k_len, device=q.device)
+        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
+        q_start, k_start = q_start + q_len, k_start + k_len
+    return torch.cat(outputs)
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -183,3 +183,27 @@ def test_fused_moe_cuda_graph(captured_missing, replayed_missing):
     graph.replay()
     assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("query_lens, context_lens", [
+    ([7, 300, 1, 64, 129], [0, 0, 0, 0, 0]),          # new prompts of mixed lengths
+    ([2048, 33, 500], [4096, 1000, 0]),               # chunks after cached context, and a new prompt
+    ([1], [5000]),                                    # a one-token chunk after a long context
+])
+def test_prefill_attention_varlen(heads, query_lens, context_lens):
+    """All prefill sequences in one flash-attention call (V padded to 192), causal aligned to the end, against
+    the reference's per-sequence attention in fp32."""
+    from deepseek_v2.kernels.prefill import prefill_attention
+    g = torch.Generator(device=DEVICE).manual_seed(sum(query_lens) + heads)
+    key_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    q = torch.randn(sum(query_lens), heads, 192, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(sum(key_lens), heads, 192, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(sum(key_lens), heads, 128, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    cu_q = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(key_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    poison_free_memory()
+    out = prefill_attention(q, k, v, cu_q, cu_k, query_lens, key_lens, SCALE)
+    assert out.shape == (sum(query_lens), heads, 128) and out.dtype == torch.bfloat16
+    ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu_q, cu_k, query_lens, key_lens, SCALE)
+    assert rel_error(out, ref) < 1e-2
