@@ -1,16 +1,24 @@
-"""`deepseek-v2 bench`: batch-1 decode latency, output throughput at several concurrencies,
-prefill throughput and time to first token, each against the floor that memory bandwidth or
-arithmetic sets (both ceilings measured in the same run), optionally beside Hugging Face
-transformers' `generate` on the same weights in the same process.
+"""`deepseek-v2 bench`, two workloads.
+
+`--workload fixed` (the default): batch-1 decode latency, output throughput at several
+concurrencies, prefill throughput and time to first token, each against the floor that memory
+bandwidth or arithmetic sets (both ceilings measured in the same run), optionally beside Hugging
+Face transformers' `generate` on the same weights in the same process.
+
+`--workload mixed`: the requests of workload.py (log-normal lengths) submitted together and run
+to the end with greedy sampling: throughput, how the steps split between those that hold a
+prefill and decode-only ones, the host time outside the model runner, and a checksum of every
+output token so that two versions of the engine can be shown to give the same greedy outputs.
 
 Random weights of a named shape (`--shape v2-lite`), a config.json, or a real checkpoint.
-(A little over 300 lines: the floors, the runs, the transformers baseline and the table are one
+(About 460 lines: the floors, the runs, the transformers baseline and the tables are one
 command's job, and each reads the others' numbers.)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,9 +33,11 @@ from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, fla
 from .model import DeepseekV2ForCausalLM
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
+from . import workload as W
 
 
 WARMUP_LEN = 64  # prompt tokens of the warm-up requests
+MIXED_MAX_NUM_SEQS = 256  # the mixed workload's concurrency unless --max-num-seqs is given
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--shape", choices=sorted(PRESETS), help="random weights of a built-in shape")
     src.add_argument("--config", help="random weights of the shape in this config.json")
     add_model_arguments(p, model_into=src)
+    p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+                   help="fixed: the runs below (batch-1 decode, --batch-sizes, prefill); mixed: --num-prompts "
+                        "requests of log-normal lengths submitted together (default: %(default)s)")
     p.add_argument("--batch-sizes", default="1,32,256", help="concurrencies for the throughput runs")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
@@ -45,22 +58,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-sizes", default="1,8,32")
     p.add_argument("--hf-output-len", type=int, default=32)
     p.add_argument("--json", default=None, help="also write the results to this file")
+    W.add_arguments(p)
     add_engine_arguments(p)
     # The settings docs/benchmarks.md's figures were measured with. None: sized from the workload.
     p.set_defaults(dtype="bfloat16", max_num_batched_tokens=16384, gpu_memory_utilization=0.85,
                    max_model_len=None, max_num_seqs=None)
     p.epilog = ("Unless given, --max-model-len and --max-num-seqs (None above) are what the workload needs: "
-                "the longest prompt plus output, the largest concurrency. A larger value is used as given, "
-                "a smaller one is refused.")
+                "the longest prompt plus output, the largest concurrency (mixed: "
+                f"{MIXED_MAX_NUM_SEQS}). A larger value is used as given, a smaller --max-model-len is refused.")
 
 
 def engine_config(args) -> EngineConfig:
     """The flags' EngineConfig, with max_model_len and max_num_seqs sized for the workload unless given
     (a given value below the workload's needs would fail or mislabel a figure, so it is refused)."""
-    need = {"max_model_len": max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len,
-                                 WARMUP_LEN) + 8,
-            "max_num_seqs": max([int(x) for x in args.batch_sizes.split(",")] + [args.prefill_prompts])}
     knobs = engine_kwargs(args)
+    if args.workload == "mixed":
+        need = {"max_model_len": max(args.prompt_len_max + args.output_len_max, WARMUP_LEN + 8)}
+        knobs["max_num_seqs"] = knobs["max_num_seqs"] or MIXED_MAX_NUM_SEQS  # a knob here, not a need
+    else:
+        need = {"max_model_len": max(args.prompt_len + max(args.output_len, args.decode_len), args.prefill_len,
+                                     WARMUP_LEN) + 8,
+                "max_num_seqs": max([int(x) for x in args.batch_sizes.split(",")] + [args.prefill_prompts])}
     for name, value in need.items():
         if knobs[name] is None:
             knobs[name] = value
@@ -205,6 +223,82 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
     return res
 
 
+# ---- the mixed workload ---------------------------------------------------------------------------
+class RunnerTimer:
+    """Stands in for `engine.runner.run` to time it apart from the rest of `engine.step` and to note
+    whether the step held a prefill: a sequence given more than one token (a prompt, a chunk of
+    one, or a preempted sequence being recomputed); the runner runs the others as decodes. The run
+    ends by handing the sampled tokens to the host, so its wall time includes the device's work."""
+
+    def __init__(self, run):
+        self.run = run
+        self.seconds: float | None = None
+        self.prefill = False
+
+    def __call__(self, sched):
+        self.prefill = any(item.num_new_tokens > 1 for item in sched.scheduled)
+        t = time.perf_counter()
+        out = self.run(sched)
+        self.seconds = time.perf_counter() - t
+        return out
+
+
+def bench_mixed(engine: LLMEngine, workload: W.Workload) -> dict:
+    """Submit every request of the workload at once (greedy, ignore_eos, detokenized as a server
+    would), step the engine until all finish, and split the steps' time by kind and into the model
+    runner's and the host's."""
+    vocab = engine.model.args.vocab_size
+    requests = workload.requests(vocab)
+    run_requests(engine, random_prompts(2, WARMUP_LEN, vocab, 0), 8)  # warm up
+    preempted_before = engine.scheduler.num_preemptions
+    timer = engine.runner.run = RunnerTimer(engine.runner.run)  # an instance attribute hides the method
+    kinds = {kind: {"steps": 0, "seconds": 0.0, "runner_seconds": 0.0} for kind in ("prefill", "decode")}
+    tokens: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    for i, (prompt, max_tokens) in enumerate(requests):
+        engine.add_request(f"mixed-{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        timer.seconds = None
+        t = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t
+        if timer.seconds is not None:  # (a step that scheduled nothing did not run the model)
+            k = kinds["prefill" if timer.prefill else "decode"]
+            k["steps"] += 1
+            k["seconds"] += dt
+            k["runner_seconds"] += timer.seconds
+        tokens.update((o.request_id, o.outputs[0].token_ids) for o in outs if o.finished)
+    wall = time.perf_counter() - start
+    del engine.runner.run  # the method again
+    outputs = [tokens[f"mixed-{i}"] for i in range(len(requests))]
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    output_tokens = sum(len(o) for o in outputs)
+    for k in kinds.values():
+        k["host_seconds"] = k["seconds"] - k["runner_seconds"]
+        k["ms_per_step"] = 1e3 * k["seconds"] / k["steps"] if k["steps"] else 0.0
+        k["host_ms_per_step"] = 1e3 * k["host_seconds"] / k["steps"] if k["steps"] else 0.0
+    steps = sum(k["steps"] for k in kinds.values())
+    host = sum(k["host_seconds"] for k in kinds.values())
+    return {"num_requests": len(requests), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "wall_s": wall, "requests_per_s": len(requests) / wall, "output_tokens_per_s": output_tokens / wall,
+            "total_tokens_per_s": (prompt_tokens + output_tokens) / wall,
+            "steps": steps, "prefill_steps": kinds["prefill"]["steps"], "decode_steps": kinds["decode"]["steps"],
+            "prefill": kinds["prefill"], "decode": kinds["decode"],
+            "host_s": host, "host_ms_per_step": 1e3 * host / steps if steps else 0.0,
+            # adding the requests and the loop itself: the wall time that is in no step
+            "outside_steps_s": wall - sum(k["seconds"] for k in kinds.values()),
+            "preemptions": engine.scheduler.num_preemptions - preempted_before,
+            "output_checksum": output_checksum(outputs)}
+
+
+def output_checksum(outputs: list[list[int]]) -> str:
+    """SHA-256 of every output token id, request by request in submission order."""
+    h = hashlib.sha256()
+    for ids in outputs:
+        h.update(json.dumps(ids).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
 def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
     """transformers' DeepseekV2ForCausalLM sharing our weight tensors (same layout, no copy)."""
     from transformers import DeepseekV2Config
@@ -262,12 +356,14 @@ def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
 
 def run(args) -> None:
     config = engine_config(args)  # a refused value fails here, before the minutes of measuring
+    mixed = W.from_args(args) if args.workload == "mixed" else None  # (a bad distribution fails here too)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ceil = measure_ceilings(device)
+    if args.compare_hf and (mixed or config.tensor_parallel_size > 1):
+        raise ValueError("--compare-hf runs transformers in this process on the fixed workload: use it with "
+                         "one process (-tp 1) and --workload fixed")
+    ceil = None if mixed else measure_ceilings(device)  # the mixed workload has no floors
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the ceiling measurement's buffers back before the model
-    if args.compare_hf and config.tensor_parallel_size > 1:
-        raise ValueError("--compare-hf runs transformers in this process: use it with one process (-tp 1)")
     source, description = model_source(args)
     tokenizer = Tokenizer.from_pretrained(args.model or DEFAULT_MODEL)
     t = time.perf_counter()
@@ -276,9 +372,17 @@ def run(args) -> None:
     model, a = engine.model, engine.model.args
     results = {"source": description, "tensor_parallel_size": config.tensor_parallel_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(model.dtype).removeprefix("torch."),  # "auto" resolved
-               "engine_startup_s": startup,
-               "ceilings": {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12},
-               "ours": bench_engine(engine, a, args, ceil)}
+               "engine_startup_s": startup, "workload": args.workload}
+    if mixed:
+        results["engine"] = {"max_num_seqs": config.max_num_seqs,
+                             "max_num_batched_tokens": config.max_num_batched_tokens,
+                             "max_model_len": engine.max_model_len,
+                             "enable_prefix_caching": config.enable_prefix_caching}
+        results["mixed_workload"] = mixed.describe()
+        results["mixed"] = bench_mixed(engine, mixed)
+    else:
+        results["ceilings"] = {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12}
+        results["ours"] = bench_engine(engine, a, args, ceil)
     engine.close()  # the other tensor-parallel ranks, if any
     if args.compare_hf:
         del engine
@@ -287,15 +391,48 @@ def run(args) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["hf"] = bench_hf(model, args, a)
-    print(format_results(results, args))
+    print(format_mixed(results) if mixed else format_results(results, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
 
+def title(r: dict) -> str:
+    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {r['dtype']}"
+
+
+def format_mixed(r: dict) -> str:
+    m, w, e = r["mixed"], r["mixed_workload"], r["engine"]
+    p, d = m["prefill"], m["decode"]
+
+    def dist(x: dict) -> str:
+        return f"log-normal median {x['median']:g} sigma {x['sigma']:g} in [{x['min']}, {x['max']}]"
+
+    return "\n".join([
+        title(r),
+        f"mixed workload: {m['num_requests']} requests submitted together (seed {w['seed']}), greedy, ignore_eos; "
+        f"prompts {dist(w['prompt_len'])} ({m['prompt_tokens']:,} tokens), outputs {dist(w['output_len'])} "
+        f"({m['output_tokens']:,} tokens); max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
+        f"{e['max_num_batched_tokens']:,}; engine start-up {r['engine_startup_s']:.1f} s",
+        "| figure | value |", "|---|---|",
+        f"| wall time | {m['wall_s']:.2f} s |",
+        f"| requests/s | {m['requests_per_s']:.2f} |",
+        f"| output tokens/s | {m['output_tokens_per_s']:,.0f} |",
+        f"| total tokens/s (prompt + output) | {m['total_tokens_per_s']:,.0f} |",
+        f"| steps: holding a prefill / decode-only | {m['steps']:,}: {p['steps']:,} / {d['steps']:,} |",
+        f"| time in steps holding a prefill | {p['seconds']:.2f} s, {p['ms_per_step']:.2f} ms/step |",
+        f"| time in decode-only steps | {d['seconds']:.2f} s, {d['ms_per_step']:.2f} ms/step |",
+        f"| host time outside the model runner | {m['host_s']:.2f} s ({m['host_s'] / m['wall_s']:.0%} of the wall), "
+        f"{m['host_ms_per_step']:.2f} ms/step ({p['host_ms_per_step']:.2f} in prefill steps, "
+        f"{d['host_ms_per_step']:.2f} in decode-only) |",
+        f"| wall time in no step (adding requests, the loop) | {m['outside_steps_s']:.3f} s |",
+        f"| preemptions | {m['preemptions']} |",
+        f"| greedy output checksum | {m['output_checksum']} |"])
+
+
 def format_results(r: dict, args) -> str:
     o = r["ours"]
-    lines = [f"# {r['source']} | {r['device']} | torch {r['torch']} | {r['dtype']}",
+    lines = [title(r),
              f"ceilings measured: copy {r['ceilings']['copy_GBps']:.0f} GB/s, bf16 matmul "
              f"{r['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s; engine start-up {r['engine_startup_s']:.1f} s",
              "| figure | ours | floor | ours/floor |" + (" HF | ours/HF |" if "hf" in r else ""),

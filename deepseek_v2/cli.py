@@ -1,4 +1,4 @@
-"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, train, sft.
+"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft.
 
 Only this module parses arguments. Errors a user can cause (no such directory, not a DeepSeek-V2
 checkpoint, a corrupt file, a bad value) print one line and exit with status 1."""
@@ -238,6 +238,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 LAZY_COMMANDS = [
     ("serve", "deepseek_v2.server.cli", "add_arguments", "run", "OpenAI-compatible HTTP server with a chat page"),
     ("bench", "deepseek_v2.bench", "add_arguments", "run", "benchmark decode, throughput and prefill"),
+    ("bench-serve", "deepseek_v2.bench_serve", "add_arguments", "run",
+     "benchmark a running server: requests at a rate, TTFT / ITL / E2E latency percentiles"),
     ("train", "deepseek_v2.train.cli", "add_train_arguments", "run_train", "pretrain a model"),
     ("sft", "deepseek_v2.train.cli", "add_sft_arguments", "run_sft", "supervised fine-tuning on chat data"),
 ]
