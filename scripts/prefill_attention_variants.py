@@ -68,9 +68,10 @@ def loop_sdpa(w):
         for qi, ki, vi in pieces(w):
             S, L = qi.shape[0], ki.shape[0]
             mask = None if S == L else torch.arange(S, device=DEV)[:, None] + (L - S) >= torch.arange(L, device=DEV)
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                                               attn_mask=mask, is_causal=mask is None, scale=SCALE)
-            outs.append(o.transpose(0, 1))
+            o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],  # [1, H, L, d]
+                                               vi.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                               scale=SCALE)
+            outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
 
 
