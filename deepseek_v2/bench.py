@@ -11,14 +11,12 @@ prefill and decode-only ones, the host time outside the model runner, and a chec
 output token so that two versions of the engine can be shown to give the same greedy outputs.
 
 Random weights of a named shape (`--shape v2-lite`), a config.json, or a real checkpoint.
-(About 460 lines: the floors, the runs, the transformers baseline and the tables are one
-command's job, and each reads the others' numbers.)
+The mixed workload's run is bench_mixed.py, the transformers baseline bench_hf.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -30,10 +28,10 @@ from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
 from .engine.llm_engine import LLMEngine
 from .engine.workers import ModelSource
 from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, flag_name
-from .model import DeepseekV2ForCausalLM
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 from . import workload as W
+from .bench_mixed import bench_mixed, format_mixed, title
 
 
 WARMUP_LEN = 64  # prompt tokens of the warm-up requests
@@ -223,137 +221,6 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
     return res
 
 
-# ---- the mixed workload ---------------------------------------------------------------------------
-class RunnerTimer:
-    """Stands in for `engine.runner.run` to time it apart from the rest of `engine.step` and to note
-    whether the step held a prefill: a sequence given more than one token (a prompt, a chunk of
-    one, or a preempted sequence being recomputed); the runner runs the others as decodes. The run
-    ends by handing the sampled tokens to the host, so its wall time includes the device's work."""
-
-    def __init__(self, run):
-        self.run = run
-        self.seconds: float | None = None
-        self.prefill = False
-
-    def __call__(self, sched):
-        self.prefill = any(item.num_new_tokens > 1 for item in sched.scheduled)
-        t = time.perf_counter()
-        out = self.run(sched)
-        self.seconds = time.perf_counter() - t
-        return out
-
-
-def bench_mixed(engine: LLMEngine, workload: W.Workload) -> dict:
-    """Submit every request of the workload at once (greedy, ignore_eos, detokenized as a server
-    would), step the engine until all finish, and split the steps' time by kind and into the model
-    runner's and the host's."""
-    vocab = engine.model.args.vocab_size
-    requests = workload.requests(vocab)
-    run_requests(engine, random_prompts(2, WARMUP_LEN, vocab, 0), 8)  # warm up
-    preempted_before = engine.scheduler.num_preemptions
-    timer = engine.runner.run = RunnerTimer(engine.runner.run)  # an instance attribute hides the method
-    kinds = {kind: {"steps": 0, "seconds": 0.0, "runner_seconds": 0.0} for kind in ("prefill", "decode")}
-    tokens: dict[str, list[int]] = {}
-    start = time.perf_counter()
-    for i, (prompt, max_tokens) in enumerate(requests):
-        engine.add_request(f"mixed-{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        timer.seconds = None
-        t = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t
-        if timer.seconds is not None:  # (a step that scheduled nothing did not run the model)
-            k = kinds["prefill" if timer.prefill else "decode"]
-            k["steps"] += 1
-            k["seconds"] += dt
-            k["runner_seconds"] += timer.seconds
-        tokens.update((o.request_id, o.outputs[0].token_ids) for o in outs if o.finished)
-    wall = time.perf_counter() - start
-    del engine.runner.run  # the method again
-    outputs = [tokens[f"mixed-{i}"] for i in range(len(requests))]
-    prompt_tokens = sum(len(p) for p, _ in requests)
-    output_tokens = sum(len(o) for o in outputs)
-    for k in kinds.values():
-        k["host_seconds"] = k["seconds"] - k["runner_seconds"]
-        k["ms_per_step"] = 1e3 * k["seconds"] / k["steps"] if k["steps"] else 0.0
-        k["host_ms_per_step"] = 1e3 * k["host_seconds"] / k["steps"] if k["steps"] else 0.0
-    steps = sum(k["steps"] for k in kinds.values())
-    host = sum(k["host_seconds"] for k in kinds.values())
-    return {"num_requests": len(requests), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-            "wall_s": wall, "requests_per_s": len(requests) / wall, "output_tokens_per_s": output_tokens / wall,
-            "total_tokens_per_s": (prompt_tokens + output_tokens) / wall,
-            "steps": steps, "prefill_steps": kinds["prefill"]["steps"], "decode_steps": kinds["decode"]["steps"],
-            "prefill": kinds["prefill"], "decode": kinds["decode"],
-            "host_s": host, "host_ms_per_step": 1e3 * host / steps if steps else 0.0,
-            # adding the requests and the loop itself: the wall time that is in no step
-            "outside_steps_s": wall - sum(k["seconds"] for k in kinds.values()),
-            "preemptions": engine.scheduler.num_preemptions - preempted_before,
-            "output_checksum": output_checksum(outputs)}
-
-
-def output_checksum(outputs: list[list[int]]) -> str:
-    """SHA-256 of every output token id, request by request in submission order."""
-    h = hashlib.sha256()
-    for ids in outputs:
-        h.update(json.dumps(ids).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
-
-
-def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs) -> dict:
-    """transformers' DeepseekV2ForCausalLM sharing our weight tensors (same layout, no copy)."""
-    from transformers import DeepseekV2Config
-    from transformers import DeepseekV2ForCausalLM as HFModel
-    cfg = a.to_hf_config()
-    rs = cfg.pop("rope_scaling")
-    cfg["rope_parameters"] = ({"rope_type": "yarn", "rope_theta": a.rope_theta,
-                               **{k: v for k, v in rs.items() if k != "type"}} if rs else
-                              {"rope_type": "default", "rope_theta": a.rope_theta})
-    hf_cfg = DeepseekV2Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "ep_size",
-                                                                            "scoring_func", "seq_aux", "aux_loss_alpha",
-                                                                            "moe_layer_freq", "torch_dtype")})
-    with torch.device("meta"):
-        hf = HFModel(hf_cfg)
-    ours = dict(model.named_parameters())
-    for name, _ in list(hf.named_parameters()):
-        module_name, _, attr = name.rpartition(".")
-        setattr(hf.get_submodule(module_name), attr, torch.nn.Parameter(ours[name], requires_grad=False))
-    hf.model.rotary_emb.to_empty(device=model.device)
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[hf_cfg.rope_parameters["rope_type"]](hf_cfg, model.device) \
-        if hf_cfg.rope_parameters["rope_type"] != "default" else (model.model.rotary_emb.inv_freq, 1.0)
-    hf.model.rotary_emb.inv_freq = inv_freq.to(model.device)
-    hf.model.rotary_emb.original_inv_freq = inv_freq.to(model.device)
-    hf.eval()
-    res, dev = {}, model.device
-
-    def generate(batch, new_tokens, length):
-        ids = torch.tensor(random_prompts(batch, length, a.vocab_size, 7), device=dev)
-        sync(dev)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        sync(dev)
-        return time.perf_counter() - t
-
-    generate(1, 2, 32)  # warm up
-    for b in [int(x) for x in args.hf_batch_sizes.split(",")]:
-        one = generate(b, 1, args.prompt_len)
-        full = generate(b, args.hf_output_len + 1, args.prompt_len)
-        per_step = (full - one) / args.hf_output_len
-        res[f"decode_b{b}"] = {"ms_per_step": 1e3 * per_step, "tokens_per_s": b / per_step}
-    ids = torch.tensor(random_prompts(1, args.prefill_len, a.vocab_size, 9), device=dev)
-    with torch.inference_mode():
-        hf(ids[:, :64])
-        sync(dev)
-        t = time.perf_counter()
-        hf(ids, logits_to_keep=1)
-        sync(dev)
-    res["prefill"] = {"prompt_len": args.prefill_len, "tokens_per_s": args.prefill_len / (time.perf_counter() - t)}
-    res["experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
-    return res
-
-
 def run(args) -> None:
     config = engine_config(args)  # a refused value fails here, before the minutes of measuring
     mixed = W.from_args(args) if args.workload == "mixed" else None  # (a bad distribution fails here too)
@@ -379,7 +246,8 @@ def run(args) -> None:
                              "max_model_len": engine.max_model_len,
                              "enable_prefix_caching": config.enable_prefix_caching}
         results["mixed_workload"] = mixed.describe()
-        results["mixed"] = bench_mixed(engine, mixed)
+        results["mixed"] = bench_mixed(engine, mixed, lambda: run_requests(engine, random_prompts(
+            2, WARMUP_LEN, engine.model.args.vocab_size, 0), 8))
     else:
         results["ceilings"] = {"copy_GBps": ceil.bandwidth / 1e9, "matmul_TFLOPs": ceil.flops / 1e12}
         results["ours"] = bench_engine(engine, a, args, ceil)
@@ -390,44 +258,12 @@ def run(args) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        results["hf"] = bench_hf(model, args, a)
+        from .bench_hf import bench_hf
+        results["hf"] = bench_hf(model, args, a, random_prompts)
     print(format_mixed(results) if mixed else format_results(results, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-def title(r: dict) -> str:
-    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {r['dtype']}"
-
-
-def format_mixed(r: dict) -> str:
-    m, w, e = r["mixed"], r["mixed_workload"], r["engine"]
-    p, d = m["prefill"], m["decode"]
-
-    def dist(x: dict) -> str:
-        return f"log-normal median {x['median']:g} sigma {x['sigma']:g} in [{x['min']}, {x['max']}]"
-
-    return "\n".join([
-        title(r),
-        f"mixed workload: {m['num_requests']} requests submitted together (seed {w['seed']}), greedy, ignore_eos; "
-        f"prompts {dist(w['prompt_len'])} ({m['prompt_tokens']:,} tokens), outputs {dist(w['output_len'])} "
-        f"({m['output_tokens']:,} tokens); max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
-        f"{e['max_num_batched_tokens']:,}; engine start-up {r['engine_startup_s']:.1f} s",
-        "| figure | value |", "|---|---|",
-        f"| wall time | {m['wall_s']:.2f} s |",
-        f"| requests/s | {m['requests_per_s']:.2f} |",
-        f"| output tokens/s | {m['output_tokens_per_s']:,.0f} |",
-        f"| total tokens/s (prompt + output) | {m['total_tokens_per_s']:,.0f} |",
-        f"| steps: holding a prefill / decode-only | {m['steps']:,}: {p['steps']:,} / {d['steps']:,} |",
-        f"| time in steps holding a prefill | {p['seconds']:.2f} s, {p['ms_per_step']:.2f} ms/step |",
-        f"| time in decode-only steps | {d['seconds']:.2f} s, {d['ms_per_step']:.2f} ms/step |",
-        f"| host time outside the model runner | {m['host_s']:.2f} s ({m['host_s'] / m['wall_s']:.0%} of the wall), "
-        f"{m['host_ms_per_step']:.2f} ms/step ({p['host_ms_per_step']:.2f} in prefill steps, "
-        f"{d['host_ms_per_step']:.2f} in decode-only) |",
-        f"| wall time in no step (adding requests, the loop) | {m['outside_steps_s']:.3f} s |",
-        f"| preemptions | {m['preemptions']} |",
-        f"| greedy output checksum | {m['output_checksum']} |"])
 
 
 def format_results(r: dict, args) -> str:

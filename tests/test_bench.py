@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from deepseek_v2 import workload as W
-from deepseek_v2.bench import output_checksum
+from deepseek_v2.bench_mixed import output_checksum
 
 CLI = [sys.executable, "-m", "deepseek_v2.cli"]
 
