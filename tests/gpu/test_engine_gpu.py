@@ -57,16 +57,28 @@ def test_gpu_greedy_equals_cpu_reference(changes, tmp_path):
     assert run(eager, prompts, params) == ref
 
 
-def test_bf16_graphs_match_eager():
+def test_bf16_decode_graph_equals_the_eager_step():
+    """A bf16 decode step replayed from its captured graph gives the logits of the same step run eagerly:
+    same kernels on the same inputs (the graph pads the batch and picks the split count for the longest
+    context, so the fp32 sums may be ordered differently: a bf16-sized difference, no more). Compared on
+    one step's logits: greedy tokens of a random bf16 model over many steps diverge at the first near-tie."""
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=1).to(torch.bfloat16)
     tok = Tokenizer.from_pretrained(TOKENIZER)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 100, 250)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    a = run(LLMEngine(model, tok, EngineConfig(block_size=64, max_num_seqs=4)), prompts, params)
-    b = run(LLMEngine(model, tok, EngineConfig(block_size=64, max_num_seqs=4, enforce_eager=True)), prompts, params)
-    agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
-    assert agree > 0.9, agree
+    engine = LLMEngine(model, tok, EngineConfig(block_size=64, max_num_seqs=4, num_kv_blocks=64))
+    assert engine.runner.graphs, "CUDA graphs were not captured"
+    for i, n in enumerate((7, 100, 250)):
+        engine.add_request(str(i), torch.randint(2, 512, (n,), generator=g).tolist(),
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # the prefills
+    step = engine.runner.prepare_inputs(engine.scheduler.schedule())
+    assert step.forward.decode_only and len(step.items) == 3
+    replayed = engine.runner.forward(step.forward).clone()
+    graphs, engine.runner.graphs = engine.runner.graphs, {}
+    eager = engine.runner.forward(step.forward)
+    engine.runner.graphs = graphs
+    assert ((replayed - eager).norm() / eager.norm()).item() < 1e-2
+    assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
 
 
 def test_triton_equals_reference_on_the_gpu(tmp_path):
