@@ -200,16 +200,17 @@ class ModelRunner:
                 step.sample_rows[k] = len(f.logit_rows)
                 f.logit_rows.append(offset + n - 1)
             offset += n
+        decode_ids, decode_pos, decode_slots = (np.asarray(x, dtype=np.int64) for x in (decode_ids, decode_pos,
+                                                                                       decode_slots))
         if key_slots:
             new = [slots[-q:] for slots, q in zip(key_slots, f.prefill_query_lens)]  # the new tokens' slots
             f.prefill_key_slots = np.concatenate(key_slots)
-            f.input_ids = np.concatenate([np.concatenate(prefill_ids), decode_ids])
+            f.input_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in prefill_ids] + [decode_ids])
             f.positions = np.concatenate([np.arange(k - q, k) for q, k in zip(f.prefill_query_lens, f.prefill_key_lens)]
                                          + [decode_pos])
             f.slots = np.concatenate(new + [decode_slots])
         else:
-            f.input_ids, f.positions, f.slots = (np.asarray(x, dtype=np.int64) for x in (decode_ids, decode_pos,
-                                                                                     decode_slots))
+            f.input_ids, f.positions, f.slots = decode_ids, decode_pos, decode_slots
         f.decode_only = not f.prefill_query_lens and not step.prompt_rows
         return step
 
