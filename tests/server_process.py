@@ -18,14 +18,16 @@ def read(path: str) -> str:
         return f.read()
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str, str]:
+def start_server(*args: str, script: str | None = None) -> tuple[subprocess.Popen, str, str]:
     """A server with the bundled model (fp32, CPU) on a free port, once /health answers 200;
-    returns (process, base URL, log path). Extra CLI arguments come after the defaults."""
+    returns (process, base URL, log path). Extra CLI arguments come after the defaults. `script`:
+    a file under tests/ to run instead of the serve command (one that injects faults, say)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"deepseek_v2_server_{port}.log")
-    cmd = [sys.executable, "-m", "deepseek_v2.server.cli", "--port", str(port), "--dtype", "float32",
+    entry = ["-m", "deepseek_v2.server.cli"] if script is None else [os.path.join(ROOT, "tests", script)]
+    cmd = [sys.executable, *entry, "--port", str(port), "--dtype", "float32",
            "--device", "cpu", "--log-level", "warning", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # a small model: one thread, no contention with pytest
     with open(log, "w") as out:
