@@ -20,7 +20,7 @@ from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
 from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.sampling_params import SamplingParams
-from server_process import read, start_server
+from server_process import metric, read, start_server, total, wait_until_idle
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -47,23 +47,6 @@ def server():
 @pytest.fixture(scope="module")
 def url(server):
     return server[1]
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f"deepseek_v2:{name}{{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
-def wait_until_idle(url: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (metric(url, "num_requests_running") == 0 and metric(url, "num_requests_waiting") == 0
-                and metric(url, "kv_cache_free_blocks") == metric(url, "kv_cache_total_blocks")):
-            return
-        time.sleep(0.05)
-    raise AssertionError("requests still hold cache blocks: " + httpx.get(url + "/metrics").text)
 
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -262,25 +245,17 @@ def test_disconnect_mid_stream_frees_blocks(url):
     assert httpx.post(url + C, json=OK_BODY).status_code == 200
 
 
-def counter(url: str, selector: str) -> float:
-    """The value of the series whose labels contain `selector` (0 if there is none yet)."""
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if selector in line and not line.startswith("#"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_disconnect_non_streaming_frees_blocks_without_an_error(server):
     _, url, log = server
     generated = metric(url, "generation_tokens_total")
-    closed, aborted = counter(url, 'status="499"'), counter(url, 'finished_reason="abort"')
+    closed, aborted = total(url, 'status="499"'), total(url, 'finished_reason="abort"')
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + C, json={"prompt": "long", "max_tokens": MAX_LEN - 20, "ignore_eos": True}, timeout=0.3)
     wait_until_idle(url, timeout=3)
     assert metric(url, "generation_tokens_total") - generated < MAX_LEN - 20
     # counted as a client that went away and an aborted sequence; no 500, no traceback in the log
-    assert counter(url, 'status="499"') == closed + 1 and counter(url, 'finished_reason="abort"') == aborted + 1
-    assert counter(url, 'status="500"') == 0 and "Traceback" not in read(log)
+    assert total(url, 'status="499"') == closed + 1 and total(url, 'finished_reason="abort"') == aborted + 1
+    assert total(url, 'status="500"') == 0 and "Traceback" not in read(log)
 
 
 # ---- in-process: AsyncLLMEngine and a dying engine -----------------------------------------------
