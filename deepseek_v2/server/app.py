@@ -38,6 +38,7 @@ from .replies import ChatReply, CompletionReply
 logger = logging.getLogger("deepseek_v2")
 STATIC = Path(__file__).parent / "static"
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only the metrics see it
+REFUSALS = (EngineOverloadedError, EngineDeadError, EngineNotReadyError)
 
 
 @dataclass(frozen=True)
@@ -215,15 +216,21 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         except InvalidRequestError as e:
             raise body.invalid(e) from None
 
+    def refusal(e: Exception) -> APIError:
+        """The engine's refusal of a new request (one of REFUSALS), as the client's 503."""
+        if isinstance(e, EngineOverloadedError):
+            return APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"})
+        if isinstance(e, EngineDeadError):
+            return APIError(503, str(e), code="engine_dead")
+        return APIError(503, str(e), code="not_ready", headers={"Retry-After": "5"})
+
     def submit(body, prompt_ids: list[int], params, request_id: str, group: str) -> AsyncIterator:
         try:
             return engine.generate(prompt_ids, params, request_id, group=group)
         except InvalidRequestError as e:
             raise body.invalid(e) from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from None
-        except EngineNotReadyError as e:
-            raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from None
+        except REFUSALS as e:
+            raise refusal(e) from None
 
     def abort_all(request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -243,10 +250,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         reply = await off_loop(body, reply_cls, body, names[0], core.tokenizer, prompts)
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
         try:
-            engine.check_room(len(prompts) * body.n)
-            outputs = merge([submit(body, ids, params, rid, reply.id) for (_, ids), rid in zip(prompts, rids)])
+            engine.check_room(len(prompts) * body.n)  # all the request's prompts are accepted, or none
         except EngineOverloadedError as e:
-            raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+            raise refusal(e) from None
+        try:
+            outputs = merge([submit(body, ids, params, rid, reply.id) for (_, ids), rid in zip(prompts, rids)])
         except APIError:
             abort_all(rids)  # give back the places the earlier prompts took
             raise

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     limits = Limits(max_body_bytes=int(args.max_request_body_mib * 2**20), body_timeout=args.request_body_timeout,
                     max_prompts=args.max_prompts_per_request, max_choices=args.max_choices_per_request)
     app = build_app(engine, names, keys, model_path=model, limits=limits)
-    drains: list[asyncio.Task] = []
+    drains: list[asyncio.Task] = []  # keeps the drain's task referenced until it ends
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
                 log.error("the engine failed and cannot serve: %r; shutting down", watch.result())
                 server.should_exit = True
             watch.cancel()
-        await task  # could not start (port in use, ...): uvicorn has said why and exits
+        await task  # stopped, or could not start (port in use, ...): uvicorn has said why
         if engine.is_dead:
             raise EngineDeadError(f"the engine died: {engine.error!r}")
 
