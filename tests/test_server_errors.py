@@ -16,9 +16,7 @@ import time
 import httpx
 import pytest
 
-from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
-from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.sampling_params import SamplingParams
 from server_process import metric, read, start_server, total, wait_until_idle
 
@@ -259,18 +257,8 @@ def test_disconnect_non_streaming_frees_blocks_without_an_error(server):
 
 
 # ---- in-process: AsyncLLMEngine and a dying engine -----------------------------------------------
-@pytest.fixture(scope="module")
-def core():
-    return LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=64)
-
-
-def fresh(core, **knobs) -> LLMEngine:
-    """Another engine over the same weights (own cache and queues)."""
-    return LLMEngine(core.model, core.tokenizer, EngineConfig(num_kv_blocks=64, **knobs))
-
-
-def test_async_engine(core):
-    engine = fresh(core, max_waiting_requests=3)
+def test_async_engine(tiny_engine):
+    engine = tiny_engine(max_waiting_requests=3)
     greedy = SamplingParams(temperature=0, max_tokens=8)
 
     async def main():
@@ -313,7 +301,7 @@ def test_async_engine(core):
         return texts
 
     texts = asyncio.run(main())
-    offline = fresh(core)
+    offline = tiny_engine()
     for i, text in enumerate(texts):
         offline.add_request(str(i), f"prompt {i}", greedy)
     done = {}
@@ -329,12 +317,12 @@ async def collect(a: AsyncLLMEngine, prompt, params, rid) -> str:
     return text
 
 
-def test_engine_death_fails_requests_and_health(core):
+def test_engine_death_fails_requests_and_health(tiny_engine):
     from fastapi.testclient import TestClient
 
     from deepseek_v2.server.app import build_app
 
-    engine = fresh(core)
+    engine = tiny_engine()
     original, calls = engine.step, []
 
     def flaky_step():

@@ -16,7 +16,6 @@ import httpx
 import pytest
 import torch
 
-from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine
 from deepseek_v2.engine.llm_engine import LLMEngine, StepError
 from deepseek_v2.engine.workers import WorkerError
@@ -31,16 +30,6 @@ C = "/v1/completions"
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def core():
-    return LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=64)
-
-
-def fresh(core, **knobs) -> LLMEngine:
-    """Another engine over the same weights (own cache and queues)."""
-    return LLMEngine(core.model, core.tokenizer, EngineConfig(**{"num_kv_blocks": 64, **knobs}))
-
-
 def run_all(engine: LLMEngine) -> dict[str, list[int]]:
     done = {}
     while engine.has_unfinished_requests():
@@ -49,8 +38,8 @@ def run_all(engine: LLMEngine) -> dict[str, list[int]]:
 
 
 # ---- the engine ------------------------------------------------------------------------------------
-def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(core):
-    engine = fresh(core, max_num_seqs=2)  # "c" waits while "a" and "b" run
+def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(tiny_engine):
+    engine = tiny_engine(max_num_seqs=2)  # "c" waits while "a" and "b" run
     for rid, prompt in (("a", "first prompt"), ("b", "second prompt"), ("c", "third prompt")):
         engine.add_request(rid, prompt, GREEDY)
     engine.step()
@@ -72,7 +61,7 @@ def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(core):
     assert bm.num_free_blocks == bm.num_blocks
     engine.add_request("d", "first prompt", GREEDY)
     outputs = run_all(engine)
-    alone = fresh(core)
+    alone = tiny_engine()
     alone.add_request("c", "third prompt", GREEDY)
     alone.add_request("d", "first prompt", GREEDY)
     assert outputs == run_all(alone)  # the survivors and later requests are served as if nothing happened
@@ -87,8 +76,8 @@ def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(core):
         engine.step()
 
 
-def test_a_small_request_is_not_starved_behind_a_big_one(core):
-    engine = fresh(core, max_num_seqs=4, num_kv_blocks=256)
+def test_a_small_request_is_not_starved_behind_a_big_one(tiny_engine):
+    engine = tiny_engine(max_num_seqs=4, num_kv_blocks=256)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     order: list[str] = []
 
@@ -115,12 +104,12 @@ def test_a_small_request_is_not_starved_behind_a_big_one(core):
 
 
 # ---- the app in-process ----------------------------------------------------------------------------
-def test_tokenizing_does_not_hold_the_event_loop_and_framework_errors_are_counted(core):
+def test_tokenizing_does_not_hold_the_event_loop_and_framework_errors_are_counted(tiny_engine):
     from fastapi.testclient import TestClient
 
     from deepseek_v2.server.app import build_app
 
-    engine = fresh(core)
+    engine = tiny_engine()
     tok = engine.tokenizer
     encode, started = tok.encode, threading.Event()
 
