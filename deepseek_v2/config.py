@@ -302,8 +302,9 @@ class EngineConfig:
     cpu_kv_cache_gib: float = _knob(1.0, "cache budget on CPU, in GiB")
     num_kv_blocks: int | None = _knob(None, "fix the number of cache blocks, overriding the budgets "
                                             "(default: as many as the budget holds)")
-    max_waiting_requests: int | None = _knob(None, "the server answers 503 with Retry-After when this many "
-                                                   "requests are waiting (default: no limit)")
+    max_waiting_requests: int | None = _knob(None, "sequences (prompts x n) that may wait: the server answers 503 "
+                                                   "with Retry-After to a request that would go over, 400 to one "
+                                                   "larger than this (default: no limit)")
     seed: int = _knob(0, "seed of the sampler for requests without a seed of their own")
     tensor_parallel_size: int = _knob(1, "processes (GPUs) the model is split over: heads, experts, MLP "
                                             "columns and vocabulary (docs/parallel.md)", short="-tp")

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy
+# Sample i of a seeded request draws from seed + i, and a torch generator takes any 64-bit seed: the
+# headroom keeps seed + i a 64-bit integer for every n (and both bounds are exact as JSON numbers).
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 2**16
 
 
 class InvalidRequestError(ValueError):
@@ -18,6 +21,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt (with the output asked for) does not fit in the context length."""
 
 
 @dataclass
@@ -83,8 +90,8 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         check(all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "stop_token_ids must be non-negative integers")
-        check(self.seed is None or (integer(self.seed) and -2**63 <= self.seed < 2**63 - 2**16), "seed",
-              f"seed must be a 64-bit integer, got {self.seed!r}")
+        check(self.seed is None or (integer(self.seed) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+              f"seed must be an integer in [-2^63, 2^63 - 2^16], got {self.seed!r}")
         check(self.detokenize or not self.stop, "stop", "stop strings need detokenize=True")
 
     @property

@@ -147,12 +147,21 @@ class Tokenizer:
         return [self._tok.token_to_id(t) for t in tokens]
 
     # --- text <-> ids ---------------------------------------------------------------------------------------------
+    # The batch calls of `tokenizers` release the GIL and the single ones do not: a long input goes
+    # through them so that a thread tokenizing it (the server's) does not stall the other threads.
+    # Short ones keep the single calls: giving the GIL back and waiting for it costs more than they do.
+    _RELEASE_GIL_FROM = 4096  # characters or ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with add_special_tokens the BOS (and EOS) the config asks for are added."""
+        if len(text) >= self._RELEASE_GIL_FROM:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+        if len(ids) >= self._RELEASE_GIL_FROM:
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,

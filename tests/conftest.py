@@ -68,6 +68,17 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """A factory of engines over the bundled model's weights (float32, CPU), each with its own cache
+    and queues: tiny_engine(max_num_seqs=2) (64 cache blocks unless told)."""
+    from deepseek_v2.config import EngineConfig
+    from deepseek_v2.engine.llm_engine import LLMEngine
+
+    core = LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=64)
+    return lambda **knobs: LLMEngine(core.model, core.tokenizer, EngineConfig(**{"num_kv_blocks": 64, **knobs}))
+
+
 KERNEL_MODULES = ("activation", "mla_decode", "mla_prepare", "moe", "norm", "router")
 
 

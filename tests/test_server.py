@@ -198,6 +198,24 @@ def test_echo_prompt_logprobs_equal_log_softmax(client, llm):
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == n
 
 
+def test_echo_text_offsets_index_the_returned_text(client, llm):
+    """text_offset[i] is where token i starts in the returned text, streamed or not; special tokens
+    are not in the text and take no room (the BOS the tokenizer put before a text prompt, the BOS
+    and EOS this random model generates)."""
+    specials = {llm.tokenizer.decode([t]) for t in llm.tokenizer.all_special_ids}
+    kw = dict(model="tiny", prompt="Offsets of echoed tokens", max_tokens=8, logprobs=0, echo=True, **GREEDY,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+    text, lp = plain.text, plain.logprobs
+    assert text.startswith("Offsets of echoed tokens") and lp.tokens[0] in specials
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+    assert "".join(c.text for c in chunks) == text
+    ends = lp.text_offset[1:] + [len(text)]
+    for token, offset, end in zip(lp.tokens, lp.text_offset, ends):
+        assert text[offset:end] == ("" if token in specials else token)
+
+
 # ---- keys, service routes, metrics -------------------------------------------------------------
 def test_api_keys(server):
     good = openai.OpenAI(base_url=server + "/v1", api_key=KEYS[1], max_retries=0)
@@ -211,7 +229,8 @@ def test_api_keys(server):
     assert httpx.get(server + "/health").status_code == 200  # only /v1 is protected
     metrics = httpx.get(server + "/metrics").text
     assert 'deepseek_v2:api_key_completion_tokens_total{model_name="tiny",api_key="key-2"} 2' in metrics
-    assert 'api_key="unauthorized",status="401"' in metrics
+    assert 'api_key="unauthorized",handler="/v1/completions",status="401"' in metrics
+    assert 'api_key="anonymous",handler="/health",status="200"' in metrics  # every response is counted
 
 
 def test_service_routes(server):

@@ -1,23 +1,24 @@
 # Run: python -m pytest -q tests/test_server_errors.py   (starts a server subprocess; the last test drains it)
 """Bad input never harms the server: each malformed request gets a 4xx with the OpenAI error body
-naming the field, and the next request succeeds. Also: the queue limit (503 + Retry-After), client
-disconnects freeing cache blocks, engine death (in-process), AsyncLLMEngine itself, and SIGTERM drain."""
+naming the field, and the next request succeeds. Also: the limits on a request's size (body, prompts,
+choices, the waiting queue), a huge prompt refused while streams and /health go on, slow bodies,
+client disconnects freeing cache blocks and counted, engine death (in-process), AsyncLLMEngine itself,
+and SIGTERM drain."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
+import socket
 import time
 
 import httpx
 import pytest
 
-from deepseek_v2.config import EngineConfig
 from deepseek_v2.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
-from deepseek_v2.engine.llm_engine import LLMEngine
 from deepseek_v2.sampling_params import SamplingParams
-from server_process import start_server
+from server_process import metric, read, start_server, total, wait_until_idle
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -27,14 +28,15 @@ pytest.importorskip("uvicorn")
 MAX_LEN = 512
 OK_BODY = {"prompt": "hello", "max_tokens": 2}
 MSG = [{"role": "user", "content": "hi"}]
+LIMITS = ("--max-waiting-requests", "6", "--max-prompts-per-request", "8", "--max-choices-per-request", "16",
+          "--request-body-timeout", "1")
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url, _ = start_server("--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", str(MAX_LEN),
-                                "--max-num-seqs", "4", "--max-waiting-requests", "4",
-                             "--shutdown-timeout", "20")
-    yield proc, url
+    proc, url, log = start_server("--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", str(MAX_LEN),
+                                  "--max-num-seqs", "4", "--shutdown-timeout", "20", *LIMITS)
+    yield proc, url, log
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -43,23 +45,6 @@ def server():
 @pytest.fixture(scope="module")
 def url(server):
     return server[1]
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f"deepseek_v2:{name}{{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
-
-
-def wait_until_idle(url: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (metric(url, "num_requests_running") == 0 and metric(url, "num_requests_waiting") == 0
-                and metric(url, "kv_cache_free_blocks") == metric(url, "kv_cache_total_blocks")):
-            return
-        time.sleep(0.05)
-    raise AssertionError("requests still hold cache blocks: " + httpx.get(url + "/metrics").text)
 
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -97,6 +82,19 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     (C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     (C, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     (C, {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    (C, {"prompt": "hi", "seed": 2**63 - 2**16 + 1}, 400, "seed"),  # seed + i of the n samples must fit 64 bits
+    (C, {"prompt": "hi", "stream": "on"}, 400, "stream"),  # strict types, as OpenAI's
+    (C, {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    (C, {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "temperature": "0"}, 400, "temperature"),
+    (C, {"prompt": "hi", "n": 2.0}, 400, "n"),
+    (C, {"prompt": [1, True]}, 400, "prompt"),
+    (C, {"prompt": ["p"] * 9}, 400, "prompt"),  # --max-prompts-per-request 8
+    (C, {"prompt": "hi", "n": 17}, 400, "n"),  # --max-choices-per-request 16
+    (C, {"prompt": ["p"] * 4, "n": 2}, 400, "n"),  # 8 sequences could never wait: --max-waiting-requests 6
+    (C, {"prompt": ["p"] * 7}, 400, "prompt"),
+    (CHAT, {"messages": MSG, "n": 7}, 400, "n"),
+    (C, {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     (C, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (C, {"prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
@@ -114,8 +112,11 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "model"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": MSG, "logprobs": 1}, 400, "logprobs"),
     ("/detokenize", {"tokens": [99999]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", {"prompt": "x" * 100_000}, 400, "prompt"),  # it could not fit the context: not tokenized
 ]
 
 
@@ -141,6 +142,12 @@ def test_other_bad_requests(url):
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(url + C, json={**OK_BODY, "max_tokens": MAX_LEN})
     assert r.json()["error"]["code"] == "context_length_exceeded" and str(MAX_LEN) in r.json()["error"]["message"]
+    for body in ({"prompt": [7] * MAX_LEN, "max_tokens": None}, {"prompt": "x" * 100_000},  # no room; too long
+                 {"messages": [{"role": "user", "content": "hi " * 400}]}):
+        r = httpx.post(url + (CHAT if "messages" in body else C), json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    r = httpx.post(url + C, json={**OK_BODY, "seed": 2**63 - 2**16})  # the largest seed the message names
+    assert r.status_code == 200, r.text
     assert httpx.post(url + C, json={**OK_BODY, "unknown_field": 1}).status_code == 200  # ignored, as vLLM does
     assert httpx.post(url + C, json={"prompt": "hi", "max_tokens": 2, "stream": True}).status_code == 200
     wait_until_idle(url)
@@ -159,6 +166,67 @@ def test_queue_limit_answers_503_with_retry_after(url):
     assert refused.headers["retry-after"] and refused.json()["error"]["code"] == "queue_full"
     wait_until_idle(url)
     assert httpx.post(url + C, json=OK_BODY).status_code == 200
+    # the largest request that can wait is accepted on an idle server (6 sequences: prompts x n)
+    assert httpx.post(url + C, json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_huge_prompts_are_refused_quickly_while_streams_and_health_go_on(url):
+    """A 10 MB body (past --max-request-body-mib) and a 2 MB prompt (within it, but more characters
+    than the context can hold): refused before any tokenizing, while a stream keeps going."""
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            stamps = []
+
+            async def stream():
+                body = {"prompt": "keep going", "max_tokens": 300, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", C, json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line:
+                            stamps.append(time.monotonic())
+
+            async def health():
+                t0 = time.monotonic()
+                assert (await client.get("/health")).status_code == 200
+                return time.monotonic() - t0
+
+            task = asyncio.ensure_future(stream())
+            while len(stamps) < 3:
+                await asyncio.sleep(0.01)
+            huge = {"prompt": "word " * (2 * 2**20), "max_tokens": 4}  # 10 MiB of JSON
+            big = {"prompt": "word " * (2**20 // 2), "max_tokens": 4}  # 2.5 MiB
+            t0 = time.monotonic()
+            responses = await asyncio.gather(client.post(C, json=huge), client.post(C, json=big),
+                                             client.post("/tokenize", json={"prompt": big["prompt"]}), health())
+            t1 = time.monotonic()
+            await task
+            return responses, t1 - t0, stamps
+
+    (huge, big, tokenize, health_s), took, stamps = asyncio.run(main())
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    for r in (big, tokenize):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert health_s < 1.0 and took < 5.0
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0  # the stream never stalled
+
+
+def test_body_limits_and_slow_bodies(url):
+    def chunks():  # no Content-Length: the limit applies as the bytes arrive
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 2**19
+        yield b'"}'
+
+    r = httpx.post(url + C, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # half a body, then silence
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        answer = b""
+        while chunk := s.recv(4096):  # the server answers and closes (--request-body-timeout 1)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer
+    assert httpx.post(url + C, json=OK_BODY).status_code == 200
 
 
 def test_disconnect_mid_stream_frees_blocks(url):
@@ -175,27 +243,22 @@ def test_disconnect_mid_stream_frees_blocks(url):
     assert httpx.post(url + C, json=OK_BODY).status_code == 200
 
 
-def test_disconnect_non_streaming_frees_blocks(url):
+def test_disconnect_non_streaming_frees_blocks_without_an_error(server):
+    _, url, log = server
     generated = metric(url, "generation_tokens_total")
+    closed, aborted = total(url, 'status="499"'), total(url, 'finished_reason="abort"')
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + C, json={"prompt": "long", "max_tokens": MAX_LEN - 20, "ignore_eos": True}, timeout=0.3)
     wait_until_idle(url, timeout=3)
     assert metric(url, "generation_tokens_total") - generated < MAX_LEN - 20
+    # counted as a client that went away and an aborted sequence; no 500, no traceback in the log
+    assert total(url, 'status="499"') == closed + 1 and total(url, 'finished_reason="abort"') == aborted + 1
+    assert total(url, 'status="500"') == 0 and "Traceback" not in read(log)
 
 
 # ---- in-process: AsyncLLMEngine and a dying engine -----------------------------------------------
-@pytest.fixture(scope="module")
-def core():
-    return LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=64)
-
-
-def fresh(core, **knobs) -> LLMEngine:
-    """Another engine over the same weights (own cache and queues)."""
-    return LLMEngine(core.model, core.tokenizer, EngineConfig(num_kv_blocks=64, **knobs))
-
-
-def test_async_engine(core):
-    engine = fresh(core, max_waiting_requests=3)
+def test_async_engine(tiny_engine):
+    engine = tiny_engine(max_waiting_requests=3)
     greedy = SamplingParams(temperature=0, max_tokens=8)
 
     async def main():
@@ -228,12 +291,17 @@ def test_async_engine(core):
         for i in range(3):  # never started: abort() gives the places back
             a.abort(f"w{i}")
         assert a.stats()["num_waiting"] == 0
+        a.generate("x", SamplingParams(n=2, max_tokens=2), "n2")  # a request of n samples holds n places
+        with pytest.raises(EngineOverloadedError):
+            a.generate("x", SamplingParams(n=2, max_tokens=2), "n2-over")
+        a.abort("n2")
+        assert a.stats()["num_waiting"] == 0
         assert [o async for o in its[0]] == []
         await a.shutdown()
         return texts
 
     texts = asyncio.run(main())
-    offline = fresh(core)
+    offline = tiny_engine()
     for i, text in enumerate(texts):
         offline.add_request(str(i), f"prompt {i}", greedy)
     done = {}
@@ -249,12 +317,12 @@ async def collect(a: AsyncLLMEngine, prompt, params, rid) -> str:
     return text
 
 
-def test_engine_death_fails_requests_and_health(core):
+def test_engine_death_fails_requests_and_health(tiny_engine):
     from fastapi.testclient import TestClient
 
     from deepseek_v2.server.app import build_app
 
-    engine = fresh(core)
+    engine = tiny_engine()
     original, calls = engine.step, []
 
     def flaky_step():
@@ -278,7 +346,7 @@ def test_engine_death_fails_requests_and_health(core):
 
 def test_sigterm_drains_running_requests(server):
     """Runs last: it stops the module's server."""
-    proc, url = server
+    proc, url, _ = server
     body = {"prompt": "drain", "max_tokens": 120, "ignore_eos": True, "stream": True}
     chunks, done = 0, False
     with httpx.stream("POST", url + C, json=body, timeout=30) as r:
@@ -299,4 +367,4 @@ def test_sigterm_drains_running_requests(server):
                 chunks += 1
                 last = json.loads(line[len("data: "):])
     assert done and last["choices"][0]["finish_reason"] == "length"
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+    assert proc.wait(30) == 0  # a clean drain is a clean exit

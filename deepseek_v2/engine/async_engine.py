@@ -6,8 +6,15 @@ keeps answering HTTP while the model runs and only one thread ever touches the e
 gets an asyncio queue of `RequestOutput`s; `generate` yields them and aborts the request when its
 caller stops listening (cancellation, `aclose`, a client that went away).
 
-States: loading (a `loader` is still building the engine), ready, draining (no new requests),
-dead (a step raised: every pending request fails with `EngineDeadError`, new ones are refused).
+Fair admission: requests wait here, in groups (one per API request), until the running batch has
+room, and are handed to the engine taking the groups in turn. So one API request of many prompts
+cannot keep the requests behind it waiting until all its prompts were scheduled (the engine's own
+queue is first come, first served); sequences already running are never preempted for fairness.
+
+States: loading (a `loader` is still building the engine), ready, draining (no new requests; after
+the grace period the rest fail with `RequestAbortedError`), dead (a fatal error: every pending
+request fails with `EngineDeadError`, new ones are refused). A step that fails in a way that harms
+only its own requests (`StepError`) fails those requests and the engine goes on.
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .llm_engine import LLMEngine
+from .llm_engine import LLMEngine, StepError
 
 logger = logging.getLogger("deepseek_v2")
 
@@ -38,6 +46,10 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is over `max_waiting_requests`; the caller should retry later."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The server shut down before the request finished (the drain's grace period ran out)."""
+
+
 _ABORTED = object()  # ends the iteration of a request aborted from outside
 
 
@@ -47,6 +59,7 @@ class _PendingAdd:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    group: str
 
 
 class AsyncLLMEngine:
@@ -57,10 +70,13 @@ class AsyncLLMEngine:
         self._loader = loader
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._streams: dict[str, asyncio.Queue] = {}
-        self._reserved: set[str] = set()  # accepted by generate(), iteration not started yet
-        self._adds: list[_PendingAdd] = []
+        self._reserved: dict[str, int] = {}  # accepted by generate(), iteration not started: id -> n
+        self._pending: dict[str, deque[_PendingAdd]] = {}  # group -> its requests not yet in the engine
+        self._pending_group: dict[str, str] = {}  # request id -> its group, while pending
+        self._num_held = 0  # sequences of the reserved and pending requests
         self._aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
+        self._died: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stats: dict = engine.stats() if engine is not None else {}
         self.error: BaseException | None = None
@@ -83,9 +99,15 @@ class AsyncLLMEngine:
 
     def stats(self) -> dict:
         """The engine's statistics as of the end of the last step (safe to read from any thread),
-        with requests accepted but not yet handed to the engine counted as waiting."""
-        waiting = self._stats.get("num_waiting", 0) + len(self._adds) + len(self._reserved)
-        return {**self._stats, "num_waiting": waiting}
+        with the sequences of requests accepted but not yet handed to the engine counted as waiting."""
+        return {**self._stats, "num_waiting": self._stats.get("num_waiting", 0) + self._num_held}
+
+    def check_room(self, num_seqs: int) -> None:
+        """Raise EngineOverloadedError if num_seqs more waiting sequences would go over
+        max_waiting_requests (a request of n samples is n sequences)."""
+        limit = self.engine.config.max_waiting_requests
+        if limit is not None and self.stats()["num_waiting"] + num_seqs > limit:
+            raise EngineOverloadedError(f"{limit} sequences may wait and this request would go over; retry later")
 
     def _check_accepting(self) -> None:
         if self.is_dead:
@@ -99,7 +121,7 @@ class AsyncLLMEngine:
     async def start(self) -> None:
         """Start the background loop (and the loading, with a loader) on the running event loop."""
         if self._task is None:
-            self._wakeup = asyncio.Event()
+            self._wakeup, self._died = asyncio.Event(), asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="engine-loop")
 
     async def wait_until_loaded(self) -> None:
@@ -109,14 +131,23 @@ class AsyncLLMEngine:
         if self.is_dead:
             raise EngineDeadError(f"the engine failed to load: {self.error!r}")
 
-    async def shutdown(self, grace_period: float = 0.0) -> None:
-        """Refuse new requests, let running ones finish for up to grace_period seconds, then fail the
-        rest and stop the loop."""
+    async def wait_until_dead(self) -> BaseException:
+        """Return the fatal error once the engine has died (after `start()`)."""
+        await self._died.wait()
+        return self.error
+
+    async def drain(self, grace_period: float) -> None:
+        """Refuse new requests, let running ones finish for up to grace_period seconds, then abort
+        the rest: their iterators raise RequestAbortedError and their blocks are freed."""
         self.draining = True
         deadline = time.monotonic() + grace_period
-        while self._streams and not self.is_dead and time.monotonic() < deadline:
+        while (self._streams or self._reserved) and not self.is_dead and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._fail_all(EngineDeadError("the server shut down"))
+        self._fail_all(RequestAbortedError("the request was aborted: the server is shutting down"))
+
+    async def shutdown(self, grace_period: float = 0.0) -> None:
+        """`drain`, then stop the loop."""
+        await self.drain(grace_period)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -138,31 +169,38 @@ class AsyncLLMEngine:
         return ids
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                 arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                 arrival_time: float | None = None, group: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequestError, EngineOverloadedError, EngineNotReadyError or
         EngineDeadError before anything is queued) and return an async iterator of the request's
         outputs. The request holds a place in the waiting queue from now on; it reaches the engine
         when iteration starts and is aborted when iteration stops early (call `abort` for an
         iterator you never start). Outputs that pile up while the caller is busy are merged into
-        one (deltas concatenated)."""
+        one (deltas concatenated). `group`: requests of one group take their turns as one (default:
+        the request alone), e.g. the prompts of one API request."""
         ids = self.encode_and_validate(prompt, params)
         if request_id in self._streams or request_id in self._reserved:
             raise ValueError(f"request id {request_id!r} is already in use")
-        limit = self.engine.config.max_waiting_requests
-        if limit is not None and self.stats()["num_waiting"] >= limit:
-            raise EngineOverloadedError(f"{limit} requests are already waiting; retry later")
-        self._reserved.add(request_id)
-        return self._iterate(request_id, ids, params, time.monotonic() if arrival_time is None else arrival_time)
+        self.check_room(params.n)
+        self._reserved[request_id] = params.n
+        self._num_held += params.n
+        add = _PendingAdd(request_id, ids, params, time.monotonic() if arrival_time is None else arrival_time,
+                          request_id if group is None else group)
+        return self._iterate(add)
 
-    async def _iterate(self, request_id: str, ids: list[int], params: SamplingParams,
-                       arrival_time: float) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, add: _PendingAdd) -> AsyncIterator[RequestOutput]:
+        request_id = add.request_id
         if request_id not in self._reserved:  # aborted before it started
             return
-        self._reserved.discard(request_id)
-        self._check_accepting()
+        try:
+            self._check_accepting()
+        except Exception:
+            self.abort(request_id)  # gives its places back
+            raise
+        del self._reserved[request_id]  # now pending: still held
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._adds.append(_PendingAdd(request_id, ids, params, arrival_time))
+        self._pending.setdefault(add.group, deque()).append(add)
+        self._pending_group[request_id] = add.group
         self._wakeup.set()
         finished = False
         try:
@@ -188,40 +226,51 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its cache blocks at the next step boundary (no-op if unknown);
         its iterator, if one is waiting, ends."""
-        self._reserved.discard(request_id)
+        self._num_held -= self._reserved.pop(request_id, 0)
         queue = self._streams.pop(request_id, None)
         if queue is None:  # unknown, finished or failed: nothing runs
             return
         queue.put_nowait(_ABORTED)
-        pending = [a for a in self._adds if a.request_id == request_id]
-        if pending:
-            self._adds.remove(pending[0])
+        self._stop(request_id)
+
+    def _stop(self, request_id: str) -> None:
+        """Take a request out of the pending groups, or have the engine abort it at the next step."""
+        group = self._pending_group.pop(request_id, None)
+        if group is not None:
+            queue = self._pending[group]
+            add = next(a for a in queue if a.request_id == request_id)
+            queue.remove(add)
+            self._num_held -= add.params.n
+            if not queue:
+                del self._pending[group]
         elif self.engine is not None and not self.is_dead:
             self._aborts.append(request_id)
             if self._wakeup is not None:
                 self._wakeup.set()
 
     def _fail_all(self, error: BaseException) -> None:
-        for queue in self._streams.values():
+        """Every request raises `error` and stops (a dead engine has nothing left to abort)."""
+        for request_id, queue in self._streams.items():
             queue.put_nowait(error)
+            self._stop(request_id)
         self._streams.clear()
-        self._adds.clear()
         self._reserved.clear()
+        self._num_held = 0
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             if self.engine is None:
-                self.engine = await loop.run_in_executor(self._executor, self._loader)
+                self.engine = await loop.run_in_executor(self._executor, self._load)
                 self._stats = self.engine.stats()
                 logger.info("engine ready")
             while True:
-                if not (self._adds or self._aborts or self.engine.has_unfinished_requests()):
+                if not (self._pending or self._aborts or self.engine.has_unfinished_requests()):
                     self._wakeup.clear()  # idle: sleep until a request arrives
                     await self._wakeup.wait()
                     continue
-                adds, self._adds = self._adds, []
+                adds = self._take_turns()
                 aborts, self._aborts = self._aborts, []
                 outputs, failed = await loop.run_in_executor(self._executor, self._step, adds, aborts)
                 for request_id, error in failed:
@@ -230,10 +279,34 @@ class AsyncLLMEngine:
                     self._deliver(out.request_id, out)
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # a failed step may leave the engine inconsistent: stop serving
+        except BaseException as e:  # the engine cannot serve on (is_fatal), or its bookkeeping failed
             logger.exception("the engine died")
             self.error = e
             self._fail_all(EngineDeadError(f"the engine died: {e!r}"))
+            self._died.set()
+
+    def _load(self) -> LLMEngine:
+        engine = self._loader()
+        engine.max_prompt_chars  # computed once here, not by the first request on the event loop
+        return engine
+
+    def _take_turns(self) -> list[_PendingAdd]:
+        """The pending requests to hand to the engine now: as many sequences as the running batch
+        has room for beside those already waiting in the engine, one request per group in turn."""
+        s = self._stats
+        room = self.engine.config.max_num_seqs - s.get("num_running", 0) - s.get("num_waiting", 0)
+        adds = []
+        while self._pending and room > 0:
+            group, queue = next(iter(self._pending.items()))
+            del self._pending[group]
+            add = queue.popleft()
+            if queue:
+                self._pending[group] = queue  # its next request waits for the other groups' turns
+            del self._pending_group[add.request_id]
+            self._num_held -= add.params.n
+            adds.append(add)
+            room -= add.params.n
+        return adds
 
     def _deliver(self, request_id: str, item) -> None:
         queue = self._streams.get(request_id)
@@ -250,7 +323,14 @@ class AsyncLLMEngine:
                 self.engine.enqueue(a.request_id, None, a.prompt_token_ids, a.params, arrival_time=a.arrival_time)
             except Exception as e:  # only this request fails
                 failed.append((a.request_id, e))
-        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        outputs = []
+        try:
+            if self.engine.has_unfinished_requests():
+                outputs = self.engine.step()
+        except StepError as e:  # the engine aborted the step's requests and serves on
+            logger.error("a step failed; its %d request(s) were aborted: %r", len(e.request_ids), e.cause,
+                         exc_info=e.cause)
+            failed += [(request_id, e) for request_id in e.request_ids]
         self._stats = self.engine.stats()
         return outputs, failed
 

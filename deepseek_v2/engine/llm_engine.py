@@ -4,11 +4,16 @@
 live), then queues one sequence per sample. Each `step()` schedules a batch, has the model runner
 run it (prepare inputs, forward, sample), then for every scheduled sequence advances its computed
 tokens and, when a token was sampled, appends it, detokenizes incrementally, applies the stop
-conditions and frees the sequence if it finished; it returns the outputs of the requests touched."""
+conditions and frees the sequence if it finished; it returns the outputs of the requests touched.
+
+A step that raises fails only the requests it ran: they are aborted (their blocks freed) and
+`StepError` names them, so the engine serves on. Errors that leave the device or the tensor-parallel
+group unusable (`is_fatal`) propagate as they are."""
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import time
@@ -21,15 +26,35 @@ from ..model import DeepseekV2ForCausalLM
 from ..parallel import SINGLE, launch_env
 from ..plan import check_parallel_size, format_plan, memory_plan
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import ContextLengthError, InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
-from .workers import Control, ModelSource, Workers, choose_device, join_group, resolve_device
+from .workers import Control, ModelSource, WorkerError, Workers, choose_device, join_group, resolve_device
 
 logger = logging.getLogger("deepseek_v2")
+
+
+class StepError(RuntimeError):
+    """A step raised (an out-of-memory error, a bug in sampling, ...); the requests it ran were
+    aborted and are listed in `request_ids`; the others and the engine are unharmed."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the engine step failed: {cause!r}")
+        self.request_ids, self.cause = request_ids, cause
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Whether an error from a step leaves the engine unable to serve: a tensor-parallel rank or
+    collective failed (the ranks are out of step), or a device error other than running out of
+    memory (an illegal address or a device-side assert poisons the CUDA context)."""
+    if isinstance(error, WorkerError):
+        return True
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
 
 
 @dataclass
@@ -158,8 +183,26 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), "prompt")
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """A text of more characters than this has more than max_model_len tokens, whatever it says:
+        a character is at least one UTF-8 byte and no token covers more bytes than the vocabulary's
+        longest (the byte-level BPE of DeepSeek's tokenizers, with no normalizer to shorten the
+        text). A bound that costs no tokenizing."""
+        tok = self.tokenizer
+        longest = max(len(tok.decode([i]).encode()) for i in range(len(tok)))
+        return self.max_model_len * longest
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """Raise ContextLengthError for a text of num_chars characters, too long to fit the context
+        whatever its tokens are: a check to make before tokenizing it."""
+        if num_chars > self.max_prompt_chars:
+            raise ContextLengthError(f"the {param} has {num_chars} characters, more than the {self.max_model_len} "
+                                     f"tokens of this model's context can hold", param)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         """Raise InvalidRequestError unless every id is a token of the vocabulary."""
@@ -174,10 +217,10 @@ class LLMEngine:
         model and the engine's limits.)"""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(prompt_token_ids) >= self.max_model_len:  # before the ids are read: a long list costs
+            raise ContextLengthError(f"the prompt has {len(prompt_token_ids)} tokens; the context length is "
+                                     f"{self.max_model_len}, leaving no room for output", "prompt")
         self.check_token_ids(prompt_token_ids, "prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens; the context length is "
-                                      f"{self.max_model_len}, leaving no room for output", "prompt")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -230,6 +273,20 @@ class LLMEngine:
             return []
         if sched.preempted:
             logger.warning("cache full: preempted %d sequence(s), they will be recomputed", len(sched.preempted))
+        try:
+            return self._run_step(sched)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            # The step's sequences hold blocks for tokens that may never have been computed, and
+            # some may have been advanced and others not: aborting their requests frees the blocks
+            # and takes the sequences out of the scheduler, which leaves both consistent.
+            failed = list(dict.fromkeys(item.seq.request_id for item in sched.scheduled))
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepError(failed, e) from e
+
+    def _run_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
         if self.workers is None:
             results = self.runner.run(sched)
         else:

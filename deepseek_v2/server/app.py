@@ -4,23 +4,24 @@
 
 Every bad request gets the OpenAI error body with a 4xx status and leaves the engine untouched;
 a client that goes away aborts its requests; `/v1` routes need a bearer key when keys are set.
+A request is checked in order of cost: the body's size (middleware.py), its shape and counts, the
+length of its text, and only then is it tokenized, in a worker thread, so no request holds the
+event loop (the other streams, `/health`) for longer than parsing its JSON takes.
 How engine outputs become response bodies and stream chunks lives in `replies.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,52 +31,55 @@ from ..sampling_params import InvalidRequestError
 from . import protocol as P
 from . import responses as R
 from .metrics import ServerMetrics
+from .middleware import Accounting, BodyLimit, KeyAuth
 from .protocol import APIError, error_body
 from .replies import ChatReply, CompletionReply
 
 logger = logging.getLogger("deepseek_v2")
 STATIC = Path(__file__).parent / "static"
-ANONYMOUS = "anonymous"
+CLIENT_CLOSED = 499  # nginx's status for a client that went away; only the metrics see it
+REFUSALS = (EngineOverloadedError, EngineDeadError, EngineNotReadyError)
 
 
-class KeyAuth:
-    """Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and disconnects pass through):
-    checks the bearer key on `/v1` routes in constant time, names the key for accounting
-    ("key-1", "key-2", ... in the order given) and counts `/v1` responses per key and status."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask, checked before any work (the serve command's flags)."""
 
-    def __init__(self, app, api_keys: Sequence[str], metrics: ServerMetrics):
-        self.app = app
-        self.keys = [(f"key-{i + 1}", hashlib.sha256(k.encode()).digest()) for i, k in enumerate(api_keys)]
-        self.metrics = metrics
+    max_body_bytes: int = 8 * 2**20
+    body_timeout: float = 30.0  # seconds for the whole body to arrive
+    max_prompts: int = 2048  # prompts in one completions request
+    max_choices: int = 2048  # prompts x n
 
-    def key_name(self, header: bytes) -> str | None:
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
-        found = None
-        for name, key_digest in self.keys:  # no early exit: the time does not depend on which key matched
-            if secrets.compare_digest(digest, key_digest) and scheme.lower() == "bearer":
-                found = name
-        return found
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
-            return await self.app(scope, receive, send)
-        name = ANONYMOUS
-        if self.keys and scope["method"] != "OPTIONS":
-            name = self.key_name(dict(scope["headers"]).get(b"authorization", b""))
-            if name is None:
-                self.metrics.observe_http("unauthorized", 401)
-                body = error_body(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
-                return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        scope.setdefault("state", {})["api_key_name"] = name
+ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+          408: "the body came too slowly", 413: "the body is too large", 500: "internal error",
+          503: "loading, overloaded, shutting down or dead"}
 
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.observe_http(name, message["status"])
-            await send(message)
 
-        await self.app(scope, receive, counting_send)
+def errors(*statuses: int) -> dict:
+    """The OpenAPI `responses` entries of these error statuses, each with the OpenAI error body."""
+    return {s: {"model": R.ErrorResponse, "description": ERRORS[s]} for s in statuses}
+
+
+def generation_responses(model: type, chunk: type) -> dict:
+    """JSON, or Server-Sent Events described one event at a time (OpenAPI 3.2's `itemSchema`): each
+    `data` is a chunk or an error body as JSON, and the last is `[DONE]`."""
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+    return {200: {"model": model, "content": {"text/event-stream": {"itemSchema": event}}},
+            **errors(400, 401, 404, 408, 413, 500, 503)}
+
+
+def exact_bounds(node):
+    """The schema with integral float bounds (minimum, maximum) as integers."""
+    if isinstance(node, dict):
+        return {k: int(v) if k in ("minimum", "maximum") and isinstance(v, float) and v.is_integer()
+                else exact_bounds(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [exact_bounds(v) for v in node]
+    return node
 
 
 async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -99,8 +103,8 @@ async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
 
 
 async def until_disconnect(request: Request, coro):
-    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client
-    disconnects first (vLLM's `with_cancellation`; Starlette does this itself for streams)."""
+    """Run a handler, cancelling it (and so aborting its requests) if the client disconnects first
+    (vLLM's `with_cancellation`; once a stream has started, Starlette watches for this itself)."""
     handler = asyncio.ensure_future(coro)
 
     async def watch():
@@ -114,16 +118,17 @@ async def until_disconnect(request: Request, coro):
         watcher.cancel()
         if not handler.done():
             handler.cancel()
+            await asyncio.wait({handler})  # let it unwind (abort, count) before looking at it
     if handler.cancelled():
-        return Response(status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the metrics count it
     return handler.result()
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "deepseek-v2",
-              api_keys: Sequence[str] = (), model_path: str | None = None) -> FastAPI:
+              api_keys: Sequence[str] = (), model_path: str | None = None, limits: Limits = Limits()) -> FastAPI:
     """The server around one AsyncLLMEngine, which the app's lifespan starts and shuts down.
     served_model_name: the name(s) clients may send as `model` (the first is reported);
-    api_keys: bearer keys required on `/v1` routes (none: open)."""
+    api_keys: bearer keys required on `/v1` routes (none: open); limits: what one request may ask."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     metrics = ServerMetrics(names[0])
 
@@ -134,8 +139,33 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         await engine.shutdown()
 
     app = FastAPI(title="DeepSeek-V2 OpenAI-compatible server", version=__version__, lifespan=lifespan)
-    app.add_middleware(KeyAuth, api_keys=list(api_keys), metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+    app.add_middleware(KeyAuth, api_keys=list(api_keys))
+    app.add_middleware(Accounting, metrics=metrics, router=app.router)  # the last added is the outermost
     app.state.engine, app.state.metrics = engine, metrics
+
+    def openapi() -> dict:
+        """FastAPI's schema, made to tell the truth: this server answers 400 with the OpenAI error
+        body where FastAPI documents a 422 with its own; integer bounds stay exact integers
+        (FastAPI writes them as floats, and 2^63 - 2^16 printed as a float reads as a smaller
+        number); `model` is one of the served names (others get 404)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for request in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
+                components[request]["properties"]["model"]["anyOf"][0]["enum"] = names
+            chunk = R.ChatCompletionChunk.model_json_schema(mode="serialization",
+                                                            ref_template="#/components/schemas/{model}")
+            components.update({**chunk.pop("$defs"), "ChatCompletionChunk": chunk})  # the stream's events
+            app.openapi_schema = exact_bounds(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # ---- errors -----------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -150,12 +180,6 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def on_internal_error(request: Request, exc: Exception):
-        logger.exception("internal error on %s", request.url.path)
-        message = re.sub(r"0x[0-9a-fA-F]+", "0x...", f"internal error: {exc!r}")  # no addresses out
-        return JSONResponse(error_body(500, message), 500)
-
     def llm():
         """The loaded LLMEngine (for its tokenizer and limits), or a 503."""
         if engine.is_dead:
@@ -169,17 +193,44 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             raise APIError(404, f"the model {model!r} does not exist; this server serves {names[0]!r}",
                            param="model", code="model_not_found")
 
-    def submit(body, prompt_ids: list[int], params, request_id: str) -> AsyncIterator:
+    def check_counts(body, waiting_limit: int | None) -> None:
+        """Prompts per request and prompts x n, against the limits and the waiting queue's size."""
+        prompts = len(body.batch)
+        if prompts > limits.max_prompts:
+            raise APIError(400, f"the request has {prompts} prompts; at most {limits.max_prompts} are allowed",
+                           param="prompt", code="too_many_prompts")
+        choices, param = prompts * body.n, "n" if body.n > 1 else "prompt"
+        if choices > limits.max_choices:
+            raise APIError(400, f"the request asks for {choices} choices (prompts x n); at most "
+                                f"{limits.max_choices} are allowed", param=param, code="too_many_choices")
+        if waiting_limit is not None and choices > waiting_limit:  # it could never be accepted: not a 503
+            raise APIError(400, f"the request asks for {choices} choices (prompts x n) but this server lets at "
+                                f"most {waiting_limit} wait; send fewer prompts or a smaller n",
+                           param=param, code="too_many_choices")
+
+    async def off_loop(body, fn, *args):
+        """fn(*args) in a worker thread (tokenizing, building big bodies), with the engine's request
+        rules that it raises (e.g. a text too long for the context) as 400s naming the field."""
         try:
-            return engine.generate(prompt_ids, params, request_id)
+            return await asyncio.to_thread(fn, *args)
         except InvalidRequestError as e:
             raise body.invalid(e) from None
-        except EngineOverloadedError as e:
-            raise APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from None
-        except EngineNotReadyError as e:
-            raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from None
+
+    def refusal(e: Exception) -> APIError:
+        """The engine's refusal of a new request (one of REFUSALS), as the client's 503."""
+        if isinstance(e, EngineOverloadedError):
+            return APIError(503, str(e), code="queue_full", headers={"Retry-After": "1"})
+        if isinstance(e, EngineDeadError):
+            return APIError(503, str(e), code="engine_dead")
+        return APIError(503, str(e), code="not_ready", headers={"Retry-After": "5"})
+
+    def submit(body, prompt_ids: list[int], params, request_id: str, group: str) -> AsyncIterator:
+        try:
+            return engine.generate(prompt_ids, params, request_id, group=group)
+        except InvalidRequestError as e:
+            raise body.invalid(e) from None
+        except REFUSALS as e:
+            raise refusal(e) from None
 
     def abort_all(request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -188,101 +239,117 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     async def serve(request: Request, body, reply_cls):
         check_model(body.model)
         core = llm()
-        prompts = body.prompts(core.tokenizer)
+        check_counts(body, core.config.max_waiting_requests)
         params = body.to_sampling_params()
+        try:
+            body.check_chars(core.check_prompt_chars)  # before the text is tokenized
+        except InvalidRequestError as e:
+            raise body.invalid(e) from None
+        prompts = await off_loop(body, body.prompts, core.tokenizer, core.check_prompt_chars)
         body.check_lengths(prompts, core.max_model_len)
-        reply = reply_cls(body, names[0], core.tokenizer, prompts)
+        reply = await off_loop(body, reply_cls, body, names[0], core.tokenizer, prompts)
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
         try:
-            outputs = merge([submit(body, ids, params, rid) for (_, ids), rid in zip(prompts, rids)])
+            engine.check_room(len(prompts) * body.n)  # all the request's prompts are accepted, or none
+        except EngineOverloadedError as e:
+            raise refusal(e) from None
+        try:
+            outputs = merge([submit(body, ids, params, rid, reply.id) for (_, ids), rid in zip(prompts, rids)])
         except APIError:
             abort_all(rids)  # give back the places the earlier prompts took
             raise
-        key = request.scope.get("state", {}).get("api_key_name", ANONYMOUS)
+        key = request.scope.get("state", {}).get("api_key_name", "anonymous")
         if body.stream:
             return StreamingResponse(reply.stream(outputs, metrics, key), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(abort_all, rids))
-
-        async def collect():
-            try:
-                return JSONResponse(await reply.collect(outputs, metrics, key))
-            finally:
-                abort_all(rids)
-
-        return await until_disconnect(request, collect())
+        try:
+            return JSONResponse(await reply.collect(outputs, metrics, key))
+        finally:
+            abort_all(rids)
 
     # ---- OpenAI routes ----------------------------------------------------------------------------
     def model_card(name: str) -> R.ModelCard:
         return R.ModelCard(id=name, root=model_path or name, max_model_len=llm().max_model_len)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(401, 503))
     async def list_models() -> R.ModelList:
         return R.ModelList(data=[model_card(n) for n in names])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=errors(401, 404, 503))
     async def get_model(model: str) -> R.ModelCard:
         check_model(model)
         return model_card(model)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses=generation_responses(R.CompletionResponse, R.CompletionResponse))
     async def completions(body: P.CompletionRequest, request: Request):
-        return await serve(request, body, CompletionReply)
+        return await until_disconnect(request, serve(request, body, CompletionReply))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=generation_responses(R.ChatCompletionResponse, R.ChatCompletionChunk))
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        return await serve(request, body, ChatReply)
+        return await until_disconnect(request, serve(request, body, ChatReply))
 
     # ---- service routes ---------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses=errors(503))
+    async def health() -> R.HealthResponse:
         if engine.is_ready:
-            return {"status": "ok"}
+            return R.HealthResponse()
         state = "dead" if engine.is_dead else "draining" if engine.draining else "loading"
         detail = f": {engine.error!r}" if engine.is_dead else ""
         return JSONResponse(error_body(503, f"the engine is {state}{detail}", code=state), 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format 0.0.4"}})
     async def prometheus_metrics():
-        return Response(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/version")
-    async def version():
-        return {"version": __version__}
+    async def version() -> R.VersionResponse:
+        return R.VersionResponse(version=__version__)
 
-    @app.post("/tokenize")
-    async def tokenize(body: P.TokenizeRequest):
+    @app.post("/tokenize", response_model_exclude_none=True, responses=errors(400, 404, 408, 413, 503))
+    async def tokenize(body: P.TokenizeRequest) -> R.TokenizeResponse:
         check_model(body.model)
         core = llm()
         tok = core.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
-        if body.messages is not None:
-            ids = P.tokenize("messages", tok.apply_chat_template, P.conversation(body.messages),
-                             add_generation_prompt=body.add_generation_prompt)
-        else:
-            ids = P.tokenize("prompt", tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
-        out = {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids}
-        if body.return_token_strs:
-            out["token_strs"] = tok.convert_ids_to_tokens(ids)
-        return out
+        try:  # a text that cannot fit the context is refused before it is tokenized (this route needs no key)
+            if body.messages is not None:
+                core.check_prompt_chars(sum(len(m.text()) for m in body.messages), "messages")
+                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body.messages,
+                                              body.add_generation_prompt)
+            else:
+                core.check_prompt_chars(len(body.prompt), "prompt")
+                ids = await asyncio.to_thread(P.tokenize, "prompt", tok.encode, body.prompt,
+                                              add_special_tokens=body.add_special_tokens)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from None
+        strs = await asyncio.to_thread(tok.convert_ids_to_tokens, ids) if body.return_token_strs else None
+        return R.TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids, token_strs=strs)
 
-    @app.post("/detokenize")
-    async def detokenize(body: P.DetokenizeRequest):
+    @app.post("/detokenize", responses=errors(400, 404, 408, 413, 503))
+    async def detokenize(body: P.DetokenizeRequest) -> R.DetokenizeResponse:
         check_model(body.model)
         core = llm()
-        try:
+
+        def decode() -> str:
             core.check_token_ids(body.tokens, "tokens")
+            return core.tokenizer.decode(body.tokens)
+
+        try:
+            return R.DetokenizeResponse(prompt=await asyncio.to_thread(decode))
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
-        return {"prompt": core.tokenizer.decode(body.tokens)}
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
+    @app.get("/tokenizer_info", responses=errors(503))
+    async def tokenizer_info() -> R.TokenizerInfo:
         core = llm()
         tok = core.tokenizer
-        return {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
-                "model_max_length": core.max_model_len, "tokenizer_class": "PreTrainedTokenizerFast"}
+        return R.TokenizerInfo(bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token,
+                               model_max_length=core.max_model_len)
 
     @app.get("/", include_in_schema=False)
     async def chat_page():

@@ -1,22 +1,30 @@
 """`deepseek-v2 serve`: arguments and the run loop of the OpenAI-compatible server.
 
 The server listens at once and loads the checkpoint in the engine's worker thread (`/health` answers
-503 until it is ready); a load failure exits with status 1. SIGTERM or Ctrl+C stops accepting
-connections, lets running requests finish for `--shutdown-timeout` seconds, aborts the rest and
-exits; a second Ctrl+C exits at once.
+503 until it is ready); a load failure exits with status 1, and so does a fatal engine error later
+(a tensor-parallel rank lost, a device error), after a log line saying why. SIGTERM or Ctrl+C stops
+accepting connections, lets running requests finish for `--shutdown-timeout` seconds, then aborts
+the rest (a 503 `aborted` error, or that error as the stream's last event before `[DONE]`) and exits
+with status 0; a second Ctrl+C exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 from ..flags import add_engine_arguments, add_model_arguments, engine_kwargs
+from .app import Limits
 
 API_KEY_ENV = "DEEPSEEK_V2_API_KEY"  # comma-separated keys, kept out of `ps` output
+# After the grace period the requests left are aborted; their handlers then need a moment to send the
+# 503 or the stream's last events before uvicorn cancels what is still running.
+ABORT_MARGIN_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients send; the first is reported (default: --model as given)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds running requests may take to finish after SIGTERM")
+                        help="seconds running requests may take to finish after SIGTERM; the rest are aborted")
+    limits = Limits()
+    parser.add_argument("--max-request-body-mib", type=float, default=limits.max_body_bytes / 2**20,
+                        help="larger request bodies get 413 (default: %(default)s)")
+    parser.add_argument("--request-body-timeout", type=float, default=limits.body_timeout,
+                        help="seconds a request body may take to arrive, else 408 (default: %(default)s)")
+    parser.add_argument("--max-prompts-per-request", type=int, default=limits.max_prompts,
+                        help="prompts in one completions request (default: %(default)s)")
+    parser.add_argument("--max-choices-per-request", type=int, default=limits.max_choices,
+                        help="prompts x n in one request (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_arguments(parser)
     add_engine_arguments(parser, server=True)
@@ -39,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     EngineDeadError (a RuntimeError) when loading fails."""
     import uvicorn
 
-    from ..engine.async_engine import AsyncLLMEngine
+    from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
     from ..config import DEFAULT_MODEL
     from .app import build_app
 
@@ -52,15 +69,29 @@ def run(args: argparse.Namespace) -> None:
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
     engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
-    app = build_app(engine, names, keys, model_path=model)
+    limits = Limits(max_body_bytes=int(args.max_request_body_mib * 2**20), body_timeout=args.request_body_timeout,
+                    max_prompts=args.max_prompts_per_request, max_choices=args.max_choices_per_request)
+    app = build_app(engine, names, keys, model_path=model, limits=limits)
+    drains: list[asyncio.Task] = []  # keeps the drain's task referenced until it ends
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            engine.draining = True  # /health and new requests answer 503 from now on
+            if not engine.draining:  # /health and new requests answer 503 from now on
+                drains.append(asyncio.get_running_loop().create_task(engine.drain(args.shutdown_timeout)))
+            engine.draining = True
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # uvicorn raises a caught SIGTERM again once it has stopped, which would end a clean
+                # drain with status 143: the drain is the answer to SIGTERM, so it ends with 0.
+                while signal.SIGTERM in self._captured_signals:
+                    self._captured_signals.remove(signal.SIGTERM)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_timeout + ABORT_MARGIN_S)
     server = Server(config)
 
     async def serve() -> None:
@@ -76,7 +107,15 @@ def run(args: argparse.Namespace) -> None:
                 server.should_exit = True
                 await task
                 raise
-        await task  # could not start (port in use, ...): uvicorn has said why and exits
+            watch = asyncio.create_task(engine.wait_until_dead())
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():  # a fatal engine error: stop serving rather than answer 503 forever
+                log.error("the engine failed and cannot serve: %r; shutting down", watch.result())
+                server.should_exit = True
+            watch.cancel()
+        await task  # stopped, or could not start (port in use, ...): uvicorn has said why
+        if engine.is_dead:
+            raise EngineDeadError(f"the engine died: {engine.error!r}")
 
     asyncio.run(serve())
 
@@ -89,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"deepseek-v2 serve: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl+C: uvicorn raises it again after its shutdown
+        return 130
     return 0
 
 

@@ -53,7 +53,7 @@ class ServerMetrics:
         self.tpot = Histogram(TPOT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.finished: dict[str, int] = defaultdict(int)  # finish reason -> requests
-        self.http: dict[tuple[str, int], int] = defaultdict(int)  # (api key name, status) -> requests
+        self.http: dict[tuple[str, str, int], int] = defaultdict(int)  # (api key name, route, status) -> responses
         self.key_tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key name -> [prompt, generated]
 
     def observe_request(self, out: RequestOutput) -> None:
@@ -76,8 +76,13 @@ class ServerMetrics:
         tokens[0] += prompt_tokens
         tokens[1] += completion_tokens
 
-    def observe_http(self, key_name: str, status: int) -> None:
-        self.http[(key_name, status)] += 1
+    def observe_aborted(self, num_seqs: int) -> None:
+        """Sequences that ended without finishing: the client went away, the server shut down or
+        their step failed."""
+        self.finished["abort"] += num_seqs
+
+    def observe_http(self, key_name: str, handler: str, status: int) -> None:
+        self.http[(key_name, handler, status)] += 1
 
     def render(self, stats: dict) -> str:
         model = {"model_name": self.model_name}
@@ -104,7 +109,7 @@ class ServerMetrics:
             hits / queries if queries else 0.0)
         one("num_preemptions_total", "counter", "Sequences preempted for lack of cache.",
             stats.get("num_preemptions", 0))
-        family("request_success_total", "counter", "Finished sequences by finish reason.",
+        family("request_success_total", "counter", "Finished sequences by finish reason (abort: did not finish).",
                [f"{PREFIX}request_success_total{_labels({**model, 'finished_reason': r})} {n}"
                 for r, n in sorted(self.finished.items())])
         family("time_to_first_token_seconds", "histogram", "Time from arrival to the first generated token.",
@@ -114,9 +119,9 @@ class ServerMetrics:
                self.tpot.lines(f"{PREFIX}time_per_output_token_seconds", model))
         family("e2e_request_latency_seconds", "histogram", "Time from arrival to the last token.",
                self.e2e.lines(f"{PREFIX}e2e_request_latency_seconds", model))
-        family("http_requests_total", "counter", "OpenAI API requests by API key name and status code.",
-               [f"{PREFIX}http_requests_total{_labels({**model, 'api_key': k, 'status': str(s)})} {n}"
-                for (k, s), n in sorted(self.http.items())])
+        family("http_requests_total", "counter", "HTTP responses by API key name, route and status code.",
+               [f"{PREFIX}http_requests_total{_labels({**model, 'api_key': k, 'handler': h, 'status': str(s)})} {n}"
+                for (k, h, s), n in sorted(self.http.items())])
         for i, (name, help_text) in enumerate((("api_key_prompt_tokens_total", "Prompt tokens billed per API key."),
                                                ("api_key_completion_tokens_total",
                                                 "Completion tokens billed per API key."))):

@@ -3,30 +3,41 @@
 its own field for an engine parameter (`param_name`), so an `InvalidRequestError` from the engine's
 rules becomes a 400 naming the field the client sent (`invalid`).
 
-Unknown request fields are accepted and ignored, as vLLM does; non-finite floats are refused.
+Unknown request fields are accepted and ignored, as vLLM does; non-finite floats are refused, and
+types are strict as OpenAI's are ("0" is not a number, true is not an integer, "yes" is not a boolean).
 Value ranges are checked once, by `SamplingParams` and the engine; the models here fix types and
-shapes, and check only what is the OpenAI API's own (its field combinations, the context length with
-max_tokens).
+shapes (which `/openapi.json` publishes), and check only what is the OpenAI API's own (its field
+combinations, the context length with max_tokens).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
 
+CheckChars = Callable[[int, str], None]  # (number of characters, param): raises ContextLengthError
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               500: "internal_server_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
+               408: "invalid_request_error", 413: "invalid_request_error", 500: "internal_server_error",
+               501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+
+
+def scrubbed(message: str) -> str:
+    """A message fit for a client: no memory addresses."""
+    return re.sub(r"0x[0-9a-fA-F]+", "0x...", message)
 
 
 class APIError(Exception):
@@ -61,7 +72,7 @@ class APIError(Exception):
         return cls(400, f"{path}: {e['msg']}", param=field, code=e.get("type"))
 
 
-def tokenize(param: str, fn, *args, **kwargs) -> list[int]:
+def tokenize(param: str, fn, *args, **kwargs):
     """fn(*args, **kwargs) (an encode or a chat-template call), with text the tokenizer cannot take
     (a lone UTF-16 surrogate, a template that raises) reported as a 400."""
     try:
@@ -74,7 +85,11 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart",
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -91,7 +106,7 @@ class SamplingFields(OpenAIModel):
     top_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -113,7 +128,8 @@ class SamplingFields(OpenAIModel):
 
     def invalid(self, error: InvalidRequestError) -> APIError:
         """An engine rule the request broke, as a 400 naming the request's field."""
-        return APIError(400, str(error), param=self.param_name(error.param), code="invalid_value")
+        code = "context_length_exceeded" if isinstance(error, ContextLengthError) else "invalid_value"
+        return APIError(400, str(error), param=self.param_name(error.param), code=code)
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None) -> SamplingParams:
@@ -143,7 +159,8 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
@@ -156,14 +173,23 @@ class CompletionRequest(SamplingFields):
         """echo with max_tokens=0: score the prompt, generate nothing (one token is run and dropped)."""
         return self.echo and self.max_tokens == 0
 
-    def prompts(self, tokenizer: Tokenizer) -> list[tuple[str | None, list[int]]]:
-        """(text or None, token ids) per prompt; empty prompts are refused (vllm #7283)."""
+    @property
+    def batch(self) -> list[str] | list[list[int]]:
+        """The prompts (the schema has refused empty ones, vllm #7283)."""
         p = self.prompt
-        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
-        if not batch or any(len(x) == 0 for x in batch):
-            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else p
+
+    def check_chars(self, check: CheckChars) -> None:
+        """Refuse a text prompt too long for the context before anything is tokenized."""
+        for x in self.batch:
+            if isinstance(x, str):
+                check(len(x), "prompt")
+
+    def prompts(self, tokenizer: Tokenizer, check: CheckChars) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt. The tokenizing: call it off the event loop."""
+        self.check_chars(check)
         return [(x, tokenize("prompt", tokenizer.encode, x, add_special_tokens=self.add_special_tokens))
-                if isinstance(x, str) else (None, list(x)) for x in batch]
+                if isinstance(x, str) else (None, list(x)) for x in self.batch]
 
     def param_name(self, engine_param: str) -> str:
         return "logprobs" if engine_param == "prompt_logprobs" else engine_param  # echo's prompt logprobs
@@ -189,7 +215,7 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: str
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})  # see conversation()
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -200,7 +226,7 @@ class ChatMessage(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = None  # None: up to the context length
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
@@ -214,12 +240,17 @@ class ChatCompletionRequest(SamplingFields):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def conversation(self) -> list[dict[str, str]]:
-        return conversation(self.messages)
+    @property
+    def batch(self) -> list[list[ChatMessage]]:
+        return [self.messages]
 
-    def prompts(self, tokenizer: Tokenizer) -> list[tuple[str | None, list[int]]]:
-        ids = tokenize("messages", tokenizer.apply_chat_template, self.conversation(),
-                       add_generation_prompt=self.add_generation_prompt)
+    def check_chars(self, check: CheckChars) -> None:
+        """Refuse messages too long for the context before the template runs (it only adds text)."""
+        check(sum(len(m.text()) for m in self.messages), "messages")
+
+    def prompts(self, tokenizer: Tokenizer, check: CheckChars) -> list[tuple[str | None, list[int]]]:
+        """The conversation's token ids. The template and the tokenizing: call it off the event loop."""
+        ids = encode_chat(tokenizer, check, self.messages, self.add_generation_prompt)
         if self.add_special_tokens and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         return [(None, ids)]
@@ -244,11 +275,19 @@ class ChatCompletionRequest(SamplingFields):
         self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")
 
 
+def encode_chat(tokenizer: Tokenizer, check: CheckChars, messages: list[ChatMessage],
+                add_generation_prompt: bool) -> list[int]:
+    """The token ids of the rendered chat template; a rendering too long for the context is refused
+    before it is tokenized."""
+    text = tokenize("messages", tokenizer.apply_chat_template, conversation(messages),
+                    add_generation_prompt=add_generation_prompt, tokenize=False)
+    check(len(text), "messages")
+    return tokenize("messages", tokenizer.encode, text, add_special_tokens=False)  # the template wrote the BOS
+
+
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Messages as {"role", "content"} dicts for the chat template ("developer" is OpenAI's new
-    name for "system"); an empty list or an unknown role is a 400."""
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages", code="empty_messages")
+    name for "system"); an unknown role is a 400."""
     out = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
@@ -262,7 +301,7 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

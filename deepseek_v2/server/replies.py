@@ -1,20 +1,24 @@
 """Engine outputs into OpenAI bodies: one `Reply` per API request turns the `RequestOutput`s of its
 prompts into the JSON response, or into Server-Sent Events exactly as OpenAI streams them (chat: a
 role chunk per choice, content deltas, the finish reason on the last delta, an optional usage-only
-chunk, then `data: [DONE]`; an error after the 200 goes out as a `data: {"error": ...}` event).
+chunk, then `data: [DONE]`; an error after the 200 goes out as a `data: {"error": ...}` event, and
+the stream still ends with `data: [DONE]`).
 
-Choice `index` is prompt_index * n + sample_index, as vLLM numbers them.
+Choice `index` is prompt_index * n + sample_index, as vLLM numbers them. A Reply is built, and a
+non-streaming body assembled, in a worker thread: echoing a long prompt with its logprobs is work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from ..engine.async_engine import EngineDeadError, EngineNotReadyError
+from ..engine.async_engine import EngineDeadError, EngineNotReadyError, RequestAbortedError
+from ..engine.llm_engine import StepError
 from ..outputs import CompletionOutput, RequestOutput
 from ..tokenizer import Tokenizer
 from . import protocol as P
@@ -23,6 +27,18 @@ from .metrics import ServerMetrics
 
 logger = logging.getLogger("deepseek_v2")
 DONE = "data: [DONE]\n\n"
+
+
+ENGINE_ERRORS = (StepError, RequestAbortedError, EngineDeadError, EngineNotReadyError)
+
+
+def engine_error(e: Exception) -> P.APIError:
+    """What the client of a request that the engine ended (one of ENGINE_ERRORS) is told."""
+    if isinstance(e, StepError):  # a fault in this request's step: the others are served on
+        return P.APIError(500, P.scrubbed(f"internal error: {e}"))
+    if isinstance(e, RequestAbortedError):
+        return P.APIError(503, str(e), code="aborted")
+    return P.APIError(503, str(e), code="engine_dead" if isinstance(e, EngineDeadError) else "not_ready")
 
 
 def sse(obj) -> str:
@@ -73,6 +89,14 @@ class Reply:
         raise NotImplementedError
 
     # ---- shared drivers -------------------------------------------------------------------------
+    def count_unfinished(self, finals: list[RequestOutput | None], metrics: ServerMetrics) -> None:
+        """Count the samples that end without finishing (client gone, shutdown, failed step)."""
+        for f in finals:
+            if f is None:
+                metrics.observe_aborted(self.n)
+            elif not f.finished:
+                metrics.observe_aborted(sum(o.finish_reason is None for o in f.outputs))
+
     async def collect(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> dict:
         """The whole response of a non-streaming request."""
         finals: list[RequestOutput | None] = [None] * len(self.prompts)
@@ -81,11 +105,13 @@ class Reply:
                 finals[i] = out
                 if out.finished:
                     metrics.observe_request(out)
-        except (EngineDeadError, EngineNotReadyError) as e:
-            raise P.APIError(503, str(e), code="engine_dead") from None
+        except ENGINE_ERRORS as e:
+            raise engine_error(e) from None
+        finally:  # a client that went away cancels this
+            self.count_unfinished(finals, metrics)
         if any(f is None or not f.finished for f in finals):
-            raise P.APIError(503, "the request was aborted (the server is shutting down)", code="aborted")
-        body = self.body_of(finals)
+            raise P.APIError(503, "the request was aborted: the server is shutting down", code="aborted")
+        body = await asyncio.to_thread(self.body_of, finals)
         metrics.observe_usage(key, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return body
 
@@ -103,7 +129,11 @@ class Reply:
                     idx = self.index(i, o)
                     if idx in done:
                         continue
-                    choice = self.delta_choice(i, out, o, first=idx not in started)
+                    first = idx not in started
+                    if first and getattr(self.body, "echo", False):  # the whole prompt goes first
+                        choice = await asyncio.to_thread(self.delta_choice, i, out, o, first)
+                    else:
+                        choice = self.delta_choice(i, out, o, first)
                     started.add(idx)
                     if o.finish_reason is not None:
                         done.add(idx)
@@ -112,12 +142,13 @@ class Reply:
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield sse(self.chunk([], usage=self.usage(finals)))
-        except (EngineDeadError, EngineNotReadyError) as e:
-            yield sse(P.error_body(503, str(e), code="engine_dead"))
-        except Exception as e:  # after the 200 header an error can only travel in the stream
+        except ENGINE_ERRORS as e:  # after the 200 header an error can only travel in the stream
+            yield sse(engine_error(e).body())
+        except Exception as e:
             logger.exception("error while streaming %s", self.id)
-            yield sse(P.error_body(500, f"internal error: {e!r}"))
+            yield sse(P.error_body(500, P.scrubbed(f"internal error: {e!r}")))
         finally:
+            self.count_unfinished(finals, metrics)
             usage = self.usage(finals)  # a client that went away still used what was generated
             metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
         yield DONE
@@ -126,39 +157,64 @@ class Reply:
 class CompletionReply(Reply):
     """`/v1/completions`: text choices, legacy logprobs, echo of the prompt with its logprobs."""
 
-    def legacy_logprobs(self, token_ids: list[int], entries: list, offset: int) -> R.CompletionLogprobs:
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.echoed = [self.echo_of(text, ids) for text, ids in self.prompts] if self.body.echo else []
+        # generated special tokens (EOS with ignore_eos, ...) are left out of the text by default
+        self.unseen = set(self.tok.all_special_ids) if self.body.skip_special_tokens else set()
+
+    def echo_of(self, text: str | None, ids: list[int]) -> tuple[str, set[int]]:
+        """The prompt as echoed, and the positions of its tokens that are not in that text: the
+        special tokens the tokenizer put around a text prompt (its BOS). Such tokens take no room in
+        text_offset."""
+        if text is None:
+            return self.tok.decode(ids), set()
+        if not self.body.add_special_tokens:
+            return text, set()
+        added, plain = self.tok.encode("x"), self.tok.encode("x", add_special_tokens=False)
+        lead = next(k for k in range(len(added)) if added[k:k + len(plain)] == plain)
+        trail = len(added) - lead - len(plain)
+        return text, {*range(lead), *range(len(ids) - trail, len(ids))}
+
+    def legacy_logprobs(self, token_ids: list[int], entries: list, offset: int,
+                        hidden: set[int] = frozenset()) -> tuple[R.CompletionLogprobs, int]:
+        """The legacy logprobs of these tokens, their text starting at `offset` of the choice's text
+        (the tokens at `hidden` take no room), and the offset after them."""
         lp = R.CompletionLogprobs()
-        for tid, entry in zip(token_ids, entries):
+        for k, (tid, entry) in enumerate(zip(token_ids, entries)):
             s = self.token_str(tid)
             lp.tokens.append(s)
             lp.text_offset.append(offset)
-            offset += len(s)
+            if k not in hidden:
+                offset += len(s)
             lp.token_logprobs.append(None if entry is None else entry[tid])
             lp.top_logprobs.append(None if entry is None else {self.token_str(t): v for t, v in entry.items()})
-        return lp
+        return lp, offset
 
     def piece(self, i: int, out: RequestOutput, o: CompletionOutput, first: bool, delta: bool, offset: int):
-        """Text and logprobs of a choice: all of it (delta=False) or what is new; the first piece
-        carries the echoed prompt."""
+        """Text, logprobs and the text offset after them, of a choice: all of it (delta=False) or
+        what is new; the first piece carries the echoed prompt."""
         body = self.body
-        text, ids, entries = "", [], []
+        text, ids, entries, hidden = "", [], [], set()
         if first and body.echo:
-            prompt_text, prompt_ids = self.prompts[i]
-            text = prompt_text if prompt_text is not None else self.tok.decode(prompt_ids)
-            ids = list(prompt_ids)
-            entries = list(out.prompt_logprobs or [None] * len(prompt_ids))
+            text, hidden = self.echoed[i]
+            ids = list(self.prompts[i][1])
+            entries = list(out.prompt_logprobs or [None] * len(ids))
         if not body.echo_only:
+            new_ids = o.delta_token_ids if delta else o.token_ids
+            hidden = hidden | {len(ids) + k for k, t in enumerate(new_ids) if t in self.unseen}
             text += o.delta_text if delta else o.text
-            ids += o.delta_token_ids if delta else o.token_ids
+            ids += new_ids
             entries += (o.delta_logprobs if delta else o.logprobs) or []
-        logprobs = self.legacy_logprobs(ids, entries, offset) if body.logprobs is not None else None
-        return text, logprobs
+        if body.logprobs is None:
+            return text, None, offset
+        logprobs, end = self.legacy_logprobs(ids, entries, offset, hidden)
+        return text, logprobs, end
 
     def delta_choice(self, i, out, o, first):
         idx = self.index(i, o)
-        text, logprobs = self.piece(i, out, o, first, delta=True, offset=self._offsets.get(idx, 0))
-        if logprobs is not None and logprobs.tokens:
-            self._offsets[idx] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+        text, logprobs, self._offsets[idx] = self.piece(i, out, o, first, delta=True,
+                                                        offset=self._offsets.get(idx, 0))
         if not text and o.finish_reason is None and not (logprobs and logprobs.tokens):
             return None
         return R.CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
@@ -171,7 +227,7 @@ class CompletionReply(Reply):
         choices = []
         for i, out in enumerate(finals):
             for o in out.outputs:
-                text, logprobs = self.piece(i, out, o, first=True, delta=False, offset=0)
+                text, logprobs, _ = self.piece(i, out, o, first=True, delta=False, offset=0)
                 choices.append(R.CompletionChoice(index=self.index(i, o), text=text, logprobs=logprobs,
                                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         choices.sort(key=lambda c: c.index)

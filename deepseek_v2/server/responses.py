@@ -132,3 +132,44 @@ class ChatCompletionChunk(WithOptionalUsage):
     created: int
     model: str
     choices: list[ChatStreamChoice]
+
+
+# ---- errors and service routes (for /openapi.json) --------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, the body of every 4xx and 5xx answer."""
+
+    error: ErrorInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # only with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    model_max_length: int
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class VersionResponse(BaseModel):
+    version: str
