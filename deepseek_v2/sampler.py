@@ -1,7 +1,8 @@
 """The sampler: everything between one step's logits and its tokens, for a batch of sequences with
 their own parameters. It owns the random generators (one per seeded sequence, one for the rest), the
-token masks (stop tokens before min_tokens; the place for grammar masks), the penalties, temperature,
-top-k / top-p / min-p, the draw itself and the logprobs handed back.
+token masks (stop tokens before min_tokens; the grammars of structured outputs, through
+structured_outputs.GrammarMasks), the penalties, temperature, top-k / top-p / min-p, the draw itself
+and the logprobs handed back.
 
 Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws from p, so each row needs
 only its own noise; a seeded sequence draws its noise from its own generator, which makes its
@@ -44,6 +45,13 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)  # rows without a seed of their own
         self.generator.manual_seed(seed)
         self.seeded: dict[int, torch.Generator] = {}  # seq_id -> its generator
+        self.grammars = None  # structured_outputs.GrammarMasks, set by an engine that serves them
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        """Before the step's forward: start computing what does not need its logits (the grammar
+        masks of constrained sequences), so that it overlaps with the forward."""
+        if self.grammars is not None:
+            self.grammars.prepare(seqs)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
@@ -58,6 +66,8 @@ class Sampler:
         else:
             tokens = self.draw(logits, seqs)
         token_list = tokens.tolist()
+        if self.grammars is not None:
+            self.grammars.accept(seqs, token_list)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         if not wanted:
             return [SampledToken(t) for t in token_list]
@@ -75,8 +85,10 @@ class Sampler:
         return out
 
     def apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Tokens a sequence may not produce now get -inf: its stop tokens (EOS included) while it has
-        fewer than min_tokens output tokens."""
+        """Tokens a sequence may not produce now get -inf: what its grammar does not allow, and its
+        stop tokens (EOS included) while it has fewer than min_tokens output tokens."""
+        if self.grammars is not None:
+            logits = self.grammars.apply(logits, seqs)
         V = logits.shape[1]
         rows, cols = [], []
         for i, s in enumerate(seqs):
@@ -162,5 +174,7 @@ class Sampler:
                 for j, (t, lp) in enumerate(zip(targets, chosen))]
 
     def release(self, seq_id: int) -> None:
-        """Forget a finished sequence's generator."""
+        """Forget a finished sequence's generator and grammar."""
         self.seeded.pop(seq_id, None)
+        if self.grammars is not None:
+            self.grammars.release(seq_id)

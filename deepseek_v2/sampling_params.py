@@ -6,7 +6,8 @@ Pure Python (no torch): the scheduler and sequences hold these, and the server b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy
 # Sample i of a seeded request draws from seed + i, and a torch generator takes any 64-bit seed: the
@@ -25,6 +26,48 @@ class InvalidRequestError(ValueError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt (with the output asked for) does not fit in the context length."""
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A grammar the output must follow (vLLM's `structured_outputs`): exactly one of
+    json (a JSON schema, as a dict or a JSON string), regex, choice (the output is one of these
+    strings), grammar (Lark, or GBNF when it has `::=`) and json_object (any JSON object)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the grammar (the cache key): its kind and its text."""
+        value = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, dict) or self.kind == "choice":
+            value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return self.kind, str(value)
+
+    def problem(self) -> str | None:
+        """What is wrong with its shape, or None (the grammar itself is checked when compiled)."""
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            return f"give exactly one of json, regex, choice, grammar, json_object; got {given or 'none'}"
+        value = getattr(self, given[0])
+        ok = {"json": isinstance(value, (dict, str)), "regex": isinstance(value, str) and bool(value),
+              "choice": isinstance(value, (list, tuple)) and bool(value)
+              and all(isinstance(c, str) and c for c in value),
+              "grammar": isinstance(value, str) and bool(value.strip()), "json_object": value is True}
+        if not ok[given[0]]:
+            kinds = {"json": "a JSON schema (an object or a JSON string)", "regex": "a non-empty string",
+                     "choice": "a non-empty list of non-empty strings", "grammar": "a non-empty string",
+                     "json_object": "true"}
+            return f"{given[0]} must be {kinds[given[0]]}, got {value!r}"[:300]
+        return None
 
 
 @dataclass
@@ -48,12 +91,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (stop strings need text)
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        # anything else than a list is left as it is for validate() to name
+        self.stop = list(self.stop) if isinstance(self.stop, (list, tuple)) else self.stop or []
+        self.stop_token_ids = (list(self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple))
+                               else self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -87,12 +135,22 @@ class SamplingParams:
             value = getattr(self, name)
             check(value is None or (integer(value) and 0 <= value <= 20), name,
                   f"{name} must be an integer in 0..20, got {value!r}")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
-        check(all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-              "stop_token_ids must be non-negative integers")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        check(isinstance(self.stop_token_ids, list) and all(integer(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         check(self.seed is None or (integer(self.seed) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
               f"seed must be an integer in [-2^63, 2^63 - 2^16], got {self.seed!r}")
         check(self.detokenize or not self.stop, "stop", "stop strings need detokenize=True")
+        so = self.structured_outputs
+        if so is not None:
+            check(isinstance(so, StructuredOutputsParams), "structured_outputs",
+                  f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}")
+            problem = so.problem()
+            check(problem is None, "structured_outputs", f"structured_outputs: {problem}")
+            # the grammar ends the output with EOS, which these would hold off or ignore
+            check(not self.ignore_eos, "ignore_eos", "ignore_eos cannot be used with structured outputs")
+            check(not self.min_tokens, "min_tokens", "min_tokens cannot be used with structured outputs")
 
     @property
     def greedy(self) -> bool:
@@ -101,7 +159,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the sampler: argmax of the raw logits is the answer."""
-        return (self.greedy and self.logprobs is None and self.min_tokens == 0
+        return (self.greedy and self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
                 and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
 
     def all_stop_token_ids(self, eos_token_id: int | None) -> frozenset[int]:

@@ -25,7 +25,7 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -60,15 +60,17 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages, roles: tuple[str, ...] = ROLES) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}]['role'] must be one of {ROLES}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
+        if m.get("role") not in roles:
+            raise ValueError(f"messages[{i}]['role'] must be one of {roles}, got {m.get('role')!r}")
+        if m.get("tool_calls") and "tool" not in roles:
+            raise ValueError(f"messages[{i}] has tool_calls, which this chat template cannot write")
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and m.get("tool_calls")):
             raise ValueError(f"messages[{i}]['content'] must be a string, got {type(m.get('content')).__name__}")
 
 
@@ -109,6 +111,10 @@ class Tokenizer:
         pair = " ".join([single] + [f"{bos}:1"] * bool(bos) + ["$B:1"] + [f"{eos}:1"] * bool(eos))
         special = [(t, self._tok.token_to_id(t)) for t in dict.fromkeys([bos, eos]) if t]
         self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    def backend_json(self) -> str:
+        """The whole tokenizer (tokenizer.json plus the tokens the config added) as JSON."""
+        return self._tok.to_str()
 
     # --- vocabulary -----------------------------------------------------------------------------------------------
     @property
@@ -165,17 +171,26 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
-                            **extra_template_vars):
+                            tools: list[dict] | None = None, **extra_template_vars):
         """Render `messages` with the chat template; ids (tokenize=True) or the rendered string.
+        `tools` (OpenAI's function definitions) go to a template that writes them; for one that does
+        not (the released DeepSeek-V2.5 template) they are described at the end of the system prompt.
 
         The template writes the BOS itself, so the rendered text is tokenized without special tokens.
         """
-        _check_messages(messages)
+        # a template without tool calls would drop tool messages without a word: refuse them
+        _check_messages(messages, ROLES if "tool_calls" in self.chat_template else ROLES[:3])
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         variables = {n: getattr(self, n) for n in _SPECIAL_NAMES if getattr(self, n) is not None}
         variables.update(extra_template_vars)
-        text = self._template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+        messages = [dict(m) for m in messages]
+        if tools and "tools" not in self.chat_template:
+            from .tool_calls import tools_prompt
+            if messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": ""})
+            messages[0]["content"] += tools_prompt(tools)
+        text = self._template.render(messages=messages, tools=tools or None, documents=None,
                                      add_generation_prompt=add_generation_prompt, **variables)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

@@ -222,6 +222,17 @@ class LLMEngine:
                                      f"{self.max_model_len}, leaving no room for output", "prompt")
         self.check_token_ids(prompt_token_ids, "prompt")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.structured_outputs is not None:
+            self.grammar_compiler.compile(params.structured_outputs)  # compiled once, then cached
+
+    @functools.cached_property
+    def grammar_compiler(self):
+        """The grammars of structured outputs (structured_outputs.py), made on the first request that
+        has one: requests without pay nothing, not even the tokenizer's conversion."""
+        from ..structured_outputs import GrammarCompiler, GrammarMasks
+        compiler = GrammarCompiler(self.tokenizer, self.model.args.vocab_size)
+        self.runner.sampler.grammars = GrammarMasks(compiler)
+        return compiler
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:

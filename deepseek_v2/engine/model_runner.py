@@ -159,6 +159,7 @@ class ModelRunner:
     def run(self, sched: SchedulerOutput) -> list[StepResult]:
         """One step (on rank 0); returns one StepResult per scheduled sequence, in sched.scheduled order."""
         step = self.prepare_inputs(sched)
+        self.sampler.prepare([step.items[k].seq for k in step.sample_rows])  # overlaps with the forward
         if self.control is not None:
             self.control.send(step.forward)  # the other ranks run the same forward
         return self.sample(step, self.forward(step.forward))
