@@ -14,6 +14,7 @@ _EXPORTS = {
     "EngineConfig": "deepseek_v2.config",
     "LLM": "deepseek_v2.llm",
     "SamplingParams": "deepseek_v2.sampling_params",
+    "StructuredOutputsParams": "deepseek_v2.sampling_params",
     "InvalidRequestError": "deepseek_v2.sampling_params",
     "Tokenizer": "deepseek_v2.tokenizer",
     "LLMEngine": "deepseek_v2.engine.llm_engine",

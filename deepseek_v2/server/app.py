@@ -240,7 +240,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         check_model(body.model)
         core = llm()
         check_counts(body, core.config.max_waiting_requests)
-        params = body.to_sampling_params()
+        params = body.to_sampling_params(core.tokenizer)
         try:
             body.check_chars(core.check_prompt_chars)  # before the text is tokenized
         except InvalidRequestError as e:

@@ -19,7 +19,9 @@ from typing import Annotated, Any, Literal
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..sampling_params import SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams
+from .. import tool_calls as tc
+from ..sampling_params import (SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams,
+                               StructuredOutputsParams)
 from ..tokenizer import Tokenizer
 
 CheckChars = Callable[[int, str], None]  # (number of characters, param): raises ContextLengthError
@@ -81,7 +83,9 @@ def tokenize(param: str, fn, *args, **kwargs):
         raise APIError(400, f"{param} cannot be tokenized: {e}", param=param, code="invalid_value") from None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage", "StreamOptions"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage", "StreamOptions",
+              "ResponseFormat", "JsonSchemaFormat", "ToolDef", "FunctionDef", "NamedToolChoice", "ToolCallIn",
+              "FunctionCallIn", "FunctionName"}
 
 
 class OpenAIModel(BaseModel):
@@ -95,6 +99,18 @@ TokenIds = Annotated[list[int], Field(min_length=1)]
 # ---- requests --------------------------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -121,18 +137,50 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def param_name(self, engine_param: str) -> str:
         """The request field that carries an engine parameter (SamplingParams' field, or "prompt")."""
+        if engine_param == "structured_outputs":
+            return self.structured_field
         return engine_param
+
+    @property
+    def structured_field(self) -> str:
+        """The request field the output's grammar came from."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The grammar the request asks for, from response_format or structured_outputs."""
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        if self.structured_outputs is not None:
+            known = {"json", "regex", "choice", "grammar", "json_object"}
+            unknown = sorted(set(self.structured_outputs) - known)
+            if unknown:
+                raise APIError(400, f"structured_outputs.{unknown[0]} is not supported (known: {', '.join(sorted(known))})",
+                               param="structured_outputs", code="unsupported")
+            return StructuredOutputsParams(**self.structured_outputs)
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
 
     def invalid(self, error: InvalidRequestError) -> APIError:
         """An engine rule the request broke, as a 400 naming the request's field."""
         code = "context_length_exceeded" if isinstance(error, ContextLengthError) else "invalid_value"
         return APIError(400, str(error), param=self.param_name(error.param), code=code)
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                         structured: StructuredOutputsParams | None = None,
+                         skip_special_tokens: bool | None = None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
         if self.stream_options is not None and not self.stream:
@@ -145,8 +193,10 @@ class SamplingFields(OpenAIModel):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured or self.structured())
         except InvalidRequestError as e:
             raise self.invalid(e) from None
 
@@ -194,7 +244,7 @@ class CompletionRequest(SamplingFields):
     def param_name(self, engine_param: str) -> str:
         return "logprobs" if engine_param == "prompt_logprobs" else engine_param  # echo's prompt logprobs
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tokenizer: Tokenizer | None = None) -> SamplingParams:
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported (this server does no fill-in-the-middle)",
                            param="suffix", code="unsupported")
@@ -214,15 +264,51 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionCallIn(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(OpenAIModel):
+    """A tool call of an earlier assistant message."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(OpenAIModel):
-    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})  # see conversation()
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]})
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class FunctionDef(OpenAIModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ToolDef(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -233,8 +319,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the chat template writes the BOS itself
-    tools: list[dict[str, Any]] | None = None  # refused unless empty
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -248,53 +335,105 @@ class ChatCompletionRequest(SamplingFields):
         """Refuse messages too long for the context before the template runs (it only adds text)."""
         check(sum(len(m.text()) for m in self.messages), "messages")
 
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is offered tools (and its output is parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.uses_tools else None
+
+    def check_tools(self, tokenizer: Tokenizer) -> None:
+        """Tools, and tool calls or results in the conversation, need a checkpoint that can call tools."""
+        history = any(m.tool_calls or m.role == "tool" for m in self.messages)
+        if (self.uses_tools or history) and not tc.supports_tools(tokenizer):
+            raise APIError(400, "this model's chat template has no tool calling (it needs a checkpoint whose "
+                                "template and tokens carry tool calls, as DeepSeek-V2.5 and DeepSeek-Coder-V2-0724 "
+                                "do); send the request without tools", param="tools" if self.tools else "messages",
+                           code="unsupported")
+
     def prompts(self, tokenizer: Tokenizer, check: CheckChars) -> list[tuple[str | None, list[int]]]:
         """The conversation's token ids. The template and the tokenizing: call it off the event loop."""
-        ids = encode_chat(tokenizer, check, self.messages, self.add_generation_prompt)
+        ids = encode_chat(tokenizer, check, self.messages, self.add_generation_prompt, self.tool_dicts())
         if self.add_special_tokens and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         return [(None, ids)]
 
     def param_name(self, engine_param: str) -> str:
+        if engine_param == "structured_outputs" and self.tool_grammar_wanted:
+            return "tools"  # the grammar is made of their parameters' schemas
         renamed = {"prompt": "messages", "logprobs": "top_logprobs",
                    "max_tokens": "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"}
-        return renamed.get(engine_param, engine_param)
+        return renamed.get(engine_param, super().param_name(engine_param))
 
-    def to_sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools", code="unsupported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported")
+    @property
+    def tool_grammar_wanted(self) -> bool:
+        """tool_choice "required" or a named function: the output is forced into a call."""
+        return self.uses_tools and self.tool_choice not in (None, "auto")
+
+    def to_sampling_params(self, tokenizer: Tokenizer | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        structured, skip_special = None, None
+        if tokenizer is not None:
+            self.check_tools(tokenizer)
+        if self.uses_tools:
+            skip_special = False  # the parser reads the tool-call tokens in the text
+            names = [t.function.name for t in self.tools]
+            if len(set(names)) < len(names):
+                raise APIError(400, "tools must have different names", param="tools")
+            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+                raise APIError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                               param="tool_choice")
+            if self.tool_grammar_wanted:
+                if self.structured() is not None:
+                    raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                        "response_format", param="tool_choice")
+                if tokenizer is not None:
+                    name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+                    structured = StructuredOutputsParams(grammar=tc.tool_grammar(
+                        tokenizer, self.tool_dicts(), name, parallel=self.parallel_tool_calls))
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(self.max_new_tokens, logprobs, None)
+        return self._sampling_params(self.max_new_tokens, logprobs, None, structured, skip_special)
 
     def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
         self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")
 
 
 def encode_chat(tokenizer: Tokenizer, check: CheckChars, messages: list[ChatMessage],
-                add_generation_prompt: bool) -> list[int]:
+                add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
     """The token ids of the rendered chat template; a rendering too long for the context is refused
     before it is tokenized."""
     text = tokenize("messages", tokenizer.apply_chat_template, conversation(messages),
-                    add_generation_prompt=add_generation_prompt, tokenize=False)
+                    add_generation_prompt=add_generation_prompt, tokenize=False, tools=tools)
     check(len(text), "messages")
     return tokenize("messages", tokenizer.encode, text, add_special_tokens=False)  # the template wrote the BOS
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def conversation(messages: list[ChatMessage]) -> list[dict]:
     """Messages as {"role", "content"} dicts for the chat template ("developer" is OpenAI's new
-    name for "system"); an unknown role is a 400."""
+    name for "system"), with an assistant's tool_calls (its content None when empty, which is how
+    DeepSeek's templates tell a call from a reply) and a tool's tool_call_id; an unknown role is a 400."""
     out = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.role!r}",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role must be 'system', 'user', 'assistant' or 'tool', got {m.role!r}",
                            param=f"messages.{i}.role", code="invalid_value")
-        out.append({"role": role, "content": m.text()})
+        if m.tool_calls and role != "assistant":
+            raise APIError(400, f"messages[{i}]: only assistant messages have tool_calls",
+                           param=f"messages.{i}.tool_calls")
+        d = {"role": role, "content": m.text()}
+        if m.tool_calls:
+            d["content"] = m.text() or None
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
     return out
 
 

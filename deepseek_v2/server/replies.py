@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from .. import tool_calls as tc
 from ..engine.async_engine import EngineDeadError, EngineNotReadyError, RequestAbortedError
 from ..engine.llm_engine import StepError
 from ..outputs import CompletionOutput, RequestOutput
@@ -235,9 +236,30 @@ class CompletionReply(Reply):
 
 
 class ChatReply(Reply):
-    """`/v1/chat/completions`: assistant messages, chat-style logprobs."""
+    """`/v1/chat/completions`: assistant messages, chat-style logprobs; with tools, the model's tool
+    calls parsed out of its text (tool_calls.py) and streamed as OpenAI streams them, with
+    finish_reason "tool_calls"."""
 
     prefix = "chatcmpl"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.parsers: dict[int, tc.ToolCallParser] = {}  # choice -> its streaming parser, with tools
+
+    @staticmethod
+    def finish_reason(o: CompletionOutput, calls: list) -> str | None:
+        return "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
+
+    def stream_tools(self, idx: int, o: CompletionOutput) -> tuple[str, list[R.DeltaToolCall], str | None]:
+        """Content, tool-call deltas and finish reason of a streamed piece, with tools."""
+        parser = self.parsers.setdefault(idx, tc.ToolCallParser())
+        content, deltas = parser.feed(o.delta_text)
+        if o.finish_reason is not None:
+            content += parser.finish()
+        calls = [R.DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                 function=R.DeltaFunctionCall(name=d.name, arguments=d.arguments if d.id is None
+                                                              else "")) for d in deltas]
+        return content, calls, self.finish_reason(o, parser.calls)
 
     def chat_logprobs(self, token_ids: list[int], entries: list | None) -> R.ChatLogprobs | None:
         if not self.body.logprobs:
@@ -260,22 +282,36 @@ class ChatReply(Reply):
                 for k in range(len(self.prompts) * self.n)]
 
     def delta_choice(self, i, out, o, first):
-        if not o.delta_text and o.finish_reason is None and not (self.body.logprobs and o.delta_token_ids):
+        content, calls, finish = o.delta_text, [], o.finish_reason
+        if self.body.uses_tools:
+            content, calls, finish = self.stream_tools(self.index(i, o), o)
+        if not content and not calls and finish is None and not (self.body.logprobs and o.delta_token_ids):
             return None
-        delta = R.DeltaMessage(content=o.delta_text) if o.delta_text else R.DeltaMessage()
+        delta = R.DeltaMessage(content=content or None, tool_calls=calls or None)
         return R.ChatStreamChoice(index=self.index(i, o), delta=delta,
                                   logprobs=self.chat_logprobs(o.delta_token_ids, o.delta_logprobs),
-                                  finish_reason=o.finish_reason)
+                                  finish_reason=finish)
+
+    def message(self, o: CompletionOutput) -> tuple[R.ChatMessageOut, str | None]:
+        if not self.body.uses_tools:
+            return R.ChatMessageOut(content=o.text), o.finish_reason
+        content, calls = tc.ToolCallParser.parse(o.text)
+        tool_calls = [R.ToolCallOut(id=c.id, function=R.FunctionCallOut(name=c.name, arguments=c.arguments))
+                      for c in calls]
+        return R.ChatMessageOut(content=content, tool_calls=tool_calls), self.finish_reason(o, calls)
 
     def chunk(self, choices, usage=None):
         return R.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
                                      usage=usage)
 
     def body_of(self, finals):
-        choices = [R.ChatChoice(index=self.index(i, o), message=R.ChatMessageOut(content=o.text),
-                                logprobs=self.chat_logprobs(o.token_ids, o.logprobs),
-                                finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                   for i, out in enumerate(finals) for o in out.outputs]
+        choices = []
+        for i, out in enumerate(finals):
+            for o in out.outputs:
+                message, finish = self.message(o)
+                choices.append(R.ChatChoice(index=self.index(i, o), message=message,
+                                            logprobs=self.chat_logprobs(o.token_ids, o.logprobs),
+                                            finish_reason=finish, stop_reason=o.stop_reason))
         choices.sort(key=lambda c: c.index)
         return R.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                         usage=self.usage(finals)).model_dump(mode="json")
