@@ -4,6 +4,7 @@ read its metrics."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The sum of the deepseek_v2:<name> series of a /metrics text whose labels include `labels`
+    (whatever the labels' order)."""
+    out = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"deepseek_v2:{name}{{"):
+            head, value = line.rsplit(" ", 1)
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', head))
+            if all(found.get(k) == v for k, v in labels.items()):
+                out += float(value)
+    return out
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from server_process import start_server, stop_server
+from server_process import series, start_server, stop_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -100,7 +100,7 @@ def test_stop_copy_and_clear(page, server):
     page.wait_for_function("document.body.dataset.busy === ''")
     assert page.locator("#status").text_content() == "stopped"
     deadline = time.monotonic() + 5  # the server aborted the request: nothing runs any more
-    while f'deepseek_v2:num_requests_running{{model_name="{MODEL}"}} 0' not in httpx.get(server + "/metrics").text:
+    while series(httpx.get(server + "/metrics").text, "num_requests_running", model_name=MODEL) != 0:
         assert time.monotonic() < deadline, "the stopped request is still running"
         time.sleep(0.05)
     page.locator(".msg.assistant .copy").last.click()
@@ -110,3 +110,24 @@ def test_stop_copy_and_clear(page, server):
     assert page.locator(".msg").count() == 0
     set_controls(page, "", "0", "8")
     assert send(page, "Fresh start") == greedy_reply(server, [{"role": "user", "content": "Fresh start"}], 8)
+
+
+def test_without_the_key_the_message_is_kept_and_the_page_asks_for_the_key(page, server):
+    assert httpx.get(server + "/favicon.ico").status_code == 200
+    fresh = page.context.browser.new_context()  # its own storage: no key saved
+    page = fresh.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'not connected'")
+    assert "API key box" in page.locator("#status").text_content()
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('API key box')")
+    assert page.input_value("#input") == "Hello there"  # not lost
+    assert page.locator(".msg").count() == 0
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('context')")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === 1", timeout=30000)
+    assert page.input_value("#input") == ""
+    fresh.close()

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jsonschema
+
 import httpx
 import pytest
 import torch
 
 from deepseek_v2 import LLM, SamplingParams
-from server_process import start_server, stop_server
+from server_process import series, start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -228,9 +230,10 @@ def test_api_keys(server):
     assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(server + "/health").status_code == 200  # only /v1 is protected
     metrics = httpx.get(server + "/metrics").text
-    assert 'deepseek_v2:api_key_completion_tokens_total{model_name="tiny",api_key="key-2"} 2' in metrics
-    assert 'api_key="unauthorized",handler="/v1/completions",status="401"' in metrics
-    assert 'api_key="anonymous",handler="/health",status="200"' in metrics  # every response is counted
+    assert series(metrics, "api_key_completion_tokens_total", model_name="tiny", api_key="key-2") == 2
+    assert series(metrics, "http_requests_total", api_key="unauthorized", handler="/v1/completions", status="401")
+    # every response is counted
+    assert series(metrics, "http_requests_total", api_key="anonymous", handler="/health", status="200")
 
 
 def test_service_routes(server):
@@ -257,7 +260,7 @@ def test_metrics(server, client):
     assert values[f"deepseek_v2:generation_tokens_total{label}"] >= 3
     assert values[f"deepseek_v2:time_to_first_token_seconds_count{label}"] > 0
     assert values[f"deepseek_v2:time_per_output_token_seconds_count{label}"] > 0
-    assert values['deepseek_v2:time_to_first_token_seconds_bucket{model_name="tiny",le="+Inf"}'] > 0
+    assert series(text, "time_to_first_token_seconds_bucket", model_name="tiny", le="+Inf") > 0
 
 
 def test_concurrent_streams(server, llm):
@@ -274,3 +277,33 @@ def test_concurrent_streams(server, llm):
             return await asyncio.gather(*(one(aclient, p) for p in prompts))
 
     assert asyncio.run(main()) == expect
+
+
+# ---- structured outputs ---------------------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 2}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_on_chat_and_completions(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A person?"}],
+                                          max_tokens=80, temperature=0, response_format=fmt)
+    jsonschema.validate(json.loads(chat.choices[0].message.content), PERSON)
+    done = client.completions.create(model="tiny", prompt="Person:", max_tokens=80, temperature=0.9, seed=2,
+                                     extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(done.choices[0].text), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "A person?"}], max_tokens=80, temperature=0,
+        response_format=fmt, stream=True) if c.choices)
+    assert streamed == chat.choices[0].message.content
+
+
+def test_structured_outputs_choice_and_json_object(client):
+    r = client.completions.create(model="tiny", prompt="Is it?", max_tokens=8, temperature=1.0, n=4, seed=1,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert {c.text for c in r.choices} <= {"yes", "no"}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON please"}],
+                                       max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)

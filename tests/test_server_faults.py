@@ -21,7 +21,7 @@ from deepseek_v2.engine.llm_engine import LLMEngine, StepError
 from deepseek_v2.engine.workers import WorkerError
 from deepseek_v2.sampling_params import SamplingParams
 from faulty_server import FATAL_FAULT, STEP_FAULT
-from server_process import read, start_server, stop_server
+from server_process import read, series, start_server, stop_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -135,7 +135,7 @@ def test_tokenizing_does_not_hold_the_event_loop_and_framework_errors_are_counte
         r = client.get("/metrics")
         assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
         async_engine.stats = stats
-        assert 'handler="/metrics",status="500"} 1' in client.get("/metrics").text
+        assert series(client.get("/metrics").text, "http_requests_total", handler="/metrics", status="500") == 1
 
 
 # ---- servers ---------------------------------------------------------------------------------------
@@ -177,8 +177,7 @@ def test_past_the_grace_period_requests_get_the_aborted_error_and_the_exit_is_cl
                     return [line[len("data: "):] async for line in r.aiter_lines() if line]
 
             tasks = [asyncio.ensure_future(stream()), asyncio.ensure_future(client.post(C, json=long))]
-            running = 'num_requests_running{model_name="deepseek-v2-default"} 2'
-            while running not in (await client.get("/metrics")).text:  # both are generating
+            while series((await client.get("/metrics")).text, "num_requests_running") != 2:  # both are generating
                 await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)

@@ -30,7 +30,7 @@ from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotRead
 from ..sampling_params import InvalidRequestError
 from . import protocol as P
 from . import responses as R
-from .metrics import ServerMetrics
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .middleware import Accounting, BodyLimit, KeyAuth
 from .protocol import APIError, error_body
 from .replies import ChatReply, CompletionReply
@@ -303,7 +303,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text format 0.0.4"}})
     async def prometheus_metrics():
-        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(engine.stats()), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/version")
     async def version() -> R.VersionResponse:
@@ -354,5 +354,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     @app.get("/", include_in_schema=False)
     async def chat_page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it; an SVG under that name is shown by every current one
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     return app
