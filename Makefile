@@ -15,18 +15,22 @@ $(BIN)/python:
 
 TORCH_WHEEL := $(firstword $(wildcard $(LOCAL_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl))
 
+# pip's own progress bars show while it downloads (the first install takes a minute or two).
 $(VENV)/.torch: | $(BIN)/python
-	@$(BIN)/python -c "import torch" 2>/dev/null || \
-	  ( [ -n "$(TORCH_WHEEL)" ] && $(BIN)/pip install -q "$(TORCH_WHEEL)" ) || \
-	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	@$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  echo "[1/2] installing torch $(TORCH_VERSION) (the largest download)"; \
+	  ( [ -n "$(TORCH_WHEEL)" ] && $(BIN)/pip install --progress-bar on "$(TORCH_WHEEL)" ) || \
+	  $(BIN)/pip install --progress-bar on "torch==$(TORCH_VERSION)"; }
 	@touch $@
 
 $(VENV)/.run: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[server]"
+	@echo "[2/2] installing deepseek-v2 and its server extra"
+	$(BIN)/pip install --progress-bar on -e ".[server]"
 	@touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[server,train,test]"
+	@echo "[2/2] installing deepseek-v2 with the server, train and test extras"
+	$(BIN)/pip install --progress-bar on -e ".[server,train,test]"
 	@touch $@ $(VENV)/.run
 
 run: $(VENV)/.run

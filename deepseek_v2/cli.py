@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-from .flags import add_engine_arguments, add_model_argument, add_model_arguments, engine_kwargs
+from .flags import (add_engine_arguments, add_model_argument, add_model_arguments, check_device, check_model,
+                    engine_kwargs)
 from .parallel import launch_env
 from .plan import DTYPE_BYTES
 
@@ -43,49 +44,70 @@ def engine_source(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
+    """The engine of a command's flags; every flag and the checkpoint's files are checked first, so
+    a mistake is reported before the seconds of loading."""
     from .engine.llm_engine import LLMEngine
     from .tokenizer import Tokenizer
     source, config, dtype, device = engine_source(args)
-    source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
+    check_device(device)
+    check_model(source.path)  # a missing, foreign or truncated directory is named before its tokenizer is read
     return LLMEngine.from_source(source, Tokenizer.from_pretrained(source.path), config, dtype, device)
 
 
-def stream(engine, prompt, params, out=sys.stdout) -> str:
-    """Run one request, printing text as it comes; returns the whole text."""
+def stream(engine, prompt, params, out=sys.stdout, lstrip: bool = False) -> str:
+    """Run one request, printing text as it comes (lstrip: without the leading whitespace, as after
+    a chat template's "Assistant:"); returns the whole text. Ctrl-C stops the request and raises."""
     rid = f"cli-{id(prompt)}-{len(engine.requests)}"
     engine.add_request(rid, prompt, params)
     text = ""
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.request_id == rid:
-                out.write(o.outputs[0].delta_text)
-                out.flush()
-                text = o.outputs[0].text
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.request_id == rid:
+                    delta = o.outputs[0].delta_text
+                    if lstrip and not text.strip():
+                        delta = delta.lstrip()
+                    out.write(delta)
+                    out.flush()
+                    text = o.outputs[0].text
+    except KeyboardInterrupt:
+        engine.abort(rid)
+        out.write("\n")
+        raise
     out.write("\n")
-    return text
+    return text.lstrip() if lstrip else text
 
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_generate(args) -> None:
+    params = sampling_params(args)  # a bad value is an error now, not after loading
     engine = load_engine(args)
     prompt = args.prompt
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True)
-    stream(engine, prompt, sampling_params(args))
+    stream(engine, prompt, params, lstrip=args.chat)
 
 
 def cmd_chat(args) -> None:
-    engine = load_engine(args)
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
     params = sampling_params(args)
+    engine = load_engine(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with the model. /reset clears the conversation, /exit quits.", file=sys.stderr)
+    print("Chat with the model. Ctrl-C stops a reply; /reset clears the conversation; /exit or Ctrl-D quits.",
+          file=sys.stderr)
     while True:
         try:
             line = input("You: ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+            continue
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
@@ -97,23 +119,25 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": line})
         ids = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
         sys.stdout.write("Assistant: ")
-        reply = stream(engine, ids, params)
+        try:
+            reply = stream(engine, ids, params, lstrip=True)
+        except KeyboardInterrupt:  # the reply stops; the conversation goes on with what was said
+            print("(stopped)", file=sys.stderr)
+            reply = ""
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply.strip()})
 
 
 def cmd_info(args) -> None:
-    from .config import PRESETS, ModelArgs
-    from .config import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL, PRESETS
     if args.shape:
         if args.shape not in PRESETS:
             raise ValueError(f"unknown shape {args.shape!r} (known: {', '.join(PRESETS)})")
         a, source = PRESETS[args.shape], f"built-in shape {args.shape}"
     else:
         source = args.model or DEFAULT_MODEL
-        from .checkpoint import weight_files
-        from pathlib import Path
-        a = ModelArgs.from_pretrained(source)
-        weight_files(Path(source))  # a clear error when the weights are missing
+        a = check_model(source)  # missing or truncated weights are an error, not a report
     plan_lines = memory_plan_lines(a, args)  # before any output: a bad size is one line of error, not half a report
     counts = a.num_parameters()
     bytes_per_value = DTYPE_BYTES[args.cache_dtype]
@@ -174,17 +198,34 @@ def cmd_demo(args) -> None:
     question = "What does the Python function len do?"
     print(f"User: {question}\nAssistant:", end="", flush=True)
     ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    stream(engine, ids, SamplingParams(temperature=0, max_tokens=96))
+    print(" ", end="")
+    stream(engine, ids, SamplingParams(temperature=0, max_tokens=96), lstrip=True)
     prompt = "The dictionary is a data structure that"
     print(f"\nCompletion of {prompt!r}:\n{prompt}", end="", flush=True)
     stream(engine, prompt, SamplingParams(temperature=0, max_tokens=64))
-    print("\nChat interactively: .venv/bin/deepseek-v2 chat    "
-          "Start the OpenAI-compatible server: .venv/bin/deepseek-v2 serve  (then open http://127.0.0.1:8000/)")
+    command = command_name()
+    print(f"\nNext:\n  {command} chat     chat in the terminal\n"
+          f"  {command} serve    the OpenAI-compatible server, with a chat page at http://127.0.0.1:8000/")
+
+
+def command_name() -> str:
+    """How to run this command from here: its name when it is on PATH, else its path (a virtual
+    environment that is not activated), relative to the working directory when shorter."""
+    import os
+    import shutil
+    script = os.path.join(os.path.dirname(sys.executable), "deepseek-v2")
+    found = shutil.which("deepseek-v2")
+    if found and os.path.realpath(found) == os.path.realpath(script) or not os.path.exists(script):
+        return "deepseek-v2"
+    relative = os.path.relpath(script)
+    return relative if len(relative) < len(script) else script
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="deepseek-v2", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    parser.add_argument("--version", action="version", version=f"deepseek-v2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="a chat reply and a completion from the default model")
@@ -227,8 +268,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             try:
                 mod = importlib.import_module(module)
             except ImportError as e:
-                raise SystemExit(f"deepseek-v2 {name}: error: a dependency is missing ({e}); "
-                                 "install the extras: pip install 'deepseek-v2[server,train]'")
+                extra = "train" if name in ("train", "sft") else "server"
+                raise SystemExit(f"deepseek-v2 {name}: error: {e.name or 'a dependency'} is not installed; "
+                                 f"install the {extra} extra: pip install 'deepseek-v2[{extra}]'")
             getattr(mod, adder)(p)
             p.set_defaults(func=getattr(mod, runner))
     return parser

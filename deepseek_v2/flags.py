@@ -1,4 +1,5 @@
-"""The flags every command shares: which checkpoint to load (--model, --dtype, --device) and the engine
+"""The flags every command shares: which checkpoint to load (--model, --dtype, --device, checked by
+`check_model` and `check_device` before anything loads, in the same words for every command) and the engine
 knobs. The engine flags are generated from EngineConfig's fields, so a knob's name, type, default and
 help are written once, in config.py; `engine_kwargs` turns the parsed flags back into its fields."""
 
@@ -8,7 +9,7 @@ import argparse
 import dataclasses
 import typing
 
-from .config import EngineConfig
+from .config import DEFAULT_MODEL, EngineConfig
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 SERVER_ONLY = {"max_waiting_requests"}  # a limit on the HTTP server's queue; no other command has one
@@ -59,3 +60,31 @@ def add_engine_arguments(parser: argparse.ArgumentParser, server: bool = False,
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig's keyword arguments from the parsed flags; a field without a flag keeps its default."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+
+
+def check_model(path: str | None):
+    """The architecture of a checkpoint directory, after checking its files are whole: every command
+    names a missing, foreign or truncated checkpoint in the same words, before anything is loaded."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .checkpoint import checkpoint_args, weight_files
+    path = path or DEFAULT_MODEL
+    args = checkpoint_args(path)
+    for file in weight_files(Path(path)):
+        try:
+            with safe_open(str(file), "pt"):  # reads the header and checks the file holds what it lists
+                pass
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    return args
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a CUDA device this torch cannot use, before anything is loaded."""
+    import torch
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        why = ("this torch is a CPU build (install a CUDA build of torch: see the README's Install)"
+               if torch.version.cuda is None else "no CUDA GPU is visible")
+        raise ValueError(f"--device {device}: {why}; or use --device cpu")

@@ -104,6 +104,15 @@ class Tokenizer:
             raise ValueError(f"invalid tokenizer in {tokenizer_json}: {e}") from e
         return cls(backend, _read_json(os.path.join(path, "tokenizer_config.json")))
 
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json` (with the chat template) into a directory,
+        so that a checkpoint saved beside them can be loaded and served on its own."""
+        os.makedirs(path, exist_ok=True)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        config = {**self.config, "chat_template": self.chat_template}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+
     def _set_post_processor(self):
         bos = self.bos_token if self.add_bos_token and self.bos_token else None
         eos = self.eos_token if self.add_eos_token and self.eos_token else None

@@ -83,3 +83,64 @@ def test_bench_runs_on_cpu_and_reports_every_figure(tmp_path, tp):
     assert set(ours) == {"decode_b1", "throughput_b1", "throughput_b2", "prefill", "ttft"}
     assert ours["decode_b1"]["tokens_per_s"] > 0 and ours["prefill"]["tokens_per_s"] > 0
     assert "random weights" in result["source"] and "| batch-1 decode" in r.stdout
+
+
+def test_model_errors_read_the_same_in_every_command_and_a_truncated_checkpoint_fails(tmp_path):
+    import shutil
+    shutil.copytree("deepseek_v2/default_model", tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1_000_000])  # a download cut short
+    for path, message in [(tmp_path / "none", "no such checkpoint directory"), (tmp_path / "m", "truncated")]:
+        errors = set()
+        for command in (["generate", "hi"], ["info"], ["serve", "--port", "1"]):
+            r = run(*command, "--model", str(path))
+            assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (command, r.stderr)
+            errors.add(r.stderr.split("error: ", 1)[1])
+        assert len(errors) == 1  # the same words from generate, info and serve
+
+
+def test_flags_are_checked_before_the_model_loads(tmp_path):
+    import shutil
+    shutil.copytree("deepseek_v2/default_model", tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 100)  # loading it would fail
+    for flags, message in [(["--temperature", "-1"], "temperature"),
+                           (["--max-num-seqs", "0"], "max_num_seqs")]:
+        r = run("generate", "hi", "--model", str(tmp_path / "m"), *flags)
+        assert r.returncode == 1 and message in r.stderr and "corrupt" not in r.stderr, r.stderr
+    r = run("generate", "hi", "--device", "cuda")
+    import torch
+    if not torch.cuda.is_available():
+        assert r.returncode == 1 and "--device cuda" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_version_and_serve_on_a_busy_port():
+    import socket
+    from deepseek_v2 import __version__
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"deepseek-v2 {__version__}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("serve", "--port", str(s.getsockname()[1]))
+    assert r.returncode == 1 and "Address already in use" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_chat_ctrl_c_stops_the_reply_and_the_conversation_goes_on():
+    import os
+    import signal
+    import time
+    proc = subprocess.Popen([*CLI, "chat", "--max-tokens", "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc.stdin.write("Write forever\n")
+    proc.stdin.flush()
+    seen = ""
+    while len(seen) < len("You: Assistant: ") + 20:  # the reply has started
+        seen += proc.stdout.read(1)
+    assert "Assistant:  " not in seen  # one space after the label, not the template's two
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("hello\n/exit\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "(stopped)" in err and out.count("Assistant: ") == 1 and (seen + out).count("Assistant:") == 2

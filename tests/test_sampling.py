@@ -113,7 +113,8 @@ def test_stop_tokens_are_masked_until_min_tokens():
     (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_p=1.5), "min_p"),
     (dict(min_tokens=5, max_tokens=4), "min_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
-    (dict(seed=2**64), "seed"),
+    (dict(seed=2**64), "seed"), (dict(stop=5), "stop"), (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
 ])
 def test_invalid_params_name_their_parameter(kw, param):
     with pytest.raises(InvalidRequestError) as info:

@@ -97,6 +97,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.workers, self.control = workers, control
         self.max_model_len = engine_max_model_len(config, model.args)
+        if config.max_model_len and config.max_model_len > self.max_model_len:
+            logger.warning("max_model_len %d is above the model's limit (max_position_embeddings %d); using %d",
+                           config.max_model_len, self.max_model_len, self.max_model_len)
         self.runner = ModelRunner(model, config, self.max_model_len, tp=model.tp, control=control, graphs=graphs)
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:

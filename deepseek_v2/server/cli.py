@@ -18,7 +18,11 @@ import os
 import signal
 import sys
 
-from ..flags import add_engine_arguments, add_model_arguments, engine_kwargs
+import socket
+
+import uvicorn  # imported here, so that `deepseek-v2 serve` without the server extra says which to install
+
+from ..flags import add_engine_arguments, add_model_arguments, check_device, check_model, engine_kwargs
 from .app import Limits
 
 API_KEY_ENV = "DEEPSEEK_V2_API_KEY"  # comma-separated keys, kept out of `ps` output
@@ -52,20 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Serve until SIGTERM / Ctrl+C; raises FileNotFoundError for a missing checkpoint and
-    EngineDeadError (a RuntimeError) when loading fails."""
-    import uvicorn
-
+    """Serve until SIGTERM / Ctrl+C; raises FileNotFoundError or ValueError for a missing or broken
+    checkpoint or a bad flag, OSError for an address in use, and EngineDeadError (a RuntimeError) when
+    loading fails."""
+    from ..config import DEFAULT_MODEL, EngineConfig
     from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
-    from ..config import DEFAULT_MODEL
     from .app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("deepseek_v2")
     log.setLevel(args.log_level.upper())
     model = args.model or DEFAULT_MODEL
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise FileNotFoundError(f"{model}: no config.json (not a checkpoint directory)")
+    # Everything that can be refused is refused before the model loads: the checkpoint, the device,
+    # the engine flags and the port.
+    check_model(model)
+    check_device(args.device)
+    EngineConfig(**engine_kwargs(args))
+    check_port(args.host, args.port)
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
     engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
@@ -120,12 +127,28 @@ def run(args: argparse.Namespace) -> None:
     asyncio.run(serve())
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise OSError, in one line, if the address is taken (uvicorn would say so only after loading)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror} (another server? choose one with "
+                          "--port)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-v2 serve", description="OpenAI-compatible server")
     add_arguments(parser)
     try:
         run(parser.parse_args(argv))
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"deepseek-v2 serve: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl+C: uvicorn raises it again after its shutdown

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,12 +17,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..config import ModelArgs
 from ..model import DeepseekV2ForCausalLM
+from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import DataOrder
 from .processes import Processes
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STATE_FILE = "train_state.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what Tokenizer.save_pretrained writes
 
 
 def load_train_state(path: Path, model, optimizer, order: DataOrder, procs: Processes) -> tuple[int, int, float]:
@@ -68,5 +68,4 @@ def export_hf(state_dict: dict, args: ModelArgs, path: Path, dtype: str, tokeniz
         model = DeepseekV2ForCausalLM(args)
     model.load_state_dict(state_dict, assign=True)
     model.to(getattr(torch, dtype)).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(tokenizer_dir) / name, path / name)
+    Tokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
