@@ -97,17 +97,14 @@ def cmd_chat(args) -> None:
     params = sampling_params(args)
     engine = load_engine(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with the model. Ctrl-C stops a reply; /reset clears the conversation; /exit or Ctrl-D quits.",
-          file=sys.stderr)
+    print("Chat with the model. Ctrl-C stops a reply (at the prompt it quits, as do /exit and Ctrl-D); "
+          "/reset clears the conversation.", file=sys.stderr)
     while True:
         try:
             line = input("You: ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # at the prompt, Ctrl-C quits (during a reply it stops the reply)
             print()
             return
-        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
-            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
-            continue
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":

@@ -135,9 +135,8 @@ class GrammarMasks:
             return logits
         ids = [seqs[i].seq_id for i in rows]
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == ids:
-            bitmask = pending[1].result()
-        else:  # not prepared (a sampler called on its own): fill now
+        bitmask = pending[1].result() if pending is not None else None  # never two fills of a matcher at once
+        if pending is None or pending[0] != ids:  # not prepared for these rows (a sampler called on its own)
             bitmask = self._fill([self._matcher(seqs[i]) for i in rows])
         V = logits.shape[1]
         words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)

@@ -144,3 +144,9 @@ def test_chat_ctrl_c_stops_the_reply_and_the_conversation_goes_on():
     out, err = proc.communicate("hello\n/exit\n", timeout=120)
     assert proc.returncode == 0, err
     assert "(stopped)" in err and out.count("Assistant: ") == 1 and (seen + out).count("Assistant:") == 2
+
+
+def test_torch_finds_numpy():
+    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.zeros(2).numpy().sum())"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Failed to initialize NumPy" not in r.stderr, r.stderr

@@ -193,7 +193,12 @@ def test_ctrl_c_stops_every_process():
     try:
         proc.stdin.write("hello\n")
         proc.stdin.flush()
-        line = proc.stdout.readline()  # the first reply: both ranks are up and have run steps
+        line = ""  # the first reply, up to the next prompt: both ranks are up and have run steps, and the
+        while line.count("You: ") < 2:  # chat waits at its prompt (Ctrl-C during a reply only stops the reply)
+            char = proc.stdout.read(1)
+            if not char:
+                break
+            line += char
         assert line.startswith("You: Assistant:"), line + proc.stderr.read()
         ranks = children(proc.pid)
         assert len(ranks) == 1

@@ -200,3 +200,19 @@ def test_corrupt_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": 1}', encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer.json"):
         Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """A saved tokenizer (with tokens added on top of tokenizer.json and its own chat template) loads
+    back the same, so a model saved beside it can be served on its own."""
+    from tool_model import make_tool_checkpoint
+    original = Tokenizer.from_pretrained(make_tool_checkpoint(tmp_path / "src"))
+    original.save_pretrained(tmp_path / "out")
+    again = Tokenizer.from_pretrained(tmp_path / "out")
+    text = "User: héllo <｜tool▁calls▁begin｜> 🙂"
+    assert again.encode(text) == original.encode(text) and len(again) == len(original)
+    messages = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        original.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert (again.bos_token, again.eos_token, again.chat_template) == \
+        (original.bos_token, original.eos_token, original.chat_template)
