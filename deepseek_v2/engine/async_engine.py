@@ -15,6 +15,7 @@ States: loading (a `loader` is still building the engine), ready, draining (no n
 the grace period the rest fail with `RequestAbortedError`), dead (a fatal error: every pending
 request fails with `EngineDeadError`, new ones are refused). A step that fails in a way that harms
 only its own requests (`StepError`) fails those requests and the engine goes on.
+(About 350 lines: admission, the loop and the drain share the queues defined here.)
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ conditions and frees the sequence if it finished; it returns the outputs of the 
 
 A step that raises fails only the requests it ran: they are aborted (their blocks freed) and
 `StepError` names them, so the engine serves on. Errors that leave the device or the tensor-parallel
-group unusable (`is_fatal`) propagate as they are."""
+group unusable (`is_fatal`) propagate as they are.
+(About 370 lines: a request's life, from its checks through the step to its stop conditions and
+streamed deltas, is one piece of bookkeeping; the model's side is model_runner.py, the processes'
+workers.py.)"""
 
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ import torch
 
 from ..config import DEFAULT_MODEL, EngineConfig
 from ..model import DeepseekV2ForCausalLM
-from ..parallel import SINGLE, launch_env
-from ..plan import check_parallel_size, format_plan, memory_plan
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import ContextLengthError, InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,7 +33,7 @@ from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
-from .workers import Control, ModelSource, WorkerError, Workers, choose_device, join_group, resolve_device
+from .workers import Control, ModelSource, WorkerError, Workers, start_model
 
 logger = logging.getLogger("deepseek_v2")
 
@@ -126,32 +127,17 @@ class LLMEngine:
     @classmethod
     def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
                     dtype: str | torch.dtype = "auto", device: str | None = None) -> "LLMEngine":
-        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group whose
-        other ranks it starts on this node, or which torchrun started (then every rank but 0 runs
-        engine/workers.py's run_worker: the CLI does that)."""
-        source, device_type = resolve_device(source, dtype, device)
-        world = config.tensor_parallel_size
-        check_parallel_size(source.model_args(), world)  # before any process is started
-        if device_type == "cuda" and config.num_kv_blocks is None:
-            refuse_what_cannot_fit(source, config, torch.device(device or device_type))
-        launch = launch_env()
-        if world == 1 and launch.world == 1:
-            return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
-        if launch.world == 1:
-            workers, init_method = Workers.spawn(world, source, config, device_type)
-            ranks_per_node = world
-        elif launch.world != world:
-            raise ValueError(f"tensor_parallel_size is {world} but torchrun started {launch.world} processes")
-        else:
-            workers, init_method, ranks_per_node = Workers(world), "env://", launch.local_world
+        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group
+        (engine/workers.py's start_model starts the other ranks, or joins those torchrun started)."""
+        start = start_model(source, config, dtype, device)
         try:
-            dev, backend = choose_device(device_type, 0, ranks_per_node)
-            tp, control = join_group(0, world, init_method, backend)
-            engine = cls(source.build(tp, dev), tokenizer, config, workers, control, graphs=backend == "nccl")
+            engine = cls(start.model, tokenizer, config, start.workers, start.control, graphs=start.graphs)
         except BaseException:
-            workers.close(None)
+            if start.workers is not None:
+                start.workers.close(None)
             raise
-        atexit.register(engine.close)
+        if start.workers is not None:
+            atexit.register(engine.close)
         return engine
 
     def close(self) -> None:
@@ -401,14 +387,3 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
 
-
-def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: torch.device) -> None:
-    """Before any weight is loaded: the memory plan (plan.py, what `deepseek-v2 info` prints) of this
-    GPU; a ValueError with its figures if the weights and the activation reserve do not fit."""
-    args = source.model_args()
-    value_bytes = torch.tensor([], dtype=source.dtype).element_size()
-    total = torch.cuda.get_device_properties(device).total_memory
-    plan = memory_plan(args, config.tensor_parallel_size, total, config, value_bytes, value_bytes)
-    if not plan.weights_fit:
-        raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
-                         + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")
