@@ -202,7 +202,7 @@ def cmd_demo(args) -> None:
     stream(engine, prompt, SamplingParams(temperature=0, max_tokens=64))
     command = command_name()
     print(f"\nNext:\n  {command} chat     chat in the terminal\n"
-          f"  {command} serve    the OpenAI-compatible server, with a chat page at http://127.0.0.1:8000/")
+          f"  {command} serve    an OpenAI-compatible server; chat page at http://127.0.0.1:8000/")
 
 
 def command_name() -> str:

@@ -60,6 +60,20 @@ def lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: np.ndarray, rows: list[int]) -> torch.Tensor:
+    """logits [N, V] with the tokens that bitmask [len(rows), W] forbids in `rows` set to -inf (a copy):
+    bit t % 32 of word t // 32 set = token t allowed. Every tensor is made on the logits' device, so
+    the same code serves CPU and GPU (the test runs it on the meta device, which refuses any other)."""
+    V = logits.shape[1]
+    words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)  # [R, W] int32
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]  # [R, W * 32] -> [R, V]
+    index = torch.tensor(rows, device=logits.device)
+    logits = logits.clone()
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
 class GrammarCompiler:
     """Compiled grammars of one tokenizer, cached by their text. Safe to call from several threads
     (the server validates requests on its event loop while the engine's thread makes matchers)."""
@@ -138,14 +152,7 @@ class GrammarMasks:
         bitmask = pending[1].result() if pending is not None else None  # never two fills of a matcher at once
         if pending is None or pending[0] != ids:  # not prepared for these rows (a sampler called on its own)
             bitmask = self._fill([self._matcher(seqs[i]) for i in rows])
-        V = logits.shape[1]
-        words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)
-        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-        allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]  # [rows, V]
-        index = torch.tensor(rows, device=logits.device)
-        logits = logits.clone()
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-        return logits
+        return apply_token_bitmask(logits, bitmask, rows)
 
     def accept(self, seqs: list, tokens: list[int]) -> None:
         """Advance the matchers of the constrained sequences over their sampled tokens."""

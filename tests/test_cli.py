@@ -22,13 +22,6 @@ def test_generate_streams_the_greedy_completion():
     assert r.stdout == expected[0].outputs[0].text + "\n"
 
 
-def test_chat_keeps_history_and_resets():
-    r = run("chat", "--max-tokens", "8", input_text="hello\nhow are you?\n/reset\nagain\n/exit\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Assistant: ") == 3
-    assert "conversation cleared" in r.stderr
-
-
 def test_info_reports_parameters_and_cache():
     r = run("info", "--shape", "v2-lite")
     assert r.returncode == 0, r.stderr
@@ -43,6 +36,23 @@ def test_demo_runs():
     r = run("demo")
     assert r.returncode == 0, r.stderr
     assert "User: What does the Python function len do?" in r.stdout and "deepseek-v2 serve" in r.stdout
+    assert "Assistant:  " not in r.stdout  # one space after the label, not the template's two
+    hint = r.stdout.split("\nNext:\n", 1)[1].splitlines()  # short lines, whatever the command's path here
+    assert len(hint) == 2 and all(line.startswith("  ") and len(line.split()[0]) + 80 > len(line) for line in hint)
+
+
+def test_demo_hint_names_the_command_as_it_can_be_typed(monkeypatch, tmp_path):
+    import os
+    from deepseek_v2.cli import command_name
+    script = os.path.join(os.path.dirname(sys.executable), "deepseek-v2")
+    if not os.path.exists(script):
+        pytest.skip("the package is not installed as a command in this environment")
+    monkeypatch.setenv("PATH", os.path.dirname(script) + os.pathsep + "/usr/bin")
+    assert command_name() == "deepseek-v2"  # an activated environment: the plain name
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.chdir(tmp_path)
+    named = command_name()  # not on PATH: a path that runs it from here, whatever the environment's name
+    assert os.path.samefile(named, script) and len(named) <= len(script)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -144,6 +154,67 @@ def test_chat_ctrl_c_stops_the_reply_and_the_conversation_goes_on():
     out, err = proc.communicate("hello\n/exit\n", timeout=120)
     assert proc.returncode == 0, err
     assert "(stopped)" in err and out.count("Assistant: ") == 1 and (seen + out).count("Assistant:") == 2
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    code = ("import sys; sys.modules['fastapi'] = sys.modules['uvicorn'] = None; "  # as if not installed
+            "from deepseek_v2.cli import main; sys.exit(main(['serve']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == ("deepseek-v2 serve: error: uvicorn is not installed; install the server extra: "
+                                "pip install 'deepseek-v2[server]'")
+
+
+def test_chat_keeps_history_resets_and_edits_lines_in_a_terminal():
+    """Through a pseudo-terminal, as a person types: the up arrow brings the last line back and it can
+    be edited; /reset clears the conversation; /exit quits."""
+    import os
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*CLI, "chat", "--max-tokens", "3"], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                            env=dict(os.environ, TERM="dumb"), start_new_session=True)
+    os.close(slave)
+    screen = ""
+
+    def type_after_prompt(count: int, keys: bytes) -> None:  # once the screen shows `count` prompts
+        nonlocal screen
+        while screen.count("You: ") < count:
+            ready, _, _ = select.select([master], [], [], 120)
+            assert ready, screen
+            screen += os.read(master, 4096).decode(errors="replace")
+        os.write(master, keys)
+
+    try:
+        type_after_prompt(1, b"hello there\r")
+        type_after_prompt(2, b"\x1b[A" + b"\x7f" * 5 + b"world\r")  # up arrow, five backspaces, a new ending
+        type_after_prompt(3, b"/reset\r")
+        type_after_prompt(4, b"again\r")
+        type_after_prompt(5, b"/exit\r")
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    lines = [terminal_line(line) for line in screen.split("\n")]
+    typed = [line.removeprefix("You: ") for line in lines if line.startswith("You: ")]
+    assert typed[:4] == ["hello there", "hello world", "/reset", "again"], lines
+    assert sum(line.startswith("Assistant: ") for line in lines) == 3
+    assert "conversation cleared" in proc.stderr.read().decode()
+
+
+def terminal_line(text: str) -> str:
+    """What a terminal shows of a line written with backspaces and carriage returns."""
+    shown, at = [], 0
+    for ch in text:
+        if ch == "\b":
+            at = max(0, at - 1)
+        elif ch == "\r":
+            at = 0
+        else:
+            shown[at:at + 1] = [ch]
+            at += 1
+    return "".join(shown).rstrip()
 
 
 def test_torch_finds_numpy():

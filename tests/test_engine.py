@@ -247,3 +247,11 @@ def test_bad_requests_name_their_parameter(setup):
             engine.add_request("bad", prompt, params)
         assert info.value.param == param
     assert not engine.has_unfinished_requests()
+
+
+def test_max_model_len_above_the_model_is_lowered_with_a_warning(tiny_engine, caplog):
+    with caplog.at_level("WARNING", logger="deepseek_v2"):
+        engine = tiny_engine(max_model_len=1_000_000, num_kv_blocks=512)
+    limit = engine.model.args.max_position_embeddings
+    assert engine.max_model_len == limit
+    assert f"max_model_len 1000000 is above the model's limit (max_position_embeddings {limit})" in caplog.text

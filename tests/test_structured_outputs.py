@@ -2,7 +2,7 @@
 """Structured outputs on the shipped model: 50 schema-constrained requests batched with unconstrained
 ones all parse and validate (jsonschema) while the unconstrained outputs stay what they are alone;
 choice, regex and grammar hold; preemption and prefix caching keep outputs; grammars are compiled
-once; an invalid grammar is refused naming the field; the bitmask applied by the sampler."""
+once; an invalid grammar is refused naming the field; the bitmask applied by the sampler, on any device."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import random
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
 from deepseek_v2.engine.sequence import Sequence
 from deepseek_v2.sampler import Sampler
 from deepseek_v2.sampling_params import InvalidRequestError, SamplingParams, StructuredOutputsParams as SO
-from deepseek_v2.structured_outputs import GrammarCompiler, GrammarMasks
+from deepseek_v2.structured_outputs import GrammarCompiler, GrammarMasks, apply_token_bitmask
 
 
 def make_schemas(n: int, seed: int = 0) -> list[dict]:
@@ -174,6 +175,24 @@ def test_sampler_applies_the_bitmask_and_advances_the_matcher(tiny_engine):
                            for t in allowed)
     sampler.release(constrained.seq_id)
     assert constrained.seq_id not in masks.matchers
+
+
+def test_bitmask_application_follows_the_bits_on_any_device():
+    """Bit t % 32 of word t // 32 allows token t, in the given rows only; the other rows are untouched.
+    The meta device refuses any tensor made on another device, as CUDA does: code that runs there
+    runs on a GPU too."""
+    V, W = 70, 3  # a vocabulary that does not fill its last word
+    rng = np.random.default_rng(0)
+    bitmask = rng.integers(-2**31, 2**31, size=(2, W), dtype=np.int64).astype(np.int32)
+    logits = torch.randn(3, V)
+    masked = apply_token_bitmask(logits, bitmask, [0, 2])
+    for row, words in ((0, bitmask[0]), (2, bitmask[1])):
+        allowed = [bool((int(words[t // 32]) >> (t % 32)) & 1) for t in range(V)]
+        assert torch.equal(torch.isfinite(masked[row]), torch.tensor(allowed))
+        assert torch.equal(masked[row][allowed], logits[row][allowed])
+    assert torch.equal(masked[1], logits[1]) and torch.isfinite(logits).all()  # a copy: the input is kept
+    on_meta = apply_token_bitmask(logits.to("meta"), bitmask, [0, 2])
+    assert on_meta.device.type == "meta" and on_meta.shape == logits.shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
