@@ -5,9 +5,11 @@
    generated token while walking a valid document;
 2. the engine on the shipped model: decode steps of a batch without any grammar, with half the
    batch constrained, and with all of it constrained; run it on the commit before structured
-   outputs too (`--plain-only`) to see that requests without a grammar pay nothing.
+   outputs too (`--plain-only`, with that commit's package first on PYTHONPATH) to see that requests
+   without a grammar pay nothing; and, timed on their own, the calls structured outputs added to a
+   step without grammars.
 
-    python scripts/bench_grammar.py [--tokenizer DIR] [--batch 16] [--tokens 48] [--plain-only]
+    python scripts/bench_grammar.py [--tokenizer DIR] [--batch 16] [--tokens 48] [--repeats 5] [--plain-only]
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def grammar_engines(tokenizer_dir: str) -> None:
     del np
 
 
-def engine_steps(batch: int, tokens: int, plain_only: bool, repeats: int = 3) -> None:
+def engine_steps(batch: int, tokens: int, plain_only: bool, repeats: int) -> None:
     from deepseek_v2.engine.llm_engine import LLMEngine
     from deepseek_v2.sampling_params import SamplingParams
     engine = LLMEngine.from_pretrained(dtype="float32", device="cpu", num_kv_blocks=256)
@@ -91,25 +93,67 @@ def engine_steps(batch: int, tokens: int, plain_only: bool, repeats: int = 3) ->
         if not constrained:
             return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         from deepseek_v2.sampling_params import StructuredOutputsParams
-        return SamplingParams(temperature=0, max_tokens=tokens, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+        # a list of at least 8 such objects: no constrained row ends before `tokens`, so every step has
+        # the whole batch, as the unconstrained rows (ignore_eos) have
+        many = {"type": "array", "items": SCHEMA, "minItems": 8}
+        return SamplingParams(temperature=0, max_tokens=tokens, structured_outputs=StructuredOutputsParams(json=many))
 
-    def run(n_constrained: int) -> float:
-        """ms per decode step (the prefill step left out), the best of `repeats` runs."""
-        best = float("inf")
+    grammar_s = [0.0]  # time in the grammar work on the step's path: the masks' wait and application, the matchers' advance
+
+    def timed(fn):
+        def wrapper(*a):
+            t = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                grammar_s[0] += time.perf_counter() - t
+        return wrapper
+
+    def run(n_constrained: int) -> tuple[list[float], list[float]]:
+        """ms per decode step (the prefill step left out) and ms of it in grammar work, one figure per run."""
+        per_run, grammar_per_run = [], []
         for r in range(repeats):
             for i, p in enumerate(prompts):
                 engine.add_request(f"{n_constrained}-{r}-{i}", p, params(i < n_constrained))
+            masks = getattr(engine.runner.sampler, "grammars", None)
+            if masks is not None and not hasattr(masks, "timed"):
+                masks.apply, masks.accept, masks.timed = timed(masks.apply), timed(masks.accept), True
             engine.step()  # the prefill
-            t, steps = time.perf_counter(), 0
+            t, steps, grammar_s[0] = time.perf_counter(), 0, 0.0
             while engine.has_unfinished_requests():
                 engine.step()
                 steps += 1
-            best = min(best, 1e3 * (time.perf_counter() - t) / max(steps, 1))
-        return best
+            per_run.append(1e3 * (time.perf_counter() - t) / max(steps, 1))
+            grammar_per_run.append(1e3 * grammar_s[0] / max(steps, 1))
+        return per_run, grammar_per_run
 
     cases = [0] if plain_only else [0, batch // 2, batch]
     for n in cases:
-        print(f"  batch {batch}, {n} constrained: {run(n):.2f} ms per decode step")
+        ms, grammar_ms = run(n)
+        print(f"  batch {batch}, {n} constrained: {min(ms):.2f} ms per decode step (best of {repeats}; median "
+              f"{statistics.median(ms):.2f}); of which grammar work on the step's path {statistics.median(grammar_ms):.2f}")
+    if hasattr(engine.runner.sampler, "prepare"):
+        added_cost(engine, prompts)
+
+
+def added_cost(engine, prompts: list[list[int]], calls: int = 20000) -> None:
+    """What structured outputs added to a step in which no request has a grammar, timed on its own
+    (a step's figure above moves by more than this from run to run): the runner's one call of
+    sampler.prepare, and the sampler's plain-greedy test of every row (one more `is None` in it)."""
+    from deepseek_v2.engine.sequence import Sequence
+    from deepseek_v2.sampling_params import SamplingParams
+    seqs = [Sequence(p, SamplingParams(temperature=0)) for p in prompts]
+    sampler = engine.runner.sampler
+    t = time.perf_counter()
+    for _ in range(calls):
+        sampler.prepare(seqs)
+    prepare_us = 1e6 * (time.perf_counter() - t) / calls
+    t = time.perf_counter()
+    for _ in range(calls):
+        all(s.sampling_params.plain_greedy for s in seqs)
+    test_us = 1e6 * (time.perf_counter() - t) / calls
+    print(f"  without grammars, per step of {len(seqs)} rows: sampler.prepare {prepare_us:.2f} us; the "
+          f"plain-greedy test of the rows (all of it, not only the added term) {test_us:.2f} us")
 
 
 def main() -> None:
@@ -117,12 +161,13 @@ def main() -> None:
     p.add_argument("--tokenizer", default="deepseek_v2/default_model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=5, help="runs of each batch")
     p.add_argument("--plain-only", action="store_true", help="only the batch without grammars (runs on any commit)")
     args = p.parse_args()
     if not args.plain_only:
         grammar_engines(args.tokenizer)
     print("engine on the shipped model (CPU, float32):")
-    engine_steps(args.batch, args.tokens, args.plain_only)
+    engine_steps(args.batch, args.tokens, args.plain_only, args.repeats)
 
 
 if __name__ == "__main__":
