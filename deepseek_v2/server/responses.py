@@ -122,16 +122,21 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class DeltaFunctionCall(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
+class WithoutNulls(BaseModel):
+    """Serialized without its unset (None) fields, as OpenAI streams deltas: the final delta is {}, a
+    tool call's later pieces carry only their index and arguments."""
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class DeltaToolCall(BaseModel):
+class DeltaFunctionCall(WithoutNulls):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(WithoutNulls):
     """A piece of a streamed tool call: the first carries id, type and name, the rest argument text."""
 
     index: int
@@ -139,19 +144,11 @@ class DeltaToolCall(BaseModel):
     type: Literal["function"] | None = None
     function: DeltaFunctionCall
 
-    @model_serializer(mode="wrap")
-    def _drop_nulls(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class DeltaMessage(BaseModel):
+class DeltaMessage(WithoutNulls):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_nulls(self, handler):  # the final delta is {} as OpenAI sends it
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatStreamChoice(BaseModel):
