@@ -71,7 +71,8 @@ def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
     prompts.append(prompts[4][:96] + [7, 8, 9])  # shares 96 tokens (six 16-token blocks) with prompt 4
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ref = run(LLMEngine(cpu_model, tok, EngineConfig(block_size=16)), prompts, params)
-    engine = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, max_num_seqs=8, max_num_batched_tokens=96))
+    engine = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, max_num_seqs=8, max_num_batched_tokens=96,
+                                                    num_kv_blocks=256))
     pieces = engine.runner.piecewise
     assert pieces is not None and pieces.graphs, "piecewise graphs were not captured"
     sizes, replay = [], pieces.run
