@@ -62,9 +62,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
 
 
-def check_model(path: str | None):
-    """The architecture of a checkpoint directory, after checking its files are whole: every command
-    names a missing, foreign or truncated checkpoint in the same words, before anything is loaded."""
+def check_model(path: str | None, weights: bool = True):
+    """The architecture of a checkpoint directory, after checking its files are whole (its weights
+    too, unless `weights` is False: random weights of its shape): every command names a missing,
+    foreign or truncated checkpoint in the same words, before anything is loaded."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -72,7 +73,7 @@ def check_model(path: str | None):
     from .checkpoint import checkpoint_args, weight_files
     path = path or DEFAULT_MODEL
     args = checkpoint_args(path)
-    for file in weight_files(Path(path)):
+    for file in weight_files(Path(path)) if weights else []:
         try:
             with safe_open(str(file), "pt"):  # reads the header and checks the file holds what it lists
                 pass

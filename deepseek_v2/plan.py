@@ -182,9 +182,9 @@ def memory_plan(args: ModelArgs, tensor_parallel_size: int, gpu_memory_bytes: in
                 cache_bytes_per_value: int = 2) -> MemoryPlan:
     """The plan for rank 0 of `tensor_parallel_size` GPUs of `gpu_memory_bytes` each, with the engine
     knobs of `config` (max_model_len None: the model's, as the engine takes it)."""
-    config = config or EngineConfig()
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
+    config = (config or EngineConfig()).sized_for(gpu_memory_bytes)  # the engine's batch budgets on this GPU
     max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
     sharded, replicated = rank_parameters(args, tensor_parallel_size)
     reserve = sum(activation_terms(args, tensor_parallel_size, config, max_model_len,

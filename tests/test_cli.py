@@ -109,6 +109,15 @@ def test_model_errors_read_the_same_in_every_command_and_a_truncated_checkpoint_
         assert len(errors) == 1  # the same words from generate, info and serve
 
 
+def test_a_checkpoint_without_weights_is_refused_unless_its_weights_are_random(tmp_path):
+    import shutil
+    from deepseek_v2.flags import check_model
+    shutil.copytree("deepseek_v2/default_model", tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    assert check_model(str(tmp_path / "m"), weights=False).vocab_size > 0  # serve --load-format dummy
+    r = run("serve", "--model", str(tmp_path / "m"), "--port", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_flags_are_checked_before_the_model_loads(tmp_path):
     import shutil
     shutil.copytree("deepseek_v2/default_model", tmp_path / "m")

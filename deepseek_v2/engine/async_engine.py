@@ -85,9 +85,10 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, dtype="auto", device: str | None = None,
-                        **knobs) -> AsyncLLMEngine:
+                        load_format: str = "auto", **knobs) -> AsyncLLMEngine:
         """An engine that loads the checkpoint in its worker thread once `start()` is called."""
-        return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device, **knobs))
+        return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device,
+                                                            load_format=load_format, **knobs))
 
     # ---- state ------------------------------------------------------------------------------------
     @property

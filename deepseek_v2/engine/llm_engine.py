@@ -88,6 +88,9 @@ class Request:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 class LLMEngine:
     def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  workers: Workers | None = None, control: Control | None = None, graphs: bool = True):
@@ -102,6 +105,7 @@ class LLMEngine:
             logger.warning("max_model_len %d is above the model's limit (max_position_embeddings %d); using %d",
                            config.max_model_len, self.max_model_len, self.max_model_len)
         self.runner = ModelRunner(model, config, self.max_model_len, tp=model.tp, control=control, graphs=graphs)
+        self.config = config = self.runner.config  # with the batch budgets sized for the device
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             fit = self.runner.num_blocks * config.block_size
@@ -117,12 +121,19 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
-                        device: str | None = None, **knobs) -> "LLMEngine":
+                        device: str | None = None, load_format: str = "auto", **knobs) -> "LLMEngine":
         """Load a checkpoint (default: the shipped model) and build the engine; with
-        tensor_parallel_size > 1 the other ranks are started on this node."""
+        tensor_parallel_size > 1 the other ranks are started on this node. load_format "dummy" (vLLM's
+        name): random weights of the checkpoint's architecture, its tokenizer, no weight files read
+        (benchmarks of a shape whose weights are not at hand)."""
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
         source = ModelSource(path=str(model or DEFAULT_MODEL))
-        source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
-        return cls.from_source(source, Tokenizer.from_pretrained(source.path), EngineConfig(**knobs), dtype, device)
+        args = source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
+        tokenizer = Tokenizer.from_pretrained(source.path)
+        if load_format == "dummy":
+            source = ModelSource(args=args)
+        return cls.from_source(source, tokenizer, EngineConfig(**knobs), dtype, device)
 
     @classmethod
     def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
