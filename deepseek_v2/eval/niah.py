@@ -87,8 +87,7 @@ class EngineBackend:
         self.llm = LLM(path, **engine_knobs)
         self.tokenizer = self.llm.tokenizer
         self.name = self.llm.model_path
-        engine = self.llm.engine
-        self.max_len = engine.config.max_model_len or engine.model.args.max_position_embeddings
+        self.max_len = self.llm.engine.max_model_len
 
     def answer(self, cases: list[Case], max_tokens: int) -> None:
         from ..sampling_params import SamplingParams
