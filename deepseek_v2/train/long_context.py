@@ -8,9 +8,9 @@ with a larger YaRN factor, on long rows of two kinds.
 - Retrieval rows (`retrieval_fraction` of the rows): conversations in the chat format whose user
   message is a stretch of the corpus (whole documents joined by blank lines) with a needle
   (eval/needles.py: a pass key or a fact) at a uniformly random depth, then the question; the loss
-  is on the reply only. The row's first conversation has a uniform length between 1K tokens and
-  the whole row (half of them over half the row: retrieval far away is what is new); log-uniformly
-  shorter ones fill what is left; the rest is EOS padding without loss.
+  is on the reply only. The row's first conversation has a log-uniform length between 1K tokens and
+  the whole row; shorter ones (log-uniform again) fill what is left; the rest is EOS padding
+  without loss.
 
 What a row holds follows from (seed, row index) alone, so a resumed or multi-process run reads the
 same rows. The held-out loss of the recipe is the plain one of train.py on the held-out token file
@@ -93,7 +93,8 @@ class LongContextRows:
         ids: list[int] = []
         mask: list[int] = []
         if rng.random() < self.retrieval_fraction:
-            length = int(rng.uniform(min(1024, width), width))
+            low = min(1024, width)
+            length = int(math.exp(rng.uniform(math.log(low), math.log(width))))
             while width - len(ids) >= min(MIN_CONVERSATION, length):
                 example = self.retrieval_example(rng, length)
                 ids, mask = ids + example[0], mask + example[1]
