@@ -10,8 +10,9 @@ replies scored by exact match, and a heatmap of the scores (length x depth).
   the length. They are counted with the checkpoint's tokenizer (a server's: --tokenizer, else the
   bundled one; every result also records the prompt_tokens the server reports).
 - The haystack is a text file, repeated when it is shorter than the longest length; by default
-  haystack.txt beside this module (held-out pages of the Python documentation, PSF License v2, and
-  WordNet 3.0 entries, WordNet licence: text the demonstration model never trained on).
+  haystack.txt beside this module: held-out pages of the Python documentation (PSF License Version 2)
+  and WordNet 3.0 entries (WordNet 3.0 licence), text the demonstration model never trained on;
+  haystack-NOTICE.txt holds the notices.
 - Writes a JSON file with every case (prompt, expected value, reply, score) and the score matrix,
   and a PNG heatmap in the paper's style (matplotlib, the `eval` extra).
 """
