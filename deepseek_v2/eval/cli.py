@@ -67,7 +67,7 @@ def run_niah_command(args: argparse.Namespace) -> None:
     depths = [float(x) / 100 for x in args.depths.split(",")]
     haystack = Path(args.haystack).read_text(encoding="utf-8")
     result = run_niah(backend, haystack, lengths, depths, args.needle, args.trials, args.max_tokens, args.needle_seed)
-    result["command"] = "deepseek-v2 eval niah " + " ".join(sys.argv[3:])
+    result["arguments"] = {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"mean score {result['mean']:.3f} over {len(result['cases'])} prompts; wrote {args.out}.json")
     try:
