@@ -93,14 +93,15 @@ def test_rows_mix_text_chat_and_retrieval(corpus, tokenizer):
         assert torch.equal(inputs, again[0]) and torch.equal(targets, again[1])  # a row follows from its index
         trained = targets[targets != IGNORE].tolist()
         text = tokenizer.decode(inputs[0].tolist())
-        if "What is the " in text and (inputs[0, :1024] != inputs[0, 1024:]).any() and len(trained) < 200:
+        if len(trained) < 200:  # a retrieval row: the loss is on the replies only
             kinds["retrieval"] += 1
-            answers = tokenizer.decode(trained)
-            assert answers.count(tokenizer.eos_token) == answers.count("The ")  # replies only, each closed
-            assert "pass key is" in answers or "secret" in answers
-        else:
+            replies = tokenizer.decode(trained)
+            assert replies.count(tokenizer.eos_token) == replies.count("The ") >= 1  # each reply closed
+            assert "pass key is" in replies or "secret" in replies
+            assert "Remember it." in text or " of the " in text  # the needles are in the prompts
+        else:  # a text row: chat conversations first, then documents, nearly every token trained
             kinds["text"] += 1
-            assert text.startswith(tokenizer.bos_token + "User: ")  # chat conversations first
+            assert text.startswith(tokenizer.bos_token + "User: ")
             assert len(trained) > 1500
     assert kinds["retrieval"] >= 3 and kinds["text"] >= 3
 
@@ -180,7 +181,8 @@ def test_niah_against_a_server(tmp_path):
     finally:
         stop_server(proc)
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["lengths"] == [256, 512] and result["depths"] == [0.0, 0.5, 1.0] and result["model"].startswith("demo")
+    assert result["lengths"] == [256, 512] and result["depths"] == [0.0, 0.5, 1.0]
+    assert result["model"].startswith("demo at http")  # the served name, asked of /v1/models
     assert len(result["cases"]) == 6 and len(result["scores"]) == 3
     assert all(0.0 <= s <= 1.0 for row in result["scores"] for s in row) and 0.0 <= result["mean"] <= 1.0
     for case in result["cases"]:

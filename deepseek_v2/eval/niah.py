@@ -2,7 +2,7 @@
 fact) hidden at depths 0-100% of haystacks of several lengths, the question asked after it, greedy
 replies scored by exact match, and a heatmap of the scores (length x depth).
 
-    deepseek-v2 eval niah [--model DIR | --base-url URL] [--lengths 1k,2k,...] [--depths 0,10,...,100]
+    deepseek-v2 eval niah [--model DIR | --base-url URL/v1 [--api-key KEY] [--model NAME]] [--lengths 1k,2k,...]
 
 - Against a checkpoint (in-process engine) or any OpenAI-compatible server (/v1/chat/completions,
   temperature 0), so a V2-Lite-Chat or 236B deployment can be checked the same way.
