@@ -26,7 +26,7 @@ $(VENV)/.run: pyproject.toml $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e ".[server,train,test]"
+	$(BIN)/pip install -q -e ".[server,train,eval,test]"
 	@touch $@ $(VENV)/.run
 
 run: $(VENV)/.run

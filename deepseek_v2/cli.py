@@ -1,4 +1,4 @@
-"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft.
+"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft, eval.
 
 Only this module parses arguments. Errors a user can cause (no such directory, not a DeepSeek-V2
 checkpoint, a corrupt file, a bad value) print one line and exit with status 1."""
@@ -244,6 +244,8 @@ LAZY_COMMANDS = [
      "benchmark a running server: requests at a rate, TTFT / ITL / E2E latency percentiles"),
     ("train", "deepseek_v2.train.cli", "add_train_arguments", "run_train", "pretrain a model"),
     ("sft", "deepseek_v2.train.cli", "add_sft_arguments", "run_sft", "supervised fine-tuning on chat data"),
+    ("eval", "deepseek_v2.eval.cli", "add_arguments", "run",
+     "long-context evaluation: needle in a haystack (niah), sliding-window perplexity (ppl)"),
 ]
 
 
