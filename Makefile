@@ -29,8 +29,8 @@ $(VENV)/.run: pyproject.toml $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.torch
-	@echo "[2/2] installing deepseek-v2 with the server, train and test extras"
-	$(BIN)/pip install --progress-bar on -e ".[server,train,test]"
+	@echo "[2/2] installing deepseek-v2 with the server, train, eval and test extras"
+	$(BIN)/pip install --progress-bar on -e ".[server,train,eval,test]"
 	@touch $@ $(VENV)/.run
 
 run: $(VENV)/.run

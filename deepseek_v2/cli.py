@@ -1,4 +1,4 @@
-"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft.
+"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft, eval.
 
 Only this module parses arguments. Errors a user can cause (no such directory, not a DeepSeek-V2
 checkpoint, a corrupt file, a bad value) print one line and exit with status 1."""
@@ -267,7 +267,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             try:
                 mod = importlib.import_module(module)
             except ImportError as e:
-                extra = "train" if name in ("train", "sft") else "server"
+                extra = {"train": "train", "sft": "train", "eval": "eval"}.get(name, "server")
                 raise SystemExit(f"deepseek-v2 {name}: error: {e.name or 'a dependency'} is not installed; "
                                  f"install the {extra} extra: pip install 'deepseek-v2[{extra}]'")
             getattr(mod, adder)(p)
@@ -283,6 +283,8 @@ LAZY_COMMANDS = [
      "benchmark a running server: requests at a rate, TTFT / ITL / E2E latency percentiles"),
     ("train", "deepseek_v2.train.cli", "add_train_arguments", "run_train", "pretrain a model"),
     ("sft", "deepseek_v2.train.cli", "add_sft_arguments", "run_sft", "supervised fine-tuning on chat data"),
+    ("eval", "deepseek_v2.eval.cli", "add_arguments", "run",
+     "long-context evaluation: needle in a haystack (niah), sliding-window perplexity (ppl)"),
 ]
 
 

@@ -360,12 +360,13 @@ class DeepseekV2ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", progress: bool | None = None,
-                        tp: TensorParallel = SINGLE) -> "DeepseekV2ForCausalLM":
+                        tp: TensorParallel = SINGLE, args: ModelArgs | None = None) -> "DeepseekV2ForCausalLM":
         """A checkpoint in the official format, in its own dtype unless `dtype` is given; with `tp`, this
         rank's part of it. The model is built on the meta device and each parameter filled once from
-        the files (checkpoint.py). The progress bar shows on rank 0."""
+        the files (checkpoint.py). The progress bar shows on rank 0. `args`: the checkpoint's shape
+        with other positions (rope_scaling, max_position_embeddings) for a context extension."""
         with torch.device("meta"):
-            model = cls(checkpoint_args(path), tp)
+            model = cls(args or checkpoint_args(path), tp)
         load_weights(model, path, dtype=dtype, device=device, progress=False if tp.rank else progress)
         model.model.rotary_emb.reset_parameters()  # a computed buffer, not in the files
         return model.eval()

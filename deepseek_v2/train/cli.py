@@ -13,6 +13,7 @@ import argparse
 import json
 
 from .config import TrainConfig
+from .long_context import extend
 from .sft import sft
 from .train import train
 
@@ -58,7 +59,11 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    train(_config(args))
+    cfg = _config(args)
+    if cfg.retrieval_fraction or cfg.chat_data:
+        extend(cfg)  # context extension: long_context.py's mixed rows
+    else:
+        train(cfg)
     return 0
 
 

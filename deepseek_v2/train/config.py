@@ -20,6 +20,11 @@ class TrainConfig:
     train_data: str = "data/demo/train.bin"
     val_data: str | None = "data/demo/val.bin"
     seq_len: int = 1024
+    # context extension (train/long_context.py): retrieval rows and chat conversations mixed into the text
+    retrieval_fraction: float = 0.0  # share of the rows that are needle retrieval conversations
+    chat_data: str | None = None  # chat .jsonl whose conversations fill chat_fraction of each text row
+    chat_fraction: float = 0.0
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     micro_batch_size: int = 8  # sequences per forward pass per process
     grad_accum_steps: int = 1  # global batch = micro_batch_size * grad_accum_steps * processes
     # optimisation

@@ -27,6 +27,7 @@ Fine-tuning (sft.py) is this same loop fed chat conversations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -36,7 +37,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from ..checkpoint import checkpoint_args
 from ..config import DEFAULT_MODEL, ModelArgs
 from ..model import DeepseekV2ForCausalLM
 from ..moe import MoE
@@ -48,6 +51,7 @@ from .data import IGNORE, DataOrder, load_tokens
 from .processes import Processes, shard_model, start_processes, stop_processes
 
 TRAINING_ONLY_KEYS = {"aux_loss_alpha", "seq_aux"}  # may change when starting from a checkpoint
+POSITION_KEYS = {"rope_scaling", "max_position_embeddings"}  # so may these: context extension
 
 
 # ---- setup: data, model, optimizer -----------------------------------------------------------------
@@ -69,16 +73,16 @@ def model_args(shape: dict) -> ModelArgs:
 def build_model(cfg: TrainConfig) -> DeepseekV2ForCausalLM:
     if cfg.init_from is None:
         return DeepseekV2ForCausalLM(model_args(cfg.model)).init_weights(seed=cfg.seed)
-    model = DeepseekV2ForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
-    for key, value in cfg.model.items():
-        if key not in TRAINING_ONLY_KEYS:
-            raise ValueError(f"model.{key}: the shape comes from init_from; "
-                             f"only {sorted(TRAINING_ONLY_KEYS)} may change")
-        setattr(model.args, key, value)
-    return model
+    fixed = set(cfg.model) - TRAINING_ONLY_KEYS - POSITION_KEYS
+    if fixed:
+        raise ValueError(f"model.{sorted(fixed)[0]}: the shape comes from init_from; "
+                         f"only {sorted(TRAINING_ONLY_KEYS | POSITION_KEYS)} may change")
+    args = ModelArgs.from_hf_config({**checkpoint_args(cfg.init_from).to_hf_config(), **cfg.model})
+    return DeepseekV2ForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, args=args)
 
 
-def place_model(model: DeepseekV2ForCausalLM, procs: Processes) -> list[tuple[int, MoE]]:
+def place_model(model: DeepseekV2ForCausalLM, procs: Processes,
+                activation_checkpointing: bool = False) -> list[tuple[int, MoE]]:
     """Move the model to the device in training mode, have its MoE layers record their routing (for
     the balance losses and load statistics), and shard it when there are several processes.
     Returns the MoE layers with their layer indices."""
@@ -86,6 +90,9 @@ def place_model(model: DeepseekV2ForCausalLM, procs: Processes) -> list[tuple[in
     moe_layers = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
     for _, moe in moe_layers:
         moe.record_routing = True
+    if activation_checkpointing:
+        for layer in model.model.layers:  # keep each layer's input only; recompute the rest in backward
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
     shard_model(model, procs)
     return moe_layers
 
@@ -173,9 +180,10 @@ def append_record(metrics_file, entry: dict) -> None:
 
 
 # ---- the loop --------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
+def train(cfg: TrainConfig, load_data: Callable = load_tokens, load_val: Callable | None = None) -> dict:
     """Run training; returns the last metrics. load_data(path, tokenizer, seq_len) gives a dataset
-    with num_sequences and get(indices) -> (inputs, targets) (data.py)."""
+    with num_sequences and get(indices) -> (inputs, targets) (data.py); load_val the held-out one
+    (default: load_data)."""
     procs = start_processes(cfg.device)
     rank, world, device = procs.rank, procs.world, procs.device
     torch.manual_seed(cfg.seed)
@@ -183,12 +191,12 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens) -> dict:
     tokenizer_path = tokenizer_dir(cfg)
     tokenizer = Tokenizer.from_pretrained(tokenizer_path)
     train_set = load_data(cfg.train_data, tokenizer, cfg.seq_len)
-    val_set = load_data(cfg.val_data, tokenizer, cfg.seq_len) if cfg.val_data else None
+    val_set = (load_val or load_data)(cfg.val_data, tokenizer, cfg.seq_len) if cfg.val_data else None
     model = build_model(cfg)
     args = model.args
     if len(tokenizer) > args.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {args.vocab_size} embeddings")
-    moe_layers = place_model(model, procs)
+    moe_layers = place_model(model, procs, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg, procs)
     order = DataOrder(train_set.num_sequences, cfg.seed)
     step, max_steps, elapsed_before = 0, cfg.max_steps, 0.0
