@@ -27,13 +27,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128) ->
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of this generation")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token, up to --max-tokens")
 
 
 def sampling_params(args: argparse.Namespace):
     from .sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                          seed=args.sampling_seed, stop=args.stop)
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def engine_source(args: argparse.Namespace):
@@ -58,9 +59,9 @@ def stream(engine, prompt, params, out=sys.stdout, lstrip: bool = False) -> str:
     """Run one request, printing text as it comes (lstrip: without the leading whitespace, as after
     a chat template's "Assistant:"); returns the whole text. Ctrl-C stops the request and raises."""
     rid = f"cli-{id(prompt)}-{len(engine.requests)}"
-    engine.add_request(rid, prompt, params)
     text = ""
     try:
+        engine.add_request(rid, prompt, params)  # inside: a Ctrl-C just after it still aborts the request
         while engine.has_unfinished_requests():
             for o in engine.step():
                 if o.request_id == rid:
