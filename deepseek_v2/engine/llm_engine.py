@@ -126,7 +126,7 @@ class LLMEngine:
         """The engine over a model source, on one process or as rank 0 of a tensor-parallel group whose
         other ranks it starts on this node, or which torchrun started (then every rank but 0 runs
         engine/workers.py's run_worker: the CLI does that)."""
-        source, device_type = resolve_device(source, dtype, device)
+        source, device_type = resolve_device(source, config, dtype, device)
         world = config.tensor_parallel_size
         check_parallel_size(source.model_args(), world)  # before any process is started
         if device_type == "cuda" and config.num_kv_blocks is None:
@@ -159,11 +159,13 @@ class LLMEngine:
 
     def _log_memory(self) -> None:
         a = self.model.args
-        per_token = cache_bytes_per_token(self.model, self.model.dtype)
+        per_token = cache_bytes_per_token(self.model, self.runner.cache_dtype)
         tokens = self.runner.num_blocks * self.config.block_size
-        logger.info("latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
+        fp8 = self.runner.cache_dtype == torch.uint8
+        logger.info("latent cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
                     "(%d values/token/layer; a full per-head K/V cache would need %d, %.1fx more); "
                     "max_model_len %d, up to %.1f concurrent max-length sequences",
+                    "fp8: e4m3 and one fp32 scale per token and layer" if fp8 else str(self.model.dtype)[6:],
                     self.runner.num_blocks, self.config.block_size, tokens, tokens * per_token / 2**30,
                     per_token, a.kv_cache_dim, a.mha_cache_dim, a.mha_cache_dim / a.kv_cache_dim,
                     self.max_model_len, tokens / self.max_model_len)
@@ -394,7 +396,9 @@ def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: to
     args = source.model_args()
     value_bytes = torch.tensor([], dtype=source.dtype).element_size()
     total = torch.cuda.get_device_properties(device).total_memory
-    plan = memory_plan(args, config.tensor_parallel_size, total, config, value_bytes, value_bytes)
+    plan = memory_plan(args, config.tensor_parallel_size, total, config,
+                       1 if args.quantization == "fp8" else value_bytes,  # 1: FP8 weights (plan.py)
+                       1 if config.kv_cache_dtype == "fp8" else value_bytes)
     if not plan.weights_fit:
         raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
                          + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")
