@@ -32,6 +32,7 @@ from .plan import cache_bytes_per_token, fp8_parameters
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 from . import workload as W
+from .bench_hf import bench_hf, sync
 from .bench_mixed import bench_mixed, format_mixed, title
 
 
@@ -90,11 +91,6 @@ def engine_config(args) -> EngineConfig:
 class Ceilings:
     bandwidth: float  # bytes/s, device-to-device copy counting read + write
     flops: float  # bf16 matmul FLOP/s
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_ceilings(device: torch.device) -> Ceilings:
@@ -269,7 +265,6 @@ def run(args) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        from .bench_hf import bench_hf
         results["hf"] = bench_hf(model, args, a, random_prompts)
     print(format_mixed(results) if mixed else format_results(results, args))
     if args.json:

@@ -7,9 +7,13 @@ import time
 
 import torch
 
-from .bench import sync
 from .config import ModelArgs
 from .model import DeepseekV2ForCausalLM
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench_hf(model: DeepseekV2ForCausalLM, args, a: ModelArgs, random_prompts) -> dict:

@@ -152,8 +152,10 @@ def memory_plan_lines(a, args) -> list[str]:
     config, tp = EngineConfig(**engine_kwargs(args)), args.tensor_parallel_size
     sizes = (config, DTYPE_BYTES[args.dtype], DTYPE_BYTES[args.cache_dtype])
     gpus = KNOWN_GPUS if args.gpu_memory_gib is None else {None: int(args.gpu_memory_gib * GiB)}
-    lines = [f"memory plan: {args.dtype} weights, {args.cache_dtype} cache, max_num_batched_tokens "
-             f"{config.max_num_batched_tokens:,}, max_num_seqs {config.max_num_seqs}"]
+    sized = {(c.max_num_batched_tokens, c.max_num_seqs) for c in (config.sized_for(m) for m in gpus.values())}
+    batch = (f"max_num_batched_tokens {next(iter(sized))[0]:,}, max_num_seqs {next(iter(sized))[1]:,}"
+             if len(sized) == 1 else "max_num_batched_tokens and max_num_seqs by GPU memory (--help)")
+    lines = [f"memory plan: {args.dtype} weights, {args.cache_dtype} cache, {batch}"]
     if tp > 1:
         lines.append(f"the latent cache is replicated on every rank: each of the {tp} GPUs holds every "
                      "cached token's latent (the bytes/token above)")

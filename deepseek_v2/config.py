@@ -305,6 +305,9 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
+LARGE_GPU_MEMORY = 70 * 2**30  # where vLLM's larger batch defaults start
+
+
 def _knob(default, help: str, choices: tuple | None = None, short: str | None = None):
     """An EngineConfig field with its help text (and allowed values, and a short flag); deepseek_v2/flags.py
     makes the flag from them."""
@@ -317,8 +320,10 @@ class EngineConfig:
     command-line flag (`--max-num-seqs` for max_num_seqs), with this default and help."""
 
     max_model_len: int | None = _knob(None, "context length, prompt plus output (default: the model's)")
-    max_num_seqs: int = _knob(256, "sequences in one batch")
-    max_num_batched_tokens: int = _knob(8192, "tokens per engine step; longer prompts are prefilled in chunks")
+    max_num_seqs: int | None = _knob(None, "sequences in one batch (default: 1024 on a GPU of at least 70 GiB, "
+                                           "else 256)")
+    max_num_batched_tokens: int | None = _knob(None, "tokens per engine step; longer prompts are prefilled in "
+                                                     "chunks (default: 16384 on a GPU of at least 70 GiB, else 8192)")
     block_size: int = _knob(64, "tokens per cache block")
     enable_prefix_caching: bool = _knob(True, "reuse cached blocks of shared prompt prefixes")
     enforce_eager: bool = _knob(False, "no CUDA graphs")
@@ -342,7 +347,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -352,6 +357,15 @@ class EngineConfig:
             allowed, value = f.metadata.get("choices"), getattr(self, f.name)
             if allowed and value not in allowed and not (value is None and f.default is None):  # None: off
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def sized_for(self, gpu_memory: int | None) -> "EngineConfig":
+        """This config with the batch budgets that were left to default filled in for a GPU of
+        `gpu_memory` bytes (None: not a GPU). vLLM's defaults by device memory: a GPU of 70 GiB or more
+        (H100, H200) takes 1024 sequences and 16384 tokens a step, which the V2-Lite shape's cache (31 KiB
+        a token) holds with room to spare on an H200; smaller GPUs and CPUs 256 and 8192."""
+        large = gpu_memory is not None and gpu_memory >= LARGE_GPU_MEMORY
+        return dataclasses.replace(self, max_num_seqs=self.max_num_seqs or (1024 if large else 256),
+                                   max_num_batched_tokens=self.max_num_batched_tokens or (16384 if large else 8192))
 
     @property
     def cpu_kv_cache_bytes(self) -> int:

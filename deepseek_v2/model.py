@@ -78,7 +78,9 @@ class AttentionMetadata:
     MLA. The T new tokens are ordered: all prefill tokens (sequence by sequence), then the decode
     tokens (one query each)."""
 
-    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of every new token
+    # [T] cache slot (block * block_size + offset) of every new token; None where the caller writes the
+    # cache through the step pieces itself (engine/piecewise.py)
+    slot_mapping: torch.Tensor | None
     prefill_query_lens: list[int]  # new tokens of each prefill sequence
     prefill_key_lens: list[int]  # its whole context: the tokens already in the cache and the new ones
     prefill_key_slots: torch.Tensor | None  # [sum of key lens] the cache slots of each one's context, in order
@@ -118,14 +120,23 @@ class MLA(nn.Module):
         self.in_proj_scale: torch.Tensor | None = None  # its FP8 block scales
         self.kernels = REFERENCE
 
-    def forward(self, x, cos, sin, attn: AttentionMetadata | None = None, kv_cache: torch.Tensor | None = None):
-        """x [..., D] -> [..., D]. Without metadata, x is [B, S, D] of whole causal sequences;
-        with it, x is [T, D] of one engine step and kv_cache is this layer's
-        [num_blocks, block_size, R + P] cache. cos, sin: [..., P / 2] for x's positions."""
+    def forward(self, x, cos, sin):
+        """Whole causal sequences (training, plain forward): x [B, S, D] -> [B, S, D], cos, sin
+        [B, S, P / 2]. An engine step calls project, paged_attention and o_proj itself (the decoder
+        layer's before_attention / after_attention)."""
+        a = self.args
+        B, S, D = x.shape
+        q, c_kv, k_pe = self.project(x.reshape(-1, D), cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]))
+        out = self.expanded_attention(q.view(B, S, self.num_heads, -1), c_kv.view(B, S, a.kv_lora_rank),
+                                      k_pe.view(B, S, a.qk_rope_head_dim))
+        return self.o_proj(out.reshape(B, S, -1))
+
+    def project(self, x, cos, sin, kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None):
+        """Everything before attention, for T tokens x [T, D] (cos, sin [T, P / 2]): the query
+        q [T, H, dn + P] with RoPE on its last P values, the normalised latent c_kv [T, R] and the rotated
+        rope key k_pe [T, P]; with kv_cache, [c_kv ; k_pe] is also written to the tokens' slots."""
         a = self.args
         H, dn, P, R = self.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
-        shape = x.shape
-        x, cos, sin = x.reshape(-1, shape[-1]), cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
         if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
             q, kv = self.kernels.linear(x, self.in_proj_weight, None, self.in_proj_scale).split(
                 [self.in_proj_weight.shape[0] - R - P, R + P], -1)
@@ -134,19 +145,15 @@ class MLA(nn.Module):
             kv = self.kv_a_proj_with_mqa(x)
         if a.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
-        q_nope, q_pe = q.view(-1, H, a.qk_head_dim).split([dn, P], dim=-1)  # [T, H, dn], [T, H, P]
+        q = q.view(-1, H, a.qk_head_dim)
+        q_nope, q_pe = q.split([dn, P], dim=-1)  # [T, H, dn], [T, H, P]
         # The latent's norm, the RoPE of q_pe and of the one rope key all heads share, and (in an engine
         # step) the write of [c_kv ; k_pe] into this layer's cache.
-        q_pe, c_kv, k_pe = self.kernels.mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight,
-                                                    self.kv_a_layernorm.eps, kv_cache,
-                                                    None if attn is None else attn.slot_mapping)
-        if attn is None:
-            B, S = shape[0], shape[1]
-            out = self.expanded_attention(q_nope.view(B, S, H, dn), q_pe.reshape(B, S, H, P),
-                                          c_kv.view(B, S, R), k_pe.reshape(B, S, P))
-        else:
-            out = self.paged_attention(q_nope, q_pe, attn, kv_cache)
-        return self.o_proj(out.reshape(*shape[:-1], -1))
+        rotated, c_kv, k_pe = self.kernels.mla_prepare(q_pe, kv, cos, sin, self.kv_a_layernorm.weight,
+                                                       self.kv_a_layernorm.eps, kv_cache, slot_mapping)
+        if rotated.data_ptr() != q_pe.data_ptr():  # rotated out of place: put the query back together
+            q = torch.cat([q_nope, rotated], dim=-1)
+        return q, c_kv, k_pe
 
     @torch.no_grad()
     def fuse_input_projections(self) -> None:
@@ -157,13 +164,12 @@ class MLA(nn.Module):
             self.in_proj_weight, self.in_proj_scale = fused
 
     # ---- expanded path: decompress K and V ---------------------------------------------------------
-    def expanded_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
-        """Whole causal sequences: q_nope [B, S, H, dn], q_pe [B, S, H, P]; c_kv [B, S, R], k_pe [B, S, P].
-        Returns [B, S, H, dv]."""
+    def expanded_attention(self, q, c_kv, k_pe) -> torch.Tensor:
+        """Whole causal sequences: q [B, S, H, dn + P]; c_kv [B, S, R], k_pe [B, S, P]. Returns [B, S, H, dv]."""
         a = self.args
         B, S, H = c_kv.shape[0], c_kv.shape[1], self.num_heads
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([a.qk_nope_head_dim, a.v_head_dim], -1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, dn + P]
+        q = q.transpose(1, 2)  # [B, H, S, dn + P]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, -1)], dim=-1).transpose(1, 2)
         with sdpa_backends(q):
             out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
@@ -180,28 +186,27 @@ class MLA(nn.Module):
                                         max_seq_len=max_seq_len)
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
 
-    def paged_attention(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache):
+    def paged_attention(self, q, attn: AttentionMetadata, kv_cache):
         """The step's prefill sequences (expanded), then its decode tokens (absorbed), over the paged
-        cache that already holds this step's latents."""
-        n = attn.num_prefill_tokens
+        cache that already holds this step's latents. q [T, H, dn + P] (project's) -> [T, H, dv]."""
+        n, dn = attn.num_prefill_tokens, self.args.qk_nope_head_dim
         outputs = []
         if n:
-            outputs.append(self.prefill_attention(q_nope[:n], q_pe[:n], attn, kv_cache))
-        if n < q_nope.shape[0]:
-            outputs.append(self.absorbed_attention(q_nope[n:], q_pe[n:], kv_cache, attn.decode_block_tables,
+            outputs.append(self.prefill_attention(q[:n], attn, kv_cache))
+        if n < q.shape[0]:
+            outputs.append(self.absorbed_attention(q[n:, :, :dn], q[n:, :, dn:], kv_cache, attn.decode_block_tables,
                                                    attn.decode_seq_lens, attn.max_decode_seq_len))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def prefill_attention(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache):
+    def prefill_attention(self, q, attn: AttentionMetadata, kv_cache):
         """All prefill sequences of a step in one attention call: each one's whole context (cached prefix
         and new tokens) read from the cache and decompressed to per-head K and V with kv_b_proj, the
-        causal mask aligned to the end. q_nope [Tq, H, dn], q_pe [Tq, H, P] -> [Tq, H, dv]."""
+        causal mask aligned to the end. q [Tq, H, dn + P] -> [Tq, H, dv]."""
         a = self.args
         H, dn = self.num_heads, a.qk_nope_head_dim
-        latent = self.kernels.gather_latents(kv_cache, attn.prefill_key_slots, q_nope.dtype)      # [Tk, R + P]
+        latent = self.kernels.gather_latents(kv_cache, attn.prefill_key_slots, q.dtype)      # [Tk, R + P]
         c, k_pe = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_nope, v = self.kv_b_proj(c).view(-1, H, dn + a.v_head_dim).split([dn, a.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)                                                    # [Tq, H, dn + P]
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)                      # [Tk, H, dn + P]
         return self.kernels.prefill_attention(q, k, v, attn.prefill_cu_query, attn.prefill_cu_key,
                                               attn.prefill_query_lens, attn.prefill_key_lens, self.softmax_scale)
@@ -215,15 +220,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, attn=None, kv_cache=None):
-        """h = h + Attn(norm(h)); h = h + FFN(norm(h)), with the residual sum h carried beside the
-        layer output so that each add fuses into the next norm. Returns (output, residual)."""
+    def forward(self, x, residual, cos, sin):
+        """Whole sequences: h = h + Attn(norm(h)); h = h + FFN(norm(h)), with the residual sum h carried
+        beside the layer output so that each add fuses into the next norm. Returns (output, residual)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, attn, kv_cache)
+        x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+    # ---- an engine step, cut at attention (see DeepseekV2ForCausalLM.forward_step) ------------------
+    def before_attention(self, x, residual, cos, sin, kv_cache, slot_mapping):
+        """The input norm (adding x into the residual stream, if there is one yet) and MLA's projections,
+        which write the step's latents to kv_cache: (q [T, H, dn + P], residual [T, D])."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        return self.self_attn.project(x, cos, sin, kv_cache, slot_mapping)[0], residual
+
+    def after_attention(self, attn_out, residual):
+        """o_proj of the attention output [T, H, dv], the post-attention norm and the FFN: (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out.flatten(1)), residual)
         return self.mlp(x), residual
 
 
@@ -235,11 +255,30 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
 
-    def forward(self, input_ids, positions, attn=None, kv_caches=None):
+    def forward(self, input_ids, positions):
+        """Whole sequences [B, S] -> final hidden states [B, S, D]."""
         x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary_emb(positions)
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, attn, None if kv_caches is None else kv_caches[i])
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        return self.norm(x, residual)[0]
+
+    # ---- an engine step in pieces: everything but attention, between the attention calls ------------
+    def step_first(self, input_ids, positions, kv_cache, slot_mapping):
+        """From the token ids to layer 0's attention: (q, residual, cos, sin)."""
+        cos, sin = self.rotary_emb(positions)
+        q, residual = self.layers[0].before_attention(self.embed_tokens(input_ids), None, cos, sin, kv_cache,
+                                                      slot_mapping)
+        return q, residual, cos, sin
+
+    def step_between(self, i, attn_out, residual, cos, sin, kv_cache, slot_mapping):
+        """From layer i's attention output to layer i + 1's attention (kv_cache is layer i + 1's): (q, residual)."""
+        x, residual = self.layers[i].after_attention(attn_out, residual)
+        return self.layers[i + 1].before_attention(x, residual, cos, sin, kv_cache, slot_mapping)
+
+    def step_last(self, attn_out, residual):
+        """From the last layer's attention output to the final hidden states [T, D]."""
+        x, residual = self.layers[-1].after_attention(attn_out, residual)
         return self.norm(x, residual)[0]
 
 
@@ -271,8 +310,17 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self.compute_logits(self.model(input_ids, positions))
 
     def forward_step(self, input_ids, positions, attn: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """One engine step over the paged cache: input_ids, positions [T] -> hidden states [T, D]."""
-        return self.model(input_ids, positions, attn, kv_caches)
+        """One engine step over the paged cache: input_ids, positions [T] -> hidden states [T, D]. The
+        pieces between the attention calls are the model's step_* methods, so that the engine can
+        capture them in CUDA graphs and run attention, whose shapes change with every step, eagerly
+        (engine/piecewise.py); this is the same computation in one go."""
+        m = self.model
+        q, residual, cos, sin = m.step_first(input_ids, positions, kv_caches[0], attn.slot_mapping)
+        for i, layer in enumerate(m.layers):
+            out = layer.self_attn.paged_attention(q, attn, kv_caches[i])
+            if i + 1 < len(m.layers):
+                q, residual = m.step_between(i, out, residual, cos, sin, kv_caches[i + 1], attn.slot_mapping)
+        return m.step_last(out, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> fp32 logits [..., vocab] (the ranks' vocabulary rows gathered)."""

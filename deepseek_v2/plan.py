@@ -223,9 +223,9 @@ def memory_plan(args: ModelArgs, tensor_parallel_size: int, gpu_memory_bytes: in
     knobs of `config` (max_model_len None: the model's, as the engine takes it). weight_bytes_per_value
     1: FP8 weights (fp8_parameters in e4m3 plus their scales, the rest and the activations in bf16);
     cache_bytes_per_value 1: the FP8 latent cache (plus its scales)."""
-    config = config or EngineConfig()
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
+    config = (config or EngineConfig()).sized_for(gpu_memory_bytes)  # the engine's batch budgets on this GPU
     max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
     sharded, replicated = rank_parameters(args, tensor_parallel_size)
     sharded_bytes, replicated_bytes = sharded * weight_bytes_per_value, replicated * weight_bytes_per_value

@@ -254,3 +254,43 @@ def test_bad_requests_name_their_parameter(setup):
             engine.add_request("bad", prompt, params)
         assert info.value.param == param
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("budget", [24, 7])
+def test_piecewise_steps_equal_transformers(setup, budget):
+    """The step cut at attention (engine/piecewise.py), run eagerly over its static buffers as the CUDA
+    graphs run it: mixed prefill and decode steps, chunked prompts, padded token counts and a prefix-cache
+    hit give transformers' tokens."""
+    from deepseek_v2.engine.piecewise import PiecewiseSteps
+
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=budget))
+    runner = engine.runner
+    runner.piecewise = pieces = PiecewiseSteps(runner.model, runner.kv_caches, runner.scratch_block * runner.block_size,
+                                               budget, capture=False)
+    sizes = []
+    run = pieces.run
+    pieces.run = lambda ids, *rest: sizes.append(len(ids)) or run(ids, *rest)
+    got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
+    assert got == hf_out
+    assert any(t not in pieces.counts for t in sizes), "no step was padded"  # padding rows were exercised
+    # a prefix hit: the second request's prefill attends to cached blocks through the pieces
+    shared = prompts[4][:48]
+    run_all(engine, [shared + [5, 6]], GREEDY, ["a"])
+    second = run_all(engine, [shared + [7, 8, 9]], GREEDY, ["b"])[0]
+    assert second.num_cached_tokens == 48
+    fresh = LLMEngine(model, tokenizer, EngineConfig(block_size=8, enable_prefix_caching=False))
+    assert run_all(fresh, [shared + [7, 8, 9]], GREEDY, ["c"])[0].outputs[0].token_ids == second.outputs[0].token_ids
+
+
+def test_dummy_load_format_is_random_weights_of_the_checkpoints_shape():
+    """load_format="dummy" (vLLM's): the checkpoint's architecture and tokenizer, random weights."""
+    from deepseek_v2.config import DEFAULT_MODEL
+    real = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL)
+    engine = LLMEngine.from_pretrained(load_format="dummy", dtype="float32", num_kv_blocks=4)
+    assert engine.model.args == real.args and engine.tokenizer.vocab_size == Tokenizer.from_pretrained(DEFAULT_MODEL).vocab_size
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    dummy, loaded = dict(engine.model.named_parameters())[name], dict(real.named_parameters())[name]
+    assert dummy.shape == loaded.shape and not torch.equal(dummy, loaded)
+    with pytest.raises(ValueError, match="load_format"):
+        LLMEngine.from_pretrained(load_format="pt")

@@ -89,7 +89,7 @@ def test_activation_terms_by_hand():
         "logits": 4 * 10 * (2 * 2 + 40),
         "fixed": 3 * GiB,  # CUDA context, allocator slack, NCCL; no graphs under enforce_eager
     }
-    one_rank = activation_terms(SMALL, 1, EngineConfig(), max_model_len=64, bytes_per_value=2)
+    one_rank = activation_terms(SMALL, 1, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4), max_model_len=64, bytes_per_value=2)
     assert one_rank["fixed"] == 3 * GiB  # with graphs, without NCCL
 
 

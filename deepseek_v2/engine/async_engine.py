@@ -15,6 +15,7 @@ States: loading (a `loader` is still building the engine), ready, draining (no n
 the grace period the rest fail with `RequestAbortedError`), dead (a fatal error: every pending
 request fails with `EngineDeadError`, new ones are refused). A step that fails in a way that harms
 only its own requests (`StepError`) fails those requests and the engine goes on.
+(About 350 lines: admission, the loop and the drain share the queues defined here.)
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, dtype="auto", device: str | None = None,
-                        **knobs) -> AsyncLLMEngine:
+                        load_format: str = "auto", **knobs) -> AsyncLLMEngine:
         """An engine that loads the checkpoint in its worker thread once `start()` is called."""
-        return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device, **knobs))
+        return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device,
+                                                            load_format=load_format, **knobs))
 
     # ---- state ------------------------------------------------------------------------------------
     @property

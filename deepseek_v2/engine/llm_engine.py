@@ -8,7 +8,10 @@ conditions and frees the sequence if it finished; it returns the outputs of the 
 
 A step that raises fails only the requests it ran: they are aborted (their blocks freed) and
 `StepError` names them, so the engine serves on. Errors that leave the device or the tensor-parallel
-group unusable (`is_fatal`) propagate as they are."""
+group unusable (`is_fatal`) propagate as they are.
+(About 370 lines: a request's life, from its checks through the step to its stop conditions and
+streamed deltas, is one piece of bookkeeping; the model's side is model_runner.py, the processes'
+workers.py.)"""
 
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ import torch
 
 from ..config import DEFAULT_MODEL, EngineConfig
 from ..model import DeepseekV2ForCausalLM
-from ..parallel import SINGLE, launch_env
-from ..plan import check_parallel_size, format_plan, memory_plan
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import ContextLengthError, InvalidRequestError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,7 +33,7 @@ from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
-from .workers import Control, ModelSource, WorkerError, Workers, choose_device, join_group, resolve_device
+from .workers import Control, ModelSource, WorkerError, Workers, start_model
 
 logger = logging.getLogger("deepseek_v2")
 
@@ -87,6 +88,9 @@ class Request:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 class LLMEngine:
     def __init__(self, model: DeepseekV2ForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  workers: Workers | None = None, control: Control | None = None, graphs: bool = True):
@@ -98,6 +102,7 @@ class LLMEngine:
         self.workers, self.control = workers, control
         self.max_model_len = engine_max_model_len(config, model.args)
         self.runner = ModelRunner(model, config, self.max_model_len, tp=model.tp, control=control, graphs=graphs)
+        self.config = config = self.runner.config  # with the batch budgets sized for the device
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if blocks_per_seq > self.runner.num_blocks:
             fit = self.runner.num_blocks * config.block_size
@@ -113,42 +118,34 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
-                        device: str | None = None, **knobs) -> "LLMEngine":
+                        device: str | None = None, load_format: str = "auto", **knobs) -> "LLMEngine":
         """Load a checkpoint (default: the shipped model) and build the engine; with
-        tensor_parallel_size > 1 the other ranks are started on this node."""
+        tensor_parallel_size > 1 the other ranks are started on this node. load_format "dummy" (vLLM's
+        name): random weights of the checkpoint's architecture, its tokenizer, no weight files read
+        (benchmarks of a shape whose weights are not at hand)."""
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
         source = ModelSource(path=str(model or DEFAULT_MODEL))
-        source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
-        return cls.from_source(source, Tokenizer.from_pretrained(source.path), EngineConfig(**knobs), dtype, device)
+        args = source.model_args()  # a missing or foreign directory is named before its tokenizer is looked for
+        tokenizer = Tokenizer.from_pretrained(source.path)
+        if load_format == "dummy":
+            source = ModelSource(args=args)
+        return cls.from_source(source, tokenizer, EngineConfig(**knobs), dtype, device)
 
     @classmethod
     def from_source(cls, source: ModelSource, tokenizer: Tokenizer, config: EngineConfig,
                     dtype: str | torch.dtype = "auto", device: str | None = None) -> "LLMEngine":
-        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group whose
-        other ranks it starts on this node, or which torchrun started (then every rank but 0 runs
-        engine/workers.py's run_worker: the CLI does that)."""
-        source, device_type = resolve_device(source, config, dtype, device)
-        world = config.tensor_parallel_size
-        check_parallel_size(source.model_args(), world)  # before any process is started
-        if device_type == "cuda" and config.num_kv_blocks is None:
-            refuse_what_cannot_fit(source, config, torch.device(device or device_type))
-        launch = launch_env()
-        if world == 1 and launch.world == 1:
-            return cls(source.build(SINGLE, torch.device(device or device_type)), tokenizer, config)
-        if launch.world == 1:
-            workers, init_method = Workers.spawn(world, source, config, device_type)
-            ranks_per_node = world
-        elif launch.world != world:
-            raise ValueError(f"tensor_parallel_size is {world} but torchrun started {launch.world} processes")
-        else:
-            workers, init_method, ranks_per_node = Workers(world), "env://", launch.local_world
+        """The engine over a model source, on one process or as rank 0 of a tensor-parallel group
+        (engine/workers.py's start_model starts the other ranks, or joins those torchrun started)."""
+        start = start_model(source, config, dtype, device)
         try:
-            dev, backend = choose_device(device_type, 0, ranks_per_node)
-            tp, control = join_group(0, world, init_method, backend)
-            engine = cls(source.build(tp, dev), tokenizer, config, workers, control, graphs=backend == "nccl")
+            engine = cls(start.model, tokenizer, config, start.workers, start.control, graphs=start.graphs)
         except BaseException:
-            workers.close(None)
+            if start.workers is not None:
+                start.workers.close(None)
             raise
-        atexit.register(engine.close)
+        if start.workers is not None:
+            atexit.register(engine.close)
         return engine
 
     def close(self) -> None:
@@ -389,16 +386,3 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
 
-
-def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: torch.device) -> None:
-    """Before any weight is loaded: the memory plan (plan.py, what `deepseek-v2 info` prints) of this
-    GPU; a ValueError with its figures if the weights and the activation reserve do not fit."""
-    args = source.model_args()
-    value_bytes = torch.tensor([], dtype=source.dtype).element_size()
-    total = torch.cuda.get_device_properties(device).total_memory
-    plan = memory_plan(args, config.tensor_parallel_size, total, config,
-                       1 if args.quantization == "fp8" else value_bytes,  # 1: FP8 weights (plan.py)
-                       1 if config.kv_cache_dtype == "fp8" else value_bytes)
-    if not plan.weights_fit:
-        raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
-                         + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")

@@ -1,7 +1,8 @@
 """The model runner: the only owner of the model, the paged latent cache, the CUDA graphs and the
 sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into flat host lists
 (tokens, positions, slot mapping, block tables, which rows need logits), `forward` runs the model
-(replaying a captured CUDA graph for a decode-only batch) and returns the logits of those rows, and
+(replaying a captured CUDA graph for a decode-only batch, and the piecewise graphs of
+engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of those rows, and
 `sample` turns them into tokens and logprobs.
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
@@ -23,6 +24,7 @@ from ..kernels.fp8 import cache_width
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
 from ..parallel import SINGLE, TensorParallel
 from ..sampler import Sampler, TokenLogprobs
+from .piecewise import PiecewiseSteps
 from .scheduler import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger("deepseek_v2")
@@ -95,7 +97,8 @@ class ModelRunner:
             raise ValueError("kernels='reference' cannot run in CUDA graphs (it reads expert counts on the "
                              "host): also set enforce_eager")
         self.model = model.eval().fuse_for_inference().use_kernels(kernels)
-        self.config = config
+        gpu_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        self.config = config = config.sized_for(gpu_memory)  # the batch budgets left to default, for this device
         self.dtype = model.dtype
         self.cache_dtype = torch.uint8 if config.kv_cache_dtype == "fp8" else self.dtype  # uint8: FP8 rows
         self.block_size = config.block_size
@@ -108,8 +111,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.piecewise: PiecewiseSteps | None = None  # steps holding prefills, cut at attention
         if self.device.type == "cuda" and not config.enforce_eager and graphs:
             self._capture_decode_graphs()
+            self.piecewise = PiecewiseSteps(self.model, self.kv_caches, self.scratch_block * self.block_size,
+                                            config.max_num_batched_tokens, capture=True)
 
     # ---- cache sizing -----------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -234,8 +240,9 @@ class ModelRunner:
             return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
         prefills = bool(f.prefill_query_lens)
+        piecewise = self.piecewise is not None and len(f.input_ids) <= self.piecewise.max_tokens
         attn = AttentionMetadata(
-            slot_mapping=device_array(f.slots),
+            slot_mapping=None if piecewise else device_array(f.slots),  # the pieces take the host array
             prefill_query_lens=f.prefill_query_lens, prefill_key_lens=f.prefill_key_lens,
             prefill_key_slots=device_array(f.prefill_key_slots) if prefills else None,
             prefill_cu_query=device_array(np.cumsum([0] + f.prefill_query_lens), torch.int32) if prefills else None,
@@ -243,7 +250,11 @@ class ModelRunner:
             decode_block_tables=self._block_table_tensor(f.decode_tables) if f.decode_tables else None,
             decode_seq_lens=device_array(f.decode_lens, torch.int32) if f.decode_lens else None,
             max_decode_seq_len=max(f.decode_lens, default=0))
-        hidden = self.model.forward_step(device_array(f.input_ids), device_array(f.positions), attn, self.kv_caches)
+        if piecewise:
+            hidden = self.piecewise.run(f.input_ids, f.positions, f.slots, attn)
+        else:
+            hidden = self.model.forward_step(device_array(f.input_ids), device_array(f.positions), attn,
+                                             self.kv_caches)
         if not f.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(f.logit_rows, device=dev)])
@@ -269,7 +280,8 @@ class ModelRunner:
         return unordered
 
     # ---- CUDA graphs for decode steps --------------------------------------------------------------
-    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+    GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768,
+                         896, 1024)
 
     def _decode_metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.g_slots[:bs], prefill_query_lens=[], prefill_key_lens=[],

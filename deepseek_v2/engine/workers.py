@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import EngineConfig, ModelArgs
-from ..parallel import TensorParallel, launch_env
+from ..parallel import SINGLE, TensorParallel, launch_env
+from ..plan import check_parallel_size, format_plan, memory_plan
 
 logger = logging.getLogger("deepseek_v2")
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer fails: first Triton compiles take minutes
@@ -245,3 +246,57 @@ class Workers:
                 p.join()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class Started:
+    """What start_model gives the engine: the model (rank 0's part of it), and its other ranks."""
+
+    model: object
+    workers: Workers | None = None
+    control: Control | None = None
+    graphs: bool = True  # CUDA graphs are possible (one process, or NCCL)
+
+
+def start_model(source: ModelSource, config: EngineConfig, dtype: str | torch.dtype = "auto",
+                device: str | None = None) -> Started:
+    """Build the model on one process, or as rank 0 of a tensor-parallel group: the other ranks are
+    started here on this node, or, under torchrun, were started by it (every rank but 0 then runs
+    run_launched_worker: the CLI does that). A size that cannot split the model, and on a GPU a plan
+    whose weights cannot fit, are refused before anything is loaded or started."""
+    source, device_type = resolve_device(source, config, dtype, device)
+    world = config.tensor_parallel_size
+    check_parallel_size(source.model_args(), world)
+    if device_type == "cuda" and config.num_kv_blocks is None:
+        refuse_what_cannot_fit(source, config, torch.device(device or device_type))
+    launch = launch_env()
+    if world == 1 and launch.world == 1:
+        return Started(source.build(SINGLE, torch.device(device or device_type)))
+    if launch.world == 1:
+        workers, init_method = Workers.spawn(world, source, config, device_type)
+        ranks_per_node = world
+    elif launch.world != world:
+        raise ValueError(f"tensor_parallel_size is {world} but torchrun started {launch.world} processes")
+    else:
+        workers, init_method, ranks_per_node = Workers(world), "env://", launch.local_world
+    try:
+        dev, backend = choose_device(device_type, 0, ranks_per_node)
+        tp, control = join_group(0, world, init_method, backend)
+        return Started(source.build(tp, dev), workers, control, graphs=backend == "nccl")
+    except BaseException:
+        workers.close(None)
+        raise
+
+
+def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: torch.device) -> None:
+    """The memory plan (plan.py, what `deepseek-v2 info` prints) of this GPU; a ValueError with its
+    figures if the weights and the activation reserve do not fit."""
+    args = source.model_args()
+    value_bytes = torch.tensor([], dtype=source.dtype).element_size()
+    total = torch.cuda.get_device_properties(device).total_memory
+    plan = memory_plan(args, config.tensor_parallel_size, total, config,
+                       1 if args.quantization == "fp8" else value_bytes,  # 1: FP8 weights (plan.py)
+                       1 if config.kv_cache_dtype == "fp8" else value_bytes)
+    if not plan.weights_fit:
+        raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
+                         + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")

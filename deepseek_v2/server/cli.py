@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-choices-per-request", type=int, default=limits.max_choices,
                         help="prompts x n in one request (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="dummy: random weights of --model's config.json with its tokenizer, no weight files "
+                             "read (to benchmark a shape without its weights; vLLM's flag)")
     add_model_arguments(parser)
     add_engine_arguments(parser, server=True)
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{model}: no config.json (not a checkpoint directory)")
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
-    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
+    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+                                            **engine_kwargs(args))
     limits = Limits(max_body_bytes=int(args.max_request_body_mib * 2**20), body_timeout=args.request_body_timeout,
                     max_prompts=args.max_prompts_per_request, max_choices=args.max_choices_per_request)
     app = build_app(engine, names, keys, model_path=model, limits=limits)

@@ -57,6 +57,39 @@ def test_gpu_greedy_equals_cpu_reference(changes, tmp_path):
     assert run(eager, prompts, params) == ref
 
 
+@pytest.mark.parametrize("heads", [16, 128])  # V2-Lite's and V2's head counts
+def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
+    """Steps that hold prefills run as captured pieces around eager attention (engine/piecewise.py): with
+    a small token budget every step mixes chunks of prompts with decodes, requests join midway and one
+    prompt hits the prefix cache; greedy tokens equal the CPU reference engine's, fp32."""
+    cpu_model = DeepseekV2ForCausalLM(model_args(num_attention_heads=heads)).init_weights(seed=7)
+    cpu_model.save_pretrained(tmp_path)
+    gpu_model = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 70, 300, 33, 129, 90)]
+    prompts.append(prompts[4][:96] + [7, 8, 9])  # shares 96 tokens (six 16-token blocks) with prompt 4
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ref = run(LLMEngine(cpu_model, tok, EngineConfig(block_size=16)), prompts, params)
+    engine = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, max_num_seqs=8, max_num_batched_tokens=96))
+    pieces = engine.runner.piecewise
+    assert pieces is not None and pieces.graphs, "piecewise graphs were not captured"
+    sizes, replay = [], pieces.run
+    pieces.run = lambda ids, *rest: sizes.append(len(ids)) or replay(ids, *rest)
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(str(i), p, params)
+    joined, done = 3, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        if joined < len(prompts):  # the others join one a step, while the first ones decode
+            engine.add_request(str(joined), prompts[joined], params)
+            joined += 1
+    assert [done[str(i)] for i in range(len(prompts))] == ref
+    assert len(sizes) >= 5 and any(t not in pieces.counts for t in sizes)
+
+
 def test_bf16_decode_graph_equals_the_eager_step():
     """A bf16 decode step replayed from its captured graph gives the logits of the same step run eagerly:
     same kernels on the same inputs (the graph pads the batch and picks the split count for the longest
