@@ -1,7 +1,7 @@
 """Time the FP8 kernels against their bf16 counterparts at V2-Lite's shapes, in one process: the
-block-scaled FP8 GEMM (ours, Triton, activation quantization included) against cuBLAS bf16 and
-against torch._scaled_mm with 1x128 / 128x128 block scales (activations quantized beforehand, so its
-time leaves that out); the fused MoE with FP8 and bf16 experts; MLA decode over an FP8 and a bf16
+block-scaled FP8 GEMM as the model calls it (fp8_linear.linear: its quantization included, and
+whichever of its paths the shape takes) against cuBLAS bf16, with the Triton GEMM over pre-quantized
+x and torch._scaled_mm alone (1x128 / 128x128 block scales, x quantized beforehand) beside it; the fused MoE with FP8 and bf16 experts; MLA decode over an FP8 and a bf16
 latent cache. Prints one table; the bytes column is what each call must read at least.
 
 Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
@@ -21,8 +21,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache_rows, quantize_weight  # noqa: E402
-from deepseek_v2.kernels.fp8_linear import linear  # noqa: E402
+from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight  # noqa: E402
+from deepseek_v2.kernels.fp8_linear import FUSED_MAX_M, default_config, linear  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
 from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
 
@@ -41,15 +41,15 @@ def graph_us(fn) -> float:
 
 def row(what: str, shape: str, bf16_us: float, fp8_us: float, bf16_bytes: float, fp8_bytes: float,
         other: str = "") -> None:
-    line = (f"| {what} | {shape} | {bf16_us:.1f} ({bf16_bytes / bf16_us / 1e6:.0f} GB/s) | "
-            f"{fp8_us:.1f} ({fp8_bytes / fp8_us / 1e6:.0f} GB/s) | {bf16_us / fp8_us:.2f}x | {other} |")
+    line = (f"| {what} | {shape} | {bf16_us:.1f} ({bf16_bytes / bf16_us / 1e3:.0f} GB/s) | "
+            f"{fp8_us:.1f} ({fp8_bytes / fp8_us / 1e3:.0f} GB/s) | {bf16_us / fp8_us:.2f}x | {other} |")
     print(line, flush=True)
     ROWS.append(line)
 
 
 def scaled_mm_us(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> str:
-    """torch._scaled_mm with DeepSeek's scales, the activations quantized outside the timing; '-' if
-    this torch/cuBLAS refuses them."""
+    """torch._scaled_mm alone with DeepSeek's scales, the activations quantized outside the timing (its
+    error against the unquantized product); the error if this torch/cuBLAS refuses them."""
     xq, xs = quantize_activation(x)
     try:
         fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=xs.t().contiguous().t(), scale_b=s.t(),  # noqa: E731
@@ -72,8 +72,14 @@ def bench_linear() -> None:
             x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
             b16 = graph_us(lambda: F.linear(x, wb))
             f8 = graph_us(lambda: linear(x, w, None, s))
+            other = []
+            if M > FUSED_MAX_M:  # the Triton GEMM over pre-quantized x, whichever path linear took
+                triton_cfg = dict(default_config(M), FUSED=False)
+                other.append(f"Triton {graph_us(lambda: linear(x, w, None, s, config=triton_cfg)):.1f} us")
+            if M in (1, 256, 4096):
+                other.append(scaled_mm_us(x, w, s))
             row("linear", f"M={M} N={N} K={K}", b16, f8, 2 * N * K + 2 * M * (N + K), N * K + 2 * M * (N + K),
-                scaled_mm_us(x, w, s) if M in (1, 256, 4096) else "")
+                "; ".join(other))
 
 
 def bench_moe() -> None:
@@ -97,7 +103,7 @@ def bench_mla() -> None:
         blocks = -(-L // B)
         rows = torch.randn(N * blocks * B, R + P, device=DEVICE)
         caches = {"bf16": rows.to(torch.bfloat16).view(N * blocks, B, R + P),
-                  "fp8": quantize_cache_rows(rows).view(N * blocks, B, R + P + 4)}
+                  "fp8": quantize_cache(rows.view(N * blocks, B, R + P))}
         tables = torch.arange(N * blocks, device=DEVICE, dtype=torch.int32).view(N, blocks)
         lens = torch.full((N,), L, device=DEVICE, dtype=torch.int32)
         q_lat = torch.randn(N, H, R, device=DEVICE, dtype=torch.bfloat16)

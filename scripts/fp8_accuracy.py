@@ -42,8 +42,10 @@ BLOCK_SIZE = 64
 
 
 @torch.no_grad()
-def step_logits(model: DeepseekV2ForCausalLM, ids: torch.Tensor, fp8_cache: bool) -> torch.Tensor:
-    """ids [S] prefilled as one engine step into a fresh paged cache -> fp32 logits [S, V]."""
+def step_logits(model: DeepseekV2ForCausalLM, ids: torch.Tensor, fp8_cache: bool, caches_out: list | None = None
+                ) -> torch.Tensor:
+    """ids [S] prefilled as one engine step into a fresh paged cache -> fp32 logits [S, V] (the
+    caches appended to caches_out)."""
     a, n = model.args, ids.shape[0]
     dtype = torch.uint8 if fp8_cache else model.dtype
     blocks = -(-n // BLOCK_SIZE)
@@ -54,7 +56,46 @@ def step_logits(model: DeepseekV2ForCausalLM, ids: torch.Tensor, fp8_cache: bool
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
     attn = AttentionMetadata(slot_mapping=pos, prefill_query_lens=[n], prefill_key_lens=[n], prefill_key_slots=pos,
                              prefill_cu_query=cu, prefill_cu_key=cu, decode_block_tables=None, decode_seq_lens=None)
-    return model.compute_logits(model.forward_step(ids, pos, attn, caches))
+    logits = model.compute_logits(model.forward_step(ids, pos, attn, caches))
+    if caches_out is not None:
+        caches_out.append([c.view(-1, c.shape[-1])[:n] for c in caches])
+    return logits
+
+
+def fake_quantize(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """x [T, W] (fp32) in e4m3 with one scale per `groups` consecutive rows (absmax / 448), dequantized."""
+    T, W = x.shape
+    g = x[:T // groups * groups].view(-1, groups * W)
+    scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 448
+    return ((g / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).view(-1, W)
+
+
+def cache_granularity(model: DeepseekV2ForCausalLM, data: list) -> dict:
+    """The latents the model caches (bf16) on `data`, quantized to e4m3 with one scale per tensor (each
+    sequence's whole layer: a calibrated static scale could not do better), per 64-token tile, per
+    token, and per token with separate scales for the latent and the rope key: the mean relative
+    error ||dequantized - latent|| / ||latent|| over layers and sequences, for the latent c and the rope
+    key k_pe apart."""
+    R = model.args.kv_lora_rank
+    caches = []
+    for ids, _ in data:
+        step_logits(model, ids, False, caches)
+    errors = {name: [0.0, 0.0] for name in ("per tensor", "per 64-token tile", "per token",
+                                            "per token, c and k_pe apart")}
+    count = 0
+    for layers in caches:
+        for rows in layers:
+            x = rows.float()
+            x = x[:x.shape[0] // 64 * 64]
+            variants = {"per tensor": fake_quantize(x, x.shape[0]), "per 64-token tile": fake_quantize(x, 64),
+                        "per token": fake_quantize(x, 1),
+                        "per token, c and k_pe apart": torch.cat([fake_quantize(x[:, :R].contiguous(), 1),
+                                                                  fake_quantize(x[:, R:].contiguous(), 1)], -1)}
+            for name, deq in variants.items():
+                for i, part in enumerate((slice(0, R), slice(R, None))):
+                    errors[name][i] += ((deq[:, part] - x[:, part]).norm() / x[:, part].norm()).item()
+            count += 1
+    return {name: (c / count, pe / count) for name, (c, pe) in errors.items()}
 
 
 def compare(models: dict, data: list[tuple[torch.Tensor, torch.Tensor]], with_loss: bool) -> dict:
@@ -120,13 +161,16 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         rand = [(ids.cuda(), ids.cuda()) for ids in torch.randint(2, PRESETS["v2-lite"].vocab_size,
                                                                   (args.random_sequences, 1024), generator=g)]
-        tables["random weights, V2-Lite shape (GPU)"] = compare(random_models(v2_lite=True), rand, False)
+        models = random_models(v2_lite=True)
+        tables["random weights, V2-Lite shape (GPU)"] = compare(models, rand, False)
+        print_granularity(cache_granularity(models["bf16"], rand), "V2-Lite shape, random weights and tokens")
         print_tables(tables, start)
         return
     models = demo_models(torch.bfloat16)
     chat = load_chat("tests/data/demo_chat_heldout.jsonl", Tokenizer.from_pretrained(DEFAULT_MODEL), 1024)
     inputs, targets = chat.get(list(range(chat.num_sequences)))
     tables["demo, held-out chat (assistant tokens)"] = compare(models, list(zip(inputs, targets)), True)
+    print_granularity(cache_granularity(models["bf16"], list(zip(inputs, targets))[:64]), "demo, held-out chat")
     tokens = torch.from_numpy(np.fromfile(args.val, dtype=np.uint16).astype(np.int64))
     n = min(args.val_sequences, (len(tokens) - 1) // 1024)
     val = [(tokens[i * 1024:(i + 1) * 1024], tokens[i * 1024 + 1:(i + 1) * 1024 + 1]) for i in range(n)]
@@ -135,6 +179,13 @@ def main() -> None:
     rand = [(ids, ids) for ids in torch.randint(2, 1024, (args.random_sequences, 1024), generator=g)]
     tables["random weights, V2-Lite head dims"] = compare(random_models(), rand, False)
     print_tables(tables, start)
+
+
+def print_granularity(errors: dict, where: str) -> None:
+    print(f"| latent cache scales ({where}) | rel. error of c | rel. error of k_pe |")
+    print("|---|---|---|")
+    for name, (c, pe) in errors.items():
+        print(f"| {name} | {100 * c:.2f}% | {100 * pe:.2f}% |", flush=True)
 
 
 def print_tables(tables: dict, start: float) -> None:

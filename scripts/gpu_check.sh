@@ -17,7 +17,7 @@ has kernels && step bench-kernels 120 python3 scripts/bench_kernels.py
 has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL
-has fp8tests && step fp8-tests 130 python3 -m pytest -q tests/gpu/test_fp8_gpu.py
+has fp8tests && step fp8-tests 130 python3 -m pytest -q -s tests/gpu/test_fp8_gpu.py
 FP8_BENCH="--shape v2-lite --batch-sizes 1,256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 8"
 if has fp8bench; then
   step bench-bf16 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --json "$OUT/bench-bf16.json"

@@ -80,7 +80,8 @@ def launch_fused_kernels() -> None:
 
 FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
-                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (fp8_linear, "_fp8_linear_kernel")],
+                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (fp8_linear, "_fp8_linear_kernel"),
+                (fp8_linear, "_quantize_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
                (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")], launch_fused_kernels),

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from deepseek_v2 import LLM, DeepseekV2ForCausalLM, EngineConfig, LLMEngine, ModelArgs, SamplingParams, Tokenizer
 from deepseek_v2.config import DEFAULT_MODEL, ConfigError
 from deepseek_v2.kernels import reference
-from deepseek_v2.kernels.fp8 import (FP8, dequantize_activation, dequantize_cache_rows, dequantize_weight,
-                                     quantize_activation, quantize_cache_rows, quantize_weight)
+from deepseek_v2.kernels.fp8 import (FP8, dequantize_activation, dequantize_weight, quantize_activation, quantize_cache,
+                                     quantize_cache_rows, quantize_weight, read_cache, write_cache)
 
 E4M3_HALF_STEP = 2**-4  # rounding to nearest with 3 mantissa bits: at most 2^-4 of the value (normal range)
 
@@ -94,17 +94,25 @@ def test_reference_fp8_linear_is_the_product_of_the_dequantized_operands():
     torch.testing.assert_close(part, y[:, 100:250], rtol=1e-6, atol=1e-6)
 
 
-def test_fp8_cache_rows_hold_values_then_their_scale():
+def test_fp8_cache_blocks_hold_values_then_their_scales():
+    """A block of the FP8 cache: its tokens' e4m3 values (each row scaled by its max / 448), then their
+    fp32 scales; written and read back at slots."""
     torch.manual_seed(4)
     rows = torch.randn(6, 160) * 3
     rows[3] = 0.0
-    packed = quantize_cache_rows(rows)
-    assert packed.dtype == torch.uint8 and packed.shape == (6, 164)
-    scale = packed[:, 160:].contiguous().view(torch.float32)[:, 0]
+    cache = torch.zeros(3, 4, 164, dtype=torch.uint8)
+    slots = torch.tensor([5, 0, 11, 2, 7, 8])
+    write_cache(cache, slots, rows)
+    flat = cache.view(3, 4 * 164)
+    scale = flat[:, 4 * 160:].contiguous().view(torch.float32).view(-1)[slots]
     assert torch.equal(scale[[0, 1, 2, 4, 5]], rows[[0, 1, 2, 4, 5]].abs().amax(-1) / 448)
-    back = dequantize_cache_rows(packed, torch.float32)
+    q, s = quantize_cache_rows(rows)
+    assert torch.equal(s, scale)
+    assert torch.equal(flat[1, 160:320], q[0].view(torch.uint8))  # slot 5 = block 1, offset 1
+    back = read_cache(cache, slots // 4, slots % 4, torch.float32)
     assert (back[3] == 0).all()
     assert ((back - rows).abs() <= E4M3_HALF_STEP * rows.abs() + scale[:, None] * 2**-9).all()
+    assert torch.equal(quantize_cache(rows[:4].view(1, 4, 160)).view(-1)[:640], q[:4].view(torch.uint8).view(-1))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------

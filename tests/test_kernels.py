@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_v2.kernels import reference
-from deepseek_v2.kernels.fp8 import quantize_cache_rows, quantize_weight
+from deepseek_v2.kernels.fp8 import quantize_cache, quantize_weight
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -166,13 +166,14 @@ def test_mla_decode_matches_ref(tk, case):
 
 @pytest.mark.parametrize("case", [0, 2, 3, 6, 8])
 def test_mla_decode_reads_the_fp8_cache(tk, case):
-    """An FP8 cache (e4m3 rows and their scale, as mla_prepare writes them) against the reference, which
-    dequantizes it: the scale applied to the scores and the weights matches to bf16 tolerance."""
+    """An FP8 cache (each block's e4m3 rows, then their scales, as mla_prepare writes them) against the
+    reference, which dequantizes it: the scale applied to the scores and the weights matches to bf16
+    tolerance."""
     H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
     torch.manual_seed(400 + case)
     kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, torch.float32)
     scales = torch.logspace(-2, 2, kv_cache.shape[0] * block_size).view(kv_cache.shape[0], block_size, 1)
-    fp8_cache = quantize_cache_rows((kv_cache * scales).view(-1, R + P)).view(*kv_cache.shape[:2], R + P + 4)
+    fp8_cache = quantize_cache(kv_cache * scales)
     q_lat, q_pe = torch.randn(len(seq_lens), H, R).to(dtype), torch.randn(len(seq_lens), H, P).to(dtype)
     out = tk.mla_decode.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, 0.05, num_kv_splits=splits,
                                    block_n=block_n)
@@ -329,7 +330,8 @@ FP8_LINEAR_CASES = [  # (M, N, K, block_offset, bias, dtype, config)
     (37, 256, 384, (0, 0), False, torch.bfloat16, dict(SMALL, BLOCK_M=64, BLOCK_N=64)),
     (3, 150, 200, (100, 0), False, torch.float32, SMALL),                  # a row part starting inside a block
     (4, 64, 190, (0, 70), True, torch.float16, SMALL),                     # a column part: groups start at -70
-    (130, 64, 128, (0, 0), False, torch.float32, None),                    # the prefill tier
+    (130, 64, 128, (0, 0), False, torch.float32, None),                    # x quantized first (quantize_activation)
+    (6, 150, 190, (0, 70), True, torch.bfloat16, dict(SMALL, FUSED=False)),  # that, in a part inside a block
 ]
 
 

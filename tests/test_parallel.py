@@ -241,4 +241,7 @@ def test_fp8_checkpoint_over_three_ranks(hf_checkpoint, tmp_path):
         for name, ((dim, start, end, _), weight) in parts.items():
             m = single.get_submodule(name)
             assert torch.equal(weight, dequantize_weight(m.weight, m.weight_scale_inv).narrow(dim, start, end - start))
-        print(((logits - expected).norm() / expected.norm()).item(), ((unquantized - expected).norm() / expected.norm()).item())
+        # every split of this model cuts a group: the logits move (7% here), less than FP8 itself moves them
+        # from the unquantized model (8%); V2's and V2-Lite's head splits cut none (docs/fp8.md)
+        split_error = ((logits - expected).norm() / expected.norm()).item()
+        assert split_error < ((unquantized - expected).norm() / expected.norm()).item()

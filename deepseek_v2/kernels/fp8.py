@@ -15,9 +15,13 @@ blocks (a group starts `offset` columns before the first), scale = group max / 4
 reciprocal of the scale (one division per group: the kernels do the same, so the quantized values
 are bit-identical).
 
-Latent cache rows: one fp32 scale per token per layer (docs/fp8.md has the measurement behind the
-choice): the row of a token is its kv_lora_rank + qk_rope_head_dim values in e4m3 followed by the
-4 bytes of its scale, in a uint8 cache tensor.
+Latent cache: one fp32 scale per token per layer (docs/fp8.md has the measurement behind the choice).
+A layer's FP8 cache is a uint8 tensor [num_blocks, block_size, W + 4] (W = kv_lora_rank +
+qk_rope_head_dim), the bytes of a bf16 cache's W / 2 + 2 values per token; each block holds its
+block_size tokens' W e4m3 values first, token after token, then their block_size fp32 scales. Keeping
+the values apart from the scales keeps every token's values at a multiple of 16 bytes (W = 576 for
+DeepSeek-V2), so the kernels read them with 16-byte loads (rows of W + 4 bytes, the scale beside its
+values, made MLA decode 2-4x slower on an H200).
 """
 
 from __future__ import annotations
@@ -89,21 +93,49 @@ def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, offset: int = 0)
     return q.float() * scale.repeat_interleave(BLOCK, dim=-1)[..., offset:offset + K]
 
 
-def quantize_cache_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Latent cache rows [T, W] (any float dtype) -> uint8 [T, W + 4]: W e4m3 values scaled by the
-    row's max / 448, then that fp32 scale's bytes."""
+def quantize_cache_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent cache rows [..., W] (any float dtype) -> (e4m3 values [..., W], fp32 scales [...]): each row
+    scaled by its max / 448."""
     rows = rows.float()
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX      # [T, 1]
-    q = (rows * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=-1)
+    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX      # [..., 1]
+    return (rows * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale[..., 0]
 
 
-def dequantize_cache_rows(cache_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [..., W + 4] -> [..., W] in dtype (values times their row's scale, in fp32, then rounded)."""
-    W = cache_rows.shape[-1] - CACHE_SCALE_BYTES
-    values = cache_rows[..., :W].contiguous().view(FP8).float()
-    scale = cache_rows[..., W:].contiguous().view(torch.float32)               # [..., 1]
-    return (values * scale).to(dtype)
+def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 cache uint8 [num_blocks, block_size, W + 4] as (values uint8 [num_blocks, block_size, W],
+    scales fp32 [num_blocks, block_size]): views of each block's bytes, its tokens' values first, then
+    their scales (see the module's docstring)."""
+    num_blocks, block_size, width = kv_cache.shape
+    W = width - CACHE_SCALE_BYTES
+    if (block_size * W) % 4 or not kv_cache.is_contiguous():
+        raise ValueError(f"an FP8 cache needs block_size * W divisible by 4 and contiguous storage; got "
+                         f"{tuple(kv_cache.shape)}")
+    flat = kv_cache.view(num_blocks, block_size * width)
+    return flat[:, :block_size * W].view(num_blocks, block_size, W), flat[:, block_size * W:].view(torch.float32)
+
+
+def write_cache(kv_cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Quantize rows [T, W] into the FP8 cache's flat slots [T] (slot = block * block_size + offset)."""
+    values, scales = cache_views(kv_cache)
+    q, scale = quantize_cache_rows(rows)
+    block, offset = slots.long() // kv_cache.shape[1], slots.long() % kv_cache.shape[1]
+    values[block, offset] = q.view(torch.uint8)
+    scales[block, offset] = scale
+
+
+def read_cache(kv_cache: torch.Tensor, block: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 cache's rows at (block, offset) (index tensors of one shape S) -> [*S, W] in dtype: values
+    times their row's scale, in fp32, then rounded."""
+    values, scales = cache_views(kv_cache)
+    return (values[block, offset].view(FP8).float() * scales[block, offset][..., None]).to(dtype)
+
+
+def quantize_cache(latents: torch.Tensor) -> torch.Tensor:
+    """A whole FP8 cache made of latents [num_blocks, block_size, W] (tests and benchmarks)."""
+    num_blocks, block_size, W = latents.shape
+    cache = torch.zeros(num_blocks, block_size, W + CACHE_SCALE_BYTES, dtype=torch.uint8, device=latents.device)
+    write_cache(cache, torch.arange(num_blocks * block_size, device=latents.device), latents.reshape(-1, W))
+    return cache
 
 
 def cache_width(kv_cache_dim: int, fp8: bool) -> int:

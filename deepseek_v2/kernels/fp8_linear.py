@@ -1,15 +1,21 @@
 """The linear layers on the GPU: F.linear (cuBLAS) for a weight in the model's dtype, and for an FP8
-weight with 128 x 128 block scales one Triton kernel, after DeepSeek-V3's fp8_gemm, that quantizes the
-activations as it goes (no separate quantization kernel, no FP8 copy of x in memory).
+weight with 128 x 128 block scales (W8A8, the activations quantized per token in groups of 128):
 
-A program owns BLOCK_M rows of x and BLOCK_N output columns. Its K loop steps one 128-wide activation
-group at a time, aligned with the weight's blocks: it loads the rows' group in x's dtype, takes each
-row's absolute max, scales the group to e4m3 in registers (the arithmetic of kernels/fp8.py's
-quantize_activation, so the quantized values are bit-identical to the reference's), multiplies it
-with the weight tile on the FP8 tensor cores and adds the product times both scales (the rows'
-and the columns' weight block) into an fp32 accumulator. A tensor-parallel part that starts inside a
-block (block_offset) just starts its first group before column 0, masked. No host synchronisation:
-CUDA-graph capturable.
+- up to FUSED_MAX_M rows (decode): one Triton kernel, after DeepSeek-V3's fp8_gemm, that quantizes the
+  activations as it goes (no separate quantization kernel, no FP8 copy of x in memory): a program owns
+  BLOCK_M rows of x and BLOCK_N output columns, its K loop steps one 128-wide activation group at a
+  time, aligned with the weight's blocks, takes each row's absolute max, scales the group to e4m3 in
+  registers, multiplies it with the weight tile on the FP8 tensor cores and adds the product times both
+  scales (the rows' and the columns' weight block) into an fp32 accumulator;
+- more rows: x is quantized once by its own kernel (`quantize_activation`; re-quantizing it in every
+  column block's program made the fused kernel 3-4x slower than bf16 at 256 rows and more), then
+  torch._scaled_mm (cuBLAS, 1x128 activation and 128x128 weight block scales) where its layout
+  rules hold (block-aligned part, K a multiple of 512, N of 128: measured 1.4x faster than bf16 at
+  4096 rows, docs/fp8.md), else the same Triton kernel reading the pre-quantized x.
+
+Every path quantizes with the arithmetic of kernels/fp8.py's quantize_activation, so the e4m3 values
+are bit-identical to the reference's. A tensor-parallel part that starts inside a block (block_offset)
+just starts its first group before column 0, masked. No host synchronisation: CUDA-graph capturable.
 
 Letters: M rows (tokens), N output features, K input features.
 """
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, EPS, FP8, FP8_MAX, scale_shape
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
 
 
 @triton.jit
@@ -35,12 +41,49 @@ def quantize_rows(x, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
+                     ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """ROWS rows of x, one 128-wide group (program_id 1) -> e4m3 values and the rows' scales of it; rows
+    M..M_PAD-1 (padding) get zeros."""
+    g = tl.program_id(1)
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    k = g * GROUP - col_offset + tl.arange(0, GROUP)
+    mask_k = (k >= 0) & (k < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :],
+                mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0)
+    q, scale = quantize_rows(x, FP8_MAX, EPS)
+    tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + k[None, :], q,
+             mask=(offs_m < M_PAD)[:, None] & mask_k[None, :])
+    tl.store(s_ptr + offs_m * stride_sm + g * stride_sg, scale, mask=offs_m < M_PAD)
+
+
+def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
+                        scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/fp8.py's quantize_activation on the GPU, bit for bit: x [M, K] (last dim contiguous) ->
+    (e4m3 [M', K], fp32 scales [M', ceil((K + col_offset) / 128)]), M' = M rounded up to pad_rows (the
+    padding rows zero); the scales' storage M-major if scales_column_major (what cuBLAS asks for)."""
+    M, K = x.shape
+    M_pad = cdiv(M, pad_rows) * pad_rows
+    G = cdiv(K + col_offset, BLOCK)
+    q = torch.empty(M_pad, K, dtype=FP8, device=x.device)
+    s = (torch.empty(G, M_pad, dtype=torch.float32, device=x.device).t() if scales_column_major
+         else torch.empty(M_pad, G, dtype=torch.float32, device=x.device))
+    if M_pad:
+        _quantize_kernel[(triton.cdiv(M_pad, 16), G)](
+            x, q, s, M, M_pad, K, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4)
+    return q, s
+
+
+@triton.jit
 def _fp8_linear_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset,
-    stride_xm, stride_wn, stride_sn, stride_ym,
-    HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset,
+    stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym,
+    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
 ):
+    """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
+    dtype, quantized here."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -64,7 +107,11 @@ def _fp8_linear_kernel(
         k = g * GROUP + offs_k
         mask_k = (k >= 0) & (k < K)
         x = tl.load(x_ptrs + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                    # [BLOCK_M, GROUP]
+        if A_FP8:
+            x_q = x
+            x_scale = tl.load(xs_ptr + offs_m * stride_xsm + g * stride_xsg, mask=mask_m, other=0.0)
+        else:
+            x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                # [BLOCK_M, GROUP]
         w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
         w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)     # [BLOCK_N]
         acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
@@ -72,6 +119,10 @@ def _fp8_linear_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
+SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
 
 
 def default_config(M: int) -> dict:
@@ -93,7 +144,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     last dim contiguous: a view of a fused matrix is fine), weight_scale_inv [ceil((N + r) / 128),
     ceil((K + c) / 128)] fp32 for block_offset (r, c); x [..., K] bf16/fp16/fp32 with a contiguous
     last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
-    num_stages. No host synchronisation.
+    num_stages, and FUSED (default True: quantize x inside the GEMM; False: quantize_activation first);
+    with a config the Triton kernel always runs. No host synchronisation.
     """
     if weight_scale_inv is None:
         return F.linear(x, weight, bias)
@@ -125,11 +177,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.view(*shape[:-1], N)
+    if config is None and use_scaled_mm(x, weight, weight_scale_inv, block_offset):
+        # cuBLAS: x quantized with its rows padded to whole 128-row tiles and M-major scales
+        xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_inv.t(), out_dtype=x.dtype)[:M]
+        y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
+        return y.view(*shape[:-1], N)
     cfg = config or default_config(M)
+    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
+    cfg = {k: v for k, v in cfg.items() if k != "FUSED"}
+    xq, xs = (x, y) if fused else quantize_activation(x, c)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _fp8_linear_kernel[grid](
-        x, weight, weight_scale_inv, bias if bias is not None else y, y, M, N, K, r, c,
-        x.stride(0), weight.stride(0), weight_scale_inv.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, y, M, N, K, r, c,
+        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
     )
     return y.view(*shape[:-1], N)
+
+
+def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:
+    """Whether torch._scaled_mm takes this GEMM: a CUDA bf16/fp16 x of at least SCALED_MM_MIN_M rows, a
+    block-aligned weight with row-major storage, K a multiple of 512 (cuBLAS pads the scales' K blocks
+    to a multiple of 4: other K gave wrong products on the H200) and N of 128."""
+    N, K = weight.shape
+    return (SCALED_MM_MIN_M is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[0] >= SCALED_MM_MIN_M and block_offset == (0, 0) and K % 512 == 0 and N % BLOCK == 0
+            and weight.stride() == (K, 1) and scale.stride() == (K // BLOCK, 1))

@@ -8,8 +8,8 @@ through the block table, reads each latent tile ONCE for all those heads and kee
 softmax in fp32. When the sequence is split, a second kernel merges the partial outputs with
 their log-sum-exp. No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
 
-An FP8 cache (uint8 rows: R + P e4m3 values and the row's fp32 scale, kernels/fp8.py) is read as
-e4m3 and widened to the query's dtype (exact); a token's scale multiplies its scores after the dot
+An FP8 cache (uint8 blocks: each token's R + P e4m3 values, then the tokens' fp32 scales,
+kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its scores after the dot
 and its softmax weight before the value dot, so no tile is ever dequantized in memory.
 
 Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
@@ -79,10 +79,12 @@ def _mla_decode_split_kernel(
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
         block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
-        row = block.to(tl.int64) * stride_kv_block + (offs_t % PAGE_SIZE) * stride_kv_tok  # [BLOCK_N]
-        if FP8_CACHE:
+        block_start = block.to(tl.int64) * stride_kv_block
+        if FP8_CACHE:  # a block: its tokens' R + P e4m3 values, then their fp32 scales (kernels/fp8.py)
+            row = block_start + (offs_t % PAGE_SIZE) * (R + P)                     # [BLOCK_N]
             values = kv_ptr.to(tl.pointer_type(tl.float8e4nv))
         else:
+            row = block_start + (offs_t % PAGE_SIZE) * stride_kv_tok               # [BLOCK_N]
             values = kv_ptr
         c = tl.load(values + row[:, None] + offs_r[None, :],
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
@@ -97,7 +99,8 @@ def _mla_decode_split_kernel(
         qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
         qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
-            token_scale = tl.load((kv_ptr + row + R + P).to(tl.pointer_type(tl.float32)), mask=mask_t, other=0.0)
+            scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
+            token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
             qk = qk * token_scale[None, :]
         qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
@@ -172,7 +175,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
     (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype, or an FP8
-    cache: uint8 [num_blocks, block_size, R+P+4];
+    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous;
     block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
@@ -188,6 +191,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if q_pe.shape[:2] != (N, H) or width != R + P + (CACHE_SCALE_BYTES if fp8 else 0):
         raise ValueError(f"mla_decode: shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)},"
                          f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P}, +4 for FP8)")
+    if fp8 and not kv_cache.is_contiguous():
+        raise ValueError("mla_decode: an FP8 kv_cache must be contiguous (its blocks' values, then their scales)")
     if block_tables.dim() != 2 or block_tables.shape[0] != N or seq_lens.shape != (N,):
         raise ValueError(f"mla_decode: expected block_tables [{N}, max_blocks] and seq_lens [{N}];"
                          f" got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
@@ -239,7 +244,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_n <= 32 and not fp8 else 8, num_stages=2,
+        num_warps=4 if block_n <= 32 and not fp8 else 8,
+        num_stages=1 if fp8 and q_lat.dtype == torch.float32 else 2,  # fp32 over an FP8 cache spills at 2
     )
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](

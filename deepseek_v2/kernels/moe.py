@@ -10,9 +10,11 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D]. A block of bucket E
    stores zero rows and reads no weights (the gate/up pass skips it altogether).
 4. the K picks summed in fp32 and cast to x's dtype.
-FP8 experts (weights in e4m3 with 128 x 128 block scales): both GEMMs step K one 128-wide block at a
-time, quantize their rows of the input per block in registers (fp8_linear.quantize_rows, the
-reference's arithmetic) and scale each block's product by the rows' and the weight block's scales.
+FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
+quantized once per token in groups of 128 by fp8_linear.quantize_activation (the reference's
+arithmetic, bit for bit: quantizing inside the GEMM, once per column block, made it 3x slower than
+bf16 at 4096 tokens), and both GEMMs step K one 128-wide block at a time and scale each block's
+product by the rows' and the weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
 With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs.
 (torch._grouped_mm was slower at every size measured; scripts/bench_kernels.py keeps it as the baseline.)
@@ -28,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
-from .fp8_linear import quantize_rows
+from .fp8 import BLOCK, FP8, cdiv
+from .fp8_linear import quantize_activation
 
 
 @triton.jit
@@ -106,16 +108,16 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr,
+    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row,
-    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
-    FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128)
+    FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128),
+                               # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr,
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
@@ -143,6 +145,7 @@ def _moe_gemm_kernel(
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -155,8 +158,8 @@ def _moe_gemm_kernel(
             mask_k = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if FP8_W:  # this K block of the rows to e4m3; each product scaled by the rows' and the block's scales
-            a, a_scale = quantize_rows(a, FP8_MAX, EPS)
+        if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
+            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
             acc += tl.dot(a, b) * (a_scale[:, None] * tl.load(bs_ptrs + k)[None, :])
         else:
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
@@ -187,13 +190,14 @@ def _moe_gemm_kernel(
 
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
     """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks. FP8
-    experts step K by whole 128-wide blocks and quantize their input tile in registers: past decode,
-    64 x 64 tiles over 8 warps (the largest that sm_90 builds without spilling; tests/sm90_build.py;
-    untuned on the H200)."""
+    experts step K by whole 128-wide blocks (their e4m3 tiles are the bf16 tiles' bytes at twice the
+    width); the prefill tier's column tiles are 64 wide, as the per-block scaling of each product
+    needs its own registers (tests/sm90_build.py: no spills)."""
     if rows_per_expert < 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if fp8:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64 if rows_per_expert < 128 else 128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
+                    num_warps=8, num_stages=3)
     if rows_per_expert < 128:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     # prefill: 128-wide column tiles (8% faster than 64 for gate/up at 4096 tokens of the V2-Lite shape
@@ -275,12 +279,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
+        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         _moe_gemm_kernel[grid](
-            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, n, k, max_padded,
-            T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0,
+            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, n, k,
+            max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k

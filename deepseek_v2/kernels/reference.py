@@ -76,16 +76,19 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
     q_pe = apply_rotary(q_pe, cos[:, None], sin[:, None])
     if kv_cache is not None:
         latent = torch.cat([c_kv, k_pe], dim=-1)                                    # [T, R + P]
-        latent = fp8.quantize_cache_rows(latent) if kv_cache.dtype == torch.uint8 else latent.to(kv_cache.dtype)
-        kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent)
+        if kv_cache.dtype == torch.uint8:
+            fp8.write_cache(kv_cache, slot_mapping, latent)
+        else:
+            kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent.to(kv_cache.dtype))
     return q_pe, c_kv, k_pe
 
 
 def gather_latents(kv_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The cached rows [c_kv ; k_pe] of the flat slots `slots` [L] -> [L, R + P] in dtype (an FP8 cache
     dequantized)."""
-    rows = kv_cache.view(-1, kv_cache.shape[-1])[slots]
-    return fp8.dequantize_cache_rows(rows, dtype) if kv_cache.dtype == torch.uint8 else rows.to(dtype)
+    if kv_cache.dtype == torch.uint8:
+        return fp8.read_cache(kv_cache, slots // kv_cache.shape[1], slots % kv_cache.shape[1], dtype)
+    return kv_cache.view(-1, kv_cache.shape[-1])[slots].to(dtype)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
@@ -115,16 +118,20 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     Absorbed decode: with W_UK folded into the query (q_lat [N, H, R]), attention is MQA with one
     shared key [c ; pe] and the latent c itself as the value. kv_cache [num_blocks, block_size, R + P]
     holds per token the latent c (first R) and the rotated k_pe (last P) (an FP8 cache: uint8
-    [num_blocks, block_size, R + P + 4], rows dequantized); token t of sequence n sits in
-    block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
+    [num_blocks, block_size, R + P + 4] as kernels/fp8.py lays it out, dequantized); token t of
+    sequence n sits in block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
     block are ignored. A sequence of length 0 gets a zero output. Math in fp32, result in q_lat's
     dtype. max_seq_len (a bound on seq_lens) only tunes the kernel; unused here.
     """
     R = q_lat.shape[-1]
     num_blocks, block_size, _ = kv_cache.shape
     blocks = block_tables.long().clamp(0, num_blocks - 1)                 # unused entries may be junk
-    kv = kv_cache[blocks].flatten(1, 2)                                   # [N, L, R+P]
-    kv = fp8.dequantize_cache_rows(kv, torch.float32) if kv_cache.dtype == torch.uint8 else kv.float()
+    if kv_cache.dtype == torch.uint8:
+        block = blocks[..., None].expand(-1, -1, block_size)
+        offset = torch.arange(block_size, device=blocks.device).expand_as(block)
+        kv = fp8.read_cache(kv_cache, block, offset, torch.float32).flatten(1, 2)             # [N, L, R+P]
+    else:
+        kv = kv_cache[blocks].flatten(1, 2).float()                                           # [N, L, R+P]
     q = torch.cat([q_lat, q_pe], dim=-1).float()                          # [N, H, R+P]
     scores = torch.bmm(q, kv.transpose(1, 2)) * softmax_scale             # [N, H, L]
     positions = torch.arange(kv.shape[1], device=kv.device)

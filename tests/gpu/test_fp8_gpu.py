@@ -16,8 +16,8 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton")
 
 from deepseek_v2.kernels import reference  # noqa: E402
-from deepseek_v2.kernels.fp8 import quantize_cache_rows, quantize_weight  # noqa: E402
-from deepseek_v2.kernels.fp8_linear import linear  # noqa: E402
+from deepseek_v2.kernels.fp8 import cache_views, quantize_cache, quantize_weight, read_cache  # noqa: E402
+from deepseek_v2.kernels.fp8_linear import default_config, linear  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
@@ -53,6 +53,17 @@ def test_fp8_linear(shape, M):
     poison_free_memory()
     y = linear(x, w, None, s, offset)
     assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
+
+
+@pytest.mark.parametrize("M", [17, 300, 4096])
+def test_fp8_linear_triton_over_prequantized_x(M):
+    """The Triton GEMM reading x quantized by quantize_activation (the path of shapes torch._scaled_mm
+    does not take), at a part that starts inside a block too."""
+    for N, K, offset in [(3072, 2048, (0, 0)), (2048, 1408, (0, 0)), (5120, 2048, (0, 64))]:
+        w, s = fp8_weight(N, K, seed=M, offset=offset)
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+        y = linear(x, w, None, s, offset, config=dict(default_config(M), FUSED=False))
+        assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
 
 
 def test_fp8_linear_cuda_graph():
@@ -95,12 +106,17 @@ def test_fp8_moe(fp8_experts, T, missing):
         topk_ids = topk_ids.masked_fill(torch.rand(T, K, device=DEVICE, generator=g) < missing, -1)
     poison_free_memory()
     y = fused_moe(x, w13, w2, topk_weights, topk_ids, s13, s2)
-    assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids, s13, s2)) < 1e-2
+    error = rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids, s13, s2))
+    print(f"fp8 moe T={T} D={D} missing={missing}: rel error {error:.2e}")
+    assert error < 1e-2
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
 @pytest.mark.parametrize("H", [16, 128])
-def test_fp8_cache_write_is_the_reference_bit_for_bit(H):
+def test_fp8_cache_write_matches_the_reference(H):
+    """The values quantized from the same latents. Not bit for bit as on CPU: on the GPU the normed
+    latent may differ from the reference's by an ulp or two (test_fused_kernels_gpu), which can move a
+    row's scale by as much and an e4m3 value by a step."""
     T, R, P = 300, 512, 64
     g = torch.Generator(device=DEVICE).manual_seed(H)
     q_pe = torch.randn(T, H, P, device=DEVICE, dtype=torch.bfloat16, generator=g)
@@ -113,7 +129,13 @@ def test_fp8_cache_write_is_the_reference_bit_for_bit(H):
     caches = [torch.zeros(8, 64, R + P + 4, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
     mla_prepare(q_pe.clone(), kv, cos, sin, norm_w, 1e-6, caches[0], slots)
     reference.mla_prepare(q_pe.clone(), kv, cos, sin, norm_w, 1e-6, caches[1], slots)
-    assert torch.equal(caches[0], caches[1])
+    (values, scales), (values_ref, scales_ref) = cache_views(caches[0]), cache_views(caches[1])
+    differ = (values != values_ref).float().mean().item()
+    print(f"H={H}: {differ:.2e} of the e4m3 values differ, scales max rel diff "
+          f"{((scales - scales_ref).abs() / scales_ref.clamp(min=1e-30)).max().item():.2e}")
+    torch.testing.assert_close(scales, scales_ref, rtol=2**-6, atol=0)
+    back, back_ref = (read_cache(c, slots // 64, slots % 64, torch.float32) for c in caches)
+    assert rel_error(back, back_ref) < 1e-2 and differ < 1e-2
 
 
 @pytest.mark.parametrize("heads,batch,max_len", [(16, 1, 1024), (16, 64, 8192), (128, 8, 32768)])
@@ -126,7 +148,7 @@ def test_fp8_cache_mla_decode(heads, batch, max_len):
     num_blocks = batch * blocks + 4
     rows = torch.randn(num_blocks * B, R + P, device=DEVICE, generator=g)
     rows *= torch.logspace(-1, 1, rows.shape[0], device=DEVICE)[:, None]
-    cache = quantize_cache_rows(rows).view(num_blocks, B, R + P + 4)
+    cache = quantize_cache(rows.view(num_blocks, B, R + P))
     tables = torch.randperm(num_blocks, device=DEVICE, generator=g)[:batch * blocks].view(batch, blocks).int()
     q_lat = torch.randn(batch, heads, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
     q_pe = torch.randn(batch, heads, P, device=DEVICE, dtype=torch.bfloat16, generator=g)
