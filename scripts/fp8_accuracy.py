@@ -122,6 +122,43 @@ def compare(models: dict, data: list[tuple[torch.Tensor, torch.Tensor]], with_lo
     return out
 
 
+WEIGHT_GROUPS = {  # name: module-name suffixes of the linear layers quantized alone
+    "q_proj": ("q_proj",), "kv_a_proj_with_mqa": ("kv_a_proj_with_mqa",), "kv_b_proj": ("kv_b_proj",),
+    "o_proj": ("o_proj",), "dense MLP": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "shared experts": ("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"),
+    "routed experts": ("experts",), "lm_head": ("lm_head",),
+}
+
+
+@torch.no_grad()
+def per_weight(data: list, dtype: torch.dtype) -> dict:
+    """Each group of weights of the demo model in FP8 alone, the rest bf16: the mean KL(bf16 || that) on
+    `data` (teacher-forced, bf16 cache) and the group's share of the parameters: which weights FP8 hurts
+    most per parameter."""
+    from deepseek_v2.moe import RoutedExperts
+    from deepseek_v2.parallel import Linear
+    base = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype)
+    ref = [step_logits(base, ids, False).log_softmax(-1)[targets != IGNORE] for ids, targets in data]
+    total = sum(p.numel() for p in base.parameters())
+    out = {}
+    for name, suffixes in WEIGHT_GROUPS.items():
+        model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype)
+        if model.args.tie_word_embeddings and name == "lm_head":
+            continue
+        count = 0
+        for module_name, module in model.named_modules():
+            if module_name.endswith(suffixes) and isinstance(module, (Linear, RoutedExperts)):
+                count += sum(p.numel() for p in module.parameters())
+                module.to_fp8()
+        kl, tokens = 0.0, 0
+        for (ids, targets), r in zip(data, ref):
+            lp = step_logits(model, ids, False).log_softmax(-1)[targets != IGNORE]
+            kl += F.kl_div(lp, r, log_target=True, reduction="sum").item()
+            tokens += len(r)
+        out[name] = (count / total, kl / tokens)
+    return out
+
+
 def demo_models(dtype: torch.dtype) -> dict:
     return {"bf16": DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype),
             "fp8": DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype, quantization="fp8")}
@@ -171,6 +208,10 @@ def main() -> None:
     inputs, targets = chat.get(list(range(chat.num_sequences)))
     tables["demo, held-out chat (assistant tokens)"] = compare(models, list(zip(inputs, targets)), True)
     print_granularity(cache_granularity(models["bf16"], list(zip(inputs, targets))[:64]), "demo, held-out chat")
+    print("| in FP8 alone (demo, held-out chat) | share of parameters | mean KL(bf16 ‖ that) | KL per 1% of the parameters |")
+    print("|---|---|---|---|")
+    for name, (share, kl) in per_weight(list(zip(inputs, targets))[:64], torch.bfloat16).items():
+        print(f"| {name} | {100 * share:.1f}% | {kl:.5f} | {kl / (100 * share):.5f} |", flush=True)
     tokens = torch.from_numpy(np.fromfile(args.val, dtype=np.uint16).astype(np.int64))
     n = min(args.val_sequences, (len(tokens) - 1) // 1024)
     val = [(tokens[i * 1024:(i + 1) * 1024], tokens[i * 1024 + 1:(i + 1) * 1024 + 1]) for i in range(n)]

@@ -422,11 +422,12 @@ def test_fused_moe_fp8_rejects_bad_scales(tk):
 def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
     the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
-    linear layers, FP8 experts, decode over the FP8 cache) included."""
+    linear layers and their activation quantization, FP8 experts, decode over the FP8 cache) included."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
-                                              "_moe_align_kernel", "_moe_gemm_kernel", "_fp8_linear_kernel"}
+                                              "_moe_align_kernel", "_moe_gemm_kernel", "_fp8_linear_kernel",
+                                              "_quantize_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     for r in results:

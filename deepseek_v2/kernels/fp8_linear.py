@@ -41,6 +41,16 @@ def quantize_rows(x, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program pid's (row block, column block): GROUP_M row blocks walk the columns together, so their
+    weight tiles are shared in L2. Shared with the fused MoE."""
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_pid_n)) % group_m, (pid % (GROUP_M * num_pid_n)) // group_m
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
                      ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     """ROWS rows of x, one 128-wide group (program_id 1) -> e4m3 values and the rows' scales of it; rows
@@ -84,15 +94,7 @@ def _fp8_linear_kernel(
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # GROUP_M blocks of rows walk the columns together, so their weight tiles are shared in L2
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

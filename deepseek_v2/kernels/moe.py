@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, FP8, cdiv
-from .fp8_linear import quantize_activation
+from .fp8_linear import grouped_tile, quantize_activation
 
 
 @triton.jit
@@ -121,15 +121,7 @@ def _moe_gemm_kernel(
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # GROUP_M blocks of rows walk the columns together, so their weight tiles are shared in L2
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
 
