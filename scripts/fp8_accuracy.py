@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def step_logits(model: DeepseekV2ForCausalLM, ids: torch.Tensor, fp8_cache: bool
     """ids [S] prefilled as one engine step into a fresh paged cache -> fp32 logits [S, V] (the
     caches appended to caches_out)."""
     a, n = model.args, ids.shape[0]
-    dtype = torch.uint8 if fp8_cache else model.dtype
+    dtype = torch.uint8 if fp8_cache else model.model.embed_tokens.weight.dtype  # (the LM head may be FP8)
     blocks = -(-n // BLOCK_SIZE)
     device = ids.device
     caches = [torch.zeros(blocks, BLOCK_SIZE, cache_width(a.kv_cache_dim, fp8_cache), dtype=dtype, device=device)
@@ -131,16 +132,15 @@ WEIGHT_GROUPS = {  # name: module-name suffixes of the linear layers quantized a
 
 
 @torch.no_grad()
-def per_weight(data: list, dtype: torch.dtype) -> dict:
+def per_weight(data: list, dtype: torch.dtype) -> Iterator[tuple[str, float, float]]:
     """Each group of weights of the demo model in FP8 alone, the rest bf16: the mean KL(bf16 || that) on
     `data` (teacher-forced, bf16 cache) and the group's share of the parameters: which weights FP8 hurts
-    most per parameter."""
+    most per parameter. Yields (group, share, KL) as each is measured."""
     from deepseek_v2.moe import RoutedExperts
     from deepseek_v2.parallel import Linear
     base = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype)
     ref = [step_logits(base, ids, False).log_softmax(-1)[targets != IGNORE] for ids, targets in data]
     total = sum(p.numel() for p in base.parameters())
-    out = {}
     for name, suffixes in WEIGHT_GROUPS.items():
         model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=dtype)
         if model.args.tie_word_embeddings and name == "lm_head":
@@ -155,8 +155,7 @@ def per_weight(data: list, dtype: torch.dtype) -> dict:
             lp = step_logits(model, ids, False).log_softmax(-1)[targets != IGNORE]
             kl += F.kl_div(lp, r, log_target=True, reduction="sum").item()
             tokens += len(r)
-        out[name] = (count / total, kl / tokens)
-    return out
+        yield name, count / total, kl / tokens
 
 
 def demo_models(dtype: torch.dtype) -> dict:
@@ -210,7 +209,7 @@ def main() -> None:
     print_granularity(cache_granularity(models["bf16"], list(zip(inputs, targets))[:64]), "demo, held-out chat")
     print("| in FP8 alone (demo, held-out chat) | share of parameters | mean KL(bf16 ‖ that) | KL per 1% of the parameters |")
     print("|---|---|---|---|")
-    for name, (share, kl) in per_weight(list(zip(inputs, targets))[:64], torch.bfloat16).items():
+    for name, share, kl in per_weight(list(zip(inputs, targets)), torch.bfloat16):
         print(f"| {name} | {100 * share:.1f}% | {kl:.5f} | {kl / (100 * share):.5f} |", flush=True)
     tokens = torch.from_numpy(np.fromfile(args.val, dtype=np.uint16).astype(np.int64))
     n = min(args.val_sequences, (len(tokens) - 1) // 1024)

@@ -217,7 +217,7 @@ def test_unsupported_quantization_config_names_the_key(change, key):
 # ---- the demo model and the engine -------------------------------------------------------------------------
 def test_demo_model_fp8_logits_stay_close_to_bf16():
     """Teacher-forced on held-out chat conversations (their assistant tokens), bf16 activations: FP8
-    weights move the next-token distributions by a mean KL under 0.01 (docs/fp8.md measures 0.004 on
+    weights move the next-token distributions by a mean KL under 0.01 (docs/fp8.md measures 0.0036 on
     the whole set), keep 95% of the top-1 predictions and the loss within 1%."""
     from deepseek_v2.train.data import IGNORE, load_chat
     data = load_chat("tests/data/demo_chat_heldout.jsonl", Tokenizer.from_pretrained(DEFAULT_MODEL), 1024)
@@ -269,3 +269,28 @@ def test_fp8_cache_holds_about_twice_the_tokens():
     blocks = {kv: LLMEngine(model, tok, EngineConfig(cpu_kv_cache_gib=0.01, kv_cache_dtype=kv)).runner.num_blocks
               for kv in ("auto", "fp8")}
     assert math.isclose(blocks["fp8"] / blocks["auto"], 2 * 160 / 164, rel_tol=0.03), blocks
+
+
+def test_generate_and_serve_with_fp8_weights_and_cache():
+    """The flags end to end: `generate` and `serve` with --quantization fp8 --kv-cache-dtype fp8 answer
+    with the greedy tokens of LLM(quantization="fp8", kv_cache_dtype="fp8")."""
+    import subprocess
+    import sys
+
+    import httpx
+    from server_process import start_server, stop_server
+    flags = ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]
+    llm = LLM(device="cpu", dtype="float32", quantization="fp8", kv_cache_dtype="fp8")
+    expected = llm.generate("def main():", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+    r = subprocess.run([sys.executable, "-m", "deepseek_v2.cli", "generate", "def main():", "--max-tokens", "12",
+                        "--dtype", "float32", *flags], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    proc, url, _ = start_server(*flags)
+    try:
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "def main():", "max_tokens": 12,
+                                                          "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected
+    finally:
+        stop_server(proc)
