@@ -284,11 +284,9 @@ class DeepseekV2Model(nn.Module):
 
 # The weights that are FP8 when the model runs in FP8 (use_fp8): the query and output projections of
 # attention, and the MoE layers' shared and routed experts: nearly all of the parameters. The rest stay
-# in the model's dtype, by measurement (docs/fp8.md): kv_a_proj_with_mqa makes the latent and the rope
-# key that every later token attends to (in FP8 it added the most error per parameter), the dense
-# layers' MLPs come first in the network, kv_b_proj is folded into the query and the output by absorbed
-# decode's bf16 batched matmuls, and the LM head makes the logits. Router, norms and embedding are not
-# Linear layers.
+# in the model's dtype, by measurement (docs/fp8.md: each group in FP8 alone on the demo model):
+# kv_a_proj_with_mqa, kv_b_proj and the dense layers' MLPs moved the next-token distributions the most
+# per parameter, and the LM head makes the logits. Router, norms and embedding are not Linear layers.
 FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "o_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
                "shared_experts.down_proj")
 
