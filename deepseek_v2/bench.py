@@ -28,6 +28,7 @@ from .config import DEFAULT_MODEL, PRESETS, EngineConfig, ModelArgs
 from .engine.llm_engine import LLMEngine
 from .engine.workers import ModelSource
 from .flags import add_engine_arguments, add_model_arguments, engine_kwargs, flag_name
+from .plan import cache_bytes_per_token, fp8_parameters
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 from . import workload as W
@@ -133,11 +134,13 @@ def engine_source(args):
 
 
 # ---- floors ---------------------------------------------------------------------------------------
-def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2, tp: int = 1) -> float:
+def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2, tp: int = 1,
+                 fp8_weights: bool = False, fp8_cache: bool = False) -> float:
     """Bytes one decode step must read on each GPU: every always-used weight, the routed experts the
     batch touches (uniform routing), the LM head (these split over tp GPUs; the small replicated
     matrices counted as split too), and the batch's latent cache (replicated: each GPU reads it all).
-    All-reduce time is not in it."""
+    FP8 weights and cache count 1 byte per value (and their cache scales; the weights' block scales
+    are 1/4096 of a byte per value, left out). All-reduce time is not in it."""
     D = a.hidden_size
     counts = a.num_parameters()
     expert = 3 * D * a.moe_intermediate_size
@@ -148,8 +151,14 @@ def decode_bytes(a: ModelArgs, batch: int, context: int, dtype_bytes: int = 2, t
         E, K = a.n_routed_experts, a.num_experts_per_tok
         touched = E * (1 - (1 - K / E) ** batch)
         always += moe_layers * touched * expert
-    kv = batch * context * a.kv_cache_dim * a.num_hidden_layers
-    return (always / tp + kv) * dtype_bytes
+    weights = always * dtype_bytes
+    if fp8_weights:  # the FP8 ones read 1 byte, not dtype_bytes: the touched experts and the always-used rest
+        fp8_sharded, fp8_replicated, _, _ = fp8_parameters(a, 1)
+        routed_held = moe_layers * (a.n_routed_experts or 0) * expert
+        fp8_always = fp8_sharded + fp8_replicated - routed_held + (always - counts["activated"] + routed_active)
+        weights -= fp8_always * (dtype_bytes - 1)
+    kv = batch * context * cache_bytes_per_token(a, 1 if fp8_cache else dtype_bytes)
+    return weights / tp + kv
 
 
 def prefill_flops_per_token(a: ModelArgs, length: int) -> float:
@@ -192,7 +201,8 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
     _, outs, dtime, dtok = run_requests(engine, random_prompts(1, args.prompt_len, vocab, 1), args.decode_len)
     m = outs[0].metrics
     ms = 1e3 * (m.last_token_time - m.first_token_time) / (args.decode_len - 1)
-    floor_ms = 1e3 * decode_bytes(a, 1, args.prompt_len, tp=tp) / ceil.bandwidth
+    fp8 = dict(fp8_weights=a.quantization == "fp8", fp8_cache=engine.config.kv_cache_dtype == "fp8")
+    floor_ms = 1e3 * decode_bytes(a, 1, args.prompt_len, tp=tp, **fp8) / ceil.bandwidth
     res["decode_b1"] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "floor_ms": floor_ms,
                         "fraction_of_floor": floor_ms / ms}
     # throughput at each concurrency
@@ -201,7 +211,7 @@ def bench_engine(engine: LLMEngine, a: ModelArgs, args, ceil: Ceilings) -> dict:
                                                args.output_len)
         total_out = sum(len(o.outputs[0].token_ids) for o in outs)
         ctx = args.prompt_len + args.output_len // 2
-        floor_step = decode_bytes(a, b, ctx, tp=tp) / ceil.bandwidth
+        floor_step = decode_bytes(a, b, ctx, tp=tp, **fp8) / ceil.bandwidth
         decode_tps = dtok / dtime if dtime else float("nan")
         res[f"throughput_b{b}"] = {"output_tokens_per_s": total_out / wall, "decode_tokens_per_s": decode_tps,
                                    "decode_floor_tokens_per_s": b / floor_step,
@@ -221,9 +231,9 @@ def run(args) -> None:
     config = engine_config(args)  # a refused value fails here, before the minutes of measuring
     mixed = W.from_args(args) if args.workload == "mixed" else None  # (a bad distribution fails here too)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.compare_hf and (mixed or config.tensor_parallel_size > 1):
-        raise ValueError("--compare-hf runs transformers in this process on the fixed workload: use it with "
-                         "one process (-tp 1) and --workload fixed")
+    if args.compare_hf and (mixed or config.tensor_parallel_size > 1 or config.quantization):
+        raise ValueError("--compare-hf runs transformers in this process on the fixed workload and the same bf16 "
+                         "weights: use it with one process (-tp 1), --workload fixed and no --quantization")
     ceil = None if mixed else measure_ceilings(device)  # the mixed workload has no floors
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the ceiling measurement's buffers back before the model
@@ -235,6 +245,7 @@ def run(args) -> None:
     model, a = engine.model, engine.model.args
     results = {"source": description, "tensor_parallel_size": config.tensor_parallel_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(model.dtype).removeprefix("torch."),  # "auto" resolved
+               "quantization": a.quantization, "kv_cache_dtype": config.kv_cache_dtype,
                "engine_startup_s": startup, "workload": args.workload}
     if mixed:
         results["engine"] = {"max_num_seqs": config.max_num_seqs,

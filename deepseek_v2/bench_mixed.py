@@ -90,7 +90,9 @@ def output_checksum(outputs: list[list[int]]) -> str:
 
 
 def title(r: dict) -> str:
-    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {r['dtype']}"
+    fp8 = [what for what, on in (("fp8 weights", r.get("quantization") == "fp8"),
+                                 ("fp8 cache", r.get("kv_cache_dtype") == "fp8")) if on]
+    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {' + '.join([r['dtype'], *fp8])}"
 
 
 def format_mixed(r: dict) -> str:

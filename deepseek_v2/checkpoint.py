@@ -4,14 +4,19 @@ shards listed in model.safetensors.index.json. Loading fills a model built on th
 memory); routed experts, stored one tensor per expert in the files, are stacked into the model's
 [E, ...] weights on the way in and unstacked on the way out. Under tensor parallelism a rank reads
 only its part: its rows or columns of each sharded matrix (safetensors' get_slice) and its experts,
-skipping the others'. This module works on the model object it is given and does not import the
-model."""
+skipping the others'. FP8 weights (DeepSeek's layout: `weight` in e4m3 beside `weight_scale_inv`, one
+scale per 128 x 128 block) load as they are; where the model and the files differ, the loader
+converts: quantizes a float weight the model holds in FP8 (`--quantization fp8` of a bf16
+checkpoint) and dequantizes an FP8 weight the model keeps in bf16, always over whole blocks of the
+checkpoint's matrix, so a tensor-parallel part gets the very blocks a single process holds. This
+module works on the model object it is given and does not import the model."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, ModelArgs
+from .kernels.fp8 import BLOCK, FP8, cdiv, dequantize_weight, quantize_weight
 from .parallel import ShardedLinear
 
 SINGLE_FILE = "model.safetensors"
@@ -56,22 +62,36 @@ def checkpoint_tensors(model: nn.Module) -> Iterator[CheckpointTensor]:
     for name, param in model.named_parameters(remove_duplicate=True):
         module_name, _, kind = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            prefix = f"{module_name}."
-            inter = param.shape[-1] if kind == "down_proj" else param.shape[1] // 2
+        if hasattr(module, "first_expert"):  # the routed-expert stacks, or their FP8 block scales
+            suffix = ".weight_scale_inv" if kind.endswith("_scale_inv") else ".weight"
             for e in range(param.shape[0]):  # this rank's experts: checkpoint ids first_expert + e
-                expert = f"{prefix}{module.first_expert + e}."
-                if kind == "gate_up_proj":
-                    yield CheckpointTensor(expert + "gate_proj.weight", param[e, :inter], (), (inter, param.shape[2]))
-                    yield CheckpointTensor(expert + "up_proj.weight", param[e, inter:], (), (inter, param.shape[2]))
+                expert = f"{module_name}.{module.first_expert + e}."
+                if kind.startswith("gate_up_proj"):
+                    half = param.shape[1] // 2
+                    yield CheckpointTensor(expert + "gate_proj" + suffix, param[e, :half], (), (half, param.shape[2]))
+                    yield CheckpointTensor(expert + "up_proj" + suffix, param[e, half:], (), (half, param.shape[2]))
                 else:
-                    yield CheckpointTensor(expert + "down_proj.weight", param[e], (), tuple(param.shape[1:]))
-        elif isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind == "weight"):
+                    yield CheckpointTensor(expert + "down_proj" + suffix, param[e], (), tuple(param.shape[1:]))
+        elif isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind != "bias"):
             dim, start, end, total = module.shard  # a bias is split only with the output rows
+            if kind == "weight_scale_inv":  # the blocks the part touches, whole
+                start, end, total = start // BLOCK, cdiv(end, BLOCK), cdiv(total, BLOCK)
             shape = tuple(total if d == dim else n for d, n in enumerate(param.shape))
             yield CheckpointTensor(name, param, (slice(None),) * dim + (slice(start, end),), shape)
         else:
             yield CheckpointTensor(name, param, (), tuple(param.shape))
+
+
+def whole_blocks(t: CheckpointTensor) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]:
+    """For a weight's part: (the checkpoint index of every 128 x 128 block the part touches, whole; the
+    index of those blocks' scales; where the part lies within the blocks)."""
+    if not t.index:
+        return (), (), ()
+    dim, part = len(t.index) - 1, t.index[-1]
+    first, end = part.start // BLOCK * BLOCK, min(cdiv(part.stop, BLOCK) * BLOCK, t.shape[dim])
+    lead = (slice(None),) * dim
+    return (lead + (slice(first, end),), lead + (slice(part.start // BLOCK, cdiv(part.stop, BLOCK)),),
+            lead + (slice(part.start - first, part.stop - first),))
 
 
 def other_ranks_experts(model: nn.Module) -> set[str]:
@@ -81,7 +101,8 @@ def other_ranks_experts(model: nn.Module) -> set[str]:
         if hasattr(module, "first_expert"):
             held = range(module.first_expert, module.first_expert + module.gate_up_proj.shape[0])
             for e in set(range(module.num_experts)) - set(held):
-                names.update(f"{module_name}.{e}.{w}_proj.weight" for w in ("gate", "up", "down"))
+                names.update(f"{module_name}.{e}.{w}_proj.{kind}" for w in ("gate", "up", "down")
+                             for kind in ("weight", "weight_scale_inv"))
     return names
 
 
@@ -109,18 +130,22 @@ def checkpoint_args(path) -> ModelArgs:
     return ModelArgs.from_pretrained(path)
 
 
-def load_weights(model: nn.Module, path, dtype=None, device="cpu", progress: bool | None = None) -> nn.Module:
-    """Fill a model built on the meta device with the checkpoint's weights, in `dtype` (default: the
-    checkpoint's torch_dtype) on `device`; a tensor-parallel rank reads only its part. Every parameter
-    must come from the files; buffers that are not in them are left uninitialised for the model to
-    compute. Returns the model."""
+def load_dtype(args: ModelArgs, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype a model loads in: `dtype`, else the checkpoint's torch_dtype (float32 if it names none)."""
+    return parse_dtype(dtype) or parse_dtype(args.torch_dtype if args.torch_dtype != "None" else "float32")
+
+
+def load_weights(model: nn.Module, path, device="cpu", progress: bool | None = None) -> nn.Module:
+    """Fill a model built on the meta device, in the dtypes it has (DeepseekV2ForCausalLM.from_pretrained
+    sets them, FP8 included), with the checkpoint's weights on `device`; a tensor-parallel rank reads
+    only its part. Every parameter must come from the files (an FP8 scale may come from quantizing
+    its weight); buffers that are not in them are left uninitialised for the model to compute.
+    Returns the model."""
     path = Path(path)
-    args = model.args
-    dtype = parse_dtype(dtype) or parse_dtype(args.torch_dtype if args.torch_dtype != "None" else "float32")
     files = weight_files(path)
-    model.to(dtype=dtype).to_empty(device=device)
+    model.to_empty(device=device)
     targets = {t.name: t for t in checkpoint_tensors(model)}
-    if args.tie_word_embeddings:
+    if model.args.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
     elsewhere = other_ranks_experts(model)
     total = sum(f.stat().st_size for f in files)
@@ -129,37 +154,59 @@ def load_weights(model: nn.Module, path, dtype=None, device="cpu", progress: boo
     if show:
         from tqdm import tqdm
         bar = tqdm(total=len(targets), desc=f"Loading {path.name}", unit="tensor")
-    seen, unexpected = set(), []
-    with torch.no_grad():
+    with ExitStack() as stack, torch.no_grad():
+        located = {}  # checkpoint name -> (file, its open handle)
         for file in files:
             try:
-                with safe_open(file, framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        if name not in targets:
-                            if not IGNORED.match(name) and name not in elsewhere:
-                                unexpected.append(name)
-                            continue
-                        t = targets[name]
-                        part = f.get_slice(name)
-                        shape = tuple(part.get_shape())
-                        if shape != t.shape:
-                            raise CheckpointError(f"{file.name}: tensor '{name}' has shape {list(shape)}, "
-                                                  f"the model expects {list(t.shape)}")
-                        t.target.copy_(part[t.index] if t.index else f.get_tensor(name))  # only this rank's part
-                        seen.add(name)
-                        if bar is not None:
-                            bar.update(1)
+                f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+            located.update((name, (file, f)) for name in f.keys())
+
+        def read(name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:  # only this rank's part
+            file, f = located[name]
+            try:
+                return f.get_slice(name)[index] if index else f.get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+
+        unexpected = [n for n in located if n not in targets and not IGNORED.match(n) and n not in elsewhere
+                      and n.removesuffix("_scale_inv") not in targets]  # the scale of a weight dequantized below
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}"
+                                  + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+        missing = [n for n in targets if n not in located and not (n.endswith("_scale_inv") and
+                                                                   n.removesuffix("_scale_inv") in located)]
+        if missing:
+            raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}"
+                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        for name, t in targets.items():
+            if bar is not None:
+                bar.update(1)
+            if name not in located:
+                continue  # a scale, made when its weight was quantized
+            file, f = located[name]
+            part = f.get_slice(name)
+            if tuple(part.get_shape()) != t.shape:
+                raise CheckpointError(f"{file.name}: tensor '{name}' has shape {list(part.get_shape())}, "
+                                      f"the model expects {list(t.shape)}")
+            scale_name = name + "_scale_inv"
+            fp8_file = scale_name in located
+            if fp8_file and part.get_dtype() != "F8_E4M3":
+                raise CheckpointError(f"{file.name}: tensor '{name}' has a {scale_name} but is {part.get_dtype()}, "
+                                      "not F8_E4M3")
+            if fp8_file == (t.target.dtype == FP8):
+                t.target.copy_(read(name, t.index))
+                continue
+            blocks, block_scales, inside = whole_blocks(t)
+            if fp8_file:  # an FP8 weight the model keeps in bf16
+                t.target.copy_(dequantize_weight(read(name, blocks), read(scale_name, block_scales))[inside])
+            else:  # a float weight the model holds in FP8: quantized over the checkpoint's blocks
+                q, scale = quantize_weight(read(name, blocks))
+                t.target.copy_(q[inside])
+                targets[scale_name].target.copy_(scale)
     if bar is not None:
         bar.close()
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}"
-                              + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
-    missing = [n for n in targets if n not in seen]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return model
 
 

@@ -1,4 +1,4 @@
-"""The `deepseek-v2` command: demo, generate, chat, info, serve, bench, bench-serve, train, sft, eval.
+"""The `deepseek-v2` command: demo, generate, chat, info, quantize, serve, bench, bench-serve, train, sft, eval.
 
 Only this module parses arguments. Errors a user can cause (no such directory, not a DeepSeek-V2
 checkpoint, a corrupt file, a bad value) print one line and exit with status 1."""
@@ -13,7 +13,7 @@ import sys
 from .flags import (add_engine_arguments, add_model_argument, add_model_arguments, check_device, check_model,
                     engine_kwargs)
 from .parallel import launch_env
-from .plan import DTYPE_BYTES
+from .plan import DTYPE_BYTES, cache_bytes_per_token
 
 EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError, OSError)
 
@@ -138,9 +138,8 @@ def cmd_info(args) -> None:
         a = check_model(source)  # missing or truncated weights are an error, not a report
     plan_lines = memory_plan_lines(a, args)  # before any output: a bad size is one line of error, not half a report
     counts = a.num_parameters()
-    bytes_per_value = DTYPE_BYTES[args.cache_dtype]
-    latent = a.kv_cache_dim * a.num_hidden_layers * bytes_per_value
-    full = a.mha_cache_dim * a.num_hidden_layers * bytes_per_value
+    latent = cache_bytes_per_token(a, DTYPE_BYTES[args.cache_dtype])
+    full = a.mha_cache_dim * a.num_hidden_layers * max(DTYPE_BYTES[args.cache_dtype], 2)
     layout = "".join("M" if a.is_moe_layer(i) else "D" for i in range(a.num_hidden_layers))
     print(f"model: {source}")
     print(f"parameters: {counts['total']:,} total, {counts['activated']:,} activated per token "
@@ -156,7 +155,8 @@ def cmd_info(args) -> None:
     rs = a.rope_scaling
     print("rope: " + (f"yarn x{rs.factor:g} from {rs.original_max_position_embeddings} tokens, "
                       f"max {a.max_position_embeddings}" if rs else f"plain, max {a.max_position_embeddings}"))
-    print(f"latent cache ({args.cache_dtype}): {a.kv_cache_dim} values/token/layer = {latent:,} bytes/token; "
+    print(f"latent cache ({args.cache_dtype}): {a.kv_cache_dim} values/token/layer"
+          + (" in e4m3 + a 4-byte scale" if args.cache_dtype == "fp8" else "") + f" = {latent:,} bytes/token; "
           f"the full per-head K/V cache of the official code: {a.mha_cache_dim:,} values/token/layer = "
           f"{full:,} bytes/token ({full / latent:.1f}x more, MLA saves {100 * (1 - latent / full):.1f}%)")
     print("\n".join(plan_lines))
@@ -190,6 +190,27 @@ def memory_plan_lines(a, args) -> list[str]:
             n = longest_fitting_len(a, tp, memory, *sizes)
             lines.append(f"  fits with --max-model-len up to {n:,}" if n else "  no max_model_len fits")
     return lines
+
+
+def cmd_quantize(args) -> None:
+    """A checkpoint in DeepSeek's FP8 layout (docs/fp8.md): loaded with quantization="fp8", which
+    quantizes the FP8 weights as they load, and written with the tokenizer files beside it."""
+    import shutil
+    from pathlib import Path
+    from .checkpoint import weight_files
+    from .model import DeepseekV2ForCausalLM
+    source, target = Path(args.input), Path(args.output)
+    if target.exists() and target.resolve() == source.resolve():
+        raise ValueError("quantize: OUT must be another directory than IN")
+    size = sum(f.stat().st_size for f in weight_files(source))
+    model = DeepseekV2ForCausalLM.from_pretrained(source, quantization="fp8", progress=None)
+    model.save_pretrained(target, max_shard_size=int(args.max_shard_gib * 2**30))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, target / name)
+    written = sum(f.stat().st_size for f in weight_files(target))
+    print(f"wrote {target}: FP8 weights with 128x128 block scales, {written / 2**30:.2f} GiB "
+          f"(from {size / 2**30:.2f} GiB)")
 
 
 def cmd_demo(args) -> None:
@@ -252,15 +273,22 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                                     "shape")
     add_model_argument(p)
     p.add_argument("--shape", default=None, help="a built-in shape instead: v2 or v2-lite")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="the weights' dtype "
-                   "(default: %(default)s)")
-    p.add_argument("--cache-dtype", default="bfloat16", choices=list(DTYPE_BYTES))
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="the weights' dtype; fp8: "
+                   "DeepSeek's FP8 layout, --quantization fp8 (default: %(default)s)")
+    p.add_argument("--cache-dtype", default="bfloat16", choices=list(DTYPE_BYTES), help="the latent cache's dtype; "
+                   "fp8: --kv-cache-dtype fp8 (default: %(default)s)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over "
                    "(default: %(default)s)")
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="memory of one GPU (default: a plan for an H100 80 GB and one for an H200 141 GB)")
     add_engine_arguments(p, only=PLAN_KNOBS)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quantize", help="write a checkpoint's weights in DeepSeek's FP8 layout (docs/fp8.md)")
+    p.add_argument("input", metavar="IN", help="checkpoint directory (bf16, or already FP8)")
+    p.add_argument("output", metavar="OUT", help="directory to write")
+    p.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (default: %(default)s)")
+    p.set_defaults(func=cmd_quantize)
 
     for name, module, adder, runner, help_text in LAZY_COMMANDS:
         p = sub.add_parser(name, help=help_text)

@@ -78,6 +78,8 @@ class ModelArgs:
     eos_token_id: int | list[int] | None = 100001
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # "fp8": linear weights in DeepSeek's FP8 layout (config.json's quantization_config; docs/fp8.md)
+    quantization: str | None = None
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -132,6 +134,8 @@ class ModelArgs:
              f"only 'silu' is supported (DeepSeek-V2 uses SwiGLU), got {self.hidden_act!r}")
         need(self.scoring_func == "softmax", "scoring_func",
              f"only 'softmax' is implemented, got {self.scoring_func!r}")
+        need(self.quantization in (None, "fp8"), "quantization_config",
+             f"only fp8 quantization is supported, got {self.quantization!r}")
         if self.n_routed_experts is not None:
             E = self.n_routed_experts
             need(isinstance(E, int) and E > 0, "n_routed_experts", f"must be positive, got {E!r}")
@@ -161,7 +165,7 @@ class ModelArgs:
         style (`rope_parameters`)."""
         if cfg.get("model_type", "deepseek_v2") != "deepseek_v2":
             raise ConfigError(f"config key 'model_type': expected 'deepseek_v2', got {cfg['model_type']!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "torch_dtype"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "torch_dtype", "quantization"}
         kwargs = {k: cfg[k] for k in known if k in cfg}
         if "dtype" in cfg or "torch_dtype" in cfg:
             kwargs["torch_dtype"] = str(cfg.get("torch_dtype") or cfg.get("dtype"))
@@ -170,6 +174,8 @@ class ModelArgs:
                 kwargs[key] = 1
         if cfg.get("topk_method") == "gready":  # the official default's known typo means greedy
             kwargs["topk_method"] = "greedy"
+        if cfg.get("quantization_config") is not None:
+            kwargs["quantization"] = parse_quantization_config(cfg["quantization_config"])
 
         rope_key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
         rope = dict(cfg.get(rope_key) or {})
@@ -224,6 +230,8 @@ class ModelArgs:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         rs = d.pop("rope_scaling")
         d["rope_scaling"] = None if rs is None else {"type": "yarn", **dataclasses.asdict(rs)}
+        if d.pop("quantization") == "fp8":
+            d["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
         d["num_key_value_heads"] = self.num_attention_heads
         d.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
                  attention_dropout=0.0, use_cache=True, pretraining_tp=1, ep_size=1)
@@ -265,6 +273,22 @@ class ModelArgs:
         total += embed + head + D
         active += head + D if not self.tie_word_embeddings else embed + D
         return {"total": total, "activated": active}
+
+
+# DeepSeek-V3's published FP8 checkpoints: e4m3 weights with one scale per 128 x 128 block
+# (`weight_scale_inv` beside each quantized `weight`), activations quantized on the fly.
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]}
+
+
+def parse_quantization_config(qc: dict) -> str:
+    """config.json's quantization_config -> "fp8", or a ConfigError naming what is not supported."""
+    expect = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    for key, want in expect.items():
+        got = qc.get(key, want if key in ("fmt", "activation_scheme") else None)  # V3's optional keys
+        if (list(got) if isinstance(got, (list, tuple)) else got) != want:
+            raise ConfigError(f"config key 'quantization_config.{key}': only {want!r} is supported, got {got!r}")
+    return "fp8"
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -315,6 +339,11 @@ class EngineConfig:
                                             "columns and vocabulary (docs/parallel.md)", short="-tp")
     kernels: str = _knob("auto", "the model's kernel set: reference (PyTorch) or triton (fused GPU kernels); "
                                  "auto: triton on a GPU, else reference", choices=("auto", "reference", "triton"))
+    quantization: str | None = _knob(None, "fp8: quantize the linear weights to FP8 with 128x128 block scales as "
+                                           "they load (a checkpoint in that layout is FP8 without it; "
+                                           "docs/fp8.md)", choices=("fp8",))
+    kv_cache_dtype: str = _knob("auto", "the latent cache's format: auto (the model's dtype) or fp8 (e4m3 with "
+                                        "one scale per token: about twice the tokens)", choices=("auto", "fp8"))
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
@@ -325,9 +354,9 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}")
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed and value not in allowed and not (value is None and f.default is None):  # None: off
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {value!r}")
 
     def sized_for(self, gpu_memory: int | None) -> "EngineConfig":
         """This config with the batch budgets that were left to default filled in for a GPU of

@@ -7,6 +7,10 @@ SwiGLU's activation, routing, the routed experts) is called through the module's
 kernels/reference.py, the plain PyTorch math, unless `use_kernels("triton")` picks the Triton
 kernels (the engine does, on a GPU).
 
+FP8 (`use_fp8`, or a checkpoint in DeepSeek's FP8 layout): attention's query and output projections
+and the MoE experts hold float8_e4m3fn weights with one scale per 128 x 128 block and multiply
+through the kernel set's FP8 GEMM (parallel.Linear, kernels/fp8.py); docs/fp8.md.
+
 MLA has two compute paths that give the same numbers:
 - expanded: decompress per-head K and V from the latent with kv_b_proj and run ordinary attention
   (training, plain forward, and an engine step's prefill sequences, all in one call);
@@ -35,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checkpoint import checkpoint_args, load_weights, save_model
+from .checkpoint import checkpoint_args, load_dtype, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
-from .moe import MLP, MoE
+from .moe import MLP, MoE, RoutedExperts
 from .plan import check_parallel_size
-from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel, split_parameters
+from .parallel import SINGLE, Linear, TensorParallel, column_parallel, fuse_rows, row_parallel, split_parameters
 from .rope import RotaryEmbedding
 
 
@@ -104,15 +108,16 @@ class MLA(nn.Module):
         if args.q_lora_rank is None:
             self.q_proj = column_parallel(D, H, args.qk_head_dim, tp)
         else:
-            self.q_a_proj = nn.Linear(D, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_proj = Linear(D, args.q_lora_rank, bias=args.attention_bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank)
             self.q_b_proj = column_parallel(args.q_lora_rank, H, args.qk_head_dim, tp)
-        self.kv_a_proj_with_mqa = nn.Linear(D, args.kv_cache_dim, bias=args.attention_bias)
+        self.kv_a_proj_with_mqa = Linear(D, args.kv_cache_dim, bias=args.attention_bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank)
         self.kv_b_proj = column_parallel(args.kv_lora_rank, H, args.qk_nope_head_dim + args.v_head_dim, tp)
         self.o_proj = row_parallel(H, args.v_head_dim, D, tp, bias=args.attention_bias)  # sums the heads
         self.softmax_scale = args.softmax_scale
         self.in_proj_weight: torch.Tensor | None = None  # set by fuse_input_projections
+        self.in_proj_scale: torch.Tensor | None = None  # its FP8 block scales
         self.kernels = REFERENCE
 
     def forward(self, x, cos, sin):
@@ -133,7 +138,8 @@ class MLA(nn.Module):
         a = self.args
         H, dn, P, R = self.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
-            q, kv = F.linear(x, self.in_proj_weight).split([self.in_proj_weight.shape[0] - R - P, R + P], -1)
+            q, kv = self.kernels.linear(x, self.in_proj_weight, None, self.in_proj_scale).split(
+                [self.in_proj_weight.shape[0] - R - P, R + P], -1)
         else:
             q = self.q_proj(x) if a.q_lora_rank is None else self.q_a_proj(x)
             kv = self.kv_a_proj_with_mqa(x)
@@ -151,17 +157,11 @@ class MLA(nn.Module):
 
     @torch.no_grad()
     def fuse_input_projections(self) -> None:
-        """Inference: concatenate the two projections of x (q_proj or q_a_proj, and
-        kv_a_proj_with_mqa) into one matrix and make both weights views of it: one GEMM instead of
-        two, no extra memory, parameter names unchanged."""
+        """Inference: the two projections of x (q_proj or q_a_proj, and kv_a_proj_with_mqa) in one
+        matrix, both weights views of it (parallel.fuse_rows: one GEMM instead of two)."""
         first = self.q_proj if self.args.q_lora_rank is None else self.q_a_proj
-        if self.in_proj_weight is not None or first.bias is not None or self.kv_a_proj_with_mqa.bias is not None:
-            return
-        fused = torch.cat([first.weight, self.kv_a_proj_with_mqa.weight])
-        n = first.weight.shape[0]
-        first.weight = nn.Parameter(fused[:n], requires_grad=False)
-        self.kv_a_proj_with_mqa.weight = nn.Parameter(fused[n:], requires_grad=False)
-        self.in_proj_weight = fused
+        if self.in_proj_weight is None and (fused := fuse_rows([first, self.kv_a_proj_with_mqa])) is not None:
+            self.in_proj_weight, self.in_proj_scale = fused
 
     # ---- expanded path: decompress K and V ---------------------------------------------------------
     def expanded_attention(self, q, c_kv, k_pe) -> torch.Tensor:
@@ -204,7 +204,7 @@ class MLA(nn.Module):
         causal mask aligned to the end. q [Tq, H, dn + P] -> [Tq, H, dv]."""
         a = self.args
         H, dn = self.num_heads, a.qk_nope_head_dim
-        latent = kv_cache.view(-1, kv_cache.shape[-1])[attn.prefill_key_slots].to(q.dtype)   # [Tk, R + P]
+        latent = self.kernels.gather_latents(kv_cache, attn.prefill_key_slots, q.dtype)      # [Tk, R + P]
         c, k_pe = latent.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_nope, v = self.kv_b_proj(c).view(-1, H, dn + a.v_head_dim).split([dn, a.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)                      # [Tk, H, dn + P]
@@ -282,6 +282,15 @@ class DeepseekV2Model(nn.Module):
         return self.norm(x, residual)[0]
 
 
+# The weights that are FP8 when the model runs in FP8 (use_fp8): the query and output projections of
+# attention, and the MoE layers' shared and routed experts: nearly all of the parameters. The rest stay
+# in the model's dtype, by measurement (docs/fp8.md: each group in FP8 alone on the demo model):
+# kv_a_proj_with_mqa, kv_b_proj and the dense layers' MLPs moved the next-token distributions the most
+# per parameter, and the LM head makes the logits. Router, norms and embedding are not Linear layers.
+FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "o_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
+               "shared_experts.down_proj")
+
+
 class DeepseekV2ForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -346,6 +355,20 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self
 
     @torch.no_grad()
+    def use_fp8(self) -> "DeepseekV2ForCausalLM":
+        """FP8 weights (e4m3, one scale per 128 x 128 block) for FP8_LINEARS and the routed experts: the
+        weights are quantized (on the meta device, before loading, only their dtype changes). For
+        inference; call it before fuse_for_inference."""
+        if any(getattr(m, "in_proj_weight", None) is not None or getattr(m, "gate_up_weight", None) is not None
+               for m in self.modules()):
+            raise ValueError("use_fp8 must come before fuse_for_inference")
+        for name, module in self.named_modules():
+            if (isinstance(module, Linear) and name.endswith(FP8_LINEARS)) or isinstance(module, RoutedExperts):
+                module.to_fp8()
+        self.args = self.args.replace(quantization="fp8")
+        return self
+
+    @torch.no_grad()
     def fuse_for_inference(self) -> "DeepseekV2ForCausalLM":
         """Merge the weights that multiply the same input (MLA's two input projections, each MLP's
         gate and up projections) into single matrices, the originals becoming views of them. Same
@@ -360,14 +383,22 @@ class DeepseekV2ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", progress: bool | None = None,
-                        tp: TensorParallel = SINGLE, args: ModelArgs | None = None) -> "DeepseekV2ForCausalLM":
+                        tp: TensorParallel = SINGLE, quantization: str | None = None,
+                        args: ModelArgs | None = None) -> "DeepseekV2ForCausalLM":
         """A checkpoint in the official format, in its own dtype unless `dtype` is given; with `tp`, this
         rank's part of it. The model is built on the meta device and each parameter filled once from
-        the files (checkpoint.py). The progress bar shows on rank 0. `args`: the checkpoint's shape
-        with other positions (rope_scaling, max_position_embeddings) for a context extension."""
+        the files (checkpoint.py). The progress bar shows on rank 0. quantization="fp8": FP8 weights
+        (use_fp8), quantized as they load; a checkpoint in DeepSeek's FP8 layout loads as FP8 anyway.
+        `args`: the checkpoint's shape with other positions (rope_scaling, max_position_embeddings) for
+        a context extension."""
+        args = args or checkpoint_args(path)
+        if quantization is not None:
+            args = args.replace(quantization=quantization)
         with torch.device("meta"):
-            model = cls(args or checkpoint_args(path), tp)
-        load_weights(model, path, dtype=dtype, device=device, progress=False if tp.rank else progress)
+            model = cls(args, tp).to(load_dtype(args, dtype))
+        if args.quantization == "fp8":
+            model.use_fp8()
+        load_weights(model, path, device=device, progress=False if tp.rank else progress)
         model.model.rotary_emb.reset_parameters()  # a computed buffer, not in the files
         return model.eval()
 

@@ -2,8 +2,9 @@
 MoE layer (routed experts plus always-on shared experts).
 
 Routed expert weights are stacked at load time: `experts.gate_up_proj [E, 2I, D]` (rows 0..I-1 are
-each expert's gate_proj, rows I..2I-1 its up_proj) and `experts.down_proj [E, D, I]`. The
-checkpoint keeps one tensor per expert; checkpoint.py stacks and unstacks them.
+each expert's gate_proj, rows I..2I-1 its up_proj) and `experts.down_proj [E, D, I]`, and in FP8
+their block scales likewise (`gate_up_proj_scale_inv`: the gate_proj's block rows, then the
+up_proj's). The checkpoint keeps one tensor per expert; checkpoint.py stacks and unstacks them.
 
 Under tensor parallelism (parallel.py) a rank holds a contiguous range of the routed experts whole,
 and its columns of the shared experts and dense MLPs; the MoE layer sums its routed and shared parts
@@ -22,7 +23,8 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
-from .parallel import SINGLE, TensorParallel, column_parallel, row_parallel
+from .kernels.fp8 import quantize_weight
+from .parallel import SINGLE, TensorParallel, column_parallel, fuse_rows, row_parallel
 
 
 class MLP(nn.Module):
@@ -35,6 +37,7 @@ class MLP(nn.Module):
         self.up_proj = column_parallel(hidden_size, intermediate_size, 1, tp)
         self.down_proj = row_parallel(intermediate_size, 1, hidden_size, tp, reduce=reduce)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse_gate_up
+        self.gate_up_scale: torch.Tensor | None = None  # its FP8 block scales
         self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,19 +45,14 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
-            gate_up = F.linear(x, self.gate_up_weight)
+            gate_up = self.kernels.linear(x, self.gate_up_weight, None, self.gate_up_scale)
         return self.down_proj(self.kernels.silu_and_mul(gate_up))
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:
-        """Inference: one [2I, D] matrix for gate_proj and up_proj (the two become views of it)."""
-        if self.gate_up_weight is not None:
-            return
-        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        n = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight = nn.Parameter(fused[:n], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(fused[n:], requires_grad=False)
-        self.gate_up_weight = fused
+        """Inference: one [2I, D] matrix for gate_proj and up_proj, both views of it (parallel.fuse_rows)."""
+        if self.gate_up_weight is None and (fused := fuse_rows([self.gate_proj, self.up_proj])) is not None:
+            self.gate_up_weight, self.gate_up_scale = fused
 
 
 @dataclass
@@ -107,6 +105,8 @@ class RoutedExperts(nn.Module):
         self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(end - self.first_expert, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(end - self.first_expert, D, I))
+        self.register_parameter("gate_up_proj_scale_inv", None)  # FP8 block scales (to_fp8)
+        self.register_parameter("down_proj_scale_inv", None)
         self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,20 @@ class RoutedExperts(nn.Module):
         if held < self.num_experts:  # global ids -> this rank's, -1 for the rest
             local = topk_ids - self.first_expert
             topk_ids = torch.where((local >= 0) & (local < held), local, -1)
-        return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+
+    @torch.no_grad()
+    def to_fp8(self) -> None:
+        """FP8 experts, as parallel.Linear.to_fp8 does it: gate_proj and up_proj are quantized as the two
+        matrices they are in the checkpoint, their block scales stacked."""
+        I = self.down_proj.shape[-1]
+        (gate, gate_s), (up, up_s), (down, down_s) = (
+            quantize_weight(w) for w in (self.gate_up_proj[:, :I], self.gate_up_proj[:, I:], self.down_proj))
+        for name, value in [("gate_up_proj", torch.cat([gate, up], dim=1)), ("down_proj", down),
+                            ("gate_up_proj_scale_inv", torch.cat([gate_s, up_s], dim=1)),
+                            ("down_proj_scale_inv", down_s)]:
+            setattr(self, name, nn.Parameter(value, requires_grad=False))
 
 
 class MoE(nn.Module):

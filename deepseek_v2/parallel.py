@@ -13,6 +13,11 @@ The layout (docs/parallel.md has the table):
 Every split gives ranks contiguous ranges whose sizes differ by at most one (`split`), so 160 experts
 over 6 ranks is 27, 27, 27, 27, 26, 26. With one rank every collective is a no-op and every module
 holds the whole weight: the model reads exactly like the single-device model.
+
+The linear layers (`Linear`, and `ShardedLinear` for the split ones) may hold FP8 weights with one
+scale per 128 x 128 block (kernels/fp8.py); a rank's part of a split matrix keeps every block it
+touches, whole, so a split that cuts a block needs no requantization: the part records where it
+starts inside its first block (`block_offset`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import REFERENCE
+from .kernels.fp8 import BLOCK, quantize_weight
 from .plan import split  # in plan.py, which sizes the same parts without importing torch
 
 
@@ -93,7 +100,31 @@ SINGLE = TensorParallel()
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class ShardedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose weight can be FP8: `to_fp8` turns `weight` into float8_e4m3fn beside
+    `weight_scale_inv` (one fp32 scale per 128 x 128 block, the checkpoints' names), and the layer then
+    multiplies through its kernel set's FP8 GEMM. block_offset: (rows, columns) of the first block
+    that lie before this layer's part of the checkpoint's matrix (a tensor-parallel part)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 block_offset: tuple[int, int] = (0, 0)):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_parameter("weight_scale_inv", None)
+        self.block_offset = block_offset
+        self.kernels = REFERENCE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.bias, self.weight_scale_inv, self.block_offset)
+
+    @torch.no_grad()
+    def to_fp8(self) -> None:
+        """FP8 weights: the weight quantized (on the meta device, before loading: just the new shapes)."""
+        q, scale = quantize_weight(self.weight, self.block_offset)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+
+
+class ShardedLinear(Linear):
     """A linear layer holding rows [start, end) of the checkpoint's weight (dim 0: output features) or
     columns (dim 1: input features). `shard` says which, in the checkpoint's coordinates, for the
     loader. With input features split, the outputs are partial sums: `reduce` all-reduces them
@@ -103,17 +134,40 @@ class ShardedLinear(nn.Linear):
                  tp: TensorParallel, reduce: bool = True):
         start, end = tp.part(units)
         local = (end - start) * unit_size
-        super().__init__(local if dim == 1 else in_features, local if dim == 0 else out_features, bias=bias)
+        offset = (start * unit_size % BLOCK, 0) if dim == 0 else (0, start * unit_size % BLOCK)
+        super().__init__(local if dim == 1 else in_features, local if dim == 0 else out_features, bias=bias,
+                         block_offset=offset)
         self.shard = (dim, start * unit_size, end * unit_size, units * unit_size)  # dim, [start, end), whole
         self.tp, self.reduce = tp, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shard[0] == 0 or self.tp.group is None:
             return super().forward(x)
-        y = F.linear(x, self.weight)
+        y = self.kernels.linear(x, self.weight, None, self.weight_scale_inv, self.block_offset)
         if self.reduce:
             self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+
+@torch.no_grad()
+def fuse_rows(layers: list[Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Inference: the weights of layers that multiply the same input stacked into one matrix (and their
+    FP8 block scales likewise), each layer's weight becoming a view of it: one GEMM instead of several,
+    no extra memory, parameter names unchanged. Returns (weight, weight_scale_inv or None), or None
+    (nothing done) when a layer has a bias, or when FP8 blocks would straddle two layers (a part that
+    starts inside a block, or rows that are not whole blocks before the last layer)."""
+    scaled = [layer.weight_scale_inv is not None for layer in layers]
+    if any(layer.bias is not None for layer in layers) or (any(scaled) and not (
+            all(scaled) and all(layer.block_offset == (0, 0) for layer in layers)
+            and all(layer.out_features % BLOCK == 0 for layer in layers[:-1]))):
+        return None
+    names = ["weight", "weight_scale_inv"] if scaled[0] else ["weight"]
+    fused = {name: torch.cat([getattr(layer, name) for layer in layers]) for name in names}
+    for name in names:
+        views = fused[name].split([getattr(layer, name).shape[0] for layer in layers])
+        for layer, view in zip(layers, views):
+            setattr(layer, name, nn.Parameter(view, requires_grad=False))
+    return fused["weight"], fused.get("weight_scale_inv")
 
 
 def column_parallel(in_features: int, units: int, unit_size: int, tp: TensorParallel, bias: bool = False):
@@ -131,12 +185,12 @@ def row_parallel(units: int, unit_size: int, out_features: int, tp: TensorParall
 
 def split_parameters(model: nn.Module) -> set[str]:
     """The names of the parameters split between ranks (the rest are replicated): sharded linear
-    weights (and the biases of output-split ones) and the routed-expert stacks."""
+    weights and their scales (and the biases of output-split ones) and the routed-expert stacks."""
     names = set()
     for name, _ in model.named_parameters():
         module_name, _, kind = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if (isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind == "weight")) or \
+        if (isinstance(module, ShardedLinear) and (module.shard[0] == 0 or kind != "bias")) or \
                 hasattr(module, "first_expert"):
             names.add(name)
     return names

@@ -14,7 +14,11 @@ from dataclasses import dataclass, replace
 from .config import EngineConfig, ModelArgs
 
 GiB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Bytes per value of the weights or the latent cache; "fp8" (1 byte) means the FP8 formats of docs/fp8.md,
+# which add their scales: the weights' one fp32 per 128 x 128 block, the cache's one fp32 per token and layer.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}
+FP8_BLOCK = 128
+FP8_CACHE_SCALE_BYTES = 4  # kernels/fp8.py's CACHE_SCALE_BYTES (a test keeps the two equal)
 
 # The memory of one GPU as nvidia-smi reports it (a little less than the name says).
 KNOWN_GPUS = {"H100 80 GB": 81_559 * 2**20, "H200 141 GB": 143_771 * 2**20}
@@ -87,6 +91,41 @@ def rank_parameters(args: ModelArgs, tensor_parallel_size: int, rank: int = 0) -
     if not a.tie_word_embeddings:  # a tied head reads the replicated embedding: nothing more to hold
         sharded += part(a.vocab_size) * D
     return sharded, replicated
+
+
+def fp8_parameters(args: ModelArgs, tensor_parallel_size: int, rank: int = 0) -> tuple[int, int, int, int]:
+    """(sharded, replicated) values and (sharded, replicated) 128 x 128 scale blocks of the weights `rank`
+    holds in FP8 under quantization "fp8": model.FP8_LINEARS (q_proj or q_a_proj and q_b_proj, o_proj,
+    the shared experts) and the routed experts. The rest of rank_parameters stays in bf16."""
+    a, D = args, args.hidden_size
+
+    def part(n: int) -> int:
+        start, end = split(n, tensor_parallel_size, rank)
+        return end - start
+
+    h = part(a.num_attention_heads)
+    matrices = [(h * a.qk_head_dim, a.q_lora_rank or D, True), (D, h * a.v_head_dim, True)]  # (rows, cols, split)
+    if a.q_lora_rank is not None:
+        matrices.append((a.q_lora_rank, D, False))
+    counts = [0, 0, 0, 0]
+    for i in range(a.num_hidden_layers):
+        layer = list(matrices)
+        if a.is_moe_layer(i):
+            shared = part(a.moe_intermediate_size * (a.n_shared_experts or 0))
+            layer += [(shared, D, True)] * 2 + [(D, shared, True)]
+            I = a.moe_intermediate_size
+            layer += [(I, D, True)] * 2 * part(a.n_routed_experts) + [(D, I, True)] * part(a.n_routed_experts)
+        for rows, cols, is_split in layer:
+            blocks = -(-rows // FP8_BLOCK) * -(-cols // FP8_BLOCK)
+            counts[0 if is_split else 1] += rows * cols
+            counts[2 if is_split else 3] += blocks
+    return tuple(counts)
+
+
+def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int) -> int:
+    """Latent cache bytes per token, all layers (1 byte per value: FP8, with its scale per layer)."""
+    scale = FP8_CACHE_SCALE_BYTES if bytes_per_value == 1 else 0
+    return args.num_hidden_layers * (args.kv_cache_dim * bytes_per_value + scale)
 
 
 def activation_terms(args: ModelArgs, tensor_parallel_size: int, config: EngineConfig, max_model_len: int,
@@ -181,21 +220,27 @@ def memory_plan(args: ModelArgs, tensor_parallel_size: int, gpu_memory_bytes: in
                 config: EngineConfig | None = None, weight_bytes_per_value: int = 2,
                 cache_bytes_per_value: int = 2) -> MemoryPlan:
     """The plan for rank 0 of `tensor_parallel_size` GPUs of `gpu_memory_bytes` each, with the engine
-    knobs of `config` (max_model_len None: the model's, as the engine takes it)."""
+    knobs of `config` (max_model_len None: the model's, as the engine takes it). weight_bytes_per_value
+    1: FP8 weights (fp8_parameters in e4m3 plus their scales, the rest and the activations in bf16);
+    cache_bytes_per_value 1: the FP8 latent cache (plus its scales)."""
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
     config = (config or EngineConfig()).sized_for(gpu_memory_bytes)  # the engine's batch budgets on this GPU
     max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
     sharded, replicated = rank_parameters(args, tensor_parallel_size)
+    sharded_bytes, replicated_bytes = sharded * weight_bytes_per_value, replicated * weight_bytes_per_value
+    if weight_bytes_per_value == 1:  # FP8: e4m3 values and fp32 block scales, the rest in bf16
+        fp8_sharded, fp8_replicated, sharded_blocks, replicated_blocks = fp8_parameters(args, tensor_parallel_size)
+        sharded_bytes = 2 * sharded - fp8_sharded + 4 * sharded_blocks
+        replicated_bytes = 2 * replicated - fp8_replicated + 4 * replicated_blocks
     reserve = sum(activation_terms(args, tensor_parallel_size, config, max_model_len,
-                                   weight_bytes_per_value).values())
-    per_token = args.num_hidden_layers * args.kv_cache_dim * cache_bytes_per_value
-    weights = (sharded + replicated) * weight_bytes_per_value
+                                   max(weight_bytes_per_value, 2)).values())  # FP8 activations are bf16
+    per_token = cache_bytes_per_token(args, cache_bytes_per_value)
+    weights = sharded_bytes + replicated_bytes
     cache = int(gpu_memory_bytes * config.gpu_memory_utilization) - weights - reserve
     blocks = max(cache // (per_token * config.block_size) - 1, 0)  # as ModelRunner._size_cache counts them
     return MemoryPlan(tensor_parallel_size, gpu_memory_bytes, config.gpu_memory_utilization, max_model_len,
-                      sharded * weight_bytes_per_value, replicated * weight_bytes_per_value, reserve,
-                      per_token, cache, blocks * config.block_size)
+                      sharded_bytes, replicated_bytes, reserve, per_token, cache, blocks * config.block_size)
 
 
 def longest_fitting_len(args: ModelArgs, tensor_parallel_size: int, gpu_memory_bytes: int,

@@ -7,14 +7,27 @@ export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 STEPS=${1:-tests,kernels,bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() { local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s)"; local t0=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"; tail -n 25 "$OUT/$name.log"; }
-[[ $STEPS == *tests* ]] && step gpu-tests 200 python3 -m pytest -q -x tests/gpu
-[[ $STEPS == *kernels* ]] && step bench-kernels 120 python3 scripts/bench_kernels.py
-[[ $STEPS == *fused* ]] && step bench-fused 90 python3 scripts/bench_fused_kernels.py
-[[ $STEPS == *bench* ]] && step bench-v2-lite 330 python3 -m deepseek_v2.cli bench --shape v2-lite --compare-hf \
+has tests && step gpu-tests 200 python3 -m pytest -q -x tests/gpu
+has kernels && step bench-kernels 120 python3 scripts/bench_kernels.py
+has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
+# FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
+# the kernel table and the V2-Lite-shape KL
+has fp8tests && step fp8-tests 130 python3 -m pytest -q -s tests/gpu/test_fp8_gpu.py
+FP8_BENCH="--shape v2-lite --batch-sizes 1,256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 8"
+if has fp8bench; then
+  step bench-bf16 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --json "$OUT/bench-bf16.json"
+  step bench-fp8 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --quantization fp8 --json "$OUT/bench-fp8.json"
+  step bench-fp8-kv 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --quantization fp8 --kv-cache-dtype fp8 \
+    --json "$OUT/bench-fp8-kv.json"
+fi
+has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
+has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
+has bench && step bench-v2-lite 330 python3 -m deepseek_v2.cli bench --shape v2-lite --compare-hf \
   --batch-sizes 1,32,256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 8 \
   --json "$OUT/bench-v2-lite.json"
 exit 0

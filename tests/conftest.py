@@ -79,7 +79,7 @@ def tiny_engine():
     return lambda **knobs: LLMEngine(core.model, core.tokenizer, EngineConfig(**{"num_kv_blocks": 64, **knobs}))
 
 
-KERNEL_MODULES = ("activation", "mla_decode", "mla_prepare", "moe", "norm", "router")
+KERNEL_MODULES = ("activation", "fp8_linear", "mla_decode", "mla_prepare", "moe", "norm", "router")
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +92,14 @@ def interpreted_kernels():
       defined, so the kernel modules are imported afresh, and the jit functions of Triton's own
       language library (tl.sum, tl.max, ...: defined when triton was imported, maybe compiled) are
       swapped for interpreted ones; all of it is put back after;
-    - two test-only fixes to Triton 3.6's interpreter, undone after:
+    - three test-only fixes to Triton 3.6's interpreter, undone after:
       1. it turns loop bounds into ints with int(array of shape (1,)), which numpy >= 2.4 refuses
          (triton-lang/triton#9171, fixed upstream);
       2. it casts fp32 -> bf16 by truncation, where a GPU (cvt.rn.bf16.f32) and torch round to
-         nearest even: without this, a kernel that rounds at the right places would look wrong."""
+         nearest even: without this, a kernel that rounds at the right places would look wrong;
+      3. its fp32 -> fp8 (e4m3) cast rounds half up and drops the carry of a mantissa that rounds up
+         into the exponent (127.8 becomes 64), where a GPU (cvt.rn.satfinite.e4m3x2.f32) and torch
+         round to nearest even."""
     pytest.importorskip("triton")
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
@@ -108,6 +111,7 @@ def interpreted_kernels():
     saved_env = os.environ.get("TRITON_INTERPRET")
     patch_lang_tensor = interpreter._patch_lang_tensor
     cast_impl = interpreter.InterpreterBuilder.cast_impl
+    fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
 
     def patch_lang_tensor_numpy24(tensor, scope):
         patch_lang_tensor(tensor, scope)
@@ -120,6 +124,13 @@ def interpreted_kernels():
             return interpreter.TensorHandle(bits, tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
+    def fp8_rounding_to_nearest(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            data = torch.from_numpy(np.array(src.data, dtype=np.float32, ndmin=1)).clamp(-448, 448)
+            bits = data.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(np.shape(src.data))
+            return interpreter.TensorHandle(bits, tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
     library = [(module, attr, value) for name, module in list(sys.modules.items())
                if name == "triton.language" or name.startswith("triton.language.")
                for attr, value in list(vars(module).items()) if isinstance(value, JITFunction)]
@@ -129,6 +140,7 @@ def interpreted_kernels():
         setattr(module, attr, interpreted[id(value)])
     interpreter._patch_lang_tensor = patch_lang_tensor_numpy24
     interpreter.InterpreterBuilder.cast_impl = cast_rounding_to_nearest
+    interpreter.InterpreterBuilder.create_fp_to_fp = fp8_rounding_to_nearest
     try:
         modules = {m: importlib.import_module(f"deepseek_v2.kernels.{m}") for m in KERNEL_MODULES}
         assert isinstance(modules["norm"]._rms_norm_kernel, interpreter.InterpretedFunction)
@@ -138,6 +150,7 @@ def interpreted_kernels():
             setattr(module, attr, value)
         interpreter._patch_lang_tensor = patch_lang_tensor
         interpreter.InterpreterBuilder.cast_impl = cast_impl
+        interpreter.InterpreterBuilder.create_fp_to_fp = fp_to_fp
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

@@ -20,7 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import activation, mla_decode, mla_prepare, moe, norm, router
+from deepseek_v2.kernels import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, router
+from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
 GPU_CONSTANTS = {"UPCAST_DOT": False, "LIBDEVICE": True}  # what the wrappers pass on a GPU, not on CPU
@@ -39,14 +40,24 @@ def record(targets) -> list:
 def launch_decode_kernels() -> None:
     i32, bf16 = torch.int32, torch.bfloat16
     for H, N, dtype in [(16, 1, bf16), (16, 256, bf16), (128, 8, bf16), (16, 2, torch.float32)]:
-        mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
-                              torch.empty(64, 64, 576, dtype=dtype), torch.zeros(N, 64, dtype=i32),
-                              torch.ones(N, dtype=i32), 0.1)
+        for cache in (torch.empty(64, 64, 576, dtype=dtype), torch.empty(64, 64, 580, dtype=torch.uint8)):  # FP8
+            mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
+                                  cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1)
     # V2-Lite's 64 experts, and one rank's 20 of V2's 160 under 8-way expert parallelism
     for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
         w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
+        fp8 = (w13.to(FP8), w2.to(FP8), torch.empty(E, 2 * -(-I // 128), D // 128), torch.empty(E, D // 128, -(-I // 128)))
         for T in (1, 256, 4096):  # one of each launch tier
-            moe.fused_moe(torch.empty(T, D, dtype=bf16), w13, w2, torch.ones(T, K), torch.zeros(T, K, dtype=torch.long))
+            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
+            moe.fused_moe(x, w13, w2, weights, ids)
+            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
+    # the FP8 linear layers at V2-Lite's and V2's shapes (q_proj / q_b_proj, o_proj, shared experts), one
+    # part that starts inside a block, each launch tier
+    for N, K, offset in [(3072, 2048, (0, 0)), (2048, 2048, (0, 0)), (24576, 1536, (0, 0)), (5120, 2048, (0, 64)),
+                         (1536, 5120, (64, 0))]:
+        w, s = torch.empty(N, K, dtype=FP8), torch.empty(scale_shape(N, K, offset))
+        for M in (1, 64, 4096):
+            fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
 
 
 def launch_fused_kernels() -> None:
@@ -58,9 +69,10 @@ def launch_fused_kernels() -> None:
             norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6, residual=x)
         for H in (16, 128):
             q = torch.empty(T, H, 192, dtype=bf16)
-            mla_prepare.mla_prepare(q[..., 128:], torch.empty(T, 576, dtype=bf16), torch.empty(T, 32),
-                                    torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6,
-                                    torch.empty(64, 64, 576, dtype=bf16), torch.zeros(T, dtype=torch.long))
+            for cache in (torch.empty(64, 64, 576, dtype=bf16), torch.empty(64, 64, 580, dtype=torch.uint8)):  # FP8
+                mla_prepare.mla_prepare(q[..., 128:], torch.empty(T, 576, dtype=bf16), torch.empty(T, 32),
+                                        torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6, cache,
+                                        torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
         for E in (64, 160):
             router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
@@ -68,7 +80,9 @@ def launch_fused_kernels() -> None:
 
 FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
-                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel")], launch_decode_kernels),
+                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (fp8_linear, "_fp8_linear_kernel"),
+                (fp8_linear, "_quantize_kernel")],
+               launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
                (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")], launch_fused_kernels),
 }

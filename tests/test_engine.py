@@ -213,11 +213,14 @@ def test_bad_prompts_raise(setup):
         engine.add_request("ok", [2, 3], GREEDY)
 
 
-@pytest.mark.parametrize("name", ["qlora-yarn-scaled", "qlora-plain-grouped"])
-def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name):
+@pytest.mark.parametrize("name, fp8", [("qlora-yarn-scaled", False), ("qlora-plain-grouped", False),
+                                       ("qlora-yarn-scaled", True)])
+def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name, fp8):
     """The engine with kernels="triton" (the Triton kernels, run here by Triton's CPU interpreter) gives
     the reference set's greedy tokens: the one switch flips every kernel family and nothing else. The
-    grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference)."""
+    grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference);
+    the FP8 case FP8 weights (the FP8 GEMM and the fused MoE's FP8 path, every block partial at these
+    sizes) and the FP8 latent cache (its write in mla_prepare, its reads in decode and prefill)."""
     _, path = hf_checkpoint(name)
     tokenizer = Tokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(11)
@@ -225,10 +228,14 @@ def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kerne
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     outputs = {}
     for kernels in ("reference", "triton"):  # a model each: the engine sets the model's kernel set
-        model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=16, kernels=kernels))
+        model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, quantization="fp8" if fp8 else None)
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=16, kernels=kernels,
+                                                          kv_cache_dtype="fp8" if fp8 else "auto"))
         assert {type(m).__name__: m.kernels.name for m in model.modules() if "kernels" in vars(m)} == {
-            "RMSNorm": kernels, "MLA": kernels, "MLP": kernels, "MoEGate": kernels, "RoutedExperts": kernels}
+            "RMSNorm": kernels, "MLA": kernels, "MLP": kernels, "MoEGate": kernels, "RoutedExperts": kernels,
+            "Linear": kernels, "ShardedLinear": kernels}
+        assert (model.model.layers[-1].mlp.experts.down_proj.dtype == torch.float8_e4m3fn) == fp8
+        assert (engine.runner.kv_caches[0].dtype == torch.uint8) == fp8
         outputs[kernels] = [o.outputs[0].token_ids for o in run_all(engine, prompts, params)]
     assert outputs["triton"] == outputs["reference"]
 

@@ -30,6 +30,8 @@ GIVEN = {
     "seed": (["--seed", "7"], 7),
     "kernels": (["--kernels", "reference"], "reference"),
     "tensor_parallel_size": (["-tp", "2"], 2),
+    "quantization": (["--quantization", "fp8"], "fp8"),
+    "kv_cache_dtype": (["--kv-cache-dtype", "fp8"], "fp8"),
 }
 
 

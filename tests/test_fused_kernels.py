@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from deepseek_v2.kernels import reference
+from deepseek_v2.kernels.fp8 import cache_views
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -154,6 +155,30 @@ def test_mla_prepare_matches_ref(tk, case, T, dtype):
         assert torch.equal(cache.view(-1, R + P)[slots.long(), R:], k_pe_ref.to(cache.dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [1, 3])
+def test_mla_prepare_writes_the_fp8_cache(tk, case, dtype):
+    """An FP8 cache gets each row in e4m3 scaled by its max / 448 and the fp32 scale after its block's
+    values, the reference's bytes: bit-identical in bf16; in fp32, where the normed latent may differ by an ulp or
+    two, a scale may move by an ulp and a value by one e4m3 step on a rare tie."""
+    H, R, P, dn, _, slot_dtype = MLA_CASES[case]
+    q, kv, cos, sin, weight, cache, slots = mla_inputs(37, H, R, P, dn, dtype, torch.float32, seed=case)
+    cache = torch.randint(0, 255, (*cache.shape[:2], R + P + 4), dtype=torch.uint8)  # junk in untouched slots
+    cache_ref, q_ref = cache.clone(), q.clone()
+    tk.mla_prepare.mla_prepare(q_pe_view(q, H, dn, P), kv, cos, sin, weight, 1e-6, cache, slots.to(slot_dtype))
+    reference.mla_prepare(q_pe_view(q_ref, H, dn, P), kv, cos, sin, weight, 1e-6, cache_ref, slots)
+    if dtype == torch.bfloat16:
+        assert torch.equal(cache, cache_ref)
+        return
+    (values, scale), (values_ref, scale_ref) = cache_views(cache), cache_views(cache_ref)
+    written = torch.zeros(values.shape[:2], dtype=torch.bool)
+    written.view(-1)[slots] = True
+    assert torch.equal(values[~written], values_ref[~written])
+    assert torch.equal(scale[~written].view(torch.int32), scale_ref[~written].view(torch.int32))  # junk: bitwise
+    assert (values != values_ref).sum() <= 2
+    torch.testing.assert_close(scale[written], scale_ref[written], rtol=2**-21, atol=0)
+
+
 def test_mla_prepare_skips_negative_slots(tk):
     q, kv, cos, sin, weight, cache, slots = mla_inputs(4, 2, 32, 16, 8, torch.float32, torch.float32)
     before = cache.clone()
@@ -271,6 +296,7 @@ def test_fused_kernels_build_for_sm90():
     results = run_in_subprocess("fused")
     assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
                                               "_silu_and_mul_kernel", "_topk_softmax_kernel"}
+    assert {r["config"].get("FP8_CACHE") for r in results if r["kernel"] == "_mla_prepare_kernel"} == {"True", "False"}
     for r in results:
         assert r["shared"] <= 227 * 1024 and r["spill_bytes"] in (0, None), r
         assert not r["approx_div"], r

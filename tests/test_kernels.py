@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_v2.kernels import reference
+from deepseek_v2.kernels.fp8 import quantize_cache, quantize_weight
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -163,6 +164,23 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
+@pytest.mark.parametrize("case", [0, 2, 3, 6, 8])
+def test_mla_decode_reads_the_fp8_cache(tk, case):
+    """An FP8 cache (each block's e4m3 rows, then their scales, as mla_prepare writes them) against the
+    reference, which dequantizes it: the scale applied to the scores and the weights matches to bf16
+    tolerance."""
+    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
+    torch.manual_seed(400 + case)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, torch.float32)
+    scales = torch.logspace(-2, 2, kv_cache.shape[0] * block_size).view(kv_cache.shape[0], block_size, 1)
+    fp8_cache = quantize_cache(kv_cache * scales)
+    q_lat, q_pe = torch.randn(len(seq_lens), H, R).to(dtype), torch.randn(len(seq_lens), H, P).to(dtype)
+    out = tk.mla_decode.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, 0.05, num_kv_splits=splits,
+                                   block_n=block_n)
+    assert out.shape == q_lat.shape and out.dtype == dtype
+    assert_close(out, reference.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, 0.05), dtype)
+
+
 def test_mla_decode_strided_views(tk):
     """q_lat as a transposed bmm output and kv_cache as one layer of a bigger cache."""
     torch.manual_seed(7)
@@ -299,17 +317,119 @@ def test_fused_moe_rejects_bad_inputs(tk):
             tk.moe.fused_moe(**args)
 
 
+# ---------------------------------------------------------------- FP8 GEMMs
+
+def fp8_matrix(N, K, offset=(0, 0), seed=0):
+    torch.manual_seed(seed)
+    return quantize_weight(torch.randn(N, K) * torch.logspace(-1, 1, K) / K**0.5, offset)
+
+
+FP8_LINEAR_CASES = [  # (M, N, K, block_offset, bias, dtype, config)
+    (1, 96, 64, (0, 0), False, torch.float32, None),                        # one partial block, decode tier
+    (5, 300, 260, (0, 0), True, torch.bfloat16, SMALL),                     # ragged blocks both ways, bias
+    (37, 256, 384, (0, 0), False, torch.bfloat16, dict(SMALL, BLOCK_M=64, BLOCK_N=64)),
+    (3, 150, 200, (100, 0), False, torch.float32, SMALL),                  # a row part starting inside a block
+    (4, 64, 190, (0, 70), True, torch.float16, SMALL),                     # a column part: groups start at -70
+    (130, 64, 128, (0, 0), False, torch.float32, None),                    # x quantized first (quantize_activation)
+    (6, 150, 190, (0, 70), True, torch.bfloat16, dict(SMALL, FUSED=False)),  # that, in a part inside a block
+]
+
+
+@pytest.mark.parametrize("case", range(len(FP8_LINEAR_CASES)))
+def test_fp8_linear_matches_ref(tk, case):
+    """The fused activation quantization gives the reference's e4m3 values bit for bit, so what is left
+    is fp32 summation order: fp32 tolerance in fp32, one rounding of the output otherwise."""
+    M, N, K, offset, bias, dtype, config = FP8_LINEAR_CASES[case]
+    w, s = fp8_matrix(N, K, offset, seed=case)
+    x = (torch.randn(M, K + 3) * 4).to(dtype)[:, 3:]  # strided rows
+    b = torch.randn(N).to(dtype) if bias else None
+    y = tk.fp8_linear.linear(x, w, b, s, offset, config=config)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close(y, reference.linear(x, w, b, s, offset), dtype)
+
+
+def test_fp8_linear_views_and_leading_dims(tk):
+    """The weight as a row view of a fused matrix (fuse_rows), x [B, S, K]; without scales: F.linear."""
+    w, s = fp8_matrix(256, 128, seed=9)
+    x = torch.randn(2, 3, 128)
+    y = tk.fp8_linear.linear(x, w[128:], None, s[1:], config=SMALL)
+    assert y.shape == (2, 3, 128)
+    assert_close(y, reference.linear(x, w[128:], None, s[1:]), torch.float32)
+    dense = torch.randn(8, 128)
+    assert torch.equal(tk.fp8_linear.linear(x, dense), F.linear(x, dense))
+
+
+def test_fp8_linear_rejects_bad_inputs(tk):
+    w, s = fp8_matrix(64, 160)
+    x = torch.randn(2, 160)
+    bad = [dict(weight=w.float()), dict(weight_scale_inv=s[:, :1]), dict(weight_scale_inv=s.double()),
+           dict(x=torch.randn(2, 150)), dict(x=x.int()), dict(bias=torch.randn(63)), dict(block_offset=(0, 128)),
+           dict(x=torch.randn(160, 2).t())]
+    for change in bad:
+        args = dict(x=x, weight=w, bias=None, weight_scale_inv=s)
+        args.update(change)
+        with pytest.raises(ValueError, match="fp8 linear"):
+            tk.fp8_linear.linear(**args)
+
+
+def fp8_experts(w13, w2):
+    """Routed experts in FP8 as RoutedExperts.to_fp8 stores them."""
+    I = w2.shape[2]
+    (g, gs), (u, us), (d, ds) = (quantize_weight(w) for w in (w13[:, :I], w13[:, I:], w2))
+    return torch.cat([g, u], 1), d, torch.cat([gs, us], 1), ds
+
+
+FP8_MOE_CASES = [1, 2, 3, 6, 7]  # MOE_CASES rows: decode, ragged K and N, bf16 64-row tier, top-6
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.4])
+@pytest.mark.parametrize("case", FP8_MOE_CASES)
+def test_fused_moe_fp8_matches_ref(tk, case, missing):
+    """FP8 experts (e4m3 with block scales, every block partial here): the kernel's in-register
+    quantization of x and of the intermediate against the reference's; -1 picks still add zero."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=500 + case)
+    topk_ids = drop_picks(topk_ids, missing, seed=case)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    y = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=config)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+    assert_close(y, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), dtype)
+
+
+def test_fused_moe_fp8_blocks_at_real_sizes(tk):
+    """I = 2 x 128 + 64 and D = 3 x 128 + 32: several block rows and columns, the up_proj's scales after
+    the gate_proj's, ragged last blocks."""
+    T, E, K, D, I = 6, 4, 2, 416, 320
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=77)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    y = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2)
+    assert_close(y, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), torch.bfloat16)
+
+
+def test_fused_moe_fp8_rejects_bad_scales(tk):
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(4, 4, 2, 160, 96, torch.bfloat16, seed=6)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    for args in [(q13, q2, s13, None), (q13, q2, s13[:, :1], s2), (w13, w2, s13, s2), (q13, q2, s13.double(), s2)]:
+        with pytest.raises(ValueError, match="fused_moe"):
+            tk.moe.fused_moe(x, args[0], args[1], topk_weights, topk_ids, args[2], args[3])
+
+
 # ---------------------------------------------------------------- an sm_90 (H100/H200) build, no GPU needed
 
 @pytest.mark.skipif(not HAVE_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs triton with its NVIDIA backend")
 def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
-    the bundled ptxas, no GPU), fits in shared memory and spills no registers."""
+    the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
+    linear layers and their activation quantization, FP8 experts, decode over the FP8 cache) included."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
-                                              "_moe_align_kernel", "_moe_gemm_kernel"}
+                                              "_moe_align_kernel", "_moe_gemm_kernel", "_fp8_linear_kernel",
+                                              "_quantize_kernel"}
+    assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
+        ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     for r in results:
         assert r["shared"] <= 227 * 1024, r        # the H100/H200 limit per block
         assert r["spill_bytes"] in (0, None), r

@@ -159,11 +159,13 @@ class LLMEngine:
 
     def _log_memory(self) -> None:
         a = self.model.args
-        per_token = cache_bytes_per_token(self.model, self.model.dtype)
+        per_token = cache_bytes_per_token(self.model, self.runner.cache_dtype)
         tokens = self.runner.num_blocks * self.config.block_size
-        logger.info("latent cache: %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
+        fp8 = self.runner.cache_dtype == torch.uint8
+        logger.info("latent cache (%s): %d blocks x %d tokens = %d tokens (%.2f GiB), %d bytes/token "
                     "(%d values/token/layer; a full per-head K/V cache would need %d, %.1fx more); "
                     "max_model_len %d, up to %.1f concurrent max-length sequences",
+                    "fp8: e4m3 and one fp32 scale per token and layer" if fp8 else str(self.model.dtype)[6:],
                     self.runner.num_blocks, self.config.block_size, tokens, tokens * per_token / 2**30,
                     per_token, a.kv_cache_dim, a.mha_cache_dim, a.mha_cache_dim / a.kv_cache_dim,
                     self.max_model_len, tokens / self.max_model_len)

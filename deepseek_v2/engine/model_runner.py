@@ -6,7 +6,9 @@ engine/piecewise.py around eager attention for a step that holds prefills) and r
 `sample` turns them into tokens and logprobs.
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
-holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else.
+holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else; with
+kv_cache_dtype "fp8" a uint8 tensor whose rows are those values in e4m3 plus the row's fp32 scale
+(4 more bytes: kernels/fp8.py), about half the bytes of bf16.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig, ModelArgs
+from ..kernels.fp8 import cache_width
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
 from ..parallel import SINGLE, TensorParallel
 from ..sampler import Sampler, TokenLogprobs
@@ -74,8 +77,10 @@ def engine_max_model_len(config: EngineConfig, args: ModelArgs) -> int:
 
 
 def cache_bytes_per_token(model: DeepseekV2ForCausalLM, dtype: torch.dtype) -> int:
+    """Latent cache bytes per token over all layers, for a cache of `dtype` (torch.uint8: FP8)."""
     a = model.args
-    return a.num_hidden_layers * a.kv_cache_dim * torch.tensor([], dtype=dtype).element_size()
+    value_bytes = torch.tensor([], dtype=dtype).element_size()
+    return a.num_hidden_layers * cache_width(a.kv_cache_dim, dtype == torch.uint8) * value_bytes
 
 
 class ModelRunner:
@@ -95,15 +100,14 @@ class ModelRunner:
         gpu_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         self.config = config = config.sized_for(gpu_memory)  # the batch budgets left to default, for this device
         self.dtype = model.dtype
+        self.cache_dtype = torch.uint8 if config.kv_cache_dtype == "fp8" else self.dtype  # uint8: FP8 rows
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.num_blocks = self._size_cache()
-        a = model.args
         # One block more than the block manager hands out: a scratch block that the padding rows
         # of a CUDA-graph batch write into.
         self.scratch_block = self.num_blocks
-        self.kv_caches = [torch.zeros(self.num_blocks + 1, self.block_size, a.kv_cache_dim, dtype=self.dtype,
-                                      device=self.device) for _ in range(a.num_hidden_layers)]
+        self.kv_caches = self._allocate_cache(self.num_blocks + 1)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -115,7 +119,7 @@ class ModelRunner:
 
     # ---- cache sizing -----------------------------------------------------------------------------
     def _size_cache(self) -> int:
-        per_block = cache_bytes_per_token(self.model, self.dtype) * self.block_size
+        per_block = cache_bytes_per_token(self.model, self.cache_dtype) * self.block_size
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
@@ -137,14 +141,18 @@ class ModelRunner:
                                "raise gpu_memory_utilization or the CPU cache budget, or set num_kv_blocks")
         return num_blocks
 
+    def _allocate_cache(self, num_blocks: int) -> list[torch.Tensor]:
+        """One zeroed [num_blocks, block_size, width] tensor per layer (width: kernels/fp8.cache_width)."""
+        a = self.model.args
+        width = cache_width(a.kv_cache_dim, self.cache_dtype == torch.uint8)
+        return [torch.zeros(num_blocks, self.block_size, width, dtype=self.cache_dtype, device=self.device)
+                for _ in range(a.num_hidden_layers)]
+
     @torch.inference_mode()
     def _profile_peak_memory(self) -> None:
         """Run one prefill of max_num_batched_tokens tokens to measure the activation peak."""
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        cache = [torch.zeros(self.block_size * -(-n // self.block_size), 1, self.model.args.kv_cache_dim,
-                             dtype=self.dtype, device=self.device).view(-1, self.block_size,
-                                                                       self.model.args.kv_cache_dim)
-                 for _ in range(self.model.args.num_hidden_layers)]
+        cache = self._allocate_cache(-(-n // self.block_size))
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         attn = AttentionMetadata(slot_mapping=pos, prefill_query_lens=[n], prefill_key_lens=[n], prefill_key_slots=pos,

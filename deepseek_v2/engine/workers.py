@@ -49,34 +49,42 @@ class WorkerError(RuntimeError):
 @dataclass(frozen=True)
 class ModelSource:
     """Where each rank's part of the model comes from: a checkpoint directory, or random weights of a
-    shape (benchmarks). Picklable, so that spawned ranks can build their part."""
+    shape (benchmarks); quantization "fp8": FP8 weights (EngineConfig.quantization). Picklable, so that
+    spawned ranks can build their part."""
 
     path: str | None = None
     args: ModelArgs | None = None
     seed: int = 0
     dtype: str | torch.dtype | None = None
+    quantization: str | None = None
 
     def model_args(self) -> ModelArgs:
         """The architecture (a checkpoint's config.json; clear errors for a missing or foreign directory)."""
         from ..checkpoint import checkpoint_args
-        return self.args if self.path is None else checkpoint_args(self.path)
+        args = self.args if self.path is None else checkpoint_args(self.path)
+        return args.replace(quantization=self.quantization) if self.quantization else args
 
     def build(self, tp: TensorParallel, device: torch.device):
         from ..model import DeepseekV2ForCausalLM
         if self.path is not None:
-            return DeepseekV2ForCausalLM.from_pretrained(self.path, dtype=self.dtype, device=device, tp=tp)
+            return DeepseekV2ForCausalLM.from_pretrained(self.path, dtype=self.dtype, device=device, tp=tp,
+                                                         quantization=self.quantization)
         with torch.device("meta"):
             model = DeepseekV2ForCausalLM(self.args, tp)
-        return model.to(self.dtype).to_empty(device=device).init_weights(seed=self.seed).eval()
+        model = model.to(self.dtype).to_empty(device=device).init_weights(seed=self.seed).eval()
+        return model.use_fp8() if self.model_args().quantization == "fp8" else model
 
 
-def resolve_device(source: ModelSource, dtype: str | torch.dtype, device: str | None) -> tuple[ModelSource, str]:
-    """The source with its dtype settled ("auto": bfloat16 on a GPU, float32 on CPU), and the device type."""
+def resolve_device(source: ModelSource, config: EngineConfig, dtype: str | torch.dtype,
+                   device: str | None) -> tuple[ModelSource, str]:
+    """The source with its dtype settled ("auto": bfloat16 on a GPU, float32 on CPU) and the engine's
+    quantization, and the device type."""
     from ..checkpoint import parse_dtype
     device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     if dtype == "auto":
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return replace(source, dtype=parse_dtype(dtype)), device_type
+    quantization = config.quantization or source.quantization
+    return replace(source, dtype=parse_dtype(dtype), quantization=quantization), device_type
 
 
 class Control:
@@ -125,7 +133,7 @@ def run_launched_worker(source: ModelSource, config: EngineConfig, dtype: str | 
     if launch.world != config.tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size is {config.tensor_parallel_size} but torchrun started "
                          f"{launch.world} processes")
-    source, device_type = resolve_device(source, dtype, device)
+    source, device_type = resolve_device(source, config, dtype, device)
     _die_with_parent()
     run_worker(launch.rank, launch.world, "env://", launch.local_rank, launch.local_world, source, config,
                device_type)
@@ -256,7 +264,7 @@ def start_model(source: ModelSource, config: EngineConfig, dtype: str | torch.dt
     started here on this node, or, under torchrun, were started by it (every rank but 0 then runs
     run_launched_worker: the CLI does that). A size that cannot split the model, and on a GPU a plan
     whose weights cannot fit, are refused before anything is loaded or started."""
-    source, device_type = resolve_device(source, dtype, device)
+    source, device_type = resolve_device(source, config, dtype, device)
     world = config.tensor_parallel_size
     check_parallel_size(source.model_args(), world)
     if device_type == "cuda" and config.num_kv_blocks is None:
@@ -283,9 +291,12 @@ def start_model(source: ModelSource, config: EngineConfig, dtype: str | torch.dt
 def refuse_what_cannot_fit(source: ModelSource, config: EngineConfig, device: torch.device) -> None:
     """The memory plan (plan.py, what `deepseek-v2 info` prints) of this GPU; a ValueError with its
     figures if the weights and the activation reserve do not fit."""
+    args = source.model_args()
     value_bytes = torch.tensor([], dtype=source.dtype).element_size()
     total = torch.cuda.get_device_properties(device).total_memory
-    plan = memory_plan(source.model_args(), config.tensor_parallel_size, total, config, value_bytes, value_bytes)
+    plan = memory_plan(args, config.tensor_parallel_size, total, config,
+                       1 if args.quantization == "fp8" else value_bytes,  # 1: FP8 weights (plan.py)
+                       1 if config.kv_cache_dtype == "fp8" else value_bytes)
     if not plan.weights_fit:
         raise ValueError("the model does not fit on this GPU:\n" + format_plan(plan)
                          + "\n(more GPUs: --tensor-parallel-size; see deepseek-v2 info)")

@@ -23,8 +23,10 @@ KERNEL_SETS = ("reference", "triton")
 @dataclass(frozen=True)
 class Kernels:
     name: str
+    linear: Callable               # the linear layers: F.linear, or the FP8 GEMM when a weight has block scales
     rms_norm: Callable             # RMSNorm, optionally after the residual add
     mla_prepare: Callable          # latent norm, both RoPEs and the latent-cache write
+    gather_latents: Callable       # the cached latents of the prefill contexts (an FP8 cache dequantized)
     prefill_attention: Callable    # causal attention of the step's prefill sequences, packed
     mla_decode: Callable           # absorbed MLA decode over the paged latent cache
     silu_and_mul: Callable         # SwiGLU's activation
@@ -33,8 +35,8 @@ class Kernels:
     moe: Callable                  # the routed experts
 
 
-REFERENCE = Kernels("reference", reference.rms_norm, reference.mla_prepare, reference.prefill_attention,
-                    reference.mla_decode,
+REFERENCE = Kernels("reference", reference.linear, reference.rms_norm, reference.mla_prepare,
+                    reference.gather_latents, reference.prefill_attention, reference.mla_decode,
                     reference.silu_and_mul, reference.topk_softmax, reference.grouped_topk_softmax,
                     reference.moe)
 
@@ -45,8 +47,10 @@ def load_kernels(name: str) -> Kernels:
         return REFERENCE
     if name != "triton":
         raise ValueError(f"unknown kernel set {name!r} (known: {', '.join(KERNEL_SETS)})")
-    from . import activation, mla_decode, mla_prepare, moe, norm, prefill, router
-    return Kernels("triton", norm.rms_norm, mla_prepare.mla_prepare, prefill.prefill_attention, mla_decode.mla_decode,
+    from . import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, prefill, router
+    return Kernels("triton", fp8_linear.linear, norm.rms_norm, mla_prepare.mla_prepare,
+                   reference.gather_latents,  # an indexing copy (and a dequantize), no kernel of its own
+                   prefill.prefill_attention, mla_decode.mla_decode,
                    activation.silu_and_mul, router.topk_softmax,
                    reference.grouped_topk_softmax,  # no kernel yet: V2's group-limited router runs eagerly
                    moe.fused_moe)

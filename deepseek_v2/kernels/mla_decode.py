@@ -8,6 +8,10 @@ through the block table, reads each latent tile ONCE for all those heads and kee
 softmax in fp32. When the sequence is split, a second kernel merges the partial outputs with
 their log-sum-exp. No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
 
+An FP8 cache (uint8 blocks: each token's R + P e4m3 values, then the tokens' fp32 scales,
+kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its scores after the dot
+and its softmax weight before the value dot, so no tile is ever dequantized in memory.
+
 Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
 """
 
@@ -19,9 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import CACHE_SCALE_BYTES
+
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
-# take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill.
+# take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill. An
+# FP8 cache (its tiles widened to bf16 in registers) needs 8 warps for the same tile to not spill.
 _BLOCK_N = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
 _BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one program
 _PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
@@ -38,7 +45,7 @@ def _mla_decode_split_kernel(
     stride_o_n, stride_o_h,
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
 ):
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
@@ -72,22 +79,37 @@ def _mla_decode_split_kernel(
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
         block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
-        row = block.to(tl.int64) * stride_kv_block + (offs_t % PAGE_SIZE) * stride_kv_tok  # [BLOCK_N]
-        c = tl.load(kv_ptr + row[:, None] + offs_r[None, :],
+        block_start = block.to(tl.int64) * stride_kv_block
+        if FP8_CACHE:  # a block: its tokens' R + P e4m3 values, then their fp32 scales (kernels/fp8.py)
+            row = block_start + (offs_t % PAGE_SIZE) * (R + P)                     # [BLOCK_N]
+            values = kv_ptr.to(tl.pointer_type(tl.float8e4nv))
+        else:
+            row = block_start + (offs_t % PAGE_SIZE) * stride_kv_tok               # [BLOCK_N]
+            values = kv_ptr
+        c = tl.load(values + row[:, None] + offs_r[None, :],
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
-        pe = tl.load(kv_ptr + row[:, None] + R + offs_p[None, :],
+        pe = tl.load(values + row[:, None] + R + offs_p[None, :],
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
         if UPCAST_DOT:
             c = c.to(tl.float32)
             pe = pe.to(tl.float32)
+        elif FP8_CACHE:  # e4m3 widens to bf16/fp16 exactly
+            c = c.to(q.dtype)
+            pe = pe.to(q.dtype)
         qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
         qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
+            scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
+            token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
+            qk = qk * token_scale[None, :]
         qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
+        if FP8_CACHE:
+            p = p * token_scale[None, :]
         acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
         m_i = m_new
 
@@ -152,7 +174,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R].
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
-    (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype;
+    (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype, or an FP8
+    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous;
     block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
@@ -164,16 +187,19 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     N, H, R = q_lat.shape
     P = q_pe.shape[2]
     num_blocks, block_size, width = kv_cache.shape
-    if q_pe.shape[:2] != (N, H) or width != R + P:
+    fp8 = kv_cache.dtype == torch.uint8
+    if q_pe.shape[:2] != (N, H) or width != R + P + (CACHE_SCALE_BYTES if fp8 else 0):
         raise ValueError(f"mla_decode: shapes disagree: q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)},"
-                         f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P})")
+                         f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P}, +4 for FP8)")
+    if fp8 and not kv_cache.is_contiguous():
+        raise ValueError("mla_decode: an FP8 kv_cache must be contiguous (its blocks' values, then their scales)")
     if block_tables.dim() != 2 or block_tables.shape[0] != N or seq_lens.shape != (N,):
         raise ValueError(f"mla_decode: expected block_tables [{N}, max_blocks] and seq_lens [{N}];"
                          f" got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
     if q_lat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"mla_decode: q_lat dtype must be bf16, fp16 or fp32, got {q_lat.dtype}")
-    if q_pe.dtype != q_lat.dtype or kv_cache.dtype != q_lat.dtype:
-        raise ValueError(f"mla_decode: q_lat, q_pe and kv_cache must share a dtype;"
+    if q_pe.dtype != q_lat.dtype or (kv_cache.dtype != q_lat.dtype and not fp8):
+        raise ValueError(f"mla_decode: q_lat, q_pe and kv_cache must share a dtype (or the cache be uint8: FP8);"
                          f" got {q_lat.dtype}, {q_pe.dtype}, {kv_cache.dtype}")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError(f"mla_decode: block_tables and seq_lens must be int32;"
@@ -187,7 +213,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: seq_lens must be contiguous")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
-    block_n = block_n or _BLOCK_N[q_lat.dtype]
+    block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8 tiles are half the bytes: the same count fits
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
@@ -216,9 +242,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
-        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu,
+        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_n <= 32 else 8, num_stages=2,
+        num_warps=4 if block_n <= 32 and not fp8 else 8,
+        num_stages=1 if fp8 and q_lat.dtype == torch.float32 else 2,  # fp32 over an FP8 cache spills at 2
     )
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](

@@ -7,7 +7,9 @@ Grid (T, 1 + head blocks): program (t, 0) does token t's latent, k_pe and cache 
 spreads over a few SMs. The rotation of a pair (x0, x1) by (cos, sin) is done in fp32 as
 (x0 cos - x1 sin, x0 sin + x1 cos), each product rounded, no fused multiply-add
 (enable_fp_fusion=False), then rounded to the tensor's dtype: bit-identical to reference.apply_rotary.
-The norm is norm.rms_norm_row: same rounding as reference.rms_norm.
+The norm is norm.rms_norm_row: same rounding as reference.rms_norm. An FP8 cache (uint8 blocks of
+e4m3 values and their fp32 scales, kernels/fp8.py) gets the row quantized as the reference does it:
+bit-identical values and scale.
 
 Letters: T tokens, H heads, R kv_lora_rank, P qk_rope_head_dim.
 """
@@ -18,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import CACHE_SCALE_BYTES, EPS, FP8_MAX
 from .norm import MAX_D, rms_norm_row
 
 _BLOCK_H = 32  # heads per program: 2048 q_pe values with P = 64
@@ -38,7 +41,8 @@ def _mla_prepare_kernel(
     H, inv_r, eps, stride_q_t, stride_q_h, stride_kv, stride_cos, stride_sin,
     stride_cache_block, stride_cache_tok, block_size,
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_H: tl.constexpr, HAS_CACHE: tl.constexpr,
+    BLOCK_H: tl.constexpr, HAS_CACHE: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -60,10 +64,23 @@ def _mla_prepare_kernel(
         if HAS_CACHE:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:  # a negative slot (a padding token) writes nothing
-                row = cache_ptr + (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_tok
-                dtype = cache_ptr.dtype.element_ty  # via fp32: one rounding, as torch's .to()
-                tl.store(row + offs_r, c_kv.to(tl.float32).to(dtype), mask=mask_r)
-                tl.store(row + R + offs_p[None, :], k_pe.to(tl.float32).to(dtype), mask=mask_p[None, :])
+                block = cache_ptr + (slot // block_size) * stride_cache_block
+                if FP8_CACHE:  # e4m3 values scaled by the row's max / 448; the fp32 scale after the block's values
+                    c32, pe32 = c_kv.to(tl.float32), k_pe.to(tl.float32)
+                    row_max = tl.maximum(tl.max(tl.abs(c32), axis=0), tl.max(tl.max(tl.abs(pe32), axis=1), axis=0))
+                    scale = tl.div_rn(tl.maximum(row_max, EPS), FP8_MAX)
+                    inv = tl.div_rn(1.0, scale)
+                    values = (block + (slot % block_size) * (R + P)).to(tl.pointer_type(tl.float8e4nv))
+                    tl.store(values + offs_r, tl.clamp(c32 * inv, -FP8_MAX, FP8_MAX).to(tl.float8e4nv), mask=mask_r)
+                    tl.store(values + R + offs_p[None, :], tl.clamp(pe32 * inv, -FP8_MAX, FP8_MAX).to(tl.float8e4nv),
+                             mask=mask_p[None, :])
+                    scales = (block + block_size * (R + P)).to(tl.pointer_type(tl.float32))
+                    tl.store(scales + slot % block_size, scale)
+                else:
+                    row = block + (slot % block_size) * stride_cache_tok
+                    dtype = cache_ptr.dtype.element_ty  # via fp32: one rounding, as torch's .to()
+                    tl.store(row + offs_r, c_kv.to(tl.float32).to(dtype), mask=mask_r)
+                    tl.store(row + R + offs_p[None, :], k_pe.to(tl.float32).to(dtype), mask=mask_p[None, :])
     else:
         offs_h = (part - 1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (offs_h < H)[:, None] & mask_p[None, :]
@@ -81,7 +98,9 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
     q_pe [T, H, P] (last dim contiguous; the strided rope slice of the query is fine), kv [T, R + P]
     (kv_a_proj_with_mqa's output, last dim contiguous), cos/sin [T, P/2] fp32, norm_weight [R] in
     kv's dtype. Optionally kv_cache [num_blocks, block_size, R + P] (last dim contiguous, any float
-    dtype: values are cast) and slot_mapping [T] int64/int32: token t's [c_kv ; k_pe] goes to slot
+    dtype: values are cast; or uint8 [num_blocks, block_size, R + P + 4]: an FP8 cache as kernels/fp8.py
+    lays it out, contiguous, rows quantized)
+    and slot_mapping [T] int64/int32: token t's [c_kv ; k_pe] goes to slot
     slot_mapping[t] = block * block_size + offset; negative slots are skipped, duplicate slots get
     one of their writers. No host synchronisation.
     """
@@ -110,11 +129,14 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
         raise ValueError(f"{name}: pass both kv_cache and slot_mapping, or neither")
     tensors = [q_pe, kv, cos, sin, norm_weight]
     if kv_cache is not None:
-        if kv_cache.dim() != 3 or kv_cache.shape[2] != R + P or kv_cache.stride(2) != 1:
-            raise ValueError(f"{name}: expected kv_cache [num_blocks, block_size, {R + P}] with a contiguous"
+        width = R + P + (CACHE_SCALE_BYTES if kv_cache.dtype == torch.uint8 else 0)
+        if kv_cache.dim() != 3 or kv_cache.shape[2] != width or kv_cache.stride(2) != 1:
+            raise ValueError(f"{name}: expected kv_cache [num_blocks, block_size, {width}] with a contiguous"
                              f" last dim; got {tuple(kv_cache.shape)} strides {kv_cache.stride()}")
-        if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"{name}: kv_cache dtype must be bf16, fp16 or fp32, got {kv_cache.dtype}")
+        if kv_cache.dtype == torch.uint8 and not kv_cache.is_contiguous():
+            raise ValueError(f"{name}: an FP8 kv_cache must be contiguous")
+        if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.uint8):
+            raise ValueError(f"{name}: kv_cache dtype must be bf16, fp16, fp32 or uint8 (FP8), got {kv_cache.dtype}")
         if slot_mapping.shape != (T,) or slot_mapping.dtype not in (torch.int64, torch.int32) \
                 or (T > 0 and slot_mapping.stride(0) != 1):
             raise ValueError(f"{name}: expected slot_mapping [{T}] int64/int32, contiguous; got"
@@ -137,6 +159,7 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
         cache.stride(0) if has_cache else 0, cache.stride(1) if has_cache else 0,
         kv_cache.shape[1] if has_cache else 1,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(P), BLOCK_H=block_h, HAS_CACHE=has_cache,
+        FP8_CACHE=has_cache and kv_cache.dtype == torch.uint8, FP8_MAX=FP8_MAX, EPS=EPS,
         num_warps=4 if block_r <= 1024 else 8, enable_fp_fusion=False,
     )
     return q_pe, c_kv, k_pe

@@ -10,6 +10,11 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 3. down grouped GEMM: inter @ w2[e]^T times the routing weight, into [T*K, D]. A block of bucket E
    stores zero rows and reads no weights (the gate/up pass skips it altogether).
 4. the K picks summed in fp32 and cast to x's dtype.
+FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
+quantized once per token in groups of 128 by fp8_linear.quantize_activation (the reference's
+arithmetic, bit for bit: quantizing inside the GEMM, once per column block, made it 3x slower than
+bf16 at 4096 tokens), and both GEMMs step K one 128-wide block at a time and scale each block's
+product by the rows' and the weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
 With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs.
 (torch._grouped_mm was slower at every size measured; scripts/bench_kernels.py keeps it as the baseline.)
@@ -24,6 +29,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import BLOCK, FP8, cdiv
+from .fp8_linear import grouped_tile, quantize_activation
 
 
 @triton.jit
@@ -100,26 +108,20 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-    N, K, max_padded, num_rows, num_experts,
-    stride_am, stride_be, stride_bn, stride_cm,
+    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
+    N, K, max_padded, num_rows, num_experts, up_scale_row,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
+    FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128),
+                               # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(max_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # GROUP_M blocks of rows walk the columns together, so their weight tiles are shared in L2
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
 
@@ -135,7 +137,9 @@ def _moe_gemm_kernel(
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -146,18 +150,26 @@ def _moe_gemm_kernel(
             mask_k = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+        if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
+            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            acc += tl.dot(a, b) * (a_scale[:, None] * tl.load(bs_ptrs + k)[None, :])
+        else:
+            if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
         if GATE_UP:
             if EVEN_K:
                 b_up = tl.load(b_ptrs + N * stride_bn)
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
-            if UPCAST_DOT:
-                b_up = b_up.to(tl.float32)
-            acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
+            if FP8_W:  # the up_proj's scales: its block rows follow the gate_proj's
+                up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
+                acc_up += tl.dot(a, b_up) * (a_scale[:, None] * up_scale[None, :])
+            else:
+                if UPCAST_DOT:
+                    b_up = b_up.to(tl.float32)
+                acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -168,10 +180,16 @@ def _moe_gemm_kernel(
     _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm)
 
 
-def default_config(rows_per_expert: float) -> dict:
-    """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks."""
+def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
+    """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks. FP8
+    experts step K by whole 128-wide blocks (their e4m3 tiles are the bf16 tiles' bytes at twice the
+    width); the prefill tier's column tiles are 64 wide, as the per-block scaling of each product
+    needs its own registers (tests/sm90_build.py: no spills)."""
     if rows_per_expert < 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if fp8:
+        return dict(BLOCK_M=64 if rows_per_expert < 128 else 128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
+                    num_warps=8, num_stages=3)
     if rows_per_expert < 128:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     # prefill: 128-wide column tiles (8% faster than 64 for gate/up at 4096 tokens of the V2-Lite shape
@@ -179,7 +197,7 @@ def default_config(rows_per_expert: float) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _check_args(x, w13, w2, topk_weights, topk_ids):
+def _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
     name = "fused_moe"
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"{name}: expected x [T,D], w13 [E,2I,D], w2 [E,D,I];"
@@ -194,8 +212,22 @@ def _check_args(x, w13, w2, topk_weights, topk_ids):
                          f" got {tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"{name}: x dtype must be bf16, fp16 or fp32, got {x.dtype}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError(f"{name}: pass both w13_scale and w2_scale (FP8 experts), or neither")
+    if w13_scale is None and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"{name}: x, w13 and w2 must share a dtype; got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if w13_scale is not None:
+        I = two_i // 2
+        want13, want2 = (E, 2 * cdiv(I, BLOCK), cdiv(D, BLOCK)), (E, cdiv(D, BLOCK), cdiv(I, BLOCK))
+        if w13.dtype != FP8 or w2.dtype != FP8 or w13_scale.dtype != torch.float32 or w2_scale.dtype != torch.float32:
+            raise ValueError(f"{name}: FP8 experts need float8_e4m3fn w13/w2 and fp32 scales; got {w13.dtype}, "
+                             f"{w2.dtype}, {w13_scale.dtype}, {w2_scale.dtype}")
+        if tuple(w13_scale.shape) != want13 or tuple(w2_scale.shape) != want2:
+            raise ValueError(f"{name}: expected w13_scale {list(want13)} and w2_scale {list(want2)}; got "
+                             f"{list(w13_scale.shape)}, {list(w2_scale.shape)}")
+        if w13_scale.stride(2) != 1 or w2_scale.stride(2) != 1 or w13_scale.device != x.device \
+                or w2_scale.device != x.device:
+            raise ValueError(f"{name}: the scales need a contiguous last dim, on x's device")
     if topk_weights.dtype != torch.float32 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: topk_weights must be fp32 and topk_ids int32/int64;"
                          f" got {topk_weights.dtype}, {topk_ids.dtype}")
@@ -206,7 +238,8 @@ def _check_args(x, w13, w2, topk_weights, topk_ids):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              *, config: dict | None = None) -> torch.Tensor:
     """Routed experts, same contract as reference.moe: y [T, D] in x's dtype.
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
@@ -214,34 +247,42 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     [0, E) or -1, E = w13.shape[0] (the experts held here): a -1 pick (an expert on another rank)
     adds exactly zero and costs no weight read or GEMM work (its routing weight is never read). The
     intermediate and the weighted expert outputs are rounded to x's dtype, the K picks are summed in
-    fp32. config (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K,
-    GROUP_M, num_warps, num_stages. No host synchronisation.
+    fp32. FP8 experts: w13 and w2 in float8_e4m3fn with w13_scale [E, 2 ceil(I/128), ceil(D/128)] (the
+    gate_proj's block rows, then the up_proj's) and w2_scale [E, ceil(D/128), ceil(I/128)] fp32, as
+    reference.moe takes them; BLOCK_K is then 128. config (tests and tuning) overrides the GEMMs'
+    launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. No host synchronisation.
     """
-    _check_args(x, w13, w2, topk_weights, topk_ids)
+    _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     K = topk_ids.shape[1]
     if T == 0:
         return x.new_empty(0, D)
-    cfg = config or default_config(T * K / E)
+    fp8 = w13_scale is not None
+    cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
+    if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
+        raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     align = moe_align(topk_ids, E, cfg["BLOCK_M"])
     max_padded = align.sorted_ids.numel()
     weights = topk_weights.reshape(-1)
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
-    def launch(a, b, c, n, k, a_row_div, gate_up, mul_weight):
+    def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        scale = scale if fp8 else weights  # unused without FP8
+        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         _moe_gemm_kernel[grid](
-            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, n, k, max_padded, T * K, E,
-            a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-            A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, EVEN_K=k % cfg["BLOCK_K"] == 0,
+            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, n, k,
+            max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
+            A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
-    launch(x, w13, inter, I, D, K, True, False)
+    launch(x, w13, w13_scale, inter, I, D, K, True, False)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
-    launch(inter, w2, out, D, I, 1, False, True)
+    launch(inter, w2, w2_scale, out, D, I, 1, False, True)
     return torch.sum(out.view(T, K, D), dim=1, dtype=torch.float32).to(x.dtype)
 

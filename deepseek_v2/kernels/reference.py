@@ -1,13 +1,18 @@
-"""The model's arithmetic for each kernel family, in plain PyTorch: RMSNorm, RoPE, MLA's step between
-the projections and attention, prefill attention over packed sequences, absorbed MLA decode over the
+"""The model's arithmetic for each kernel family, in plain PyTorch: the linear layers (FP8 weights with
+block scales included), RMSNorm, RoPE, MLA's step between the projections and attention, the read
+of cached latents for prefill, prefill attention over packed sequences, absorbed MLA decode over the
 paged latent cache, SwiGLU's activation,
 the softmax router's top-k (greedy and group-limited) and the routed experts (a pick with expert id
 -1, an expert on another rank under expert parallelism, adds nothing).
 
+The latent cache is in the model's dtype, or FP8 (a uint8 tensor; rows as kernels/fp8.py lays them
+out): the functions that write or read it take either.
+
 This is the model's own math, not a copy of it: the model calls these functions through its kernel set
 (kernels/__init__.py), and they are what it runs for training, on the CPU and whenever the reference
-set is chosen. They are differentiable and run on any device. Each Triton kernel promises the same
-contract as its function here, and the kernel tests compare the two.
+set is chosen. They are differentiable (but for the FP8 paths, which are inference only) and run on
+any device. Each Triton kernel promises the same contract as its function here, and the kernel tests
+compare the two.
 
 Letters: T tokens, N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, L = max_blocks *
 block_size, K experts per token, E experts, D hidden size, I expert intermediate size.
@@ -17,6 +22,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import fp8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """y = x W^T (+ bias), y in x's dtype. Without weight_scale_inv, W is weight (F.linear). With it, W
+    is FP8 with one scale per 128 x 128 block (kernels/fp8.py; block_offset: where a tensor-parallel
+    part starts inside its first block) and x is quantized per token in groups of 128 on the fly, as
+    DeepSeek deploys FP8 (W8A8): both are dequantized and multiplied in fp32, the bias added in fp32."""
+    if weight_scale_inv is None:
+        return F.linear(x, weight, bias)
+    q, s = fp8.quantize_activation(x, block_offset[1])
+    y = F.linear(fp8.dequantize_activation(q, s, block_offset[1]),
+                 fp8.dequantize_weight(weight, weight_scale_inv, block_offset))
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -54,9 +75,20 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
     k_pe = apply_rotary(kv[:, R:], cos, sin)
     q_pe = apply_rotary(q_pe, cos[:, None], sin[:, None])
     if kv_cache is not None:
-        latent = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)                 # [T, R + P]
-        kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent)
+        latent = torch.cat([c_kv, k_pe], dim=-1)                                    # [T, R + P]
+        if kv_cache.dtype == torch.uint8:
+            fp8.write_cache(kv_cache, slot_mapping, latent)
+        else:
+            kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping.long(), latent.to(kv_cache.dtype))
     return q_pe, c_kv, k_pe
+
+
+def gather_latents(kv_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cached rows [c_kv ; k_pe] of the flat slots `slots` [L] -> [L, R + P] in dtype (an FP8 cache
+    dequantized)."""
+    if kv_cache.dtype == torch.uint8:
+        return fp8.read_cache(kv_cache, slots // kv_cache.shape[1], slots % kv_cache.shape[1], dtype)
+    return kv_cache.view(-1, kv_cache.shape[-1])[slots].to(dtype)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
@@ -85,15 +117,21 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     Absorbed decode: with W_UK folded into the query (q_lat [N, H, R]), attention is MQA with one
     shared key [c ; pe] and the latent c itself as the value. kv_cache [num_blocks, block_size, R + P]
-    holds per token the latent c (first R) and the rotated k_pe (last P); token t of sequence n sits in
-    block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
+    holds per token the latent c (first R) and the rotated k_pe (last P) (an FP8 cache: uint8
+    [num_blocks, block_size, R + P + 4] as kernels/fp8.py lays it out, dequantized); token t of
+    sequence n sits in block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
     block are ignored. A sequence of length 0 gets a zero output. Math in fp32, result in q_lat's
     dtype. max_seq_len (a bound on seq_lens) only tunes the kernel; unused here.
     """
     R = q_lat.shape[-1]
     num_blocks, block_size, _ = kv_cache.shape
     blocks = block_tables.long().clamp(0, num_blocks - 1)                 # unused entries may be junk
-    kv = kv_cache[blocks].flatten(1, 2).float()                           # [N, L, R+P]
+    if kv_cache.dtype == torch.uint8:
+        block = blocks[..., None].expand(-1, -1, block_size)
+        offset = torch.arange(block_size, device=blocks.device).expand_as(block)
+        kv = fp8.read_cache(kv_cache, block, offset, torch.float32).flatten(1, 2)             # [N, L, R+P]
+    else:
+        kv = kv_cache[blocks].flatten(1, 2).float()                                           # [N, L, R+P]
     q = torch.cat([q_lat, q_pe], dim=-1).float()                          # [N, H, R+P]
     scores = torch.bmm(q, kv.transpose(1, 2)) * softmax_scale             # [N, H, L]
     positions = torch.arange(kv.shape[1], device=kv.device)
@@ -138,7 +176,8 @@ def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group:
 
 
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor) -> torch.Tensor:
+        topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
     e = topk_ids[t,k], over the picks with e != -1.
 
@@ -148,6 +187,12 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
     training), combined in fp32, cast back to x's dtype. Tokens are grouped by expert and the loop
     runs over experts, never over tokens (the host reads the counts, which a kernel must not do, but
     is fine here).
+
+    FP8 experts (inference only): w13 and w2 in float8_e4m3fn with block scales w13_scale [E, 2 nb, kb]
+    (the gate_proj's ceil(I/128) block rows, then the up_proj's) and w2_scale [E, ceil(D/128),
+    ceil(I/128)]; each GEMM as `linear` does it (its input quantized per token in groups of 128), the
+    intermediate silu(gate) * up computed in fp32 and rounded to x's dtype once, as the fused kernel
+    does: its FP8 quantization would turn a different rounding of it into a different e4m3 value.
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]
@@ -160,8 +205,16 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
         if n == 0:
             continue
         rows = order[start:start + n]
-        h = silu_and_mul(x[rows // K] @ w13[e].t())                       # [n, I]
-        out[rows] = (h @ w2[e].t()).to(out.dtype)                         # [n, D]
+        if w13_scale is None:
+            h = silu_and_mul(x[rows // K] @ w13[e].t())                   # [n, I]
+            out[rows] = (h @ w2[e].t()).to(out.dtype)                     # [n, D]
+        else:  # gate and up: two matrices of blocks (I need not be a multiple of 128), kept in fp32
+            I, nb = w2.shape[2], w13_scale.shape[1] // 2
+            xe = x[rows // K].float()
+            gate = linear(xe, w13[e, :I], weight_scale_inv=w13_scale[e, :nb])
+            up = linear(xe, w13[e, I:], weight_scale_inv=w13_scale[e, nb:])
+            h = (F.silu(gate) * up).to(x.dtype)                           # [n, I], rounded once
+            out[rows] = linear(h, w2[e], weight_scale_inv=w2_scale[e])
         start += n
     y = (out.view(T, K, D).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)

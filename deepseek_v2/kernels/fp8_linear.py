@@ -1,0 +1,209 @@
+"""The linear layers on the GPU: F.linear (cuBLAS) for a weight in the model's dtype, and for an FP8
+weight with 128 x 128 block scales (W8A8, the activations quantized per token in groups of 128):
+
+- up to FUSED_MAX_M rows (decode): one Triton kernel, after DeepSeek-V3's fp8_gemm, that quantizes the
+  activations as it goes (no separate quantization kernel, no FP8 copy of x in memory): a program owns
+  BLOCK_M rows of x and BLOCK_N output columns, its K loop steps one 128-wide activation group at a
+  time, aligned with the weight's blocks, takes each row's absolute max, scales the group to e4m3 in
+  registers, multiplies it with the weight tile on the FP8 tensor cores and adds the product times both
+  scales (the rows' and the columns' weight block) into an fp32 accumulator;
+- more rows: x is quantized once by its own kernel (`quantize_activation`; re-quantizing it in every
+  column block's program made the fused kernel 3-4x slower than bf16 at 256 rows and more), then
+  torch._scaled_mm (cuBLAS, 1x128 activation and 128x128 weight block scales) where its layout
+  rules hold (block-aligned part, K a multiple of 512, N of 128: measured 1.4x faster than bf16 at
+  4096 rows, docs/fp8.md), else the same Triton kernel reading the pre-quantized x.
+
+Every path quantizes with the arithmetic of kernels/fp8.py's quantize_activation, so the e4m3 values
+are bit-identical to the reference's. A tensor-parallel part that starts inside a block (block_offset)
+just starts its first group before column 0, masked. No host synchronisation: CUDA-graph capturable.
+
+Letters: M rows (tokens), N output features, K input features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
+
+
+@triton.jit
+def quantize_rows(x, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """One activation group per row, x [ROWS, 128] (any float dtype; masked lanes 0) -> (e4m3 values,
+    fp32 scales [ROWS]): scale = row max / 448, values times its reciprocal, as kernels/fp8.py does.
+    Shared with the fused MoE."""
+    x = x.to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)
+    return tl.clamp(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program pid's (row block, column block): GROUP_M row blocks walk the columns together, so their
+    weight tiles are shared in L2. Shared with the fused MoE."""
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * num_pid_n)) % group_m, (pid % (GROUP_M * num_pid_n)) // group_m
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
+                     ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """ROWS rows of x, one 128-wide group (program_id 1) -> e4m3 values and the rows' scales of it; rows
+    M..M_PAD-1 (padding) get zeros."""
+    g = tl.program_id(1)
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    k = g * GROUP - col_offset + tl.arange(0, GROUP)
+    mask_k = (k >= 0) & (k < K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :],
+                mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0)
+    q, scale = quantize_rows(x, FP8_MAX, EPS)
+    tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + k[None, :], q,
+             mask=(offs_m < M_PAD)[:, None] & mask_k[None, :])
+    tl.store(s_ptr + offs_m * stride_sm + g * stride_sg, scale, mask=offs_m < M_PAD)
+
+
+def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
+                        scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/fp8.py's quantize_activation on the GPU, bit for bit: x [M, K] (last dim contiguous) ->
+    (e4m3 [M', K], fp32 scales [M', ceil((K + col_offset) / 128)]), M' = M rounded up to pad_rows (the
+    padding rows zero); the scales' storage M-major if scales_column_major (what cuBLAS asks for)."""
+    M, K = x.shape
+    M_pad = cdiv(M, pad_rows) * pad_rows
+    G = cdiv(K + col_offset, BLOCK)
+    q = torch.empty(M_pad, K, dtype=FP8, device=x.device)
+    s = (torch.empty(G, M_pad, dtype=torch.float32, device=x.device).t() if scales_column_major
+         else torch.empty(M_pad, G, dtype=torch.float32, device=x.device))
+    if M_pad:
+        _quantize_kernel[(triton.cdiv(M_pad, 16), G)](
+            x, q, s, M, M_pad, K, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4)
+    return q, s
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset,
+    stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym,
+    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+):
+    """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
+    dtype, quantized here."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    scale_rows = (offs_n + row_offset) // GROUP                          # each column's weight block row
+    offs_k = tl.arange(0, GROUP) - col_offset                            # group 0's columns (< 0: not ours)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, tl.cdiv(K + col_offset, GROUP)):
+        k = g * GROUP + offs_k
+        mask_k = (k >= 0) & (k < K)
+        x = tl.load(x_ptrs + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if A_FP8:
+            x_q = x
+            x_scale = tl.load(xs_ptr + offs_m * stride_xsm + g * stride_xsg, mask=mask_m, other=0.0)
+        else:
+            x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                # [BLOCK_M, GROUP]
+        w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
+        w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)     # [BLOCK_N]
+        acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
+SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
+
+
+def default_config(M: int) -> dict:
+    """Launch config by the number of rows. Decode: thin row blocks and narrow column blocks, so that a
+    single token's GEMM still spreads over many SMs. Not tuned: at one row it takes 1.4x cuBLAS bf16's
+    time on an H200 for V2-Lite's projections (docs/fp8.md's kernel table)."""
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0), *,
+           config: dict | None = None) -> torch.Tensor:
+    """Same contract as reference.linear: y [..., N] = x W^T (+ bias) in x's dtype.
+
+    Without weight_scale_inv, F.linear. With it: weight [N, K] float8_e4m3fn (rows may be strided, the
+    last dim contiguous: a view of a fused matrix is fine), weight_scale_inv [ceil((N + r) / 128),
+    ceil((K + c) / 128)] fp32 for block_offset (r, c); x [..., K] bf16/fp16/fp32 with a contiguous
+    last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
+    num_stages, and FUSED (default True: quantize x inside the GEMM; False: quantize_activation first);
+    with a config the Triton kernel always runs. No host synchronisation.
+    """
+    if weight_scale_inv is None:
+        return F.linear(x, weight, bias)
+    name = "fp8 linear"
+    if weight.dim() != 2 or weight.dtype != FP8:
+        raise ValueError(f"{name}: expected a float8_e4m3fn weight [N, K]; got {weight.dtype} {tuple(weight.shape)}")
+    N, K = weight.shape
+    r, c = block_offset
+    if not (0 <= r < BLOCK and 0 <= c < BLOCK):
+        raise ValueError(f"{name}: block_offset must lie in [0, {BLOCK}), got {block_offset}")
+    if weight_scale_inv.dtype != torch.float32 or tuple(weight_scale_inv.shape) != scale_shape(N, K, block_offset):
+        raise ValueError(f"{name}: expected weight_scale_inv {list(scale_shape(N, K, block_offset))} fp32; got "
+                         f"{weight_scale_inv.dtype} {list(weight_scale_inv.shape)}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{name}: x [..., {K}] expected, got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name}: x dtype must be bf16, fp16 or fp32, got {x.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"{name}: bias [{N}] expected, got {tuple(bias.shape)}")
+    tensors = [x, weight, weight_scale_inv] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"{name}: all tensors must be on one device")
+    if x.stride(-1) != 1 or weight.stride(1) != 1 or weight_scale_inv.stride(1) != 1:
+        raise ValueError(f"{name}: x, weight and weight_scale_inv need a contiguous last dim")
+
+    shape = x.shape
+    x = x.reshape(-1, K)
+    M = x.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*shape[:-1], N)
+    if config is None and use_scaled_mm(x, weight, weight_scale_inv, block_offset):
+        # cuBLAS: x quantized with its rows padded to whole 128-row tiles and M-major scales
+        xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_inv.t(), out_dtype=x.dtype)[:M]
+        y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
+        return y.view(*shape[:-1], N)
+    cfg = config or default_config(M)
+    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
+    cfg = {k: v for k, v in cfg.items() if k != "FUSED"}
+    xq, xs = (x, y) if fused else quantize_activation(x, c)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fp8_linear_kernel[grid](
+        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, y, M, N, K, r, c,
+        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+    )
+    return y.view(*shape[:-1], N)
+
+
+def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:
+    """Whether torch._scaled_mm takes this GEMM: a CUDA bf16/fp16 x of at least SCALED_MM_MIN_M rows, a
+    block-aligned weight with row-major storage, K a multiple of 512 (cuBLAS pads the scales' K blocks
+    to a multiple of 4: other K gave wrong products on the H200) and N of 128."""
+    N, K = weight.shape
+    return (SCALED_MM_MIN_M is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[0] >= SCALED_MM_MIN_M and block_offset == (0, 0) and K % 512 == 0 and N % BLOCK == 0
+            and weight.stride() == (K, 1) and scale.stride() == (K // BLOCK, 1))

@@ -1,0 +1,130 @@
+"""Time the FP8 kernels against their bf16 counterparts at V2-Lite's shapes, in one process: the
+block-scaled FP8 GEMM as the model calls it (fp8_linear.linear: its quantization included, and
+whichever of its paths the shape takes) against cuBLAS bf16, with the Triton GEMM over pre-quantized
+x and torch._scaled_mm alone (1x128 / 128x128 block scales, x quantized beforehand) beside it; the fused MoE with FP8 and bf16 experts; MLA decode over an FP8 and a bf16
+latent cache. Prints one table; the bytes column is what each call must read at least.
+
+Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
+
+Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
+graph, which is what the engine runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight  # noqa: E402
+from deepseek_v2.kernels.fp8_linear import FUSED_MAX_M, default_config, linear  # noqa: E402
+from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
+from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
+
+DEVICE = "cuda"
+ROWS: list[str] = []
+
+
+def graph_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def row(what: str, shape: str, bf16_us: float, fp8_us: float, bf16_bytes: float, fp8_bytes: float,
+        other: str = "") -> None:
+    line = (f"| {what} | {shape} | {bf16_us:.1f} ({bf16_bytes / bf16_us / 1e3:.0f} GB/s) | "
+            f"{fp8_us:.1f} ({fp8_bytes / fp8_us / 1e3:.0f} GB/s) | {bf16_us / fp8_us:.2f}x | {other} |")
+    print(line, flush=True)
+    ROWS.append(line)
+
+
+def scaled_mm_us(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> str:
+    """torch._scaled_mm alone with DeepSeek's scales, the activations quantized outside the timing (its
+    error against the unquantized product); the error if this torch/cuBLAS refuses them."""
+    xq, xs = quantize_activation(x)
+    try:
+        fn = lambda: torch._scaled_mm(xq, w.t(), scale_a=xs.t().contiguous().t(), scale_b=s.t(),  # noqa: E731
+                                      out_dtype=torch.bfloat16)
+        ref = F.linear(x.float(), w.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:w.shape[0],
+                                                                                                 :w.shape[1]])
+        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        return f"_scaled_mm {graph_us(fn):.1f} us (err {err:.3f})"
+    except Exception as e:  # noqa: BLE001 - report what refused
+        return f"_scaled_mm: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def bench_linear() -> None:
+    # V2-Lite: q_proj [3072, 2048], o_proj [2048, 2048], shared experts' gate_up [5632, 2048] and down
+    # [2048, 2816]; V2's q_b_proj [24576, 1536]
+    for N, K in [(3072, 2048), (2048, 2048), (5632, 2048), (2048, 2816), (24576, 1536)]:
+        wb = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * K**-0.5
+        w, s = quantize_weight(wb)
+        for M in (1, 16, 256, 4096):
+            x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+            b16 = graph_us(lambda: F.linear(x, wb))
+            f8 = graph_us(lambda: linear(x, w, None, s))
+            other = []
+            if M > FUSED_MAX_M:  # the Triton GEMM over pre-quantized x, whichever path linear took
+                triton_cfg = dict(default_config(M), FUSED=False)
+                other.append(f"Triton {graph_us(lambda: linear(x, w, None, s, config=triton_cfg)):.1f} us")
+            if M in (1, 256, 4096):
+                other.append(scaled_mm_us(x, w, s))
+            row("linear", f"M={M} N={N} K={K}", b16, f8, 2 * N * K + 2 * M * (N + K), N * K + 2 * M * (N + K),
+                "; ".join(other))
+
+
+def bench_moe() -> None:
+    E, D, I, K = 64, 2048, 1408, 6
+    w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16) * D**-0.5
+    w2 = torch.randn(E, D, I, device=DEVICE, dtype=torch.bfloat16) * I**-0.5
+    (gq, gs), (uq, us), (dq, ds) = (quantize_weight(w) for w in (w13[:, :I], w13[:, I:], w2))
+    q13, s13 = torch.cat([gq, uq], 1), torch.cat([gs, us], 1)
+    for T in (1, 16, 256, 4096):
+        x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+        topk_weights, topk_ids = torch.randn(T, E, device=DEVICE).softmax(-1).topk(K)
+        touched = E * (1 - (1 - K / E) ** T)
+        b16 = graph_us(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))
+        f8 = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds))
+        row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I)
+
+
+def bench_mla() -> None:
+    H, R, P, B = 16, 512, 64, 64
+    for N, L in [(1, 1024), (32, 1152), (256, 1152)]:
+        blocks = -(-L // B)
+        rows = torch.randn(N * blocks * B, R + P, device=DEVICE)
+        caches = {"bf16": rows.to(torch.bfloat16).view(N * blocks, B, R + P),
+                  "fp8": quantize_cache(rows.view(N * blocks, B, R + P))}
+        tables = torch.arange(N * blocks, device=DEVICE, dtype=torch.int32).view(N, blocks)
+        lens = torch.full((N,), L, device=DEVICE, dtype=torch.int32)
+        q_lat = torch.randn(N, H, R, device=DEVICE, dtype=torch.bfloat16)
+        q_pe = torch.randn(N, H, P, device=DEVICE, dtype=torch.bfloat16)
+        t = {k: graph_us(lambda c=c: mla_decode(q_lat, q_pe, c, tables, lens, 0.1, max_seq_len=L))
+             for k, c in caches.items()}
+        row("MLA decode", f"N={N} L={L} H={H}", t["bf16"], t["fp8"], N * L * (R + P) * 2, N * L * (R + P + 4))
+
+
+def main() -> None:
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    print("| kernel | shape | bf16 us (GB/s) | fp8 us (GB/s) | bf16 / fp8 | other |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for part in (bench_linear, bench_moe, bench_mla):
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001 - one failing part must not cost the others
+            print(f"{part.__name__} failed: {type(e).__name__}: {e}", flush=True)
+    print("\n".join(["", "| kernel | shape | bf16 us (GB/s) | fp8 us (GB/s) | bf16 / fp8 | other |",
+                     "|---|---|---|---|---|---|", *ROWS]))
+
+
+if __name__ == "__main__":
+    main()
