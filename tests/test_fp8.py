@@ -261,14 +261,24 @@ def test_engine_with_fp8_weights_and_cache_end_to_end():
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def test_fp8_cache_holds_about_twice_the_tokens():
+def test_fp8_cache_holds_about_twice_the_tokens(caplog, capsys):
     """The same CPU budget holds 2 (R + P) / (R + P + 4) times the tokens of a bf16 cache (1.95x for the
-    demo's 160 values per token and layer)."""
+    demo's 160 values per token and layer), and the start-up log and `info` say so."""
+    import logging
+
+    from deepseek_v2.cli import main
     model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.bfloat16)
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
-    blocks = {kv: LLMEngine(model, tok, EngineConfig(cpu_kv_cache_gib=0.01, kv_cache_dtype=kv)).runner.num_blocks
-              for kv in ("auto", "fp8")}
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        with caplog.at_level(logging.INFO, logger="deepseek_v2"):
+            blocks[kv] = LLMEngine(model, tok, EngineConfig(cpu_kv_cache_gib=0.01, kv_cache_dtype=kv)).runner.num_blocks
     assert math.isclose(blocks["fp8"] / blocks["auto"], 2 * 160 / 164, rel_tol=0.03), blocks
+    tokens = blocks["fp8"] * EngineConfig().block_size
+    assert f"latent cache (fp8: e4m3 and one fp32 scale per token and layer): {blocks['fp8']} blocks" in caplog.text
+    assert f"= {tokens} tokens" in caplog.text
+    assert main(["info", "--cache-dtype", "fp8"]) == 0
+    assert "latent cache (fp8): 160 values/token/layer in e4m3 + a 4-byte scale = 984 bytes/token" in capsys.readouterr().out
 
 
 def test_generate_and_serve_with_fp8_weights_and_cache():
