@@ -19,6 +19,7 @@ the mean KL divergence KL(bf16 || setting) of the next-token distributions. Sets
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -166,7 +167,6 @@ def demo_models(dtype: torch.dtype) -> dict:
 def random_models(seed: int = 0, v2_lite: bool = False) -> dict:
     """Random bf16 weights and the FP8 model made of the very same weights."""
     if v2_lite:  # the real shape on the GPU, the engine's kernels
-        import copy
         with torch.device("meta"):
             base = DeepseekV2ForCausalLM(PRESETS["v2-lite"])
         base = base.to(torch.bfloat16).to_empty(device="cuda").init_weights(seed).eval()
@@ -179,8 +179,7 @@ def random_models(seed: int = 0, v2_lite: bool = False) -> dict:
                      max_position_embeddings=4096, rope_scaling=RopeScaling(40.0, 256, 32, 1, 0.707, 0.707),
                      initializer_range=0.04, bos_token_id=0, eos_token_id=1)
     base = DeepseekV2ForCausalLM(args).init_weights(seed).to(torch.bfloat16).eval()
-    fp8 = DeepseekV2ForCausalLM(args).init_weights(seed).to(torch.bfloat16).eval().use_fp8()
-    return {"bf16": base, "fp8": fp8}
+    return {"bf16": base, "fp8": copy.deepcopy(base).use_fp8()}
 
 
 def main() -> None:

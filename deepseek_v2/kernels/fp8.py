@@ -74,7 +74,11 @@ def quantize_weight(w: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> tuple[
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """weight fp8 [..., N, K] and its block scales -> fp32 [..., N, K]."""
-    return q.float() * _expand(scale, tuple(q.shape[-2:]), offset)
+    N, K = q.shape[-2:]
+    if offset == (0, 0) and N % BLOCK == 0 and K % BLOCK == 0:  # whole blocks: broadcast, no expanded scales
+        blocks = q.float().unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK))  # [..., nb, 128, kb, 128]
+        return (blocks * scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
+    return q.float() * _expand(scale, (N, K), offset)
 
 
 def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
