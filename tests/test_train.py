@@ -97,6 +97,37 @@ def test_data_order_visits_every_sequence_each_epoch_and_resumes():
     assert np.array_equal(again.take(8), rest)
 
 
+def test_peek_shows_the_next_take_across_an_epoch_without_moving():
+    order = DataOrder(10, seed=1)
+    order.take(6)
+    state = order.state_dict()
+    ahead = order.peek(7)  # runs into the next epoch
+    assert order.state_dict() == state
+    assert np.array_equal(order.take(7), ahead)
+
+
+def test_prefetcher_gives_the_batches_asked_for_made_ahead_or_not():
+    import threading
+    from deepseek_v2.train.data import Prefetcher
+    makers = []
+
+    def get(indices):
+        makers.append(threading.current_thread().name)
+        return torch.tensor(indices * 10), torch.tensor(indices)
+
+    prefetch = Prefetcher(get)
+    groups = [np.array([1, 2]), np.array([3])]
+    prefetch.ahead(groups)
+    made = prefetch.batches([g.copy() for g in groups])  # the same indices: the rows made ahead
+    assert makers == ["prefetch_0", "prefetch_0"]
+    assert [(a.tolist(), b.tolist()) for a, b in made] == [([10, 20], [1, 2]), ([30], [3])]
+    prefetch.ahead([np.array([4])])
+    other = prefetch.batches([np.array([5])])  # not what was made ahead: made now, on this thread
+    assert [(a.tolist(), b.tolist()) for a, b in other] == [([50], [5])]
+    assert makers[-1] == threading.current_thread().name
+    prefetch.close()
+
+
 # ---- pretraining ----------------------------------------------------------------------------------------
 def test_few_steps_lower_the_loss_with_the_papers_schedule(data, tmp_path):
     root, _ = data

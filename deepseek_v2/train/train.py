@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -47,7 +48,7 @@ from ..tokenizer import Tokenizer
 from .balance import BalanceLosses, balance_losses, expert_counts, load_fractions, load_spread, plot_expert_load
 from .checkpointing import STATE_FILE, TOKENIZER_FILES, load_train_state, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE, DataOrder, load_tokens
+from .data import IGNORE, DataOrder, Prefetcher, load_tokens
 from .processes import Processes, shard_model, start_processes, stop_processes
 
 TRAINING_ONLY_KEYS = {"aux_loss_alpha", "seq_aux"}  # may change when starting from a checkpoint
@@ -221,6 +222,10 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens, load_val: Callabl
     budget = None if cfg.max_minutes is None else TimeBudget(cfg.max_minutes * 60, step, cfg.eval_every,
                                                              eval_rounds, accum)
 
+    def this_rank(batch: np.ndarray) -> list[np.ndarray]:
+        return [batch[(i * world + rank) * mb:(i * world + rank + 1) * mb] for i in range(accum)]
+
+    prefetch = Prefetcher(train_set.get)
     run_start = time.time() - elapsed_before  # counts the time of the run before a resume
     start_step, paused_s = step, 0.0  # paused_s: time in evaluation and checkpoints
     interval = {"ce": torch.zeros((), device=device), "targets": 0, "steps": 0,
@@ -248,9 +253,11 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens, load_val: Callabl
         if last:
             break
 
-        # one optimizer step: the global batch, split into micro-batches over accumulation and processes
-        batch = order.take(seqs_per_step)
-        micro = [train_set.get(batch[(i * world + rank) * mb:(i * world + rank + 1) * mb]) for i in range(accum)]
+        # one optimizer step: the global batch, split into micro-batches over accumulation and processes;
+        # the next step's are made in the background meanwhile
+        micro = prefetch.batches(this_rank(order.take(seqs_per_step)))
+        if step + 1 < max_steps:
+            prefetch.ahead(this_rank(order.peek(seqs_per_step)))
         n_targets = sum(int((t != IGNORE).sum()) for _, t in micro)  # counted on the host: no sync
         if world > 1:
             n_targets = int(procs.all_sum(torch.tensor(n_targets, device=device)).item())
@@ -311,6 +318,7 @@ def train(cfg: TrainConfig, load_data: Callable = load_tokens, load_val: Callabl
             interval = {k: (v.zero_() if torch.is_tensor(v) else 0) for k, v in interval.items()}
             t_log = time.time()
 
+    prefetch.close()
     # -- the end: expert load picture, close down
     if procs.master and last_load is not None:
         try:
