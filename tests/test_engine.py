@@ -302,3 +302,22 @@ def test_max_model_len_above_the_model_is_lowered_with_a_warning(tiny_engine, ca
     limit = engine.model.args.max_position_embeddings
     assert engine.max_model_len == limit
     assert f"max_model_len 1000000 is above the model's limit (max_position_embeddings {limit})" in caplog.text
+
+
+def test_dummy_checkpoint_script_writes_a_servable_shape(tmp_path):
+    """scripts/dummy_checkpoint.py: V2-Lite's shape with the shipped tokenizer's vocabulary, no weights."""
+    import importlib.util
+    from dataclasses import replace
+    from deepseek_v2.config import PRESETS, ModelArgs
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "scripts" / "dummy_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("dummy_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.write_dummy_checkpoint(tmp_path / "lite")
+    args = ModelArgs.from_pretrained(out)
+    tokenizer = Tokenizer.from_pretrained(out)
+    assert args == replace(PRESETS["v2-lite"], vocab_size=args.vocab_size, bos_token_id=args.bos_token_id,
+                           eos_token_id=args.eos_token_id)
+    assert len(tokenizer) <= args.vocab_size < PRESETS["v2-lite"].vocab_size
+    assert not list(out.glob("*.safetensors"))
