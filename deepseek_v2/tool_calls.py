@@ -53,7 +53,9 @@ def tool_grammar(tokenizer, tools: list[dict], name: str | None = None, parallel
     """A Lark grammar (llguidance's, special tokens by id) of a tool-call block whose arguments
     follow the function's `parameters` schema: one call of `name`, or one or more (one without
     `parallel`) calls of any of `tools`."""
-    from .structured_outputs import lark_string
+    def lark_string(text: str) -> str:  # a Lark literal: llguidance reads them as JSON strings
+        return json.dumps(text, ensure_ascii=False)
+
     tok = {t: f"<[{tokenizer.convert_tokens_to_ids(t)}]>" for t in (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)}
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     rules = []
