@@ -223,10 +223,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos, sin):
         """Whole sequences: h = h + Attn(norm(h)); h = h + FFN(norm(h)), with the residual sum h carried
         beside the layer output so that each add fuses into the next norm. Returns (output, residual)."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.input_norm(x, residual)
         x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
@@ -235,11 +232,15 @@ class DecoderLayer(nn.Module):
     def before_attention(self, x, residual, cos, sin, kv_cache, slot_mapping):
         """The input norm (adding x into the residual stream, if there is one yet) and MLA's projections,
         which write the step's latents to kv_cache: (q [T, H, dn + P], residual [T, D])."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.input_norm(x, residual)
         return self.self_attn.project(x, cos, sin, kv_cache, slot_mapping)[0], residual
+
+    def input_norm(self, x, residual):
+        """The input norm with x added into the residual stream (x starts it in the first layer):
+        (normed, residual)."""
+        if residual is None:
+            return self.input_layernorm(x), x
+        return self.input_layernorm(x, residual)
 
     def after_attention(self, attn_out, residual):
         """o_proj of the attention output [T, H, dv], the post-attention norm and the FFN: (x, residual)."""
