@@ -52,7 +52,14 @@ def test_needle_placement_and_exact_match():
 
 
 def test_yarn_extension_config_round_trip(tmp_path):
-    cfg = TrainConfig(init_from=DEFAULT_MODEL, model=EXTENDED)
+    """A 4K checkpoint (the shipped model's weights under its pre-extension positions: YaRN x4 to 4096)
+    continued with the recipe's model changes gets the 32K positions and keeps its weights."""
+    start = tmp_path / "start"
+    shutil.copytree(DEFAULT_MODEL, start)
+    config = json.loads((start / "config.json").read_text())
+    config["max_position_embeddings"], config["rope_scaling"]["factor"] = 4096, 4.0
+    (start / "config.json").write_text(json.dumps(config))
+    cfg = TrainConfig(init_from=str(start), model=EXTENDED)
     model = build_model(cfg)
     args = model.args
     assert args.max_position_embeddings == 32768 and args.rope_scaling.factor == 32.0
@@ -60,16 +67,16 @@ def test_yarn_extension_config_round_trip(tmp_path):
     m = 0.1 * 0.707 * torch.log(torch.tensor(32.0)).item() + 1  # yarn_get_mscale(32, mscale_all_dim)
     assert model.model.layers[0].self_attn.softmax_scale == pytest.approx(args.qk_head_dim ** -0.5 * m * m)
     assert torch.equal(model.model.rotary_emb.inv_freq, yarn_inv_freq(args)[0])
-    base = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    base = DeepseekV2ForCausalLM.from_pretrained(start, dtype=torch.float32)
     assert not torch.equal(model.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
     for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), name  # the weights are the checkpoint's
-    model.save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
+    model.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["rope_scaling"] == EXTENDED["rope_scaling"] and written["max_position_embeddings"] == 32768
-    assert ModelArgs.from_pretrained(tmp_path).replace(torch_dtype=args.torch_dtype) == args  # saved in fp32
+    assert ModelArgs.from_pretrained(tmp_path / "out").replace(torch_dtype=args.torch_dtype) == args  # saved in fp32
     with pytest.raises(ValueError, match="hidden_size"):
-        build_model(TrainConfig(init_from=DEFAULT_MODEL, model={"hidden_size": 64}))
+        build_model(TrainConfig(init_from=str(start), model={"hidden_size": 64}))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,18 @@ def corpus(tmp_path_factory, tokenizer):
     (out / "docs.txt").write_text(f"\n{DOC_SEPARATOR}\n".join(docs))
     tokenize_text_files([out / "docs.txt"], tokenizer, out, val_fraction=0.1)
     return out
+
+
+def test_long_share_puts_the_first_question_past_half_the_row(corpus, tokenizer):
+    """retrieval_long_share 1: every retrieval row's first question comes after half the row (its
+    conversation began at the row's start); 0 (log-uniform from 1K): some come in the first quarter."""
+    def first_reply(share, i):
+        rows = LongContextRows(corpus / "train.bin", tokenizer, 8192,
+                               TrainConfig(retrieval_fraction=1.0, retrieval_long_share=share))
+        targets = rows.get([i])[1][0]
+        return int((targets != IGNORE).nonzero()[0])
+    assert min(first_reply(1.0, i) for i in range(6)) >= 8192 // 2 - 128
+    assert min(first_reply(0.0, i) for i in range(6)) < 8192 // 4
 
 
 def test_rows_mix_text_chat_and_retrieval(corpus, tokenizer):

@@ -22,6 +22,8 @@ class TrainConfig:
     seq_len: int = 1024
     # context extension (train/long_context.py): retrieval rows and chat conversations mixed into the text
     retrieval_fraction: float = 0.0  # share of the rows that are needle retrieval conversations
+    # share of those whose first conversation fills half to all of the row (the others: log-uniform from 1K)
+    retrieval_long_share: float = 0.0
     chat_data: str | None = None  # chat .jsonl whose conversations fill chat_fraction of each text row
     chat_fraction: float = 0.0
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass

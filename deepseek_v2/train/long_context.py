@@ -9,8 +9,10 @@ with a larger YaRN factor, on long rows of two kinds.
   message is a stretch of the corpus (whole documents joined by blank lines) with a needle
   (eval/needles.py: a pass key or a fact) at a uniformly random depth, then the question; the loss
   is on the reply only. The row's first conversation has a log-uniform length between 1K tokens and
-  the whole row; shorter ones (log-uniform again) fill what is left; the rest is EOS padding
-  without loss.
+  the whole row, or (`retrieval_long_share` of these rows) a uniform one between half and all of it:
+  a question whose own message began tens of thousands of tokens back is what the needle test at
+  the full length asks, and log-uniform lengths alone rarely reach it; shorter conversations
+  (log-uniform again) fill what is left; the rest is EOS padding without loss.
 
 What a row holds follows from (seed, row index) alone, so a resumed or multi-process run reads the
 same rows. The held-out loss of the recipe is the plain one of train.py on the held-out token file
@@ -40,6 +42,7 @@ class LongContextRows:
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, cfg.seed
         self.retrieval_fraction, self.chat_fraction = cfg.retrieval_fraction, cfg.chat_fraction
+        self.retrieval_long_share = cfg.retrieval_long_share
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.doc_starts = np.flatnonzero(np.asarray(self.tokens) == bos)  # every document opens with BOS
         if len(self.doc_starts) == 0 or len(self.tokens) < seq_len + 1:
@@ -93,8 +96,11 @@ class LongContextRows:
         ids: list[int] = []
         mask: list[int] = []
         if rng.random() < self.retrieval_fraction:
-            low = min(1024, width)
-            length = int(math.exp(rng.uniform(math.log(low), math.log(width))))
+            if rng.random() < self.retrieval_long_share:  # the whole row's span between question and needle
+                length = int(rng.uniform(width // 2, width))
+            else:
+                low = min(1024, width)
+                length = int(math.exp(rng.uniform(math.log(low), math.log(width))))
             while width - len(ids) >= min(MIN_CONVERSATION, length):
                 example = self.retrieval_example(rng, length)
                 ids, mask = ids + example[0], mask + example[1]

@@ -200,3 +200,50 @@ def test_two_ranks_sharing_the_gpu_over_gloo(tmp_path):
         assert not any(p.is_alive() for p in processes)
         del engine
     assert out[2] == out[1]
+
+
+
+def long_prompt_engine_logprobs(path, prompt, dtype, budget):
+    """Log-probabilities of every prompt token from the engine (eager), its prefill cut by the budget."""
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=dtype, device="cuda")
+    engine = LLMEngine(model, Tokenizer.from_pretrained(path), EngineConfig(
+        max_model_len=32768, max_num_batched_tokens=budget, num_kv_blocks=1024, enforce_eager=True))
+    engine.add_request("0", prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    out = None
+    while engine.has_unfinished_requests():
+        out = [o for o in engine.step() if o.finished] or out
+    return torch.tensor([next(iter(e.values())) for e in out[0].prompt_logprobs[1:]])
+
+
+def test_a_32k_prompt_in_chunks_equals_the_whole_sequence_forward(tmp_path):
+    """The shipped model with YaRN stretched to 32K (factor 32, as configs/demo-extend-32k.json): a
+    32,752-token prompt (the needle harness's longest) prefilled in chunks of 4,096 (each later chunk
+    reads the earlier ones from the paged cache) gives the log-probabilities of the whole-sequence
+    forward at every position: fp32 (reference attention) to 1e-3; bf16 (flash attention) chunked equals
+    bf16 in one piece up to rounding."""
+    import json
+    import shutil
+    from pathlib import Path
+    from deepseek_v2.config import DEFAULT_MODEL
+    for f in Path(DEFAULT_MODEL).iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["max_position_embeddings"] = 32768
+    config["rope_scaling"]["factor"] = 32.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    prompt = Tokenizer.from_pretrained(tmp_path).encode(Path("deepseek_v2/eval/haystack.txt").read_text() * 2)[:32752]
+    assert len(prompt) == 32752
+    model = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device="cuda"))[0]
+    whole = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
+    del model, logits
+    chunked = long_prompt_engine_logprobs(tmp_path, prompt, torch.float32, 4096)
+    diff = (chunked - whole).abs()
+    print(f"fp32: mean |diff| {diff.mean():.2e}, max {diff.max():.2e}; mean logprob {whole.mean():.3f}")
+    assert diff.mean() < 1e-3 and diff.max() < 5e-2
+    bf16 = [long_prompt_engine_logprobs(tmp_path, prompt, torch.bfloat16, b) for b in (32768, 4096)]
+    diff = (bf16[1] - bf16[0]).abs()
+    print(f"bf16 chunked vs one piece: mean |diff| {diff.mean():.2e}, max {diff.max():.2e}; "
+          f"vs fp32 {(bf16[0] - whole).abs().mean():.2e}")
+    assert diff.mean() < 1e-2
