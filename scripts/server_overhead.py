@@ -1,0 +1,91 @@
+"""What the serving layer costs by itself: the engine and the server with the model's forward replaced
+by a stand-in for the H200's step: the step's kernel launches as as many small torch calls (each lets
+go of the GIL and takes it back, as a launch does), then a sleep until the modelled GPU time has
+passed (the GPU leaves the host free while it works); on the shipped model's tokenizer and vocabulary.
+
+    PYTHONPATH=. python scripts/server_overhead.py offline [--num-prompts 500]
+    PYTHONPATH=. python scripts/server_overhead.py serve --port 8041 &     # then drive it:
+    PYTHONPATH=. python -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8041 --num-prompts 500 \\
+        --request-rate 20,inf
+
+`offline` steps the engine directly (the upper bound the server can reach with this step time);
+`serve` is `deepseek-v2 serve` with the same stand-in. The step time is a fit of the H200 runs of
+docs/benchmarks.md (V2-Lite shape, bf16, CUDA graphs): STEP_MS + DECODE_US per decode row + PREFILL_US
+per prefill token (255 decodes: 11 ms; a step with 8K prefill tokens beside them: ~43 ms). Every
+sampled token is the same ordinary text token, so each one is streamed as a chunk of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+STEP_MS, DECODE_US, PREFILL_US = 6.0, 20.0, 4.0
+# Python-dispatched operations a step launches (each releases the GIL and must take it back, as a
+# torch call does): a decode-only step replays one CUDA graph among a few input copies; a step that
+# holds prefills replays a graph per layer with attention eager between them (27 layers, about a
+# dozen launches each: engine/piecewise.py)
+OPS_DECODE, OPS_PREFILL = 20, 27 * 12
+TOKEN = 300  # an ordinary token of the shipped vocabulary
+
+
+def stand_in() -> None:
+    """Replace ModelRunner.forward by a sleep of the modelled GPU time and logits that pick TOKEN."""
+    import torch
+
+    from deepseek_v2.engine.model_runner import ModelRunner
+
+    x = torch.zeros(8)
+
+    def forward(self, f):
+        prefill_tokens = sum(f.prefill_query_lens)
+        decodes = len(f.input_ids) - prefill_tokens
+        gpu_s = (STEP_MS + DECODE_US * decodes / 1e3 + PREFILL_US * prefill_tokens / 1e3) / 1e3
+        start = time.perf_counter()
+        for _ in range(OPS_PREFILL if prefill_tokens else OPS_DECODE):  # the launches
+            torch.add(x, 1.0)
+        time.sleep(max(0.0, gpu_s - (time.perf_counter() - start)))  # the GPU finishing behind them
+        if not f.logit_rows:
+            return None
+        logits = torch.zeros(len(f.logit_rows), self.model.args.vocab_size)
+        logits[:, TOKEN] = 1.0
+        return logits
+
+    ModelRunner.forward = forward
+
+
+ENGINE_KNOBS = dict(device="cpu", max_num_seqs=256, max_num_batched_tokens=16384, num_kv_blocks=8192,
+                    enforce_eager=True)
+
+
+def offline(args) -> None:
+    from deepseek_v2 import workload as W
+    from deepseek_v2.bench_mixed import bench_mixed
+    from deepseek_v2.engine.llm_engine import LLMEngine
+    stand_in()
+    engine = LLMEngine.from_pretrained(None, **ENGINE_KNOBS)
+    result = bench_mixed(engine, W.from_args(args), warm_up=lambda: None)
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
+           if k in ("num_requests", "output_tokens", "wall_s", "requests_per_s", "output_tokens_per_s", "steps",
+                    "host_ms_per_step")})
+
+
+def serve(args) -> None:
+    from deepseek_v2.server.cli import main
+    stand_in()
+    knobs = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KNOBS.items() if k != "enforce_eager"]
+    sys.exit(main(knobs + ["--enforce-eager", "--port", str(args.port), "--log-level", "warning"]))
+
+
+if __name__ == "__main__":
+    from deepseek_v2 import workload as W
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    W.add_arguments(sub.add_parser("offline"))
+    sub.add_parser("serve").add_argument("--port", type=int, default=8041)
+    a = p.parse_args()
+    offline(a) if a.mode == "offline" else serve(a)
