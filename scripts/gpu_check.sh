@@ -30,23 +30,33 @@ has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
 # (or carried as wheels in .whl/, installed below).
-if has serve; then
-  if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-  fi
-  python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy
+serve_once() {  # $1: a name for the logs
   python3 -m deepseek_v2.cli serve --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
-    --gpu-memory-utilization 0.85 --port 8011 --log-level warning > "$OUT/server.log" 2>&1 &
-  server=$!
+    --gpu-memory-utilization 0.85 --port 8011 --log-level warning > "$OUT/server-$1.log" 2>&1 &
+  local server=$!
   for _ in $(seq 1 180); do
     kill -0 $server 2>/dev/null || break
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)" 2>/dev/null && break
     sleep 1
   done
-  tail -n 3 "$OUT/server.log"
-  step bench-serve 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
-    --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve.json"
+  tail -n 3 "$OUT/server-$1.log"
+  step bench-serve-$1 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
+    --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$1.json"
   kill $server 2>/dev/null; wait $server 2>/dev/null
+}
+if has serve; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
+  python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy
+  serve_once main
+  # ALT_ASYNC_ENGINE=FILE: the same run again with FILE as deepseek_v2/engine/async_engine.py, so that two
+  # versions of the serving loop are compared on one machine (loans of the same kind differ by up to 25%)
+  if [ -n "${ALT_ASYNC_ENGINE:-}" ]; then
+    cp deepseek_v2/engine/async_engine.py /tmp/async_engine.main.py && cp "$ALT_ASYNC_ENGINE" deepseek_v2/engine/async_engine.py
+    serve_once alt
+    cp /tmp/async_engine.main.py deepseek_v2/engine/async_engine.py
+  fi
 fi
 has bench && step bench-v2-lite 330 python3 -m deepseek_v2.cli bench --shape v2-lite --compare-hf \
   --batch-sizes 1,32,256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 8 \
