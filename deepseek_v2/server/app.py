@@ -87,6 +87,14 @@ def exact_bounds(node):
 async def merge(iterators: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
     """Items of several async iterators as they come, tagged with the iterator's index. Stopping
     early cancels the pending reads, which aborts the engine requests behind them."""
+    if len(iterators) == 1:  # one prompt, one sample (the usual request): no task per item
+        it = iterators[0]
+        try:
+            async for item in it:
+                yield 0, item
+        finally:
+            await it.aclose()  # stopping early closes it, which aborts its request
+        return
     pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iterators)}
     try:
         while pending:
