@@ -4,7 +4,7 @@ go of the GIL and takes it back, as a launch does), then a sleep until the model
 passed (the GPU leaves the host free while it works); on the shipped model's tokenizer and vocabulary.
 
     PYTHONPATH=. python scripts/server_overhead.py offline [--num-prompts 500]
-    PYTHONPATH=. python scripts/server_overhead.py serve --port 8041 &     # then drive it:
+    PYTHONPATH=. python scripts/server_overhead.py serve --port 8041 [--gc-stats] &     # then drive it:
     PYTHONPATH=. python -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8041 --num-prompts 500 \\
         --request-rate 20,inf
 
@@ -62,6 +62,30 @@ ENGINE_KNOBS = dict(device="cpu", max_num_seqs=256, max_num_batched_tokens=16384
                     enforce_eager=True)
 
 
+def report_gc_pauses() -> None:
+    """Print, at exit, how long the garbage collector stopped the process, per generation: a full
+    collection walks every live object (the model, the engine, every request in flight)."""
+    import atexit
+    import gc
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def timer(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started[0])
+
+    def report():
+        for generation, times in pauses.items():
+            if times:
+                print(f"gc generation {generation}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, "
+                      f"longest {1e3 * max(times):.1f} ms", file=sys.stderr, flush=True)
+
+    gc.callbacks.append(timer)
+    atexit.register(report)
+
+
 def offline(args) -> None:
     from deepseek_v2 import workload as W
     from deepseek_v2.bench_mixed import bench_mixed
@@ -77,6 +101,8 @@ def offline(args) -> None:
 def serve(args) -> None:
     from deepseek_v2.server.cli import main
     stand_in()
+    if args.gc_stats:
+        report_gc_pauses()
     knobs = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KNOBS.items() if k != "enforce_eager"]
     sys.exit(main(knobs + ["--enforce-eager", "--port", str(args.port), "--log-level", "warning"]))
 
@@ -86,6 +112,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     W.add_arguments(sub.add_parser("offline"))
-    sub.add_parser("serve").add_argument("--port", type=int, default=8041)
+    serving = sub.add_parser("serve")
+    serving.add_argument("--port", type=int, default=8041)
+    serving.add_argument("--gc-stats", action="store_true", help="print the garbage collector's pauses at exit")
     a = p.parse_args()
     offline(a) if a.mode == "offline" else serve(a)
