@@ -96,7 +96,7 @@ class LongContextRows:
         ids: list[int] = []
         mask: list[int] = []
         if rng.random() < self.retrieval_fraction:
-            if rng.random() < self.retrieval_long_share:  # the whole row's span between question and needle
+            if rng.random() < self.retrieval_long_share:  # a first conversation of half the row or more
                 length = int(rng.uniform(width // 2, width))
             else:
                 low = min(1024, width)
