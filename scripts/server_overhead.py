@@ -18,6 +18,7 @@ sampled token is the same ordinary text token, so each one is streamed as a chun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,11 +101,18 @@ def offline(args) -> None:
 
 def serve(args) -> None:
     from deepseek_v2.server.cli import main
+    os.environ[STAND_IN_ENV] = "1"  # an engine process re-imports this file, which then stands in there too
     stand_in()
     if args.gc_stats:
         report_gc_pauses()
     knobs = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KNOBS.items() if k != "enforce_eager"]
-    sys.exit(main(knobs + ["--enforce-eager", "--port", str(args.port), "--log-level", "warning"]))
+    extra = ["--engine-process"] if args.engine_process else []
+    sys.exit(main(knobs + extra + ["--enforce-eager", "--port", str(args.port), "--log-level", "warning"]))
+
+
+STAND_IN_ENV = "DEEPSEEK_V2_STAND_IN"
+if __name__ != "__main__" and os.environ.get(STAND_IN_ENV) == "1":
+    stand_in()
 
 
 if __name__ == "__main__":
@@ -115,5 +123,6 @@ if __name__ == "__main__":
     serving = sub.add_parser("serve")
     serving.add_argument("--port", type=int, default=8041)
     serving.add_argument("--gc-stats", action="store_true", help="print the garbage collector's pauses at exit")
+    serving.add_argument("--engine-process", action="store_true", help="the engine in a process of its own")
     a = p.parse_args()
     offline(a) if a.mode == "offline" else serve(a)

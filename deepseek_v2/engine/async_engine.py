@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -64,11 +65,14 @@ class _PendingAdd:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine | None = None, loader: Callable[[], LLMEngine] | None = None):
-        if (engine is None) == (loader is None):
-            raise ValueError("give either a built engine or a loader")
+    def __init__(self, engine: LLMEngine | None = None, loader: Callable[[], LLMEngine] | None = None,
+                 remote: Callable | None = None):
+        if sum(x is not None for x in (engine, loader, remote)) != 1:
+            raise ValueError("give one of a built engine, a loader or a remote engine's maker")
         self.engine = engine
         self._loader = loader
+        self._remote = remote  # makes an engine_process.RemoteEngine: the engine in its own process
+        self._in_flight: list[int] = []  # sequences of the requests sent to a remote engine, not yet taken
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._streams: dict[str, asyncio.Queue] = {}
         self._reserved: dict[str, int] = {}  # accepted by generate(), iteration not started: id -> n
@@ -89,6 +93,13 @@ class AsyncLLMEngine:
         """An engine that loads the checkpoint in its worker thread once `start()` is called."""
         return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device,
                                                             load_format=load_format, **knobs))
+
+    @classmethod
+    def with_engine_process(cls, model: str | None = None, dtype="auto", device: str | None = None,
+                            load_format: str = "auto", **knobs) -> AsyncLLMEngine:
+        """An engine that runs in a process of its own (engine_process.py), started by `start()`."""
+        from .engine_process import RemoteEngine
+        return cls(remote=lambda: RemoteEngine(model, dtype=dtype, device=device, load_format=load_format, **knobs))
 
     # ---- state ------------------------------------------------------------------------------------
     @property
@@ -158,7 +169,7 @@ class AsyncLLMEngine:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
-            self.engine.close()  # the other tensor-parallel ranks
+            await asyncio.to_thread(self.engine.close)  # the other tensor-parallel ranks, or the engine's process
 
     # ---- requests ---------------------------------------------------------------------------------
     def encode_and_validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -262,6 +273,8 @@ class AsyncLLMEngine:
     # ---- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._remote is not None:
+            return await self._run_remote(loop)
         try:
             if self.engine is None:
                 self.engine = await loop.run_in_executor(self._executor, self._load)
@@ -287,6 +300,69 @@ class AsyncLLMEngine:
             self._fail_all(EngineDeadError(f"the engine died: {e!r}"))
             self._died.set()
 
+    async def _run_remote(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop with the engine in another process: send it the requests that take their turn and
+        the aborts; a reader thread hands its step messages to the event loop."""
+        try:
+            remote = await loop.run_in_executor(self._executor, self._remote)
+            info = await loop.run_in_executor(self._executor, remote.wait_ready)
+            self.engine, self._stats = remote, info["stats"]
+            logger.info("engine ready (in its own process, pid %d)", remote.process.pid)
+            threading.Thread(target=self._read, args=(remote, loop), name="engine-reader", daemon=True).start()
+            while not self.is_dead:
+                if not (self._pending or self._aborts):
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                adds = self._take_turns()
+                aborts, self._aborts = self._aborts, []
+                if not adds and not aborts:  # no room: the next step message wakes this loop
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._in_flight += [a.params.n for a in adds]
+                remote.send(("work", [(a.request_id, a.prompt_token_ids, a.params, a.arrival_time) for a in adds],
+                             aborts))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self._die(e)
+
+    def _read(self, remote, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader thread: each message of the engine process, handed to the event loop."""
+        while True:
+            message = remote.receive()
+            try:
+                if message[0] == "step":
+                    loop.call_soon_threadsafe(self._on_step, *message[1:])
+                else:
+                    if not remote.closing:  # (after close() the child's end is the one asked for)
+                        loop.call_soon_threadsafe(self._die, message[1])
+                    return
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                return
+
+    def _on_step(self, outputs, failed, stats: dict, num_added: int) -> None:
+        self._stats = stats
+        taken = num_added - getattr(self, "_num_taken", 0)
+        self._num_taken = num_added
+        del self._in_flight[:taken]
+        for request_id, error in failed:
+            self._deliver(request_id, error)
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        if self._pending:
+            self._wakeup.set()  # there may be room now
+
+    def _die(self, error: BaseException) -> None:
+        if self.is_dead:
+            return
+        logger.error("the engine died: %r", error)
+        self.error = error
+        self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
+        self._died.set()
+        self._wakeup.set()
+
     def _load(self) -> LLMEngine:
         engine = self._loader()
         engine.max_prompt_chars  # computed once here, not by the first request on the event loop
@@ -296,7 +372,8 @@ class AsyncLLMEngine:
         """The pending requests to hand to the engine now: as many sequences as the running batch
         has room for beside those already waiting in the engine, one request per group in turn."""
         s = self._stats
-        room = self.engine.config.max_num_seqs - s.get("num_running", 0) - s.get("num_waiting", 0)
+        room = (self.engine.config.max_num_seqs - s.get("num_running", 0) - s.get("num_waiting", 0)
+                - sum(self._in_flight))
         adds = []
         while self._pending and room > 0:
             group, queue = next(iter(self._pending.items()))

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of --model's config.json with its tokenizer, no weight files "
                              "read (to benchmark a shape without its weights; vLLM's flag)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a process of its own, apart from the HTTP server's (so that the "
+                             "two do not share one Python interpreter lock)")
     add_model_arguments(parser)
     add_engine_arguments(parser, server=True)
 
@@ -78,8 +81,8 @@ def run(args: argparse.Namespace) -> None:
     check_port(args.host, args.port)
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
-    engine = AsyncLLMEngine.from_pretrained(model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                                            **engine_kwargs(args))
+    make = AsyncLLMEngine.with_engine_process if args.engine_process else AsyncLLMEngine.from_pretrained
+    engine = make(model, dtype=args.dtype, device=args.device, load_format=args.load_format, **engine_kwargs(args))
     limits = Limits(max_body_bytes=int(args.max_request_body_mib * 2**20), body_timeout=args.request_body_timeout,
                     max_prompts=args.max_prompts_per_request, max_choices=args.max_choices_per_request)
     app = build_app(engine, names, keys, model_path=model, limits=limits)
