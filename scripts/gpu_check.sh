@@ -30,18 +30,19 @@ has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
 # (or carried as wheels in .whl/, installed below).
-serve_once() {  # $1: a name for the logs
+serve_once() {  # $1: a name for the logs; then extra serve flags
+  local name=$1; shift
   python3 -m deepseek_v2.cli serve --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
-    --gpu-memory-utilization 0.85 --port 8011 --log-level warning > "$OUT/server-$1.log" 2>&1 &
+    --gpu-memory-utilization 0.85 --port 8011 --log-level warning "$@" > "$OUT/server-$name.log" 2>&1 &
   local server=$!
   for _ in $(seq 1 180); do
     kill -0 $server 2>/dev/null || break
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)" 2>/dev/null && break
     sleep 1
   done
-  tail -n 3 "$OUT/server-$1.log"
-  step bench-serve-$1 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
-    --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$1.json"
+  tail -n 3 "$OUT/server-$name.log"
+  step bench-serve-$name 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
+    --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$name.json"
   kill $server 2>/dev/null; wait $server 2>/dev/null
 }
 if has serve; then
@@ -50,6 +51,7 @@ if has serve; then
   fi
   python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy
   serve_once main
+  serve_once engine-process --engine-process  # the engine in a process of its own, same run
   # ALT_ASYNC_ENGINE=FILE: the same run again with FILE as deepseek_v2/engine/async_engine.py, so that two
   # versions of the serving loop are compared on one machine (loans of the same kind differ by up to 25%)
   if [ -n "${ALT_ASYNC_ENGINE:-}" ]; then

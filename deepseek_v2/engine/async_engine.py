@@ -6,6 +6,10 @@ keeps answering HTTP while the model runs and only one thread ever touches the e
 gets an asyncio queue of `RequestOutput`s; `generate` yields them and aborts the request when its
 caller stops listening (cancellation, `aclose`, a client that went away).
 
+`with_engine_process` puts the engine in a process of its own instead (engine_process.py): the loop
+then sends the requests that take their turn and the aborts to it, and a reader thread hands its
+step messages (outputs, failures, statistics) to the event loop.
+
 Fair admission: requests wait here, in groups (one per API request), until the running batch has
 room, and are handed to the engine taking the groups in turn. So one API request of many prompts
 cannot keep the requests behind it waiting until all its prompts were scheduled (the engine's own
@@ -15,7 +19,7 @@ States: loading (a `loader` is still building the engine), ready, draining (no n
 the grace period the rest fail with `RequestAbortedError`), dead (a fatal error: every pending
 request fails with `EngineDeadError`, new ones are refused). A step that fails in a way that harms
 only its own requests (`StepError`) fails those requests and the engine goes on.
-(About 350 lines: admission, the loop and the drain share the queues defined here.)
+(About 430 lines: admission, the loops and the drain share the queues defined here.)
 """
 
 from __future__ import annotations
