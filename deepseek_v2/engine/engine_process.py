@@ -35,9 +35,12 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(repr(error))
 
 
-def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict) -> None:
+def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict, log_level: int) -> None:
     """The engine process: build the engine, then step while there is work, else wait for some."""
     from .llm_engine import LLMEngine, StepError
+    # a spawned process starts without the server's logging: the same format, level and stream
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(log_level)
     try:
         engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, load_format=load_format, **knobs)
         engine.max_prompt_chars  # computed once here and sent, not by the server's first request
@@ -98,7 +101,8 @@ class RemoteEngine(RequestChecks):
         context = multiprocessing.get_context("spawn")  # nothing of this process (threads, CUDA) is inherited
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=_child, name="engine", daemon=True,
-                                       args=(child_conn, model, dtype, device, load_format, knobs))
+                                       args=(child_conn, model, dtype, device, load_format, knobs,
+                                             logger.getEffectiveLevel()))
         self.process.start()
         child_conn.close()
         self.send_lock = threading.Lock()  # the event loop sends work, shutdown sends stop
