@@ -75,3 +75,16 @@ def test_sigterm_stops_the_server_and_its_engine_process():
             break
         time.sleep(0.1)
     assert not alive, f"engine process(es) {alive} outlived the server"
+
+
+def test_structured_outputs_are_enforced_in_the_engine_process(server):
+    """The grammar is checked in the server's process and applied in the engine's: a choice that the
+    model would not write by itself comes back exactly, sampled or greedy."""
+    _, url, _ = server
+    choices = ["zebra crossing", "purple elephant"]
+    for temperature in (0, 1.0):
+        r = httpx.post(url + "/v1/completions", json={
+            "model": "deepseek-v2-default", "prompt": "The dictionary is", "max_tokens": 20,
+            "temperature": temperature, "structured_outputs": {"choice": choices}}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] in choices

@@ -206,6 +206,8 @@ class LLMEngine(RequestChecks):
         """Queue a request that validate_request has passed: one sequence per sample."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.structured_outputs is not None:  # checked elsewhere (another process) or not: this
+            self.grammar_compiler  # engine's sampler gets its grammar masks (made once, here if not yet)
         ids = prompt_token_ids
         now = time.monotonic() if arrival_time is None else arrival_time
         samples = []
