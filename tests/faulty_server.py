@@ -1,7 +1,8 @@
 """`python tests/faulty_server.py ARGS`: the serve command with faults injected into the model runner,
 for tests/test_server_faults.py. A step that schedules a prompt starting with STEP_FAULT raises an
 out-of-memory error (the step's requests fail, the engine serves on); one with FATAL_FAULT raises the
-error of a lost tensor-parallel rank (the engine cannot serve on)."""
+error of a lost tensor-parallel rank (the engine cannot serve on). With --engine-process the faults
+are injected in the engine's process too."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def inject() -> None:
 
     ModelRunner.run = faulty_run
 
+
+if __name__ == "__mp_main__":  # the engine process of --engine-process imports this file under that name
+    inject()
 
 if __name__ == "__main__":
     inject()

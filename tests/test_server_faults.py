@@ -143,8 +143,9 @@ def events(r: httpx.Response) -> list:
     return [line[len("data: "):] for line in r.iter_lines() if line]
 
 
-def test_step_fault_fails_its_request_and_a_fatal_fault_ends_the_server():
-    proc, url, log = start_server("--max-model-len", "512", script="faulty_server.py")
+@pytest.mark.parametrize("where", [[], ["--engine-process"]], ids=["in-process", "engine-process"])
+def test_step_fault_fails_its_request_and_a_fatal_fault_ends_the_server(where):
+    proc, url, log = start_server("--max-model-len", "512", *where, script="faulty_server.py")
     try:
         ok = {"prompt": "hello", "max_tokens": 3}
         assert httpx.post(url + C, json=ok).status_code == 200
@@ -157,6 +158,7 @@ def test_step_fault_fails_its_request_and_a_fatal_fault_ends_the_server():
         assert got[-1] == "[DONE]" and "out of memory" in json.loads(got[-2])["error"]["message"]
         assert httpx.post(url + C, json=ok).status_code == 200  # the engine serves on
         assert httpx.get(url + "/health").status_code == 200
+        assert "error while streaming" not in read(log)  # answered as a failed step, not as a crash
 
         r = httpx.post(url + C, json={"prompt": FATAL_FAULT, "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"

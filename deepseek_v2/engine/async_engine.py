@@ -77,6 +77,7 @@ class AsyncLLMEngine:
         self._loader = loader
         self._remote = remote  # makes an engine_process.RemoteEngine: the engine in its own process
         self._in_flight: list[int] = []  # sequences of the requests sent to a remote engine, not yet taken
+        self._num_taken = 0  # requests the remote engine has taken so far
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._streams: dict[str, asyncio.Queue] = {}
         self._reserved: dict[str, int] = {}  # accepted by generate(), iteration not started: id -> n
@@ -348,9 +349,8 @@ class AsyncLLMEngine:
 
     def _on_step(self, outputs, failed, stats: dict, num_added: int) -> None:
         self._stats = stats
-        taken = num_added - getattr(self, "_num_taken", 0)
+        del self._in_flight[:num_added - self._num_taken]
         self._num_taken = num_added
-        del self._in_flight[:taken]
         for request_id, error in failed:
             self._deliver(request_id, error)
         for out in outputs:

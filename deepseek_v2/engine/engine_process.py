@@ -77,8 +77,7 @@ def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict
                     outputs = engine.step()
                 except StepError as e:  # the engine aborted the step's requests and serves on
                     logger.error("a step failed; its %d request(s) were aborted: %r", len(e.request_ids), e.cause)
-                    failed += [(request_id, RuntimeError(f"the step failed: {e.cause!r}"))
-                               for request_id in e.request_ids]
+                    failed += [(request_id, e) for request_id in e.request_ids]
             if outputs or failed or received:  # (a step that could schedule nothing says nothing)
                 conn.send(("step", outputs, failed, engine.stats(), added))
     except BaseException as e:

@@ -47,6 +47,9 @@ class StepError(RuntimeError):
         super().__init__(f"the engine step failed: {cause!r}")
         self.request_ids, self.cause = request_ids, cause
 
+    def __reduce__(self):  # crosses an engine process's pipe; the cause as its text, whatever its type
+        return StepError, (self.request_ids, RuntimeError(repr(self.cause)))
+
 
 def is_fatal(error: BaseException) -> bool:
     """Whether an error from a step leaves the engine unable to serve: a tensor-parallel rank or
