@@ -20,10 +20,11 @@ def read(path: str) -> str:
         return f.read()
 
 
-def start_server(*args: str, script: str | None = None) -> tuple[subprocess.Popen, str, str]:
+def start_server(*args: str, script: str | None = None, new_session: bool = False) -> tuple[subprocess.Popen, str, str]:
     """A server with the bundled model (fp32, CPU) on a free port, once /health answers 200;
     returns (process, base URL, log path). Extra CLI arguments come after the defaults. `script`:
-    a file under tests/ to run instead of the serve command (one that injects faults, say)."""
+    a file under tests/ to run instead of the serve command (one that injects faults, say); new_session:
+    its own process group (for a signal to the group, as a terminal's Ctrl-C sends)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -33,7 +34,8 @@ def start_server(*args: str, script: str | None = None) -> tuple[subprocess.Pope
            "--device", "cpu", "--log-level", "warning", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # a small model: one thread, no contention with pytest
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=new_session)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ the child, an abandoned stream aborted there, and a clean stop that takes the ch
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -60,13 +61,20 @@ def test_an_abandoned_stream_is_aborted_in_the_engine_process(server):
     assert series(httpx.get(url + "/metrics").text, "generation_tokens_total") == generated
 
 
-def test_sigterm_stops_the_server_and_its_engine_process():
-    proc, url, log = start_server("--engine-process", "--num-kv-blocks", "64")
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c-to-the-group"])
+def test_a_signal_stops_the_server_and_its_engine_process(ctrl_c):
+    """SIGTERM to the server, or SIGINT to its whole process group (a terminal's Ctrl-C, which reaches the
+    engine process too): the usual status (0, or 130 for the interrupt), no engine death reported, no
+    process left."""
+    proc, url, log = start_server("--engine-process", "--num-kv-blocks", "64", new_session=ctrl_c)
     children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                text=True).stdout.split()]
     assert children, "no engine process"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0, read(log)
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == (130 if ctrl_c else 0), read(log)  # 130: the shell's status for an interrupt
     assert "died" not in read(log)
     for _ in range(100):
         alive = [c for c in children if subprocess.run(["ps", "-p", str(c), "-o", "stat="], capture_output=True,

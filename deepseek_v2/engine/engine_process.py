@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import signal
 import threading
 
 from ..tokenizer import Tokenizer
@@ -38,6 +39,8 @@ def _portable(error: BaseException) -> BaseException:
 def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict, log_level: int) -> None:
     """The engine process: build the engine, then step while there is work, else wait for some."""
     from .llm_engine import LLMEngine, StepError
+    # Ctrl-C in a terminal reaches the whole process group: the server drains, then stops this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a spawned process starts without the server's logging: the same format, level and stream
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(log_level)
