@@ -74,6 +74,20 @@ class Result:
     error: str = ""
 
 
+async def sse_lines(response):
+    """The lines of an event stream, split where SSE ends a line (LF, CR LF, CR) and nowhere else: httpx's
+    `aiter_lines` splits like str.splitlines, so a token's text holding U+2028 or U+0085, which JSON leaves
+    raw, would cut a data line in two."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        lines = (pending + data).splitlines(keepends=True)  # bytes split on LF, CR LF and CR only
+        pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            yield line.rstrip(b"\r\n")
+    if pending:
+        yield pending
+
+
 async def send(client, url: str, body: dict, result: Result) -> Result:
     """Send one streaming completion and time its chunks."""
     start = last = time.perf_counter()
@@ -83,10 +97,10 @@ async def send(client, url: str, body: dict, result: Result) -> Result:
             if r.status_code != 200:
                 result.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:500]}"
                 return result
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in sse_lines(r):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
-                data = json.loads(line[len("data: "):])
+                data = json.loads(line[len(b"data: "):])
                 if "error" in data:  # an error after the 200 header travels in the stream
                     result.error = f"stream error: {data['error'].get('message')}"
                     return result

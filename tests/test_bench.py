@@ -176,3 +176,28 @@ def test_bench_serve_against_a_real_server(tmp_path):
         for ttft, itl, e2e in zip(run_["ttfts"], run_["itls"], run_["latencies"]):
             assert e2e == pytest.approx(ttft + sum(itl))
     assert "Serving Benchmark Result" in r.stdout and "| request rate |" in r.stdout
+
+
+def test_event_stream_lines_split_only_where_sse_ends_a_line():
+    """A token's text may hold U+2028, U+0085 or U+001C, which JSON leaves raw (the first two) and which
+    str.splitlines (httpx's aiter_lines) takes for line ends; the client must cut only at LF, CR LF, CR,
+    however the bytes arrive."""
+    import asyncio
+
+    from deepseek_v2.bench_serve import sse_lines
+
+    events = [{"choices": [{"text": "a\u2028b\x85c"}]}, {"choices": [{"text": "\u2029é"}]}, {"usage": {"n": 1}}]
+    stream = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events) + "data: [DONE]\n\n"
+    raw = stream.encode()
+
+    class Response:  # the bytes in pieces of 7, cutting characters and CR LF pairs apart
+        async def aiter_bytes(self):
+            for i in range(0, len(raw), 7):
+                yield raw[i:i + 7]
+
+    async def collect():
+        return [line async for line in sse_lines(Response())]
+
+    lines = [line for line in asyncio.run(collect()) if line]
+    assert [json.loads(line[len(b"data: "):]) for line in lines[:-1]] == events
+    assert lines[-1] == b"data: [DONE]"
