@@ -84,6 +84,14 @@ class Sampler:
             out.append(SampledToken(token, packed))
         return out
 
+    @torch.no_grad()
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The tokens of rows whose params sample on the device alone (SamplingParams.samples_on_device),
+        left there: [N] token ids, the same tokens `__call__` picks for such rows."""
+        if all(s.sampling_params.greedy for s in seqs):
+            return logits.argmax(dim=-1)
+        return self.draw(logits, seqs)
+
     def apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Tokens a sequence may not produce now get -inf: what its grammar does not allow, and its
         stop tokens (EOS included) while it has fewer than min_tokens output tokens."""

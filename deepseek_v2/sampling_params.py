@@ -159,7 +159,13 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the sampler: argmax of the raw logits is the answer."""
-        return (self.greedy and self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
+        return self.greedy and self.samples_on_device
+
+    @property
+    def samples_on_device(self) -> bool:
+        """Nothing of this row's sampling needs the host (no logprobs, grammar, min_tokens or penalties):
+        its token can be drawn on the device and fed to the next step there (asynchronous scheduling)."""
+        return (self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
                 and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
 
     def all_stop_token_ids(self, eos_token_id: int | None) -> frozenset[int]:

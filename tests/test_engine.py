@@ -321,3 +321,57 @@ def test_dummy_checkpoint_script_writes_a_servable_shape(tmp_path):
                            eos_token_id=args.eos_token_id)
     assert len(tokenizer) <= args.vocab_size < PRESETS["v2-lite"].vocab_size
     assert not list(out.glob("*.safetensors"))
+
+
+def test_steps_launched_ahead_equal_the_synchronous_engine(setup):
+    """Asynchronous scheduling (each decode step launched before the last one's tokens reach the host)
+    gives every request what the engine gives without it: the same tokens, text, streamed deltas and
+    finish reasons, with sequences ending by max_tokens, max_model_len, a stop token or a stop string
+    inside a chain of steps launched ahead, requests joining and aborted midway, seeded sampling
+    with n = 2, and a request with logprobs (sampled on the host, so it breaks the chain)."""
+    model, tokenizer, prompts, hf_out = setup
+    probe = run_all(LLMEngine(model, tokenizer, EngineConfig(block_size=8)), [prompts[1]], GREEDY, ["p"])[0]
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in probe.outputs[0].token_ids]
+    k = next(i for i in range(6, 20) if pieces[i] and pieces[i] not in "".join(pieces[:i]))
+    plan = {  # step -> what happens before it
+        0: [("add", "greedy", prompts[0], GREEDY),
+            ("add", "short", prompts[1], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)),
+            ("add", "stop-token", prompts[3], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[hf_out[3][9]])),
+            ("add", "stop-string", prompts[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                               stop=[pieces[k]])),
+            ("add", "model-len", prompts[4], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)),
+            ("add", "seeded", prompts[2], SamplingParams(n=2, temperature=0.9, top_p=0.9, max_tokens=20, seed=5,
+                                                         ignore_eos=True))],
+        7: [("add", "late", prompts[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))],
+        11: [("abort", "seeded")],
+        14: [("add", "logprobs", prompts[3], SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True))],
+    }
+
+    def serve(async_scheduling):
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_model_len=80,
+                                                          async_scheduling=async_scheduling))
+        streams: dict[str, list] = {}
+        step = 0
+        while step in plan or engine.has_unfinished_requests() or step < max(plan):
+            for action in plan.get(step, []):
+                if action[0] == "add":
+                    engine.add_request(*action[1:])
+                else:
+                    engine.abort(action[1])
+            for out in engine.step():
+                streams.setdefault(out.request_id, []).append(
+                    [(c.index, c.delta_text, list(c.delta_token_ids), c.finish_reason, c.stop_reason)
+                     for c in out.outputs])
+            step += 1
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        return streams, engine.stats()["steps_launched_ahead"]
+
+    expected, none_ahead = serve("off")
+    got, ahead = serve("on")
+    assert none_ahead == 0 and ahead > 10
+    assert got == expected
+    final = {rid: chunks[-1] for rid, chunks in expected.items()}
+    assert final["short"][0][3] == "length" and final["stop-token"][0][4] == hf_out[3][9]
+    assert final["stop-string"][0][4] == pieces[k] and final["model-len"][0][3] == "length"
+    assert "seeded" in expected and final["seeded"][0][3] is None  # aborted: no final chunk
+    assert sum(len(c[0][2]) for c in expected["model-len"]) == 80 - len(prompts[4])

@@ -32,6 +32,7 @@ GIVEN = {
     "tensor_parallel_size": (["-tp", "2"], 2),
     "quantization": (["--quantization", "fp8"], "fp8"),
     "kv_cache_dtype": (["--kv-cache-dtype", "fp8"], "fp8"),
+    "async_scheduling": (["--async-scheduling", "off"], "off"),
 }
 
 

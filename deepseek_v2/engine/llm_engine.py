@@ -30,9 +30,9 @@ from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
+from .model_runner import LaunchedStep, ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .request_checks import RequestChecks
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .workers import Control, ModelSource, WorkerError, Workers, start_model
 
@@ -122,6 +122,12 @@ class LLMEngine(RequestChecks):
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0  # totals for metrics
         self.num_generation_tokens = 0
+        if config.async_scheduling == "on" and workers is not None:
+            raise ValueError("async_scheduling needs the engine in one process (tensor_parallel_size 1)")
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and workers is None and bool(self.runner.graphs))
+        self._ahead: LaunchedStep | None = None  # the decode step launched before the last one's tokens came
+        self.num_steps_ahead = 0
         self._log_memory()
 
     @classmethod
@@ -243,37 +249,91 @@ class LLMEngine(RequestChecks):
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        if sched.preempted:
-            logger.warning("cache full: preempted %d sequence(s), they will be recomputed", len(sched.preempted))
+        """One step: the decode step launched ahead by the last call if there is one, else what the
+        scheduler makes now; then, where it can, the next decode step is launched before this one's
+        tokens reach the host (asynchronous scheduling: the device runs it while the host handles
+        them); returns this step's outputs."""
+        launched, self._ahead = self._ahead, None
+        if launched is not None and not any(item.seq.status is SequenceStatus.RUNNING for item in launched.step.items):
+            launched = None  # every sequence in it finished or was aborted since it was launched
+        items: list[ScheduledSequence] = [] if launched is None else launched.step.items
         try:
-            return self._run_step(sched)
+            if launched is None:
+                sched = self.scheduler.schedule()
+                if sched.is_empty:
+                    return []
+                if sched.preempted:
+                    logger.warning("cache full: preempted %d sequence(s), they will be recomputed", len(sched.preempted))
+                items = sched.scheduled
+                launched = self._on_workers(self.runner.launch, sched)
+            if self.async_scheduling:
+                self._ahead = self._launch_next_decode(launched)
+            return self._process(items, self._on_workers(self.runner.collect, launched))  # (scheduler order)
         except Exception as e:
+            self._ahead = None
             if is_fatal(e):
                 raise
             # The step's sequences hold blocks for tokens that may never have been computed, and
             # some may have been advanced and others not: aborting their requests frees the blocks
             # and takes the sequences out of the scheduler, which leaves both consistent.
-            failed = list(dict.fromkeys(item.seq.request_id for item in sched.scheduled))
+            failed = list(dict.fromkeys(item.seq.request_id for item in items))
             for request_id in failed:
                 self.abort(request_id)
             raise StepError(failed, e) from e
 
-    def _run_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    def _on_workers(self, fn, *args):
+        """fn(*args) on rank 0, checking the other ranks first and naming a rank that failed."""
         if self.workers is None:
-            results = self.runner.run(sched)
-        else:
-            self.workers.check()
-            try:
-                results = self.runner.run(sched)
-            except Exception as e:
-                raise self.workers.explain(e) from e
+            return fn(*args)
+        self.workers.check()
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise self.workers.explain(e) from e
+
+    def _launch_next_decode(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """Launch the decode step after `launched` now, when it is the step the scheduler would make
+        next anyway: `launched` was decode-only and sampled on the device, its sequences still running
+        are all that run, none waits to be admitted, and the cache has a slot for each one's next
+        position. A sequence that `launched`'s token will end by length is left out; one that it ends
+        otherwise (a stop token or string) computes one position for nothing, dropped. Requests added
+        meanwhile are scheduled one step later."""
+        if launched.tokens is None or self.scheduler.waiting:
+            return None
+        items = launched.step.items
+        running = [k for k, item in enumerate(items) if item.seq.status is SequenceStatus.RUNNING]
+        if len(running) != len(self.scheduler.running):
+            return None
+        next_positions = launched.step.forward.positions + 1  # launched's token goes there
+        keep = [k for k in running if not self._ends_by_length(items[k].seq, int(next_positions[k]))]
+        if not keep or not self.runner.takes_device_ids(len(keep)):
+            return None
+        bm = self.block_manager
+        seqs = [items[k].seq for k in keep]
+        # `launched`'s tokens are not counted yet: its position and the next one need a slot
+        if sum(bm.blocks_needed(s.num_computed_tokens + 2) - len(s.block_table) for s in seqs) > bm.num_free_blocks:
+            return None
+        for s in seqs:
+            bm.allocate(s, 2)
+        self.num_steps_ahead += 1
+        return self.runner.launch_next_decode(launched, keep)
+
+    def _ends_by_length(self, seq: Sequence, position: int) -> bool:
+        """Whether the token sampled for seq (not yet appended) at `position` ends it by length: its
+        max_tokens, or max_model_len (as _append_token decides)."""
+        max_tokens = seq.sampling_params.max_tokens
+        return (max_tokens is not None and len(seq.output_token_ids) + 1 >= max_tokens
+                or position + 1 >= self.max_model_len)
+
+    def _process(self, items: list[ScheduledSequence], results: list[StepResult]) -> list[RequestOutput]:
+        """Count the step's computed tokens, append its sampled ones and make the outputs. A sequence
+        that finished or was aborted after a step was launched ahead for it takes nothing from it."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for item, result in zip(sched.scheduled, results):
+        for item, result in zip(items, results):
             seq = item.seq
+            if seq.is_finished:
+                continue
             req = self.requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
@@ -360,5 +420,6 @@ class LLMEngine(RequestChecks):
                 "cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
-                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
+                "steps_launched_ahead": self.num_steps_ahead}
 

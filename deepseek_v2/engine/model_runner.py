@@ -5,6 +5,12 @@ sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into 
 engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of those rows, and
 `sample` turns them into tokens and logprobs.
 
+`launch` queues a step on the device and `collect` waits for its tokens. Between the two, the engine
+may `launch_next_decode`: the decode step after a decode step, its input tokens the ones just sampled,
+still on the device, so that the device runs it while the host handles the tokens before
+(asynchronous scheduling, llm_engine.py). Only rows whose token needs nothing of the host are sampled
+that way (SamplingParams.samples_on_device); the rest take the host path, as `run` does.
+
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
 holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else; with
 kv_cache_dtype "fp8" a uint8 tensor whose rows are those values in e4m3 plus the row's fp32 scale
@@ -69,6 +75,19 @@ class StepInputs:
     forward: ForwardInputs = field(default_factory=ForwardInputs)
     sample_rows: dict[int, int] = field(default_factory=dict)  # item -> its row among the logits
     prompt_rows: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # item -> (first row, positions)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; `ModelRunner.collect` gives its StepResults. Either sampled on the
+    host already (results), or sampled on the device (tokens: one per item, in step.items order) with a
+    copy to the host under way (host_tokens, done when `ready` is)."""
+
+    step: StepInputs
+    results: list[StepResult] | None = None
+    tokens: torch.Tensor | None = None
+    host_tokens: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
 
 def engine_max_model_len(config: EngineConfig, args: ModelArgs) -> int:
@@ -172,11 +191,66 @@ class ModelRunner:
 
     def run(self, sched: SchedulerOutput) -> list[StepResult]:
         """One step (on rank 0); returns one StepResult per scheduled sequence, in sched.scheduled order."""
+        return self.collect(self.launch(sched))
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Queue one step (on rank 0): its forward, and its sampling where that needs nothing of the host."""
         step = self.prepare_inputs(sched)
         self.sampler.prepare([step.items[k].seq for k in step.sample_rows])  # overlaps with the forward
         if self.control is not None:
             self.control.send(step.forward)  # the other ranks run the same forward
-        return self.sample(step, self.forward(step.forward))
+        return self._sample_launched(step, self.forward(step.forward))
+
+    def launch_next_decode(self, prev: LaunchedStep, keep: list[int]) -> LaunchedStep:
+        """The decode step after `prev` (decode-only, sampled on the device) for its items `keep`, queued
+        before prev's tokens reach the host: each row's input is the token prev sampled for it, read on
+        the device, at the next position. The caller has made room for that position in the block tables."""
+        items = [ScheduledSequence(prev.step.items[k].seq, 1) for k in keep]
+        positions = prev.step.forward.positions[keep] + 1
+        tables = [item.seq.block_table for item in items]
+        bs = self.block_size
+        slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
+        rows = list(range(len(items)))
+        f = ForwardInputs(input_ids=np.zeros(len(items), dtype=np.int64),  # unread: the tokens come from the device
+                          positions=positions, slots=slots, decode_tables=tables,
+                          decode_lens=(positions + 1).tolist(), logit_rows=rows, decode_only=True)
+        step = StepInputs(items, rows, f, sample_rows=dict(zip(rows, rows)))
+        ids = prev.tokens if len(keep) == len(prev.step.items) else prev.tokens[torch.tensor(keep, device=self.device)]
+        return self._sample_launched(step, self.forward(f, device_ids=ids))
+
+    def takes_device_ids(self, num_decodes: int) -> bool:
+        """Whether a decode-only step of this many rows can read its input tokens on the device (the
+        piecewise graphs, which a batch beyond the largest whole-step graph takes, read the host's)."""
+        if self.graphs and num_decodes <= max(self.graphs):
+            return True
+        return self.piecewise is None or num_decodes > self.piecewise.max_tokens
+
+    def collect(self, launched: LaunchedStep) -> list[StepResult]:
+        """Wait for a launched step; one StepResult per scheduled sequence, in the scheduler's order."""
+        if launched.results is not None:
+            return launched.results
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        results = [StepResult(token_id=t) for t in launched.host_tokens.tolist()]
+        unordered = [None] * len(results)
+        for k, i in enumerate(launched.step.order):
+            unordered[i] = results[k]
+        return unordered
+
+    def _sample_launched(self, step: StepInputs, logits: torch.Tensor | None) -> LaunchedStep:
+        """Sample on the device, the tokens copied to the host without waiting, when every item is a
+        decode that samples and needs nothing of the host; else sample now, as `sample` does."""
+        seqs = [item.seq for item in step.items]
+        if not (step.forward.decode_only and len(step.sample_rows) == len(seqs)
+                and all(s.sampling_params.samples_on_device for s in seqs)):
+            return LaunchedStep(step, results=self.sample(step, logits))
+        tokens = self.sampler.sample_on_device(logits, seqs)
+        if self.device.type != "cuda":
+            return LaunchedStep(step, tokens=tokens, host_tokens=tokens)
+        host = tokens.to("cpu", non_blocking=True)  # into pinned memory; read after `ready`
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(step, tokens=tokens, host_tokens=host, ready=ready)
 
     def serve(self) -> None:
         """The loop of a tensor-parallel rank other than 0: run each step rank 0 sends, until it says stop."""
@@ -230,11 +304,12 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def forward(self, f: ForwardInputs) -> torch.Tensor | None:
+    def forward(self, f: ForwardInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The model over the step's tokens; returns the logits [len(f.logit_rows), V] (None when no
-        row needs them). A decode-only batch replays the captured graph of its size."""
+        row needs them). A decode-only batch replays the captured graph of its size. device_ids: the
+        input tokens already on the device (a decode-only step launched ahead), in place of f.input_ids."""
         if f.decode_only and self.graphs and len(f.input_ids) <= max(self.graphs):
-            return self._replay_decode_graph(f)  # every decode samples: logit row k is token k
+            return self._replay_decode_graph(f, device_ids)  # every decode samples: logit row k is token k
         dev = self.device
 
         def device_array(x, dtype=torch.long):
@@ -252,10 +327,11 @@ class ModelRunner:
             decode_seq_lens=device_array(f.decode_lens, torch.int32) if f.decode_lens else None,
             max_decode_seq_len=max(f.decode_lens, default=0))
         if piecewise:
+            assert device_ids is None, "a step launched ahead is decode-only"
             hidden = self.piecewise.run(f.input_ids, f.positions, f.slots, attn)
         else:
-            hidden = self.model.forward_step(device_array(f.input_ids), device_array(f.positions), attn,
-                                             self.kv_caches)
+            ids = device_array(f.input_ids) if device_ids is None else device_ids
+            hidden = self.model.forward_step(ids, device_array(f.positions), attn, self.kv_caches)
         if not f.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(f.logit_rows, device=dev)])
@@ -302,8 +378,12 @@ class ModelRunner:
         self.g_tables = torch.full((max_bs, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
                                    device=dev)
         self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.h_rows = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True)  # host staging
-        self.h_table = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        # host staging, two sets used in turn: a step's copies from one may still be queued on the
+        # device when the next step (launched ahead) fills the other
+        self.h_rows = [torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.h_table = [torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+                        for _ in range(2)]
+        self.h_turn = 0
         pool = None
         for bs in sorted(sizes, reverse=True):
             attn = self._decode_metadata(bs)
@@ -320,22 +400,26 @@ class ModelRunner:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", sorted(sizes))
 
-    def _replay_decode_graph(self, f: ForwardInputs) -> torch.Tensor:
+    def _replay_decode_graph(self, f: ForwardInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the static buffers (padding rows point at the scratch block) and replay; returns the
-        logits of the real rows."""
+        logits of the real rows. device_ids: the input tokens, on the device (f.input_ids unread)."""
         n = len(f.input_ids)
         bs = min(b for b in self.graphs if b >= n)
-        rows = self.h_rows.numpy()
+        h_rows, h_table = self.h_rows[self.h_turn], self.h_table[self.h_turn]
+        self.h_turn ^= 1
+        rows = h_rows.numpy()
         rows[:, :bs] = ((0,), (0,), (self.scratch_block * self.block_size,), (1,))
         rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = f.input_ids, f.positions, f.slots, f.decode_lens
-        table = self.h_table.numpy()
+        table = h_table.numpy()
         table[:bs] = self.scratch_block
         for i, t in enumerate(f.decode_tables):
             table[i, :len(t)] = t
         for static, k in ((self.g_ids, 0), (self.g_pos, 1), (self.g_slots, 2)):
-            static[:bs].copy_(self.h_rows[k, :bs], non_blocking=True)
-        self.g_lens[:bs].copy_(self.h_rows[3, :bs], non_blocking=True)
-        self.g_tables[:bs].copy_(self.h_table[:bs], non_blocking=True)
+            static[:bs].copy_(h_rows[k, :bs], non_blocking=True)
+        self.g_lens[:bs].copy_(h_rows[3, :bs], non_blocking=True)
+        self.g_tables[:bs].copy_(h_table[:bs], non_blocking=True)
+        if device_ids is not None:
+            self.g_ids[:n].copy_(device_ids)
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

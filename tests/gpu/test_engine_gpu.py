@@ -51,6 +51,7 @@ def test_gpu_greedy_equals_cpu_reference(changes, tmp_path):
     graphs = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, max_num_seqs=8))
     assert graphs.runner.graphs, "CUDA graphs were not captured"
     assert run(graphs, prompts, params) == ref
+    assert graphs.async_scheduling and graphs.stats()["steps_launched_ahead"] > 20
     del graphs
     eager = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, enforce_eager=True, enable_prefix_caching=False,
                                                    max_num_batched_tokens=64))
@@ -89,6 +90,41 @@ def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
             joined += 1
     assert [done[str(i)] for i in range(len(prompts))] == ref
     assert len(sizes) >= 5 and any(t not in pieces.counts for t in sizes)
+
+
+def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
+    """Asynchronous scheduling with CUDA graphs (the input tokens of a step launched ahead are copied on
+    the device into the graph's buffer; two host staging buffers in turn): every request streams what
+    the engine without it streams, greedy and seeded sampling with n = 2, sequences ending by a stop
+    token and by max_tokens inside the chains, a request joining midway."""
+    model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=3)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 70, 300, 33)]
+    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+              SamplingParams(n=2, temperature=0.8, top_k=50, max_tokens=40, seed=11, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=48, stop_token_ids=list(range(2, 40)))]
+
+    def serve(mode):
+        engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, async_scheduling=mode))
+        assert engine.runner.graphs, "CUDA graphs were not captured"
+        streams = {}
+        for i in range(3):
+            engine.add_request(str(i), prompts[i], params[i])
+        step = 0
+        while engine.has_unfinished_requests():
+            if step == 6:
+                engine.add_request("3", prompts[3], params[3])
+            for o in engine.step():
+                streams.setdefault(o.request_id, []).append([(c.index, list(c.delta_token_ids), c.finish_reason)
+                                                             for c in o.outputs])
+            step += 1
+        return streams, engine.stats()["steps_launched_ahead"]
+
+    expected, _ = serve("off")
+    got, ahead = serve("on")
+    assert ahead > 20 and got == expected
 
 
 def test_bf16_decode_graph_equals_the_eager_step():
