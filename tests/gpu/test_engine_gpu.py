@@ -107,7 +107,8 @@ def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
               SamplingParams(temperature=0, max_tokens=48, stop_token_ids=list(range(2, 40)))]
 
     def serve(mode):
-        engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, async_scheduling=mode))
+        engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, num_kv_blocks=256,
+                                                    async_scheduling=mode))
         assert engine.runner.graphs, "CUDA graphs were not captured"
         streams = {}
         for i in range(3):
