@@ -14,22 +14,38 @@ from . import workload as W
 
 
 class RunnerTimer:
-    """Stands in for `engine.runner.run` to time it apart from the rest of `engine.step` and to note
-    whether the step held a prefill: a sequence given more than one token (a prompt, a chunk of
-    one, or a preempted sequence being recomputed); the runner runs the others as decodes. The run
-    ends by handing the sampled tokens to the host, so its wall time includes the device's work."""
+    """Stands in for the model runner's step calls (`launch`, `launch_next_decode`, `collect`) to time
+    them apart from the rest of `engine.step` and to note whether the step held a prefill: a sequence
+    given more than one token (a prompt, a chunk of one, or a preempted sequence being recomputed);
+    the runner runs the others as decodes, and a step launched ahead is a decode. `collect` waits for
+    the sampled tokens, so the runner's time includes the device's work that the host waits for."""
 
-    def __init__(self, run):
-        self.run = run
-        self.seconds: float | None = None
+    CALLS = ("launch", "launch_next_decode", "collect")
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.seconds: float | None = None  # this step's, None until a call
         self.prefill = False
+        for name in self.CALLS:  # instance attributes hide the methods
+            setattr(runner, name, self._timed(getattr(runner, name), name == "launch"))
 
-    def __call__(self, sched):
-        self.prefill = any(item.num_new_tokens > 1 for item in sched.scheduled)
-        t = time.perf_counter()
-        out = self.run(sched)
-        self.seconds = time.perf_counter() - t
-        return out
+    def _timed(self, call, notes_kind: bool):
+        def timed(*args):
+            if notes_kind:
+                self.prefill = any(item.num_new_tokens > 1 for item in args[0].scheduled)
+            t = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                self.seconds = (self.seconds or 0.0) + time.perf_counter() - t
+        return timed
+
+    def next_step(self) -> None:
+        self.seconds, self.prefill = None, False
+
+    def restore(self) -> None:
+        for name in self.CALLS:
+            delattr(self.runner, name)
 
 
 def bench_mixed(engine: LLMEngine, workload: W.Workload, warm_up) -> dict:
@@ -39,14 +55,14 @@ def bench_mixed(engine: LLMEngine, workload: W.Workload, warm_up) -> dict:
     requests = workload.requests(engine.model.args.vocab_size)
     warm_up()
     preempted_before = engine.scheduler.num_preemptions
-    timer = engine.runner.run = RunnerTimer(engine.runner.run)  # an instance attribute hides the method
+    timer = RunnerTimer(engine.runner)
     kinds = {kind: {"steps": 0, "seconds": 0.0, "runner_seconds": 0.0} for kind in ("prefill", "decode")}
     tokens: dict[str, list[int]] = {}
     start = time.perf_counter()
     for i, (prompt, max_tokens) in enumerate(requests):
         engine.add_request(f"mixed-{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while engine.has_unfinished_requests():
-        timer.seconds = None
+        timer.next_step()
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t
@@ -57,7 +73,7 @@ def bench_mixed(engine: LLMEngine, workload: W.Workload, warm_up) -> dict:
             k["runner_seconds"] += timer.seconds
         tokens.update((o.request_id, o.outputs[0].token_ids) for o in outs if o.finished)
     wall = time.perf_counter() - start
-    del engine.runner.run  # the method again
+    timer.restore()
     outputs = [tokens[f"mixed-{i}"] for i in range(len(requests))]
     prompt_tokens = sum(len(p) for p, _ in requests)
     output_tokens = sum(len(o) for o in outputs)

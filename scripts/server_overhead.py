@@ -42,7 +42,7 @@ def stand_in() -> None:
 
     x = torch.zeros(8)
 
-    def forward(self, f):
+    def forward(self, f, device_ids=None):
         prefill_tokens = sum(f.prefill_query_lens)
         decodes = len(f.input_ids) - prefill_tokens
         gpu_s = (STEP_MS + DECODE_US * decodes / 1e3 + PREFILL_US * prefill_tokens / 1e3) / 1e3

@@ -21,18 +21,18 @@ def inject() -> None:
     from deepseek_v2.engine.model_runner import ModelRunner
     from deepseek_v2.engine.workers import WorkerError
 
-    run = ModelRunner.run
+    launch = ModelRunner.launch
 
-    def faulty_run(self, sched):
+    def faulty_launch(self, sched):
         for item in sched.scheduled:
             head = item.seq.prompt_token_ids[:len(STEP_FAULT)]
             if head == STEP_FAULT:
                 raise torch.OutOfMemoryError("injected: CUDA out of memory")
             if head == FATAL_FAULT:
                 raise WorkerError("injected: tensor-parallel rank 1 exited (code -9)")
-        return run(self, sched)
+        return launch(self, sched)
 
-    ModelRunner.run = faulty_run
+    ModelRunner.launch = faulty_launch
 
 
 if __name__ == "__mp_main__":  # the engine process of --engine-process imports this file under that name

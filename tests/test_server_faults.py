@@ -44,15 +44,15 @@ def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(tiny_engine
         engine.add_request(rid, prompt, GREEDY)
     engine.step()
     engine.step()
-    run, calls = engine.runner.run, []
+    launch, calls = engine.runner.launch, []
 
     def oom_once(sched):
         calls.append(1)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return run(sched)
+        return launch(sched)
 
-    engine.runner.run = oom_once
+    engine.runner.launch = oom_once
     with pytest.raises(StepError) as info:
         engine.step()
     assert info.value.request_ids == ["a", "b"] and isinstance(info.value.cause, torch.OutOfMemoryError)
@@ -71,9 +71,37 @@ def test_failed_step_aborts_only_its_requests_and_the_engine_goes_on(tiny_engine
         raise WorkerError("injected: tensor-parallel rank 1 exited")
 
     engine.add_request("e", "x", GREEDY)
-    engine.runner.run = lost_rank
+    engine.runner.launch = lost_rank
     with pytest.raises(WorkerError):  # fatal: not turned into a StepError
         engine.step()
+
+
+def test_a_failed_step_launched_ahead_aborts_its_requests_and_the_engine_goes_on(tiny_engine):
+    """With asynchronous scheduling a step may fail while the next one is already launched: both steps'
+    requests fail (the same sequences), the step launched ahead is dropped, and the blocks it held are
+    free again; later requests are served as by an engine that never failed."""
+    engine = tiny_engine(async_scheduling="on", num_kv_blocks=64)
+    for rid, prompt in (("a", "first prompt"), ("b", "second prompt")):
+        engine.add_request(rid, prompt, GREEDY)
+    for _ in range(3):
+        engine.step()
+    assert engine._ahead is not None and engine.stats()["steps_launched_ahead"] > 0
+    collect = engine.runner.collect
+
+    def oom(launched):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    engine.runner.collect = oom
+    with pytest.raises(StepError) as info:
+        engine.step()
+    engine.runner.collect = collect
+    assert sorted(info.value.request_ids) == ["a", "b"] and engine._ahead is None
+    bm = engine.block_manager
+    assert not engine.requests and not engine.scheduler.running and bm.num_free_blocks == bm.num_blocks
+    engine.add_request("c", "third prompt", GREEDY)
+    alone = tiny_engine(async_scheduling="off")
+    alone.add_request("c", "third prompt", GREEDY)
+    assert run_all(engine) == run_all(alone)
 
 
 def test_a_small_request_is_not_starved_behind_a_big_one(tiny_engine):
