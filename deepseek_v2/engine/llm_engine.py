@@ -6,10 +6,17 @@ run it (prepare inputs, forward, sample), then for every scheduled sequence adva
 tokens and, when a token was sampled, appends it, detokenizes incrementally, applies the stop
 conditions and frees the sequence if it finished; it returns the outputs of the requests touched.
 
+Asynchronous scheduling (`async_scheduling`): when a decode step is the kind the next one would be
+too (all running sequences decoding, tokens sampled on the device, nobody to admit), the next step is
+launched before this step's tokens reach the host, its inputs read on the device; the host does this
+step's bookkeeping while the device runs the next, and the next `step()` starts from it. What that
+costs: a sequence ended by a stop token or string computes one position for nothing (its row is
+dropped), and requests added meanwhile join one step later.
+
 A step that raises fails only the requests it ran: they are aborted (their blocks freed) and
 `StepError` names them, so the engine serves on. Errors that leave the device or the tensor-parallel
 group unusable (`is_fatal`) propagate as they are.
-(About 370 lines: a request's life, from its checks through the step to its stop conditions and
+(About 440 lines: a request's life, from its checks through the step to its stop conditions and
 streamed deltas, is one piece of bookkeeping; the model's side is model_runner.py, the processes'
 workers.py.)"""
 
