@@ -376,3 +376,28 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs):
     assert final["stop-string"][0][4] == pieces[k] and final["model-len"][0][3] == "length"
     assert max_num_seqs or final["seeded"][0][3] is None  # aborted after it streamed (it waits, with 3)
     assert sum(len(c[0][2]) for c in expected["model-len"]) == 80 - len(prompts[4])
+
+
+def test_async_scheduling_is_refused_where_other_ranks_need_each_steps_inputs(setup):
+    """A tensor-parallel rank 0 sends every step's inputs to the other ranks from the host: a step launched
+    ahead would read its tokens on the device only, so "on" is refused and "auto" stays off."""
+    model, tokenizer, _, _ = setup
+    control = object()  # rank 0's channel to the other ranks (unused with a fixed cache size)
+    with pytest.raises(ValueError, match="async_scheduling needs the engine in one process"):
+        LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=16, async_scheduling="on"), control=control)
+    assert not LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=16), control=control).async_scheduling
+    assert LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=16, async_scheduling="on")).async_scheduling
+
+
+def test_a_step_launched_ahead_whose_requests_were_all_aborted_is_waited_for_and_dropped(setup):
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, async_scheduling="on"))
+    for rid, p in (("a", prompts[0]), ("b", prompts[1])):
+        engine.add_request(rid, p, GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None
+    engine.abort("a"), engine.abort("b")
+    assert not engine.has_unfinished_requests()
+    assert run_all(engine, [prompts[2]], GREEDY)[0].outputs[0].token_ids == hf_out[2]
+    assert engine._ahead is None and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -129,10 +129,11 @@ class LLMEngine(RequestChecks):
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0  # totals for metrics
         self.num_generation_tokens = 0
-        if config.async_scheduling == "on" and workers is not None:
+        # the other tensor-parallel ranks get each step's inputs from the host (control): none launched ahead
+        if config.async_scheduling == "on" and control is not None:
             raise ValueError("async_scheduling needs the engine in one process (tensor_parallel_size 1)")
-        self.async_scheduling = config.async_scheduling == "on" or (
-            config.async_scheduling == "auto" and workers is None and bool(self.runner.graphs))
+        self.async_scheduling = control is None and (config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and bool(self.runner.graphs)))
         self._ahead: LaunchedStep | None = None  # the decode step launched before the last one's tokens came
         self.num_steps_ahead = 0
         self._log_memory()
@@ -262,7 +263,10 @@ class LLMEngine(RequestChecks):
         them); returns this step's outputs."""
         launched, self._ahead = self._ahead, None
         if launched is not None and not any(item.seq.status is SequenceStatus.RUNNING for item in launched.step.items):
-            launched = None  # every sequence in it finished or was aborted since it was launched
+            # every sequence in it finished or was aborted since it was launched: wait for it all the
+            # same, so that the host buffers it was launched from are free for the steps after it
+            self.runner.collect(launched)
+            launched = None
         items: list[ScheduledSequence] = [] if launched is None else launched.step.items
         try:
             if launched is None:
@@ -277,7 +281,7 @@ class LLMEngine(RequestChecks):
                 self._ahead = self._launch_next_decode(launched)
             return self._process(items, self._on_workers(self.runner.collect, launched))  # (scheduler order)
         except Exception as e:
-            self._ahead = None
+            self._drop_ahead()
             if is_fatal(e):
                 raise
             # The step's sequences hold blocks for tokens that may never have been computed, and
@@ -287,6 +291,16 @@ class LLMEngine(RequestChecks):
             for request_id in failed:
                 self.abort(request_id)
             raise StepError(failed, e) from e
+
+    def _drop_ahead(self) -> None:
+        """Forget the step launched ahead after a failure, once the device is done with it (as far as
+        it can tell: a device in error raises again here, and the step's own error is the one to report)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.ready is not None:
+            try:
+                ahead.ready.synchronize()
+            except Exception:
+                pass
 
     def _on_workers(self, fn, *args):
         """fn(*args) on rank 0, checking the other ranks first and naming a rank that failed."""
