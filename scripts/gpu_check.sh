@@ -29,10 +29,13 @@ has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
-# (or carried as wheels in .whl/, installed below).
+# (or carried as wheels in .whl/, installed below). Each server prints its garbage collector's pauses
+# at exit (scripts/server_overhead.py's report_gc_pauses), echoed below.
 serve_once() {  # $1: a name for the logs; then extra serve flags
   local name=$1; shift
-  python3 -m deepseek_v2.cli serve --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
+  python3 -c "import sys; from scripts.server_overhead import report_gc_pauses; report_gc_pauses(); \
+from deepseek_v2.server.cli import main; sys.exit(main(sys.argv[1:]))" \
+    --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
     --gpu-memory-utilization 0.85 --port 8011 --log-level warning "$@" > "$OUT/server-$name.log" 2>&1 &
   local server=$!
   for _ in $(seq 1 180); do
@@ -44,16 +47,22 @@ serve_once() {  # $1: a name for the logs; then extra serve flags
   step bench-serve-$name 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
     --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$name.json"
   kill $server 2>/dev/null; wait $server 2>/dev/null
+  grep "^gc generation" "$OUT/server-$name.log"
 }
 if has serve; then
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   fi
   python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy
-  serve_once main
-  serve_once engine-process --engine-process  # the engine in a process of its own, same run
+  # SERVE_VARIANTS: the servers to measure in this run, "name:flags" separated by ";" (loans of the same
+  # kind differ by up to 25%, so what is compared is measured in one run)
+  IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;budget-4096:--max-num-batched-tokens 4096}"
+  for v in "${variants[@]}"; do
+    read -ra flags <<< "${v#*:}"
+    serve_once "${v%%:*}" "${flags[@]}"
+  done
   # ALT_ASYNC_ENGINE=FILE: the same run again with FILE as deepseek_v2/engine/async_engine.py, so that two
-  # versions of the serving loop are compared on one machine (loans of the same kind differ by up to 25%)
+  # versions of the serving loop are compared on one machine
   if [ -n "${ALT_ASYNC_ENGINE:-}" ]; then
     cp deepseek_v2/engine/async_engine.py /tmp/async_engine.main.py && cp "$ALT_ASYNC_ENGINE" deepseek_v2/engine/async_engine.py
     serve_once alt
