@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
+# (steps: tests,kernels,fused,fp8tests,fp8bench,fp8kernels,fp8acc,abtree,serve,bench; see each below)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
@@ -24,6 +25,17 @@ if has fp8bench; then
   step bench-fp8 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --quantization fp8 --json "$OUT/bench-fp8.json"
   step bench-fp8-kv 110 python3 -m deepseek_v2.cli bench $FP8_BENCH --quantization fp8 --kv-cache-dtype fp8 \
     --json "$OUT/bench-fp8-kv.json"
+fi
+# ALT_TREE=DIR: the mixed workload and the fixed benchmark above (bf16) with this tree, then with DIR's
+# (another version of the project, e.g. `git archive BRANCH | tar -x -C DIR`), back to back on one machine
+if has abtree; then
+  for name in main alt; do
+    tree=.; [ $name = alt ] && tree=${ALT_TREE:?set ALT_TREE to the other tree}
+    step mixed-$name 150 bash -c "cd $tree && PYTHONPATH=. python3 -m deepseek_v2.cli bench --shape v2-lite \
+      --workload mixed --json $(realpath "$OUT")/mixed-$name.json"
+    step fixed-$name 150 bash -c "cd $tree && PYTHONPATH=. python3 -m deepseek_v2.cli bench $FP8_BENCH \
+      --json $(realpath "$OUT")/fixed-$name.json"
+  done
 fi
 has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
