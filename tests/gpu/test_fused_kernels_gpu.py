@@ -26,7 +26,7 @@ from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
 from deepseek_v2.kernels import reference  # noqa: E402
-from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
+from deepseek_v2.kernels.router import grouped_topk_softmax, topk_softmax  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
 
@@ -149,6 +149,30 @@ def test_topk_softmax(E, renormalize, scaling, T):
     poison_free_memory()
     weights, ids = topk_softmax(logits, 6, renormalize, scaling)
     assert_same_routing(weights, ids, logits, 6, renormalize, scaling)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_grouped_topk_softmax(T, renormalize):
+    """DeepSeek-V2's router (160 experts, 8 groups, 3 kept, 6 picks, weights x 16): the reference's experts
+    where the routing is unambiguous, weights within 8 fp32 ulps."""
+    logits = torch.randn(T, 160, device=DEVICE, generator=generator(T + 7)).mul_(2)
+    poison_free_memory()
+    weights, ids = grouped_topk_softmax(logits, 6, 8, 3, renormalize, 16.0)
+    ref_weights, ref_ids = reference.grouped_topk_softmax(logits, 6, 8, 3, renormalize, 16.0)
+    grouped = torch.softmax(logits, -1).unflatten(-1, (8, -1))
+    best = grouped.amax(-1)
+    ranked = best.sort(dim=-1, descending=True).values
+    kept = torch.zeros_like(best).scatter_(1, best.topk(3, dim=-1).indices, 1.0)
+    within = (grouped * kept[..., None]).flatten(1).sort(dim=-1, descending=True).values
+    decided = (ranked[:, 2] > ranked[:, 3]) & (within[:, 5] > within[:, 6])
+    assert decided.float().mean() > 0.99
+    ids_sorted, order = ids.sort(dim=-1)
+    ref_sorted, ref_order = ref_ids.sort(dim=-1)
+    assert torch.equal(ids_sorted[decided], ref_sorted[decided])
+    w, w_ref = weights.gather(1, order)[decided], ref_weights.gather(1, ref_order)[decided]
+    assert ulp_distance(w, w_ref).max() <= 8
+    assert (weights[:, :-1] >= weights[:, 1:]).all(), "picks in descending score order"
 
 
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
