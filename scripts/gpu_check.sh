@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,fp8tests,fp8bench,fp8kernels,fp8acc,abtree,serve,bench; see each below)
+# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,fp8acc,abtree,serve,bench; see each below)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
@@ -26,6 +26,10 @@ has tests && step gpu-tests 200 python3 -m pytest -q -x tests/gpu
 has tests && step so-gpu 60 python3 -m pytest -q tests/test_structured_outputs.py::test_bitmask_on_the_gpu_equals_the_cpu
 has kernels && step bench-kernels 120 python3 scripts/bench_kernels.py
 has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
+# where a decode step's time goes (batch 1), the MLA decode and MoE launch sweeps; a step that admits a
+# prompt beside 256 decodes
+has profile && step profile-decode 300 python3 scripts/profile_decode.py
+has profile && step profile-mixed 120 python3 scripts/profile_mixed_step.py
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL
 has fp8tests && step fp8-tests 130 python3 -m pytest -q -s tests/gpu/test_fp8_gpu.py

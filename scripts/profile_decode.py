@@ -4,7 +4,8 @@
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench).
-2. mla_decode at batch 1, 1K context, for several split counts.
+2. mla_decode at batch 1, 32 and 256 for several split counts; at batches 1 and 256 also the tile
+   size, warps and pipeline stages (the fastest four, with the bandwidth they reach).
 3. One batch-1 decode step of a random V2-Lite model, eager, under the torch profiler: total kernel
    time per step and the top kernels, against the CUDA-graph step time.
 """
@@ -85,6 +86,20 @@ def sweep_mla() -> None:
                                              max_seq_len=4104))
             row.append(f"{splits}:{us:.1f}")
         print(f"mla_decode B={batch} ctx={ctx}: " + "  ".join(row))
+        if batch in (1, 256):  # the tile and the launch, at the default split count and at one split
+            results = []
+            for splits, block_n, warps, stages in itertools.product((None, 1), (32, 64), (4, 8), (2, 3, 4)):
+                try:
+                    us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
+                                                     max_seq_len=4104, block_n=block_n, num_warps=warps,
+                                                     num_stages=stages))
+                except Exception:  # out of shared memory or registers
+                    continue
+                results.append((us, dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)))
+            results.sort(key=lambda r: r[0])
+            bytes_read = batch * ctx * (R + P) * 2
+            for us, cfg in results[:4]:
+                print(f"    {us:8.1f} us ({bytes_read / us / 1e6:.2f} TB/s)  {cfg}")
 
 
 def profile_step() -> None:

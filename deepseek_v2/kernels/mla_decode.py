@@ -170,7 +170,8 @@ def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
-               block_n: int | None = None) -> torch.Tensor:
+               block_n: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R].
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
@@ -179,7 +180,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
-    capacity). block_n: tokens per tile (tests and tuning). Never reads device values on the host.
+    capacity). block_n: tokens per tile; num_warps, num_stages: the split kernel's launch (tests and
+    tuning; None: the defaults below). Never reads device values on the host.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
@@ -244,8 +246,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_n <= 32 and not fp8 else 8,
-        num_stages=1 if fp8 and q_lat.dtype == torch.float32 else 2,  # fp32 over an FP8 cache spills at 2
+        num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
+        num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
     )
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](
