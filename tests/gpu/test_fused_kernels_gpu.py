@@ -130,9 +130,14 @@ def test_silu_and_mul(I, T):
 
 def assert_same_routing(weights, ids, logits, k, renormalize, scaling):
     ref_weights, ref_ids = reference.topk_softmax(logits, k, renormalize, scaling)
-    assert ids.dtype == torch.int32 and weights.shape == ref_weights.shape
     scores = torch.softmax(logits, -1).topk(k + 1, dim=-1).values
     decided = scores[:, k - 1] > scores[:, k]                      # torch's set is unambiguous
+    assert_routing_where_decided(weights, ids, ref_weights, ref_ids, decided)
+
+
+def assert_routing_where_decided(weights, ids, ref_weights, ref_ids, decided):
+    """The reference's experts on the decided rows (nearly all), their weights within 8 fp32 ulps."""
+    assert ids.dtype == torch.int32 and weights.shape == ref_weights.shape
     assert decided.float().mean() > 0.99
     ids_sorted, order = ids.sort(dim=-1)
     ref_sorted, ref_order = ref_ids.sort(dim=-1)
@@ -165,14 +170,8 @@ def test_grouped_topk_softmax(T, renormalize):
     ranked = best.sort(dim=-1, descending=True).values
     kept = torch.zeros_like(best).scatter_(1, best.topk(3, dim=-1).indices, 1.0)
     within = (grouped * kept[..., None]).flatten(1).sort(dim=-1, descending=True).values
-    decided = (ranked[:, 2] > ranked[:, 3]) & (within[:, 5] > within[:, 6])
-    assert decided.float().mean() > 0.99
-    ids_sorted, order = ids.sort(dim=-1)
-    ref_sorted, ref_order = ref_ids.sort(dim=-1)
-    assert torch.equal(ids_sorted[decided], ref_sorted[decided])
-    w, w_ref = weights.gather(1, order)[decided], ref_weights.gather(1, ref_order)[decided]
-    assert ulp_distance(w, w_ref).max() <= 8
-    assert (weights[:, :-1] >= weights[:, 1:]).all(), "picks in descending score order"
+    decided = (ranked[:, 2] > ranked[:, 3]) & (within[:, 5] > within[:, 6])  # the groups, then the picks
+    assert_routing_where_decided(weights, ids, ref_weights, ref_ids, decided)
 
 
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
