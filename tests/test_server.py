@@ -31,8 +31,10 @@ GREEDY = dict(temperature=0)
 
 @pytest.fixture(scope="module")
 def server():
+    # asynchronous scheduling on, as on a GPU (on CPU it is off unless asked): every answer below must
+    # still equal the offline engine's
     proc, url, _ = start_server("--num-kv-blocks", "256", "--api-key", KEYS[0], "--api-key", KEYS[1],
-                                "--served-model-name", "tiny", "alias")
+                                "--served-model-name", "tiny", "alias", "--async-scheduling", "on")
     yield url
     stop_server(proc)
 
@@ -261,6 +263,7 @@ def test_metrics(server, client):
         assert f"deepseek_v2:{name}{label}" in values
     assert values[f"deepseek_v2:prompt_tokens_total{label}"] > 0
     assert values[f"deepseek_v2:generation_tokens_total{label}"] >= 3
+    assert values[f"deepseek_v2:steps_launched_ahead_total{label}"] >= 1  # the server runs with it on
     assert values[f"deepseek_v2:time_to_first_token_seconds_count{label}"] > 0
     assert values[f"deepseek_v2:time_per_output_token_seconds_count{label}"] > 0
     assert series(text, "time_to_first_token_seconds_bucket", model_name="tiny", le="+Inf") > 0

@@ -32,8 +32,9 @@ MALFORMED = [b'{"prompt": "x", ', b'{"prompt": ""}', b'{"prompt": "x", "max_toke
 
 @pytest.fixture(scope="module")
 def server():
+    # asynchronous scheduling on, as on a GPU: streams cancelled and clients gone while steps run ahead
     proc, url, log = start_server("--max-model-len", str(MAX_LEN), "--num-kv-blocks", "256", "--block-size", "16",
-                                  "--max-num-seqs", str(CONCURRENCY))
+                                  "--max-num-seqs", str(CONCURRENCY), "--async-scheduling", "on")
     yield url, log
     stop_server(proc)
 
@@ -147,6 +148,7 @@ def test_soak(server, alone):
             statuses[status] = statuses.get(status, 0) + int(value)
     assert not any(s.startswith("5") for s in statuses), statuses
     assert "Traceback" not in read(log)
+    assert next(v for k, v in m.items() if k.startswith("deepseek_v2:steps_launched_ahead_total")) > 0
     outcomes = [o for o, _ in results]
     latencies = sorted(t for o, t in results if o == "ok")
     counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}

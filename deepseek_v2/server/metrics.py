@@ -33,6 +33,8 @@ ENGINE_SERIES = [
     ("prefix_cache_queries", "prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
     ("prefix_cache_hits", "prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
     ("num_preemptions", "num_preemptions", "counter", "Sequences preempted for lack of cache."),
+    ("steps_launched_ahead", "steps_launched_ahead", "counter",
+     "Decode steps launched before the tokens of the step before reached the host (asynchronous scheduling)."),
 ]
 
 
