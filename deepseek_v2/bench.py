@@ -246,7 +246,7 @@ def run(args) -> None:
     results = {"source": description, "tensor_parallel_size": config.tensor_parallel_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(model.dtype).removeprefix("torch."),  # "auto" resolved
                "quantization": a.quantization, "kv_cache_dtype": config.kv_cache_dtype,
-               "engine_startup_s": startup, "workload": args.workload}
+               "async_scheduling": engine.async_scheduling, "engine_startup_s": startup, "workload": args.workload}
     if mixed:
         results["engine"] = {"max_num_seqs": config.max_num_seqs,
                              "max_num_batched_tokens": config.max_num_batched_tokens,

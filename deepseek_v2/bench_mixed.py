@@ -108,7 +108,8 @@ def output_checksum(outputs: list[list[int]]) -> str:
 def title(r: dict) -> str:
     fp8 = [what for what, on in (("fp8 weights", r.get("quantization") == "fp8"),
                                  ("fp8 cache", r.get("kv_cache_dtype") == "fp8")) if on]
-    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {' + '.join([r['dtype'], *fp8])}"
+    steps = "asynchronous scheduling" if r.get("async_scheduling") else "synchronous steps"
+    return f"# {r['source']} | {r['device']} | torch {r['torch']} | {' + '.join([r['dtype'], *fp8])} | {steps}"
 
 
 def format_mixed(r: dict) -> str:
