@@ -60,11 +60,7 @@ class Sampler:
         if all(p.plain_greedy for p in params):  # the common fast path: nothing but an argmax
             return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
         raw = logits
-        logits = self.apply_penalties(self.apply_masks(logits, seqs), seqs)
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self.draw(logits, seqs)
+        tokens = self.pick(self.apply_penalties(self.apply_masks(logits, seqs), seqs), seqs)
         token_list = tokens.tolist()
         if self.grammars is not None:
             self.grammars.accept(seqs, token_list)
@@ -85,9 +81,10 @@ class Sampler:
         return out
 
     @torch.no_grad()
-    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """The tokens of rows whose params sample on the device alone (SamplingParams.samples_on_device),
-        left there: [N] token ids, the same tokens `__call__` picks for such rows."""
+    def pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """[N] token ids from logits already masked and penalised, left on their device: the argmax when
+        every row is greedy, else `draw`. For rows that need nothing else of the host
+        (SamplingParams.samples_on_device) these are the tokens `__call__` returns."""
         if all(s.sampling_params.greedy for s in seqs):
             return logits.argmax(dim=-1)
         return self.draw(logits, seqs)

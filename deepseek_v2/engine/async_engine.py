@@ -373,10 +373,7 @@ class AsyncLLMEngine:
         self._stats = stats
         del self._in_flight[:num_added - self._num_taken]
         self._num_taken = num_added
-        for request_id, error in failed:
-            self._deliver(request_id, error)
-        for out in outputs:
-            self._deliver(out.request_id, out)
+        self._deliver_step(outputs, failed)
         if self._pending:
             self._wakeup.set()  # there may be room now
 

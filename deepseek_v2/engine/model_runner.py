@@ -5,11 +5,11 @@ sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into 
 engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of those rows, and
 `sample` turns them into tokens and logprobs.
 
-`launch` queues a step on the device and `collect` waits for its tokens. Between the two, the engine
-may `launch_next_decode`: the decode step after a decode step, its input tokens the ones just sampled,
-still on the device, so that the device runs it while the host handles the tokens before
-(asynchronous scheduling, llm_engine.py). Only rows whose token needs nothing of the host are sampled
-that way (SamplingParams.samples_on_device); the rest take the host path, as `run` does.
+On rank 0 a step is `launch` (those three calls, the sampling left on the device where it needs
+nothing of the host: SamplingParams.samples_on_device) and `collect` (its StepResults, once the tokens
+reach the host). Between the two, the engine may `launch_next_decode`: the decode step after a decode
+step, its input tokens the ones just sampled, still on the device, so that the device runs it while
+the host handles the tokens before (asynchronous scheduling, llm_engine.py).
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
 holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else; with
@@ -189,10 +189,6 @@ class ModelRunner:
         rows = [t + [0] * (width - len(t)) for t in tables]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
-    def run(self, sched: SchedulerOutput) -> list[StepResult]:
-        """One step (on rank 0); returns one StepResult per scheduled sequence, in sched.scheduled order."""
-        return self.collect(self.launch(sched))
-
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """Queue one step (on rank 0): its forward, and its sampling where that needs nothing of the host."""
         step = self.prepare_inputs(sched)
@@ -244,7 +240,7 @@ class ModelRunner:
         if not (step.forward.decode_only and len(step.sample_rows) == len(seqs)
                 and all(s.sampling_params.samples_on_device for s in seqs)):
             return LaunchedStep(step, results=self.sample(step, logits))
-        tokens = self.sampler.sample_on_device(logits, seqs)
+        tokens = self.sampler.pick(logits, seqs)  # no mask nor penalty to apply
         if self.device.type != "cuda":
             return LaunchedStep(step, tokens=tokens, host_tokens=tokens)
         host = tokens.to("cpu", non_blocking=True)  # into pinned memory; read after `ready`
