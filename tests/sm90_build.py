@@ -76,7 +76,6 @@ def launch_fused_kernels() -> None:
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
         for E in (64, 160):
             router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
-        router.grouped_topk_softmax(torch.empty(T, 160), 6, 8, 3, renormalize=False, scaling=16.0)  # V2's router
 
 
 FAMILIES = {

@@ -218,7 +218,8 @@ def test_bad_prompts_raise(setup):
 def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name, fp8):
     """The engine with kernels="triton" (the Triton kernels, run here by Triton's CPU interpreter) gives
     the reference set's greedy tokens: the one switch flips every kernel family and nothing else. The
-    grouped case covers group-limited routing (the router kernel with its groups); the FP8 case FP8 weights (the FP8 GEMM and the fused MoE's FP8 path, every block partial at these
+    grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference);
+    the FP8 case FP8 weights (the FP8 GEMM and the fused MoE's FP8 path, every block partial at these
     sizes) and the FP8 latent cache (its write in mla_prepare, its reads in decode and prefill)."""
     _, path = hf_checkpoint(name)
     tokenizer = Tokenizer.from_pretrained(TOKENIZER)

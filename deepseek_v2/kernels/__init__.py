@@ -51,5 +51,6 @@ def load_kernels(name: str) -> Kernels:
     return Kernels("triton", fp8_linear.linear, norm.rms_norm, mla_prepare.mla_prepare,
                    reference.gather_latents,  # an indexing copy (and a dequantize), no kernel of its own
                    prefill.prefill_attention, mla_decode.mla_decode,
-                   activation.silu_and_mul, router.topk_softmax, router.grouped_topk_softmax,
+                   activation.silu_and_mul, router.topk_softmax,
+                   reference.grouped_topk_softmax,  # no kernel yet: V2's group-limited router runs eagerly
                    moe.fused_moe)
