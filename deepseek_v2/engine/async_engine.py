@@ -12,9 +12,8 @@ back at once, not after the 5 ms a busy event loop may otherwise hold it. Each r
 asyncio queue of `RequestOutput`s; `generate` yields them and aborts the request when its caller
 stops listening (cancellation, `aclose`, a client that went away).
 
-`with_engine_process` puts the engine in a process of its own instead (engine_process.py): the loop
-then sends the requests that take their turn and the aborts to it, and a reader thread hands its
-step messages (outputs, failures, statistics) to the event loop.
+engine_process.py's subclass, `AsyncEngineProcess`, puts the engine in a process of its own instead:
+the same admission and streams, another loop.
 
 Fair admission: requests wait here, in groups (one per API request), until the running batch has
 room, and are handed to the engine taking the groups in turn. So one API request of many prompts
@@ -25,7 +24,7 @@ States: loading (a `loader` is still building the engine), ready, draining (no n
 the grace period the rest fail with `RequestAbortedError`), dead (a fatal error: every pending
 request fails with `EngineDeadError`, new ones are refused). A step that fails in a way that harms
 only its own requests (`StepError`) fails those requests and the engine goes on.
-(About 480 lines: admission, the two loops and the drain share the queues defined here.)
+(About 420 lines: admission, the loop and the drain share the queues defined here.)
 """
 
 from __future__ import annotations
@@ -77,17 +76,19 @@ class _PendingAdd:
     arrival_time: float
     group: str
 
+    def as_work(self) -> tuple:
+        """What take_work (and the engine process) takes: (request_id, prompt_token_ids, params, arrival_time)."""
+        return self.request_id, self.prompt_token_ids, self.params, self.arrival_time
+
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine | None = None, loader: Callable[[], LLMEngine] | None = None,
-                 remote: Callable | None = None):
-        if sum(x is not None for x in (engine, loader, remote)) != 1:
-            raise ValueError("give one of a built engine, a loader or a remote engine's maker")
+    LOWER_SWITCH_INTERVAL = True  # for the engine thread of this process (below)
+
+    def __init__(self, engine: LLMEngine | None = None, loader: Callable[[], LLMEngine] | None = None):
+        if (engine is None) == (loader is None):
+            raise ValueError("give either a built engine or a loader")
         self.engine = engine
         self._loader = loader
-        self._remote = remote  # makes an engine_process.RemoteEngine: the engine in its own process
-        self._in_flight: list[int] = []  # sequences of the requests sent to a remote engine, not yet taken
-        self._num_taken = 0  # requests the remote engine has taken so far
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._streams: dict[str, asyncio.Queue] = {}
         self._reserved: dict[str, int] = {}  # accepted by generate(), iteration not started: id -> n
@@ -99,7 +100,6 @@ class AsyncLLMEngine:
         self._lock = threading.RLock()
         self._work = threading.Event()  # set when a request or an abort is queued (or on shutdown)
         self._stopping = False
-        self._wakeup: asyncio.Event | None = None  # the remote loop's: a request, an abort or room
         self._died: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stats: dict = engine.stats() if engine is not None else {}
@@ -112,13 +112,6 @@ class AsyncLLMEngine:
         """An engine that loads the checkpoint in its worker thread once `start()` is called."""
         return cls(loader=lambda: LLMEngine.from_pretrained(model, dtype=dtype, device=device,
                                                             load_format=load_format, **knobs))
-
-    @classmethod
-    def with_engine_process(cls, model: str | None = None, dtype="auto", device: str | None = None,
-                            load_format: str = "auto", **knobs) -> AsyncLLMEngine:
-        """An engine that runs in a process of its own (engine_process.py), started by `start()`."""
-        from .engine_process import RemoteEngine
-        return cls(remote=lambda: RemoteEngine(model, dtype=dtype, device=device, load_format=load_format, **knobs))
 
     # ---- state ------------------------------------------------------------------------------------
     @property
@@ -153,9 +146,9 @@ class AsyncLLMEngine:
     async def start(self) -> None:
         """Start the background loop (and the loading, with a loader) on the running event loop."""
         if self._task is None:
-            if self._remote is None:
+            if self.LOWER_SWITCH_INTERVAL:
                 sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
-            self._died, self._wakeup = asyncio.Event(), asyncio.Event()
+            self._died = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="engine-loop")
 
     async def wait_until_loaded(self) -> None:
@@ -293,10 +286,8 @@ class AsyncLLMEngine:
                 self._notify()
 
     def _notify(self) -> None:
-        """Wake the loop that hands work to the engine (the engine thread, or the remote loop)."""
+        """Wake the loop that hands work to the engine."""
         self._work.set()
-        if self._wakeup is not None:
-            self._wakeup.set()
 
     def _fail_all(self, error: BaseException) -> None:
         """Every request raises `error` and stops (a dead engine has nothing left to abort)."""
@@ -311,8 +302,6 @@ class AsyncLLMEngine:
     # ---- the loop ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._remote is not None:
-            return await self._run_remote(loop)
         try:
             if self.engine is None:
                 self.engine = await loop.run_in_executor(self._executor, self._load)
@@ -322,69 +311,16 @@ class AsyncLLMEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the engine cannot serve on (is_fatal), or its bookkeeping failed
-            logger.exception("the engine died")
-            self.error = e
-            self._fail_all(EngineDeadError(f"the engine died: {e!r}"))
-            self._died.set()
-
-    async def _run_remote(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The loop with the engine in another process: send it the requests that take their turn and
-        the aborts; a reader thread hands its step messages to the event loop."""
-        try:
-            remote = await loop.run_in_executor(self._executor, self._remote)
-            info = await loop.run_in_executor(self._executor, remote.wait_ready)
-            self.engine, self._stats = remote, info["stats"]
-            logger.info("engine ready (in its own process, pid %d)", remote.process.pid)
-            threading.Thread(target=self._read, args=(remote, loop), name="engine-reader", daemon=True).start()
-            while not self.is_dead:
-                if not (self._pending or self._aborts):
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                adds = self._take_turns()
-                aborts, self._aborts = self._aborts, []
-                if not adds and not aborts:  # no room: the next step message wakes this loop
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                self._in_flight += [a.params.n for a in adds]
-                remote.send(("work", [(a.request_id, a.prompt_token_ids, a.params, a.arrival_time) for a in adds],
-                             aborts))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
             self._die(e)
 
-    def _read(self, remote, loop: asyncio.AbstractEventLoop) -> None:
-        """The reader thread: each message of the engine process, handed to the event loop."""
-        while True:
-            message = remote.receive()
-            try:
-                if message[0] == "step":
-                    loop.call_soon_threadsafe(self._on_step, *message[1:])
-                else:
-                    if not remote.closing:  # (after close() the child's end is the one asked for)
-                        loop.call_soon_threadsafe(self._die, message[1])
-                    return
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                return
-
-    def _on_step(self, outputs, failed, stats: dict, num_added: int) -> None:
-        self._stats = stats
-        del self._in_flight[:num_added - self._num_taken]
-        self._num_taken = num_added
-        self._deliver_step(outputs, failed)
-        if self._pending:
-            self._wakeup.set()  # there may be room now
-
     def _die(self, error: BaseException) -> None:
+        """The engine cannot serve on: every request fails with EngineDeadError, new ones are refused."""
         if self.is_dead:
             return
-        logger.error("the engine died: %r", error)
+        logger.error("the engine died: %r", error, exc_info=error)
         self.error = error
         self._fail_all(EngineDeadError(f"the engine died: {error!r}"))
         self._died.set()
-        self._wakeup.set()
 
     def _load(self) -> LLMEngine:
         engine = self._loader()
@@ -422,7 +358,7 @@ class AsyncLLMEngine:
         has room for beside those already waiting in the engine, one request per group in turn."""
         s = self._stats
         room = (self.engine.config.max_num_seqs - s.get("num_running", 0) - s.get("num_waiting", 0)
-                - sum(self._in_flight))
+                - self._sequences_sent())
         adds = []
         while self._pending and room > 0:
             group, queue = next(iter(self._pending.items()))
@@ -436,6 +372,11 @@ class AsyncLLMEngine:
             room -= add.params.n
         return adds
 
+    def _sequences_sent(self) -> int:
+        """Sequences handed over that the engine's statistics do not count yet (none here: the engine
+        thread takes them before it reads its statistics again)."""
+        return 0
+
     def _deliver(self, request_id: str, item) -> None:
         queue = self._streams.get(request_id)
         if queue is not None:
@@ -443,24 +384,37 @@ class AsyncLLMEngine:
 
     def _step(self, adds: list[_PendingAdd], aborts: list[str]):
         """Runs in the worker thread: the only place the engine is touched after loading."""
-        for request_id in aborts:
-            self.engine.abort(request_id)
-        failed = []
-        for a in adds:
-            try:
-                self.engine.enqueue(a.request_id, None, a.prompt_token_ids, a.params, arrival_time=a.arrival_time)
-            except Exception as e:  # only this request fails
-                failed.append((a.request_id, e))
-        outputs = []
-        try:
-            if self.engine.has_unfinished_requests():
-                outputs = self.engine.step()
-        except StepError as e:  # the engine aborted the step's requests and serves on
-            logger.error("a step failed; its %d request(s) were aborted: %r", len(e.request_ids), e.cause,
-                         exc_info=e.cause)
-            failed += [(request_id, e) for request_id in e.request_ids]
+        failed = take_work(self.engine, [a.as_work() for a in adds], aborts)
+        outputs, step_failed = step_failing_alone(self.engine)
         self._stats = self.engine.stats()
-        return outputs, failed
+        return outputs, failed + step_failed
+
+
+def take_work(engine: LLMEngine, adds, aborts: list[str]) -> list[tuple[str, BaseException]]:
+    """Abort, then queue the adds ((request_id, prompt_token_ids, params, arrival_time) each); a request
+    the engine will not take fails alone. Returns the failed (request_id, error)."""
+    for request_id in aborts:
+        engine.abort(request_id)
+    failed = []
+    for request_id, ids, params, arrival_time in adds:
+        try:
+            engine.enqueue(request_id, None, ids, params, arrival_time=arrival_time)
+        except Exception as e:  # only this request fails
+            failed.append((request_id, e))
+    return failed
+
+
+def step_failing_alone(engine: LLMEngine) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
+    """One step if there is work. A step that fails only its own requests (StepError: the engine aborted
+    them and serves on) is logged and its requests returned as failed, with the error."""
+    if not engine.has_unfinished_requests():
+        return [], []
+    try:
+        return engine.step(), []
+    except StepError as e:
+        logger.error("a step failed; its %d request(s) were aborted: %r", len(e.request_ids), e.cause,
+                     exc_info=e.cause)
+        return [], [(request_id, e) for request_id in e.request_ids]
 
 
 def _merge(items: list[RequestOutput]) -> RequestOutput:

@@ -1,4 +1,5 @@
 """The engine in a process of its own, for the server: `serve --engine-process`.
+`AsyncEngineProcess` is the server's `AsyncLLMEngine` for it; `RemoteEngine` its end of the pipe.
 
 In one process the server's event loop (HTTP, one streamed chunk per token and request) and the
 engine's thread (scheduling, kernel launches, sampling, outputs) run Python under one GIL, and each
@@ -15,13 +16,16 @@ failed as (request_id, error); ("dead", error) before it exits on an error it ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import pickle
 import signal
 import threading
+from collections.abc import Callable
 
 from ..tokenizer import Tokenizer
+from .async_engine import AsyncLLMEngine, step_failing_alone, take_work
 from .request_checks import RequestChecks
 
 logger = logging.getLogger("deepseek_v2")
@@ -38,7 +42,7 @@ def _portable(error: BaseException) -> BaseException:
 
 def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict, log_level: int) -> None:
     """The engine process: build the engine, then step while there is work, else wait for some."""
-    from .llm_engine import LLMEngine, StepError
+    from .llm_engine import LLMEngine
     # Ctrl-C in a terminal reaches the whole process group: the server drains, then stops this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a spawned process starts without the server's logging: the same format, level and stream
@@ -66,21 +70,10 @@ def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict
                     engine.close()
                     return
                 _, adds, aborts = message
-                for request_id in aborts:
-                    engine.abort(request_id)
-                for request_id, ids, params, arrival in adds:
-                    added += 1
-                    try:
-                        engine.enqueue(request_id, None, ids, params, arrival_time=arrival)
-                    except Exception as e:  # only this request fails
-                        failed.append((request_id, _portable(e)))
-            outputs = []
-            if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                except StepError as e:  # the engine aborted the step's requests and serves on
-                    logger.error("a step failed; its %d request(s) were aborted: %r", len(e.request_ids), e.cause)
-                    failed += [(request_id, e) for request_id in e.request_ids]
+                added += len(adds)
+                failed += take_work(engine, adds, aborts)  # message by message: an abort may follow its add
+            outputs, step_failed = step_failing_alone(engine)
+            failed = [(request_id, _portable(e)) for request_id, e in failed + step_failed]
             if outputs or failed or received:  # (a step that could schedule nothing says nothing)
                 conn.send(("step", outputs, failed, engine.stats(), added))
     except BaseException as e:
@@ -146,3 +139,84 @@ class RemoteEngine(RequestChecks):
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+
+
+class AsyncEngineProcess(AsyncLLMEngine):
+    """AsyncLLMEngine (the same admission in turns, streams and drain) with the engine in a child process:
+    its loop sends the requests that take their turn and the aborts, and a reader thread hands the
+    child's step messages (outputs, failures, statistics) to the event loop."""
+
+    LOWER_SWITCH_INTERVAL = False  # no engine thread in this process to hand the interpreter to
+
+    def __init__(self, make_remote: Callable[[], RemoteEngine]):
+        super().__init__(loader=make_remote)  # (run by _run below, in the executor: it starts the child)
+        self._in_flight: list[int] = []  # sequences of the requests sent, not yet taken by the child
+        self._num_taken = 0  # requests the child has taken so far
+        self._wakeup: asyncio.Event | None = None  # a request, an abort, or room
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, dtype="auto", device: str | None = None,
+                        load_format: str = "auto", **knobs) -> AsyncEngineProcess:
+        """An engine whose child process loads the checkpoint once `start()` is called."""
+        return cls(lambda: RemoteEngine(model, dtype=dtype, device=device, load_format=load_format, **knobs))
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+        await super().start()
+
+    def _notify(self) -> None:
+        super()._notify()
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _sequences_sent(self) -> int:
+        return sum(self._in_flight)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            remote = await loop.run_in_executor(self._executor, self._loader)
+            info = await loop.run_in_executor(self._executor, remote.wait_ready)
+            self.engine, self._stats = remote, info["stats"]
+            logger.info("engine ready (in its own process, pid %d)", remote.process.pid)
+            threading.Thread(target=self._read, args=(remote, loop), name="engine-reader", daemon=True).start()
+            while not self.is_dead:
+                adds = self._take_turns() if self._pending else []
+                aborts, self._aborts = self._aborts, []
+                if not adds and not aborts:  # nothing to send, or no room: a request, an abort or a step wakes this
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._in_flight += [a.params.n for a in adds]
+                remote.send(("work", [a.as_work() for a in adds], aborts))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self._die(e)
+
+    def _read(self, remote: RemoteEngine, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader thread: each message of the engine process, handed to the event loop."""
+        while True:
+            message = remote.receive()
+            try:
+                if message[0] == "step":
+                    loop.call_soon_threadsafe(self._on_step, *message[1:])
+                else:
+                    if not remote.closing:  # (after close() the child's end is the one asked for)
+                        loop.call_soon_threadsafe(self._die, message[1])
+                    return
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                return
+
+    def _on_step(self, outputs, failed, stats: dict, num_added: int) -> None:
+        self._stats = stats
+        del self._in_flight[:num_added - self._num_taken]
+        self._num_taken = num_added
+        self._deliver_step(outputs, failed)
+        if self._pending:
+            self._wakeup.set()  # there may be room now
+
+    def _die(self, error: BaseException) -> None:
+        super()._die(error)
+        self._wakeup.set()

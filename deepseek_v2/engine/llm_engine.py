@@ -316,9 +316,9 @@ class LLMEngine(RequestChecks):
         """Launch the decode step after `launched` now, when it is the step the scheduler would make
         next anyway: `launched` was decode-only and sampled on the device, its sequences still running
         are all that run, none waits that could be admitted (the batch is full, or none waits), and the
-        cache has a slot for each one's next position. A sequence that `launched`'s token will end by length is left out; one that it ends
-        otherwise (a stop token or string) computes one position for nothing, dropped. Requests added
-        meanwhile are scheduled one step later."""
+        cache has a slot for each one's next position. A sequence that `launched`'s token will end by
+        length is left out; one that it ends otherwise (a stop token or string) computes one position
+        for nothing, dropped. Requests added meanwhile are scheduled one step later."""
         waiting_may_join = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
         if launched.tokens is None or waiting_may_join:
             return None

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
     loading fails."""
     from ..config import DEFAULT_MODEL, EngineConfig
     from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from ..engine.engine_process import AsyncEngineProcess
     from .app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     check_port(args.host, args.port)
     keys = list(args.api_key) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
     names = args.served_model_name or [args.model or "deepseek-v2-default"]
-    make = AsyncLLMEngine.with_engine_process if args.engine_process else AsyncLLMEngine.from_pretrained
+    make = AsyncEngineProcess.from_pretrained if args.engine_process else AsyncLLMEngine.from_pretrained
     engine = make(model, dtype=args.dtype, device=args.device, load_format=args.load_format, **engine_kwargs(args))
     limits = Limits(max_body_bytes=int(args.max_request_body_mib * 2**20), body_timeout=args.request_body_timeout,
                     max_prompts=args.max_prompts_per_request, max_choices=args.max_choices_per_request)
