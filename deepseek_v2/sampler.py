@@ -18,6 +18,13 @@ import torch
 from .engine.sequence import Sequence
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of host values (a list or a numpy array) on `device`, copied without waiting for the device: torch.tensor(values,
+    device=...) copies synchronously, which waits for every kernel queued before it (the step's
+    forward, when the sampling is queued behind it, as a step launched ahead is)."""
+    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class TokenLogprobs:
     """Log-probabilities at one position: the chosen (or actual prompt) token first, then the top-N."""
@@ -104,7 +111,7 @@ class Sampler:
         if not rows:
             return logits
         logits = logits.clone()
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        logits[on_device(rows, logits.device), on_device(cols, logits.device)] = float("-inf")
         return logits
 
     @staticmethod
@@ -119,13 +126,12 @@ class Sampler:
         for i, s in enumerate(seqs):
             p = s.sampling_params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)),
-                                    dtype=torch.long, device=logits.device)
+                seen = on_device(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)), logits.device, torch.long)
                 seen = seen[seen < V]
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and s.output_token_ids:
-                out = torch.tensor(s.output_token_ids, dtype=torch.long, device=logits.device)
+                out = on_device(s.output_token_ids, logits.device, torch.long)
                 counts = torch.bincount(out[out < V], minlength=V).to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
@@ -135,28 +141,28 @@ class Sampler:
         argmax. Returns [N] token ids."""
         params = [s.sampling_params for s in seqs]
         V, device = logits.shape[1], logits.device
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        temps = on_device([1.0 if p.greedy else p.temperature for p in params], device)
         scaled = logits / temps[:, None]
         if any(p.top_k for p in params):
-            k = torch.tensor([p.top_k if p.top_k else V for p in params], device=device).clamp(max=V)
+            k = on_device([p.top_k if p.top_k else V for p in params], device).clamp(max=V)
             kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = scaled.softmax(dim=-1)
         if any(p.top_p < 1 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_p = on_device([p.top_p for p in params], device)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             drop_sorted = mass_before > top_p[:, None]  # keeps at least the most likely token
             probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), 0.0)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = on_device([p.min_p for p in params], device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
             if params[i].seed is not None and not params[i].greedy:
                 noise[i].exponential_(generator=self.generator_of(s))
         sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=device)
+        greedy = on_device([p.greedy for p in params], device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     def generator_of(self, seq: Sequence) -> torch.Generator:
@@ -173,7 +179,7 @@ class Sampler:
         n = seq.sampling_params.prompt_logprobs
         logprobs = logits.log_softmax(dim=-1)
         targets = [seq.token_at(p + 1) for p in positions]
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, on_device(targets, logits.device)[:, None])[:, 0].tolist()
         top_values, top_ids = (t.tolist() for t in logprobs.topk(n, dim=-1)) if n else ([], [])
         return [TokenLogprobs(t, lp, list(zip(top_ids[j], top_values[j])) if n else [])
                 for j, (t, lp) in enumerate(zip(targets, chosen))]

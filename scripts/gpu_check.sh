@@ -56,10 +56,13 @@ has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
 # (or carried as wheels in .whl/, installed below). Each server prints its garbage collector's pauses
-# at exit (scripts/server_overhead.py's report_gc_pauses), echoed below.
-serve_once() {  # $1: a name for the logs; then extra serve flags
+# at exit (scripts/server_overhead.py's report_gc_pauses), echoed below; a variant's flag --freeze-gc
+# freezes the start-up heap once the engine has loaded (server_overhead.freeze_gc_after_load).
+serve_once() {  # $1: a name for the logs; then extra serve flags (TREE=DIR: the server of DIR's tree)
   local name=$1; shift
-  python3 -c "import sys; from scripts.server_overhead import report_gc_pauses; report_gc_pauses(); \
+  env -C "${TREE:-.}" python3 -c "import sys; from scripts.server_overhead import report_gc_pauses; report_gc_pauses(); \
+freeze = '--freeze-gc' in sys.argv; freeze and sys.argv.remove('--freeze-gc'); \
+freeze and __import__('scripts.server_overhead').server_overhead.freeze_gc_after_load(); \
 from deepseek_v2.server.cli import main; sys.exit(main(sys.argv[1:]))" \
     --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
     --gpu-memory-utilization 0.85 --port 8011 --log-level warning "$@" > "$OUT/server-$name.log" 2>&1 &
@@ -84,6 +87,8 @@ if has serve; then
     read -ra flags <<< "${v#*:}"
     serve_once "${v%%:*}" "${flags[@]}"
   done
+  # ALT_TREE=DIR: the same run again with the server of DIR's tree (another version of the project)
+  [ -n "${ALT_TREE:-}" ] && TREE=$ALT_TREE serve_once alt
   # ALT_ASYNC_ENGINE=FILE: the same run again with FILE as deepseek_v2/engine/async_engine.py, so that two
   # versions of the serving loop are compared on one machine
   if [ -n "${ALT_ASYNC_ENGINE:-}" ]; then

@@ -283,6 +283,49 @@ def test_piecewise_steps_equal_transformers(setup, budget):
     assert run_all(fresh, [shared + [7, 8, 9]], GREEDY, ["c"])[0].outputs[0].token_ids == second.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("budget", [None, 24, 7])
+def test_prompt_chunks_run_absorbed_equal_transformers(setup, monkeypatch, budget):
+    """Prompt chunks run in absorbed form as decode rows (ModelRunner.absorbs_prefill: what lets a
+    step with short prompts be one CUDA graph on a GPU), here turned on on the CPU: whole prompts,
+    chunked prompts beside decodes, a cost bound that sends the larger steps the expanded way, a
+    prefix-cache hit and prompt logprobs give what the expanded path gives."""
+    from deepseek_v2.engine import model_runner
+
+    model, tokenizer, prompts, hf_out = setup
+    knobs = dict(max_num_seqs=2) if budget is None else dict(max_num_batched_tokens=budget)
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, **knobs))
+    runner = engine.runner
+    runner.absorbed_prefill_max_rows = 4096
+    # a step holding the whole 66-token prompt stays expanded (ABSORBED_PREFILL_MAX_TOKENS), and with
+    # chunks, one whose reads pass this bound
+    heads = model.model.layers[0].self_attn.num_heads
+    monkeypatch.setattr(model_runner, "ABSORBED_PREFILL_ROW_HEADS", 1000 * heads)
+    chosen = []
+    absorbs = runner.absorbs_prefill
+    runner.absorbs_prefill = lambda items: chosen.append(absorbs(items)) or chosen[-1]
+    got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
+    assert got == hf_out
+    assert True in chosen, "no step ran its prompt chunks absorbed"
+    if budget is None:
+        assert False in chosen, "every step ran absorbed: the cost bound was not exercised"
+    # a prefix hit: the new tokens' queries attend to the cached blocks as decode rows
+    shared = prompts[4][:48]
+    run_all(engine, [shared + [5, 6]], GREEDY, ["a"])
+    chosen.clear()
+    second = run_all(engine, [shared + [7, 8, 9]], GREEDY, ["b"])[0]
+    assert second.num_cached_tokens == 48 and chosen[0]
+    fresh = LLMEngine(model, tokenizer, EngineConfig(block_size=8, enable_prefix_caching=False))
+    assert run_all(fresh, [shared + [7, 8, 9]], GREEDY, ["c"])[0].outputs[0].token_ids == second.outputs[0].token_ids
+    # prompt logprobs: rows of the absorbed chunks, gathered among the logits
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2, logprobs=2)
+    absorbed = run_all(engine, prompts[:2], params, ["p0", "p1"])
+    expanded = run_all(fresh, prompts[:2], params, ["q0", "q1"])
+    for a, b in zip(absorbed, expanded):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.prompt_logprobs[1:] + a.outputs[0].logprobs, b.prompt_logprobs[1:] + b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+
+
 def test_dummy_load_format_is_random_weights_of_the_checkpoints_shape():
     """load_format="dummy" (vLLM's): the checkpoint's architecture and tokenizer, random weights."""
     from deepseek_v2.config import DEFAULT_MODEL

@@ -2,8 +2,10 @@
 sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into flat host lists
 (tokens, positions, slot mapping, block tables, which rows need logits), `forward` runs the model
 (replaying a captured CUDA graph for a decode-only batch, and the piecewise graphs of
-engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of those rows, and
-`sample` turns them into tokens and logprobs.
+engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of
+those rows, and `sample` turns them into tokens and logprobs. A step whose prompt chunks are few
+tokens runs them as rows of the decode graph, each token a query over its own causal context in
+absorbed form (absorbs_prefill).
 
 On rank 0 a step is `launch` (those three calls, the sampling left on the device where it needs
 nothing of the host: SamplingParams.samples_on_device) and `collect` (its StepResults, once the tokens
@@ -29,7 +31,7 @@ from ..config import EngineConfig, ModelArgs
 from ..kernels.fp8 import cache_width
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
 from ..parallel import SINGLE, TensorParallel
-from ..sampler import Sampler, TokenLogprobs
+from ..sampler import Sampler, TokenLogprobs, on_device
 from .piecewise import PiecewiseSteps
 from .scheduler import ScheduledSequence, SchedulerOutput
 
@@ -59,10 +61,18 @@ class ForwardInputs:
     prefill_query_lens: list[int] = field(default_factory=list)
     prefill_key_lens: list[int] = field(default_factory=list)  # cached + new tokens
     prefill_key_slots: np.ndarray = field(default_factory=lambda: EMPTY)  # the cache slots of every prefill context
-    decode_tables: list[list[int]] = field(default_factory=list)
-    decode_lens: list[int] = field(default_factory=list)  # including the new token
+    # The rows that attend in absorbed form, one query each over its own causal context (the decode
+    # tokens, and the tokens of prompt chunks run in that form: ModelRunner.absorbs_prefill):
+    decode_tables: list[list[int]] = field(default_factory=list)  # the block table of each one's sequence
+    decode_rows: list[int] = field(default_factory=list)  # how many consecutive rows each table serves
+    decode_lens: np.ndarray = field(default_factory=lambda: EMPTY)  # [rows] context length, the row's token included
     logit_rows: list[int] = field(default_factory=list)  # flat rows whose logits are needed, in order
-    decode_only: bool = True  # no prefill and no prompt logprobs: a captured graph may run it
+    decode_only: bool = True  # every row a decode token of its own sequence, no prompt logprobs
+
+    @property
+    def all_absorbed(self) -> bool:
+        """No row needs the expanded prefill path: a captured whole-step graph may run the step."""
+        return not self.prefill_query_lens
 
 
 @dataclass
@@ -88,6 +98,24 @@ class LaunchedStep:
     tokens: torch.Tensor | None = None
     host_tokens: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
+
+
+# A step whose prompt chunks are short may run them in absorbed form, as rows of the decode graph
+# (each token a query over its own causal context: ModelRunner.absorbs_prefill), so that the whole
+# step is one CUDA graph replay instead of the piecewise graphs around eager attention. Measured on an
+# H200 at the V2-Lite shape beside 256 decodes at 1K context (scripts/profile_mixed_step.py): a
+# 16-token prompt 1.5 ms faster than piecewise, a 200-token one 1.3 ms slower (the graph's rows all
+# pay the LM head and the padding to the next graph size; the piecewise step's eager attention costs
+# ~3 ms whatever its size), so at most this many prompt tokens a step:
+ABSORBED_PREFILL_MAX_TOKENS = 64
+# The absorbed form reads each token's whole context from the cache and attends over the latent (512 +
+# 64 dims per head against the expanded form's 192): a chunk after a long cached prefix (a chat's next
+# turn) pays while its reads, q * (cached + (q + 1) / 2) latent rows, times the heads, stay under this
+# (64 tokens after ~8K cached at 16 heads, after ~1K at 128).
+ABSORBED_PREFILL_ROW_HEADS = 2**23
+# Decode graphs are captured up to this many rows beyond max_num_seqs, for such prompt chunks beside a
+# full batch of decodes (at most the ladder's top, GRAPH_BATCH_SIZES).
+PROMPT_ROWS_IN_GRAPHS = 512
 
 
 def engine_max_model_len(config: EngineConfig, args: ModelArgs) -> int:
@@ -131,8 +159,12 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.piecewise: PiecewiseSteps | None = None  # steps holding prefills, cut at attention
+        # The most rows a step whose prompt chunks run absorbed may hold (absorbs_prefill): the largest
+        # decode graph; 0 (never) without graphs, where the absorbed form saves no launches (tests set it).
+        self.absorbed_prefill_max_rows = 0
         if self.device.type == "cuda" and not config.enforce_eager and graphs:
             self._capture_decode_graphs()
+            self.absorbed_prefill_max_rows = max(self.graphs)
             self.piecewise = PiecewiseSteps(self.model, self.kv_caches, self.scratch_block * self.block_size,
                                             config.max_num_batched_tokens, capture=True)
 
@@ -184,10 +216,15 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     # ---- one step ---------------------------------------------------------------------------------
-    def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+    def _block_table_tensor(self, tables: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """[sum(rows), width] int32: table i repeated for its rows[i] rows, zero-padded."""
         width = max((len(t) for t in tables), default=1) or 1
-        rows = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+        array = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            array[i, :len(t)] = t
+        if len(rows) != len(array) or any(r != 1 for r in rows):
+            array = np.repeat(array, rows, axis=0)
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """Queue one step (on rank 0): its forward, and its sampling where that needs nothing of the host."""
@@ -208,10 +245,10 @@ class ModelRunner:
         slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
         rows = list(range(len(items)))
         f = ForwardInputs(input_ids=np.zeros(len(items), dtype=np.int64),  # unread: the tokens come from the device
-                          positions=positions, slots=slots, decode_tables=tables,
-                          decode_lens=(positions + 1).tolist(), logit_rows=rows, decode_only=True)
+                          positions=positions, slots=slots, decode_tables=tables, decode_rows=[1] * len(items),
+                          decode_lens=positions + 1, logit_rows=rows, decode_only=True)
         step = StepInputs(items, rows, f, sample_rows=dict(zip(rows, rows)))
-        ids = prev.tokens if len(keep) == len(prev.step.items) else prev.tokens[torch.tensor(keep, device=self.device)]
+        ids = prev.tokens if len(keep) == len(prev.step.items) else prev.tokens[on_device(keep, self.device)]
         return self._sample_launched(step, self.forward(f, device_ids=ids))
 
     def takes_device_ids(self, num_decodes: int) -> bool:
@@ -253,12 +290,24 @@ class ModelRunner:
         while (inputs := self.control.receive()) is not None:
             self.forward(inputs)
 
+    def absorbs_prefill(self, items: list[ScheduledSequence]) -> bool:
+        """Whether this step runs its prompt chunks in absorbed form, as decode rows (see
+        ABSORBED_PREFILL_MAX_TOKENS): it has some, few tokens in all, it fits the largest decode graph,
+        and their reads of the cache are small."""
+        chunks = [(item.seq.num_computed_tokens, item.num_new_tokens) for item in items if item.num_new_tokens > 1]
+        if (not chunks or sum(q for _, q in chunks) > ABSORBED_PREFILL_MAX_TOKENS
+                or sum(item.num_new_tokens for item in items) > self.absorbed_prefill_max_rows):
+            return False
+        heads = self.model.model.layers[0].self_attn.num_heads
+        return heads * sum(q * (start + (q + 1) / 2) for start, q in chunks) <= ABSORBED_PREFILL_ROW_HEADS
+
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step's flat inputs, on the host: array code per prefill sequence, a few list appends per
         decode token."""
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
         step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
         f, bs = step.forward, self.block_size
+        absorbed = self.absorbs_prefill(step.items)
         prefill_ids, key_slots, decode_ids, decode_pos, decode_slots = [], [], [], [], []
         offset = 0
         for k, item in enumerate(step.items):
@@ -270,7 +319,14 @@ class ModelRunner:
                 decode_pos.append(start)
                 decode_slots.append(table[start // bs] * bs + start % bs)
                 f.decode_tables.append(table)
-                f.decode_lens.append(start + 1)
+                f.decode_rows.append(1)
+            elif absorbed:  # n decode rows at positions start .. start + n - 1
+                positions = np.arange(start, start + n)
+                decode_ids.extend(seq.tokens_slice(start, start + n))
+                decode_pos.extend(positions.tolist())
+                decode_slots.extend((np.asarray(table)[positions // bs] * bs + positions % bs).tolist())
+                f.decode_tables.append(table)
+                f.decode_rows.append(n)
             else:
                 context = np.arange(start + n)  # the whole context: cached prefix, then the new tokens
                 key_slots.append(np.asarray(table)[context // bs] * bs + context % bs)
@@ -287,6 +343,7 @@ class ModelRunner:
             offset += n
         decode_ids, decode_pos, decode_slots = (np.asarray(x, dtype=np.int64) for x in (decode_ids, decode_pos,
                                                                                        decode_slots))
+        f.decode_lens = decode_pos + 1
         if key_slots:
             new = [slots[-q:] for slots, q in zip(key_slots, f.prefill_query_lens)]  # the new tokens' slots
             f.prefill_key_slots = np.concatenate(key_slots)
@@ -296,7 +353,7 @@ class ModelRunner:
             f.slots = np.concatenate(new + [decode_slots])
         else:
             f.input_ids, f.positions, f.slots = decode_ids, decode_pos, decode_slots
-        f.decode_only = not f.prefill_query_lens and not step.prompt_rows
+        f.decode_only = len(f.decode_rows) == len(step.items) == len(decode_ids) and not step.prompt_rows
         return step
 
     @torch.inference_mode()
@@ -304,12 +361,18 @@ class ModelRunner:
         """The model over the step's tokens; returns the logits [len(f.logit_rows), V] (None when no
         row needs them). A decode-only batch replays the captured graph of its size. device_ids: the
         input tokens already on the device (a decode-only step launched ahead), in place of f.input_ids."""
-        if f.decode_only and self.graphs and len(f.input_ids) <= max(self.graphs):
-            return self._replay_decode_graph(f, device_ids)  # every decode samples: logit row k is token k
         dev = self.device
 
         def device_array(x, dtype=torch.long):
-            return torch.as_tensor(x, dtype=dtype).to(dev, non_blocking=True)
+            return on_device(x, dev, dtype)
+
+        if f.all_absorbed and self.graphs and len(f.input_ids) <= max(self.graphs):
+            logits = self._replay_decode_graph(f, device_ids)
+            if not f.logit_rows:
+                return None
+            if len(f.logit_rows) == len(logits) and f.logit_rows[-1] == len(logits) - 1:
+                return logits  # every row (the rows are increasing)
+            return logits[device_array(f.logit_rows)]
 
         prefills = bool(f.prefill_query_lens)
         piecewise = self.piecewise is not None and len(f.input_ids) <= self.piecewise.max_tokens
@@ -319,9 +382,9 @@ class ModelRunner:
             prefill_key_slots=device_array(f.prefill_key_slots) if prefills else None,
             prefill_cu_query=device_array(np.cumsum([0] + f.prefill_query_lens), torch.int32) if prefills else None,
             prefill_cu_key=device_array(np.cumsum([0] + f.prefill_key_lens), torch.int32) if prefills else None,
-            decode_block_tables=self._block_table_tensor(f.decode_tables) if f.decode_tables else None,
-            decode_seq_lens=device_array(f.decode_lens, torch.int32) if f.decode_lens else None,
-            max_decode_seq_len=max(f.decode_lens, default=0))
+            decode_block_tables=self._block_table_tensor(f.decode_tables, f.decode_rows) if f.decode_tables else None,
+            decode_seq_lens=device_array(f.decode_lens, torch.int32) if len(f.decode_lens) else None,
+            max_decode_seq_len=int(f.decode_lens.max(initial=0)))
         if piecewise:
             assert device_ids is None, "a step launched ahead is decode-only"
             hidden = self.piecewise.run(f.input_ids, f.positions, f.slots, attn)
@@ -330,7 +393,7 @@ class ModelRunner:
             hidden = self.model.forward_step(ids, device_array(f.positions), attn, self.kv_caches)
         if not f.logit_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(f.logit_rows, device=dev)])
+        return self.model.compute_logits(hidden[device_array(f.logit_rows)])
 
     def sample(self, step: StepInputs, logits: torch.Tensor | None) -> list[StepResult]:
         """Tokens for the rows that sample and prompt logprobs for the rows that want them, as
@@ -364,9 +427,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
-        """Capture one decode step (forward and LM head) per batch size of a ladder. The graphs read
-        static input buffers; rows past the real batch are padding that writes to the scratch block."""
-        sizes = [b for b in self.GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs] or [1]
+        """Capture one decode step (forward and LM head) per batch size of a ladder, up to max_num_seqs
+        plus room for short prompt chunks (PROMPT_ROWS_IN_GRAPHS). The graphs read static input buffers;
+        rows past the real batch are padding that writes to the scratch block."""
+        c = self.config
+        rows = min(c.max_num_seqs + PROMPT_ROWS_IN_GRAPHS, max(c.max_num_batched_tokens, c.max_num_seqs))
+        sizes = [b for b in self.GRAPH_BATCH_SIZES if b <= rows] or [1]
         max_bs, dev = max(sizes), self.device
         self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -408,8 +474,10 @@ class ModelRunner:
         rows[0, :n], rows[1, :n], rows[2, :n], rows[3, :n] = f.input_ids, f.positions, f.slots, f.decode_lens
         table = h_table.numpy()
         table[:bs] = self.scratch_block
-        for i, t in enumerate(f.decode_tables):
-            table[i, :len(t)] = t
+        row = 0
+        for t, r in zip(f.decode_tables, f.decode_rows):
+            table[row:row + r, :len(t)] = t
+            row += r
         for static, k in ((self.g_ids, 0), (self.g_pos, 1), (self.g_slots, 2)):
             static[:bs].copy_(h_rows[k, :bs], non_blocking=True)
         self.g_lens[:bs].copy_(h_rows[3, :bs], non_blocking=True)

@@ -58,11 +58,14 @@ def test_gpu_greedy_equals_cpu_reference(changes, tmp_path):
     assert run(eager, prompts, params) == ref
 
 
+@pytest.mark.parametrize("absorbed", [False, True])
 @pytest.mark.parametrize("heads", [16, 128])  # V2-Lite's and V2's head counts
-def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
-    """Steps that hold prefills run as captured pieces around eager attention (engine/piecewise.py): with
-    a small token budget every step mixes chunks of prompts with decodes, requests join midway and one
-    prompt hits the prefix cache; greedy tokens equal the CPU reference engine's, fp32."""
+def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, absorbed, tmp_path, monkeypatch):
+    """Steps that hold prefills run as captured pieces around eager attention (engine/piecewise.py), or
+    (absorbed) those whose prompt chunks are short beside their context as rows of the whole-step decode
+    graph (ModelRunner.absorbs_prefill): with a small token budget every step mixes chunks of prompts
+    with decodes, requests join midway and one prompt hits the prefix cache; greedy tokens equal the
+    CPU reference engine's, fp32."""
     cpu_model = DeepseekV2ForCausalLM(model_args(num_attention_heads=heads)).init_weights(seed=7)
     cpu_model.save_pretrained(tmp_path)
     gpu_model = DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
@@ -74,10 +77,18 @@ def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
     ref = run(LLMEngine(cpu_model, tok, EngineConfig(block_size=16)), prompts, params)
     engine = LLMEngine(gpu_model, tok, EngineConfig(block_size=16, max_num_seqs=8, max_num_batched_tokens=96,
                                                     num_kv_blocks=256))
-    pieces = engine.runner.piecewise
+    runner = engine.runner
+    pieces = runner.piecewise
     assert pieces is not None and pieces.graphs, "piecewise graphs were not captured"
     sizes, replay = [], pieces.run
     pieces.run = lambda ids, *rest: sizes.append(len(ids)) or replay(ids, *rest)
+    if not absorbed:
+        runner.absorbed_prefill_max_rows = 0
+    else:  # every step that fits the graphs and the bound on reads, whatever its prompt tokens
+        from deepseek_v2.engine import model_runner
+        monkeypatch.setattr(model_runner, "ABSORBED_PREFILL_MAX_TOKENS", 4096)
+    chosen, absorbs = [], runner.absorbs_prefill
+    runner.absorbs_prefill = lambda items: chosen.append(absorbs(items)) or chosen[-1]
     for i, p in enumerate(prompts[:3]):
         engine.add_request(str(i), p, params)
     joined, done = 3, {}
@@ -89,7 +100,10 @@ def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, tmp_path):
             engine.add_request(str(joined), prompts[joined], params)
             joined += 1
     assert [done[str(i)] for i in range(len(prompts))] == ref
-    assert len(sizes) >= 5 and any(t not in pieces.counts for t in sizes)
+    if absorbed:
+        assert chosen.count(True) >= 5
+    else:
+        assert len(sizes) >= 5 and any(t not in pieces.counts for t in sizes)
 
 
 def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
@@ -126,6 +140,39 @@ def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
     expected, _ = serve("off")
     got, ahead = serve("on")
     assert ahead > 20 and got == expected
+
+
+def test_a_step_launched_ahead_never_waits_for_the_device(tmp_path):
+    """Launching the next decode step queues work and returns: nothing in it synchronises with the
+    device (torch's sync debug mode raises on a blocking copy, an .item() or a stream wait), with
+    greedy rows, rows sampled with temperature, top-k, top-p and min-p, a seeded row, and sequences
+    leaving the batch by length (the rows kept are picked on the device)."""
+    model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=3).to(torch.bfloat16)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, num_kv_blocks=256,
+                                                async_scheduling="on"))
+    runner, launched = engine.runner, []
+    launch = runner.launch_next_decode
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launched.append(launch(*args))
+            return launched[-1]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.launch_next_decode = strict
+    g = torch.Generator().manual_seed(5)
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]
+    for i, p in enumerate(params):
+        engine.add_request(str(i), torch.randint(2, 512, (20 + 9 * i,), generator=g).tolist(), p)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(launched) > 20 and engine.stats()["steps_launched_ahead"] == len(launched)
 
 
 def test_bf16_decode_graph_equals_the_eager_step():
