@@ -223,11 +223,13 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of the window's text already emitted
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        # the window is a short list of Python ints: straight to `tokenizers`, without Tokenizer.decode's
+        # conversion of every id (this runs twice for every generated token)
+        return self.tokenizer._tok.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids) -> str:
         """Append one step's token id(s); return the newly completed text (possibly "")."""
-        self.ids.extend([token_ids] if isinstance(token_ids, int) else token_ids)
+        self.ids.extend([token_ids] if isinstance(token_ids, int) else [int(t) for t in token_ids])
         text = self._decode(self.prefix_offset)
         # A trailing U+FFFD may be an incomplete character that the next token completes: hold it back.
         incomplete = text.endswith("\ufffd")

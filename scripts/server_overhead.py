@@ -111,10 +111,26 @@ def offline(args) -> None:
     from deepseek_v2.engine.llm_engine import LLMEngine
     stand_in()
     engine = LLMEngine.from_pretrained(None, **ENGINE_KNOBS)
+    # the host's work of a step in its parts: scheduling, the runner's inputs, the tokens' handling
+    # (appending, stop checks, detokenizing, the outputs)
+    spent = {"schedule": 0.0, "prepare inputs": 0.0, "handle tokens": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a):
+            t = time.perf_counter()
+            result = fn(*a)
+            spent[name] += time.perf_counter() - t
+            return result
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.prepare_inputs = timed("prepare inputs", engine.runner.prepare_inputs)
+    engine._process = timed("handle tokens", engine._process)
     result = bench_mixed(engine, W.from_args(args), warm_up=lambda: None)
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
            if k in ("num_requests", "output_tokens", "wall_s", "requests_per_s", "output_tokens_per_s", "steps",
                     "host_ms_per_step")})
+    print("host us per output token:", {k: round(v * 1e6 / result["output_tokens"], 1) for k, v in spent.items()})
 
 
 def serve(args) -> None:

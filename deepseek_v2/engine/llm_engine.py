@@ -96,7 +96,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        for s in self.samples:  # (a loop, not all() over a generator: this runs for every token)
+            if s.finish_reason is None:
+                return False
+        return True
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -417,7 +420,8 @@ class LLMEngine(RequestChecks):
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []
-        hold = max((len(x) for x in req.params.stop), default=1) - 1  # could be a stop string's start
+        stop = req.params.stop
+        hold = max(map(len, stop)) - 1 if stop else 0  # could be a stop string's start
         for s in req.samples:
             done = s.finish_reason is not None
             visible = len(s.text) if done else max(s.sent_text, len(s.text) - hold)
