@@ -14,6 +14,7 @@ step() { local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"; tail -n 25 "$OUT/$name.log"; }
 # Packages the device image may lack (the server's, llguidance), carried as wheels in .whl/
+# (fetched by scripts/device_wheels.sh)
 if [ -d .whl ]; then
   for wheel in .whl/*.whl; do  # one by one: a wheel this machine cannot take leaves the others installed
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" 2>/dev/null \
@@ -82,12 +83,15 @@ if has serve; then
   python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy
   # SERVE_VARIANTS: the servers to measure in this run, "name:flags" separated by ";" (loans of the same
   # kind differ by up to 25%, so what is compared is measured in one run)
+  # ALT_TREE=DIR: the same run with the server of DIR's tree (another version of the project), after
+  # the variants, or before them and again after them with ALT_FIRST=1 (the first server of a call
+  # has measured slower all at once: docs/benchmarks.md, "Mixed steps")
+  [ -n "${ALT_TREE:-}" ] && [ -n "${ALT_FIRST:-}" ] && TREE=$ALT_TREE serve_once alt-first
   IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;budget-4096:--max-num-batched-tokens 4096}"
   for v in "${variants[@]}"; do
     read -ra flags <<< "${v#*:}"
     serve_once "${v%%:*}" "${flags[@]}"
   done
-  # ALT_TREE=DIR: the same run again with the server of DIR's tree (another version of the project)
   [ -n "${ALT_TREE:-}" ] && TREE=$ALT_TREE serve_once alt
   # ALT_ASYNC_ENGINE=FILE: the same run again with FILE as deepseek_v2/engine/async_engine.py, so that two
   # versions of the serving loop are compared on one machine
