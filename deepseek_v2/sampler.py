@@ -19,9 +19,9 @@ from .engine.sequence import Sequence
 
 
 def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A tensor of host values (a list or a numpy array) on `device`, copied without waiting for the device: torch.tensor(values,
-    device=...) copies synchronously, which waits for every kernel queued before it (the step's
-    forward, when the sampling is queued behind it, as a step launched ahead is)."""
+    """A tensor of host values (a list or a numpy array) on `device`, copied without waiting for the
+    device: torch.tensor(values, device=...) copies synchronously, which waits for every kernel queued
+    before it (the step's forward, when the sampling is queued behind it, as a step launched ahead is)."""
     return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 

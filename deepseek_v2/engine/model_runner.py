@@ -103,10 +103,11 @@ class LaunchedStep:
 # A step whose prompt chunks are short may run them in absorbed form, as rows of the decode graph
 # (each token a query over its own causal context: ModelRunner.absorbs_prefill), so that the whole
 # step is one CUDA graph replay instead of the piecewise graphs around eager attention. Measured on an
-# H200 at the V2-Lite shape beside 256 decodes at 1K context (scripts/profile_mixed_step.py): a
-# 16-token prompt 1.5 ms faster than piecewise, a 200-token one 1.3 ms slower (the graph's rows all
-# pay the LM head and the padding to the next graph size; the piecewise step's eager attention costs
-# ~3 ms whatever its size), so at most this many prompt tokens a step:
+# H200 at the V2-Lite shape beside 256 decodes at 1K context (scripts/profile_mixed_step.py; the
+# absorbed figures taken after the torch profiler had run, which slows launches: docs/benchmarks.md):
+# a 48-token prompt 18.9 ms against 21.5 piecewise, a 200-token one 1.3 ms slower than piecewise (the
+# graph's rows all pay the LM head and the padding to the next graph size; the piecewise step's eager
+# attention costs ~3 ms whatever its size), so at most this many prompt tokens a step:
 ABSORBED_PREFILL_MAX_TOKENS = 64
 # The absorbed form reads each token's whole context from the cache and attends over the latent (512 +
 # 64 dims per head against the expanded form's 192): a chunk after a long cached prefix (a chat's next
@@ -294,6 +295,8 @@ class ModelRunner:
         """Whether this step runs its prompt chunks in absorbed form, as decode rows (see
         ABSORBED_PREFILL_MAX_TOKENS): it has some, few tokens in all, it fits the largest decode graph,
         and their reads of the cache are small."""
+        if len(items) > self.absorbed_prefill_max_rows:  # (also: no graphs, where the bound is 0)
+            return False
         chunks = [(item.seq.num_computed_tokens, item.num_new_tokens) for item in items if item.num_new_tokens > 1]
         if (not chunks or sum(q for _, q in chunks) > ABSORBED_PREFILL_MAX_TOKENS
                 or sum(item.num_new_tokens for item in items) > self.absorbed_prefill_max_rows):
@@ -307,7 +310,8 @@ class ModelRunner:
         order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
         step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
         f, bs = step.forward, self.block_size
-        absorbed = self.absorbs_prefill(step.items)
+        # (prefills come first: a decode-only step, the common one, is told by its first item)
+        absorbed = bool(step.items) and step.items[0].num_new_tokens > 1 and self.absorbs_prefill(step.items)
         prefill_ids, key_slots, decode_ids, decode_pos, decode_slots = [], [], [], [], []
         offset = 0
         for k, item in enumerate(step.items):
@@ -353,7 +357,7 @@ class ModelRunner:
             f.slots = np.concatenate(new + [decode_slots])
         else:
             f.input_ids, f.positions, f.slots = decode_ids, decode_pos, decode_slots
-        f.decode_only = len(f.decode_rows) == len(step.items) == len(decode_ids) and not step.prompt_rows
+        f.decode_only = len(decode_ids) == len(step.items) and not step.prompt_rows  # one row per item, each a decode
         return step
 
     @torch.inference_mode()
