@@ -57,27 +57,32 @@ has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
 # (or carried as wheels in .whl/, installed below). Each server prints its garbage collector's pauses
-# at exit (scripts/server_overhead.py's report_gc_pauses), echoed below; a variant's flag --freeze-gc
-# freezes the start-up heap once the engine has loaded (server_overhead.freeze_gc_after_load).
+# at exit (scripts/server_overhead.py's report_gc_pauses), echoed below; a variant's flag --no-freeze-gc
+# leaves the start-up heap to the collector (server_overhead.keep_gc_unfrozen; the server freezes it).
 serve_once() {  # $1: a name for the logs; then extra serve flags (TREE=DIR: the server of DIR's tree)
   local name=$1; shift
   env -C "${TREE:-.}" python3 -c "import sys; from scripts.server_overhead import report_gc_pauses; report_gc_pauses(); \
-freeze = '--freeze-gc' in sys.argv; freeze and sys.argv.remove('--freeze-gc'); \
-freeze and __import__('scripts.server_overhead').server_overhead.freeze_gc_after_load(); \
+thaw = '--no-freeze-gc' in sys.argv; thaw and sys.argv.remove('--no-freeze-gc'); \
+thaw and __import__('scripts.server_overhead').server_overhead.keep_gc_unfrozen(); \
 from deepseek_v2.server.cli import main; sys.exit(main(sys.argv[1:]))" \
     --model /tmp/v2-lite-dummy --load-format dummy --dtype bfloat16 --max-model-len 3072 \
     --gpu-memory-utilization 0.85 --port 8011 --log-level warning "$@" > "$OUT/server-$name.log" 2>&1 &
-  local server=$!
+  local server=$! started=$(date +%s)
   for _ in $(seq 1 180); do
     kill -0 $server 2>/dev/null || break
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=2)" 2>/dev/null && break
     sleep 1
   done
-  tail -n 3 "$OUT/server-$name.log"
+  tail -n 3 "$OUT/server-$name.log"; touch "$OUT/ready-$name"
+  echo "server $name answered /health after $(( $(date +%s) - started )) s"
   step bench-serve-$name 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
     --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$name.json"
   kill $server 2>/dev/null; wait $server 2>/dev/null
   grep "^gc generation" "$OUT/server-$name.log"
+  # with TRITON_CACHE_DIR set (fresh): the Triton kernels first compiled while serving, not at start-up
+  [ -n "${TRITON_CACHE_DIR:-}" ] && find "$TRITON_CACHE_DIR" -name '*.json' ! -name '__grp__*' -newer "$OUT/ready-$name" \
+    | python3 -c "import sys, json, collections; names = [json.load(open(p.strip())).get('name') for p in sys.stdin]; \
+print('Triton kernels compiled while serving:', len(names), dict(collections.Counter(names)))"
 }
 if has serve; then
   python3 scripts/dummy_checkpoint.py /tmp/v2-lite-dummy

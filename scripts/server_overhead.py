@@ -4,7 +4,7 @@ go of the GIL and takes it back, as a launch does), then a sleep until the model
 passed (the GPU leaves the host free while it works); on the shipped model's tokenizer and vocabulary.
 
     PYTHONPATH=. python scripts/server_overhead.py offline [--num-prompts 500]
-    PYTHONPATH=. python scripts/server_overhead.py serve --port 8041 [--gc-stats] [--freeze-gc] &  # then drive it:
+    PYTHONPATH=. python scripts/server_overhead.py serve --port 8041 [--gc-stats] [--no-freeze-gc] &  # then drive it:
     PYTHONPATH=. python -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8041 --num-prompts 500 \\
         --request-rate 20,inf
 
@@ -87,22 +87,11 @@ def report_gc_pauses() -> None:
     atexit.register(report)
 
 
-def freeze_gc_after_load() -> None:
-    """Once the server's engine has loaded, move every object alive then (modules, the model, the
-    engine) into the garbage collector's permanent generation, so that its full collections walk only
-    what the requests make (`gc.freeze()`, as vLLM's engine core does after start-up)."""
-    import gc
-
-    from deepseek_v2.engine.async_engine import AsyncLLMEngine
-    loaded = AsyncLLMEngine.wait_until_loaded
-
-    async def wait_and_freeze(self):
-        await loaded(self)
-        gc.collect()
-        gc.freeze()
-        print(f"gc: froze {gc.get_freeze_count()} objects after loading", file=sys.stderr, flush=True)
-
-    AsyncLLMEngine.wait_until_loaded = wait_and_freeze
+def keep_gc_unfrozen() -> None:
+    """The server without its freeze of the start-up heap (`async_engine.freeze_loaded_heap`), for an
+    A/B of what that freeze buys."""
+    from deepseek_v2.engine import async_engine
+    async_engine.freeze_loaded_heap = lambda: None
 
 
 def offline(args) -> None:
@@ -139,8 +128,8 @@ def serve(args) -> None:
     stand_in()
     if args.gc_stats:
         report_gc_pauses()
-    if args.freeze_gc:
-        freeze_gc_after_load()
+    if args.no_freeze_gc:
+        keep_gc_unfrozen()
     if args.gc_threshold:
         import gc
         gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
@@ -163,7 +152,8 @@ if __name__ == "__main__":
     serving.add_argument("--port", type=int, default=8041)
     serving.add_argument("--gc-stats", action="store_true", help="print the garbage collector's pauses at exit")
     serving.add_argument("--engine-process", action="store_true", help="the engine in a process of its own")
-    serving.add_argument("--freeze-gc", action="store_true", help="freeze the heap once the engine has loaded")
+    serving.add_argument("--no-freeze-gc", action="store_true",
+                         help="leave the start-up heap to the collector (the server freezes it by default)")
     serving.add_argument("--gc-threshold", help="the collector's thresholds, e.g. 700,10,100 (gc.set_threshold)")
     a = p.parse_args()
     offline(a) if a.mode == "offline" else serve(a)

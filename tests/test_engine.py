@@ -326,6 +326,25 @@ def test_prompt_chunks_run_absorbed_equal_transformers(setup, monkeypatch, budge
             assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
 
 
+def test_start_up_warm_up_steps_are_well_formed_and_leave_no_trace(setup):
+    """The steps a GPU runner runs once at start-up (shapes the graph capture does not compile): here
+    on the CPU, their prompts' logits equal a plain forward of each prompt, and requests served after
+    them still give transformers' tokens (their cache writes land where sequences write first)."""
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=40, max_num_seqs=4))
+    runner = engine.runner
+    assert runner._split_prompts(40) == [40] and runner._split_prompts(2 * runner.max_model_len + 5) == [
+        runner.max_model_len, runner.max_model_len, 5]
+    logits = runner.forward(runner._dummy_step([5, 11], 3, 19))
+    assert logits.shape[0] == 2 + 3  # each prompt's last row, then the decodes
+    with torch.no_grad():
+        for row, n in enumerate((5, 11)):
+            expected = model(torch.zeros(1, n, dtype=torch.long))[0, -1]
+            torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+    runner._warm_up_steps()
+    assert [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)] == hf_out
+
+
 def test_dummy_load_format_is_random_weights_of_the_checkpoints_shape():
     """load_format="dummy" (vLLM's): the checkpoint's architecture and tokenizer, random weights."""
     from deepseek_v2.config import DEFAULT_MODEL

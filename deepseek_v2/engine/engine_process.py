@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 
 from ..tokenizer import Tokenizer
-from .async_engine import AsyncLLMEngine, step_failing_alone, take_work
+from .async_engine import AsyncLLMEngine, freeze_loaded_heap, step_failing_alone, take_work
 from .request_checks import RequestChecks
 
 logger = logging.getLogger("deepseek_v2")
@@ -51,6 +51,7 @@ def _child(conn, model: str | None, dtype, device, load_format: str, knobs: dict
     try:
         engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, load_format=load_format, **knobs)
         engine.max_prompt_chars  # computed once here and sent, not by the server's first request
+        freeze_loaded_heap()
         conn.send(("ready", {"config": engine.config, "max_model_len": engine.max_model_len,
                              "vocab_size": engine.vocab_size, "max_prompt_chars": engine.max_prompt_chars,
                              "stats": engine.stats()}))

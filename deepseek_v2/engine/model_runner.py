@@ -168,6 +168,9 @@ class ModelRunner:
             self.absorbed_prefill_max_rows = max(self.graphs)
             self.piecewise = PiecewiseSteps(self.model, self.kv_caches, self.scratch_block * self.block_size,
                                             config.max_num_batched_tokens, capture=True)
+        if self.device.type == "cuda":
+            self._warm_up_steps()
+            torch.cuda.synchronize()
 
     # ---- cache sizing -----------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -202,19 +205,64 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> None:
-        """Run one prefill of max_num_batched_tokens tokens to measure the activation peak."""
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        """Run one prefill step of max_num_batched_tokens tokens (prompts of at most max_model_len, as
+        the scheduler may admit them) to measure the activation peak."""
+        lens = self._split_prompts(self.config.max_num_batched_tokens)
+        n = sum(lens)
         cache = self._allocate_cache(-(-n // self.block_size))
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        attn = AttentionMetadata(slot_mapping=pos, prefill_query_lens=[n], prefill_key_lens=[n], prefill_key_slots=pos,
-                                 prefill_cu_query=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-                                 prefill_cu_key=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+        pos = torch.from_numpy(np.concatenate([np.arange(k) for k in lens])).to(self.device)
+        slots = torch.arange(n, device=self.device)
+        cu = torch.tensor(np.cumsum([0] + lens), dtype=torch.int32, device=self.device)
+        attn = AttentionMetadata(slot_mapping=slots, prefill_query_lens=lens, prefill_key_lens=lens,
+                                 prefill_key_slots=slots, prefill_cu_query=cu, prefill_cu_key=cu,
                                  decode_block_tables=None, decode_seq_lens=None)
         hidden = self.model.forward_step(ids, pos, attn, cache)
         self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
         del cache, hidden
         torch.cuda.synchronize()
+
+    def _split_prompts(self, tokens: int) -> list[int]:
+        """`tokens` prompt tokens as whole prompts of at most max_model_len, the last one shorter."""
+        full, rest = divmod(tokens, self.max_model_len)
+        return [self.max_model_len] * full + ([rest] if rest else [])
+
+    @torch.inference_mode()
+    def _warm_up_steps(self) -> None:
+        """Run steps of the shapes that neither the memory profile nor the graph capture ran. Triton
+        compiles a kernel anew for each pattern of its integer arguments (equal to 1, a multiple of 16,
+        other), so the first step of such a shape would compile in the middle of traffic: on a fresh
+        H200 five kernels did (the MoE's alignment and GEMMs at an odd token count, the decode attention
+        of steps holding prefills, whose block tables' width is any), and the p99 time to first token
+        at 20 requests/s was 2.3 s instead of 0.14 (docs/benchmarks.md, "Start-up")."""
+        c, bs = self.config, self.block_size
+        context = min(self.max_model_len, c.max_num_batched_tokens)
+        # an eager step of an odd token count beside a few decodes at a long context; then, within the
+        # piecewise graphs where there are any, a short prompt beside decodes whose attention is cut
+        # into splits (few rows) or not (many), with block tables one block wide or three
+        steps = [(c.max_num_batched_tokens - 4, 3, context)]
+        steps += [(17, decodes, length) for decodes in (3, max(1, c.max_num_seqs - 1) | 1)
+                  for length in (min(bs, context), min(3 * bs - 1, context))]
+        for prompt_tokens, decodes, decode_len in steps:
+            if prompt_tokens >= 2:
+                self.forward(self._dummy_step(self._split_prompts(prompt_tokens), decodes, decode_len))
+
+    def _dummy_step(self, prompt_lens: list[int], decodes: int, decode_len: int) -> ForwardInputs:
+        """A step of whole prompts of these lengths and `decodes` decode tokens at context decode_len,
+        over arbitrary cache slots (at start-up, before any sequence owns one); the logits of each
+        sequence's last row."""
+        capacity = self.num_blocks * self.block_size
+        f = ForwardInputs(prefill_query_lens=prompt_lens, prefill_key_lens=prompt_lens, decode_only=False)
+        f.prefill_key_slots = np.arange(sum(prompt_lens)) % capacity
+        table = (np.arange(-(-decode_len // self.block_size)) % self.num_blocks).tolist()
+        f.decode_tables, f.decode_rows = [table] * decodes, [1] * decodes
+        f.decode_lens = np.full(decodes, decode_len, dtype=np.int64)
+        positions = [np.arange(k) for k in prompt_lens] + [f.decode_lens - 1]
+        f.positions = np.concatenate(positions)
+        f.input_ids = np.zeros(len(f.positions), dtype=np.int64)
+        f.slots = np.arange(len(f.positions)) % capacity
+        f.logit_rows = (np.cumsum(prompt_lens) - 1).tolist() + list(range(sum(prompt_lens), len(f.positions)))
+        return f
 
     # ---- one step ---------------------------------------------------------------------------------
     def _block_table_tensor(self, tables: list[list[int]], rows: list[int]) -> torch.Tensor:

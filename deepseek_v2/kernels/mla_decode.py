@@ -36,7 +36,10 @@ _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent 
 _MAX_SPLITS = 128
 
 
-@triton.jit
+# Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
+# that vary from step to step are not specialised on, so that the first step of a new width or split
+# count does not compile in the middle of serving (model_runner._warm_up_steps).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_n"])
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     sm_scale_log2, num_heads, num_splits,
@@ -125,7 +128,7 @@ def _mla_decode_split_kernel(
         tl.store(mid_lse_ptr + mid, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_merge_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
     R: tl.constexpr, BLOCK_R: tl.constexpr,

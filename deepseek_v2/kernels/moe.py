@@ -34,7 +34,9 @@ from .fp8 import BLOCK, FP8, cdiv
 from .fp8_linear import grouped_tile, quantize_activation
 
 
-@triton.jit
+# num_rows (tokens x top-k) changes with every step: not specialised on (a multiple of 16 or not), so
+# that one compiled variant serves every step (model_runner._warm_up_steps)
+@triton.jit(do_not_specialize=["num_rows"])
 def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_rows, num_experts,
                       BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """One program per bucket (the experts, then bucket num_experts for the -1 rows); each recounts
@@ -106,7 +108,7 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row,

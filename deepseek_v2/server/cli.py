@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     checkpoint or a bad flag, OSError for an address in use, and EngineDeadError (a RuntimeError) when
     loading fails."""
     from ..config import DEFAULT_MODEL, EngineConfig
-    from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, freeze_loaded_heap
     from ..engine.engine_process import AsyncEngineProcess
     from .app import build_app
 
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> None:
         if not task.done():
             try:
                 await engine.wait_until_loaded()
+                freeze_loaded_heap()  # this process's (an engine process froze its own)
                 log.info("serving %r (%d API key(s)) on http://%s:%d  -  chat page at /, API at /v1",
                          names[0], len(keys), args.host, args.port)
             except Exception:
