@@ -324,6 +324,9 @@ class EngineConfig:
                                            "else 256)")
     max_num_batched_tokens: int | None = _knob(None, "tokens per engine step; longer prompts are prefilled in "
                                                      "chunks (default: 16384 on a GPU of at least 70 GiB, else 8192)")
+    long_prefill_token_threshold: int = _knob(0, "the most tokens of one prompt prefilled in a step, so that a long "
+                                                 "prompt goes in chunks beside the running decodes and delays "
+                                                 "their tokens less; 0: as many as the step's budget leaves")
     block_size: int = _knob(64, "tokens per cache block")
     enable_prefix_caching: bool = _knob(True, "reuse cached blocks of shared prompt prefixes")
     enforce_eager: bool = _knob(False, "no CUDA graphs")
@@ -354,6 +357,8 @@ class EngineConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         for f in dataclasses.fields(self):

@@ -63,26 +63,40 @@ ENGINE_KNOBS = dict(device="cpu", max_num_seqs=256, max_num_batched_tokens=16384
                     enforce_eager=True)
 
 
-def report_gc_pauses() -> None:
-    """Print, at exit, how long the garbage collector stopped the process, per generation: a full
-    collection walks every live object (the model, the engine, every request in flight)."""
+def report_gc_pauses(garbage_types: bool = False) -> None:
+    """Print, at exit, how long the garbage collector stopped the process, per generation, and how many
+    objects it freed (those in reference cycles, which only it frees): a full collection walks every
+    live object the heap's freeze left (the requests in flight). garbage_types: also count the cyclic
+    garbage by type (gc.DEBUG_SAVEALL, emptied after each collection), to find what makes the cycles."""
     import atexit
+    import collections
     import gc
     pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    freed = collections.Counter()
+    types = collections.Counter()
     started = [0.0]
 
     def timer(phase, info):
         if phase == "start":
             started[0] = time.perf_counter()
-        else:
-            pauses[info["generation"]].append(time.perf_counter() - started[0])
+            return
+        pauses[info["generation"]].append(time.perf_counter() - started[0])
+        freed[info["generation"]] += info["collected"]
+        if garbage_types:
+            types.update(type(o).__qualname__ for o in gc.garbage)
+            gc.garbage.clear()
 
     def report():
         for generation, times in pauses.items():
             if times:
                 print(f"gc generation {generation}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, "
-                      f"longest {1e3 * max(times):.1f} ms", file=sys.stderr, flush=True)
+                      f"longest {1e3 * max(times):.1f} ms, {freed[generation]} objects freed", file=sys.stderr,
+                      flush=True)
+        if types:
+            print("gc cyclic garbage by type:", dict(types.most_common(25)), file=sys.stderr, flush=True)
 
+    if garbage_types:
+        gc.set_debug(gc.DEBUG_SAVEALL)
     gc.callbacks.append(timer)
     atexit.register(report)
 
@@ -126,8 +140,8 @@ def serve(args) -> None:
     from deepseek_v2.server.cli import main
     os.environ[STAND_IN_ENV] = "1"  # an engine process re-imports this file, which then stands in there too
     stand_in()
-    if args.gc_stats:
-        report_gc_pauses()
+    if args.gc_stats or args.gc_garbage_types:
+        report_gc_pauses(args.gc_garbage_types)
     if args.no_freeze_gc:
         keep_gc_unfrozen()
     if args.gc_threshold:
@@ -151,6 +165,8 @@ if __name__ == "__main__":
     serving = sub.add_parser("serve")
     serving.add_argument("--port", type=int, default=8041)
     serving.add_argument("--gc-stats", action="store_true", help="print the garbage collector's pauses at exit")
+    serving.add_argument("--gc-garbage-types", action="store_true",
+                         help="also count the cyclic garbage by type (slower: every cycle is kept until counted)")
     serving.add_argument("--engine-process", action="store_true", help="the engine in a process of its own")
     serving.add_argument("--no-freeze-gc", action="store_true",
                          help="leave the start-up heap to the collector (the server freezes it by default)")

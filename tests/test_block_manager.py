@@ -127,6 +127,31 @@ def test_budgets_and_chunked_prefill():
     assert len(s.waiting) == 1 and seqs[2].status is SequenceStatus.WAITING
 
 
+def test_long_prefill_token_threshold_chunks_each_prompt_beside_the_others():
+    """At most this many tokens of one prompt a step, the budget's rest going to the next prompts and
+    the running decodes (vLLM's long_prefill_token_threshold)."""
+    bm = BlockManager(16, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32, long_prefill_token_threshold=6)
+    running = Sequence([1, 2])
+    s.add(running)
+    out = s.schedule()
+    assert [i.num_new_tokens for i in out.scheduled] == [2]
+    finish_step(out)
+    long, short = Sequence(list(range(10, 25))), Sequence([3, 4, 5])
+    s.add(long)
+    s.add(short)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(running, 1), (long, 6), (short, 3)]
+    assert not out.scheduled[1].samples  # a chunk in the middle of its prompt samples nothing
+    finish_step(out)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(running, 1), (long, 6), (short, 1)]
+    finish_step(out)
+    out = s.schedule()
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(running, 1), (long, 3), (short, 1)]
+    assert out.scheduled[1].samples
+
+
 def test_new_requests_join_while_others_decode():
     s, _ = make_scheduler()
     a = Sequence([1, 2, 3])

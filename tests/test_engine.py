@@ -44,6 +44,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     dict(),
     dict(enable_prefix_caching=False),
     dict(max_num_batched_tokens=5),  # forces chunked prefill
+    dict(long_prefill_token_threshold=7),  # chunks of each prompt beside the others and the decodes
     dict(max_num_seqs=2),
 ])
 def test_batched_greedy_equals_transformers(setup, knobs):

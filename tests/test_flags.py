@@ -20,6 +20,7 @@ GIVEN = {
     "max_model_len": (["--max-model-len", "8192"], 8192),
     "max_num_seqs": (["--max-num-seqs", "512"], 512),
     "max_num_batched_tokens": (["--max-num-batched-tokens", "2048"], 2048),
+    "long_prefill_token_threshold": (["--long-prefill-token-threshold", "512"], 512),
     "block_size": (["--block-size", "16"], 16),
     "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
     "enforce_eager": (["--enforce-eager"], True),
@@ -131,3 +132,8 @@ def test_bench_uses_a_larger_given_size_and_refuses_a_smaller_one():
         config("bench", "--max-num-seqs", "8")
     with pytest.raises(ValueError, match="--max-model-len 1024 is below the 4104 this workload needs"):
         config("bench", "--max-model-len", "1024")
+
+
+def test_a_negative_prefill_chunk_limit_is_refused():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0, got -1"):
+        EngineConfig(long_prefill_token_threshold=-1)

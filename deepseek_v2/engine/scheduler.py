@@ -40,10 +40,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0):
+        """long_prefill_token_threshold: the most prompt tokens of one sequence in a step (0: no limit
+        but the budget), so that a long prompt is prefilled in chunks beside the running decodes
+        instead of one long step that delays all their tokens (vLLM's knob of that name)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -64,7 +69,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, self.max_chunk)
             while not bm.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -83,7 +88,7 @@ class Scheduler:
             seq = self.waiting[0]
             # prompt logprobs need the logits of every prompt position: no cached prefix
             hits = [] if seq.sampling_params.prompt_logprobs is not None else bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, budget, self.max_chunk)
             if not bm.can_admit(seq, hits, n):
                 break
             self.waiting.popleft()
