@@ -64,34 +64,52 @@ ENGINE_KNOBS = dict(device="cpu", max_num_seqs=256, max_num_batched_tokens=16384
 
 
 def report_gc_pauses(garbage_types: bool = False) -> None:
-    """Print, at exit, how long the garbage collector stopped the process, per generation, and how many
-    objects it freed (those in reference cycles, which only it frees): a full collection walks every
-    live object the heap's freeze left (the requests in flight). garbage_types: also count the cyclic
-    garbage by type (gc.DEBUG_SAVEALL, emptied after each collection), to find what makes the cycles."""
+    """Print, at exit, how long the garbage collector stopped the process, per generation, while the
+    server started (loading: the model, torch's modules) and once it served, and how many objects it
+    freed (those in reference cycles, which only it frees). A full collection walks every live object
+    outside the frozen start-up heap. garbage_types: also print what each full collection walks and
+    count the cyclic garbage by type (gc.DEBUG_SAVEALL, emptied after each collection)."""
+    import asyncio
     import atexit
     import collections
     import gc
-    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    from deepseek_v2.engine.async_engine import AsyncLLMEngine
+    pauses: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     freed = collections.Counter()
     types = collections.Counter()
-    started = [0.0]
+    started, phase_of = [0.0], ["start-up"]
+
+    loaded = AsyncLLMEngine.wait_until_loaded
+
+    async def wait_until_loaded(self):
+        await loaded(self)
+        # from the event loop's next turn: after the server's own start-up work that follows this
+        # (its freeze of the heap, a full collection of the start-up heap)
+        asyncio.get_running_loop().call_soon(phase_of.__setitem__, 0, "serving")
+
+    AsyncLLMEngine.wait_until_loaded = wait_until_loaded
 
     def timer(phase, info):
+        key = (phase_of[0], info["generation"])
         if phase == "start":
+            if garbage_types and key == ("serving", 2):  # what a full collection walks, by type
+                walked = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+                print("gc full collection walks", sum(walked.values()), "objects:", dict(walked.most_common(12)),
+                      file=sys.stderr, flush=True)
             started[0] = time.perf_counter()
             return
-        pauses[info["generation"]].append(time.perf_counter() - started[0])
-        freed[info["generation"]] += info["collected"]
+        pauses[key].append(time.perf_counter() - started[0])
+        freed[key] += info["collected"]
         if garbage_types:
             types.update(type(o).__qualname__ for o in gc.garbage)
             gc.garbage.clear()
 
     def report():
-        for generation, times in pauses.items():
-            if times:
-                print(f"gc generation {generation}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, "
-                      f"longest {1e3 * max(times):.1f} ms, {freed[generation]} objects freed", file=sys.stderr,
-                      flush=True)
+        for (phase, generation), times in sorted(pauses.items(), key=lambda kv: (kv[0][0] != "start-up", kv[0][1])):
+            print(f"gc generation {generation}, {phase}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, "
+                  f"longest {1e3 * max(times):.1f} ms, {freed[phase, generation]} objects freed", file=sys.stderr,
+                  flush=True)
         if types:
             print("gc cyclic garbage by type:", dict(types.most_common(25)), file=sys.stderr, flush=True)
 

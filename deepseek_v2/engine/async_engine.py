@@ -86,9 +86,9 @@ def freeze_loaded_heap() -> None:
     """Move every object alive once the engine has loaded (modules, the model, the engine, the app)
     into the garbage collector's permanent generation, as vLLM's engine core does, so that its full
     collections walk only what requests make. A server's process calls this; a library's caller keeps
-    its heap as it is. On an H200 server at the V2-Lite shape the full collections took 1.7 s in ten
-    pauses of up to 0.3 s per 500-request run, each a stall of every stream; frozen, 0.7-0.95 s and
-    0.18-0.22 s (docs/benchmarks.md, "Start-up")."""
+    its heap as it is. On an H200 server at the V2-Lite shape the full collections of a 500-request
+    run took 1.7 s in ten pauses of up to 0.3 s (start-up included), each a stall of every stream;
+    frozen, 0.7-0.95 s and 0.18-0.22 s (docs/benchmarks.md, "Start-up")."""
     gc.collect()
     gc.freeze()
     logger.info("froze %d start-up objects out of the garbage collector's way", gc.get_freeze_count())
