@@ -119,6 +119,71 @@ def report_gc_pauses(garbage_types: bool = False) -> None:
     atexit.register(report)
 
 
+def report_step_gaps(slow_ms: float = 30.0) -> None:
+    """Print, at exit, what the engine's steps were where a running sequence waited more than slow_ms
+    for its next token: the time from one step's outputs to the next's (what a stream's inter-token
+    latency is made of; the engine call itself in brackets), by kind of step (a decode step launched
+    ahead, a decode-only step scheduled then, a step holding prompt tokens) with its prompt tokens and
+    decodes. Only steps that carried decodes count; once no request is left, the next steps are another
+    run (the benchmark's next request rate)."""
+    import atexit
+
+    from deepseek_v2.engine.llm_engine import LLMEngine
+    runs: list[list[tuple]] = [[]]  # per run: (kind, gap, call, prompt tokens, decodes)
+    last = {"done": None, "sched": None}
+    step, schedule = LLMEngine.step, None
+
+    def timed_step(self):
+        nonlocal schedule
+        if schedule is None:  # the scheduler's last step, seen through its schedule()
+            schedule = self.scheduler.schedule
+
+            def remembered():
+                last["sched"] = schedule()
+                return last["sched"]
+            self.scheduler.schedule = remembered
+        ahead = self._ahead
+        last["sched"] = None
+        start = time.perf_counter()
+        outputs = step(self)
+        done = time.perf_counter()
+        if ahead is not None:
+            kind, prompt, decodes = "decode, launched ahead", 0, len(ahead.step.items)
+        elif last["sched"] is not None:
+            items = last["sched"].scheduled
+            prompt = sum(i.num_new_tokens for i in items if i.num_new_tokens > 1)
+            decodes = sum(1 for i in items if i.num_new_tokens == 1)
+            kind = "with prompt tokens" if prompt else "decode-only, scheduled"
+        else:
+            kind, prompt, decodes = None, 0, 0
+        if kind is not None and decodes and last["done"] is not None:
+            runs[-1].append((kind, done - last["done"], done - start, prompt, decodes))
+        last["done"] = done if outputs else None
+        if not self.has_unfinished_requests() and runs[-1]:  # drained: the next steps are another run
+            runs.append([])
+        return outputs
+
+    LLMEngine.step = timed_step
+
+    def mean(rows, k):
+        return sum(r[k] for r in rows) / len(rows) if rows else 0.0
+
+    def report():
+        for number, records in enumerate(r for r in runs if r):
+            slow = [r for r in records if r[1] * 1e3 > slow_ms]
+            print(f"steps with decodes, run {number + 1}: {len(records)}; gaps over {slow_ms:g} ms: {len(slow)}",
+                  file=sys.stderr)
+            for kind in sorted({r[0] for r in records}):
+                every = [r for r in records if r[0] == kind]
+                over = [r for r in slow if r[0] == kind]
+                print(f"  {kind}: {len(every)} steps, {len(over)} over; all: gap {1e3 * mean(every, 1):.1f} ms "
+                      f"(call {1e3 * mean(every, 2):.1f}), prompt tokens {mean(every, 3):.0f}, decodes "
+                      f"{mean(every, 4):.0f}; over: gap {1e3 * mean(over, 1):.1f} ms (call {1e3 * mean(over, 2):.1f}), "
+                      f"prompt tokens {mean(over, 3):.0f}, decodes {mean(over, 4):.0f}", file=sys.stderr, flush=True)
+
+    atexit.register(report)
+
+
 def keep_gc_unfrozen() -> None:
     """The server without its freeze of the start-up heap (`async_engine.freeze_loaded_heap`), for an
     A/B of what that freeze buys."""
@@ -160,6 +225,8 @@ def serve(args) -> None:
     stand_in()
     if args.gc_stats or args.gc_garbage_types:
         report_gc_pauses(args.gc_garbage_types)
+    if args.step_stats:
+        report_step_gaps()
     if args.no_freeze_gc:
         keep_gc_unfrozen()
     if args.gc_threshold:
@@ -185,6 +252,8 @@ if __name__ == "__main__":
     serving.add_argument("--gc-stats", action="store_true", help="print the garbage collector's pauses at exit")
     serving.add_argument("--gc-garbage-types", action="store_true",
                          help="also count the cyclic garbage by type (slower: every cycle is kept until counted)")
+    serving.add_argument("--step-stats", action="store_true",
+                         help="print, at exit, what the steps were where a stream waited over 30 ms for a token")
     serving.add_argument("--engine-process", action="store_true", help="the engine in a process of its own")
     serving.add_argument("--no-freeze-gc", action="store_true",
                          help="leave the start-up heap to the collector (the server freezes it by default)")
