@@ -57,13 +57,13 @@ has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
 # (or carried as wheels in .whl/, installed below). Each server prints, at exit, what its steps were
-# where a stream waited over 30 ms for a token (server_overhead.report_step_gaps, where the tree has
-# it) and its garbage collector's pauses (scripts/server_overhead.py's report_gc_pauses), echoed below; a variant's flag --no-freeze-gc
+# where a stream waited over 30 ms for a token and how late its event loop woke (server_overhead's
+# report_step_gaps and report_loop_lag, where the tree has them) and its garbage collector's pauses (scripts/server_overhead.py's report_gc_pauses), echoed below; a variant's flag --no-freeze-gc
 # leaves the start-up heap to the collector (server_overhead.keep_gc_unfrozen; the server freezes it).
 serve_once() {  # $1: a name for the logs; then extra serve flags (TREE=DIR: the server of DIR's tree)
   local name=$1; shift
   env -C "${TREE:-.}" python3 -c "import sys; from scripts.server_overhead import report_gc_pauses as gc_pauses; gc_pauses(); \
-step_gaps = getattr(__import__('scripts.server_overhead').server_overhead, 'report_step_gaps', None); step_gaps and step_gaps(); \
+so = __import__('scripts.server_overhead').server_overhead; [getattr(so, f)() for f in ('report_step_gaps', 'report_loop_lag') if hasattr(so, f)]; \
 thaw = '--no-freeze-gc' in sys.argv; thaw and sys.argv.remove('--no-freeze-gc'); \
 thaw and __import__('scripts.server_overhead').server_overhead.keep_gc_unfrozen(); \
 from deepseek_v2.server.cli import main; sys.exit(main(sys.argv[1:]))" \
@@ -80,7 +80,7 @@ from deepseek_v2.server.cli import main; sys.exit(main(sys.argv[1:]))" \
   step bench-serve-$name 300 python3 -m deepseek_v2.cli bench-serve --url http://127.0.0.1:8011 \
     --checkpoint /tmp/v2-lite-dummy --num-prompts 500 --request-rate 20,inf --json "$OUT/bench-serve-$name.json"
   kill $server 2>/dev/null; wait $server 2>/dev/null
-  grep -A4 "^gc generation\|^steps with decodes" "$OUT/server-$name.log" | grep "gc generation\|^steps\|^  "
+  grep -A4 "^gc generation\|^steps with decodes\|^event loop lag" "$OUT/server-$name.log" | grep "gc generation\|^steps\|^  \|^event"
   # with TRITON_CACHE_DIR set (fresh): the Triton kernels first compiled while serving, not at start-up
   [ -n "${TRITON_CACHE_DIR:-}" ] && find "$TRITON_CACHE_DIR" -name '*.json' ! -name '__grp__*' -newer "$OUT/ready-$name" \
     | python3 -c "import sys, json, collections; names = [json.load(open(p.strip())).get('name') for p in sys.stdin]; \

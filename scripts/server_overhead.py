@@ -184,6 +184,40 @@ def report_step_gaps(slow_ms: float = 30.0) -> None:
     atexit.register(report)
 
 
+def report_loop_lag(interval_s: float = 0.005) -> None:
+    """Print, at exit, how late the server's event loop woke from a sleep of interval_s while it
+    served: the delay every streamed chunk, HTTP read and request admission meets there (the loop
+    shares the interpreter lock with the engine thread)."""
+    import asyncio
+    import atexit
+
+    from deepseek_v2.engine.async_engine import AsyncLLMEngine
+    lags: list[float] = []
+    loaded = AsyncLLMEngine.wait_until_loaded
+
+    async def monitor():
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(interval_s)
+            lags.append(time.perf_counter() - start - interval_s)
+
+    async def wait_until_loaded(self):
+        await loaded(self)
+        self._lag_monitor = asyncio.get_running_loop().create_task(monitor())  # referenced: not collected
+
+    AsyncLLMEngine.wait_until_loaded = wait_until_loaded
+
+    def report():
+        if lags:
+            ordered = sorted(lags)
+            share = {ms: sum(lag * 1e3 > ms for lag in lags) / len(lags) for ms in (10, 30)}
+            print(f"event loop lag over {len(lags)} wake-ups: p50 {1e3 * ordered[len(lags) // 2]:.1f} ms, p99 "
+                  f"{1e3 * ordered[int(len(lags) * 0.99)]:.1f} ms, max {1e3 * ordered[-1]:.1f} ms; over 10 ms "
+                  f"{100 * share[10]:.1f}%, over 30 ms {100 * share[30]:.2f}%", file=sys.stderr, flush=True)
+
+    atexit.register(report)
+
+
 def keep_gc_unfrozen() -> None:
     """The server without its freeze of the start-up heap (`async_engine.freeze_loaded_heap`), for an
     A/B of what that freeze buys."""
@@ -227,6 +261,7 @@ def serve(args) -> None:
         report_gc_pauses(args.gc_garbage_types)
     if args.step_stats:
         report_step_gaps()
+        report_loop_lag()
     if args.no_freeze_gc:
         keep_gc_unfrozen()
     if args.gc_threshold:
@@ -253,7 +288,8 @@ if __name__ == "__main__":
     serving.add_argument("--gc-garbage-types", action="store_true",
                          help="also count the cyclic garbage by type (slower: every cycle is kept until counted)")
     serving.add_argument("--step-stats", action="store_true",
-                         help="print, at exit, what the steps were where a stream waited over 30 ms for a token")
+                         help="print, at exit, what the steps were where a stream waited over 30 ms for a token, "
+                              "and how late the event loop woke")
     serving.add_argument("--engine-process", action="store_true", help="the engine in a process of its own")
     serving.add_argument("--no-freeze-gc", action="store_true",
                          help="leave the start-up heap to the collector (the server freezes it by default)")
