@@ -163,7 +163,7 @@ def test_bench_serve_against_a_real_server(tmp_path):
     for run_ in result["runs"]:
         assert (run_["completed"], run_["failed"], run_["errors"]) == (10, 0, [""] * 10)
         assert run_["input_lens"] == prompt_lens and run_["output_lens"] == output_lens
-        assert run_["output_len_mismatches"] == 0
+        assert run_["output_len_mismatches"] == 0 and 0 <= run_["itl_share_over_30ms"] <= 1
         assert run_["total_input_tokens"] == sum(prompt_lens) and run_["total_output_tokens"] == sum(output_lens)
         assert all(len(itl) + 1 <= n for itl, n in zip(run_["itls"], output_lens))  # a chunk per token at most
         for name in ("ttft", "tpot", "itl", "e2el"):
@@ -176,6 +176,20 @@ def test_bench_serve_against_a_real_server(tmp_path):
         for ttft, itl, e2e in zip(run_["ttfts"], run_["itls"], run_["latencies"]):
             assert e2e == pytest.approx(ttft + sum(itl))
     assert "Serving Benchmark Result" in r.stdout and "| request rate |" in r.stdout
+
+
+def test_summary_counts_the_gaps_over_the_itl_bound():
+    """The share of inter-token gaps over 30 ms (the online target's bound), over every stream's gaps,
+    failed requests left out; percentiles as numpy's default."""
+    from deepseek_v2.bench_serve import Result, summarize
+
+    results = [Result(4, True, 4, 0.1, [0.010, 0.031, 0.020], 0.161),
+               Result(5, True, 3, 0.2, [0.045, 0.029], 0.274),
+               Result(6, False, 0, 0.0, [0.500], 0.0, "refused")]
+    s = summarize(results, [4, 3, 3], duration=1.0)
+    assert s["itl_share_over_30ms"] == pytest.approx(2 / 5)
+    assert s["p50_itl_ms"] == pytest.approx(29.0) and s["p99_itl_ms"] == pytest.approx(31 + 0.96 * 14)
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (2, 1, 7)
 
 
 def test_event_stream_lines_split_only_where_sse_ends_a_line():
