@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .checkpoint import checkpoint_args, load_dtype, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
-from .moe import MLP, MoE, RoutedExperts
+from .moe import MLP, MoE, MoEGate, RoutedExperts
 from .plan import check_parallel_size
 from .parallel import SINGLE, Linear, TensorParallel, column_parallel, fuse_rows, row_parallel, split_parameters
 from .rope import RotaryEmbedding
@@ -372,13 +372,16 @@ class DeepseekV2ForCausalLM(nn.Module):
     @torch.no_grad()
     def fuse_for_inference(self) -> "DeepseekV2ForCausalLM":
         """Merge the weights that multiply the same input (MLA's two input projections, each MLP's
-        gate and up projections) into single matrices, the originals becoming views of them. Same
-        numbers, fewer GEMMs; for inference (the fused weights are frozen)."""
+        gate and up projections) into single matrices, the originals becoming views of them, and keep
+        the routers' weights in fp32. Same numbers, fewer kernels; for inference (the fused weights
+        are frozen)."""
         for module in self.modules():
             if isinstance(module, MLA):
                 module.fuse_input_projections()
             elif isinstance(module, MLP):
                 module.fuse_gate_up()
+            elif isinstance(module, MoEGate):
+                module.keep_fp32_weight()
         return self
 
     @classmethod

@@ -74,6 +74,8 @@ class MoEGate(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        # inference: the weight in fp32 once (keep_fp32_weight), not cast again at every step
+        self.register_buffer("weight_fp32", None, persistent=False)
         self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -83,8 +85,9 @@ class MoEGate(nn.Module):
         a = self.args
         # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
         # under bf16 autocast in training.
+        weight = self.weight.float() if self.weight_fp32 is None else self.weight_fp32
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+            logits = F.linear(x.float(), weight)  # [N, E]
         K = a.num_experts_per_tok
         renormalize = a.norm_topk_prob and K > 1
         if a.topk_method == "greedy":
@@ -93,6 +96,14 @@ class MoEGate(nn.Module):
             weights, ids = self.kernels.grouped_topk_softmax(logits, K, a.n_group, a.topk_group, renormalize,
                                                              a.routed_scaling_factor)
         return Routing(logits, ids, weights)
+
+    @torch.no_grad()
+    def keep_fp32_weight(self) -> None:
+        """Inference: hold the weight's fp32 copy that the router multiplies by, so that a step does
+        not cast it again (a kernel per MoE layer and step, in a bf16 model); the same numbers. The copy
+        is not updated: for weights that no longer change."""
+        if self.weight.dtype != torch.float32:
+            self.weight_fp32 = self.weight.float()
 
 
 class RoutedExperts(nn.Module):

@@ -225,3 +225,22 @@ def test_fused_projections_give_the_same_logits(hf_checkpoint, name):
     assert dict(model.named_parameters()).keys() == params.keys()  # checkpoint names unchanged
     mla = model.model.layers[1].self_attn
     assert mla.in_proj_weight is not None and mla.kv_a_proj_with_mqa.weight.data_ptr() > mla.in_proj_weight.data_ptr()
+
+
+def test_routers_keep_an_fp32_weight_for_inference(hf_checkpoint):
+    """A bf16 model's routers multiply in fp32: after fuse_for_inference they hold that fp32 weight
+    instead of casting it at every step, with the same logits and picks, and no new checkpoint name."""
+    from deepseek_v2.moe import MoEGate
+
+    _, path = hf_checkpoint("lite-yarn-greedy")
+    model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    gate = next(m for m in model.modules() if isinstance(m, MoEGate))
+    x = torch.randn(5, model.args.hidden_size).to(torch.bfloat16)
+    keys = model.state_dict().keys()
+    with torch.no_grad():
+        before = gate(x)
+        model.fuse_for_inference()
+        after = gate(x)
+    assert gate.weight_fp32 is not None and gate.weight_fp32.dtype == torch.float32
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.topk_ids, after.topk_ids)
+    assert model.state_dict().keys() == keys
