@@ -120,15 +120,17 @@ class RoutedExperts(nn.Module):
         self.register_parameter("down_proj_scale_inv", None)
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, D] -> sum over each token's K experts of weight * SwiGLU expert(x), [N, D]; with part
-        of the experts, over those held here (a pick of another rank's expert gets the id -1)."""
+        of the experts, over those held here (a pick of another rank's expert gets the id -1). add
+        [N, D]: added to that sum (the shared experts' output: the kernels add it in their last launch)."""
         held = self.gate_up_proj.shape[0]
         if held < self.num_experts:  # global ids -> this rank's, -1 for the rest
             local = topk_ids - self.first_expert
             topk_ids = torch.where((local >= 0) & (local < held), local, -1)
         return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv)
+                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv, add)
 
     @torch.no_grad()
     def to_fp8(self) -> None:
@@ -160,7 +162,6 @@ class MoE(nn.Module):
         routing = self.gate(x)
         if self.record_routing:
             self.last_routing = routing
-        y = self.experts(x, routing.topk_ids, routing.topk_weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared
         return self.tp.all_reduce(y).view(shape)  # routed and shared parts of every rank, summed once

@@ -87,7 +87,8 @@ def launch_fused_kernels() -> None:
 
 FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
-                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (fp8_linear, "_fp8_linear_kernel"),
+                (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (moe, "_combine_kernel"),
+                (fp8_linear, "_fp8_linear_kernel"),
                 (fp8_linear, "_quantize_kernel"), (skinny, "_skinny_kernel"), (skinny, "_sum_pieces_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),

@@ -287,6 +287,21 @@ def test_fused_moe_skips_missing_picks(tk, case, missing):
     assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_adds_the_shared_output_as_a_tensor_add_would(tk, dtype):
+    """add (the shared experts' output) joins the K picks' sum in the last launch, rounded as a
+    separate add of a tensor of x's dtype would round it: bit for bit fused_moe(...) + add."""
+    T, E, K, D, I = 5, 8, 3, 48, 32
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=11)
+    add = torch.randn(T, D).to(dtype)
+    y = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=SMALL)
+    assert torch.equal(y, tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, config=SMALL) + add)
+    assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids, add=add), dtype)
+    for bad in (add[:4], add.double(), torch.randn(D, T).to(dtype).t()):
+        with pytest.raises(ValueError, match="fused_moe: add"):
+            tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=bad)
+
+
 def test_fused_moe_expert_parallel_split(tk):
     """Experts split over 3 "ranks" in contiguous ranges, each rank's picks mapped to its local ids
     (-1 elsewhere): the ranks' outputs add up to the output with every expert in one place."""
@@ -460,7 +475,8 @@ def test_kernels_build_for_sm90():
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
-                                              "_moe_align_kernel", "_moe_gemm_kernel", "_fp8_linear_kernel",
+                                              "_moe_align_kernel", "_moe_gemm_kernel", "_combine_kernel",
+                                              "_fp8_linear_kernel",
                                               "_quantize_kernel", "_skinny_kernel", "_sum_pieces_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}

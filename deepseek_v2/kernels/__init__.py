@@ -32,7 +32,7 @@ class Kernels:
     silu_and_mul: Callable         # SwiGLU's activation
     topk_softmax: Callable         # greedy routing
     grouped_topk_softmax: Callable  # group-limited routing
-    moe: Callable                  # the routed experts
+    moe: Callable                  # the routed experts (with the shared experts' output added)
 
 
 REFERENCE = Kernels("reference", reference.linear, reference.rms_norm, reference.mla_prepare,

@@ -182,6 +182,24 @@ def _moe_gemm_kernel(
     _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm)
 
 
+@triton.jit
+def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t] = the sum of token t's K weighted expert outputs in fp32, rounded to y's dtype (then, with
+    add, y[t] + add[t] rounded again: what adding a tensor of that dtype gives), one launch for what
+    took a sum, a cast and an add."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        acc += tl.load(out_ptr + (t * K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if HAS_ADD:
+        y = (y.to(tl.float32) + tl.load(add_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32))
+        y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * D + offs, y, mask=mask)
+
+
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
     """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks. FP8
     experts step K by whole 128-wide blocks (their e4m3 tiles are the bf16 tiles' bytes at twice the
@@ -241,7 +259,7 @@ def _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              *, config: dict | None = None) -> torch.Tensor:
+              add: torch.Tensor | None = None, *, config: dict | None = None) -> torch.Tensor:
     """Routed experts, same contract as reference.moe: y [T, D] in x's dtype.
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
@@ -251,13 +269,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     intermediate and the weighted expert outputs are rounded to x's dtype, the K picks are summed in
     fp32. FP8 experts: w13 and w2 in float8_e4m3fn with w13_scale [E, 2 ceil(I/128), ceil(D/128)] (the
     gate_proj's block rows, then the up_proj's) and w2_scale [E, ceil(D/128), ceil(I/128)] fp32, as
-    reference.moe takes them; BLOCK_K is then 128. config (tests and tuning) overrides the GEMMs'
-    launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. No host synchronisation.
+    reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
+    output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
+    (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    num_warps, num_stages. No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
     E, I = w13.shape[0], w2.shape[2]
     K = topk_ids.shape[1]
+    if add is not None and (add.shape != (T, D) or add.dtype != x.dtype or not add.is_contiguous()
+                            or add.device != x.device):
+        raise ValueError(f"fused_moe: add must be a contiguous [{T}, {D}] {x.dtype} tensor on x's device; got "
+                         f"{tuple(add.shape)} {add.dtype}")
     if T == 0:
         return x.new_empty(0, D)
     fp8 = w13_scale is not None
@@ -286,5 +310,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     launch(x, w13, w13_scale, inter, I, D, K, True, False)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
     launch(inter, w2, w2_scale, out, D, I, 1, False, True)
-    return torch.sum(out.view(T, K, D), dim=1, dtype=torch.float32).to(x.dtype)
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    block = 1024
+    _combine_kernel[(T, triton.cdiv(D, block))](out, add if add is not None else y, y, D, K=K,
+                                                HAS_ADD=add is not None, BLOCK=block, num_warps=4)
+    return y
 

@@ -177,7 +177,7 @@ def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group:
 
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
         topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-        w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+        w2_scale: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
     e = topk_ids[t,k], over the picks with e != -1.
 
@@ -193,6 +193,7 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
     ceil(I/128)]; each GEMM as `linear` does it (its input quantized per token in groups of 128), the
     intermediate silu(gate) * up computed in fp32 and rounded to x's dtype once, as the fused kernel
     does: its FP8 quantization would turn a different rounding of it into a different e4m3 value.
+    add [T, D] (the shared experts' output): added to the result, a plain tensor add.
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]
@@ -216,5 +217,5 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
             h = (F.silu(gate) * up).to(x.dtype)                           # [n, I], rounded once
             out[rows] = linear(h, w2[e], weight_scale_inv=w2_scale[e])
         start += n
-    y = (out.view(T, K, D).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
-    return y.to(x.dtype)
+    y = (out.view(T, K, D).float() * topk_weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    return y if add is None else y + add

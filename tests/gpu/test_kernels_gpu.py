@@ -230,3 +230,18 @@ def test_skinny_linear_equals_f_linear(N, K, M):
     x.copy_(torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g))
     graph.replay()
     assert rel_error(y, torch.nn.functional.linear(x.float(), w.float())) < 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 256])
+def test_fused_moe_adds_the_shared_output_as_a_tensor_add_would(T):
+    """The shared experts' output added in the combine launch: bit for bit fused_moe(...) + add."""
+    E, D, I, K = 64, 2048, 1408, 6
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16, generator=g) * D**-0.5
+    w2 = torch.randn(E, D, I, device=DEVICE, dtype=torch.bfloat16, generator=g) * I**-0.5
+    topk_weights, topk_ids = torch.randn(T, E, device=DEVICE, generator=g).softmax(-1).topk(K)
+    add = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    y = fused_moe(x, w13, w2, topk_weights, topk_ids, add=add)
+    assert torch.equal(y, fused_moe(x, w13, w2, topk_weights, topk_ids) + add)
+    assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids, add=add)) < 1e-2
