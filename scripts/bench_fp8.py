@@ -5,8 +5,9 @@ x and torch._scaled_mm alone (1x128 / 128x128 block scales, x quantized beforeha
 latent cache. Prints one table; the bytes column is what each call must read at least.
 
 Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
-     python scripts/bench_fp8.py --skinny   (only the few-row GEMM against cuBLAS bf16, with a sweep
-                                             of its launch config: a few minutes)
+     python scripts/bench_fp8.py --skinny   (only the few-row GEMMs against cuBLAS bf16, with sweeps of
+                                             their launch configs: kernels/skinny.py, and the FP8 GEMM
+                                             at one row with K cut into pieces; a few minutes)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
 graph, which is what the engine runs.
@@ -155,9 +156,40 @@ def bench_skinny() -> None:
             print(line, flush=True)
 
 
+def bench_fp8_pieces() -> None:
+    """The FP8 GEMM at one row (fp8_linear.linear, x quantized inside) with its default launch and the
+    best of a sweep that also cuts K into pieces (PIECES), against cuBLAS bf16."""
+    from itertools import product
+
+    print("\n| shape | cuBLAS bf16 us (GB/s) | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
+    print("|---|---|---|---|---|", flush=True)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for N, K in [(3072, 2048), (2048, 2048), (5632, 2048), (2048, 2816), (576, 2048), (24576, 1536)]:
+        wb = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * K**-0.5
+        w, s = quantize_weight(wb)
+        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+        best = None
+        for block_n, per_sm, warps, stages in product((16, 32, 64), (0, 1, 2, 4, 8), (2, 4), (2, 3, 4)):
+            pieces = 1 if per_sm == 0 else max(1, min(-(-K // 128), -(-per_sm * sms // -(-N // block_n))))
+            cfg = dict(BLOCK_M=16, BLOCK_N=block_n, GROUP_M=1, num_warps=warps, num_stages=stages, PIECES=pieces)
+            try:
+                us = graph_us(lambda: linear(x, w, None, s, config=cfg))
+            except Exception:  # noqa: BLE001 - a config this GPU cannot run drops out
+                continue
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        ref = linear(x, w, None, s).float()
+        err = ((linear(x, w, None, s, config=best[1]).float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, (N, K, best, err)  # the same e4m3 products, summed in another order
+        b16, f8 = graph_us(lambda: F.linear(x, wb)), graph_us(lambda: linear(x, w, None, s))
+        print(f"| M=1 N={N} K={K} | {b16:.1f} ({2 * N * K / 1e3 / b16:.0f}) | {f8:.1f} ({N * K / 1e3 / f8:.0f}) | "
+              f"{best[0]:.1f} ({N * K / 1e3 / best[0]:.0f}) | {best[1]} |", flush=True)
+
+
 def main() -> None:
     if "--skinny" in sys.argv:
         bench_skinny()
+        bench_fp8_pieces()
         return
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     print("| kernel | shape | bf16 us (GB/s) | fp8 us (GB/s) | bf16 / fp8 | other |")

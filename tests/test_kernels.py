@@ -347,6 +347,8 @@ FP8_LINEAR_CASES = [  # (M, N, K, block_offset, bias, dtype, config)
     (4, 64, 190, (0, 70), True, torch.float16, SMALL),                     # a column part: groups start at -70
     (130, 64, 128, (0, 0), False, torch.float32, None),                    # x quantized first (quantize_activation)
     (6, 150, 190, (0, 70), True, torch.bfloat16, dict(SMALL, FUSED=False)),  # that, in a part inside a block
+    (2, 96, 600, (0, 70), True, torch.float32, dict(SMALL, PIECES=3)),     # K in pieces (partials summed), bias
+    (3, 64, 384, (0, 0), False, torch.bfloat16, dict(SMALL, PIECES=8)),    # more pieces asked than groups
 ]
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
+from .skinny import sum_pieces
 
 
 @triton.jit
@@ -87,14 +88,16 @@ def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
 
 @triton.jit
 def _fp8_linear_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset,
-    stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym,
+    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset, groups_per_piece,
+    stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym, stride_ys,
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
-    dtype, quantized here."""
+    dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
+    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that skinny.sum_pieces adds up."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    piece = tl.program_id(1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,7 +108,8 @@ def _fp8_linear_kernel(
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, tl.cdiv(K + col_offset, GROUP)):
+    first = piece * groups_per_piece
+    for g in range(first, tl.minimum(first + groups_per_piece, tl.cdiv(K + col_offset, GROUP))):
         k = g * GROUP + offs_k
         mask_k = (k >= 0) & (k < K)
         x = tl.load(x_ptrs + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -119,7 +123,7 @@ def _fp8_linear_kernel(
         acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + piece * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -147,8 +151,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     last dim contiguous: a view of a fused matrix is fine), weight_scale_inv [ceil((N + r) / 128),
     ceil((K + c) / 128)] fp32 for block_offset (r, c); x [..., K] bf16/fp16/fp32 with a contiguous
     last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
-    num_stages, and FUSED (default True: quantize x inside the GEMM; False: quantize_activation first);
-    with a config the Triton kernel always runs. No host synchronisation.
+    num_stages, FUSED (default True: quantize x inside the GEMM; False: quantize_activation first) and
+    PIECES (default 1: K cut into this many pieces of whole groups, their fp32 partials summed by a
+    second launch, as kernels/skinny.py does for few rows); with a config the Triton kernel always
+    runs. No host synchronisation.
     """
     if weight_scale_inv is None:
         return F.linear(x, weight, bias)
@@ -188,14 +194,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return y.view(*shape[:-1], N)
     cfg = config or default_config(M)
     fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
-    cfg = {k: v for k, v in cfg.items() if k != "FUSED"}
+    groups = cdiv(K + c, BLOCK)
+    per_piece = cdiv(groups, cfg.get("PIECES", 1))
+    pieces = cdiv(groups, per_piece)
+    cfg = {k: v for k, v in cfg.items() if k not in ("FUSED", "PIECES")}
     xq, xs = (x, y) if fused else quantize_activation(x, c)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    out = y if pieces == 1 else torch.empty(pieces, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), pieces)
     _fp8_linear_kernel[grid](
-        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, y, M, N, K, r, c,
-        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, out, M, N, K, r, c, per_piece,
+        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), out.stride(-2),
+        out.stride(0) if pieces > 1 else 0,
+        HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
     )
+    if pieces > 1:
+        sum_pieces(out, bias, y)
     return y.view(*shape[:-1], N)
 
 

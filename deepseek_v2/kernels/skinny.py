@@ -130,8 +130,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         DIRECT=direct, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_K=block_k, UPCAST_DOT=on_cpu,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg)
     if not direct:
-        block = 1024
-        _sum_pieces_kernel[(M, triton.cdiv(N, block))](part, bias_arg, y, M, N, y.stride(0), part.stride(0),
-                                                      PIECES=pieces, HAS_BIAS=bias is not None, BLOCK=block,
-                                                      num_warps=4)
+        sum_pieces(part, bias, y)
     return y.view(*shape[:-1], N)
+
+
+def sum_pieces(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y [M, N] = the sum of the fp32 partials part [pieces, M, N] (contiguous) + bias, rounded once to
+    y's dtype (also the FP8 GEMM's, fp8_linear.linear, when K is cut into pieces)."""
+    pieces, M, N = part.shape
+    block = 1024
+    _sum_pieces_kernel[(M, triton.cdiv(N, block))](part, bias if bias is not None else y, y, M, N, y.stride(0),
+                                                  part.stride(0), PIECES=pieces, HAS_BIAS=bias is not None,
+                                                  BLOCK=block, num_warps=4)

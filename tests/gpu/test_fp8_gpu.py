@@ -67,6 +67,19 @@ def test_fp8_linear_triton_over_prequantized_x(M):
         assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
 
 
+@pytest.mark.parametrize("pieces", [2, 16])
+def test_fp8_linear_with_k_in_pieces(pieces):
+    """The decode GEMM with K cut into pieces (their fp32 partials summed by skinny.sum_pieces), at a
+    part that starts inside a block and with a bias: the reference's result."""
+    for N, K, offset in [(2048, 2048, (0, 0)), (5120, 2048, (0, 64))]:
+        w, s = fp8_weight(N, K, seed=pieces, offset=offset)
+        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+        bias = torch.randn(N, device=DEVICE, dtype=torch.bfloat16)
+        poison_free_memory()
+        y = linear(x, w, bias, s, offset, config=dict(default_config(1), PIECES=pieces))
+        assert rel_error(y, reference.linear(x, w, bias, s, offset)) < 1e-2
+
+
 def test_fp8_linear_cuda_graph():
     w, s = fp8_weight(3072, 2048, seed=11)
     x = torch.randn(4, 2048, device=DEVICE, dtype=torch.bfloat16)
