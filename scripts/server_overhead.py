@@ -63,32 +63,37 @@ ENGINE_KNOBS = dict(device="cpu", max_num_seqs=256, max_num_batched_tokens=16384
                     enforce_eager=True)
 
 
+def when_serving(callback) -> None:
+    """Call callback(engine) on the event loop once the server's engine has loaded, from the loop's
+    next turn: after the server's own start-up work that follows the load (its freeze of the heap, a
+    full collection of the start-up heap)."""
+    import asyncio
+
+    from deepseek_v2.engine.async_engine import AsyncLLMEngine
+    loaded = AsyncLLMEngine.wait_until_loaded
+
+    async def wait_until_loaded(self):
+        await loaded(self)
+        asyncio.get_running_loop().call_soon(callback, self)
+
+    AsyncLLMEngine.wait_until_loaded = wait_until_loaded
+
+
 def report_gc_pauses(garbage_types: bool = False) -> None:
     """Print, at exit, how long the garbage collector stopped the process, per generation, while the
     server started (loading: the model, torch's modules) and once it served, and how many objects it
     freed (those in reference cycles, which only it frees). A full collection walks every live object
     outside the frozen start-up heap. garbage_types: also print what each full collection walks and
     count the cyclic garbage by type (gc.DEBUG_SAVEALL, emptied after each collection)."""
-    import asyncio
     import atexit
     import collections
     import gc
 
-    from deepseek_v2.engine.async_engine import AsyncLLMEngine
     pauses: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     freed = collections.Counter()
     types = collections.Counter()
     started, phase_of = [0.0], ["start-up"]
-
-    loaded = AsyncLLMEngine.wait_until_loaded
-
-    async def wait_until_loaded(self):
-        await loaded(self)
-        # from the event loop's next turn: after the server's own start-up work that follows this
-        # (its freeze of the heap, a full collection of the start-up heap)
-        asyncio.get_running_loop().call_soon(phase_of.__setitem__, 0, "serving")
-
-    AsyncLLMEngine.wait_until_loaded = wait_until_loaded
+    when_serving(lambda engine: phase_of.__setitem__(0, "serving"))
 
     def timer(phase, info):
         key = (phase_of[0], info["generation"])
@@ -191,9 +196,7 @@ def report_loop_lag(interval_s: float = 0.005) -> None:
     import asyncio
     import atexit
 
-    from deepseek_v2.engine.async_engine import AsyncLLMEngine
     lags: list[float] = []
-    loaded = AsyncLLMEngine.wait_until_loaded
 
     async def monitor():
         while True:
@@ -201,11 +204,10 @@ def report_loop_lag(interval_s: float = 0.005) -> None:
             await asyncio.sleep(interval_s)
             lags.append(time.perf_counter() - start - interval_s)
 
-    async def wait_until_loaded(self):
-        await loaded(self)
-        self._lag_monitor = asyncio.get_running_loop().create_task(monitor())  # referenced: not collected
+    def start(engine):
+        engine._lag_monitor = asyncio.get_running_loop().create_task(monitor())  # referenced: not collected
 
-    AsyncLLMEngine.wait_until_loaded = wait_until_loaded
+    when_serving(start)
 
     def report():
         if lags:
