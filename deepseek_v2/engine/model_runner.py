@@ -238,8 +238,10 @@ class ModelRunner:
         c, bs = self.config, self.block_size
         context = min(self.max_model_len, c.max_num_batched_tokens)
         # an eager step of an odd token count beside a few decodes at a long context; then, within the
-        # piecewise graphs where there are any, a short prompt beside decodes whose attention is cut
-        # into splits (few rows) or not (many), with block tables one block wide or three
+        # piecewise graphs where there are any, a short prompt beside few or many decodes at one and
+        # three blocks of context: their attention in one split or several (the decode kernel takes
+        # the split count and the tables' width unspecialised, so only one split or several matters
+        # to it now; these four were measured together with that: no compile while serving)
         steps = [(c.max_num_batched_tokens - 4, 3, context)]
         steps += [(17, decodes, length) for decodes in (3, max(1, c.max_num_seqs - 1) | 1)
                   for length in (min(bs, context), min(3 * bs - 1, context))]
