@@ -4,7 +4,7 @@
 
 Online, such steps make the tail of the inter-token latency: every decode of the batch waits for them.
 A random V2-Lite model (bf16, the engine's defaults: CUDA graphs for decode-only steps, piecewise graphs
-around eager attention for steps with prefills) decodes 256 sequences at 1K context; then one new prompt
+around eager prefill attention for steps with prefills) decodes 256 sequences at 1K context; then one new prompt
 of P tokens joins, and the step that prefills it is timed (wall clock, synchronised), for several P,
 against the decode-only step: once with every prompt through the piecewise graphs, once with the
 engine's choice (a prompt of at most ModelRunner's ABSORBED_PREFILL_MAX_TOKENS runs as rows of the
@@ -99,8 +99,8 @@ def main() -> None:
 def host_breakdown(engine: LLMEngine, g: torch.Generator, vocab: int, short: SamplingParams,
                    prompt_len: int) -> None:
     """One mixed step (256 decodes and one prompt of prompt_len tokens) cut into its host phases, each
-    timed on the host: building the inputs, queueing the forward (of which the eager attention calls, and the graph
-    replays), waiting for the device, sampling, and the engine's handling of the tokens; beside it the
+    timed on the host: building the inputs, queueing the forward (of which the eager attention calls, prefill and
+    decode, and the graph replays), waiting for the device, sampling, and the engine's handling of the tokens; beside it the
     device's busy time (the step's kernels, from the profiler). Queueing longer than the device's busy
     time means the device waits for the host."""
     from torch.profiler import ProfilerActivity, profile
@@ -108,8 +108,8 @@ def host_breakdown(engine: LLMEngine, g: torch.Generator, vocab: int, short: Sam
     from deepseek_v2.engine.model_runner import LaunchedStep
     from deepseek_v2.engine.scheduler import ScheduledSequence
     from deepseek_v2.model import MLA
-    runner, attention = engine.runner, MLA.paged_attention
-    spent = {"attention calls": 0.0, "graph replays": 0.0}
+    runner, prefill, absorbed = engine.runner, MLA.prefill_attention, MLA.absorbed_attention
+    spent = {"eager prefill attention": 0.0, "eager decode attention": 0.0, "graph replays": 0.0}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -120,7 +120,8 @@ def host_breakdown(engine: LLMEngine, g: torch.Generator, vocab: int, short: Sam
                 spent[name] += time.perf_counter() - t
         return wrapper
 
-    MLA.paged_attention = timed("attention calls", attention)
+    MLA.prefill_attention = timed("eager prefill attention", prefill)
+    MLA.absorbed_attention = timed("eager decode attention", absorbed)  # none when the graphs run it
     replay = torch.cuda.CUDAGraph.replay
     torch.cuda.CUDAGraph.replay = timed("graph replays", replay)
     phases: dict[str, list[float]] = {}
@@ -155,7 +156,7 @@ def host_breakdown(engine: LLMEngine, g: torch.Generator, vocab: int, short: Sam
                             if e.device_type.name == "CUDA") / 1e3)
             engine.step()
     finally:
-        MLA.paged_attention, torch.cuda.CUDAGraph.replay = attention, replay
+        MLA.prefill_attention, MLA.absorbed_attention, torch.cuda.CUDAGraph.replay = prefill, absorbed, replay
     how = "absorbed" if runner.absorbs_prefill([ScheduledSequence(engine.scheduler.running[0], prompt_len)]) \
         else "piecewise"
     print(f"one mixed step (256 decodes + a {prompt_len}-token prompt, {how}), host phases (median of 5, ms):")

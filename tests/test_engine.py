@@ -257,24 +257,26 @@ def test_bad_requests_name_their_parameter(setup):
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("budget", [24, 7])
-def test_piecewise_steps_equal_transformers(setup, budget):
+@pytest.mark.parametrize("budget, window", [(24, None), (7, None), (24, 1)])
+def test_piecewise_steps_equal_transformers(setup, budget, window):
     """The step cut at attention (engine/piecewise.py), run eagerly over its static buffers as the CUDA
     graphs run it: mixed prefill and decode steps, chunked prompts, padded token counts and a prefix-cache
-    hit give transformers' tokens."""
-    from deepseek_v2.engine.piecewise import PiecewiseSteps
-
+    hit give transformers' tokens. The decode rows attend inside the pieces, or (window 1: a step of
+    several decodes) eagerly beside the prefills."""
     model, tokenizer, prompts, hf_out = setup
     engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=budget))
     runner = engine.runner
-    runner.piecewise = pieces = PiecewiseSteps(runner.model, runner.kv_caches, runner.scratch_block * runner.block_size,
-                                               budget, capture=False)
-    sizes = []
+    runner.piecewise = pieces = runner.piecewise_steps(capture=False)
+    if window is not None:
+        pieces.window = window
+    sizes, in_pieces = [], []
     run = pieces.run
-    pieces.run = lambda ids, *rest: sizes.append(len(ids)) or run(ids, *rest)
+    pieces.run = lambda ids, *rest: (sizes.append(len(ids)), in_pieces.append(pieces.takes_decodes(len(ids), len(rest[-1]))),
+                                     run(ids, *rest))[-1]
     got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
     assert got == hf_out
     assert any(t not in pieces.counts for t in sizes), "no step was padded"  # padding rows were exercised
+    assert True in in_pieces and (window is None) == all(in_pieces)  # which way the decode rows attended
     # a prefix hit: the second request's prefill attends to cached blocks through the pieces
     shared = prompts[4][:48]
     run_all(engine, [shared + [5, 6]], GREEDY, ["a"])

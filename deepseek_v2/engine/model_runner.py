@@ -166,11 +166,17 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and graphs:
             self._capture_decode_graphs()
             self.absorbed_prefill_max_rows = max(self.graphs)
-            self.piecewise = PiecewiseSteps(self.model, self.kv_caches, self.scratch_block * self.block_size,
-                                            config.max_num_batched_tokens, capture=True)
+            self.piecewise = self.piecewise_steps(capture=True)
         if self.device.type == "cuda":
             self._warm_up_steps()
             torch.cuda.synchronize()
+
+    def piecewise_steps(self, capture: bool) -> PiecewiseSteps:
+        """The piecewise graphs for this runner's cache and limits (capture=False: the same pieces run
+        eagerly, as CPU tests run them)."""
+        c = self.config
+        return PiecewiseSteps(self.model, self.kv_caches, self.block_size, self.scratch_block,
+                              c.max_num_batched_tokens, c.max_num_seqs, self.max_model_len, capture=capture)
 
     # ---- cache sizing -----------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -429,19 +435,22 @@ class ModelRunner:
             return logits[device_array(f.logit_rows)]
 
         prefills = bool(f.prefill_query_lens)
-        piecewise = self.piecewise is not None and len(f.input_ids) <= self.piecewise.max_tokens
+        pieces = self.piecewise if self.piecewise is not None and len(f.input_ids) <= self.piecewise.max_tokens else None
+        # the piecewise graphs take the slots, and the decode rows that fit their window, from the host
+        eager_decodes = bool(len(f.decode_lens)) and (pieces is None or not pieces.takes_decodes(len(f.input_ids),
+                                                                                          len(f.decode_lens)))
         attn = AttentionMetadata(
-            slot_mapping=None if piecewise else device_array(f.slots),  # the pieces take the host array
+            slot_mapping=None if pieces else device_array(f.slots),
             prefill_query_lens=f.prefill_query_lens, prefill_key_lens=f.prefill_key_lens,
             prefill_key_slots=device_array(f.prefill_key_slots) if prefills else None,
             prefill_cu_query=device_array(np.cumsum([0] + f.prefill_query_lens), torch.int32) if prefills else None,
             prefill_cu_key=device_array(np.cumsum([0] + f.prefill_key_lens), torch.int32) if prefills else None,
-            decode_block_tables=self._block_table_tensor(f.decode_tables, f.decode_rows) if f.decode_tables else None,
-            decode_seq_lens=device_array(f.decode_lens, torch.int32) if len(f.decode_lens) else None,
+            decode_block_tables=self._block_table_tensor(f.decode_tables, f.decode_rows) if eager_decodes else None,
+            decode_seq_lens=device_array(f.decode_lens, torch.int32) if eager_decodes else None,
             max_decode_seq_len=int(f.decode_lens.max(initial=0)))
-        if piecewise:
+        if pieces:
             assert device_ids is None, "a step launched ahead is decode-only"
-            hidden = self.piecewise.run(f.input_ids, f.positions, f.slots, attn)
+            hidden = pieces.run(f.input_ids, f.positions, f.slots, attn, f.decode_tables, f.decode_rows, f.decode_lens)
         else:
             ids = device_array(f.input_ids) if device_ids is None else device_ids
             hidden = self.model.forward_step(ids, device_array(f.positions), attn, self.kv_caches)
