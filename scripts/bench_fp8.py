@@ -5,9 +5,8 @@ x and torch._scaled_mm alone (1x128 / 128x128 block scales, x quantized beforeha
 latent cache. Prints one table; the bytes column is what each call must read at least.
 
 Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
-     python scripts/bench_fp8.py --skinny   (only the few-row GEMMs against cuBLAS bf16, with sweeps of
-                                             their launch configs: kernels/skinny.py, and the FP8 GEMM
-                                             at one row with K cut into pieces; a few minutes)
+     python scripts/bench_fp8.py --few-rows (only the FP8 GEMM at one row against cuBLAS bf16, with a
+                                             sweep of its launch config that cuts K into pieces; ~2 min)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
 graph, which is what the engine runs.
@@ -28,7 +27,6 @@ from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantiz
 from deepseek_v2.kernels.fp8_linear import FUSED_MAX_M, default_config, linear  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
 from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
-from deepseek_v2.kernels import skinny  # noqa: E402
 
 DEVICE = "cuda"
 ROWS: list[str] = []
@@ -117,45 +115,6 @@ def bench_mla() -> None:
         row("MLA decode", f"N={N} L={L} H={H}", t["bf16"], t["fp8"], N * L * (R + P) * 2, N * L * (R + P + 4))
 
 
-def bench_skinny() -> None:
-    """The few-row GEMM (kernels/skinny.py) against cuBLAS bf16 at V2-Lite's decode projections and V2's
-    q_b_proj: its default split, and the best of a sweep over its launch config at one row (then that
-    config at sixteen rows). Prints its own table: us and GB/s of the weight read."""
-    from itertools import product
-
-    print("\n| shape | cuBLAS bf16 us (GB/s) | skinny default us (GB/s) | skinny best us (GB/s) | best config |")
-    print("|---|---|---|---|---|", flush=True)
-    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-    for N, K in [(3072, 2048), (2048, 2048), (5632, 2048), (2048, 2816), (576, 2048), (24576, 1536)]:
-        w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * K**-0.5
-        gb = 2 * N * K / 1e3
-
-        def cell(us):
-            return f"{us:.1f} ({gb / us:.0f})"
-
-        best = None
-        x1 = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
-        for block_n, block_k, per_sm, warps, stages in product((32, 64, 128), (128, 256), (1, 2, 4, 8), (4, 8), (3, 5)):
-            pieces = max(1, min(-(-K // block_k), -(-per_sm * sms // -(-N // block_n))))
-            cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, PIECES=pieces, num_warps=warps, num_stages=stages)
-            try:
-                us = graph_us(lambda: skinny.linear(x1, w, config=cfg))
-            except Exception:  # noqa: BLE001 - a config this GPU cannot run (shared memory) drops out
-                continue
-            if best is None or us < best[0]:
-                best = (us, cfg)
-        for M in (1, 16):
-            x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
-            ref = F.linear(x.float(), w.float())
-            for cfg in (None, best[1]):
-                err = ((skinny.linear(x, w, config=cfg).float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, (N, K, M, cfg, err)
-            line = (f"| M={M} N={N} K={K} | {cell(graph_us(lambda: F.linear(x, w)))} | "
-                    f"{cell(graph_us(lambda: skinny.linear(x, w)))} | "
-                    f"{cell(graph_us(lambda: skinny.linear(x, w, config=best[1])))} | {best[1]} |")
-            print(line, flush=True)
-
-
 def bench_fp8_pieces() -> None:
     """The FP8 GEMM at one row (fp8_linear.linear, x quantized inside) with its default launch and the
     best of a sweep that also cuts K into pieces (PIECES), against cuBLAS bf16."""
@@ -187,8 +146,7 @@ def bench_fp8_pieces() -> None:
 
 
 def main() -> None:
-    if "--skinny" in sys.argv:
-        bench_skinny()
+    if "--few-rows" in sys.argv:
         bench_fp8_pieces()
         return
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")

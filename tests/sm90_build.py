@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, router, skinny
+from deepseek_v2.kernels import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, router
 from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
@@ -52,19 +52,12 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
     # the FP8 linear layers at V2-Lite's and V2's shapes (q_proj / q_b_proj, o_proj, shared experts), one
-    # part that starts inside a block, each launch tier
+    # part that starts inside a block, each launch tier (one row: K in pieces, summed by a second launch)
     for N, K, offset in [(3072, 2048, (0, 0)), (2048, 2048, (0, 0)), (24576, 1536, (0, 0)), (5120, 2048, (0, 64)),
                          (1536, 5120, (64, 0))]:
         w, s = torch.empty(N, K, dtype=FP8), torch.empty(scale_shape(N, K, offset))
         for M in (1, 64, 4096):
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
-    # the few-row GEMM at V2-Lite's decode projections (q_proj, o_proj, the shared experts' gate/up and
-    # down), one row and sixteen, K in pieces and whole
-    for N, K in [(3072, 2048), (2048, 2048), (5632, 2048), (2048, 2816)]:
-        for M in (1, 16):
-            skinny.linear(torch.empty(M, K, dtype=bf16), torch.empty(N, K, dtype=bf16))
-        skinny.linear(torch.empty(1, K, dtype=bf16), torch.empty(N, K, dtype=bf16),
-                      config=dict(BLOCK_N=64, BLOCK_K=128, PIECES=1, num_warps=4, num_stages=4))
 
 
 def launch_fused_kernels() -> None:
@@ -89,7 +82,7 @@ FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
                 (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (moe, "_combine_kernel"),
                 (fp8_linear, "_fp8_linear_kernel"),
-                (fp8_linear, "_quantize_kernel"), (skinny, "_skinny_kernel"), (skinny, "_sum_pieces_kernel")],
+                (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
                (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")], launch_fused_kernels),

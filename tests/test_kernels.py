@@ -389,39 +389,6 @@ def test_fp8_linear_rejects_bad_inputs(tk):
             tk.fp8_linear.linear(**args)
 
 
-SKINNY_CASES = [  # M, N, K, bias, dtype, config (None: the default split)
-    (1, 64, 256, False, torch.float32, None),
-    (3, 100, 300, True, torch.float32, dict(BLOCK_N=32, BLOCK_K=64, PIECES=3, num_warps=2, num_stages=2)),
-    (16, 70, 200, True, torch.bfloat16, dict(BLOCK_N=32, BLOCK_K=64, PIECES=1, num_warps=2, num_stages=2)),
-    (5, 96, 130, False, torch.bfloat16, dict(BLOCK_N=32, BLOCK_K=64, PIECES=9, num_warps=2, num_stages=2)),
-]
-
-
-@pytest.mark.parametrize("case", range(len(SKINNY_CASES)))
-def test_skinny_linear_equals_f_linear(tk, case):
-    """The few-row GEMM, its K cut into pieces summed by a second launch or written directly (one
-    piece), ragged N and K, a bias, strided rows of x and a row view of a wider weight: F.linear's
-    result in fp32 within summation order, one rounding of the output in bf16."""
-    M, N, K, bias, dtype, config = SKINNY_CASES[case]
-    g = torch.Generator().manual_seed(case)
-    x = torch.randn(M, K + 5, generator=g).to(dtype)[:, 5:]
-    w = torch.randn(N + 7, K, generator=g).to(dtype)[7:]
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    y = tk.skinny.linear(x, w, b, config=config)
-    assert y.shape == (M, N) and y.dtype == dtype
-    assert_close(y, F.linear(x.float(), w.float(), None if b is None else b.float()), dtype)
-
-
-def test_skinny_linear_leading_dims_and_bad_inputs(tk):
-    x, w = torch.randn(2, 3, 128), torch.randn(40, 128)
-    assert_close(tk.skinny.linear(x, w), F.linear(x, w), torch.float32)
-    assert tk.skinny.linear(torch.randn(0, 128), w).shape == (0, 40)
-    for args in [(torch.randn(17, 128), w), (torch.randn(2, 100), w), (x, w.double()),
-                 (torch.randn(128, 2).t(), torch.randn(40, 2)), (x, w, torch.randn(39))]:
-        with pytest.raises(ValueError, match="skinny linear"):
-            tk.skinny.linear(*args)
-
-
 def fp8_experts(w13, w2):
     """Routed experts in FP8 as RoutedExperts.to_fp8 stores them."""
     I = w2.shape[2]
@@ -473,13 +440,13 @@ def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
     the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
     linear layers and their activation quantization, FP8 experts, decode over the FP8 cache) and the
-    few-row GEMM included."""
+    second launch that sums the FP8 GEMM's pieces of K at one row included."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
                                               "_moe_align_kernel", "_moe_gemm_kernel", "_combine_kernel",
                                               "_fp8_linear_kernel",
-                                              "_quantize_kernel", "_skinny_kernel", "_sum_pieces_kernel"}
+                                              "_quantize_kernel", "_sum_pieces_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     for r in results:

@@ -22,13 +22,14 @@ Letters: M rows (tokens), N output features, K input features.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
-from .skinny import sum_pieces
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def _fp8_linear_kernel(
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
-    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that skinny.sum_pieces adds up."""
+    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that sum_pieces adds up."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     piece = tl.program_id(1)
 
@@ -127,16 +128,42 @@ def _fp8_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit(do_not_specialize=["M"])
+def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PIECES: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[row, cols] = sum over the pieces of part[piece, row, cols] (+ bias), rounded once."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for piece in tl.static_range(PIECES):
+        acc += tl.load(part_ptr + piece * stride_ps + row * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
+_PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
 
 
-def default_config(M: int) -> dict:
-    """Launch config by the number of rows. Decode: thin row blocks and narrow column blocks, so that a
-    single token's GEMM still spreads over many SMs. Not tuned: at one row it takes 1.4x cuBLAS bf16's
-    time on an H200 for V2-Lite's projections (docs/fp8.md's kernel table)."""
+def default_config(M: int, N: int = 0, groups: int = 1, num_sms: int = 132) -> dict:
+    """Launch config by the number of rows (and, for few rows, the columns N and K's groups of 128).
+    Decode: thin row blocks and column blocks of 64, and K cut into pieces until about
+    _PROGRAMS_PER_SM programs per SM read the weight at once. On an H200 at one row this took V2-Lite's
+    projections from 1.3-1.6x cuBLAS bf16's time to 1.0-1.2x, and V2's q_b_proj to 0.7x (a sweep of
+    the launch, `scripts/bench_fp8.py --few-rows`, found the best at 130-380 programs: docs/fp8.md)."""
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=4)
+        blocks = cdiv(N, 64)
+        pieces = max(1, min(groups, cdiv(_PROGRAMS_PER_SM * num_sms, max(blocks, 1))))
+        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3, PIECES=pieces)
     if M <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -153,7 +180,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
     num_stages, FUSED (default True: quantize x inside the GEMM; False: quantize_activation first) and
     PIECES (default 1: K cut into this many pieces of whole groups, their fp32 partials summed by a
-    second launch, as kernels/skinny.py does for few rows); with a config the Triton kernel always
+    second launch); with a config the Triton kernel always
     runs. No host synchronisation.
     """
     if weight_scale_inv is None:
@@ -192,9 +219,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_inv.t(), out_dtype=x.dtype)[:M]
         y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
         return y.view(*shape[:-1], N)
-    cfg = config or default_config(M)
-    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
     groups = cdiv(K + c, BLOCK)
+    cfg = config or default_config(M, N, groups, _num_sms(x.device))
+    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
     per_piece = cdiv(groups, cfg.get("PIECES", 1))
     pieces = cdiv(groups, per_piece)
     cfg = {k: v for k, v in cfg.items() if k not in ("FUSED", "PIECES")}
@@ -220,3 +247,13 @@ def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     return (SCALED_MM_MIN_M is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and x.shape[0] >= SCALED_MM_MIN_M and block_offset == (0, 0) and K % 512 == 0 and N % BLOCK == 0
             and weight.stride() == (K, 1) and scale.stride() == (K // BLOCK, 1))
+
+
+def sum_pieces(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y [M, N] = the sum of the fp32 partials part [pieces, M, N] (contiguous) + bias, rounded once to
+    y's dtype: the FP8 GEMM's second launch when K is cut into pieces."""
+    pieces, M, N = part.shape
+    block = 1024
+    _sum_pieces_kernel[(M, triton.cdiv(N, block))](part, bias if bias is not None else y, y, M, N, y.stride(0),
+                                                  part.stride(0), PIECES=pieces, HAS_BIAS=bias is not None,
+                                                  BLOCK=block, num_warps=4)

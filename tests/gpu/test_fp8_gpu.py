@@ -69,7 +69,7 @@ def test_fp8_linear_triton_over_prequantized_x(M):
 
 @pytest.mark.parametrize("pieces", [2, 16])
 def test_fp8_linear_with_k_in_pieces(pieces):
-    """The decode GEMM with K cut into pieces (their fp32 partials summed by skinny.sum_pieces), at a
+    """The decode GEMM with K cut into pieces (their fp32 partials summed by sum_pieces), at a
     part that starts inside a block and with a bias: the reference's result."""
     for N, K, offset in [(2048, 2048, (0, 0)), (5120, 2048, (0, 64))]:
         w, s = fp8_weight(N, K, seed=pieces, offset=offset)

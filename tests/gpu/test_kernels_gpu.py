@@ -209,29 +209,6 @@ def test_prefill_attention_varlen(heads, query_lens, context_lens):
     assert rel_error(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("M", [1, 16])
-@pytest.mark.parametrize("N, K", [(3072, 2048), (2048, 2816), (576, 2048), (24576, 1536)])
-def test_skinny_linear_equals_f_linear(N, K, M):
-    """The few-row GEMM (kernels/skinny.py) at the decode projections' shapes, its default split and K
-    whole, plain and replayed from a CUDA graph."""
-    from deepseek_v2.kernels import skinny
-
-    g = torch.Generator(device=DEVICE).manual_seed(N + M)
-    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, generator=g) * K**-0.5
-    ref = torch.nn.functional.linear(x.float(), w.float())
-    whole = dict(BLOCK_N=64, BLOCK_K=128, PIECES=1, num_warps=4, num_stages=4)
-    for config in (None, whole):
-        poison_free_memory()
-        assert rel_error(skinny.linear(x, w, config=config), ref) < 1e-2
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = skinny.linear(x, w)
-    x.copy_(torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g))
-    graph.replay()
-    assert rel_error(y, torch.nn.functional.linear(x.float(), w.float())) < 1e-2
-
-
 @pytest.mark.parametrize("T", [1, 256])
 def test_fused_moe_adds_the_shared_output_as_a_tensor_add_would(T):
     """The shared experts' output added in the combine launch: bit for bit fused_moe(...) + add."""
