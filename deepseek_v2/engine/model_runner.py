@@ -2,7 +2,7 @@
 sampler. A step is three calls: `prepare_inputs` turns the scheduled batch into flat host lists
 (tokens, positions, slot mapping, block tables, which rows need logits), `forward` runs the model
 (replaying a captured CUDA graph for a decode-only batch, and the piecewise graphs of
-engine/piecewise.py around eager attention for a step that holds prefills) and returns the logits of
+engine/piecewise.py around eager prefill attention for a step that holds prefills) and returns the logits of
 those rows, and `sample` turns them into tokens and logprobs. A step whose prompt chunks are few
 tokens runs them as rows of the decode graph, each token a query over its own causal context in
 absorbed form (absorbs_prefill).
@@ -102,7 +102,7 @@ class LaunchedStep:
 
 # A step whose prompt chunks are short may run them in absorbed form, as rows of the decode graph
 # (each token a query over its own causal context: ModelRunner.absorbs_prefill), so that the whole
-# step is one CUDA graph replay instead of the piecewise graphs around eager attention. Measured on an
+# step is one CUDA graph replay instead of the piecewise graphs around eager prefill attention. Measured on an
 # H200 at the V2-Lite shape beside 256 decodes at 1K context (scripts/profile_mixed_step.py; the
 # absorbed figures taken after the torch profiler had run, which slows launches: docs/benchmarks.md):
 # a 48-token prompt 18.9 ms against 21.5 piecewise, a 200-token one 1.3 ms slower than piecewise (the
