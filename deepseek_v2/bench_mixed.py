@@ -14,25 +14,29 @@ from . import workload as W
 
 
 class RunnerTimer:
-    """Stands in for the model runner's step calls (`launch`, `launch_next_decode`, `collect`) to time
-    them apart from the rest of `engine.step` and to note whether the step held a prefill: a sequence
-    given more than one token (a prompt, a chunk of one, or a preempted sequence being recomputed);
-    the runner runs the others as decodes, and a step launched ahead is a decode. `collect` waits for
-    the sampled tokens, so the runner's time includes the device's work that the host waits for."""
+    """Stands in for the model runner's step calls (`launch`, `launch_next`, `collect`) to time them
+    apart from the rest of `engine.step` and to note whether the step held a prefill: a sequence given
+    more than one token (a prompt, a chunk of one, or a preempted sequence being recomputed); the
+    runner runs the others as decodes. A step launched ahead is collected by the next `engine.step`,
+    which it counts for. `collect` waits for the sampled tokens, so the runner's time includes the
+    device's work that the host waits for."""
 
-    CALLS = ("launch", "launch_next_decode", "collect")
+    CALLS = ("launch", "launch_next", "collect")
 
     def __init__(self, runner):
         self.runner = runner
         self.seconds: float | None = None  # this step's, None until a call
         self.prefill = False
+        self.next_prefill = False  # the step launched ahead (the next engine.step's) holds one
         for name in self.CALLS:  # instance attributes hide the methods
-            setattr(runner, name, self._timed(getattr(runner, name), name == "launch"))
+            setattr(runner, name, self._timed(getattr(runner, name), name))
 
-    def _timed(self, call, notes_kind: bool):
+    def _timed(self, call, name: str):
         def timed(*args):
-            if notes_kind:
+            if name == "launch":
                 self.prefill = any(item.num_new_tokens > 1 for item in args[0].scheduled)
+            elif name == "launch_next":
+                self.next_prefill = any(item.num_new_tokens > 1 for item in args[2])
             t = time.perf_counter()
             try:
                 return call(*args)
@@ -41,7 +45,7 @@ class RunnerTimer:
         return timed
 
     def next_step(self) -> None:
-        self.seconds, self.prefill = None, False
+        self.seconds, self.prefill, self.next_prefill = None, self.next_prefill, False
 
     def restore(self) -> None:
         for name in self.CALLS:

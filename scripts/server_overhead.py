@@ -127,9 +127,8 @@ def report_gc_pauses(garbage_types: bool = False) -> None:
 def report_step_gaps(slow_ms: float = 30.0) -> None:
     """Print, at exit, what the engine's steps were where a running sequence waited more than slow_ms
     for its next token: the time from one step's outputs to the next's (what a stream's inter-token
-    latency is made of; the engine call itself in brackets), by kind of step (a decode step launched
-    ahead, a decode-only step scheduled then, a step holding prompt tokens) with its prompt tokens and
-    decodes. Only steps that carried decodes count; once no request is left, the next steps are another
+    latency is made of; the engine call itself in brackets), by kind of step (decode-only or holding
+    prompt tokens; launched ahead or scheduled then) with its prompt tokens and decodes. Only steps that carried decodes count; once no request is left, the next steps are another
     run (the benchmark's next request rate)."""
     import atexit
 
@@ -152,13 +151,12 @@ def report_step_gaps(slow_ms: float = 30.0) -> None:
         start = time.perf_counter()
         outputs = step(self)
         done = time.perf_counter()
-        if ahead is not None:
-            kind, prompt, decodes = "decode, launched ahead", 0, len(ahead.step.items)
-        elif last["sched"] is not None:
-            items = last["sched"].scheduled
+        items = ahead.step.items if ahead is not None else last["sched"].scheduled if last["sched"] else None
+        if items is not None:
             prompt = sum(i.num_new_tokens for i in items if i.num_new_tokens > 1)
             decodes = sum(1 for i in items if i.num_new_tokens == 1)
-            kind = "with prompt tokens" if prompt else "decode-only, scheduled"
+            when = "launched ahead" if ahead is not None else "scheduled"
+            kind = f"with prompt tokens, {when}" if prompt else f"decode-only, {when}"
         else:
             kind, prompt, decodes = None, 0, 0
         if kind is not None and decodes and last["done"] is not None:

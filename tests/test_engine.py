@@ -271,7 +271,7 @@ def test_piecewise_steps_equal_transformers(setup, budget, window):
         pieces.window = window
     sizes, in_pieces = [], []
     run = pieces.run
-    pieces.run = lambda ids, *rest: (sizes.append(len(ids)), in_pieces.append(pieces.takes_decodes(len(ids), len(rest[-1]))),
+    pieces.run = lambda ids, *rest: (sizes.append(len(ids)), in_pieces.append(pieces.takes_decodes(len(ids), len(rest[5]))),
                                      run(ids, *rest))[-1]
     got = [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)]
     assert got == hf_out
@@ -388,13 +388,17 @@ def test_dummy_checkpoint_script_writes_a_servable_shape(tmp_path):
     assert not list(out.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("max_num_seqs", [None, 3])  # 3: requests wait while a full batch decodes
-def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs):
-    """Asynchronous scheduling (each decode step launched before the last one's tokens reach the host)
-    gives every request what the engine gives without it: the same tokens, text, streamed deltas and
-    finish reasons, with sequences ending by max_tokens, max_model_len, a stop token or a stop string
-    inside a chain of steps launched ahead, requests joining and aborted midway, seeded sampling
-    with n = 2, and a request with logprobs (sampled on the host, so it breaks the chain)."""
+@pytest.mark.parametrize("max_num_seqs, piecewise", [(None, False), (3, False), (None, True)])
+def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, piecewise):
+    """Asynchronous scheduling (each step after a decode step launched before the last one's tokens
+    reach the host, with the prompts admitted meanwhile) gives every request what the engine gives
+    without it: the same tokens, text, streamed deltas and finish reasons, with sequences ending by
+    max_tokens, max_model_len, a stop token or a stop string inside a chain of steps launched ahead,
+    requests joining (in steps launched ahead, or, with 3 sequences at most, waiting while a full
+    batch decodes) and aborted midway, seeded sampling with n = 2, and a request with logprobs
+    (sampled on the host, so it is admitted by a step scheduled then). With piecewise, the steps
+    holding prompts run through the pieces of engine/piecewise.py (eagerly, as on a GPU without
+    capture), their decode rows' tokens read on the device."""
     model, tokenizer, prompts, hf_out = setup
     probe = run_all(LLMEngine(model, tokenizer, EngineConfig(block_size=8)), [prompts[1]], GREEDY, ["p"])[0]
     pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in probe.outputs[0].token_ids]
@@ -416,6 +420,8 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs):
     def serve(async_scheduling):
         engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_model_len=80, max_num_seqs=max_num_seqs,
                                                           async_scheduling=async_scheduling))
+        if piecewise:
+            engine.runner.piecewise = engine.runner.piecewise_steps(capture=False)
         streams: dict[str, list] = {}
         step = 0
         while step in plan or engine.has_unfinished_requests() or step < max(plan):
@@ -430,11 +436,13 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs):
                      for c in out.outputs])
             step += 1
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-        return streams, engine.stats()["steps_launched_ahead"]
+        stats = engine.stats()
+        return streams, stats["steps_launched_ahead"], stats["steps_launched_ahead_with_prompts"]
 
-    expected, none_ahead = serve("off")
-    got, ahead = serve("on")
+    expected, none_ahead, _ = serve("off")
+    got, ahead, with_prompts = serve("on")
     assert none_ahead == 0 and ahead > 10
+    assert with_prompts >= 1  # ("logprobs" is never admitted ahead: its logprobs need the host)
     assert got == expected
     final = {rid: chunks[-1] for rid, chunks in expected.items()}
     assert final["short"][0][3] == "length" and final["stop-token"][0][4] == hf_out[3][9]

@@ -6,12 +6,13 @@ run it (prepare inputs, forward, sample), then for every scheduled sequence adva
 tokens and, when a token was sampled, appends it, detokenizes incrementally, applies the stop
 conditions and frees the sequence if it finished; it returns the outputs of the requests touched.
 
-Asynchronous scheduling (`async_scheduling`): when a decode step is the kind the next one would be
-too (all running sequences decoding, tokens sampled on the device, nobody to admit), the next step is
-launched before this step's tokens reach the host, its inputs read on the device; the host does this
-step's bookkeeping while the device runs the next, and the next `step()` starts from it. What that
-costs: a sequence ended by a stop token or string computes one position for nothing (its row is
-dropped), and requests added meanwhile join one step later.
+Asynchronous scheduling (`async_scheduling`): after a decode step of all running sequences whose
+tokens are sampled on the device, the next step is launched before this step's tokens reach the
+host: the same sequences decode once more, their inputs read on the device, beside the first chunks
+of waiting prompts it admits (those whose first token needs nothing of the host either); the host
+does this step's bookkeeping while the device runs the next, and the next `step()` starts from it.
+What that costs: a sequence ended by a stop token or string computes one position for nothing (its
+row is dropped), and requests added meanwhile join one step later.
 
 A step that raises fails only the requests it ran: they are aborted (their blocks freed) and
 `StepError` names them, so the engine serves on. Errors that leave the device or the tensor-parallel
@@ -140,6 +141,7 @@ class LLMEngine(RequestChecks):
             config.async_scheduling == "auto" and bool(self.runner.graphs)))
         self._ahead: LaunchedStep | None = None  # the decode step launched before the last one's tokens came
         self.num_steps_ahead = 0
+        self.num_prompt_steps_ahead = 0  # of those, the steps that admitted prompts
         self._log_memory()
 
     @classmethod
@@ -261,17 +263,17 @@ class LLMEngine(RequestChecks):
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step: the decode step launched ahead by the last call if there is one, else what the
-        scheduler makes now; then, where it can, the next decode step is launched before this one's
-        tokens reach the host (asynchronous scheduling: the device runs it while the host handles
-        them); returns this step's outputs."""
+        """One step: the step launched ahead by the last call if there is one, else what the scheduler
+        makes now; then, where it can, the next step is launched before this one's tokens reach the
+        host (asynchronous scheduling: the device runs it while the host handles them); returns this
+        step's outputs."""
         launched, self._ahead = self._ahead, None
         if launched is not None and not any(item.seq.status is SequenceStatus.RUNNING for item in launched.step.items):
             # every sequence in it finished or was aborted since it was launched: wait for it all the
             # same, so that the host buffers it was launched from are free for the steps after it
             self.runner.collect(launched)
             launched = None
-        items: list[ScheduledSequence] = [] if launched is None else launched.step.items
+        items: list[ScheduledSequence] = [] if launched is None else launched.step.scheduled  # (collect's order)
         try:
             if launched is None:
                 sched = self.scheduler.schedule()
@@ -282,7 +284,7 @@ class LLMEngine(RequestChecks):
                 items = sched.scheduled
                 launched = self._on_workers(self.runner.launch, sched)
             if self.async_scheduling:
-                self._ahead = self._launch_next_decode(launched)
+                self._ahead = self._launch_next(launched)
             return self._process(items, self._on_workers(self.runner.collect, launched))  # (scheduler order)
         except Exception as e:
             self._drop_ahead()
@@ -316,24 +318,28 @@ class LLMEngine(RequestChecks):
         except Exception as e:
             raise self.workers.explain(e) from e
 
-    def _launch_next_decode(self, launched: LaunchedStep) -> LaunchedStep | None:
-        """Launch the decode step after `launched` now, when it is the step the scheduler would make
+    def _launch_next(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """Launch the step after `launched` now, when its decodes are the ones the scheduler would make
         next anyway: `launched` was decode-only and sampled on the device, its sequences still running
-        are all that run, none waits that could be admitted (the batch is full, or none waits), and the
-        cache has a slot for each one's next position. A sequence that `launched`'s token will end by
-        length is left out; one that it ends otherwise (a stop token or string) computes one position
-        for nothing, dropped. Requests added meanwhile are scheduled one step later."""
-        waiting_may_join = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
-        if launched.tokens is None or waiting_may_join:
+        are all that run, and the cache has a slot for each one's next position. A sequence that
+        `launched`'s token will end by length is left out; one that it ends otherwise (a stop token or
+        string) computes one position for nothing, dropped. Waiting sequences are admitted beside them
+        (Scheduler.admit) up to the first whose tokens need the host (prompt logprobs, or sampling that
+        is not SamplingParams.samples_on_device): with that one first in line, nothing is launched, so
+        that the next step, scheduled then, admits it. Requests added meanwhile are scheduled one step
+        later."""
+        if launched.tokens is None or not launched.step.forward.decode_only:
+            return None
+        sched = self.scheduler
+        may_join = bool(sched.waiting) and len(sched.running) < self.config.max_num_seqs
+        if may_join and not self._samples_ahead(sched.waiting[0]):
             return None
         items = launched.step.items
         running = [k for k, item in enumerate(items) if item.seq.status is SequenceStatus.RUNNING]
-        if len(running) != len(self.scheduler.running):
+        if len(running) != len(sched.running):
             return None
         next_positions = launched.step.forward.positions + 1  # launched's token goes there
         keep = [k for k in running if not self._ends_by_length(items[k].seq, int(next_positions[k]))]
-        if not keep or not self.runner.takes_device_ids(len(keep)):
-            return None
         bm = self.block_manager
         seqs = [items[k].seq for k in keep]
         # `launched`'s tokens are not counted yet: its position and the next one need a slot
@@ -341,8 +347,19 @@ class LLMEngine(RequestChecks):
             return None
         for s in seqs:
             bm.allocate(s, 2)
+        prompts = sched.admit(self.config.max_num_batched_tokens - len(keep), self._samples_ahead) if may_join else []
+        if not keep and not prompts:
+            return None
         self.num_steps_ahead += 1
-        return self.runner.launch_next_decode(launched, keep)
+        self.num_prompt_steps_ahead += bool(prompts)
+        return self.runner.launch_next(launched, keep, prompts)
+
+    @staticmethod
+    def _samples_ahead(seq: Sequence) -> bool:
+        """Whether a waiting sequence may join a step launched ahead: its first token, if that step
+        samples one, is drawn on the device, and it wants no prompt logprobs."""
+        p = seq.sampling_params
+        return p.samples_on_device and p.prompt_logprobs is None
 
     def _ends_by_length(self, seq: Sequence, position: int) -> bool:
         """Whether the token sampled for seq (not yet appended) at `position` ends it by length: its
@@ -448,5 +465,6 @@ class LLMEngine(RequestChecks):
                 "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
-                "steps_launched_ahead": self.num_steps_ahead}
+                "steps_launched_ahead": self.num_steps_ahead,
+                "steps_launched_ahead_with_prompts": self.num_prompt_steps_ahead}
 

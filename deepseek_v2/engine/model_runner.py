@@ -9,9 +9,10 @@ absorbed form (absorbs_prefill).
 
 On rank 0 a step is `launch` (those three calls, the sampling left on the device where it needs
 nothing of the host: SamplingParams.samples_on_device) and `collect` (its StepResults, once the tokens
-reach the host). Between the two, the engine may `launch_next_decode`: the decode step after a decode
-step, its input tokens the ones just sampled, still on the device, so that the device runs it while
-the host handles the tokens before (asynchronous scheduling, llm_engine.py).
+reach the host). Between the two, the engine may `launch_next`: the step after a decode step, its
+decode rows' input tokens the ones just sampled, still on the device, beside the first chunks of
+prompts admitted meanwhile, so that the device runs it while the host handles the tokens before
+(asynchronous scheduling, llm_engine.py).
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
 holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else; with
@@ -78,7 +79,8 @@ class ForwardInputs:
 @dataclass
 class StepInputs:
     """One step on rank 0: the forward's inputs and where the logits go. items are the scheduled
-    sequences, prefills first then decodes; item k is sched.scheduled[order[k]]."""
+    sequences, prefills first, then decodes, then decodes launched ahead; item k is
+    sched.scheduled[order[k]]."""
 
     items: list[ScheduledSequence]
     order: list[int]
@@ -86,12 +88,20 @@ class StepInputs:
     sample_rows: dict[int, int] = field(default_factory=dict)  # item -> its row among the logits
     prompt_rows: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # item -> (first row, positions)
 
+    @property
+    def scheduled(self) -> list[ScheduledSequence]:
+        """The items in the scheduler's order (collect's results come in it)."""
+        out = [None] * len(self.items)
+        for k, i in enumerate(self.order):
+            out[i] = self.items[k]
+        return out
+
 
 @dataclass
 class LaunchedStep:
     """A step queued on the device; `ModelRunner.collect` gives its StepResults. Either sampled on the
-    host already (results), or sampled on the device (tokens: one per item, in step.items order) with a
-    copy to the host under way (host_tokens, done when `ready` is)."""
+    host already (results), or sampled on the device (tokens: one per item that samples, in step.items
+    order) with a copy to the host under way (host_tokens, done when `ready` is)."""
 
     step: StepInputs
     results: list[StepResult] | None = None
@@ -291,29 +301,16 @@ class ModelRunner:
             self.control.send(step.forward)  # the other ranks run the same forward
         return self._sample_launched(step, self.forward(step.forward))
 
-    def launch_next_decode(self, prev: LaunchedStep, keep: list[int]) -> LaunchedStep:
-        """The decode step after `prev` (decode-only, sampled on the device) for its items `keep`, queued
-        before prev's tokens reach the host: each row's input is the token prev sampled for it, read on
-        the device, at the next position. The caller has made room for that position in the block tables."""
-        items = [ScheduledSequence(prev.step.items[k].seq, 1) for k in keep]
-        positions = prev.step.forward.positions[keep] + 1
-        tables = [item.seq.block_table for item in items]
-        bs = self.block_size
-        slots = np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist())], dtype=np.int64)
-        rows = list(range(len(items)))
-        f = ForwardInputs(input_ids=np.zeros(len(items), dtype=np.int64),  # unread: the tokens come from the device
-                          positions=positions, slots=slots, decode_tables=tables, decode_rows=[1] * len(items),
-                          decode_lens=positions + 1, logit_rows=rows, decode_only=True)
-        step = StepInputs(items, rows, f, sample_rows=dict(zip(rows, rows)))
+    def launch_next(self, prev: LaunchedStep, keep: list[int], prompts: list[ScheduledSequence]) -> LaunchedStep:
+        """The step after `prev` (decode-only, sampled on the device), queued before prev's tokens reach
+        the host: its items `keep` decode once more, each row's input the token prev sampled for it,
+        read on the device, at the next position; beside them `prompts`, admitted since, from the host.
+        The caller has made room for those positions in the block tables."""
+        ahead = [ScheduledSequence(prev.step.items[k].seq, 1, ahead=1) for k in keep]
+        step = self.prepare_inputs(SchedulerOutput(prompts + ahead))
+        self.sampler.prepare([step.items[k].seq for k in step.sample_rows])
         ids = prev.tokens if len(keep) == len(prev.step.items) else prev.tokens[on_device(keep, self.device)]
-        return self._sample_launched(step, self.forward(f, device_ids=ids))
-
-    def takes_device_ids(self, num_decodes: int) -> bool:
-        """Whether a decode-only step of this many rows can read its input tokens on the device (the
-        piecewise graphs, which a batch beyond the largest whole-step graph takes, read the host's)."""
-        if self.graphs and num_decodes <= max(self.graphs):
-            return True
-        return self.piecewise is None or num_decodes > self.piecewise.max_tokens
+        return self._sample_launched(step, self.forward(step.forward, device_ids=ids if keep else None))
 
     def collect(self, launched: LaunchedStep) -> list[StepResult]:
         """Wait for a launched step; one StepResult per scheduled sequence, in the scheduler's order."""
@@ -321,18 +318,20 @@ class ModelRunner:
             return launched.results
         if launched.ready is not None:
             launched.ready.synchronize()
-        results = [StepResult(token_id=t) for t in launched.host_tokens.tolist()]
+        results = [StepResult() for _ in launched.step.items]
+        for k, token in zip(launched.step.sample_rows, launched.host_tokens.tolist()):
+            results[k].token_id = token
         unordered = [None] * len(results)
         for k, i in enumerate(launched.step.order):
             unordered[i] = results[k]
         return unordered
 
     def _sample_launched(self, step: StepInputs, logits: torch.Tensor | None) -> LaunchedStep:
-        """Sample on the device, the tokens copied to the host without waiting, when every item is a
-        decode that samples and needs nothing of the host; else sample now, as `sample` does."""
-        seqs = [item.seq for item in step.items]
-        if not (step.forward.decode_only and len(step.sample_rows) == len(seqs)
-                and all(s.sampling_params.samples_on_device for s in seqs)):
+        """Sample on the device, the tokens copied to the host without waiting, when some item samples,
+        none wants prompt logprobs and every one that samples needs nothing of the host; else sample
+        now, as `sample` does."""
+        seqs = [step.items[k].seq for k in step.sample_rows]  # the logits' rows, in order
+        if not seqs or step.prompt_rows or not all(s.sampling_params.samples_on_device for s in seqs):
             return LaunchedStep(step, results=self.sample(step, logits))
         tokens = self.sampler.pick(logits, seqs)  # no mask nor penalty to apply
         if self.device.type != "cuda":
@@ -363,8 +362,9 @@ class ModelRunner:
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """The step's flat inputs, on the host: array code per prefill sequence, a few list appends per
         decode token."""
-        order = sorted(range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_new_tokens == 1)
-        step = StepInputs([sched.scheduled[i] for i in order], order)  # prefills first, then decodes
+        scheduled = sched.scheduled
+        order = sorted(range(len(scheduled)), key=lambda i: (scheduled[i].num_new_tokens == 1, scheduled[i].ahead > 0))
+        step = StepInputs([scheduled[i] for i in order], order)  # prefills first, then decodes, then those ahead
         f, bs = step.forward, self.block_size
         # (prefills come first: a decode-only step, the common one, is told by its first item)
         absorbed = bool(step.items) and step.items[0].num_new_tokens > 1 and self.absorbs_prefill(step.items)
@@ -372,10 +372,10 @@ class ModelRunner:
         offset = 0
         for k, item in enumerate(step.items):
             seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
+            start = seq.num_computed_tokens + item.ahead
             table = seq.block_table
             if n == 1:
-                decode_ids.append(seq.token_at(start))
+                decode_ids.append(0 if item.ahead else seq.token_at(start))  # ahead: read on the device
                 decode_pos.append(start)
                 decode_slots.append(table[start // bs] * bs + start % bs)
                 f.decode_tables.append(table)
@@ -420,7 +420,8 @@ class ModelRunner:
     def forward(self, f: ForwardInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The model over the step's tokens; returns the logits [len(f.logit_rows), V] (None when no
         row needs them). A decode-only batch replays the captured graph of its size. device_ids: the
-        input tokens already on the device (a decode-only step launched ahead), in place of f.input_ids."""
+        input tokens of the last rows, already on the device (the decodes of a step launched ahead), in
+        place of theirs in f.input_ids."""
         dev = self.device
 
         def device_array(x, dtype=torch.long):
@@ -449,10 +450,12 @@ class ModelRunner:
             decode_seq_lens=device_array(f.decode_lens, torch.int32) if eager_decodes else None,
             max_decode_seq_len=int(f.decode_lens.max(initial=0)))
         if pieces:
-            assert device_ids is None, "a step launched ahead is decode-only"
-            hidden = pieces.run(f.input_ids, f.positions, f.slots, attn, f.decode_tables, f.decode_rows, f.decode_lens)
+            hidden = pieces.run(f.input_ids, f.positions, f.slots, attn, f.decode_tables, f.decode_rows, f.decode_lens,
+                                device_ids)
         else:
-            ids = device_array(f.input_ids) if device_ids is None else device_ids
+            ids = device_array(f.input_ids)
+            if device_ids is not None:
+                ids[len(ids) - len(device_ids):] = device_ids
             hidden = self.model.forward_step(ids, device_array(f.positions), attn, self.kv_caches)
         if not f.logit_rows:
             return None
@@ -527,7 +530,7 @@ class ModelRunner:
 
     def _replay_decode_graph(self, f: ForwardInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the static buffers (padding rows point at the scratch block) and replay; returns the
-        logits of the real rows. device_ids: the input tokens, on the device (f.input_ids unread)."""
+        logits of the real rows. device_ids: the input tokens of the last rows, on the device."""
         n = len(f.input_ids)
         bs = min(b for b in self.graphs if b >= n)
         h_rows, h_table = self.h_rows[self.h_turn], self.h_table[self.h_turn]
@@ -546,7 +549,7 @@ class ModelRunner:
         self.g_lens[:bs].copy_(h_rows[3, :bs], non_blocking=True)
         self.g_tables[:bs].copy_(h_table[:bs], non_blocking=True)
         if device_ids is not None:
-            self.g_ids[:n].copy_(device_ids)
+            self.g_ids[n - len(device_ids):n].copy_(device_ids)
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

@@ -144,10 +144,12 @@ class PiecewiseSteps:
 
     @torch.inference_mode()
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, attn: AttentionMetadata,
-            decode_tables: list[list[int]], decode_rows: list[int], decode_lens: np.ndarray) -> torch.Tensor:
+            decode_tables: list[list[int]], decode_rows: list[int], decode_lens: np.ndarray,
+            device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One step of T <= max_tokens tokens (host arrays; attn: the step's metadata, whose
         slot_mapping and decode fields are not read: the pieces take the slots and the decode rows'
-        tables (decode_tables, each for decode_rows[i] consecutive rows) and lengths given here).
+        tables (decode_tables, each for decode_rows[i] consecutive rows) and lengths given here;
+        device_ids: the input tokens of the last rows, on the device, in place of input_ids').
         Returns hidden [T, D], a view of the static buffer valid until the next step."""
         T, D = len(input_ids), len(decode_lens)
         n = min(c for c in self.counts if c >= T)
@@ -166,6 +168,8 @@ class PiecewiseSteps:
             self.tables[-w:].copy_(self.table_staging[-w:], non_blocking=True)
         for k, static in enumerate((self.ids, self.positions, self.slots)):
             static[:n].copy_(self.staging[k, :n], non_blocking=True)
+        if device_ids is not None:
+            self.ids[n - len(device_ids):n].copy_(device_ids)
         self.lens[-w:].copy_(self.staging[3, n - w:n], non_blocking=True)
         # the rows that attend eagerly: the prefill tokens, or every row when the decode tokens do not
         # fit the window (then attn holds their tables)

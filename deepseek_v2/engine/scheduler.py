@@ -8,6 +8,7 @@ and it is recomputed later. Pure Python (no torch)."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -17,12 +18,16 @@ from .sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens (+ ahead)
+    # A decode launched ahead (asynchronous scheduling): the step before it, still in flight, computes
+    # this many positions not yet counted in seq.num_computed_tokens, and samples the token this step
+    # reads (on the device); this step starts after them.
+    ahead: int = 0
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.ahead > 0 or self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -84,8 +89,18 @@ class Scheduler:
             i += 1
 
         # 2. Then waiting sequences in arrival order, unless this step already had to preempt.
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not out.preempted:
+            out.scheduled += self.admit(budget)
+        return out
+
+    def admit(self, budget: int, eligible: Callable[[Sequence], bool] | None = None) -> list[ScheduledSequence]:
+        """Admit waiting sequences in arrival order, each with its first chunk, while the token budget,
+        the sequence budget and the cache allow (and, given `eligible`, up to the first that is not)."""
+        bm, admitted = self.block_manager, []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if eligible is not None and not eligible(seq):
+                break
             # prompt logprobs need the logits of every prompt position: no cached prefix
             hits = [] if seq.sampling_params.prompt_logprobs is not None else bm.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget, self.max_chunk)
@@ -96,9 +111,9 @@ class Scheduler:
             bm.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, n))
+            admitted.append(ScheduledSequence(seq, n))
             budget -= n
-        return out
+        return admitted
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

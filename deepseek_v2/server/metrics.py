@@ -34,7 +34,9 @@ ENGINE_SERIES = [
     ("prefix_cache_hits", "prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
     ("num_preemptions", "num_preemptions", "counter", "Sequences preempted for lack of cache."),
     ("steps_launched_ahead", "steps_launched_ahead", "counter",
-     "Decode steps launched before the tokens of the step before reached the host (asynchronous scheduling)."),
+     "Steps launched before the tokens of the step before reached the host (asynchronous scheduling)."),
+    ("steps_launched_ahead_with_prompts", "steps_launched_ahead_with_prompts", "counter",
+     "Of the steps launched ahead, those that admitted prompts beside the decodes."),
 ]
 
 

@@ -110,7 +110,8 @@ def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
     """Asynchronous scheduling with CUDA graphs (the input tokens of a step launched ahead are copied on
     the device into the graph's buffer; two host staging buffers in turn): every request streams what
     the engine without it streams, greedy and seeded sampling with n = 2, sequences ending by a stop
-    token and by max_tokens inside the chains, a request joining midway."""
+    token and by max_tokens inside the chains, a request joining midway (admitted by a step launched
+    ahead: its prompt through the piecewise graphs, the decode rows' tokens read on the device)."""
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=3)
     tok = Tokenizer.from_pretrained(TOKENIZER)
     g = torch.Generator().manual_seed(4)
@@ -135,24 +136,26 @@ def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
                 streams.setdefault(o.request_id, []).append([(c.index, list(c.delta_token_ids), c.finish_reason)
                                                              for c in o.outputs])
             step += 1
-        return streams, engine.stats()["steps_launched_ahead"]
+        stats = engine.stats()
+        return streams, stats["steps_launched_ahead"], stats["steps_launched_ahead_with_prompts"]
 
-    expected, _ = serve("off")
-    got, ahead = serve("on")
-    assert ahead > 20 and got == expected
+    expected, _, _ = serve("off")
+    got, ahead, with_prompts = serve("on")
+    assert ahead > 20 and with_prompts >= 1 and got == expected
 
 
 def test_a_step_launched_ahead_never_waits_for_the_device(tmp_path):
-    """Launching the next decode step queues work and returns: nothing in it synchronises with the
-    device (torch's sync debug mode raises on a blocking copy, an .item() or a stream wait), with
-    greedy rows, rows sampled with temperature, top-k, top-p and min-p, a seeded row, and sequences
-    leaving the batch by length (the rows kept are picked on the device)."""
+    """Launching the next step queues work and returns: nothing in it synchronises with the device
+    (torch's sync debug mode raises on a blocking copy, an .item() or a stream wait), with greedy
+    rows, rows sampled with temperature, top-k, top-p and min-p, a seeded row, sequences leaving the
+    batch by length (the rows kept are picked on the device), and prompts admitted beside the decodes
+    (through the piecewise graphs)."""
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=3).to(torch.bfloat16)
     tok = Tokenizer.from_pretrained(TOKENIZER)
     engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, num_kv_blocks=256,
                                                 async_scheduling="on"))
     runner, launched = engine.runner, []
-    launch = runner.launch_next_decode
+    launch = runner.launch_next
 
     def strict(*args):
         torch.cuda.set_sync_debug_mode("error")
@@ -162,7 +165,7 @@ def test_a_step_launched_ahead_never_waits_for_the_device(tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    runner.launch_next_decode = strict
+    runner.launch_next = strict
     g = torch.Generator().manual_seed(5)
     params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
               SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=12, ignore_eos=True),
@@ -170,9 +173,15 @@ def test_a_step_launched_ahead_never_waits_for_the_device(tmp_path):
               SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]
     for i, p in enumerate(params):
         engine.add_request(str(i), torch.randint(2, 512, (20 + 9 * i,), generator=g).tolist(), p)
+    steps = 0
     while engine.has_unfinished_requests():
+        if steps in (5, 9):  # they join a step launched ahead
+            engine.add_request(f"late{steps}", torch.randint(2, 512, (40,), generator=g).tolist(), params[steps % 2])
         engine.step()
-    assert len(launched) > 20 and engine.stats()["steps_launched_ahead"] == len(launched)
+        steps += 1
+    stats = engine.stats()
+    assert len(launched) > 20 and stats["steps_launched_ahead"] == len(launched)
+    assert stats["steps_launched_ahead_with_prompts"] >= 1
 
 
 def test_bf16_decode_graph_equals_the_eager_step():
