@@ -58,6 +58,8 @@ def launch_decode_kernels() -> None:
         w, s = torch.empty(N, K, dtype=FP8), torch.empty(scale_shape(N, K, offset))
         for M in (1, 64, 4096):
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
+        fp8_linear.linear(torch.empty(1, K, dtype=bf16), w, None, s, offset,  # a GPU's default at one row
+                          config=fp8_linear.default_config(1, N, -(-(K + offset[1]) // 128), 132))
 
 
 def launch_fused_kernels() -> None:

@@ -22,14 +22,13 @@ Letters: M rows (tokens), N output features, K input features.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
+from .launch import num_sms
 
 
 @triton.jit
@@ -143,18 +142,13 @@ def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PI
     tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
 
 
-def default_config(M: int, N: int = 0, groups: int = 1, num_sms: int = 132) -> dict:
+def default_config(M: int, N: int = 0, groups: int = 1, sms: int = 132) -> dict:
     """Launch config by the number of rows (and, for few rows, the columns N and K's groups of 128).
     Decode: thin row blocks and column blocks of 64, and K cut into pieces until about
     _PROGRAMS_PER_SM programs per SM read the weight at once. On an H200 at one row this took V2-Lite's
@@ -162,7 +156,7 @@ def default_config(M: int, N: int = 0, groups: int = 1, num_sms: int = 132) -> d
     the launch, `scripts/bench_fp8.py --few-rows`, found the best at 130-380 programs: docs/fp8.md)."""
     if M <= 16:
         blocks = cdiv(N, 64)
-        pieces = max(1, min(groups, cdiv(_PROGRAMS_PER_SM * num_sms, max(blocks, 1))))
+        pieces = max(1, min(groups, cdiv(_PROGRAMS_PER_SM * sms, max(blocks, 1))))
         return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3, PIECES=pieces)
     if M <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
@@ -220,7 +214,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
         return y.view(*shape[:-1], N)
     groups = cdiv(K + c, BLOCK)
-    cfg = config or default_config(M, N, groups, _num_sms(x.device))
+    cfg = config or default_config(M, N, groups, num_sms(x.device))
     fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
     per_piece = cdiv(groups, cfg.get("PIECES", 1))
     pieces = cdiv(groups, per_piece)

@@ -17,13 +17,12 @@ Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .fp8 import CACHE_SCALE_BYTES
+from .launch import num_sms
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -156,17 +155,10 @@ def _mla_decode_merge_kernel(
              mask=offs_r < R)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: any small number
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     """Fill one wave (never more, a partial second wave would halve the speed), never cutting a
     sequence into pieces shorter than _MIN_TOKENS_PER_SPLIT tokens."""
-    want = _PROGRAMS_PER_SM * _num_sms(device) // programs
+    want = _PROGRAMS_PER_SM * num_sms(device) // programs
     return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
