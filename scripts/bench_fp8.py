@@ -7,6 +7,8 @@ latent cache. Prints one table; the bytes column is what each call must read at 
 Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
      python scripts/bench_fp8.py --few-rows (only the FP8 GEMM at one row against cuBLAS bf16, with a
                                              sweep of its launch config that cuts K into pieces; ~2 min)
+     python scripts/bench_fp8.py --moe-sweep (only the fused MoE with FP8 experts, its default launch
+                                             against a sweep, 1 to 4096 tokens; a few minutes)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
 graph, which is what the engine runs.
@@ -145,9 +147,57 @@ def bench_fp8_pieces() -> None:
               f"{best[0]:.1f} ({N * K / 1e3 / best[0]:.0f}) | {best[1]} |", flush=True)
 
 
+def bench_moe_sweep() -> None:
+    """The fused MoE with FP8 experts at V2-Lite's layer shape: its default launch against the best of a
+    sweep, per token count, beside bf16's default. At 256 tokens (a 256-sequence decode step) the FP8
+    experts moved their bytes at about half the bandwidth (docs/fp8.md's kernel table): the lever for
+    FP8 decode throughput. Prints its own table (us; GB/s of the expert weights touched)."""
+    from itertools import product
+
+    from deepseek_v2.kernels.moe import default_config as moe_config
+
+    E, D, I, K = 64, 2048, 1408, 6
+    w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16) * D**-0.5
+    w2 = torch.randn(E, D, I, device=DEVICE, dtype=torch.bfloat16) * I**-0.5
+    (gq, gs), (uq, us_), (dq, ds) = (quantize_weight(w) for w in (w13[:, :I], w13[:, I:], w2))
+    q13, s13 = torch.cat([gq, uq], 1), torch.cat([gs, us_], 1)
+    print("\n| tokens | bf16 default us | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
+    print("|---|---|---|---|---|", flush=True)
+    for T in (1, 16, 256, 1024, 4096):
+        x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+        topk_weights, topk_ids = torch.randn(T, E, device=DEVICE).softmax(-1).topk(K)
+        gb = E * (1 - (1 - K / E) ** T) * 3 * D * I / 1e3  # FP8 bytes of the experts touched, per us
+
+        def fp8_moe(cfg=None):
+            return fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds, config=cfg)
+
+        ref = fp8_moe().float()
+        rows = T * K / E
+        block_ms = (16,) if rows < 16 else (16, 32, 64) if T <= 256 else (32, 64, 128)
+        best = None
+        for m, n, warps, stages in product(block_ms, (32, 64, 128), (4, 8), (3, 4)):
+            cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=128, GROUP_M=1 if rows < 16 else 8, num_warps=warps,
+                       num_stages=stages)
+            try:
+                us = graph_us(lambda: fp8_moe(cfg))
+            except Exception:  # noqa: BLE001 - a config this GPU cannot run (shared memory) drops out
+                continue
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        err = ((fp8_moe(best[1]).float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (T, best, err)  # the same products, in other tiles
+        b16 = graph_us(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))
+        f8 = graph_us(lambda: fp8_moe())
+        print(f"| {T} | {b16:.1f} | {f8:.1f} ({gb / f8:.0f}) {moe_config(rows, True)} | {best[0]:.1f} "
+              f"({gb / best[0]:.0f}) | {best[1]} |", flush=True)
+
+
 def main() -> None:
     if "--few-rows" in sys.argv:
         bench_fp8_pieces()
+        return
+    if "--moe-sweep" in sys.argv:
+        bench_moe_sweep()
         return
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     print("| kernel | shape | bf16 us (GB/s) | fp8 us (GB/s) | bf16 / fp8 | other |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,fewrows,fp8acc,abtree,serve,bench; see each below)
+# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,fewrows,fp8moe,fp8acc,abtree,serve,bench; see each below)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
@@ -55,6 +55,8 @@ fi
 has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
 # the FP8 GEMM at one row against cuBLAS bf16, with a sweep of its launch (K in pieces)
 has fewrows && step bench-few-rows 300 python3 scripts/bench_fp8.py --few-rows
+# the fused MoE with FP8 experts: default launch against a sweep, 1 to 4096 tokens
+has fp8moe && step bench-fp8-moe 400 python3 scripts/bench_fp8.py --moe-sweep
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there

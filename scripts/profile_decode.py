@@ -43,7 +43,7 @@ def sweep_moe() -> None:
     E, D, I, K = 64, 2048, 1408, 6
     w13 = torch.randn(E, 2 * I, D, device=DEV, dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(E, D, I, device=DEV, dtype=torch.bfloat16) * 0.02
-    for T in (1, 8, 64, 256, 4096, 16384):
+    for T in (1, 8, 64, 256, 1024, 4096, 16384):  # 1024: a step admitting prompts beside the decodes
         x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E, device=DEV)[:K] for _ in range(T)]).int()
         w = torch.rand(T, K, device=DEV)
@@ -54,6 +54,9 @@ def sweep_moe() -> None:
         elif T <= 256:
             space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
                      for m, n, k, wp, st in itertools.product((16, 32, 64), (64, 128), (64,), (4,), (4,))]
+        elif T <= 2048:
+            space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
+                     for m, n, k, wp, st in itertools.product((32, 64, 128), (64, 128), (64,), (4, 8), (3, 4))]
         else:
             space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
                      for m, n, k, wp, st in itertools.product((64, 128), (128, 256), (64,), (8,), (3, 4))]
