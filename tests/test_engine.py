@@ -451,6 +451,50 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, 
     assert sum(len(c[0][2]) for c in expected["model-len"]) == 80 - len(prompts[4])
 
 
+def test_prompts_admitted_ahead_in_chunks_with_prefix_hits_and_aborted(setup):
+    """Prompts admitted by a step launched ahead: two at once under a small token budget (the second's
+    first chunk ahead, its other chunks scheduled then), one that hits the prefix cache of a finished
+    request, and one aborted while the step that admitted it is in flight: every other request gets
+    transformers' tokens, and every block is free at the end."""
+    model, tokenizer, prompts, hf_out = setup
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=24, async_scheduling="on"))
+    final = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out.outputs[0].token_ids
+
+    def step_until_a_decode_step_is_ahead():
+        while engine._ahead is None or not engine._ahead.step.forward.decode_only:
+            step()
+
+    def ahead_requests():
+        return {item.seq.request_id: item.num_new_tokens for item in engine._ahead.step.items}
+
+    engine.add_request("0", prompts[0], GREEDY)
+    step_until_a_decode_step_is_ahead()
+    engine.add_request("1", prompts[1], GREEDY)  # 17 tokens
+    engine.add_request("4", prompts[4], GREEDY)  # 66 tokens: 6 of them fit beside "0" and "1"
+    step()
+    assert ahead_requests() == {"0": 1, "1": 17, "4": 6}
+    while "1" not in final:
+        step()
+    step_until_a_decode_step_is_ahead()
+    engine.add_request("1b", prompts[1], GREEDY)  # 16 of its 17 tokens cached: one left, run as a decode row
+    engine.add_request("2", prompts[2], GREEDY)  # 40 tokens: a first chunk
+    step()
+    admitted = ahead_requests()
+    assert admitted["1b"] == 1 and 1 < admitted["2"] < len(prompts[2])
+    engine.abort("2")  # while the step that admitted it is in flight
+    while engine.has_unfinished_requests():
+        step()
+    assert [final[r] for r in ("0", "1", "4", "1b")] == [hf_out[0], hf_out[1], hf_out[4], hf_out[1]]
+    assert "2" not in final and engine.stats()["steps_launched_ahead_with_prompts"] >= 2
+    assert engine.block_manager.prefix_hits >= 16
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_async_scheduling_is_refused_where_other_ranks_need_each_steps_inputs(setup):
     """A tensor-parallel rank 0 sends every step's inputs to the other ranks from the host: a step launched
     ahead would read its tokens on the device only, so "on" is refused and "auto" stays off."""
