@@ -13,8 +13,9 @@ The decode tokens attend inside the graphs: the last `max_decode_rows` rows of a
 in a smaller one) run the absorbed decode attention over static block tables and context lengths, as
 the whole-step decode graphs do; a row of that window that is not a decode token (a prompt token, or
 padding) attends over one token of the scratch block, and the eager prefill attention overwrites its
-output. When the decode attention ran eagerly too, it took two thirds of a mixed step's host time
-(12.9 ms of 18.9 beside 256 decodes, against 15.6 ms of device work: docs/benchmarks.md).
+output. With the decode attention eager too, the host took 18.9 ms to queue a step of 256 decodes
+and a 200-token prompt on an H200, 12.9 of them in attention calls, against 15.6 ms of device work;
+with it in the graphs, 9.4 ms, 4.7 in attention calls (docs/benchmarks.md).
 
 The pieces read and write static buffers sized for the largest token count: ids, positions and
 cache slots in; the decode rows' block tables and lengths; the query and the residual stream between
