@@ -36,7 +36,7 @@ class RunnerTimer:
             if name == "launch":
                 self.prefill = any(item.num_new_tokens > 1 for item in args[0].scheduled)
             elif name == "launch_next":
-                self.next_prefill = any(item.num_new_tokens > 1 for item in args[2])
+                self.next_prefill = any(item.num_new_tokens > 1 for item in args[1])
             t = time.perf_counter()
             try:
                 return call(*args)

@@ -113,10 +113,10 @@ def run(*args):
 
 def test_bench_mixed_reports_every_figure_and_the_greedy_checksum(tmp_path):
     results = []
-    for i in range(2):
+    for i in range(2):  # the second with asynchronous scheduling: steps launched ahead, prompts in them
         out = tmp_path / f"mixed{i}.json"
         r = run("bench", "--workload", "mixed", "--dtype", "float32", "--max-num-batched-tokens", "256",
-                *SMALL, "--json", str(out))
+                *SMALL, "--json", str(out), *(["--async-scheduling", "on"] if i else []))
         assert r.returncode == 0, r.stderr
         results.append(json.loads(out.read_text()))
     m = results[0]["mixed"]
@@ -135,6 +135,8 @@ def test_bench_mixed_reports_every_figure_and_the_greedy_checksum(tmp_path):
     assert "| greedy output checksum | sha256:" in r.stdout and "| time in decode-only steps |" in r.stdout
     # the same seed gives the same greedy outputs; the checksum is that of the offline API's outputs
     assert results[1]["mixed"]["output_checksum"] == m["output_checksum"]
+    m1 = results[1]["mixed"]
+    assert m1["prefill_steps"] >= 1 and m1["steps"] == m1["prefill_steps"] + m1["decode_steps"]
     from deepseek_v2 import LLM, SamplingParams
     llm = LLM(device="cpu")
     requests = small_workload().requests(llm.engine.model.args.vocab_size)

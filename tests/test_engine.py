@@ -453,9 +453,10 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, 
 
 def test_prompts_admitted_ahead_in_chunks_with_prefix_hits_and_aborted(setup):
     """Prompts admitted by a step launched ahead: two at once under a small token budget (the second's
-    first chunk ahead, its other chunks scheduled then), one that hits the prefix cache of a finished
-    request, and one aborted while the step that admitted it is in flight: every other request gets
-    transformers' tokens, and every block is free at the end."""
+    first chunk, then its next chunks in the steps launched after it, beside decodes of the tokens the
+    step before sampled), one that hits the prefix cache of a finished request, and one aborted while
+    the step that admitted it is in flight: every other request gets transformers' tokens, and every
+    block is free at the end."""
     model, tokenizer, prompts, hf_out = setup
     engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_num_batched_tokens=24, async_scheduling="on"))
     final = {}
@@ -478,6 +479,8 @@ def test_prompts_admitted_ahead_in_chunks_with_prefix_hits_and_aborted(setup):
     engine.add_request("4", prompts[4], GREEDY)  # 66 tokens: 6 of them fit beside "0" and "1"
     step()
     assert ahead_requests() == {"0": 1, "1": 17, "4": 6}
+    step()  # the step after it, launched ahead too: two decodes on its tokens, the next chunk of "4"
+    assert ahead_requests() == {"0": 1, "1": 1, "4": 22}
     while "1" not in final:
         step()
     step_until_a_decode_step_is_ahead()

@@ -6,11 +6,12 @@ run it (prepare inputs, forward, sample), then for every scheduled sequence adva
 tokens and, when a token was sampled, appends it, detokenizes incrementally, applies the stop
 conditions and frees the sequence if it finished; it returns the outputs of the requests touched.
 
-Asynchronous scheduling (`async_scheduling`): after a decode step of all running sequences whose
-tokens are sampled on the device, the next step is launched before this step's tokens reach the
-host: the same sequences decode once more, their inputs read on the device, beside the first chunks
-of waiting prompts it admits (those whose first token needs nothing of the host either); the host
-does this step's bookkeeping while the device runs the next, and the next `step()` starts from it.
+Asynchronous scheduling (`async_scheduling`): after a step whose tokens are sampled on the device,
+the next step is launched before this step's tokens reach the host, as the scheduler would make it:
+the sequences that sampled decode, their inputs read on the device, prompts being prefilled take
+their next chunks, and waiting prompts are admitted (those whose tokens need nothing of the host);
+the host does this step's bookkeeping while the device runs the next, and the next `step()` starts
+from it.
 What that costs: a sequence ended by a stop token or string computes one position for nothing (its
 row is dropped), and requests added meanwhile join one step later.
 
@@ -141,7 +142,7 @@ class LLMEngine(RequestChecks):
             config.async_scheduling == "auto" and bool(self.runner.graphs)))
         self._ahead: LaunchedStep | None = None  # the decode step launched before the last one's tokens came
         self.num_steps_ahead = 0
-        self.num_prompt_steps_ahead = 0  # of those, the steps that admitted prompts
+        self.num_prompt_steps_ahead = 0  # of those, the steps that held prompt tokens
         self._log_memory()
 
     @classmethod
@@ -319,45 +320,64 @@ class LLMEngine(RequestChecks):
             raise self.workers.explain(e) from e
 
     def _launch_next(self, launched: LaunchedStep) -> LaunchedStep | None:
-        """Launch the step after `launched` now, when its decodes are the ones the scheduler would make
-        next anyway: `launched` was decode-only and sampled on the device, its sequences still running
-        are all that run, and the cache has a slot for each one's next position. A sequence that
-        `launched`'s token will end by length is left out; one that it ends otherwise (a stop token or
-        string) computes one position for nothing, dropped. Waiting sequences are admitted beside them
-        (Scheduler.admit) up to the first whose tokens need the host (prompt logprobs, or sampling that
-        is not SamplingParams.samples_on_device): with that one first in line, nothing is launched, so
-        that the next step, scheduled then, admits it. Requests added meanwhile are scheduled one step
-        later."""
-        if launched.tokens is None or not launched.step.forward.decode_only:
+        """Launch the step after `launched` now, as the scheduler would make it once launched's tokens
+        are counted, when that needs nothing launched's tokens decide on the host: launched sampled on
+        the device, its sequences still running are all that run, each of them takes its next tokens
+        (Scheduler.schedule's order and budget) and the cache has room for them without preempting.
+        A sequence whose prompt launched finished, or that decoded, decodes on the token launched
+        sampled for it, read on the device; one whose prompt launched did not finish takes its next
+        chunk; one that launched's token ends by length is left out, and one that it ends otherwise
+        (a stop token or string) computes one position for nothing, dropped. Waiting sequences are
+        admitted beside them (Scheduler.admit) up to the first whose tokens need the host (prompt
+        logprobs, or sampling that is not SamplingParams.samples_on_device): with that one first in
+        line, nothing is launched, so that the next step, scheduled then, admits it. Requests added
+        meanwhile are scheduled one step later."""
+        if launched.tokens is None:
             return None
-        sched = self.scheduler
+        sched, bm = self.scheduler, self.block_manager
         may_join = bool(sched.waiting) and len(sched.running) < self.config.max_num_seqs
         if may_join and not self._samples_ahead(sched.waiting[0]):
             return None
-        items = launched.step.items
-        running = [k for k, item in enumerate(items) if item.seq.status is SequenceStatus.RUNNING]
-        if len(running) != len(sched.running):
+        in_flight = {id(item.seq): (k, item) for k, item in enumerate(launched.step.items)
+                     if item.seq.status is SequenceStatus.RUNNING}
+        if len(in_flight) != len(sched.running):
             return None
-        next_positions = launched.step.forward.positions + 1  # launched's token goes there
-        keep = [k for k in running if not self._ends_by_length(items[k].seq, int(next_positions[k]))]
-        bm = self.block_manager
-        seqs = [items[k].seq for k in keep]
-        # `launched`'s tokens are not counted yet: its position and the next one need a slot
-        if sum(bm.blocks_needed(s.num_computed_tokens + 2) - len(s.block_table) for s in seqs) > bm.num_free_blocks:
+        token_index = {k: i for i, k in enumerate(launched.step.sample_rows)}  # launched's tokens, in order
+        budget = self.config.max_num_batched_tokens
+        following, token_rows = [], []
+        for seq in sched.running:  # as schedule() takes them: oldest first, while the budget lasts
+            if budget == 0:
+                break
+            k, item = in_flight.get(id(seq), (None, None))
+            if item is None or not self._samples_ahead(seq):
+                return None
+            done = seq.num_computed_tokens + item.num_new_tokens  # positions counted once launched is
+            if k in token_index:  # launched samples its next token: the input of a decode row
+                if self._ends_by_length(seq, done):
+                    continue
+                n = 1
+                token_rows.append(token_index[k])
+            else:  # the next chunk of its prompt
+                n = min(seq.num_tokens - done, budget, sched.max_chunk)
+            following.append(ScheduledSequence(seq, n, ahead=item.num_new_tokens))
+            budget -= n
+        needed = sum(bm.blocks_needed(f.seq.num_computed_tokens + f.ahead + f.num_new_tokens) - len(f.seq.block_table)
+                     for f in following)
+        if needed > bm.num_free_blocks:
             return None
-        for s in seqs:
-            bm.allocate(s, 2)
-        prompts = sched.admit(self.config.max_num_batched_tokens - len(keep), self._samples_ahead) if may_join else []
-        if not keep and not prompts:
+        for f in following:
+            bm.allocate(f.seq, f.ahead + f.num_new_tokens)
+        prompts = sched.admit(budget, self._samples_ahead) if may_join else []
+        if not following and not prompts:
             return None
         self.num_steps_ahead += 1
-        self.num_prompt_steps_ahead += bool(prompts)
-        return self.runner.launch_next(launched, keep, prompts)
+        self.num_prompt_steps_ahead += any(f.num_new_tokens > 1 for f in following) or bool(prompts)
+        return self.runner.launch_next(launched, following + prompts, token_rows)
 
     @staticmethod
     def _samples_ahead(seq: Sequence) -> bool:
-        """Whether a waiting sequence may join a step launched ahead: its first token, if that step
-        samples one, is drawn on the device, and it wants no prompt logprobs."""
+        """Whether a sequence may be in a step launched ahead: its token, if that step samples one, is
+        drawn on the device, and it wants no prompt logprobs."""
         p = seq.sampling_params
         return p.samples_on_device and p.prompt_logprobs is None
 

@@ -9,10 +9,9 @@ absorbed form (absorbs_prefill).
 
 On rank 0 a step is `launch` (those three calls, the sampling left on the device where it needs
 nothing of the host: SamplingParams.samples_on_device) and `collect` (its StepResults, once the tokens
-reach the host). Between the two, the engine may `launch_next`: the step after a decode step, its
-decode rows' input tokens the ones just sampled, still on the device, beside the first chunks of
-prompts admitted meanwhile, so that the device runs it while the host handles the tokens before
-(asynchronous scheduling, llm_engine.py).
+reach the host). Between the two, the engine may `launch_next`: the next step, its decode rows' input
+tokens the ones just sampled, still on the device, so that the device runs it while the host handles
+the tokens before (asynchronous scheduling, llm_engine.py).
 
 Each layer's cache is one tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
 holding the normalised latent c_kv and the rotated k_pe of every cached token, nothing else; with
@@ -79,8 +78,8 @@ class ForwardInputs:
 @dataclass
 class StepInputs:
     """One step on rank 0: the forward's inputs and where the logits go. items are the scheduled
-    sequences, prefills first, then decodes, then decodes launched ahead; item k is
-    sched.scheduled[order[k]]."""
+    sequences, prefills first, then decodes, then the decodes whose input is on the device (a step
+    launched ahead); item k is sched.scheduled[order[k]]."""
 
     items: list[ScheduledSequence]
     order: list[int]
@@ -301,16 +300,18 @@ class ModelRunner:
             self.control.send(step.forward)  # the other ranks run the same forward
         return self._sample_launched(step, self.forward(step.forward))
 
-    def launch_next(self, prev: LaunchedStep, keep: list[int], prompts: list[ScheduledSequence]) -> LaunchedStep:
-        """The step after `prev` (decode-only, sampled on the device), queued before prev's tokens reach
-        the host: its items `keep` decode once more, each row's input the token prev sampled for it,
-        read on the device, at the next position; beside them `prompts`, admitted since, from the host.
-        The caller has made room for those positions in the block tables."""
-        ahead = [ScheduledSequence(prev.step.items[k].seq, 1, ahead=1) for k in keep]
-        step = self.prepare_inputs(SchedulerOutput(prompts + ahead))
+    def launch_next(self, prev: LaunchedStep, items: list[ScheduledSequence], token_rows: list[int]) -> LaunchedStep:
+        """The step of `items` after `prev` (sampled on the device), queued before prev's tokens reach the
+        host (ScheduledSequence.ahead: the positions prev computes). The inputs of the items that
+        read_device_token are prev's tokens token_rows, in their order among the items, read on the
+        device. The caller has made room for the positions in the block tables."""
+        step = self.prepare_inputs(SchedulerOutput(items))
         self.sampler.prepare([step.items[k].seq for k in step.sample_rows])
-        ids = prev.tokens if len(keep) == len(prev.step.items) else prev.tokens[on_device(keep, self.device)]
-        return self._sample_launched(step, self.forward(step.forward, device_ids=ids if keep else None))
+        ids = None
+        if token_rows:
+            same = token_rows == list(range(len(prev.tokens)))
+            ids = prev.tokens if same else prev.tokens[on_device(token_rows, self.device)]
+        return self._sample_launched(step, self.forward(step.forward, device_ids=ids))
 
     def collect(self, launched: LaunchedStep) -> list[StepResult]:
         """Wait for a launched step; one StepResult per scheduled sequence, in the scheduler's order."""
@@ -363,8 +364,9 @@ class ModelRunner:
         """The step's flat inputs, on the host: array code per prefill sequence, a few list appends per
         decode token."""
         scheduled = sched.scheduled
-        order = sorted(range(len(scheduled)), key=lambda i: (scheduled[i].num_new_tokens == 1, scheduled[i].ahead > 0))
-        step = StepInputs([scheduled[i] for i in order], order)  # prefills first, then decodes, then those ahead
+        order = sorted(range(len(scheduled)),
+                       key=lambda i: (scheduled[i].num_new_tokens == 1, scheduled[i].reads_device_token))
+        step = StepInputs([scheduled[i] for i in order], order)  # prefills, decodes, decodes reading the device
         f, bs = step.forward, self.block_size
         # (prefills come first: a decode-only step, the common one, is told by its first item)
         absorbed = bool(step.items) and step.items[0].num_new_tokens > 1 and self.absorbs_prefill(step.items)
@@ -375,7 +377,7 @@ class ModelRunner:
             start = seq.num_computed_tokens + item.ahead
             table = seq.block_table
             if n == 1:
-                decode_ids.append(0 if item.ahead else seq.token_at(start))  # ahead: read on the device
+                decode_ids.append(0 if item.reads_device_token else seq.token_at(start))  # 0: read on the device
                 decode_pos.append(start)
                 decode_slots.append(table[start // bs] * bs + start % bs)
                 f.decode_tables.append(table)

@@ -18,16 +18,22 @@ from .sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens (+ ahead)
-    # A decode launched ahead (asynchronous scheduling): the step before it, still in flight, computes
-    # this many positions not yet counted in seq.num_computed_tokens, and samples the token this step
-    # reads (on the device); this step starts after them.
+    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens + ahead
+    # In a step launched ahead (asynchronous scheduling): the positions that the step before it, still
+    # in flight, computes and that seq.num_computed_tokens does not count yet; this step starts after them.
     ahead: int = 0
 
     @property
     def samples(self) -> bool:
-        """Whether this step reaches the sequence's last token, so a new token is sampled."""
-        return self.ahead > 0 or self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """Whether this step reaches the sequence's last token, so a new token is sampled (with ahead,
+        the step in flight may have sampled a token not appended yet: its position is then reached)."""
+        return self.seq.num_computed_tokens + self.ahead + self.num_new_tokens >= self.seq.num_tokens
+
+    @property
+    def reads_device_token(self) -> bool:
+        """Its input is the token the step in flight samples for it, on the device (a decode launched
+        ahead): its position is past the tokens the host has."""
+        return self.ahead > 0 and self.seq.num_computed_tokens + self.ahead >= self.seq.num_tokens
 
 
 @dataclass
