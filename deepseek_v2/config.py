@@ -345,10 +345,9 @@ class EngineConfig:
     quantization: str | None = _knob(None, "fp8: quantize the linear weights to FP8 with 128x128 block scales as "
                                            "they load (a checkpoint in that layout is FP8 without it; "
                                            "docs/fp8.md)", choices=("fp8",))
-    async_scheduling: str = _knob("auto", "launch the step after a decode step (its decodes, and the prompts "
-                                          "admitted meanwhile) before the tokens of the one before reach the host, "
-                                          "so that the device runs it while the host handles them: on, off, or auto "
-                                          "(on with CUDA graphs in one process)", choices=("auto", "on", "off"))
+    async_scheduling: str = _knob("auto", "launch each step before the tokens of the one before reach the host (its "
+                                          "decodes read them on the device), so that the device runs it while the "
+                                          "host handles them: on, off, or auto (on with CUDA graphs in one process)", choices=("auto", "on", "off"))
     kv_cache_dtype: str = _knob("auto", "the latent cache's format: auto (the model's dtype) or fp8 (e4m3 with "
                                         "one scale per token: about twice the tokens)", choices=("auto", "fp8"))
 
