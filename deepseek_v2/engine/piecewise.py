@@ -74,8 +74,12 @@ class PiecewiseSteps:
         self.attn_out = torch.zeros(n, heads, a.v_head_dim, dtype=dtype, device=dev)
         self.hidden = torch.zeros(n, a.hidden_size, dtype=dtype, device=dev)
         pinned = dev.type == "cuda"
-        self.staging = torch.zeros(4, n, dtype=torch.long, pin_memory=pinned)  # ids, positions, slots, lens
-        self.table_staging = torch.zeros(self.window, max_blocks, dtype=torch.int32, pin_memory=pinned)
+        # host staging (ids, positions, slots, lens; the tables), two sets used in turns: a step's copies
+        # from one may still be queued on the device when the next step, launched ahead, fills the other
+        self.staging = [torch.zeros(4, n, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.table_staging = [torch.zeros(self.window, max_blocks, dtype=torch.int32, pin_memory=pinned)
+                              for _ in range(2)]
+        self.turn = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:
             self._capture()
@@ -155,7 +159,9 @@ class PiecewiseSteps:
         T, D = len(input_ids), len(decode_lens)
         n = min(c for c in self.counts if c >= T)
         w, start = min(self.window, n), n - T  # the step's rows are the last T
-        staging, table = self.staging.numpy(), self.table_staging.numpy()
+        host, host_table = self.staging[self.turn], self.table_staging[self.turn]
+        self.turn ^= 1
+        staging, table = host.numpy(), host_table.numpy()
         staging[:, :n] = ((0,), (0,), (self.scratch_slot,), (1,))
         staging[0, start:n], staging[1, start:n], staging[2, start:n] = input_ids, positions, slots
         decodes_in_graphs = self.takes_decodes(T, D)
@@ -166,12 +172,12 @@ class PiecewiseSteps:
             for t, r in zip(decode_tables, decode_rows):
                 table[row:row + r, :len(t)] = t
                 row += r
-            self.tables[-w:].copy_(self.table_staging[-w:], non_blocking=True)
+            self.tables[-w:].copy_(host_table[-w:], non_blocking=True)
         for k, static in enumerate((self.ids, self.positions, self.slots)):
-            static[:n].copy_(self.staging[k, :n], non_blocking=True)
+            static[:n].copy_(host[k, :n], non_blocking=True)
         if device_ids is not None:
             self.ids[n - len(device_ids):n].copy_(device_ids)
-        self.lens[-w:].copy_(self.staging[3, n - w:n], non_blocking=True)
+        self.lens[-w:].copy_(host[3, n - w:n], non_blocking=True)
         # the rows that attend eagerly: the prefill tokens, or every row when the decode tokens do not
         # fit the window (then attn holds their tables)
         P = attn.num_prefill_tokens
