@@ -106,7 +106,8 @@ def test_mixed_steps_in_piecewise_graphs_equal_cpu_reference(heads, absorbed, tm
         assert len(sizes) >= 5 and any(t not in pieces.counts for t in sizes)
 
 
-def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
+@pytest.mark.parametrize("budget", [None, 64])  # 64 tokens a step: prompts in chunks, launched ahead too
+def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path, budget):
     """Asynchronous scheduling with CUDA graphs (the input tokens of a step launched ahead are copied on
     the device into the graph's buffer; two host staging buffers in turn): every request streams what
     the engine without it streams, greedy and seeded sampling with n = 2, sequences ending by a stop
@@ -122,8 +123,9 @@ def test_steps_launched_ahead_equal_the_synchronous_engine_in_graphs(tmp_path):
               SamplingParams(temperature=0, max_tokens=48, stop_token_ids=list(range(2, 40)))]
 
     def serve(mode):
+        knobs = {} if budget is None else dict(max_num_batched_tokens=budget)
         engine = LLMEngine(model, tok, EngineConfig(block_size=16, max_num_seqs=8, num_kv_blocks=256,
-                                                    async_scheduling=mode))
+                                                    async_scheduling=mode, **knobs))
         assert engine.runner.graphs, "CUDA graphs were not captured"
         streams = {}
         for i in range(3):
