@@ -498,6 +498,70 @@ def test_prompts_admitted_ahead_in_chunks_with_prefix_hits_and_aborted(setup):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def random_traffic(seed: int):
+    """Engine knobs and a plan (step -> adds and aborts) of random requests: prompts that share prefixes,
+    greedy, seeded with n = 2, with logprobs or prompt logprobs (those two sampled on the host)."""
+    import random
+
+    rng = random.Random(seed)
+    knobs = dict(block_size=8, num_kv_blocks=rng.choice([24, 64, 200]), max_num_batched_tokens=rng.choice([16, 40, 512]),
+                 max_num_seqs=rng.choice([2, 4, 16]), max_model_len=rng.choice([96, 192]),
+                 long_prefill_token_threshold=rng.choice([0, 0, 12]))
+    shared = [rng.randrange(10, 4000) for _ in range(24)]
+    plan: dict[int, list] = {}
+    for i in range(rng.randint(4, 10)):
+        prompt = shared[:rng.choice([0, 16, 24])] + [rng.randrange(10, 4000) for _ in range(rng.randint(1, 60))]
+        kind = rng.random()
+        if kind < 0.6:
+            params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True)
+        elif kind < 0.8:
+            params = SamplingParams(n=rng.choice([1, 2]), temperature=0.9, top_p=0.9, seed=rng.randint(0, 99),
+                                    max_tokens=rng.randint(1, 20), ignore_eos=True)
+        elif kind < 0.9:
+            params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 10), logprobs=1, ignore_eos=True)
+        else:
+            params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 10), prompt_logprobs=1, ignore_eos=True)
+        step = rng.randint(0, 30)
+        plan.setdefault(step, []).append(("add", f"r{i}", prompt[:knobs["max_model_len"] - 2], params))
+        if rng.random() < 0.15:
+            plan.setdefault(step + rng.randint(1, 5), []).append(("abort", f"r{i}"))
+    return knobs, plan
+
+
+def test_random_traffic_launched_ahead_equals_the_synchronous_engine(tiny_engine):
+    """Asynchronous scheduling over random traffic (the shipped model): requests arriving at random
+    steps, small caches that preempt, small budgets that chunk, prefix hits, requests sampled on the host
+    between others: every request that is not aborted gets the synchronous engine's tokens and finish
+    reason for each of its samples, and every block is free at the end (aborts included)."""
+    launched_with_prompts = 0
+    for seed in range(12):
+        knobs, plan = random_traffic(seed)
+        aborted = {action[1] for actions in plan.values() for action in actions if action[0] == "abort"}
+
+        def serve(mode):
+            engine = tiny_engine(async_scheduling=mode, **knobs)
+            samples: dict[tuple, list] = {}
+            step = 0
+            while step <= max(plan) or engine.has_unfinished_requests():
+                for action in plan.get(step, []):
+                    engine.add_request(*action[1:]) if action[0] == "add" else engine.abort(action[1])
+                for out in engine.step():
+                    for c in out.outputs:
+                        tokens, finish = samples.setdefault((out.request_id, c.index), ([], []))
+                        tokens.extend(c.delta_token_ids)
+                        finish[:] = [c.finish_reason] if c.finish_reason else finish
+                step += 1
+            assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+            kept = {key: value for key, value in samples.items() if key[0] not in aborted}
+            return kept, engine.stats()["steps_launched_ahead_with_prompts"]
+
+        expected, _ = serve("off")
+        got, with_prompts = serve("on")
+        assert got == expected, seed
+        launched_with_prompts += with_prompts
+    assert launched_with_prompts > 10
+
+
 def test_async_scheduling_is_refused_where_other_ranks_need_each_steps_inputs(setup):
     """A tensor-parallel rank 0 sends every step's inputs to the other ranks from the host: a step launched
     ahead would read its tokens on the device only, so "on" is refused and "auto" stays off."""
