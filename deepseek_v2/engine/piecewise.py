@@ -154,7 +154,7 @@ class PiecewiseSteps:
         """One step of T <= max_tokens tokens (host arrays; attn: the step's metadata, whose
         slot_mapping and decode fields are not read: the pieces take the slots and the decode rows'
         tables (decode_tables, each for decode_rows[i] consecutive rows) and lengths given here;
-        device_ids: the input tokens of the last rows, on the device, in place of input_ids').
+        device_ids: the input tokens of the last rows, on the device, in place of theirs in input_ids).
         Returns hidden [T, D], a view of the static buffer valid until the next step."""
         T, D = len(input_ids), len(decode_lens)
         n = min(c for c in self.counts if c >= T)
