@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepseek_v2.engine.sequence import Sequence
-from deepseek_v2.sampler import Sampler
+from deepseek_v2.engine.sampler import Sampler
 from deepseek_v2.sampling_params import InvalidRequestError, SamplingParams
 
 

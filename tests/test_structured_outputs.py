@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deepseek_v2.engine.sequence import Sequence
-from deepseek_v2.sampler import Sampler
+from deepseek_v2.engine.sampler import Sampler
 from deepseek_v2.sampling_params import InvalidRequestError, SamplingParams, StructuredOutputsParams as SO
 from deepseek_v2.structured_outputs import GrammarCompiler, GrammarMasks, apply_token_bitmask
 

@@ -31,7 +31,7 @@ from ..config import EngineConfig, ModelArgs
 from ..kernels.fp8 import cache_width
 from ..model import AttentionMetadata, DeepseekV2ForCausalLM
 from ..parallel import SINGLE, TensorParallel
-from ..sampler import Sampler, TokenLogprobs, on_device
+from .sampler import Sampler, TokenLogprobs, on_device
 from .piecewise import PiecewiseSteps
 from .scheduler import ScheduledSequence, SchedulerOutput
 

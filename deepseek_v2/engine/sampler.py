@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.sequence import Sequence
+from .sequence import Sequence
 
 
 def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
