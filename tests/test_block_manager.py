@@ -152,6 +152,39 @@ def test_long_prefill_token_threshold_chunks_each_prompt_beside_the_others():
     assert out.scheduled[1].samples
 
 
+def test_schedule_ahead_is_the_next_schedule_with_the_step_in_flight_not_yet_counted():
+    """The step after one in flight (asynchronous scheduling), made before its tokens are counted, is
+    what schedule() makes once they are: a decode for a sequence that sampled (past that token: its
+    input), the next chunk of a prompt, an admitted prompt, the budget and the blocks as schedule()
+    spends them; a token that ends its sequence leaves it out; None where the outcome is needed."""
+    bm = BlockManager(16, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=12)
+    dec, long, new = Sequence([1, 2, 3]), Sequence(list(range(10, 30))), Sequence([4, 5, 6, 7])
+    s.add(dec)
+    finish_step(s.schedule())  # dec has sampled: it decodes from now on
+    s.add(long)
+    in_flight = s.schedule()  # dec decodes, long's first chunk of 11
+    assert [(i.seq, i.num_new_tokens) for i in in_flight.scheduled] == [(dec, 1), (long, 11)]
+    s.add(new)
+    flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
+    ahead = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
+    assert [(i.seq, i.num_new_tokens, i.ahead) for i in ahead.scheduled] == [(dec, 1, 1), (long, 9, 11), (new, 2, 0)]
+    assert [i.reads_device_token for i in ahead.scheduled] == [True, False, False]
+    assert [i.samples for i in ahead.scheduled] == [True, True, False]
+    for seq, positions in ((dec, 5), (long, 20), (new, 2)):  # room for the positions in flight and these
+        assert len(seq.block_table) * 4 >= positions
+    # once the step in flight is counted, schedule() would have made the same step
+    finish_step(in_flight)
+    assert [(i.seq, i.num_new_tokens) for i in ahead.scheduled] == [(dec, 1), (long, 9), (new, 2)]
+    # a token that ends its sequence leaves it out; a sequence sampled on the host stops the launch
+    assert [i.seq for i in s.schedule_ahead({id(dec): (1, True), id(long): (9, True), id(new): (2, False)},
+                                            lambda seq, position: seq is dec, lambda seq: True).scheduled] \
+        == [long, new]
+    assert s.schedule_ahead({id(dec): (1, True)}, lambda seq, position: False, lambda seq: True) is None
+    assert s.schedule_ahead({id(q): (1, True) for q in (dec, long, new)}, lambda seq, position: False,
+                            lambda seq: seq is not new) is None
+
+
 def test_new_requests_join_while_others_decode():
     s, _ = make_scheduler()
     a = Sequence([1, 2, 3])

@@ -321,58 +321,26 @@ class LLMEngine(RequestChecks):
 
     def _launch_next(self, launched: LaunchedStep) -> LaunchedStep | None:
         """Launch the step after `launched` now, as the scheduler would make it once launched's tokens
-        are counted, when that needs nothing launched's tokens decide on the host: launched sampled on
-        the device, its sequences still running are all that run, each of them takes its next tokens
-        (Scheduler.schedule's order and budget) and the cache has room for them without preempting.
-        A sequence whose prompt launched finished, or that decoded, decodes on the token launched
-        sampled for it, read on the device; one whose prompt launched did not finish takes its next
-        chunk; one that launched's token ends by length is left out, and one that it ends otherwise
-        (a stop token or string) computes one position for nothing, dropped. Waiting sequences are
-        admitted beside them (Scheduler.admit) up to the first whose tokens need the host (prompt
-        logprobs, or sampling that is not SamplingParams.samples_on_device): with that one first in
-        line, nothing is launched, so that the next step, scheduled then, admits it. Requests added
-        meanwhile are scheduled one step later."""
+        are counted (Scheduler.schedule_ahead), when launched sampled on the device and that step needs
+        nothing its tokens decide on the host. Its decodes read launched's tokens on the device. A
+        sequence that launched's token ends by length is left out; one that it ends otherwise (a stop
+        token or string) computes one position for nothing, dropped. Waiting sequences are admitted up
+        to the first whose tokens need the host (_samples_ahead): with that one first in line, nothing
+        is launched, so that the next step, scheduled then, admits it. Requests added meanwhile are
+        scheduled one step later."""
         if launched.tokens is None:
             return None
-        sched, bm = self.scheduler, self.block_manager
-        may_join = bool(sched.waiting) and len(sched.running) < self.config.max_num_seqs
-        if may_join and not self._samples_ahead(sched.waiting[0]):
-            return None
-        in_flight = {id(item.seq): (k, item) for k, item in enumerate(launched.step.items)
+        items = launched.step.items
+        token_of = {id(items[k].seq): row for row, k in enumerate(launched.step.sample_rows)}  # launched's tokens
+        in_flight = {id(item.seq): (item.num_new_tokens, id(item.seq) in token_of) for item in items
                      if item.seq.status is SequenceStatus.RUNNING}
-        if len(in_flight) != len(sched.running):
-            return None
-        token_index = {k: i for i, k in enumerate(launched.step.sample_rows)}  # launched's tokens, in order
-        budget = self.config.max_num_batched_tokens
-        following, token_rows = [], []
-        for seq in sched.running:  # as schedule() takes them: oldest first, while the budget lasts
-            if budget == 0:
-                break
-            k, item = in_flight.get(id(seq), (None, None))
-            if item is None or not self._samples_ahead(seq):
-                return None
-            done = seq.num_computed_tokens + item.num_new_tokens  # positions counted once launched is
-            if k in token_index:  # launched samples its next token: the input of a decode row
-                if self._ends_by_length(seq, done):
-                    continue
-                n = 1
-                token_rows.append(token_index[k])
-            else:  # the next chunk of its prompt
-                n = min(seq.num_tokens - done, budget, sched.max_chunk)
-            following.append(ScheduledSequence(seq, n, ahead=item.num_new_tokens))
-            budget -= n
-        needed = sum(bm.blocks_needed(f.seq.num_computed_tokens + f.ahead + f.num_new_tokens) - len(f.seq.block_table)
-                     for f in following)
-        if needed > bm.num_free_blocks:
-            return None
-        for f in following:
-            bm.allocate(f.seq, f.ahead + f.num_new_tokens)
-        prompts = sched.admit(budget, self._samples_ahead) if may_join else []
-        if not following and not prompts:
+        sched = self.scheduler.schedule_ahead(in_flight, self._ends_by_length, self._samples_ahead)
+        if sched is None or sched.is_empty:
             return None
         self.num_steps_ahead += 1
-        self.num_prompt_steps_ahead += any(f.num_new_tokens > 1 for f in following) or bool(prompts)
-        return self.runner.launch_next(launched, following + prompts, token_rows)
+        self.num_prompt_steps_ahead += any(item.num_new_tokens > 1 for item in sched.scheduled)
+        token_rows = [token_of[id(item.seq)] for item in sched.scheduled if item.reads_device_token]
+        return self.runner.launch_next(launched, sched.scheduled, token_rows)
 
     @staticmethod
     def _samples_ahead(seq: Sequence) -> bool:

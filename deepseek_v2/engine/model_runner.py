@@ -303,7 +303,7 @@ class ModelRunner:
     def launch_next(self, prev: LaunchedStep, items: list[ScheduledSequence], token_rows: list[int]) -> LaunchedStep:
         """The step of `items` after `prev` (sampled on the device), queued before prev's tokens reach the
         host (ScheduledSequence.ahead: the positions prev computes). The inputs of the items that
-        read_device_token are prev's tokens token_rows, in their order among the items, read on the
+        reads_device_token are prev's tokens token_rows, in their order among the items, read on the
         device. The caller has made room for the positions in the block tables."""
         step = self.prepare_inputs(SchedulerOutput(items))
         self.sampler.prepare([step.items[k].seq for k in step.sample_rows])

@@ -21,6 +21,7 @@ class ScheduledSequence:
     num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens + ahead
     # In a step launched ahead (asynchronous scheduling): the positions that the step before it, still
     # in flight, computes and that seq.num_computed_tokens does not count yet; this step starts after them.
+    # (Valid until that step is counted: samples and reads_device_token are for building this step.)
     ahead: int = 0
 
     @property
@@ -98,6 +99,44 @@ class Scheduler:
         if not out.preempted:
             out.scheduled += self.admit(budget)
         return out
+
+    def schedule_ahead(self, in_flight: dict[int, tuple[int, bool]], ends: Callable[[Sequence, int], bool],
+                       eligible: Callable[[Sequence], bool]) -> SchedulerOutput | None:
+        """The step after one still in flight, as schedule() would make it once that step's tokens are
+        counted. in_flight: for each sequence in that step (by id), the positions it computes and whether
+        it samples a token; ends(seq, position): whether the token sampled at position ends seq (then it
+        is left out). Running sequences, oldest first while the budget lasts, take one position after
+        that token, or their prompt's next chunk; then waiting sequences are admitted up to the first
+        that is not eligible. None where that needs the step's outcome: a running sequence not in it or
+        not eligible, an ineligible sequence first in line, or too little cache (schedule() would preempt)."""
+        if self.waiting and len(self.running) < self.max_num_seqs and not eligible(self.waiting[0]):
+            return None
+        if len(in_flight) != len(self.running):
+            return None
+        budget, following = self.max_num_batched_tokens, []
+        for seq in self.running:
+            if budget == 0:
+                break
+            if id(seq) not in in_flight or not eligible(seq):
+                return None
+            computed, samples = in_flight[id(seq)]
+            done = seq.num_computed_tokens + computed
+            if samples:
+                if ends(seq, done):
+                    continue
+                n = 1
+            else:
+                n = min(seq.num_tokens - done, budget, self.max_chunk)
+            following.append(ScheduledSequence(seq, n, ahead=computed))
+            budget -= n
+        bm = self.block_manager
+        needed = sum(bm.blocks_needed(f.seq.num_computed_tokens + f.ahead + f.num_new_tokens) - len(f.seq.block_table)
+                     for f in following)
+        if needed > bm.num_free_blocks:
+            return None
+        for f in following:
+            bm.allocate(f.seq, f.ahead + f.num_new_tokens)
+        return SchedulerOutput(following + self.admit(budget, eligible))
 
     def admit(self, budget: int, eligible: Callable[[Sequence], bool] | None = None) -> list[ScheduledSequence]:
         """Admit waiting sequences in arrival order, each with its first chunk, while the token budget,
