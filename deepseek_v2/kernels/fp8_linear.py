@@ -142,7 +142,6 @@ def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PI
     tl.store(y_ptr + row * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
@@ -173,9 +172,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ceil((K + c) / 128)] fp32 for block_offset (r, c); x [..., K] bf16/fp16/fp32 with a contiguous
     last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
     num_stages, FUSED (default True: quantize x inside the GEMM; False: quantize_activation first) and
-    PIECES (default 1: K cut into this many pieces of whole groups, their fp32 partials summed by a
-    second launch); with a config the Triton kernel always
-    runs. No host synchronisation.
+    PIECES (K cut into this many pieces of whole groups, their fp32 partials summed by a second
+    launch; default_config picks it for few rows); with a config the Triton kernel always runs. No
+    host synchronisation.
     """
     if weight_scale_inv is None:
         return F.linear(x, weight, bias)
