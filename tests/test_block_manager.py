@@ -185,6 +185,31 @@ def test_schedule_ahead_is_the_next_schedule_with_the_step_in_flight_not_yet_cou
                             lambda seq: seq is not new) is None
 
 
+def test_an_admission_ahead_hits_the_blocks_the_step_in_flight_fills():
+    """A prompt admitted by the step launched ahead takes from the prefix cache the blocks that the step
+    in flight fills, as schedule() does once that step is counted (the n = 2 samples of one prompt,
+    chunked: the second starts from the first's blocks, not from the start)."""
+    steps = []
+    for ahead in (True, False):
+        bm = BlockManager(16, 4)
+        s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=12)
+        first, second = Sequence(list(range(10, 30))), Sequence(list(range(10, 30)))
+        s.add(first)
+        in_flight = s.schedule()  # first's first chunk: 12 tokens, three full blocks
+        s.add(second)
+        if ahead:
+            flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
+            out = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
+            finish_step(in_flight)
+        else:
+            finish_step(in_flight)
+            bm.commit(first)
+            out = s.schedule()
+        steps.append([(i.seq is first, i.num_new_tokens) for i in out.scheduled])
+        assert second.num_computed_tokens == 12 and second.block_table[:3] == first.block_table[:3]
+    assert steps[0] == steps[1] == [(True, 8), (False, 4)]
+
+
 def test_new_requests_join_while_others_decode():
     s, _ = make_scheduler()
     a = Sequence([1, 2, 3])

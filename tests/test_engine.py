@@ -388,8 +388,9 @@ def test_dummy_checkpoint_script_writes_a_servable_shape(tmp_path):
     assert not list(out.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("max_num_seqs, piecewise", [(None, False), (3, False), (None, True)])
-def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, piecewise):
+@pytest.mark.parametrize("max_num_seqs, piecewise, budget", [(None, False, None), (3, False, None), (None, True, None),
+                                                             (None, False, 20)])
+def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, piecewise, budget):
     """Asynchronous scheduling (each step after a decode step launched before the last one's tokens
     reach the host, with the prompts admitted meanwhile) gives every request what the engine gives
     without it: the same tokens, text, streamed deltas and finish reasons, with sequences ending by
@@ -398,7 +399,9 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, 
     batch decodes) and aborted midway, seeded sampling with n = 2, and a request with logprobs
     (sampled on the host, so it is admitted by a step scheduled then). With piecewise, the steps
     holding prompts run through the pieces of engine/piecewise.py (eagerly, as on a GPU without
-    capture), their decode rows' tokens read on the device."""
+    capture), their decode rows' tokens read on the device. With a budget of 20 tokens a step the
+    prompts come in chunks, and the second sample of "seeded" starts from the blocks its first fills
+    in the step in flight (the prefix cache), in the same step as without asynchronous scheduling."""
     model, tokenizer, prompts, hf_out = setup
     probe = run_all(LLMEngine(model, tokenizer, EngineConfig(block_size=8)), [prompts[1]], GREEDY, ["p"])[0]
     pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in probe.outputs[0].token_ids]
@@ -418,8 +421,9 @@ def test_steps_launched_ahead_equal_the_synchronous_engine(setup, max_num_seqs, 
     }
 
     def serve(async_scheduling):
+        knobs = {} if budget is None else dict(max_num_batched_tokens=budget)
         engine = LLMEngine(model, tokenizer, EngineConfig(block_size=8, max_model_len=80, max_num_seqs=max_num_seqs,
-                                                          async_scheduling=async_scheduling))
+                                                          async_scheduling=async_scheduling, **knobs))
         if piecewise:
             engine.runner.piecewise = engine.runner.piecewise_steps(capture=False)
         streams: dict[str, list] = {}

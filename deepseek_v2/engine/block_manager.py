@@ -114,11 +114,13 @@ class BlockManager:
             block.hash, block.token_ids, block.ref_count = None, (), 1
             seq.block_table.append(block_id)
 
-    def commit(self, seq: Sequence) -> None:
-        """Register seq's newly completed full blocks in the prefix cache."""
+    def commit(self, seq: Sequence, num_computed_tokens: int | None = None) -> None:
+        """Register seq's newly completed full blocks in the prefix cache: those of its first
+        num_computed_tokens positions (by default the ones computed so far)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        computed = seq.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
+        full = min(computed // self.block_size, len(seq.block_table))
         for b in range(seq.num_hashed_blocks, full):
             prev = self.blocks[seq.block_table[b - 1]].hash if b else None
             block = self.blocks[seq.block_table[b]]

@@ -136,6 +136,11 @@ class Scheduler:
             return None
         for f in following:
             bm.allocate(f.seq, f.ahead + f.num_new_tokens)
+        # The blocks the step in flight fills are cached from now on, as they are for schedule() once it
+        # is counted, so that an admission hits them alike. Their tokens are that step's inputs, known
+        # here, and any step that reads them runs after it on the device.
+        for seq in self.running:
+            bm.commit(seq, seq.num_computed_tokens + in_flight[id(seq)][0])
         return SchedulerOutput(following + self.admit(budget, eligible))
 
     def admit(self, budget: int, eligible: Callable[[Sequence], bool] | None = None) -> list[ScheduledSequence]:
