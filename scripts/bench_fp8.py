@@ -147,11 +147,12 @@ def bench_fp8_pieces() -> None:
               f"{best[0]:.1f} ({N * K / 1e3 / best[0]:.0f}) | {best[1]} |", flush=True)
 
 
-def bench_moe_sweep() -> None:
+def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
     """The fused MoE with FP8 experts at V2-Lite's layer shape: its default launch against the best of a
     sweep, per token count, beside bf16's default. At 256 tokens (a 256-sequence decode step) the FP8
     experts moved their bytes at about half the bandwidth (docs/fp8.md's kernel table): the lever for
-    FP8 decode throughput. Prints its own table (us; GB/s of the expert weights touched)."""
+    FP8 decode throughput. Prints its own table (us; GB/s of the expert weights touched).
+    `--moe-sweep=16,256` sweeps those token counts only."""
     from itertools import product
 
     from deepseek_v2.kernels.moe import default_config as moe_config
@@ -163,7 +164,7 @@ def bench_moe_sweep() -> None:
     q13, s13 = torch.cat([gq, uq], 1), torch.cat([gs, us_], 1)
     print("\n| tokens | bf16 default us | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
     print("|---|---|---|---|---|", flush=True)
-    for T in (1, 16, 256, 1024, 4096):
+    for T in token_counts:
         x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
         topk_weights, topk_ids = torch.randn(T, E, device=DEVICE).softmax(-1).topk(K)
         gb = E * (1 - (1 - K / E) ** T) * 3 * D * I / 1e3  # FP8 bytes of the experts touched, per us
@@ -196,8 +197,9 @@ def main() -> None:
     if "--few-rows" in sys.argv:
         bench_fp8_pieces()
         return
-    if "--moe-sweep" in sys.argv:
-        bench_moe_sweep()
+    sweep = next((a for a in sys.argv if a.startswith("--moe-sweep")), None)
+    if sweep is not None:
+        bench_moe_sweep(*([tuple(map(int, sweep.split("=")[1].split(",")))] if "=" in sweep else []))
         return
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     print("| kernel | shape | bf16 us (GB/s) | fp8 us (GB/s) | bf16 / fp8 | other |")
