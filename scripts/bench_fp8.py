@@ -6,7 +6,8 @@ latent cache. Prints one table; the bytes column is what each call must read at 
 
 Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
      python scripts/bench_fp8.py --few-rows (only the FP8 GEMM at one row against cuBLAS bf16, with a
-                                             sweep of its launch config that cuts K into pieces; ~2 min)
+                                             sweep of its launch config that cuts K into pieces; ~2 min;
+                                             --few-rows=256: at 256 rows)
      python scripts/bench_fp8.py --moe-sweep (only the fused MoE with FP8 experts, its default launch
                                              against a sweep, 1 to 4096 tokens; a few minutes)
 
@@ -117,33 +118,43 @@ def bench_mla() -> None:
         row("MLA decode", f"N={N} L={L} H={H}", t["bf16"], t["fp8"], N * L * (R + P) * 2, N * L * (R + P + 4))
 
 
-def bench_fp8_pieces() -> None:
-    """The FP8 GEMM at one row (fp8_linear.linear, x quantized inside) with its default launch and the
-    best of a sweep that also cuts K into pieces (PIECES), against cuBLAS bf16."""
+def bench_fp8_pieces(M: int = 1) -> None:
+    """The FP8 GEMM at M rows (fp8_linear.linear, x quantized as linear does at M) with its default
+    launch (torch._scaled_mm where linear takes it) and the best of a sweep of the Triton kernel's launch
+    that also cuts K into pieces (PIECES), against cuBLAS bf16. `--few-rows` sweeps one row (thin row
+    blocks); `--few-rows=256` sweeps 256 rows (a 256-sequence decode step) over wider row blocks."""
     from itertools import product
 
-    print("\n| shape | cuBLAS bf16 us (GB/s) | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
+    print(f"\n| shape | cuBLAS bf16 us (GB/s) | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
     print("|---|---|---|---|---|", flush=True)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    if M <= 16:
+        space = [dict(BLOCK_M=16, BLOCK_N=n, num_warps=w, num_stages=st, per_sm=p)
+                 for n, p, w, st in product((16, 32, 64), (0, 1, 2, 4, 8), (2, 4), (2, 3, 4))]
+    else:
+        space = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4 if m < 128 else 8, num_stages=st, per_sm=p)
+                 for m, n, st, p in product((32, 64, 128), (64, 128), (3, 4), (0, 1, 2))]
     for N, K in [(3072, 2048), (2048, 2048), (5632, 2048), (2048, 2816), (576, 2048), (24576, 1536)]:
         wb = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) * K**-0.5
         w, s = quantize_weight(wb)
-        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
         best = None
-        for block_n, per_sm, warps, stages in product((16, 32, 64), (0, 1, 2, 4, 8), (2, 4), (2, 3, 4)):
-            pieces = 1 if per_sm == 0 else max(1, min(-(-K // 128), -(-per_sm * sms // -(-N // block_n))))
-            cfg = dict(BLOCK_M=16, BLOCK_N=block_n, GROUP_M=1, num_warps=warps, num_stages=stages, PIECES=pieces)
+        for point in space:
+            cfg = {k: v for k, v in point.items() if k != "per_sm"}
+            programs = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+            pieces = 1 if point["per_sm"] == 0 else max(1, min(-(-K // 128), -(-point["per_sm"] * sms // programs)))
+            cfg.update(GROUP_M=1 if M <= 16 else 8, PIECES=pieces, FUSED=M <= FUSED_MAX_M)
             try:
                 us = graph_us(lambda: linear(x, w, None, s, config=cfg))
             except Exception:  # noqa: BLE001 - a config this GPU cannot run drops out
                 continue
             if best is None or us < best[0]:
                 best = (us, cfg)
-        ref = linear(x, w, None, s).float()
+        ref = linear(x, w, None, s, config=dict(default_config(M), FUSED=M <= FUSED_MAX_M)).float()
         err = ((linear(x, w, None, s, config=best[1]).float() - ref).norm() / ref.norm()).item()
         assert err < 1e-3, (N, K, best, err)  # the same e4m3 products, summed in another order
         b16, f8 = graph_us(lambda: F.linear(x, wb)), graph_us(lambda: linear(x, w, None, s))
-        print(f"| M=1 N={N} K={K} | {b16:.1f} ({2 * N * K / 1e3 / b16:.0f}) | {f8:.1f} ({N * K / 1e3 / f8:.0f}) | "
+        print(f"| M={M} N={N} K={K} | {b16:.1f} ({2 * N * K / 1e3 / b16:.0f}) | {f8:.1f} ({N * K / 1e3 / f8:.0f}) | "
               f"{best[0]:.1f} ({N * K / 1e3 / best[0]:.0f}) | {best[1]} |", flush=True)
 
 
@@ -194,8 +205,9 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
 
 
 def main() -> None:
-    if "--few-rows" in sys.argv:
-        bench_fp8_pieces()
+    few = next((a for a in sys.argv if a.startswith("--few-rows")), None)
+    if few is not None:
+        bench_fp8_pieces(int(few.split("=")[1]) if "=" in few else 1)
         return
     sweep = next((a for a in sys.argv if a.startswith("--moe-sweep")), None)
     if sweep is not None:

@@ -349,6 +349,8 @@ FP8_LINEAR_CASES = [  # (M, N, K, block_offset, bias, dtype, config)
     (6, 150, 190, (0, 70), True, torch.bfloat16, dict(SMALL, FUSED=False)),  # that, in a part inside a block
     (2, 96, 600, (0, 70), True, torch.float32, dict(SMALL, PIECES=3)),     # K in pieces (partials summed), bias
     (3, 64, 384, (0, 0), False, torch.bfloat16, dict(SMALL, PIECES=8)),    # more pieces asked than groups
+    (40, 256, 384, (0, 0), True, torch.bfloat16,                           # pieces of wide row blocks, x quantized first
+     dict(SMALL, BLOCK_M=32, BLOCK_N=64, PIECES=2, FUSED=False)),
 ]
 
 
