@@ -52,11 +52,11 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
     # the FP8 linear layers at V2-Lite's and V2's shapes (q_proj / q_b_proj, o_proj, shared experts), one
-    # part that starts inside a block, each launch tier (one row: K in pieces, summed by a second launch)
+    # part that starts inside a block, each launch tier (one row and 256 rows: K in pieces, summed by a second launch)
     for N, K, offset in [(3072, 2048, (0, 0)), (2048, 2048, (0, 0)), (24576, 1536, (0, 0)), (5120, 2048, (0, 64)),
                          (1536, 5120, (64, 0))]:
         w, s = torch.empty(N, K, dtype=FP8), torch.empty(scale_shape(N, K, offset))
-        for M in (1, 64, 4096):
+        for M in (1, 64, 256, 4096):
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
         fp8_linear.linear(torch.empty(1, K, dtype=bf16), w, None, s, offset,  # a GPU's default at one row
                           config=fp8_linear.default_config(1, N, -(-(K + offset[1]) // 128), 132))

@@ -152,14 +152,24 @@ def default_config(M: int, N: int = 0, groups: int = 1, sms: int = 132) -> dict:
     Decode: thin row blocks and column blocks of 64, and K cut into pieces until about
     _PROGRAMS_PER_SM programs per SM read the weight at once. On an H200 at one row this took V2-Lite's
     projections from 1.3-1.6x cuBLAS bf16's time to 1.0-1.2x, and V2's q_b_proj to 0.7x (a sweep of
-    the launch, `scripts/bench_fp8.py --few-rows`, found the best at 130-380 programs: docs/fp8.md)."""
+    the launch, `scripts/bench_fp8.py --few-rows`, found the best at 130-380 programs: docs/fp8.md).
+    A batch of decodes (129-512 rows) takes 64 x 64 tiles, K in pieces the same way: at 256 rows the
+    shapes torch._scaled_mm cannot take ran 18.8 us against 28.6 with 128 x 128 tiles (the shared
+    experts' down_proj, K = 2816) and 13.9 against 23.3 (kv_a_proj, N = 576; `--few-rows=256`)."""
     if M <= 16:
-        blocks = cdiv(N, 64)
-        pieces = max(1, min(groups, cdiv(_PROGRAMS_PER_SM * sms, max(blocks, 1))))
-        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3, PIECES=pieces)
+        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3, PIECES=_pieces(M, 16, N, groups, sms))
     if M <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 512:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3, PIECES=_pieces(M, 64, N, groups, sms))
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _pieces(M: int, block_m: int, N: int, groups: int, sms: int) -> int:
+    """How many pieces to cut K's groups into so that about _PROGRAMS_PER_SM programs per SM run the
+    GEMM in 64-wide column blocks (at least one piece, at most one group each)."""
+    blocks = cdiv(M, block_m) * cdiv(N, 64)
+    return max(1, min(groups, cdiv(_PROGRAMS_PER_SM * sms, max(blocks, 1))))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
