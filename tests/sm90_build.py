@@ -41,8 +41,10 @@ def launch_decode_kernels() -> None:
     i32, bf16 = torch.int32, torch.bfloat16
     for H, N, dtype in [(16, 1, bf16), (16, 256, bf16), (128, 8, bf16), (16, 2, torch.float32)]:
         for cache in (torch.empty(64, 64, 576, dtype=dtype), torch.empty(64, 64, 580, dtype=torch.uint8)):  # FP8
-            mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
-                                  cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1)
+            for fp16_dots in (False, True) if cache.dtype == torch.uint8 and dtype == bf16 else (False,):
+                mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
+                                      cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
+                                      fp16_dots=fp16_dots)
     # V2-Lite's 64 experts, and one rank's 20 of V2's 160 under 8-way expert parallelism
     for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
         w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched

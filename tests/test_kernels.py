@@ -181,6 +181,26 @@ def test_mla_decode_reads_the_fp8_cache(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, 0.05), dtype)
 
 
+@pytest.mark.parametrize("case, q_magnitude", [(3, 1.0), (6, 1e6), (7, 1e-3), (8, 3e4)])
+def test_mla_decode_fp8_cache_with_fp16_dots(tk, case, q_magnitude):
+    """The FP8 cache's dots in fp16 (fp16_dots): the queries are scaled into fp16's range by a power of
+    two and the scores scaled back, so queries far beyond it (1e6: fp16 overflows at 65504) or small
+    give the reference's output to bf16 tolerance, as the default path does."""
+    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
+    torch.manual_seed(500 + case)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, torch.float32)
+    fp8_cache = quantize_cache(kv_cache * torch.logspace(-1, 1, R + P))
+    q_lat = (torch.randn(len(seq_lens), H, R) * q_magnitude).to(dtype)
+    q_pe = (torch.randn(len(seq_lens), H, P) * q_magnitude).to(dtype)
+    scale = 0.05 / q_magnitude  # the softmax stays soft whatever the queries' magnitude
+    out = tk.mla_decode.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, scale, num_kv_splits=splits,
+                                   block_n=block_n, fp16_dots=True)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    assert_close(out, reference.mla_decode(q_lat, q_pe, fp8_cache, block_tables, lens, scale), dtype)
+    with pytest.raises(ValueError, match="fp16_dots"):
+        tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache.to(dtype), block_tables, lens, scale, fp16_dots=True)
+
+
 def test_mla_decode_strided_views(tk):
     """q_lat as a transposed bmm output and kv_cache as one layer of a bigger cache."""
     torch.manual_seed(7)

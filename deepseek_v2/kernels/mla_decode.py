@@ -48,6 +48,7 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
@@ -64,7 +65,14 @@ def _mla_decode_split_kernel(
                 mask=mask_h[:, None] & mask_r[None, :], other=0.0)             # [BLOCK_H, BLOCK_R]
     q_pe = tl.load(q_pe_ptr + seq * stride_qp_n + offs_h[:, None] * stride_qp_h + offs_p[None, :],
                    mask=mask_h[:, None] & mask_p[None, :], other=0.0)          # [BLOCK_H, BLOCK_P]
-    if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+    if FP16_DOTS:  # (FP8 cache) the dots in fp16, which e4m3 widens to in one instruction per pair:
+        # the queries scaled by a power of two into fp16's range (exact for bf16 values), undone on the scores
+        q_max = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0),
+                           tl.max(tl.max(tl.abs(q_pe.to(tl.float32)), axis=1), axis=0))
+        q_unscale = tl.exp2(tl.maximum(tl.ceil(tl.log2(q_max + 1e-30)) - 14.0, 0.0))  # |q| <= 2^14 < 65504
+        q = (q.to(tl.float32) / q_unscale).to(tl.float16)
+        q_pe = (q_pe.to(tl.float32) / q_unscale).to(tl.float16)
+    elif UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
 
@@ -92,7 +100,7 @@ def _mla_decode_split_kernel(
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
         pe = tl.load(values + row[:, None] + R + offs_p[None, :],
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
-        if UPCAST_DOT:
+        if UPCAST_DOT and not FP16_DOTS:
             c = c.to(tl.float32)
             pe = pe.to(tl.float32)
         elif FP8_CACHE:  # e4m3 widens to bf16/fp16 exactly
@@ -103,7 +111,10 @@ def _mla_decode_split_kernel(
         if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
             scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
             token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
-            qk = qk * token_scale[None, :]
+            if FP16_DOTS:
+                qk = qk * (token_scale * q_unscale)[None, :]
+            else:
+                qk = qk * token_scale[None, :]
         qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(m_i - m_new)
@@ -166,7 +177,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
                block_n: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None) -> torch.Tensor:
+               num_stages: int | None = None, fp16_dots: bool = False) -> torch.Tensor:
     """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R].
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
@@ -176,7 +187,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
     capacity). block_n: tokens per tile; num_warps, num_stages: the split kernel's launch (tests and
-    tuning; None: the defaults below). Never reads device values on the host.
+    tuning; None: the defaults below). fp16_dots (an FP8 cache with bf16 or fp16 queries; tuning, not
+    yet the default: untimed on a GPU): widen e4m3 to fp16 rather than to the queries' dtype and run
+    both dots in fp16, the queries scaled into its range. Never reads device values on the host.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
@@ -208,6 +221,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: q_lat, q_pe, kv_cache and block_tables need a contiguous last dim")
     if not seq_lens.is_contiguous():
         raise ValueError("mla_decode: seq_lens must be contiguous")
+    if fp16_dots and not (fp8 and q_lat.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError("mla_decode: fp16_dots is for an FP8 cache with bf16 or fp16 queries")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
     block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8 tiles are half the bytes: the same count fits
@@ -239,7 +254,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
-        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
+        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8, FP16_DOTS=fp16_dots,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2

@@ -150,8 +150,9 @@ def test_fp8_cache_write_matches_the_reference(H):
     assert rel_error(back, back_ref) < 1e-2 and differ < 1e-2
 
 
+@pytest.mark.parametrize("fp16_dots", [False, True])
 @pytest.mark.parametrize("heads,batch,max_len", [(16, 1, 1024), (16, 64, 8192), (128, 8, 32768)])
-def test_fp8_cache_mla_decode(heads, batch, max_len):
+def test_fp8_cache_mla_decode(heads, batch, max_len, fp16_dots):
     R, P, B = 512, 64, 64
     g = torch.Generator(device=DEVICE).manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=g, device=DEVICE)
@@ -166,7 +167,7 @@ def test_fp8_cache_mla_decode(heads, batch, max_len):
     q_pe = torch.randn(batch, heads, P, device=DEVICE, dtype=torch.bfloat16, generator=g)
     lens = lens.int()
     poison_free_memory()
-    out = mla_decode(q_lat, q_pe, cache, tables, lens, 0.1147)
+    out = mla_decode(q_lat, q_pe, cache, tables, lens, 0.1147, fp16_dots=fp16_dots)
     assert rel_error(out, reference.mla_decode(q_lat, q_pe, cache, tables, lens, 0.1147)) < 1e-2
 
 
