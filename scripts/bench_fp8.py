@@ -115,7 +115,8 @@ def bench_mla() -> None:
         q_pe = torch.randn(N, H, P, device=DEVICE, dtype=torch.bfloat16)
         t = {k: graph_us(lambda c=c: mla_decode(q_lat, q_pe, c, tables, lens, 0.1, max_seq_len=L))
              for k, c in caches.items()}
-        fp16 = graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L, fp16_dots=True))
+        fp16 = graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L,
+                                           fp16_dots=True))
         row("MLA decode", f"N={N} L={L} H={H}", t["bf16"], t["fp8"], N * L * (R + P) * 2, N * L * (R + P + 4),
             f"FP8 cache, fp16 dots: {fp16:.1f} us ({N * L * (R + P + 4) / fp16 / 1e3:.0f} GB/s)")
 
@@ -127,7 +128,7 @@ def bench_fp8_pieces(M: int = 1) -> None:
     blocks); `--few-rows=256` sweeps 256 rows (a 256-sequence decode step) over wider row blocks."""
     from itertools import product
 
-    print(f"\n| shape | cuBLAS bf16 us (GB/s) | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
+    print("\n| shape | cuBLAS bf16 us (GB/s) | FP8 default us (GB/s) | FP8 best us (GB/s) | best config |")
     print("|---|---|---|---|---|", flush=True)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     if M <= 16:

@@ -108,7 +108,9 @@ class Scheduler:
         is left out). Running sequences, oldest first while the budget lasts, take one position after
         that token, or their prompt's next chunk; then waiting sequences are admitted up to the first
         that is not eligible. None where that needs the step's outcome: a running sequence not in it or
-        not eligible, an ineligible sequence first in line, or too little cache (schedule() would preempt)."""
+        not eligible, an ineligible sequence first in line, or too little cache (schedule() would preempt).
+        Before admitting, the full blocks the step in flight fills go into the prefix cache, as they would
+        once it is counted, so that an admission hits them as it would in schedule()."""
         if self.waiting and len(self.running) < self.max_num_seqs and not eligible(self.waiting[0]):
             return None
         if len(in_flight) != len(self.running):

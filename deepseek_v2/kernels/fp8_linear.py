@@ -154,8 +154,9 @@ def default_config(M: int, N: int = 0, groups: int = 1, sms: int = 132) -> dict:
     projections from 1.3-1.6x cuBLAS bf16's time to 1.0-1.2x, and V2's q_b_proj to 0.7x (a sweep of
     the launch, `scripts/bench_fp8.py --few-rows`, found the best at 130-380 programs: docs/fp8.md).
     A batch of decodes (129-512 rows) takes 64 x 64 tiles, K in pieces the same way: at 256 rows the
-    shapes torch._scaled_mm cannot take ran 18.8 us against 28.6 with 128 x 128 tiles (the shared
-    experts' down_proj, K = 2816) and 13.9 against 23.3 (kv_a_proj, N = 576; `--few-rows=256`)."""
+    best of a sweep (`--few-rows=256`) for the shapes torch._scaled_mm cannot take ran 18.8 us against
+    28.6 with 128 x 128 tiles (the shared experts' down_proj, K = 2816, 3 pieces, as this rule gives) and
+    13.9 against 23.3 (kv_a_proj, N = 576, with 4 pieces; this rule gives 8, not timed alone)."""
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3, PIECES=_pieces(M, 16, N, groups, sms))
     if M <= 128:

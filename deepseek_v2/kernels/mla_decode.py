@@ -65,7 +65,7 @@ def _mla_decode_split_kernel(
                 mask=mask_h[:, None] & mask_r[None, :], other=0.0)             # [BLOCK_H, BLOCK_R]
     q_pe = tl.load(q_pe_ptr + seq * stride_qp_n + offs_h[:, None] * stride_qp_h + offs_p[None, :],
                    mask=mask_h[:, None] & mask_p[None, :], other=0.0)          # [BLOCK_H, BLOCK_P]
-    if FP16_DOTS:  # (FP8 cache) the dots in fp16, which e4m3 widens to in one instruction per pair:
+    if FP16_DOTS:  # (FP8 cache) the dots in fp16, which e4m3 can widen to in one instruction per pair:
         # the queries scaled by a power of two into fp16's range (exact for bf16 values), undone on the scores
         q_max = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0),
                            tl.max(tl.max(tl.abs(q_pe.to(tl.float32)), axis=1), axis=0))
