@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
-from .kernels.fp8 import quantize_weight
+from .kernels.fp8 import BLOCK, quantize_weight
 from .parallel import SINGLE, TensorParallel, column_parallel, fuse_rows, row_parallel
 
 
@@ -78,10 +78,11 @@ class MoEGate(nn.Module):
         self.register_buffer("weight_fp32", None, persistent=False)
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, num_shared: int = 0) -> Routing:
         """Softmax scores over the routed experts, the top K of them (greedy, or among the best
         topk_group of n_group expert groups), weighted: divided by their sum with norm_topk_prob,
-        else times routed_scaling_factor."""
+        else times routed_scaling_factor. num_shared: each token's picks end with that many more, the
+        experts E, E + 1, ... at weight 1 (the shared experts stacked after the routed ones)."""
         a = self.args
         # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
         # under bf16 autocast in training.
@@ -91,10 +92,10 @@ class MoEGate(nn.Module):
         K = a.num_experts_per_tok
         renormalize = a.norm_topk_prob and K > 1
         if a.topk_method == "greedy":
-            weights, ids = self.kernels.topk_softmax(logits, K, renormalize, a.routed_scaling_factor)
+            weights, ids = self.kernels.topk_softmax(logits, K, renormalize, a.routed_scaling_factor, num_shared)
         else:
             weights, ids = self.kernels.grouped_topk_softmax(logits, K, a.n_group, a.topk_group, renormalize,
-                                                             a.routed_scaling_factor)
+                                                             a.routed_scaling_factor, num_shared)
         return Routing(logits, ids, weights)
 
     @torch.no_grad()
@@ -145,7 +146,24 @@ class RoutedExperts(nn.Module):
             setattr(self, name, nn.Parameter(value, requires_grad=False))
 
 
+@dataclass
+class ExpertStack:
+    """The routed experts with the shared experts after them, as more experts (MoE.fuse_shared_experts):
+    the fused MoE kernel's stacked weights [E + S, 2I, D] and [E + S, D, I], and their FP8 block scales."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_scale: torch.Tensor | None
+    down_scale: torch.Tensor | None
+    num_shared: int
+
+
 class MoE(nn.Module):
+    # Steps of up to this many tokens run the shared experts inside the routed experts' kernel
+    # (fuse_shared_experts); larger ones run them as their own MLP, whose dense GEMMs are faster there.
+    # TODO(measure): set from scripts/bench_fp8.py --shared-fusion on an H200
+    FUSED_SHARED_MAX_TOKENS = 512
+
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
         self.args, self.tp = args, tp
@@ -153,15 +171,59 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(args, tp)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, tp,
                                    reduce=False) if args.n_shared_experts else None)
+        self.stack: ExpertStack | None = None  # set by fuse_shared_experts
         self.last_routing: Routing | None = None  # set when record_routing is on (training)
         self.record_routing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routing = self.gate(x)
+        stack = self.stack if self.stack is not None and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS else None
+        routing = self.gate(x, stack.num_shared if stack is not None else 0)
         if self.record_routing:
-            self.last_routing = routing
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared
+            K = self.args.num_experts_per_tok  # the routed picks only
+            self.last_routing = Routing(routing.logits, routing.topk_ids[:, :K], routing.topk_weights[:, :K])
+        if stack is not None:  # routed and shared experts in one kernel
+            y = self.experts.kernels.moe(x, stack.gate_up, stack.down, routing.topk_weights, routing.topk_ids,
+                                         stack.gate_up_scale, stack.down_scale)
+        else:
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared
         return self.tp.all_reduce(y).view(shape)  # routed and shared parts of every rank, summed once
+
+    @torch.no_grad()
+    def fuse_shared_experts(self) -> None:
+        """Inference: the shared experts, an MLP of width S * I, also as S experts of width I stacked after
+        the routed ones, which every token picks at weight 1: small steps then run all experts in the
+        fused MoE's kernels, not in three more launches (two GEMMs and the activation). Same function:
+        the MLP's intermediate columns split into S groups, the down projection's partial sums added in
+        fp32 with the routed picks (rounded once to the model's dtype, not twice). The routed experts'
+        weights become views of the stack; the shared experts' weights are copied (their MLP still runs
+        steps of more than FUSED_SHARED_MAX_TOKENS tokens), S * 3 * I * D more values a layer. Only on one
+        rank (under tensor parallelism a rank holds a slice of the shared MLP, and other ranks' experts),
+        and where both are in one format: FP8 needs I a multiple of 128 (whole scale blocks per expert)."""
+        shared, experts = self.shared_experts, self.experts
+        if shared is None or self.stack is not None or self.tp.size > 1:
+            return
+        I, D = experts.down_proj.shape[2], experts.down_proj.shape[1]
+        layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        fp8 = experts.gate_up_proj_scale_inv is not None
+        if any((layer.weight_scale_inv is not None) != fp8 or layer.weight.dtype != experts.down_proj.dtype
+               or layer.bias is not None for layer in layers) or (fp8 and I % BLOCK):
+            return
+        S = shared.gate_proj.out_features // I
+
+        def as_experts(gate, up, down):  # [S I, D], [S I, D], [D, S I] (or their block scales) -> [S, 2I, D], [S, D, I]
+            return torch.cat([gate.unflatten(0, (S, -1)), up.unflatten(0, (S, -1))], 1), down.unflatten(1, (S, -1)).transpose(0, 1)
+
+        gate_up, down = as_experts(*(layer.weight for layer in layers))
+        names = [("gate_up_proj", gate_up), ("down_proj", down)]
+        if fp8:
+            gate_up_s, down_s = as_experts(*(layer.weight_scale_inv for layer in layers))
+            names += [("gate_up_proj_scale_inv", gate_up_s), ("down_proj_scale_inv", down_s)]
+        stacked = {}
+        for name, extra in names:
+            stacked[name] = torch.cat([getattr(experts, name), extra])
+            setattr(experts, name, nn.Parameter(stacked[name][:-S], requires_grad=False))
+        self.stack = ExpertStack(stacked["gate_up_proj"], stacked["down_proj"], stacked.get("gate_up_proj_scale_inv"),
+                                 stacked.get("down_proj_scale_inv"), S)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,fewrows,fp8moe,fp8acc,abtree,serve,bench; see each below)
+# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,bench;
+# see each below)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
@@ -53,6 +54,8 @@ if has abtree; then
   done
 fi
 has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
+# a whole MoE layer with the shared experts beside the routed experts' kernel and inside it (bf16, FP8)
+has moelayer && step bench-moe-layer 120 python3 scripts/bench_moe_layer.py
 # the FP8 GEMM at one row against cuBLAS bf16, with a sweep of its launch (K in pieces)
 has fewrows && step bench-few-rows 300 python3 scripts/bench_fp8.py --few-rows
 # the fused MoE with FP8 experts: default launch against a sweep, 1 to 4096 tokens

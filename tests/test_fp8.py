@@ -248,7 +248,10 @@ def test_engine_with_fp8_weights_and_cache_end_to_end():
     assert out.text.strip().startswith('"momentarily" (adverb):')
     tok = llm.tokenizer
     shared = tok.encode("The dictionary is a data structure that")
-    prompts = [shared + tok.encode(s) for s in (" maps keys", " in Python is")] + [tok.encode("A tuple")]
+    # Prompts whose greedy tokens do not sit on an e4m3 rounding edge: batch composition moves values in
+    # their last fp32 bit (CPU GEMMs sum in another order at another row count), and an FP8 quantization
+    # can turn that into a different token ("A tuple" did, at its third token, under 2e-7 noise)
+    prompts = [shared + tok.encode(s) for s in (" maps keys", " in Python is")] + [tok.encode("A list")]
     outputs = []
     for knobs in [dict(), dict(enable_prefix_caching=False, max_num_batched_tokens=8), dict(max_num_seqs=1)]:
         engine = LLMEngine(llm.engine.model, tok, EngineConfig(num_kv_blocks=64, kv_cache_dtype="fp8", **knobs))

@@ -265,6 +265,25 @@ def test_topk_softmax_matches_ref(tk, T, renormalize):
         assert_same_routing(weights, ids, *reference.topk_softmax(logits, k, renormalize, 16.0), logits, k)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_topk_softmax_appends_the_shared_experts(tk, grouped):
+    """num_shared: every token's routed picks (the same as without it), then the shared experts E, E + 1,
+    ... at weight 1, as the MoE's stack holds them after the routed experts."""
+    torch.manual_seed(3)
+    logits = rows(37, 64, torch.float32, pad=1, scale=2.0)
+    if grouped:  # the group-limited router has no kernel: the reference in both sets
+        weights, ids = reference.grouped_topk_softmax(logits, 6, 8, 3, True, 1.0, num_shared=2)
+        plain_w, plain_ids = reference.grouped_topk_softmax(logits, 6, 8, 3, True, 1.0)
+    else:
+        weights, ids = tk.router.topk_softmax(logits, 6, True, 1.0, num_shared=2)
+        plain_w, plain_ids = tk.router.topk_softmax(logits, 6, True, 1.0)
+    assert weights.shape == ids.shape == (37, 8) and ids.dtype == torch.int32
+    assert torch.equal(ids[:, :6], plain_ids) and torch.equal(weights[:, :6], plain_w)
+    assert (ids[:, 6:] == torch.tensor([64, 65], dtype=torch.int32)).all() and (weights[:, 6:] == 1).all()
+    ref_w, ref_ids = reference.topk_softmax(logits, 6, True, 1.0, num_shared=2)
+    assert torch.equal(ref_ids[:, 6:], ids[:, 6:]) and torch.equal(ref_w[:, 6:], weights[:, 6:])
+
+
 def test_topk_softmax_ties_and_infinities(tk):
     """Equal logits: the lowest expert index first; -inf logits (a masked expert) are never preferred."""
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0],

@@ -227,6 +227,45 @@ def test_fused_projections_give_the_same_logits(hf_checkpoint, name):
     assert mla.in_proj_weight is not None and mla.kv_a_proj_with_mqa.weight.data_ptr() > mla.in_proj_weight.data_ptr()
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantization):
+    """fuse_for_inference stacks the demo model's 2 shared experts after its 16 routed ones (FP8: with their
+    block scales): a small step runs all of them in one call of the MoE kernels, a large one the shared
+    MLP beside the routed experts; the layer's output is the same function either way, and the routed
+    experts' weights are views of the stack, under their checkpoint names."""
+    import dataclasses
+
+    from deepseek_v2.config import DEFAULT_MODEL
+    from deepseek_v2.moe import MoE
+
+    model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32, quantization=quantization)
+    a = model.args
+    moe = model.model.layers[1].mlp
+    x = torch.randn(9, a.hidden_size)
+    with torch.no_grad():
+        before = moe(x)
+        keys = model.state_dict().keys()
+        model.fuse_for_inference()
+        stack = moe.stack
+        assert stack is not None and stack.num_shared == a.n_shared_experts == 2
+        assert stack.gate_up.shape == (a.n_routed_experts + 2, 2 * a.moe_intermediate_size, a.hidden_size)
+        assert (stack.gate_up_scale is not None) == (quantization == "fp8")
+        assert moe.experts.gate_up_proj.data_ptr() == stack.gate_up.data_ptr()  # a view, not a copy
+        experts_called = []
+        kernels = moe.experts.kernels
+        moe.experts.kernels = dataclasses.replace(
+            kernels, moe=lambda *args, **kw: experts_called.append(args[1].shape[0]) or kernels.moe(*args, **kw))
+        moe.record_routing = True
+        fused = moe(x)
+        assert moe.last_routing.topk_ids.shape == (9, a.num_experts_per_tok)  # the routed picks only
+        monkeypatch.setattr(MoE, "FUSED_SHARED_MAX_TOKENS", 8)
+        unfused = moe(x)
+    assert experts_called == [a.n_routed_experts + 2, a.n_routed_experts]
+    assert rel_err(fused, before) < 1e-6, rel_err(fused, before)  # fp32: FP8 quantizes the same values
+    assert rel_err(unfused, before) < 1e-6
+    assert model.state_dict().keys() == keys
+
+
 def test_routers_keep_an_fp32_weight_for_inference(hf_checkpoint):
     """A bf16 model's routers multiply in fp32: after fuse_for_inference they hold that fp32 weight
     instead of casting it at every step, with the same logits and picks, and no new checkpoint name."""

@@ -153,26 +153,39 @@ def _weigh(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Te
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) if renormalize else weights * scaling
 
 
-def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool,
-                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
+                 num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy routing: scores = softmax(logits [T, E]) in fp32, the k highest picked. Returns (weights
-    [T, k] fp32, ids [T, k] int32), in descending score order."""
+    [T, k] fp32, ids [T, k] int32), in descending score order; with num_shared, [T, k + num_shared]:
+    every token's picks end with the experts E .. E + num_shared - 1 at weight 1 (the shared experts,
+    stacked after the routed ones: MoE.fuse_shared_experts)."""
     weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
-    return _weigh(weights, renormalize, scaling), ids.int()
+    return _with_shared(_weigh(weights, renormalize, scaling), ids.int(), logits.shape[-1], num_shared)
 
 
 def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group: int, renormalize: bool,
-                         scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         scaling: float = 1.0, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-limited routing (the paper's device-limited routing; official `group_limited_greedy`): the
     E experts form n_group contiguous groups; keep the topk_group groups with the highest best score,
-    then pick the k highest scores among their experts. Same outputs as topk_softmax."""
+    then pick the k highest scores among their experts. Same outputs as topk_softmax (num_shared too)."""
     scores = torch.softmax(logits.float(), dim=-1)                        # [T, E]
     grouped = scores.unflatten(-1, (n_group, -1))                         # [T, n_group, E / n_group]
     kept = torch.topk(grouped.amax(dim=-1), topk_group, dim=-1).indices   # [T, topk_group]
     group_mask = torch.zeros_like(grouped[..., 0]).scatter_(1, kept, 1.0)  # [T, n_group]
     masked = (grouped * group_mask[..., None]).flatten(1)                 # other groups' scores -> 0
     weights, ids = torch.topk(masked, k, dim=-1)
-    return _weigh(weights, renormalize, scaling), ids.int()
+    return _with_shared(_weigh(weights, renormalize, scaling), ids.int(), logits.shape[-1], num_shared)
+
+
+def _with_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                 num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k picks [T, k], then the shared experts num_experts + j at weight 1: [T, k + num_shared]."""
+    if not num_shared:
+        return weights, ids
+    T = ids.shape[0]
+    shared = torch.arange(num_experts, num_experts + num_shared, dtype=ids.dtype, device=ids.device)
+    return (torch.cat([weights, weights.new_ones(T, num_shared)], dim=1),
+            torch.cat([ids, shared.expand(T, -1)], dim=1))
 
 
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -151,6 +151,15 @@ def test_topk_softmax(E, renormalize, scaling, T):
     assert_same_routing(weights, ids, logits, 6, renormalize, scaling)
 
 
+@pytest.mark.parametrize("T", TOKENS)
+def test_topk_softmax_with_the_shared_experts(T):
+    logits = torch.randn(T, 64, device=DEVICE, generator=generator(T)).mul_(2)
+    weights, ids = topk_softmax(logits, 6, False, 1.0, num_shared=2)
+    assert_same_routing(weights[:, :6], ids[:, :6], logits, 6, False, 1.0)
+    assert (ids[:, 6:] == torch.tensor([64, 65], dtype=torch.int32, device=DEVICE)).all()
+    assert (weights[:, 6:] == 1).all()
+
+
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
 
 def capture(fn):
