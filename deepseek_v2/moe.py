@@ -87,13 +87,13 @@ class MoEGate(nn.Module):
         # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
         # under bf16 autocast in training.
         weight = self.weight.float() if self.weight_fp32 is None else self.weight_fp32
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), weight)  # [N, E]
         K = a.num_experts_per_tok
         renormalize = a.norm_topk_prob and K > 1
         if a.topk_method == "greedy":
-            weights, ids = self.kernels.topk_softmax(logits, K, renormalize, a.routed_scaling_factor, num_shared)
+            logits, weights, ids = self.kernels.route(x, weight, K, renormalize, a.routed_scaling_factor, num_shared)
         else:
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), weight)  # [N, E]
             weights, ids = self.kernels.grouped_topk_softmax(logits, K, a.n_group, a.topk_group, renormalize,
                                                              a.routed_scaling_factor, num_shared)
         return Routing(logits, ids, weights)

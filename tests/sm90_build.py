@@ -78,8 +78,8 @@ def launch_fused_kernels() -> None:
                                         torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6, cache,
                                         torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
-        for E in (64, 160):
-            router.topk_softmax(torch.empty(T, E), 6, renormalize=True)
+        for E, D in ((64, 2048), (160, 5120)):  # one launch at one token, cuBLAS and topk_softmax at 16384
+            router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2)
 
 
 FAMILIES = {
@@ -89,7 +89,8 @@ FAMILIES = {
                 (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
-               (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel")], launch_fused_kernels),
+               (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel"), (router, "_route_kernel")],
+              launch_fused_kernels),
 }
 
 

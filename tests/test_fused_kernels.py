@@ -284,6 +284,31 @@ def test_topk_softmax_appends_the_shared_experts(tk, grouped):
     assert torch.equal(ref_ids[:, 6:], ids[:, 6:]) and torch.equal(ref_w[:, 6:], weights[:, 6:])
 
 
+@pytest.mark.parametrize("T", [1, 5, 64, 65])
+def test_route_multiplies_in_fp32_and_routes(tk, T):
+    """route: the fp32 logits of bf16 x (up to 64 tokens in one launch whose last program per token
+    routes it; more through a GEMM and topk_softmax) within fp32 rounding of the reference's, and the
+    routing topk_softmax gives for them, shared experts' picks included; the arrival counts are zero after."""
+    torch.manual_seed(T)
+    for E, D, k in [(64, 2048, 6), (20, 320, 3)]:  # 320: the last program's columns partly past D
+        x = rows(T, D, torch.bfloat16, pad=3)
+        weight = torch.randn(E, D) * 0.02
+        logits, weights, ids = tk.router.route(x, weight, k, True, 1.0, num_shared=2)
+        ref_logits, *_ = reference.route(x, weight, k, True, 1.0, num_shared=2)
+        assert logits.dtype == torch.float32 and logits.shape == (T, E)
+        assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+        want_w, want_ids = reference.topk_softmax(logits, k, True, 1.0, num_shared=2)
+        assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-6, atol=0)
+    assert not tk.router._arrivals[x.device].any()
+
+
+def test_route_rejects_bad_inputs(tk):
+    x, w = torch.randn(3, 32), torch.randn(8, 32)
+    for args in [(x, w.bfloat16()), (x, w[:, :16]), (x.t(), w), (x, w.t().contiguous().t()[:, :32])]:
+        with pytest.raises(ValueError, match="route"):
+            tk.router.route(*args, 2, renormalize=True)
+
+
 def test_topk_softmax_ties_and_infinities(tk):
     """Equal logits: the lowest expert index first; -inf logits (a masked expert) are never preferred."""
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0],
@@ -314,7 +339,7 @@ def test_fused_kernels_build_for_sm90():
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("fused")
     assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
-                                              "_silu_and_mul_kernel", "_topk_softmax_kernel"}
+                                              "_silu_and_mul_kernel", "_topk_softmax_kernel", "_route_kernel"}
     assert {r["config"].get("FP8_CACHE") for r in results if r["kernel"] == "_mla_prepare_kernel"} == {"True", "False"}
     for r in results:
         assert r["shared"] <= 227 * 1024 and r["spill_bytes"] in (0, None), r

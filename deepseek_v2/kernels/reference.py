@@ -163,6 +163,15 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
     return _with_shared(_weigh(weights, renormalize, scaling), ids.int(), logits.shape[-1], num_shared)
 
 
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
+          num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy router whole: (logits [T, E] = x @ weight^T in fp32, whatever x's dtype and under
+    autocast too (the official code routes in fp32), then topk_softmax's weights and ids)."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.float(), weight.float())
+    return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared))
+
+
 def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group: int, renormalize: bool,
                          scaling: float = 1.0, num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-limited routing (the paper's device-limited routing; official `group_limited_greedy`): the

@@ -1,6 +1,7 @@
-"""The greedy MoE router's tail in one Triton launch: softmax over the experts, top-k, and the
-renormalisation (or scaling) of the k weights, and the shared experts' picks where they run as experts
-of the routed stack (MoE.fuse_shared_experts). Eager PyTorch: ~10 kernels.
+"""The greedy MoE router in Triton. topk_softmax: its tail in one launch: softmax over the experts,
+top-k, and the renormalisation (or scaling) of the k weights, and the shared experts' picks where they
+run as experts of the routed stack (MoE.fuse_shared_experts); eager PyTorch: ~10 kernels. route: for a
+few tokens (decode steps), the fp32 product x @ W^T and that tail in one launch.
 
 A program holds BLOCK_T rows of logits. The softmax is torch's: exp(l - max) with CUDA's accurate expf
 (libdevice) and an IEEE divide by the sum; only the order of the fp32 sum differs, so weights match
@@ -14,6 +15,7 @@ Letters: T tokens, E routed experts, K picks per token.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -23,15 +25,13 @@ _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 w
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scaling,
-                         K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling,
+                        K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                        RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """logits [BLOCK_T, BLOCK_E] (-inf past E and for rows past T) of the rows `rows`: softmax, the K
+    picks, their weights, and the shared experts' picks after them, stored."""
     offs_e = tl.arange(0, BLOCK_E)
-    mask_t = rows < T
-    valid = mask_t[:, None] & (offs_e < E)[None, :]                     # [BLOCK_T, BLOCK_E]
-    logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + offs_e[None, :],
-                     mask=valid, other=float("-inf"))
+    valid = mask_t[:, None] & (offs_e < E)[None, :]
     row_max = tl.max(logits, axis=1)
     row_max = tl.where(mask_t, row_max, 0.0)                            # rows past T: no inf - inf, 0 / 0
     if LIBDEVICE:  # CUDA's expf, what torch's softmax calls; the interpreter has no libdevice
@@ -41,8 +41,8 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
     scores = tl.div_rn(ex, tl.where(mask_t, tl.sum(ex, axis=1), 1.0)[:, None])
 
     offs_k = tl.arange(0, BLOCK_K)
-    weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    weights = tl.zeros([logits.shape[0], BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([logits.shape[0], BLOCK_K], dtype=tl.int32)
     free = valid                                                        # experts not picked yet
     for j in tl.static_range(K):
         best = tl.max(tl.where(free, logits, float("-inf")), axis=1)
@@ -64,6 +64,53 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
     mask = mask_t[:, None] & (offs_k < K + NUM_SHARED)[None, :]
     tl.store(weights_ptr + out, weights, mask=mask)
     tl.store(ids_ptr + out, ids, mask=mask)
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scaling,
+                         K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_t = rows < T
+    valid = mask_t[:, None] & (offs_e < E)[None, :]                     # [BLOCK_T, BLOCK_E]
+    logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + offs_e[None, :],
+                     mask=valid, other=float("-inf"))
+    _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E,
+                        RENORMALIZE, LIBDEVICE)
+
+
+@triton.jit
+def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, E, D, stride_x, scaling,
+                  SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
+    partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
+    whichever arrives last), stores the logits and routes the token."""
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for d in tl.static_range(0, SPLIT_D, BLOCK_D):
+        offs_d = s * SPLIT_D + d + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(w * x[None, :], axis=1)
+    part_ptrs = partial_ptr + t * SPLITS * BLOCK_E + offs_e
+    tl.store(part_ptrs + s * BLOCK_E, acc)
+    tl.debug_barrier()  # all of this program's stores issued before its arrival is counted (release)
+    if tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for j in tl.static_range(SPLITS):  # .cg: from L2, where the other programs' parts are
+            logits += tl.load(part_ptrs + j * BLOCK_E, cache_modifier=".cg")
+        tl.store(arrived_ptr + t, 0)  # zero again for the next launch
+        tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
+        rows = t + tl.arange(0, 1)
+        _softmax_topk_store(tl.where(mask_e, logits, float("-inf"))[None, :], rows, rows >= 0, weights_ptr, ids_ptr,
+                            E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E, RENORMALIZE, LIBDEVICE)
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
@@ -96,3 +143,44 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
             num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
         )
     return weights, ids
+
+
+ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route with topk_softmax
+_SPLIT_D = 128  # hidden columns a program of _route_kernel multiplies: V2-Lite's 2048 in 16 programs a token
+_arrivals: dict[torch.device, torch.Tensor] = {}  # per device: programs arrived, by token (zero between launches)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
+          num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy router; same contract as reference.route: (logits [T, E] fp32 = x @ weight^T in fp32,
+    weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
+    in fp32 split over the hidden size, each token routed by its last program: a decode step's router
+    was a cast, a two-kernel cuBLAS GEMV and the top-k); more tokens in cuBLAS's GEMM and topk_softmax.
+    x [T, D] bf16 / fp16 / fp32 with a contiguous last dim; weight [E, D] fp32 contiguous."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != torch.float32 \
+            or not weight.is_contiguous() or x.stride(1) != 1:
+        raise ValueError(f"route: expected x [T, D] with a contiguous last dim and weight [E, D] fp32 contiguous; got "
+                         f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    T, D = x.shape
+    E = weight.shape[0]
+    if not 0 < T <= ROUTE_MAX_TOKENS:
+        logits = F.linear(x.float(), weight)
+        return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared))
+    if not 1 <= k <= E <= _MAX_E:
+        raise ValueError(f"route: need 1 <= k <= E <= {_MAX_E}; got k={k}, E={E}")
+    arrived = _arrivals.get(x.device)
+    if arrived is None:  # allocated once (a warm-up step, before any graph capture), zero after every launch
+        arrived = _arrivals[x.device] = torch.zeros(ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
+    block_e = triton.next_power_of_2(E)
+    splits = triton.cdiv(D, _SPLIT_D)
+    partial = torch.empty(T, splits, block_e, dtype=torch.float32, device=x.device)
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    weights = torch.empty(T, k + num_shared, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, k + num_shared, dtype=torch.int32, device=x.device)
+    _route_kernel[(T, splits)](
+        x, weight, partial, arrived, logits, weights, ids, E, D, x.stride(0), scaling,
+        SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
+        K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
+        RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
+    )
+    return logits, weights, ids

@@ -26,7 +26,7 @@ from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
 from deepseek_v2.kernels import reference  # noqa: E402
-from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
+from deepseek_v2.kernels.router import route, topk_softmax  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
 
@@ -158,6 +158,27 @@ def test_topk_softmax_with_the_shared_experts(T):
     assert_same_routing(weights[:, :6], ids[:, :6], logits, 6, False, 1.0)
     assert (ids[:, 6:] == torch.tensor([64, 65], dtype=torch.int32, device=DEVICE)).all()
     assert (weights[:, 6:] == 1).all()
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65])
+@pytest.mark.parametrize("E,D", [(64, 2048), (160, 5120)])
+def test_route(E, D, T):
+    """The router in one launch (up to 64 tokens; 65: cuBLAS and topk_softmax): fp32 logits within fp32
+    rounding of cuBLAS's, and the routing of those logits, replayed from a CUDA graph 50 times on new
+    tokens (each replay's last program per token must see the other programs' parts, and leave the
+    arrival counts at zero)."""
+    g = generator(E + T)
+    x = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
+    weight = torch.randn(E, D, device=DEVICE, generator=g) * 0.02
+    graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2))
+    for _ in range(50):
+        x.normal_(generator=g)
+        graph.replay()
+        ref_logits = torch.nn.functional.linear(x.float(), weight)
+        assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+        want_w, want_ids = reference.topk_softmax(logits, 6, False, 1.0, num_shared=2)
+        assert torch.equal(ids, want_ids) and ulp_distance(weights, want_w).max() <= 8
+    assert_same_routing(weights[:, :6], ids[:, :6], ref_logits, 6, False, 1.0)
 
 
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
