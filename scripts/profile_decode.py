@@ -1,6 +1,7 @@
 """Where a decode step's time goes on the GPU, and which fused-MoE launch configs are fastest.
 
-    PYTHONPATH=. python3 scripts/profile_decode.py        (CUDA only, about a minute on an H200)
+    PYTHONPATH=. python3 scripts/profile_decode.py        (CUDA only, about a minute on an H200;
+                                                          --step-only: part 3 alone, ~25 s)
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench).
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 
 import torch
@@ -141,7 +143,7 @@ def profile_step() -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    for fn in (profile_step, sweep_mla, sweep_moe):
+    for fn in (profile_step, sweep_mla, sweep_moe)[:1 if "--step-only" in sys.argv else None]:
         t = time.perf_counter()
         try:
             fn()
