@@ -290,7 +290,7 @@ def test_fused_moe_matches_ref(tk, case):
     assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), dtype)
 
 
-@pytest.mark.parametrize("case", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5])  # 0: one token, no alignment launch
 @pytest.mark.parametrize("missing", [0.3, 1.0])
 def test_fused_moe_skips_missing_picks(tk, case, missing):
     """-1 picks (experts on another rank) add nothing; a token (or a batch) with no pick here gets
@@ -418,7 +418,7 @@ def fp8_experts(w13, w2):
     return torch.cat([g, u], 1), d, torch.cat([gs, us], 1), ds
 
 
-FP8_MOE_CASES = [1, 2, 3, 6, 7]  # MOE_CASES rows: decode, ragged K and N, bf16 64-row tier, top-6
+FP8_MOE_CASES = [0, 1, 2, 3, 6, 7]  # MOE_CASES rows: one token, decode, ragged K and N, bf16 64-row tier, top-6
 
 
 @pytest.mark.parametrize("missing", [0.0, 0.4])

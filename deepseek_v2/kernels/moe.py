@@ -16,7 +16,8 @@ arithmetic, bit for bit: quantizing inside the GEMM, once per column block, made
 bf16 at 4096 tokens), and both GEMMs step K one 128-wide block at a time and scale each block's
 product by the rows' and the weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
-With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs.
+With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs. One token
+needs no alignment: its K picks are K distinct experts, and block k is pick k (a launch fewer at batch 1).
 (torch._grouped_mm was slower at every size measured; scripts/bench_kernels.py keeps it as the baseline.)
 
 Letters: T tokens, K picks per token, E experts, D hidden size, I expert intermediate size.
@@ -120,16 +121,21 @@ def _moe_gemm_kernel(
                                # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-
-    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))   # [BLOCK_M]
+    if ONE_ROW_BLOCKS:
+        rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)           # row pid_m, then padding
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        expert = tl.where(expert < 0, num_experts, expert)                      # a -1 pick: bucket E
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))   # [BLOCK_M]
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     mask_m = rows < num_rows
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if expert == num_experts:  # picks of experts held elsewhere: no weight read, no GEMM
         if not GATE_UP:  # the final sum reads every row of the down output, so these must be zero
@@ -290,8 +296,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
-    align = moe_align(topk_ids, E, cfg["BLOCK_M"])
-    max_padded = align.sorted_ids.numel()
+    if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)
+        flat = topk_ids.reshape(-1)
+        align = MoeAlignment(flat, flat, flat)  # only expert_ids (the picks' ids) is read
+        max_padded = K * cfg["BLOCK_M"]
+    else:
+        align = moe_align(topk_ids, E, cfg["BLOCK_M"])
+        max_padded = align.sorted_ids.numel()
     weights = topk_weights.reshape(-1)
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -305,7 +316,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, **cfg,
+            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
