@@ -22,18 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from deepseek_v2.config import PRESETS  # noqa: E402
 from deepseek_v2.kernels import load_kernels  # noqa: E402
 from deepseek_v2.moe import MoE  # noqa: E402
+from scripts.bench_fp8 import graph_us  # noqa: E402
 
 DEVICE = "cuda"
 TOKENS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
 
 
 @torch.no_grad()
