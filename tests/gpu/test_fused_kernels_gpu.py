@@ -164,8 +164,9 @@ def test_topk_softmax_with_the_shared_experts(T):
 @pytest.mark.parametrize("E,D", [(64, 2048), (160, 5120)])
 def test_route(E, D, T):
     """The router in one launch (up to 64 tokens; 65: cuBLAS and topk_softmax): fp32 logits within fp32
-    rounding of cuBLAS's, and topk_softmax's routing of those logits (its weights to 2 ulps: the sum of
-    the exponentials in another order), replayed from a CUDA graph 50 times on new tokens (each
+    rounding of cuBLAS's, and topk_softmax's routing of those logits (its weights to 8 ulps: the sum of
+    the exponentials in another order where topk_softmax holds several rows a program), replayed from a
+    CUDA graph 50 times on new tokens (each
     replay's last program per token must see the other programs' parts, and leave the arrival counts
     at zero). topk_softmax against torch's softmax: test_topk_softmax."""
     g = generator(E + T)
@@ -178,7 +179,7 @@ def test_route(E, D, T):
         ref_logits = torch.nn.functional.linear(x.float(), weight)
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
         want_w, want_ids = topk_softmax(logits, 6, False, 1.0, num_shared=2)
-        assert torch.equal(ids, want_ids) and ulp_distance(weights, want_w).max() <= 2
+        assert torch.equal(ids, want_ids) and ulp_distance(weights, want_w).max() <= 8
 
 
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs
