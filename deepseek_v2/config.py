@@ -327,6 +327,10 @@ class EngineConfig:
     long_prefill_token_threshold: int = _knob(0, "the most tokens of one prompt prefilled in a step, so that a long "
                                                  "prompt goes in chunks beside the running decodes and delays "
                                                  "their tokens less; 0: as many as the step's budget leaves")
+    max_prefill_tokens_beside_decodes: int | None = _knob(
+        None, "the most prompt tokens in a step that also decodes, so that prompts arriving while others generate "
+              "delay their next tokens less; a step without decodes still takes max_num_batched_tokens (default: "
+              "no such limit; serve: 1024)")
     block_size: int = _knob(64, "tokens per cache block")
     enable_prefix_caching: bool = _knob(True, "reuse cached blocks of shared prompt prefixes")
     enforce_eager: bool = _knob(False, "no CUDA graphs")
@@ -352,7 +356,8 @@ class EngineConfig:
                                         "one scale per token: about twice the tokens)", choices=("auto", "fp8"))
 
     def __post_init__(self):
-        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_beside_decodes", "block_size",
+                    "tensor_parallel_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -4,6 +4,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from deepseek_v2.engine.block_manager import BlockManager
 from deepseek_v2.engine.scheduler import Scheduler
 from deepseek_v2.engine.sequence import Sequence, SequenceStatus
@@ -150,6 +152,35 @@ def test_long_prefill_token_threshold_chunks_each_prompt_beside_the_others():
     out = s.schedule()
     assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(running, 1), (long, 3), (short, 1)]
     assert out.scheduled[1].samples
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_prompt_tokens_beside_decodes_are_capped(ahead):
+    """max_prefill_tokens_beside_decodes: a step that also decodes takes at most this many prompt tokens
+    in all (chunks of running prompts, then admissions; the rest wait), while a step without decodes
+    takes the whole budget; a step launched ahead caps them alike."""
+    bm = BlockManager(32, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32, max_prefill_tokens_beside_decodes=6)
+    first, second, third = Sequence(list(range(10, 30))), Sequence(list(range(40, 44))), Sequence([5, 6, 7])
+    s.add(first)
+    s.add(second)
+    out = s.schedule()  # no decodes yet: the whole budget
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(first, 20), (second, 4)]
+    finish_step(out)
+    long = Sequence(list(range(50, 60)))
+    s.add(long)
+    s.add(third)
+    in_flight = s.schedule()
+    if ahead:
+        flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
+        following = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
+        finish_step(in_flight)
+    else:
+        finish_step(in_flight)
+        following = s.schedule()
+    # beside the two decodes: long's first 6 tokens; then its last 4 and 2 of the third prompt
+    assert [(i.seq, i.num_new_tokens) for i in in_flight.scheduled] == [(first, 1), (second, 1), (long, 6)]
+    assert [(i.seq, i.num_new_tokens) for i in following.scheduled] == [(first, 1), (second, 1), (long, 4), (third, 2)]
 
 
 def test_schedule_ahead_is_the_next_schedule_with_the_step_in_flight_not_yet_counted():

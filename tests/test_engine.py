@@ -45,6 +45,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     dict(enable_prefix_caching=False),
     dict(max_num_batched_tokens=5),  # forces chunked prefill
     dict(long_prefill_token_threshold=7),  # chunks of each prompt beside the others and the decodes
+    dict(max_num_batched_tokens=20, max_prefill_tokens_beside_decodes=6),  # prompts capped beside decodes
     dict(max_num_seqs=2),
 ])
 def test_batched_greedy_equals_transformers(setup, knobs):
@@ -510,7 +511,8 @@ def random_traffic(seed: int):
     rng = random.Random(seed)
     knobs = dict(block_size=8, num_kv_blocks=rng.choice([24, 64, 200]), max_num_batched_tokens=rng.choice([16, 40, 512]),
                  max_num_seqs=rng.choice([2, 4, 16]), max_model_len=rng.choice([96, 192]),
-                 long_prefill_token_threshold=rng.choice([0, 0, 12]))
+                 long_prefill_token_threshold=rng.choice([0, 0, 12]),
+                 max_prefill_tokens_beside_decodes=rng.choice([None, None, 10]))
     shared = [rng.randrange(10, 4000) for _ in range(24)]
     plan: dict[int, list] = {}
     for i in range(rng.randint(4, 10)):

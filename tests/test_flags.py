@@ -21,6 +21,7 @@ GIVEN = {
     "max_num_seqs": (["--max-num-seqs", "512"], 512),
     "max_num_batched_tokens": (["--max-num-batched-tokens", "2048"], 2048),
     "long_prefill_token_threshold": (["--long-prefill-token-threshold", "512"], 512),
+    "max_prefill_tokens_beside_decodes": (["--max-prefill-tokens-beside-decodes", "512"], 512),
     "block_size": (["--block-size", "16"], 16),
     "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
     "enforce_eager": (["--enforce-eager"], True),
@@ -71,7 +72,9 @@ def test_every_field_is_a_flag_under_the_engine_heading(command, capsys):
 
 @pytest.mark.parametrize("command", ["demo", "generate", "chat", "serve"])
 def test_no_flags_give_the_dataclass_defaults(command):
-    assert config(command) == EngineConfig()
+    # serve's one override: served traffic's prompts are capped beside running decodes (server/cli.py)
+    serve = dict(max_prefill_tokens_beside_decodes=1024) if command == "serve" else {}
+    assert config(command) == EngineConfig(**serve)
     args = parse(command)
     assert (args.model, args.dtype, args.device) == (None, "auto", None)
 

@@ -131,7 +131,7 @@ class LLMEngine(RequestChecks):
             self.max_model_len = fit
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, config.max_prefill_tokens_beside_decodes)
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0  # totals for metrics
         self.num_generation_tokens = 0

@@ -53,14 +53,18 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0):
+                 long_prefill_token_threshold: int = 0, max_prefill_tokens_beside_decodes: int | None = None):
         """long_prefill_token_threshold: the most prompt tokens of one sequence in a step (0: no limit
         but the budget), so that a long prompt is prefilled in chunks beside the running decodes
-        instead of one long step that delays all their tokens (vLLM's knob of that name)."""
+        instead of one long step that delays all their tokens (vLLM's knob of that name).
+        max_prefill_tokens_beside_decodes: the most prompt tokens of all sequences in a step that also
+        decodes (None: the budget): a step's time grows with its prompt tokens, and each of its decodes
+        waits that long for its next token; a step without decodes still takes the whole budget."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
+        self.max_prefill_beside_decodes = max_prefill_tokens_beside_decodes or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -72,9 +76,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _prompt_budget(self, decodes: bool) -> int:
+        """The most prompt tokens of a step, with or without decodes in it."""
+        return self.max_prefill_beside_decodes if decodes else self.max_num_batched_tokens
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prompt_budget = self._prompt_budget(any(seq.num_uncomputed_tokens == 1 for seq in self.running))
         bm = self.block_manager
 
         # 1. Running sequences first, oldest first, preempting the newest when the cache is full.
@@ -82,6 +91,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget, self.max_chunk)
+            if n > 1:  # a prompt's chunk
+                n = min(n, prompt_budget)
+                if n == 0:
+                    i += 1
+                    continue
+                prompt_budget -= n
             while not bm.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -97,7 +112,7 @@ class Scheduler:
 
         # 2. Then waiting sequences in arrival order, unless this step already had to preempt.
         if not out.preempted:
-            out.scheduled += self.admit(budget)
+            out.scheduled += self.admit(min(budget, prompt_budget))
         return out
 
     def schedule_ahead(self, in_flight: dict[int, tuple[int, bool]], ends: Callable[[Sequence, int], bool],
@@ -116,6 +131,7 @@ class Scheduler:
         if len(in_flight) != len(self.running):
             return None
         budget, following = self.max_num_batched_tokens, []
+        prompt_budget = self._prompt_budget(any(in_flight.get(id(seq), (0, False))[1] for seq in self.running))
         for seq in self.running:
             if budget == 0:
                 break
@@ -129,6 +145,11 @@ class Scheduler:
                 n = 1
             else:
                 n = min(seq.num_tokens - done, budget, self.max_chunk)
+                if n > 1:  # a prompt's chunk
+                    n = min(n, prompt_budget)
+                    if n == 0:
+                        continue
+                    prompt_budget -= n
             following.append(ScheduledSequence(seq, n, ahead=computed))
             budget -= n
         bm = self.block_manager
@@ -143,7 +164,7 @@ class Scheduler:
         # here, and any step that reads them runs after it on the device.
         for seq in self.running:
             bm.commit(seq, seq.num_computed_tokens + in_flight[id(seq)][0])
-        return SchedulerOutput(following + self.admit(budget, eligible))
+        return SchedulerOutput(following + self.admit(min(budget, prompt_budget), eligible))
 
     def admit(self, budget: int, eligible: Callable[[Sequence], bool] | None = None) -> list[ScheduledSequence]:
         """Admit waiting sequences in arrival order, each with its first chunk, while the token budget,
