@@ -101,7 +101,7 @@ if has serve; then
   # the variants, or before them and again after them with ALT_FIRST=1 (the first server of a call
   # has measured slower all at once: docs/benchmarks.md, "Mixed steps")
   [ -n "${ALT_TREE:-}" ] && [ -n "${ALT_FIRST:-}" ] && TREE=$ALT_TREE serve_once alt-first
-  IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;budget-4096:--max-num-batched-tokens 4096}"
+  IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;no-cap:--max-prefill-tokens-beside-decodes 16384}"
   for v in "${variants[@]}"; do
     read -ra flags <<< "${v#*:}"
     serve_once "${v%%:*}" "${flags[@]}"
