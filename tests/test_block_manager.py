@@ -109,6 +109,20 @@ def finish_step(sched_out):
             item.seq.output_token_ids.append(7)
 
 
+def following_step(s: Scheduler, in_flight, ahead: bool):
+    """The step after in_flight, as the engine makes it: launched ahead of its tokens (schedule_ahead),
+    or once they are counted and its full blocks cached (schedule)."""
+    if ahead:
+        flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
+        out = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
+        finish_step(in_flight)
+        return out
+    finish_step(in_flight)
+    for item in in_flight.scheduled:
+        s.block_manager.commit(item.seq)
+    return s.schedule()
+
+
 def test_budgets_and_chunked_prefill():
     s, bm = make_scheduler(max_tokens=10, max_num_seqs=2)
     seqs = [Sequence(list(range(25))), Sequence(list(range(100, 103))), Sequence([5, 6])]
@@ -171,13 +185,7 @@ def test_prompt_tokens_beside_decodes_are_capped(ahead):
     s.add(long)
     s.add(third)
     in_flight = s.schedule()
-    if ahead:
-        flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
-        following = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
-        finish_step(in_flight)
-    else:
-        finish_step(in_flight)
-        following = s.schedule()
+    following = following_step(s, in_flight, ahead)
     # beside the two decodes: long's first 6 tokens; then its last 4 and 2 of the third prompt
     assert [(i.seq, i.num_new_tokens) for i in in_flight.scheduled] == [(first, 1), (second, 1), (long, 6)]
     assert [(i.seq, i.num_new_tokens) for i in following.scheduled] == [(first, 1), (second, 1), (long, 4), (third, 2)]
@@ -228,14 +236,7 @@ def test_an_admission_ahead_hits_the_blocks_the_step_in_flight_fills():
         s.add(first)
         in_flight = s.schedule()  # first's first chunk: 12 tokens, three full blocks
         s.add(second)
-        if ahead:
-            flight = {id(i.seq): (i.num_new_tokens, i.samples) for i in in_flight.scheduled}
-            out = s.schedule_ahead(flight, lambda seq, position: False, lambda seq: True)
-            finish_step(in_flight)
-        else:
-            finish_step(in_flight)
-            bm.commit(first)
-            out = s.schedule()
+        out = following_step(s, in_flight, ahead)
         steps.append([(i.seq is first, i.num_new_tokens) for i in out.scheduled])
         assert second.num_computed_tokens == 12 and second.block_table[:3] == first.block_table[:3]
     assert steps[0] == steps[1] == [(True, 8), (False, 4)]
