@@ -214,8 +214,10 @@ class MoE(nn.Module):
             return
         S = shared.gate_proj.out_features // I
 
-        def as_experts(gate, up, down):  # [S I, D], [S I, D], [D, S I] (or their block scales) -> [S, 2I, D], [S, D, I]
-            return torch.cat([gate.unflatten(0, (S, -1)), up.unflatten(0, (S, -1))], 1), down.unflatten(1, (S, -1)).transpose(0, 1)
+        def as_experts(gate, up, down):
+            """[S I, D], [S I, D], [D, S I] (or their block scales) -> [S, 2I, D], [S, D, I]."""
+            gate_up = torch.cat([gate.unflatten(0, (S, -1)), up.unflatten(0, (S, -1))], 1)
+            return gate_up, down.unflatten(1, (S, -1)).transpose(0, 1)
 
         gate_up, down = as_experts(*(layer.weight for layer in layers))
         names = [("gate_up_proj", gate_up), ("down_proj", down)]
@@ -226,5 +228,5 @@ class MoE(nn.Module):
         for name, extra in names:
             stacked[name] = torch.cat([getattr(experts, name), extra])
             setattr(experts, name, nn.Parameter(stacked[name][:-S], requires_grad=False))
-        self.stack = ExpertStack(stacked["gate_up_proj"], stacked["down_proj"], stacked.get("gate_up_proj_scale_inv"),
-                                 stacked.get("down_proj_scale_inv"), S)
+        self.stack = ExpertStack(stacked["gate_up_proj"], stacked["down_proj"],
+                                 stacked.get("gate_up_proj_scale_inv"), stacked.get("down_proj_scale_inv"), S)
