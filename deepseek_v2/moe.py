@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
@@ -88,14 +87,9 @@ class MoEGate(nn.Module):
         # under bf16 autocast in training.
         weight = self.weight.float() if self.weight_fp32 is None else self.weight_fp32
         K = a.num_experts_per_tok
-        renormalize = a.norm_topk_prob and K > 1
-        if a.topk_method == "greedy":
-            logits, weights, ids = self.kernels.route(x, weight, K, renormalize, a.routed_scaling_factor, num_shared)
-        else:
-            with torch.autocast(x.device.type, enabled=False):
-                logits = F.linear(x.float(), weight)  # [N, E]
-            weights, ids = self.kernels.grouped_topk_softmax(logits, K, a.n_group, a.topk_group, renormalize,
-                                                             a.routed_scaling_factor, num_shared)
+        groups = None if a.topk_method == "greedy" else (a.n_group, a.topk_group)
+        logits, weights, ids = self.kernels.route(x, weight, K, a.norm_topk_prob and K > 1, a.routed_scaling_factor,
+                                                  num_shared, groups)
         return Routing(logits, ids, weights)
 
     @torch.no_grad()

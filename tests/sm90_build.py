@@ -78,8 +78,11 @@ def launch_fused_kernels() -> None:
                                         torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6, cache,
                                         torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
-        for E, D in ((64, 2048), (160, 5120)):  # one launch at one token, cuBLAS and topk_softmax at 16384
-            router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2)
+        # V2-Lite's greedy router, V2's group-limited one: one launch at one token, cuBLAS and topk_softmax at 16384
+        router.GROUPED_IN_KERNEL = True  # built here whether or not route() takes it yet
+        for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
+            router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
+                         groups=groups)
 
 
 FAMILIES = {

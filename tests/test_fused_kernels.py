@@ -240,12 +240,14 @@ def test_silu_and_mul_rejects_bad_inputs(tk):
 
 # ---------------------------------------------------------------- topk_softmax
 
-def assert_same_routing(weights, ids, ref_weights, ref_ids, logits, k):
-    """Same expert sets where torch's k-th and (k+1)-th scores differ; the weights of equal sets,
-    matched by expert id, within 8 fp32 ulps."""
+def assert_same_routing(weights, ids, ref_weights, ref_ids, logits, k, require_decided=True):
+    """Same expert sets where torch's k-th and (k+1)-th scores differ (every row with require_decided
+    False: group-limited routing, whose k-th and (k+1)-th of all scores say nothing); the weights of equal
+    sets, matched by expert id, within 8 fp32 ulps."""
     assert weights.shape == ref_weights.shape and ids.dtype == torch.int32 and weights.dtype == torch.float32
     scores = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values
     decided = scores[:, k - 1] > scores[:, k] if k < logits.shape[1] else torch.ones(len(logits), dtype=torch.bool)
+    decided |= not require_decided
     for t in range(len(logits)):
         if not decided[t]:
             continue
@@ -271,17 +273,38 @@ def test_topk_softmax_appends_the_shared_experts(tk, grouped):
     ... at weight 1, as the MoE's stack holds them after the routed experts."""
     torch.manual_seed(3)
     logits = rows(37, 64, torch.float32, pad=1, scale=2.0)
-    if grouped:  # the group-limited router has no kernel: the reference in both sets
-        weights, ids = reference.grouped_topk_softmax(logits, 6, 8, 3, True, 1.0, num_shared=2)
-        plain_w, plain_ids = reference.grouped_topk_softmax(logits, 6, 8, 3, True, 1.0)
-    else:
-        weights, ids = tk.router.topk_softmax(logits, 6, True, 1.0, num_shared=2)
-        plain_w, plain_ids = tk.router.topk_softmax(logits, 6, True, 1.0)
+    groups = (8, 3) if grouped else None
+    weights, ids = tk.router.topk_softmax(logits, 6, True, 1.0, num_shared=2, groups=groups)
+    plain_w, plain_ids = tk.router.topk_softmax(logits, 6, True, 1.0, groups=groups)
     assert weights.shape == ids.shape == (37, 8) and ids.dtype == torch.int32
     assert torch.equal(ids[:, :6], plain_ids) and torch.equal(weights[:, :6], plain_w)
     assert (ids[:, 6:] == torch.tensor([64, 65], dtype=torch.int32)).all() and (weights[:, 6:] == 1).all()
     ref_w, ref_ids = reference.topk_softmax(logits, 6, True, 1.0, num_shared=2)
     assert torch.equal(ref_ids[:, 6:], ids[:, 6:]) and torch.equal(ref_w[:, 6:], weights[:, 6:])
+
+
+@pytest.mark.parametrize("T", [1, 5, 37])
+def test_group_limited_topk_softmax_matches_ref(tk, T, monkeypatch):
+    """Group-limited routing (V2's: 160 experts in 8 groups, the best 3 kept, 6 picks; and 64 in 4, 2
+    kept): the same experts as reference.grouped_topk_softmax, weights within 8 fp32 ulps, in the
+    kernel alone and in route's one launch."""
+    torch.manual_seed(40 + T)
+    monkeypatch.setattr(tk.router, "GROUPED_IN_KERNEL", True)  # route's kernel, not its fallback
+    for E, n_group, topk_group, k in [(160, 8, 3, 6), (64, 4, 2, 6)]:
+        logits = rows(T, E, torch.float32, scale=2.0)
+        want_w, want_ids = reference.grouped_topk_softmax(logits, k, n_group, topk_group, False, 16.0)
+        weights, ids = tk.router.topk_softmax(logits, k, False, 16.0, groups=(n_group, topk_group))
+        assert_same_routing(weights, ids, want_w, want_ids, logits, k, require_decided=False)
+        # the picks lie in the kept groups only: not the greedy top k (else the test would not tell)
+        greedy_ids = reference.topk_softmax(logits, k, False, 16.0)[1]
+        if T == 37:
+            assert not torch.equal(ids.sort(dim=1).values, greedy_ids.sort(dim=1).values)
+        x, weight = rows(T, 256, torch.bfloat16), torch.randn(E, 256) * 0.05
+        logits, weights, ids = tk.router.route(x, weight, k, True, 1.0, groups=(n_group, topk_group))
+        want_w, want_ids = reference.grouped_topk_softmax(logits, k, n_group, topk_group, True, 1.0)
+        assert_same_routing(weights, ids, want_w, want_ids, logits, k, require_decided=False)
+    with pytest.raises(ValueError, match="n_group"):
+        tk.router.topk_softmax(torch.randn(3, 160), 6, True, groups=(7, 3))  # 160 is not 7 whole groups
 
 
 @pytest.mark.parametrize("T", [1, 5, 64, 65])

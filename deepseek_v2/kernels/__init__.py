@@ -30,15 +30,13 @@ class Kernels:
     prefill_attention: Callable    # causal attention of the step's prefill sequences, packed
     mla_decode: Callable           # absorbed MLA decode over the paged latent cache
     silu_and_mul: Callable         # SwiGLU's activation
-    route: Callable                # greedy routing: the router's fp32 product and its top-k
-    grouped_topk_softmax: Callable  # group-limited routing
+    route: Callable                # routing (greedy or group-limited): the router's fp32 product and its top-k
     moe: Callable                  # the routed experts (with the shared experts' output added)
 
 
 REFERENCE = Kernels("reference", reference.linear, reference.rms_norm, reference.mla_prepare,
                     reference.gather_latents, reference.prefill_attention, reference.mla_decode,
-                    reference.silu_and_mul, reference.route, reference.grouped_topk_softmax,
-                    reference.moe)
+                    reference.silu_and_mul, reference.route, reference.moe)
 
 
 def load_kernels(name: str) -> Kernels:
@@ -51,6 +49,4 @@ def load_kernels(name: str) -> Kernels:
     return Kernels("triton", fp8_linear.linear, norm.rms_norm, mla_prepare.mla_prepare,
                    reference.gather_latents,  # an indexing copy (and a dequantize), no kernel of its own
                    prefill.prefill_attention, mla_decode.mla_decode,
-                   activation.silu_and_mul, router.route,
-                   reference.grouped_topk_softmax,  # no kernel yet: V2's group-limited router runs eagerly
-                   moe.fused_moe)
+                   activation.silu_and_mul, router.route, moe.fused_moe)

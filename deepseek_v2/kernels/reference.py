@@ -164,12 +164,16 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
-          num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The greedy router whole: (logits [T, E] = x @ weight^T in fp32, whatever x's dtype and under
-    autocast too (the official code routes in fp32), then topk_softmax's weights and ids)."""
+          num_shared: int = 0,
+          groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router whole: (logits [T, E] = x @ weight^T in fp32, whatever x's dtype and under autocast
+    too (the official code routes in fp32), then topk_softmax's weights and ids, or with groups =
+    (n_group, topk_group) grouped_topk_softmax's)."""
     with torch.autocast(x.device.type, enabled=False):
         logits = F.linear(x.float(), weight.float())
-    return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared))
+    if groups is None:
+        return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared))
+    return (logits, *grouped_topk_softmax(logits, k, *groups, renormalize, scaling, num_shared))
 
 
 def grouped_topk_softmax(logits: torch.Tensor, k: int, n_group: int, topk_group: int, renormalize: bool,

@@ -1,7 +1,8 @@
-"""The greedy MoE router in Triton. topk_softmax: its tail in one launch: softmax over the experts,
-top-k, and the renormalisation (or scaling) of the k weights, and the shared experts' picks where they
-run as experts of the routed stack (MoE.fuse_shared_experts); eager PyTorch: ~10 kernels. route: for a
-few tokens (decode steps), the fp32 product x @ W^T and that tail in one launch.
+"""The MoE router in Triton, greedy or group-limited (DeepSeek-V2's device-limited routing).
+topk_softmax: its tail in one launch: softmax over the experts, the groups kept, top-k, and the
+renormalisation (or scaling) of the k weights, and the shared experts' picks where they run as experts
+of the routed stack (MoE.fuse_shared_experts); eager PyTorch: ~10 kernels. route: for a few tokens
+(decode steps), the fp32 product x @ W^T and that tail in one launch.
 
 A program holds BLOCK_T rows of logits. The softmax is torch's: exp(l - max) with CUDA's accurate expf
 (libdevice) and an IEEE divide by the sum; only the order of the fp32 sum differs, so weights match
@@ -20,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import reference
+
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
 
@@ -27,9 +30,11 @@ _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 w
 @triton.jit
 def _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling,
                         K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                        RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+                        RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
+                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
     """logits [BLOCK_T, BLOCK_E] (-inf past E and for rows past T) of the rows `rows`: softmax, the K
-    picks, their weights, and the shared experts' picks after them, stored."""
+    picks (with N_GROUP > 1, among the experts of the TOPK_GROUP groups of E / N_GROUP contiguous
+    experts with the highest best score), their weights, and the shared experts' picks after them, stored."""
     offs_e = tl.arange(0, BLOCK_E)
     valid = mask_t[:, None] & (offs_e < E)[None, :]
     row_max = tl.max(logits, axis=1)
@@ -44,6 +49,22 @@ def _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling,
     weights = tl.zeros([logits.shape[0], BLOCK_K], dtype=tl.float32)
     ids = tl.zeros([logits.shape[0], BLOCK_K], dtype=tl.int32)
     free = valid                                                        # experts not picked yet
+    if N_GROUP > 1:  # group-limited: only the experts of the TOPK_GROUP best groups stay free
+        group = offs_e // (E // N_GROUP)
+        group_best = tl.full(logits.shape, float("-inf"), dtype=tl.float32)  # each expert's group's best logit
+        for g in tl.static_range(N_GROUP):
+            in_group = valid & (group == g)[None, :]
+            best_g = tl.max(tl.where(in_group, logits, float("-inf")), axis=1)
+            group_best = tl.where(in_group, best_g[:, None], group_best)
+        open_groups = valid
+        kept = offs_e[None, :] < 0                                      # all False
+        for j in tl.static_range(TOPK_GROUP):
+            best = tl.max(tl.where(open_groups, group_best, float("-inf")), axis=1)
+            pick = tl.min(tl.where(open_groups & (group_best == best[:, None]), group[None, :], N_GROUP), axis=1)
+            chosen = group[None, :] == pick[:, None]                    # ties: the lowest group
+            kept = kept | chosen
+            open_groups = open_groups & ~chosen
+        free = valid & kept
     for j in tl.static_range(K):
         best = tl.max(tl.where(free, logits, float("-inf")), axis=1)
         hit = free & (logits == best[:, None])
@@ -69,7 +90,8 @@ def _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling,
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scaling,
                          K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+                         BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
+                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
     mask_t = rows < T
@@ -77,14 +99,14 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
     logits = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + offs_e[None, :],
                      mask=valid, other=float("-inf"))
     _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E,
-                        RENORMALIZE, LIBDEVICE)
+                        RENORMALIZE, LIBDEVICE, N_GROUP, TOPK_GROUP)
 
 
 @triton.jit
 def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, E, D, stride_x, scaling,
                   SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
                   K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
     """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
     partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
     whichever arrives last), stores the logits and routes the token."""
@@ -110,18 +132,31 @@ def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_pt
         tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
         rows = t + tl.arange(0, 1)
         _softmax_topk_store(tl.where(mask_e, logits, float("-inf"))[None, :], rows, rows >= 0, weights_ptr, ids_ptr,
-                            E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E, RENORMALIZE, LIBDEVICE)
+                            E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E, RENORMALIZE, LIBDEVICE, N_GROUP, TOPK_GROUP)
+
+
+def _check_groups(name: str, E: int, k: int, groups: tuple[int, int] | None) -> tuple[int, int]:
+    """(n_group, topk_group): (1, 1) for greedy routing; group-limited needs E in whole groups and k
+    experts in the kept groups."""
+    if groups is None:
+        return 1, 1
+    n_group, topk_group = groups
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or k > topk_group * (E // n_group):
+        raise ValueError(f"{name}: need E = {E} in n_group whole groups and k = {k} <= topk_group x E / n_group; "
+                         f"got n_group={n_group}, topk_group={topk_group}")
+    return n_group, topk_group
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
-                 num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_shared: int = 0, groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy top-k routing; same contract as reference.topk_softmax.
 
     logits [T, E] fp32 (last dim contiguous, E <= 1024). scores = softmax(logits); returns weights [T, k]
     fp32 (the picked scores / (their sum + 1e-20) if renormalize, else times scaling) and ids [T, k]
     int32, each row in descending score order (ties: lowest expert first); with num_shared, [T, k +
-    num_shared], each row ending with the shared experts E .. E + num_shared - 1 at weight 1. No host
-    synchronisation.
+    num_shared], each row ending with the shared experts E .. E + num_shared - 1 at weight 1. groups
+    (n_group, topk_group): group-limited routing, as reference.grouped_topk_softmax (ties between
+    groups: the lowest). No host synchronisation.
     """
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"topk_softmax: expected fp32 logits [T, E]; got {tuple(logits.shape)} {logits.dtype}")
@@ -130,6 +165,7 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
         raise ValueError(f"topk_softmax: need 1 <= k <= E <= {_MAX_E}; got k={k}, E={E}")
     if logits.stride(1) != 1:
         raise ValueError("topk_softmax: logits need a contiguous last dim")
+    n_group, topk_group = _check_groups("topk_softmax", E, k, groups)
     weights = torch.empty(T, k + num_shared, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, k + num_shared, dtype=torch.int32, device=logits.device)
     if T > 0:
@@ -139,20 +175,24 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
             logits, weights, ids, T, E, logits.stride(0), scaling,
             K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_T=block_t,
             BLOCK_E=block_e,
-            RENORMALIZE=renormalize, LIBDEVICE=logits.is_cuda,
+            RENORMALIZE=renormalize, LIBDEVICE=logits.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
             num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
         )
     return weights, ids
 
 
 ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route with topk_softmax
+# Group-limited routing in the kernels above: interpreter-tested and built for sm_90, not yet run on a
+# GPU, so route() gives it to the reference (cuBLAS and PyTorch) until tests/gpu has passed with it on.
+GROUPED_IN_KERNEL = False
 _SPLIT_D = 128  # hidden columns a program of _route_kernel multiplies: V2-Lite's 2048 in 16 programs a token
 _arrivals: dict[torch.device, torch.Tensor] = {}  # per device: programs arrived, by token (zero between launches)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
-          num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The greedy router; same contract as reference.route: (logits [T, E] fp32 = x @ weight^T in fp32,
+          num_shared: int = 0,
+          groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router (greedy, or group-limited with groups); same contract as reference.route: (logits [T, E] fp32 = x @ weight^T in fp32,
     weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
     in fp32 split over the hidden size, each token routed by its last program: a decode step's router
     was a cast, a two-kernel cuBLAS GEMV and the top-k); more tokens in cuBLAS's GEMM and topk_softmax.
@@ -163,11 +203,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
                          f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
     T, D = x.shape
     E = weight.shape[0]
+    if groups is not None and not GROUPED_IN_KERNEL:
+        return reference.route(x, weight, k, renormalize, scaling, num_shared, groups)
     if not 0 < T <= ROUTE_MAX_TOKENS:
         logits = F.linear(x.float(), weight)
-        return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared))
+        return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared, groups))
     if not 1 <= k <= E <= _MAX_E:
         raise ValueError(f"route: need 1 <= k <= E <= {_MAX_E}; got k={k}, E={E}")
+    n_group, topk_group = _check_groups("route", E, k, groups)
     arrived = _arrivals.get(x.device)
     if arrived is None:  # allocated once (a warm-up step, before any graph capture), zero after every launch
         arrived = _arrivals[x.device] = torch.zeros(ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
@@ -181,6 +224,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
         x, weight, partial, arrived, logits, weights, ids, E, D, x.stride(0), scaling,
         SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
         K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
-        RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
+        RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
+        num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
     )
     return logits, weights, ids

@@ -26,6 +26,7 @@ from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
 from deepseek_v2.kernels import reference  # noqa: E402
+from deepseek_v2.kernels import router  # noqa: E402
 from deepseek_v2.kernels.router import route, topk_softmax  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
@@ -160,9 +161,21 @@ def test_topk_softmax_with_the_shared_experts(T):
     assert (weights[:, 6:] == 1).all()
 
 
+@pytest.mark.parametrize("T", [1, 7, 256])
+def test_group_limited_topk_softmax(T):
+    """V2's routing (160 experts, the best 3 of 8 groups kept, 6 picks) against the reference."""
+    logits = torch.randn(T, 160, device=DEVICE, generator=generator(T)).mul_(2)
+    weights, ids = topk_softmax(logits, 6, False, 16.0, groups=(8, 3))
+    want_w, want_ids = reference.grouped_topk_softmax(logits, 6, 8, 3, False, 16.0)
+    ids_sorted, order = ids.sort(dim=-1)
+    want_sorted, want_order = want_ids.sort(dim=-1)
+    assert torch.equal(ids_sorted, want_sorted)
+    assert ulp_distance(weights.gather(1, order), want_w.gather(1, want_order)).max() <= 16
+
+
 @pytest.mark.parametrize("T", [1, 7, 64, 65])
 @pytest.mark.parametrize("E,D", [(64, 2048), (160, 5120)])
-def test_route(E, D, T):
+def test_route(E, D, T, monkeypatch):
     """The router in one launch (up to 64 tokens; 65: cuBLAS and topk_softmax): fp32 logits within fp32
     rounding of cuBLAS's, and topk_softmax's routing of those logits (its weights to 8 ulps: the sum of
     the exponentials in another order where topk_softmax holds several rows a program), replayed from a
@@ -172,13 +185,15 @@ def test_route(E, D, T):
     g = generator(E + T)
     x = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
     weight = torch.randn(E, D, device=DEVICE, generator=g) * 0.02
-    graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2))
+    groups = (8, 3) if E == 160 else None  # V2's group-limited routing; V2-Lite's greedy
+    monkeypatch.setattr(router, "GROUPED_IN_KERNEL", True)  # the kernel, not the reference's fallback
+    graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2, groups=groups))
     for _ in range(50):
         x.normal_(generator=g)
         graph.replay()
         ref_logits = torch.nn.functional.linear(x.float(), weight)
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
-        want_w, want_ids = topk_softmax(logits, 6, False, 1.0, num_shared=2)
+        want_w, want_ids = topk_softmax(logits, 6, False, 1.0, num_shared=2, groups=groups)
         assert torch.equal(ids, want_ids) and ulp_distance(weights, want_w).max() <= 8
 
 
