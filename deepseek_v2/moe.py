@@ -5,6 +5,9 @@ Routed expert weights are stacked at load time: `experts.gate_up_proj [E, 2I, D]
 each expert's gate_proj, rows I..2I-1 its up_proj) and `experts.down_proj [E, D, I]`, and in FP8
 their block scales likewise (`gate_up_proj_scale_inv`: the gate_proj's block rows, then the
 up_proj's). The checkpoint keeps one tensor per expert; checkpoint.py stacks and unstacks them.
+For inference on one rank the shared experts are also stacked after the routed ones, as S more
+experts of width I that every token picks at weight 1 (MoE.fuse_shared_experts): small steps run
+all of them in one call of the fused MoE kernels.
 
 Under tensor parallelism (parallel.py) a rank holds a contiguous range of the routed experts whole,
 and its columns of the shared experts and dense MLPs; the MoE layer sums its routed and shared parts
