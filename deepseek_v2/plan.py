@@ -170,6 +170,10 @@ def activation_terms(args: ModelArgs, tensor_parallel_size: int, config: EngineC
         "logits": N * a.vocab_size * (2 * b + SAMPLER_BYTES_PER_LOGIT),
         "fixed": (CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK_BYTES + (0 if config.enforce_eager else CUDA_GRAPH_BYTES)
                   + (NCCL_BYTES if tp > 1 else 0)),
+        # on one rank, the shared experts' copy stacked after the routed experts for small steps
+        # (MoE.fuse_shared_experts), in the activations' dtype (FP8 weights hold about half of it)
+        "shared_experts_stacked": (3 * D * a.moe_intermediate_size * (a.n_shared_experts or 0) * b
+                                   * sum(a.is_moe_layer(i) for i in range(a.num_hidden_layers)) if tp == 1 else 0),
     }
 
 

@@ -88,9 +88,11 @@ def test_activation_terms_by_hand():
         "ffn": 16 * 2 * (2 * 3 + 4) * 2 + 16 * 5 * 4 + 16 * 4 * 4 + 16 * 2 * 2 * 2,  # MoE > dense 16*2*3*2
         "logits": 4 * 10 * (2 * 2 + 40),
         "fixed": 3 * GiB,  # CUDA context, allocator slack, NCCL; no graphs under enforce_eager
+        "shared_experts_stacked": 0,  # a rank's slice of the shared experts is not stacked
     }
     one_rank = activation_terms(SMALL, 1, EngineConfig(max_num_batched_tokens=16, max_num_seqs=4), max_model_len=64, bytes_per_value=2)
     assert one_rank["fixed"] == 3 * GiB  # with graphs, without NCCL
+    assert one_rank["shared_experts_stacked"] == 2 * 3 * 4 * 3 * 2  # 2 MoE layers x gate, up, down of 4 x 3, bf16
 
 
 def test_cache_left_over_by_hand():
