@@ -149,7 +149,7 @@ def _check_groups(name: str, E: int, k: int, groups: tuple[int, int] | None) -> 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
                  num_shared: int = 0, groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy top-k routing; same contract as reference.topk_softmax.
+    """Top-k routing; same contract as reference.topk_softmax (with groups, reference.grouped_topk_softmax).
 
     logits [T, E] fp32 (last dim contiguous, E <= 1024). scores = softmax(logits); returns weights [T, k]
     fp32 (the picked scores / (their sum + 1e-20) if renormalize, else times scaling) and ids [T, k]
@@ -192,8 +192,8 @@ _arrivals: dict[torch.device, torch.Tensor] = {}  # per device: programs arrived
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
           num_shared: int = 0,
           groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router (greedy, or group-limited with groups); same contract as reference.route: (logits [T, E] fp32 = x @ weight^T in fp32,
-    weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
+    """The router (greedy, or group-limited with groups); same contract as reference.route: (logits
+    [T, E] fp32 = x @ weight^T in fp32, weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
     in fp32 split over the hidden size, each token routed by its last program: a decode step's router
     was a cast, a two-kernel cuBLAS GEMV and the top-k); more tokens in cuBLAS's GEMM and topk_softmax.
     x [T, D] bf16 / fp16 / fp32 with a contiguous last dim; weight [E, D] fp32 contiguous."""
