@@ -257,7 +257,8 @@ def test_disconnect_non_streaming_frees_blocks_without_an_error(server):
     generated = metric(url, "generation_tokens_total")
     closed, aborted = total(url, 'status="499"'), total(url, 'finished_reason="abort"')
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + C, json={"prompt": "long", "max_tokens": MAX_LEN - 20, "ignore_eos": True}, timeout=0.3)
+        httpx.post(url + C, json={"prompt": "long", "max_tokens": MAX_LEN - 20, "ignore_eos": True},
+                   timeout=httpx.Timeout(30, read=0.3))  # a slow connect is not the disconnect tested
     wait_until_idle(url, timeout=3)
     assert metric(url, "generation_tokens_total") - generated < MAX_LEN - 20
     # counted as a client that went away and an aborted sequence; no 500, no traceback in the log
