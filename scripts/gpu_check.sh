@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,bench;
+# (steps: tests,kernels,fused,profile,prefill,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
+# bench;
 # see each below)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -32,6 +33,16 @@ has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
 # prompt beside 256 decodes
 has profile && step profile-decode 300 python3 scripts/profile_decode.py
 has profile && step profile-mixed 120 python3 scripts/profile_mixed_step.py
+# prefill attention: the variants (flash, cuDNN, SDPA loops, our Triton kernel), the Triton kernel's launch
+# sweep beside flash, then the 128K-token prompt with flash and with the Triton kernel for every prefill step
+if has prefill; then
+  step prefill-variants 240 python3 scripts/prefill_attention_variants.py
+  step prefill-sweep 240 python3 scripts/prefill_attention_variants.py --sweep
+  LONG="--shape v2-lite --batch-sizes 1 --decode-len 16 --prefill-len 131072 --prefill-prompts 1"
+  step long-flash 150 python3 -m deepseek_v2.cli bench $LONG --json "$OUT/long-flash.json"
+  step long-triton 150 python3 -c "import sys; from deepseek_v2.kernels import prefill; prefill.TRITON_FROM_KEYS = 1; \
+from deepseek_v2.cli import main; sys.exit(main(sys.argv[1:]))" bench $LONG --json "$OUT/long-triton.json"
+fi
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL
 has fp8tests && step fp8-tests 130 python3 -m pytest -q -s tests/gpu/test_fp8_gpu.py

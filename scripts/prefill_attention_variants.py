@@ -3,7 +3,7 @@ running it is right and fast. Each variant gets the packed queries of every sequ
 packed keys/values of each sequence's whole context (cached prefix + new tokens), and must apply the
 causal mask aligned to the end (query i of a sequence with C cached tokens sees keys 0 .. C + i).
 
-    PYTHONPATH=. python3 scripts/prefill_attention_variants.py      (CUDA only, about a minute)
+    PYTHONPATH=. python3 scripts/prefill_attention_variants.py [--sweep]     (CUDA only, about a minute)
 
 Variants:
 - loop_sdpa: today's model code, one scaled_dot_product_attention per sequence (cuDNN first; an explicit
@@ -11,7 +11,9 @@ Variants:
 - flash_varlen: one flash-attention call over all sequences (cu_seqlens), V padded from 128 to 192 (flash
   needs one head dim), causal aligned to the end as flash does when the key is longer than the query;
 - cudnn_varlen: one cuDNN call with cu_seqlens (q/k 192 and v 128 as they are), if the torch build has it;
-- loop_lower_right: one SDPA per sequence with CausalBias lower-right instead of an explicit mask.
+- loop_lower_right: one SDPA per sequence with CausalBias lower-right instead of an explicit mask;
+- triton_varlen: our Triton kernel (kernels/prefill_triton.py), one launch, V at its own width.
+With --sweep: triton_varlen's launch configs (BLOCK_M, BLOCK_N, warps, stages) on each workload, beside flash.
 Correctness: each against an fp32 reference, ||out - ref|| / ||ref||; then the median time (do_bench,
 the same shapes again and again) and the "cold" time of the first call on prompt lengths not seen
 before, as serving meets them (a library that builds a plan per shape pays it there).
@@ -19,9 +21,13 @@ before, as serving meets them (a library that builds a plan per shape pays it th
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
+
+from deepseek_v2.kernels import prefill_triton
 
 H, DQK, DV = 16, 192, 128
 DEV, DT = "cuda", torch.bfloat16
@@ -101,6 +107,35 @@ def cudnn_varlen(w):
                                                    False, scale=SCALE)[0]
 
 
+def triton_varlen(w, config=None):
+    q, k, v, cu_q, cu_k, ql, kl = w
+    return prefill_triton.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, SCALE, config=config)
+
+
+# launch configs that build for sm_90 without spills at these head dims (tests/sm90_build.py)
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+         for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4),
+                               (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]]
+
+
+def sweep():
+    print(f"{'workload':<36} {'config':<34} {'rel err':>9} {'ms':>9}  TFLOP/s (causal)")
+    for name, (ql, cl) in WORKLOADS.items():
+        cl = cl or [0] * len(ql)
+        w = workload(ql, cl)
+        ref = reference(w)
+        flops = sum(4 * H * q * (c + (q + 1) / 2) * (DQK + DV) / 2 for q, c in zip(ql, cl))
+        for config in [None, *SWEEP]:
+            fn = flash_varlen if config is None else (lambda w, config=config: triton_varlen(w, config))
+            label = "flash_varlen" if config is None else " ".join(str(x) for x in config.values())
+            try:
+                err = ((fn(w).float() - ref).norm() / ref.norm()).item()
+                ms = triton.testing.do_bench(lambda: fn(w), warmup=5, rep=30, return_mode="median")
+                print(f"{name:<36} {label:<34} {err:9.2e} {ms:9.3f}  {flops / ms / 1e9:.0f}", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                print(f"{name:<36} {label:<34} {type(e).__name__}: {str(e)[:80]}", flush=True)
+
+
 WORKLOADS = {
     "80 new prompts ~200 tokens": ([int(x) for x in torch.randint(20, 600, (80,), generator=torch.Generator().manual_seed(1))],
                                    None),
@@ -117,7 +152,7 @@ def main():
         w = workload(ql, cl or [0] * len(ql))
         ref = reference(w)
         flops = sum(4 * H * q * (c + (q + 1) / 2) * (DQK + DV) / 2 for q, c in zip(ql, cl or [0] * len(ql)))
-        for k, fn in enumerate((loop_sdpa, flash_varlen, cudnn_varlen, loop_lower_right)):
+        for k, fn in enumerate((loop_sdpa, flash_varlen, cudnn_varlen, loop_lower_right, triton_varlen)):
             try:
                 out = fn(w)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -140,4 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sweep() if "--sweep" in sys.argv[1:] else main()

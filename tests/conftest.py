@@ -79,7 +79,7 @@ def tiny_engine():
     return lambda **knobs: LLMEngine(core.model, core.tokenizer, EngineConfig(**{"num_kv_blocks": 64, **knobs}))
 
 
-KERNEL_MODULES = ("activation", "fp8_linear", "mla_decode", "mla_prepare", "moe", "norm", "router")
+KERNEL_MODULES = ("activation", "fp8_linear", "mla_decode", "mla_prepare", "moe", "norm", "prefill_triton", "router")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, router
+from deepseek_v2.kernels import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, prefill_triton, router
 from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
@@ -62,6 +62,11 @@ def launch_decode_kernels() -> None:
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
         fp8_linear.linear(torch.empty(1, K, dtype=bf16), w, None, s, offset,  # a GPU's default at one row
                           config=fp8_linear.default_config(1, N, -(-(K + offset[1]) // 128), 132))
+    # prefill attention at V2's head dims (q/k 192 = 128 + 64, v 128) and the demo model's (96 = 64 + 32, v 64)
+    cu = torch.tensor([0, 64], dtype=torch.int32)
+    for d, dv in ((192, 128), (96, 64)):
+        q, v = torch.empty(64, 16, d, dtype=bf16), torch.empty(64, 16, dv, dtype=bf16)
+        prefill_triton.prefill_attention(q, q, v, cu, cu, [64], [64], 0.1)
 
 
 def launch_fused_kernels() -> None:
@@ -89,7 +94,8 @@ FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
                 (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (moe, "_combine_kernel"),
                 (fp8_linear, "_fp8_linear_kernel"),
-                (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel")],
+                (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel"),
+                (prefill_triton, "_prefill_attention_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
                (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel"), (router, "_route_kernel")],
@@ -131,7 +137,8 @@ def build(launches) -> list[dict]:
         results.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared,
                             spill_bytes=int(stack.group(1)) if stack else None,
                             approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
-                            vector_loads="ld.global.v" in ptx,
+                            vector_loads="ld.global.v" in ptx, wgmma="wgmma.mma_async" in ptx,
+                            async_copies="cp.async" in ptx,
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 

@@ -334,3 +334,28 @@ def test_a_32k_prompt_in_chunks_equals_the_whole_sequence_forward():
     diff, rounding = (bf16[1] - bf16[0]).abs().mean(), (bf16[0] - whole).abs().mean()
     print(f"bf16 chunked vs one piece: mean |diff| {diff:.2e}; bf16 vs fp32 {rounding:.2e}")
     assert diff < rounding
+
+
+def test_the_triton_prefill_kernel_on_a_32k_prompt(monkeypatch):
+    """The shipped model's 32,752-token prompt in bf16, chunks of 4,096 after up to 28K cached tokens,
+    with every prefill step's attention in our Triton kernel (kernels/prefill_triton.py) and then in
+    flash: the Triton run's log-probabilities are as close to the fp32 whole-sequence forward as flash's
+    (within 10%)."""
+    from pathlib import Path
+    from deepseek_v2.config import DEFAULT_MODEL
+    from deepseek_v2.kernels import prefill
+    text = Path("deepseek_v2/eval/haystack.txt").read_text() * 2
+    prompt = Tokenizer.from_pretrained(DEFAULT_MODEL).encode(text)[:32752]
+    model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device="cuda"))[0]
+    whole = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
+    del model, logits
+    flash = long_prompt_engine_logprobs(DEFAULT_MODEL, prompt, torch.bfloat16, 4096)
+    monkeypatch.setattr(prefill, "TRITON_FROM_KEYS", 1)
+    calls, kernel = [], prefill.prefill_triton.prefill_attention
+    monkeypatch.setattr(prefill.prefill_triton, "prefill_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    triton_run = long_prompt_engine_logprobs(DEFAULT_MODEL, prompt, torch.bfloat16, 4096)
+    flash_error, triton_error = (flash - whole).abs().mean(), (triton_run - whole).abs().mean()
+    print(f"bf16 vs fp32, mean |diff|: flash {flash_error:.2e}, Triton kernel {triton_error:.2e}")
+    assert len(calls) >= 8 * 6 and triton_error < 1.1 * flash_error  # 8 chunks x 6 layers at least

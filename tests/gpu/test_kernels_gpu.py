@@ -185,16 +185,20 @@ def test_fused_moe_cuda_graph(captured_missing, replayed_missing):
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
+@pytest.mark.parametrize("kernel", ["flash", "triton"])
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("query_lens, context_lens", [
     ([7, 300, 1, 64, 129], [0, 0, 0, 0, 0]),          # new prompts of mixed lengths
     ([2048, 33, 500], [4096, 1000, 0]),               # chunks after cached context, and a new prompt
     ([1], [5000]),                                    # a one-token chunk after a long context
 ])
-def test_prefill_attention_varlen(heads, query_lens, context_lens):
-    """All prefill sequences in one flash-attention call (V padded to 192), causal aligned to the end, against
-    the reference's per-sequence attention in fp32."""
-    from deepseek_v2.kernels.prefill import prefill_attention
+def test_prefill_attention_varlen(kernel, heads, query_lens, context_lens, monkeypatch):
+    """All prefill sequences in one call, causal aligned to the end, against the reference's
+    per-sequence attention in fp32: flash attention (V padded to 192), and our Triton kernel as the
+    dispatch in kernels/prefill.py hands a step to it (TRITON_FROM_KEYS)."""
+    from deepseek_v2.kernels import prefill
+    monkeypatch.setattr(prefill, "TRITON_FROM_KEYS", 1 if kernel == "triton" else None)
+    prefill_attention = prefill.prefill_attention
     g = torch.Generator(device=DEVICE).manual_seed(sum(query_lens) + heads)
     key_lens = [q + c for q, c in zip(query_lens, context_lens)]
     q = torch.randn(sum(query_lens), heads, 192, device=DEVICE, dtype=torch.bfloat16, generator=g)

@@ -1,0 +1,198 @@
+"""Causal attention of a step's prefill sequences, packed, in one Triton launch: FlashAttention-2's
+algorithm (after Triton's fused-attention tutorial) at MLA's head dims as they are.
+
+Why a kernel of our own beside flash's varlen call (kernels/prefill.py): flash needs one head dim
+for q, k and v, so V (128 wide) is padded to the query's 192 and a fifth of the value product's work
+is on zeros; here V keeps its width. A query/key head of width d is read as two tiles whose dot
+products add, d = D_FIRST + D_REST with D_FIRST the largest power of two <= d (MLA's 192 = 128 + 64:
+the no-position part and the rotary part), because a Triton tile's width is a power of two.
+
+One program: BLOCK_M queries of one head of one sequence. It walks the keys BLOCK_N at a time with an
+online softmax in fp32 (exp2, log2 units): first the key blocks every query of the block sees (no
+mask), then the few along the diagonal (masked). The causal mask is aligned to the end, as the
+contract says: query i of a sequence with C cached tokens sees keys 0 .. C + i. A sequence's query
+blocks are handed out from the last (the most keys) to the first, so the longest programs start
+first. Grid: (query blocks of the longest sequence, heads, sequences); the programs past a shorter
+sequence's end return at once. No host synchronisation beyond the host lists of lengths.
+
+Letters: Tq packed queries, Tk packed keys, H heads, d the query/key head dim, dv the value head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_tile(ptrs, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, rows_mask, MASK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile; columns >= D (a width that is not a power of two) and masked rows read as 0."""
+    if BLOCK_D == D:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=rows_mask[:, None], other=0.0)
+        return tl.load(ptrs)
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=rows_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    return tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q_first, q_rest, k_ptr, v_ptr, key_start, key_end, key_len, rows, sm_scale_log2,
+                 stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
+                 D_FIRST: tl.constexpr, D_REST: tl.constexpr, D_V: tl.constexpr,
+                 BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The online softmax over keys key_start .. key_end (whole BLOCK_N tiles unless MASKED: then the
+    causal mask, keys <= rows, and keys < key_len). k_ptr / v_ptr point at this head's key 0."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(key_start, key_end, BLOCK_N):
+        keys = start + offs_n
+        key_rows = keys.to(tl.int64)
+        in_range = keys < key_len
+        k_first = _load_tile(k_ptr + key_rows[:, None] * stride_kt + offs_df[None, :], offs_df, D_FIRST,
+                             BLOCK_FIRST, in_range, MASKED)
+        v = _load_tile(v_ptr + key_rows[:, None] * stride_vt + offs_dv[None, :], offs_dv, D_V, BLOCK_V,
+                       in_range, MASKED)
+        if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+            k_first, v = k_first.to(tl.float32), v.to(tl.float32)
+        qk = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PRECISION)
+        if D_REST > 0:
+            k_rest = _load_tile(k_ptr + key_rows[:, None] * stride_kt + D_FIRST + offs_dr[None, :], offs_dr,
+                                D_REST, BLOCK_REST, in_range, MASKED)
+            if UPCAST_DOT:
+                k_rest = k_rest.to(tl.float32)
+            qk = tl.dot(q_rest, tl.trans(k_rest), acc=qk, input_precision=DOT_PRECISION)
+        qk = qk * sm_scale_log2
+        if MASKED:
+            visible = (keys[None, :] <= rows[:, None]) & in_range[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        # every row has seen a key by its first tile (key 0 is visible to all), so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Nothing that changes from step to step is a kernel argument Triton specialises on (the lengths are read
+# from cu_query / cu_key), so one compiled variant serves every step of a model.
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_query_ptr, cu_key_ptr, sm_scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    D_FIRST: tl.constexpr, D_REST: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_query_ptr + seq)
+    q_len = tl.load(cu_query_ptr + seq + 1) - q_start
+    k_start = tl.load(cu_key_ptr + seq)
+    k_len = tl.load(cu_key_ptr + seq + 1) - k_start
+    num_blocks = tl.cdiv(q_len, BLOCK_M)
+    if tl.program_id(0) >= num_blocks:
+        return
+    first_row = (num_blocks - 1 - tl.program_id(0)) * BLOCK_M  # the last block first: the most keys
+    context = k_len - q_len
+
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < q_len
+    offs_df = tl.arange(0, BLOCK_FIRST)
+    offs_dr = tl.arange(0, BLOCK_REST)
+    offs_dv = tl.arange(0, BLOCK_V)
+    q_rows = q_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_qt + head * stride_qh
+    q_first = _load_tile(q_rows + offs_df[None, :], offs_df, D_FIRST, BLOCK_FIRST, mask_m, True)
+    if D_REST > 0:
+        q_rest = _load_tile(q_rows + D_FIRST + offs_dr[None, :], offs_dr, D_REST, BLOCK_REST, mask_m, True)
+    else:  # a power-of-two head dim: one tile (this one is never read)
+        q_rest = tl.zeros([BLOCK_M, BLOCK_REST], dtype=q_first.dtype)
+    if UPCAST_DOT:
+        q_first, q_rest = q_first.to(tl.float32), q_rest.to(tl.float32)
+
+    k_head = k_ptr + k_start.to(tl.int64) * stride_kt + head * stride_kh
+    v_head = v_ptr + k_start.to(tl.int64) * stride_vt + head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    # keys 0 .. context + first_row are visible to every query of the block (<= k_len, as first_row < q_len);
+    # whole tiles of them need no mask, the rest up to the block's last query's keys do
+    unmasked_end = (context + first_row + 1) // BLOCK_N * BLOCK_N
+    end = tl.minimum(k_len, context + first_row + BLOCK_M)
+    rows = context + offs_m  # the last key each query sees
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, 0, unmasked_end, k_len, rows,
+                                 sm_scale_log2, stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
+                                 D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V, BLOCK_N, False,
+                                 UPCAST_DOT, DOT_PRECISION)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, unmasked_end, end, k_len, rows,
+                                 sm_scale_log2, stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
+                                 D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V, BLOCK_N, True,
+                                 UPCAST_DOT, DOT_PRECISION)
+    out = acc / l_i[:, None]
+    out_ptrs = out_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < D_V)[None, :])
+
+
+def default_config(head_dim: int) -> dict:
+    """The launch: 128 queries a program, as Triton's tutorial does on Hopper, and key tiles whose
+    K and V fit three stages in shared memory beside the query tile."""
+    if head_dim > 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens):
+    name = "prefill_attention"
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{name}: expected q [Tq,H,d], k [Tk,H,d], v [Tk,H,dv]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"{name}: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if len(query_lens) != len(key_lens) or any(kl < ql for ql, kl in zip(query_lens, key_lens)):
+        raise ValueError(f"{name}: every sequence needs at least as many keys as queries; got query_lens "
+                         f"{query_lens[:8]} and key_lens {key_lens[:8]}")
+    if sum(query_lens) != q.shape[0] or sum(key_lens) != k.shape[0]:
+        raise ValueError(f"{name}: the lengths sum to {sum(query_lens)} queries and {sum(key_lens)} keys; "
+                         f"q holds {q.shape[0]}, k {k.shape[0]}")
+    if cu_query.shape != (len(query_lens) + 1,) or cu_key.shape != cu_query.shape or \
+            cu_query.dtype != torch.int32 or cu_key.dtype != torch.int32:
+        raise ValueError(f"{name}: cu_query and cu_key must be int32 [{len(query_lens) + 1}]")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k and v must share a float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if any(t.device != q.device for t in (k, v, cu_query, cu_key)):
+        raise ValueError(f"{name}: all tensors must be on one device")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError(f"{name}: q, k and v need a contiguous last dim")
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
+                      cu_key: torch.Tensor, query_lens: list[int], key_lens: list[int], scale: float, *,
+                      config: dict | None = None) -> torch.Tensor:
+    """Same contract as reference.prefill_attention: out [Tq, H, dv] in q's dtype. q, k and v may be
+    views (the last dim contiguous). config (tests and tuning) overrides the launch: BLOCK_M, BLOCK_N,
+    num_warps, num_stages."""
+    _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens)
+    Tq, H, d = q.shape
+    dv = v.shape[2]
+    out = q.new_empty(Tq, H, dv)
+    if Tq == 0:
+        return out
+    cfg = dict(config or default_config(d))
+    d_first = 1 << (d.bit_length() - 1)  # the largest power of two <= d; the rest in a second tile
+    d_rest = d - d_first
+    block = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot needs 16 or more
+    on_cpu = q.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
+    grid = (triton.cdiv(max(query_lens), cfg["BLOCK_M"]), H, len(query_lens))
+    _prefill_attention_kernel[grid](
+        q, k, v, out, cu_query, cu_key, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        D_FIRST=d_first, D_REST=d_rest, D_V=dv, BLOCK_FIRST=block(d_first), BLOCK_REST=block(d_rest),
+        BLOCK_V=block(dv), UPCAST_DOT=on_cpu, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+    )
+    return out
