@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight  # noqa: E402
 from deepseek_v2.kernels.fp8_linear import FUSED_MAX_M, default_config, linear  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
-from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
+from deepseek_v2.kernels.moe import QUANTIZE_IN_GEMM_MAX_BLOCK_M, fused_moe  # noqa: E402
+from deepseek_v2.kernels.moe import default_config as moe_config  # noqa: E402
 
 DEVICE = "cuda"
 ROWS: list[str] = []
@@ -99,7 +100,14 @@ def bench_moe() -> None:
         touched = E * (1 - (1 - K / E) ** T)
         b16 = graph_us(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))
         f8 = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds))
-        row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I)
+        other = []
+        launch = moe_config(T * K / E, True)
+        if launch["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M:  # the default quantizes inside the GEMMs here
+            first = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds,
+                                               config=dict(launch, FUSED=False)))
+            other.append(f"x / inter quantized by launches of their own: {first:.1f} us")
+        row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I,
+            "; ".join(other))
 
 
 def bench_mla() -> None:
@@ -169,7 +177,6 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
     `--moe-sweep=16,256` sweeps those token counts only."""
     from itertools import product
 
-    from deepseek_v2.kernels.moe import default_config as moe_config
 
     E, D, I, K = 64, 2048, 1408, 6
     w13 = torch.randn(E, 2 * I, D, device=DEVICE, dtype=torch.bfloat16) * D**-0.5

@@ -352,6 +352,69 @@ def test_fused_moe_rejects_bad_inputs(tk):
             tk.moe.fused_moe(**args)
 
 
+# ---------------------------------------------------------------- prefill attention kernel
+
+def packed_prefill(H, d, dv, query_lens, context_lens, dtype, seed):
+    """q, k, v of several sequences packed (each one's keys: its cached context, then its new tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    key_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    q = torch.randn(sum(query_lens), H, d, generator=g).to(dtype)
+    k = torch.randn(sum(key_lens), H, d, generator=g).to(dtype)
+    v = torch.randn(sum(key_lens), H, dv, generator=g).to(dtype)
+    cumsum = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cumsum(query_lens), cumsum(key_lens), query_lens, key_lens
+
+
+PREFILL_CASES = [  # H, d (q/k), dv, query lens, cached context lens, dtype, BLOCK_M, BLOCK_N
+    (2, 24, 16, [5, 40, 1], [0, 0, 0], torch.float32, 16, 16),            # new prompts; d = 16 + 8, masked widths
+    (2, 48, 32, [33, 16, 7], [20, 0, 50], torch.float32, 16, 16),         # chunks after cached context
+    (3, 32, 32, [64, 17], [31, 0], torch.bfloat16, 32, 16),               # one tile (d a power of two)
+    (2, 96, 64, [50, 1, 130], [0, 77, 14], torch.bfloat16, 16, 32),       # the demo model's dims
+    (1, 192, 128, [40], [100], torch.bfloat16, 32, 32),                   # V2's dims: 128 + 64, v 128
+    (2, 24, 16, [1, 1, 1], [0, 3, 64], torch.float16, 16, 16),            # one query each
+]
+
+
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_attention_kernel_matches_ref(tk, case):
+    """Causal attention aligned to the end over packed sequences, against the reference's per-sequence
+    SDPA: query blocks across the unmasked/masked boundary, ragged tails, head dims that are not a
+    power of two split into two tiles, V narrower than q/k."""
+    H, d, dv, query_lens, context_lens, dtype, block_m, block_n = PREFILL_CASES[case]
+    q, k, v, cu_q, cu_k, ql, kl = packed_prefill(H, d, dv, query_lens, context_lens, dtype, seed=case)
+    out = tk.prefill_triton.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, d**-0.5,
+                                             config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+    assert out.shape == (sum(ql), H, dv) and out.dtype == dtype
+    ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu_q, cu_k, ql, kl, d**-0.5)
+    assert_close(out, ref, dtype)
+
+
+def test_prefill_attention_kernel_reads_views(tk):
+    """q, k and v as the model hands them: views with a contiguous last dim only (k and v split from one
+    projection's output), out contiguous."""
+    q, k, v, cu_q, cu_k, ql, kl = packed_prefill(2, 48, 32, [9, 20], [4, 0], torch.float32, seed=7)
+    kv = torch.cat([k, v], dim=-1)                  # [Tk, H, 48 + 32]: k and v are strided views of it
+    q_wide = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :48]
+    out = tk.prefill_triton.prefill_attention(q_wide, kv[..., :48], kv[..., 48:], cu_q, cu_k, ql, kl, 0.2,
+                                             config=dict(BLOCK_M=16, BLOCK_N=16))
+    assert_close(out, reference.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, 0.2), torch.float32)
+
+
+def test_prefill_attention_kernel_rejects_bad_inputs(tk):
+    q, k, v, cu_q, cu_k, ql, kl = packed_prefill(2, 24, 16, [3, 4], [0, 2], torch.float32, seed=0)
+    f = tk.prefill_triton.prefill_attention
+    with pytest.raises(ValueError, match="at least as many keys"):
+        f(q, k, v, cu_q, cu_k, ql, [3, 3], 0.1)
+    with pytest.raises(ValueError, match="sum to"):
+        f(q, k, v, cu_q, cu_k, [3, 3], [3, 5], 0.1)
+    with pytest.raises(ValueError, match="share a float dtype"):
+        f(q, k.half(), v, cu_q, cu_k, ql, kl, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        f(q, k, v, cu_q.long(), cu_k, ql, kl, 0.1)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        f(q, k[..., :16], v, cu_q, cu_k, ql, kl, 0.1)
+
+
 # ---------------------------------------------------------------- FP8 GEMMs
 
 def fp8_matrix(N, K, offset=(0, 0), seed=0):
@@ -436,6 +499,22 @@ def test_fused_moe_fp8_matches_ref(tk, case, missing):
     assert_close(y, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), dtype)
 
 
+@pytest.mark.parametrize("case", [0, 2, 6])  # one token, ragged K and N, top-6
+def test_fused_moe_fp8_quantizes_inside_the_gemms_bit_for_bit(tk, case):
+    """Decode's thin row blocks quantize x and the intermediate inside the GEMMs (no quantize launch):
+    the same e4m3 values and scales as quantize_activation's launch, so the same output bit for bit."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=600 + case)
+    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    launch = dict(config or tk.moe.default_config(T * K / E, fp8=True))
+    assert launch["BLOCK_M"] <= tk.moe.QUANTIZE_IN_GEMM_MAX_BLOCK_M  # the default quantizes inside here
+    inside, first = (tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=dict(launch, FUSED=f))
+                     for f in (True, False))
+    assert torch.equal(inside, first)
+    assert_close(inside, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), torch.bfloat16)
+
+
 def test_fused_moe_fp8_blocks_at_real_sizes(tk):
     """I = 2 x 128 + 64 and D = 3 x 128 + 32: several block rows and columns, the up_proj's scales after
     the gate_proj's, ragged last blocks."""
@@ -461,16 +540,19 @@ def test_fused_moe_fp8_rejects_bad_scales(tk):
 def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
     the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
-    linear layers and their activation quantization, FP8 experts, decode over the FP8 cache) and the
-    second launch that sums the FP8 GEMM's pieces of K at one row included."""
+    linear layers and their activation quantization, FP8 experts, decode over the FP8 cache), the
+    second launch that sums the FP8 GEMM's pieces of K at one row, and prefill attention included; the
+    GEMM-shaped kernels use Hopper's warpgroup MMA."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
                                               "_moe_align_kernel", "_moe_gemm_kernel", "_combine_kernel",
                                               "_fp8_linear_kernel",
-                                              "_quantize_kernel", "_sum_pieces_kernel"}
+                                              "_quantize_kernel", "_sum_pieces_kernel", "_prefill_attention_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     for r in results:
         assert r["shared"] <= 227 * 1024, r        # the H100/H200 limit per block
         assert r["spill_bytes"] in (0, None), r
+        if r["kernel"] == "_prefill_attention_kernel":
+            assert r["wgmma"] and r["async_copies"], r

@@ -11,10 +11,11 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
    stores zero rows and reads no weights (the gate/up pass skips it altogether).
 4. the K picks summed in fp32 and cast to x's dtype.
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
-quantized once per token in groups of 128 by fp8_linear.quantize_activation (the reference's
-arithmetic, bit for bit: quantizing inside the GEMM, once per column block, made it 3x slower than
-bf16 at 4096 tokens), and both GEMMs step K one 128-wide block at a time and scale each block's
-product by the rows' and the weight block's scales.
+quantized per token in groups of 128 with the reference's arithmetic, bit for bit: in decode's thin
+row blocks by the GEMM's programs themselves, else once by fp8_linear.quantize_activation
+(quantizing inside the GEMM, once per column block, made it 3x slower than bf16 at 4096 tokens);
+both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
+weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
 With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs. One token
 needs no alignment: its K picks are K distinct experts, and block k is pick k (a launch fewer at batch 1).
@@ -31,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, FP8, cdiv
-from .fp8_linear import grouped_tile, quantize_activation
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
+from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
 
 
 # num_rows (tokens x top-k) changes with every step: not specialised on (a multiple of 16 or not), so
@@ -119,6 +120,8 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
     FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128),
                                # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
+    QUANTIZE_A: tl.constexpr,  # (FP8_W) a in its float dtype instead, quantized here one K block at a time
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
@@ -159,7 +162,10 @@ def _moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
-            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            if QUANTIZE_A:  # quantize_activation's arithmetic, bit for bit (masked lanes and rows are 0 there too)
+                a, a_scale = quantize_rows(a, FP8_MAX, EPS)
+            else:
+                a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
             acc += tl.dot(a, b) * (a_scale[:, None] * tl.load(bs_ptrs + k)[None, :])
         else:
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
@@ -204,6 +210,13 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
         y = (y.to(tl.float32) + tl.load(add_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32))
         y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + t * D + offs, y, mask=mask)
+
+
+# FP8 experts in row blocks of at most this many rows (decode's tier): each GEMM program quantizes its rows of
+# x / inter itself, one 128-wide K block at a time, instead of a quantize_activation launch before each GEMM
+# (two launches fewer a MoE layer, as fp8_linear does below FUSED_MAX_M rows). The re-quantization is
+# repeated by every column block's program, which at thin blocks costs less than a launch.
+QUANTIZE_IN_GEMM_MAX_BLOCK_M = 16
 
 
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
@@ -280,7 +293,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    num_warps, num_stages. No host synchronisation.
+    num_warps, num_stages, and FUSED (FP8: quantize x and the intermediate inside the GEMMs; default
+    for row blocks of up to QUANTIZE_IN_GEMM_MAX_BLOCK_M rows). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -296,6 +310,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
+    fused = cfg.pop("FUSED", None)  # FP8: each GEMM quantizes its own rows of x / inter (None: by the row blocks)
+    quantize_in_gemm = fp8 and (cfg["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M if fused is None else fused)
     if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)
         flat = topk_ids.reshape(-1)
         align = MoeAlignment(flat, flat, flat)  # only expert_ids (the picks' ids) is read
@@ -310,13 +326,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
-        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
+        a, a_scale = quantize_activation(a) if fp8 and not quantize_in_gemm else (a, weights)
         _moe_gemm_kernel[grid](
             a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, **cfg,
+            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, QUANTIZE_A=quantize_in_gemm,
+            FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
