@@ -372,6 +372,7 @@ PREFILL_CASES = [  # H, d (q/k), dv, query lens, cached context lens, dtype, BLO
     (2, 96, 64, [50, 1, 130], [0, 77, 14], torch.bfloat16, 16, 32),       # the demo model's dims
     (1, 192, 128, [40], [100], torch.bfloat16, 32, 32),                   # V2's dims: 128 + 64, v 128
     (2, 24, 16, [1, 1, 1], [0, 3, 64], torch.float16, 16, 16),            # one query each
+    (1, 192, 128, [130, 5], [70, 0], torch.bfloat16, None, None),         # the default launch (128 x 64 tiles)
 ]
 
 
@@ -382,8 +383,8 @@ def test_prefill_attention_kernel_matches_ref(tk, case):
     power of two split into two tiles, V narrower than q/k."""
     H, d, dv, query_lens, context_lens, dtype, block_m, block_n = PREFILL_CASES[case]
     q, k, v, cu_q, cu_k, ql, kl = packed_prefill(H, d, dv, query_lens, context_lens, dtype, seed=case)
-    out = tk.prefill_triton.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, d**-0.5,
-                                             config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n) if block_m else None
+    out = tk.prefill_triton.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, d**-0.5, config=config)
     assert out.shape == (sum(ql), H, dv) and out.dtype == dtype
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu_q, cu_k, ql, kl, d**-0.5)
     assert_close(out, ref, dtype)
