@@ -11,9 +11,10 @@ One program: BLOCK_M queries of one head of one sequence. It walks the keys BLOC
 online softmax in fp32 (exp2, log2 units): first the key blocks every query of the block sees (no
 mask), then the few along the diagonal (masked). The causal mask is aligned to the end, as the
 contract says: query i of a sequence with C cached tokens sees keys 0 .. C + i. A sequence's query
-blocks are handed out from the last (the most keys) to the first, so the longest programs start
-first. Grid: (query blocks of the longest sequence, heads, sequences); the programs past a shorter
-sequence's end return at once. No host synchronisation beyond the host lists of lengths.
+blocks are handed out from the last (the most keys) to the first, every head's block before the next
+block, so the longest programs start first and the short ones fill the tail. Grid: (heads, query
+blocks of the longest sequence, sequences); the programs past a shorter sequence's end return at
+once. No host synchronisation beyond the host lists of lengths.
 
 Letters: Tq packed queries, Tk packed keys, H heads, d the query/key head dim, dv the value head dim.
 """
@@ -90,16 +91,16 @@ def _prefill_attention_kernel(
     BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(1)
+    head = tl.program_id(0)
     seq = tl.program_id(2)
     q_start = tl.load(cu_query_ptr + seq)
     q_len = tl.load(cu_query_ptr + seq + 1) - q_start
     k_start = tl.load(cu_key_ptr + seq)
     k_len = tl.load(cu_key_ptr + seq + 1) - k_start
     num_blocks = tl.cdiv(q_len, BLOCK_M)
-    if tl.program_id(0) >= num_blocks:
+    if tl.program_id(1) >= num_blocks:
         return
-    first_row = (num_blocks - 1 - tl.program_id(0)) * BLOCK_M  # the last block first: the most keys
+    first_row = (num_blocks - 1 - tl.program_id(1)) * BLOCK_M  # the last block first: the most keys
     context = k_len - q_len
 
     offs_m = first_row + tl.arange(0, BLOCK_M)
@@ -188,7 +189,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
     d_rest = d - d_first
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot needs 16 or more
     on_cpu = q.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
-    grid = (triton.cdiv(max(query_lens), cfg["BLOCK_M"]), H, len(query_lens))
+    grid = (H, triton.cdiv(max(query_lens), cfg["BLOCK_M"]), len(query_lens))
     _prefill_attention_kernel[grid](
         q, k, v, out, cu_query, cu_key, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
