@@ -1,9 +1,12 @@
 """Time a whole MoE layer of the V2-Lite shape (router, shared and routed experts) with its shared
 experts run as their own MLP beside the routed experts' kernel, and stacked as two more experts inside
 it (MoE.fuse_shared_experts), in bf16 and with FP8 weights, from 1 to 4096 tokens. The crossing point
-sets MoE.FUSED_SHARED_MAX_TOKENS.
+sets MoE.FUSED_SHARED_MAX_TOKENS. Then, for decode's token counts, the fused MoE's launch variants
+against the default: each token's picks summed in the down GEMM (kernels/moe.py,
+COMBINE_IN_GEMM_MAX_TOKENS) and, with FP8 weights, x and the intermediate quantized by launches of
+their own instead of inside the GEMMs (QUANTIZE_IN_GEMM_MAX_BLOCK_M).
 
-Run: python scripts/bench_moe_layer.py     (CUDA only; under a minute on an H200)
+Run: python scripts/bench_moe_layer.py [--variants]     (CUDA only; under a minute on an H200)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the layer replayed from a CUDA
 graph, which is what the engine runs; the routing is random, as random weights route.
@@ -20,7 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from deepseek_v2.config import PRESETS  # noqa: E402
-from deepseek_v2.kernels import load_kernels  # noqa: E402
+from deepseek_v2.kernels import load_kernels, moe as fused  # noqa: E402
 from deepseek_v2.moe import MoE  # noqa: E402
 from scripts.bench_fp8 import graph_us  # noqa: E402
 
@@ -72,7 +75,33 @@ def main() -> None:
                   f"{diff:.1e} |", flush=True)
         del layer
         torch.cuda.empty_cache()
+    variants()
+
+
+@torch.no_grad()
+def variants() -> None:
+    """The default layer against one module setting changed at a time, at decode's token counts."""
+    changes = [("picks summed in the down GEMM", "COMBINE_IN_GEMM_MAX_TOKENS", 64, False),
+               ("x / inter quantized by launches of their own", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 0, True)]
+    print("\n| weights | tokens | variant | default (us) | variant (us) | default / variant | same output |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for fp8 in (False, True):
+        layer = moe_layer(fp8)
+        for T in (1, 4, 16, 64):
+            x = torch.randn(T, layer.args.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+            default_out, default = layer(x), graph_us(lambda: layer(x))
+            for what, name, value, fp8_only in changes:
+                if fp8_only and not fp8:
+                    continue
+                saved = getattr(fused, name)
+                setattr(fused, name, value)
+                out, us = layer(x), graph_us(lambda: layer(x))
+                setattr(fused, name, saved)
+                print(f"| {'fp8' if fp8 else 'bf16'} | {T} | {what} | {default:.1f} | {us:.1f} | {default / us:.2f}x | "
+                      f"{torch.equal(out, default_out)} |", flush=True)
+        del layer
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main()
+    variants() if "--variants" in sys.argv[1:] else main()

@@ -49,7 +49,8 @@ def launch_decode_kernels() -> None:
     for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
         w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
         fp8 = (w13.to(FP8), w2.to(FP8), torch.empty(E, 2 * -(-I // 128), D // 128), torch.empty(E, D // 128, -(-I // 128)))
-        for T in (1, 256, 4096):  # one of each launch tier
+        moe.COMBINE_IN_GEMM_MAX_TOKENS = 16  # built here whether or not fused_moe takes it yet
+        for T in (1, 16, 256, 4096):  # one of each launch tier, and the picks summed in the down GEMM (1, 16)
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])

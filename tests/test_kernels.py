@@ -322,6 +322,39 @@ def test_fused_moe_adds_the_shared_output_as_a_tensor_add_would(tk, dtype):
             tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=bad)
 
 
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])  # 0: one token (a block a pick)
+@pytest.mark.parametrize("missing", [0.0, 0.4])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_fused_moe_sums_the_picks_in_the_down_gemm_bit_for_bit(tk, case, missing, with_add, monkeypatch):
+    """The down GEMM's last program to store a token's row of a column block sums the token's picks
+    (COMBINE_IN_GEMM_MAX_TOKENS): bit for bit what _combine_kernel's launch gives, with -1 picks (zero
+    rows from bucket E, several of one token in one block) and the shared output added; every arrival
+    counter is zero again after the launch, so the next launch (a graph replay) starts clean."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=700 + case)
+    topk_ids = drop_picks(topk_ids, missing, seed=case)
+    add = torch.randn(T, D).to(dtype) if with_add else None
+    apart = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
+    monkeypatch.setattr(tk.moe, "COMBINE_IN_GEMM_MAX_TOKENS", 128)
+    launches = []
+    spy = type("Spy", (), {"__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(grid)})()
+    monkeypatch.setattr(tk.moe, "_combine_kernel", spy)
+    inside = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
+    assert launches == [] and torch.equal(inside, apart)
+    assert not tk.moe._arrivals[x.device].any()
+    again = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
+    assert torch.equal(again, apart)
+
+
+def test_fused_moe_fp8_sums_the_picks_in_the_down_gemm(tk, monkeypatch):
+    T, E, K, D, I, config, dtype = MOE_CASES[6]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=71)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    apart = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2)
+    monkeypatch.setattr(tk.moe, "COMBINE_IN_GEMM_MAX_TOKENS", 64)
+    assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2), apart)
+
+
 def test_fused_moe_expert_parallel_split(tk):
     """Experts split over 3 "ranks" in contiguous ranges, each rank's picks mapped to its local ids
     (-1 elsewhere): the ranks' outputs add up to the output with every expert in one place."""

@@ -110,9 +110,36 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n, num_pid_n,
+                      TOPK: tl.constexpr, HAS_ADD: tl.constexpr):
+    """(The down pass, combining) once this program's rows of c are stored: count each row in for its
+    token and this column block; the program that brings a token's TOPK-th row sums the token's TOPK
+    rows into y, in pick order in fp32, rounded once (then + add, rounded again): _combine_kernel's
+    arithmetic, without its launch. The counter goes back to zero for the next launch."""
+    tl.debug_barrier()  # every store of this program issued before its arrivals are counted (release)
+    tokens = tl.where(mask_m, rows // TOPK, 0)
+    counters = arrived_ptr + tokens * num_pid_n + pid_n
+    before = tl.atomic_add(counters, 1, mask=mask_m, sem="acq_rel", scope="gpu")
+    last = mask_m & (before == TOPK - 1)
+    mask = last[:, None] & (offs_n < N)[None, :]
+    acc = tl.zeros([rows.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    for k in tl.static_range(TOPK):  # .cg: from L2, where the other programs' rows are
+        pick_rows = (tokens * TOPK + k).to(tl.int64)
+        acc += tl.load(c_ptr + pick_rows[:, None] * stride_cm + offs_n[None, :], mask=mask, other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    y_offs = tokens.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if HAS_ADD:
+        y = (y.to(tl.float32) + tl.load(add_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
+    tl.store(y_ptr + y_offs, y, mask=mask)
+    tl.store(counters, 0, mask=last)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
+    y_ptr, add_ptr, arrived_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row,
     stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
@@ -125,10 +152,13 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
+    COMBINE: tl.constexpr,     # (down pass) also sum each token's TOPK rows into y [T, N] (+ add), as
+    TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), num_pid_n, GROUP_M)
     if ONE_ROW_BLOCKS:
         rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)           # row pid_m, then padding
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -144,6 +174,9 @@ def _moe_gemm_kernel(
         if not GATE_UP:  # the final sum reads every row of the down output, so these must be zero
             zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
+            if COMBINE:
+                _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n,
+                                  num_pid_n, TOPK, HAS_ADD)
         return
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
@@ -192,6 +225,9 @@ def _moe_gemm_kernel(
     if MUL_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)[:, None]
     _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm)
+    if COMBINE:
+        _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n, num_pid_n,
+                          TOPK, HAS_ADD)
 
 
 @triton.jit
@@ -323,26 +359,49 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    combine = combine_in_gemm(T, D, cfg["BLOCK_N"], x.device)
+
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
         a, a_scale = quantize_activation(a) if fp8 and not quantize_in_gemm else (a, weights)
         _moe_gemm_kernel[grid](
-            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, n, k,
+            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
+            y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, QUANTIZE_A=quantize_in_gemm,
-            FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+            FP8_MAX=FP8_MAX, EPS=EPS, COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
+            **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
     launch(x, w13, w13_scale, inter, I, D, K, True, False)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
     launch(inter, w2, w2_scale, out, D, I, 1, False, True)
-    y = torch.empty(T, D, dtype=x.dtype, device=x.device)
-    block = 1024
-    _combine_kernel[(T, triton.cdiv(D, block))](out, add if add is not None else y, y, D, K=K,
-                                                HAS_ADD=add is not None, BLOCK=block, num_warps=4)
+    if combine is None:
+        block = 1024
+        _combine_kernel[(T, triton.cdiv(D, block))](out, add if add is not None else y, y, D, K=K,
+                                                    HAS_ADD=add is not None, BLOCK=block, num_warps=4)
     return y
+
+
+# Steps of up to this many tokens sum each token's picks in the down GEMM (_sum_arrived_rows: the last
+# program to store a token's row of a column block adds them up), not in _combine_kernel's launch after
+# it: a launch fewer a MoE layer. 0: never. Interpreter-tested and built for sm_90, not yet timed on a GPU
+# (scripts/bench_moe_layer.py prints both), so off until it has been.
+COMBINE_IN_GEMM_MAX_TOKENS = 0
+_ARRIVALS = 1 << 16  # counters per device: tokens x column blocks of the down GEMM (64 x 1024)
+_arrivals: dict[torch.device, torch.Tensor] = {}  # per device, zero between launches
+
+
+def combine_in_gemm(T: int, D: int, block_n: int, device: torch.device) -> torch.Tensor | None:
+    """The arrival counters for a down GEMM that sums the picks itself, or None (_combine_kernel does)."""
+    if T > COMBINE_IN_GEMM_MAX_TOKENS or T * triton.cdiv(D, block_n) > _ARRIVALS:
+        return None
+    if device not in _arrivals:  # allocated once (a warm-up step, before any graph capture), zeroed by the kernel
+        _arrivals[device] = torch.zeros(_ARRIVALS, dtype=torch.int32, device=device)
+    return _arrivals[device]
 

@@ -132,6 +132,31 @@ def test_moe(moe_weights, T, missing):
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()  # no pick here: exactly zero, not poison
 
 
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_moe_picks_summed_in_the_down_gemm(moe_weights, T, monkeypatch):
+    """Each token's picks summed by the down GEMM's last program to store one (COMBINE_IN_GEMM_MAX_TOKENS):
+    bit for bit the separate combine launch, with -1 picks; then captured in a CUDA graph and replayed on
+    new routing twice (the arrival counters are zero again after every launch)."""
+    from deepseek_v2.kernels import moe
+    w13, w2, K = moe_weights
+    x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T, missing=0.3)
+    add = torch.randn_like(x)
+    apart = fused_moe(x, w13, w2, topk_weights, topk_ids, add=add)
+    monkeypatch.setattr(moe, "COMBINE_IN_GEMM_MAX_TOKENS", 64)
+    assert torch.equal(fused_moe(x, w13, w2, topk_weights, topk_ids, add=add), apart)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_moe(x, w13, w2, topk_weights, topk_ids, add=add)
+    for seed in (T + 1, T + 2):
+        monkeypatch.setattr(moe, "COMBINE_IN_GEMM_MAX_TOKENS", 0)
+        new = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=seed, missing=0.3)
+        for buffer, value in zip((x, topk_weights, topk_ids), new):
+            buffer.copy_(value)
+        graph.replay()
+        assert torch.equal(y, fused_moe(x, w13, w2, topk_weights, topk_ids, add=add))
+
+
 @pytest.mark.parametrize("T", [1, 256])
 def test_moe_every_pick_elsewhere(moe_weights, T):
     """Every expert picked lives on another rank: exactly zero (the poisoned buffers are written)."""
