@@ -182,9 +182,9 @@ class MLA(nn.Module):
         w_kv_b = self.kv_b_proj.weight.view(self.num_heads, -1, a.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W_UK folded into the query
-        o_lat = self.kernels.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
-                                        max_seq_len=max_seq_len)
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on the latent
+        # attention over the latent, then W_UV on its output (kernels: in the launch that merges the splits)
+        return self.kernels.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
+                                       max_seq_len=max_seq_len, w_uv=w_uv)
 
     def paged_attention(self, q, attn: AttentionMetadata, kv_cache):
         """The step's prefill sequences (expanded), then its decode tokens (absorbed), over the paged

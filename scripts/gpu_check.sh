@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,prefill,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
+# (steps: tests,kernels,fused,profile,prefill,levers,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
 # bench;
 # see each below)
 set -u
@@ -40,8 +40,20 @@ if has prefill; then
   step prefill-sweep 240 python3 scripts/prefill_attention_variants.py --sweep
   LONG="--shape v2-lite --batch-sizes 1 --decode-len 16 --prefill-len 131072 --prefill-prompts 1"
   step long-flash 150 python3 -m deepseek_v2.cli bench $LONG --json "$OUT/long-flash.json"
-  step long-triton 150 python3 -c "import sys; from deepseek_v2.kernels import prefill; prefill.TRITON_FROM_KEYS = 1; \
-from deepseek_v2.cli import main; sys.exit(main(sys.argv[1:]))" bench $LONG --json "$OUT/long-triton.json"
+  step long-triton 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=1 -- bench $LONG \
+    --json "$OUT/long-triton.json"
+fi
+# batch-1 decode's launch levers that are built but off until timed: each token's picks summed in the MoE's
+# down GEMM, W_UV's product in MLA decode's merge launch; bf16 and FP8, the default and both on, one call
+if has levers; then
+  B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
+  ON="moe.COMBINE_IN_GEMM_MAX_TOKENS=64 mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8"
+  for q in bf16 fp8; do
+    quant=""; [ $q = fp8 ] && quant="--quantization fp8"
+    step levers-$q-default 120 python3 -m deepseek_v2.cli bench $B1 $quant --json "$OUT/levers-$q-default.json"
+    step levers-$q-on 120 python3 scripts/with_settings.py $ON -- bench $B1 $quant --json "$OUT/levers-$q-on.json"
+  done
+  step levers-moe-layer 120 python3 scripts/bench_moe_layer.py --variants
 fi
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL

@@ -45,6 +45,12 @@ def launch_decode_kernels() -> None:
                 mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                                       cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
                                       fp16_dots=fp16_dots)
+    mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here whether or not mla_decode takes it yet
+    cache = torch.empty(64, 64, 576, dtype=bf16)
+    for H in (16, 128):  # W_UV's product in the merge's launch
+        mla_decode.mla_decode(torch.empty(1, H, 512, dtype=bf16), torch.empty(1, H, 64, dtype=bf16), cache,
+                              torch.zeros(1, 64, dtype=i32), torch.ones(1, dtype=i32), 0.1,
+                              w_uv=torch.empty(H, 128, 512, dtype=bf16))
     # V2-Lite's 64 experts, and one rank's 20 of V2's 160 under 8-way expert parallelism
     for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
         w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
@@ -93,6 +99,7 @@ def launch_fused_kernels() -> None:
 
 FAMILIES = {
     "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
+                (mla_decode, "_merge_project_kernel"),
                 (moe, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (moe, "_combine_kernel"),
                 (fp8_linear, "_fp8_linear_kernel"),
                 (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel"),

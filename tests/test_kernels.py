@@ -164,6 +164,26 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
+@pytest.mark.parametrize("in_merge", [False, True])
+@pytest.mark.parametrize("case", [0, 1, 4, 5, 7])
+def test_mla_decode_projects_by_w_uv(tk, case, in_merge, monkeypatch):
+    """With w_uv (W_UV, a strided view as the model slices it from kv_b_proj) the output is projected per
+    head: by a batched matmul after the merge, or (PROJECT_IN_MERGE_MAX_SEQS) inside the merge's launch,
+    one split included; an empty sequence still gives zeros."""
+    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
+    torch.manual_seed(800 + case)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, dtype)
+    q_lat = torch.randn(len(seq_lens), H, R).to(dtype)
+    q_pe = torch.randn(len(seq_lens), H, P).to(dtype)
+    w_uv = (torch.randn(H, 16 + 24, R) / R**0.5).to(dtype)[:, 16:]        # [H, dv = 24, R], rows strided
+    monkeypatch.setattr(tk.mla_decode, "PROJECT_IN_MERGE_MAX_SEQS", 64 if in_merge else 0)
+    out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
+                                   block_n=block_n, w_uv=w_uv)
+    assert out.shape == (len(seq_lens), H, 24) and out.dtype == dtype
+    assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, w_uv=w_uv), dtype)
+    assert (out[lens == 0] == 0).all()
+
+
 @pytest.mark.parametrize("case", [0, 2, 3, 6, 8])
 def test_mla_decode_reads_the_fp8_cache(tk, case):
     """An FP8 cache (each block's e4m3 rows, then their scales, as mla_prepare writes them) against the
@@ -580,6 +600,7 @@ def test_kernels_build_for_sm90():
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
+                                              "_merge_project_kernel",
                                               "_moe_align_kernel", "_moe_gemm_kernel", "_combine_kernel",
                                               "_fp8_linear_kernel",
                                               "_quantize_kernel", "_sum_pieces_kernel", "_prefill_attention_kernel"}

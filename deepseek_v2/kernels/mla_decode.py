@@ -6,7 +6,8 @@ With W_UK folded into the query, decode is MQA with one shared 576-dim key [c ; 
 loads the queries of BLOCK_H heads once, walks its share of the sequence BLOCK_N tokens at a time
 through the block table, reads each latent tile ONCE for all those heads and keeps an online
 softmax in fp32. When the sequence is split, a second kernel merges the partial outputs with
-their log-sum-exp. No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
+their log-sum-exp (for few sequences, and W_UV given, the same launch multiplies by W_UV). No host
+synchronisation: the launch is CUDA-graph capturable for fixed shapes.
 
 An FP8 cache (uint8 blocks: each token's R + P e4m3 values, then the tokens' fp32 scales,
 kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its scores after the dot
@@ -33,6 +34,12 @@ _BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one p
 _PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
 _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent bytes read
 _MAX_SPLITS = 128
+# Up to this many sequences, the split merge also does W_UV's product (w_uv given): one launch for what
+# took the merge and a batched matmul. Its programs multiply on CUDA cores, each re-merging its head's
+# partials, so many sequences keep the matmul on tensor cores. 0: never. Interpreter-tested and built for
+# sm_90, not yet timed on a GPU (scripts/profile_decode.py --step-only, batch 1), so off until it has been.
+PROJECT_IN_MERGE_MAX_SEQS = 0
+_PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel writes
 
 
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
@@ -138,14 +145,10 @@ def _mla_decode_split_kernel(
         tl.store(mid_lse_ptr + mid, lse, mask=mask_h)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _mla_decode_merge_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """out = sum_s 2^lse_s o_s / sum_s 2^lse_s, as an online merge; empty splits (lse -inf) drop out."""
-    head = tl.program_id(0)
-    seq = tl.program_id(1)
+@triton.jit
+def _merge_splits(mid_o_ptr, mid_lse_ptr, seq, head, num_heads, num_splits, BLOCK_R: tl.constexpr):
+    """One (sequence, head)'s output [BLOCK_R] fp32: sum_s 2^lse_s o_s / sum_s 2^lse_s over its splits'
+    partials, as an online merge; empty splits (lse -inf) drop out, all empty (length 0) gives zeros."""
     offs_r = tl.arange(0, BLOCK_R)
     base = ((seq * num_heads + head) * num_splits).to(tl.int64)
     m = float("-inf")
@@ -161,9 +164,42 @@ def _mla_decode_merge_kernel(
         acc = acc * alpha + weight * o
         denom = denom * alpha + weight
         m = m_new
-    out = acc / tl.where(denom > 0, denom, 1.0)  # every split empty (length 0): zeros
+    return acc / tl.where(denom > 0, denom, 1.0)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _mla_decode_merge_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
+    R: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[seq, head] = its splits' partials merged, in out's dtype."""
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    out = _merge_splits(mid_o_ptr, mid_lse_ptr, seq, head, num_heads, num_splits, BLOCK_R)
     tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_r, out.to(out_ptr.dtype.element_ty),
              mask=offs_r < R)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_project_kernel(
+    mid_o_ptr, mid_lse_ptr, w_ptr, out_ptr, num_heads, num_splits, DV, stride_wh, stride_wv, stride_o_n, stride_o_h,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """out[seq, head, v block] = w[head, v block] @ (its splits' partials merged, rounded to out's dtype
+    as the latent output is): the merge and absorbed decode's W_UV product in one launch, for few
+    sequences. Each of a head's DV / BLOCK_V programs merges the head's partials again (from L2)."""
+    head = tl.program_id(0)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    seq = tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    o = _merge_splits(mid_o_ptr, mid_lse_ptr, seq, head, num_heads, num_splits, BLOCK_R)
+    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
+    mask_v = offs_v < DV
+    w = tl.load(w_ptr + head * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
+                mask=mask_v[:, None] & (offs_r < R)[None, :], other=0.0)
+    y = tl.sum(w.to(tl.float32) * o[None, :], axis=1)
+    tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_v, y.to(out_ptr.dtype.element_ty), mask=mask_v)
 
 
 def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
@@ -177,8 +213,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
                block_n: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, fp16_dots: bool | None = None) -> torch.Tensor:
-    """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R].
+               num_stages: int | None = None, fp16_dots: bool | None = None,
+               w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R] (with w_uv,
+    [N, H, dv]).
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
     (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype, or an FP8
@@ -190,7 +228,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     tuning; None: the defaults below). fp16_dots (an FP8 cache with bf16 or fp16 queries; None: on for
     them): widen e4m3 to fp16 rather than to the queries' dtype (one instruction a pair, against several
     to bf16) and run both dots in fp16, the queries scaled into its range by a power of two; on an H200
-    1.16-1.31x faster than widening to bf16 (docs/fp8.md). Never reads device values on the host.
+    1.16-1.31x faster than widening to bf16 (docs/fp8.md). w_uv [H, dv, R] (absorbed decode's W_UV, a
+    view with a contiguous last dim is fine): the output projected per head, as the reference does it;
+    for up to PROJECT_IN_MERGE_MAX_SEQS sequences in the launch that merges the splits. Never reads
+    device values on the host.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
@@ -233,9 +274,14 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
+    if w_uv is not None and (w_uv.dim() != 3 or w_uv.shape[0] != H or w_uv.shape[2] != R
+                             or w_uv.dtype != q_lat.dtype or w_uv.stride(2) != 1 or w_uv.device != q_lat.device):
+        raise ValueError(f"mla_decode: w_uv must be [{H}, dv, {R}] {q_lat.dtype} with a contiguous last dim, on "
+                         f"q_lat's device; got {tuple(w_uv.shape)} {w_uv.dtype}")
     out = torch.empty_like(q_lat, memory_format=torch.contiguous_format)
     if N == 0:
-        return out
+        return out if w_uv is None else q_lat.new_empty(0, H, w_uv.shape[1])
+    project_in_merge = w_uv is not None and N <= PROJECT_IN_MERGE_MAX_SEQS
     block_h = _BLOCK_H if H >= _BLOCK_H else max(16, triton.next_power_of_2(H))  # tl.dot needs M >= 16
     head_groups = triton.cdiv(H, block_h)
     if num_kv_splits is None:
@@ -244,7 +290,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if num_kv_splits < 1:
         raise ValueError(f"mla_decode: num_kv_splits must be >= 1, got {num_kv_splits}")
     block_r, block_p = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(P))
-    if num_kv_splits > 1:
+    if num_kv_splits > 1 or project_in_merge:  # (one split is "merged" too, to be projected in that launch)
         mid_o = torch.empty(N, H, num_kv_splits, block_r, dtype=torch.float32, device=q_lat.device)
         mid_lse = torch.empty(N, H, num_kv_splits, dtype=torch.float32, device=q_lat.device)
     else:
@@ -258,14 +304,25 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
-        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1, UPCAST_DOT=on_cpu, FP8_CACHE=fp8, FP16_DOTS=fp16_dots,
+        BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
+        FP16_DOTS=fp16_dots,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
     )
+    if project_in_merge:
+        dv = w_uv.shape[1]
+        out = q_lat.new_empty(N, H, dv)
+        _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
+            mid_o, mid_lse, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
+            out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, num_warps=4,
+        )
+        return out
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](
             mid_o, mid_lse, out, H, num_kv_splits, out.stride(0), out.stride(1),
             R=R, BLOCK_R=block_r, num_warps=4,
         )
-    return out
+    if w_uv is None:
+        return out
+    return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on tensor cores

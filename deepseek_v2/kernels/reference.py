@@ -112,7 +112,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-               seq_lens: torch.Tensor, softmax_scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+               seq_lens: torch.Tensor, softmax_scale: float, max_seq_len: int | None = None,
+               w_uv: torch.Tensor | None = None) -> torch.Tensor:
     """out[n, h] = sum_t softmax_t(scale * (q_lat[n,h].c_t + q_pe[n,h].pe_t)) c_t over t < seq_lens[n].
 
     Absorbed decode: with W_UK folded into the query (q_lat [N, H, R]), attention is MQA with one
@@ -121,7 +122,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     [num_blocks, block_size, R + P + 4] as kernels/fp8.py lays it out, dequantized); token t of
     sequence n sits in block block_tables[n, t // block_size] at row t % block_size. Table entries past a sequence's last
     block are ignored. A sequence of length 0 gets a zero output. Math in fp32, result in q_lat's
-    dtype. max_seq_len (a bound on seq_lens) only tunes the kernel; unused here.
+    dtype. max_seq_len (a bound on seq_lens) only tunes the kernel; unused here. w_uv [H, dv, R] in
+    q_lat's dtype (absorbed decode's next step, W_UV): then the output is projected per head,
+    out[n, h] = w_uv[h] @ out[n, h], [N, H, dv] (a batched matmul in that dtype).
     """
     R = q_lat.shape[-1]
     num_blocks, block_size, _ = kv_cache.shape
@@ -138,7 +141,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     valid = positions[None, :] < seq_lens[:, None].long()                 # [N, L]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)                     # length 0: all -inf -> 0
-    return torch.bmm(p, kv[..., :R]).to(q_lat.dtype)                      # [N, H, R]
+    out = torch.bmm(p, kv[..., :R]).to(q_lat.dtype)                       # [N, H, R]
+    if w_uv is None:
+        return out
+    return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, dv]
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
