@@ -13,7 +13,8 @@ Variants:
 - cudnn_varlen: one cuDNN call with cu_seqlens (q/k 192 and v 128 as they are), if the torch build has it;
 - loop_lower_right: one SDPA per sequence with CausalBias lower-right instead of an explicit mask;
 - triton_varlen: our Triton kernel (kernels/prefill_triton.py), one launch, V at its own width.
-With --sweep: triton_varlen's launch configs (BLOCK_M, BLOCK_N, warps, stages) on each workload, beside flash.
+With --sweep: triton_varlen's launch configs (BLOCK_M, BLOCK_N, warps, stages, K and V read through TMA
+descriptors or not) on each workload, beside flash.
 Correctness: each against an fp32 reference, ||out - ref|| / ||ref||; then the median time (do_bench,
 the same shapes again and again) and the "cold" time of the first call on prompt lengths not seen
 before, as serving meets them (a library that builds a plan per shape pays it there).
@@ -113,9 +114,10 @@ def triton_varlen(w, config=None):
 
 
 # launch configs that build for sm_90 without spills at these head dims (tests/sm90_build.py)
-SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, TMA=tma)
          for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4),
-                               (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]]
+                               (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
+         for tma in (False, True)]
 
 
 def sweep():

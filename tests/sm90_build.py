@@ -74,6 +74,8 @@ def launch_decode_kernels() -> None:
     for d, dv in ((192, 128), (96, 64)):
         q, v = torch.empty(64, 16, d, dtype=bf16), torch.empty(64, 16, dv, dtype=bf16)
         prefill_triton.prefill_attention(q, q, v, cu, cu, [64], [64], 0.1)
+        prefill_triton.prefill_attention(q, q, v, cu, cu, [64], [64], 0.1,  # K and V through tensor descriptors
+                                         config=dict(prefill_triton.default_config(d), TMA=True))
 
 
 def launch_fused_kernels() -> None:
@@ -146,7 +148,7 @@ def build(launches) -> list[dict]:
                             spill_bytes=int(stack.group(1)) if stack else None,
                             approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
                             vector_loads="ld.global.v" in ptx, wgmma="wgmma.mma_async" in ptx,
-                            async_copies="cp.async" in ptx,
+                            async_copies="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 

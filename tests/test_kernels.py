@@ -441,6 +441,9 @@ def test_prefill_attention_kernel_matches_ref(tk, case):
     assert out.shape == (sum(ql), H, dv) and out.dtype == dtype
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu_q, cu_k, ql, kl, d**-0.5)
     assert_close(out, ref, dtype)
+    # K and V through tensor descriptors (TMA): a tile's rows past its sequence are the next one's, masked
+    tma = dict(config or tk.prefill_triton.default_config(d), TMA=True)
+    assert_close(tk.prefill_triton.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, d**-0.5, config=tma), ref, dtype)
 
 
 def test_prefill_attention_kernel_reads_views(tk):
@@ -449,9 +452,11 @@ def test_prefill_attention_kernel_reads_views(tk):
     q, k, v, cu_q, cu_k, ql, kl = packed_prefill(2, 48, 32, [9, 20], [4, 0], torch.float32, seed=7)
     kv = torch.cat([k, v], dim=-1)                  # [Tk, H, 48 + 32]: k and v are strided views of it
     q_wide = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :48]
-    out = tk.prefill_triton.prefill_attention(q_wide, kv[..., :48], kv[..., 48:], cu_q, cu_k, ql, kl, 0.2,
-                                             config=dict(BLOCK_M=16, BLOCK_N=16))
-    assert_close(out, reference.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, 0.2), torch.float32)
+    ref = reference.prefill_attention(q, k, v, cu_q, cu_k, ql, kl, 0.2)
+    for tma in (False, True):
+        out = tk.prefill_triton.prefill_attention(q_wide, kv[..., :48], kv[..., 48:], cu_q, cu_k, ql, kl, 0.2,
+                                                 config=dict(BLOCK_M=16, BLOCK_N=16, TMA=tma))
+        assert_close(out, ref, torch.float32)
 
 
 def test_prefill_attention_kernel_rejects_bad_inputs(tk):
@@ -610,4 +615,4 @@ def test_kernels_build_for_sm90():
         assert r["shared"] <= 227 * 1024, r        # the H100/H200 limit per block
         assert r["spill_bytes"] in (0, None), r
         if r["kernel"] == "_prefill_attention_kernel":
-            assert r["wgmma"] and r["async_copies"], r
+            assert r["wgmma"] and r["async_copies"] and r["tma"] == (r["config"]["TMA"] == "True"), r

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = 1.4426950408889634
 
@@ -41,40 +42,52 @@ def _load_tile(ptrs, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, rows_mask, 
 
 
 @triton.jit
-def _attend_keys(acc, l_i, m_i, q_first, q_rest, k_ptr, v_ptr, key_start, key_end, key_len, rows, sm_scale_log2,
-                 stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
+def _key_tile(ptr, desc, key_rows, first_row, head, col, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+              in_range, MASKED: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns col .. col + BLOCK_D of BLOCK_N keys (or values) of one head: through the tensor-memory
+    accelerator (desc: [packed keys, heads, width], rows past the whole tensor read as 0, the next
+    sequence's rows as they are: the caller masks them), or with pointers (ptr: this head's column col
+    of the sequence's key 0; rows past the sequence read as 0 when MASKED)."""
+    if TMA:
+        return tl.reshape(desc.load([first_row, head, col]), [BLOCK_N, BLOCK_D])
+    return _load_tile(ptr + key_rows[:, None] + offs_d[None, :], offs_d, D, BLOCK_D, in_range, MASKED)
+
+
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q_first, q_rest, k_ptr, v_ptr, k_desc, k_rest_desc, v_desc, k_start, head,
+                 key_start, key_end, key_len, rows, sm_scale_log2, stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
                  D_FIRST: tl.constexpr, D_REST: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, UPCAST_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """The online softmax over keys key_start .. key_end (whole BLOCK_N tiles unless MASKED: then the
     causal mask, keys <= rows, and keys < key_len). k_ptr / v_ptr point at this head's key 0."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(key_start, key_end, BLOCK_N):
         keys = start + offs_n
-        key_rows = keys.to(tl.int64)
         in_range = keys < key_len
-        k_first = _load_tile(k_ptr + key_rows[:, None] * stride_kt + offs_df[None, :], offs_df, D_FIRST,
-                             BLOCK_FIRST, in_range, MASKED)
-        v = _load_tile(v_ptr + key_rows[:, None] * stride_vt + offs_dv[None, :], offs_dv, D_V, BLOCK_V,
-                       in_range, MASKED)
+        first_row = k_start + start  # in the packed tensors (TMA)
+        k_first = _key_tile(k_ptr, k_desc, keys.to(tl.int64) * stride_kt, first_row, head, 0, offs_df, D_FIRST,
+                            BLOCK_FIRST, in_range, MASKED, TMA, BLOCK_N)
+        v = _key_tile(v_ptr, v_desc, keys.to(tl.int64) * stride_vt, first_row, head, 0, offs_dv, D_V, BLOCK_V,
+                      in_range, MASKED, TMA, BLOCK_N)
         if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
             k_first, v = k_first.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q_first, tl.trans(k_first), input_precision=DOT_PRECISION)
         if D_REST > 0:
-            k_rest = _load_tile(k_ptr + key_rows[:, None] * stride_kt + D_FIRST + offs_dr[None, :], offs_dr,
-                                D_REST, BLOCK_REST, in_range, MASKED)
+            k_rest = _key_tile(k_ptr + D_FIRST, k_rest_desc, keys.to(tl.int64) * stride_kt, first_row, head, D_FIRST,
+                               offs_dr, D_REST, BLOCK_REST, in_range, MASKED, TMA, BLOCK_N)
             if UPCAST_DOT:
                 k_rest = k_rest.to(tl.float32)
             qk = tl.dot(q_rest, tl.trans(k_rest), acc=qk, input_precision=DOT_PRECISION)
-        qk = qk * sm_scale_log2
         if MASKED:
             visible = (keys[None, :] <= rows[:, None]) & in_range[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-        # every row has seen a key by its first tile (key 0 is visible to all), so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # the scale applied inside the exponent's argument (one multiply-add an element); every row has
+        # seen a key by its first tile (key 0 is visible to all), so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * sm_scale_log2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -85,11 +98,12 @@ def _attend_keys(acc, l_i, m_i, q_first, q_rest, k_ptr, v_ptr, key_start, key_en
 # from cu_query / cu_key), so one compiled variant serves every step of a model.
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_query_ptr, cu_key_ptr, sm_scale_log2,
+    q_ptr, k_ptr, v_ptr, k_desc, k_rest_desc, v_desc, out_ptr, cu_query_ptr, cu_key_ptr, sm_scale_log2,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     D_FIRST: tl.constexpr, D_REST: tl.constexpr, D_V: tl.constexpr,
     BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(2)
@@ -127,14 +141,14 @@ def _prefill_attention_kernel(
     unmasked_end = (context + first_row + 1) // BLOCK_N * BLOCK_N
     end = tl.minimum(k_len, context + first_row + BLOCK_M)
     rows = context + offs_m  # the last key each query sees
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, 0, unmasked_end, k_len, rows,
-                                 sm_scale_log2, stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
-                                 D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V, BLOCK_N, False,
-                                 UPCAST_DOT, DOT_PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, unmasked_end, end, k_len, rows,
-                                 sm_scale_log2, stride_kt, stride_vt, offs_df, offs_dr, offs_dv,
-                                 D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V, BLOCK_N, True,
-                                 UPCAST_DOT, DOT_PRECISION)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, k_desc, k_rest_desc, v_desc,
+                                 k_start, head, 0, unmasked_end, k_len, rows, sm_scale_log2, stride_kt, stride_vt,
+                                 offs_df, offs_dr, offs_dv, D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V,
+                                 BLOCK_N, False, TMA, UPCAST_DOT, DOT_PRECISION)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q_first, q_rest, k_head, v_head, k_desc, k_rest_desc, v_desc,
+                                 k_start, head, unmasked_end, end, k_len, rows, sm_scale_log2, stride_kt, stride_vt,
+                                 offs_df, offs_dr, offs_dv, D_FIRST, D_REST, D_V, BLOCK_FIRST, BLOCK_REST, BLOCK_V,
+                                 BLOCK_N, True, TMA, UPCAST_DOT, DOT_PRECISION)
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < D_V)[None, :])
@@ -177,7 +191,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
                       config: dict | None = None) -> torch.Tensor:
     """Same contract as reference.prefill_attention: out [Tq, H, dv] in q's dtype. q, k and v may be
     views (the last dim contiguous). config (tests and tuning) overrides the launch: BLOCK_M, BLOCK_N,
-    num_warps, num_stages."""
+    num_warps, num_stages, and TMA (default False): read K and V through Hopper's tensor-memory
+    accelerator (tensor descriptors; their strides must be multiples of 16 bytes)."""
     _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens)
     Tq, H, d = q.shape
     dv = v.shape[2]
@@ -189,11 +204,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
     d_rest = d - d_first
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot needs 16 or more
     on_cpu = q.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
+    tma = cfg.pop("TMA", False)
+    if tma:  # [packed keys, heads, width] descriptors, one tile of one head a load
+        block_n = cfg["BLOCK_N"]
+        describe = lambda t, width: TensorDescriptor(t, list(t.shape), list(t.stride()), [block_n, 1, width])
+        k_desc, k_rest_desc, v_desc = describe(k, block(d_first)), describe(k, block(d_rest)), describe(v, block(dv))
+    else:
+        k_desc = k_rest_desc = v_desc = k  # unused
     grid = (H, triton.cdiv(max(query_lens), cfg["BLOCK_M"]), len(query_lens))
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_query, cu_key, scale * _LOG2E,
+        q, k, v, k_desc, k_rest_desc, v_desc, out, cu_query, cu_key, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         D_FIRST=d_first, D_REST=d_rest, D_V=dv, BLOCK_FIRST=block(d_first), BLOCK_REST=block(d_rest),
-        BLOCK_V=block(dv), UPCAST_DOT=on_cpu, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+        BLOCK_V=block(dv), TMA=tma, UPCAST_DOT=on_cpu, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
     )
     return out
