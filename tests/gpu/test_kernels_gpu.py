@@ -226,7 +226,7 @@ def test_fused_moe_cuda_graph(captured_missing, replayed_missing):
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
-@pytest.mark.parametrize("kernel", ["flash", "triton"])
+@pytest.mark.parametrize("kernel", ["flash", "triton", "triton-tma"])
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("query_lens, context_lens", [
     ([7, 300, 1, 64, 129], [0, 0, 0, 0, 0]),          # new prompts of mixed lengths
@@ -240,6 +240,9 @@ def test_prefill_attention_varlen(kernel, heads, query_lens, context_lens, monke
     from deepseek_v2.kernels import prefill
     monkeypatch.setattr(prefill, "TRITON_FROM_KEYS", 1 if kernel == "triton" else None)
     prefill_attention = prefill.prefill_attention
+    if kernel == "triton-tma":  # K and V through tensor descriptors
+        config = dict(prefill.prefill_triton.default_config(192), TMA=True)
+        prefill_attention = lambda *args: prefill.prefill_triton.prefill_attention(*args, config=config)
     g = torch.Generator(device=DEVICE).manual_seed(sum(query_lens) + heads)
     key_lens = [q + c for q, c in zip(query_lens, context_lens)]
     q = torch.randn(sum(query_lens), heads, 192, device=DEVICE, dtype=torch.bfloat16, generator=g)
