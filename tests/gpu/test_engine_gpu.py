@@ -310,22 +310,28 @@ def long_prompt_engine_logprobs(path, prompt, dtype, budget):
     return torch.tensor([next(iter(e.values())) for e in out[0].prompt_logprobs[1:]])
 
 
+def long_prompt_and_its_fp32_logprobs():
+    """The needle harness's longest prompt (32,752 tokens of the haystack, shipped tokenizer) and the
+    log-probability of each of its tokens from the shipped model's whole-sequence forward in fp32."""
+    from pathlib import Path
+    from deepseek_v2.config import DEFAULT_MODEL
+    text = Path("deepseek_v2/eval/haystack.txt").read_text() * 2
+    prompt = Tokenizer.from_pretrained(DEFAULT_MODEL).encode(text)[:32752]
+    model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device="cuda"))[0]
+    return prompt, torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
+
+
 def test_a_32k_prompt_in_chunks_equals_the_whole_sequence_forward():
     """The shipped model (YaRN to 32K): a 32,752-token prompt (the needle harness's longest) prefilled in
     chunks of 4,096 (each later chunk reads the earlier ones from the paged cache) gives the
     log-probabilities of the whole-sequence forward at every position: fp32 (reference attention) to
     1e-3; in bf16 (flash attention) chunked and in one piece differ by less than bf16 differs from fp32."""
-    from pathlib import Path
     from deepseek_v2.config import DEFAULT_MODEL
     assert ModelArgs.from_pretrained(DEFAULT_MODEL).max_position_embeddings == 32768
-    text = Path("deepseek_v2/eval/haystack.txt").read_text() * 2
-    prompt = Tokenizer.from_pretrained(DEFAULT_MODEL).encode(text)[:32752]
+    prompt, whole = long_prompt_and_its_fp32_logprobs()
     assert len(prompt) == 32752
-    model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32, device="cuda")
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device="cuda"))[0]
-    whole = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
-    del model, logits
     chunked = long_prompt_engine_logprobs(DEFAULT_MODEL, prompt, torch.float32, 4096)
     diff = (chunked - whole).abs()
     print(f"fp32: mean |diff| {diff.mean():.2e}, max {diff.max():.2e}; mean logprob {whole.mean():.3f}")
@@ -341,16 +347,9 @@ def test_the_triton_prefill_kernel_on_a_32k_prompt(monkeypatch):
     with every prefill step's attention in our Triton kernel (kernels/prefill_triton.py) and then in
     flash: the Triton run's log-probabilities are as close to the fp32 whole-sequence forward as flash's
     (within 10%)."""
-    from pathlib import Path
     from deepseek_v2.config import DEFAULT_MODEL
     from deepseek_v2.kernels import prefill
-    text = Path("deepseek_v2/eval/haystack.txt").read_text() * 2
-    prompt = Tokenizer.from_pretrained(DEFAULT_MODEL).encode(text)[:32752]
-    model = DeepseekV2ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32, device="cuda")
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device="cuda"))[0]
-    whole = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].cpu()
-    del model, logits
+    prompt, whole = long_prompt_and_its_fp32_logprobs()
     flash = long_prompt_engine_logprobs(DEFAULT_MODEL, prompt, torch.bfloat16, 4096)
     monkeypatch.setattr(prefill, "TRITON_FROM_KEYS", 1)
     calls, kernel = [], prefill.prefill_triton.prefill_attention
