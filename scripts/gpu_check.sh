@@ -54,6 +54,8 @@ if has levers; then
     step levers-$q-on 120 python3 scripts/with_settings.py $ON -- bench $B1 $quant --json "$OUT/levers-$q-on.json"
   done
   step levers-moe-layer 120 python3 scripts/bench_moe_layer.py --variants
+  # where a 256-sequence decode step goes (kernel time against the graph step's: issue 11's 20K target)
+  step profile-256 240 python3 scripts/profile_decode.py --step-only --batch=256
 fi
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL

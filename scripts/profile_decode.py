@@ -1,14 +1,16 @@
 """Where a decode step's time goes on the GPU, and which fused-MoE launch configs are fastest.
 
     PYTHONPATH=. python3 scripts/profile_decode.py        (CUDA only, about a minute on an H200;
-                                                          --step-only: part 3 alone, ~25 s)
+                                                          --step-only: part 3 alone, ~25 s;
+                                                          --batch=256: part 3 with 256 sequences)
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench).
 2. mla_decode at batch 1, 32 and 256 for several split counts; at batches 1 and 256 also the tile
    size, warps and pipeline stages (the fastest four, with the bandwidth they reach).
-3. One batch-1 decode step of a random V2-Lite model, eager, under the torch profiler: total kernel
-   time per step and the top kernels, against the CUDA-graph step time.
+3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
+   under the torch profiler: total kernel time per step and the top kernels, against the CUDA-graph
+   step time (the engine as it runs: asynchronous scheduling where it is on).
 """
 
 from __future__ import annotations
@@ -108,14 +110,19 @@ def sweep_mla() -> None:
 
 
 def profile_step() -> None:
+    batch = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--batch=")), 1)
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(PRESETS["v2-lite"])
     model = model.to(torch.bfloat16).to_empty(device=DEV).init_weights(0).eval()
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
     for eager in (False, True):
-        engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=4, enforce_eager=eager))
+        engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=max(4, batch),
+                                                    enforce_eager=eager))
         params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, detokenize=False)
-        engine.add_request("p", list(range(10, 1034)), params)
+        for i in range(batch):
+            engine.add_request(f"p{i}", [10 + i % 7] + list(range(11, 1034)), params)
+        while any(s.num_computed_tokens < 1024 for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()  # the prompts' prefill
         for _ in range(20):
             engine.step()
         torch.cuda.synchronize()
@@ -124,7 +131,7 @@ def profile_step() -> None:
             engine.step()
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t) / 50 * 1e3
-        print(f"{'eager' if eager else 'graph'} decode step at batch 1: {step_ms:.2f} ms")
+        print(f"{'eager' if eager else 'graph'} decode step at batch {batch}: {step_ms:.2f} ms")
         if eager:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -137,7 +144,8 @@ def profile_step() -> None:
             print(f"kernel time per step {total:.2f} ms over {count:.0f} kernels; top kernels (ms/step, calls/step):")
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
                 print(f"  {e.self_device_time_total / 5 / 1e3:7.3f} {e.count / 5:6.0f}  {e.key[:110]}")
-        engine.abort("p")
+        for i in range(batch):
+            engine.abort(f"p{i}")
         del engine
 
 
