@@ -197,9 +197,11 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
         rows = T * K / E
         block_ms = (16,) if rows < 16 else (16, 32, 64) if T <= 256 else (32, 64, 128)
         best = None
-        for m, n, warps, stages in product(block_ms, (32, 64, 128), (4, 8), (3, 4)):
+        for m, n, warps, stages, swap in product(block_ms, (32, 64, 128), (4, 8), (3, 4), (False, True)):
+            if swap and (m > 32 or n < 64):  # swapped operands: for thin row blocks, 64+ weight columns
+                continue
             cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=128, GROUP_M=1 if rows < 16 else 8, num_warps=warps,
-                       num_stages=stages)
+                       num_stages=stages, SWAP_AB=swap)
             try:
                 us = graph_us(lambda: fp8_moe(cfg))
             except Exception:  # noqa: BLE001 - a config this GPU cannot run (shared memory) drops out

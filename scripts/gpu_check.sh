@@ -43,8 +43,9 @@ if has prefill; then
   step long-triton 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=1 -- bench $LONG \
     --json "$OUT/long-triton.json"
 fi
-# batch-1 decode's launch levers that are built but off until timed: each token's picks summed in the MoE's
-# down GEMM, W_UV's product in MLA decode's merge launch; bf16 and FP8, the default and both on, one call
+# decode's levers that are built but off until timed: each token's picks summed in the MoE's down GEMM,
+# W_UV's product in MLA decode's merge launch (batch 1, bf16 and FP8, the default and both on), the MoE's
+# thin row blocks with swapped operands (FP8 at 256 sequences), the MoE layer's variants, one call
 if has levers; then
   B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
   ON="moe.COMBINE_IN_GEMM_MAX_TOKENS=64 mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8"
@@ -53,7 +54,12 @@ if has levers; then
     step levers-$q-default 120 python3 -m deepseek_v2.cli bench $B1 $quant --json "$OUT/levers-$q-default.json"
     step levers-$q-on 120 python3 scripts/with_settings.py $ON -- bench $B1 $quant --json "$OUT/levers-$q-on.json"
   done
-  step levers-moe-layer 120 python3 scripts/bench_moe_layer.py --variants
+  step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants
+  # FP8 at 256 sequences (issue 13's 1.3x) with the MoE's thin row blocks on warpgroup MMA (swapped operands)
+  B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
+  step levers-fp8-256-default 150 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+  step levers-fp8-256-swap 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 -- bench $B256 \
+    --quantization fp8
   # where a 256-sequence decode step goes (kernel time against the graph step's: issue 11's 20K target)
   step profile-256 240 python3 scripts/profile_decode.py --step-only --batch=256
 fi

@@ -5,7 +5,7 @@
                                                           --batch=256: part 3 with 256 sequences)
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
-   replay, median of triton.testing.do_bench).
+   replay, median of triton.testing.do_bench), thin row blocks also with swapped operands (SWAP_AB).
 2. mla_decode at batch 1, 32 and 256 for several split counts; at batches 1 and 256 also the tile
    size, warps and pipeline stages (the fastest four, with the bandwidth they reach).
 3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
@@ -64,6 +64,8 @@ def sweep_moe() -> None:
         else:
             space = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=wp, num_stages=st)
                      for m, n, k, wp, st in itertools.product((64, 128), (128, 256), (64,), (8,), (3, 4))]
+        # the thin row blocks again with swapped operands (the weight's columns as the MMA's rows)
+        space += [dict(cfg, SWAP_AB=True) for cfg in space if cfg["BLOCK_M"] <= 32 and cfg["BLOCK_N"] >= 64]
         default = default_config(T * K / E)
         for cfg in [None] + space:
             try:

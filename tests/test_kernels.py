@@ -375,6 +375,21 @@ def test_fused_moe_fp8_sums_the_picks_in_the_down_gemm(tk, monkeypatch):
     assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2), apart)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
+def test_fused_moe_with_swapped_operands(tk, case, fp8):
+    """SWAP_AB: each block's products as (weight columns) x (rows), the accumulators transposed back for
+    the epilogue: the same results, with -1 picks, ragged K and N, FP8 block scales on both sides."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16 if fp8 else dtype, seed=900 + case)
+    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
+    weights = fp8_experts(w13.float(), w2.float()) if fp8 else (w13, w2, None, None)
+    launch = dict(config or tk.moe.default_config(T * K / E, fp8), SWAP_AB=True)
+    y = tk.moe.fused_moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3], config=launch)
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+    assert_close(y, reference.moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3]), x.dtype)
+
+
 def test_fused_moe_expert_parallel_split(tk):
     """Experts split over 3 "ranks" in contiguous ranges, each rank's picks mapped to its local ids
     (-1 elsewhere): the ranks' outputs add up to the output with every expert in one place."""
@@ -600,8 +615,8 @@ def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
     the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
     linear layers and their activation quantization, FP8 experts, decode over the FP8 cache), the
-    second launch that sums the FP8 GEMM's pieces of K at one row, and prefill attention included; the
-    GEMM-shaped kernels use Hopper's warpgroup MMA."""
+    second launch that sums the FP8 GEMM's pieces of K at one row, and prefill attention included;
+    prefill attention and the MoE's thin row blocks with swapped operands use Hopper's warpgroup MMA."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
     assert {r["kernel"] for r in results} == {"_mla_decode_split_kernel", "_mla_decode_merge_kernel",
@@ -611,8 +626,13 @@ def test_kernels_build_for_sm90():
                                               "_quantize_kernel", "_sum_pieces_kernel", "_prefill_attention_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
+    assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
+            if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
+        ("True", "16"), ("False", "16"), ("True", "32")}
     for r in results:
         assert r["shared"] <= 227 * 1024, r        # the H100/H200 limit per block
         assert r["spill_bytes"] in (0, None), r
         if r["kernel"] == "_prefill_attention_kernel":
             assert r["wgmma"] and r["async_copies"] and r["tma"] == (r["config"]["TMA"] == "True"), r
+        if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True":  # thin blocks on wgmma
+            assert r["wgmma"], r

@@ -111,6 +111,25 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
 
 
 @triton.jit
+def _accumulate(acc, a, b, a_scale, b_scale, FP8_W: tl.constexpr, SWAP_AB: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for a [rows, K] and b [K, columns]; FP8: the product scaled by the rows' scales a_scale
+    and the columns' weight-block scales b_scale. SWAP_AB: acc is [columns, rows] and gets b^T a^T, so that
+    the weight's columns are the MMA's rows: Hopper's warpgroup MMA needs 64 of them, and decode's
+    row blocks hold 16 or 32."""
+    if FP8_W:
+        if SWAP_AB:
+            acc += tl.dot(tl.trans(b), tl.trans(a)) * (b_scale[:, None] * a_scale[None, :])
+        else:
+            acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+    elif SWAP_AB:
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc=acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n, num_pid_n,
                       TOPK: tl.constexpr, HAS_ADD: tl.constexpr):
     """(The down pass, combining) once this program's rows of c are stored: count each row in for its
@@ -154,6 +173,7 @@ def _moe_gemm_kernel(
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
     COMBINE: tl.constexpr,     # (down pass) also sum each token's TOPK rows into y [T, N] (+ add), as
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
+    SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
@@ -184,8 +204,11 @@ def _moe_gemm_kernel(
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
@@ -199,12 +222,13 @@ def _moe_gemm_kernel(
                 a, a_scale = quantize_rows(a, FP8_MAX, EPS)
             else:
                 a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
-            acc += tl.dot(a, b) * (a_scale[:, None] * tl.load(bs_ptrs + k)[None, :])
+            b_scale = tl.load(bs_ptrs + k)
         else:
+            a_scale, b_scale = 1.0, 1.0  # (unused)
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+        acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
             if EVEN_K:
                 b_up = tl.load(b_ptrs + N * stride_bn)
@@ -212,13 +236,16 @@ def _moe_gemm_kernel(
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
             if FP8_W:  # the up_proj's scales: its block rows follow the gate_proj's
                 up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
-                acc_up += tl.dot(a, b_up) * (a_scale[:, None] * up_scale[None, :])
             else:
+                up_scale = 1.0  # (unused)
                 if UPCAST_DOT:
                     b_up = b_up.to(tl.float32)
-                acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
+            acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SWAP_AB:  # back to rows x columns for the epilogue
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
 
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
@@ -253,6 +280,13 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
 # (two launches fewer a MoE layer, as fp8_linear does below FUSED_MAX_M rows). The re-quantization is
 # repeated by every column block's program, which at thin blocks costs less than a launch.
 QUANTIZE_IN_GEMM_MAX_BLOCK_M = 16
+
+
+# Row blocks of at most this many rows multiply with swapped operands (SWAP_AB: the weight's columns as the
+# MMA's rows), so that Hopper's warpgroup MMA, which needs 64 rows, takes decode's thin blocks (tests/
+# sm90_build.py: wgmma for 16- and 32-row blocks only this way); 0: never. Built and interpreter-tested,
+# not yet timed on a GPU (bench_fp8.py --moe-sweep and profile_decode.py's sweep try both), so off.
+SWAP_AB_MAX_BLOCK_M = 0
 
 
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
@@ -329,8 +363,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    num_warps, num_stages, and FUSED (FP8: quantize x and the intermediate inside the GEMMs; default
-    for row blocks of up to QUANTIZE_IN_GEMM_MAX_BLOCK_M rows). No host synchronisation.
+    num_warps, num_stages, FUSED (FP8: quantize x and the intermediate inside the GEMMs; default for
+    row blocks of up to QUANTIZE_IN_GEMM_MAX_BLOCK_M rows) and SWAP_AB (the products as weight columns x
+    rows; default for row blocks of up to SWAP_AB_MAX_BLOCK_M rows). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -347,6 +382,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     fused = cfg.pop("FUSED", None)  # FP8: each GEMM quantizes its own rows of x / inter (None: by the row blocks)
+    swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
     quantize_in_gemm = fp8 and (cfg["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M if fused is None else fused)
     if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)
         flat = topk_ids.reshape(-1)
@@ -374,7 +410,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, QUANTIZE_A=quantize_in_gemm,
             FP8_MAX=FP8_MAX, EPS=EPS, COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            **cfg,
+            SWAP_AB=swap_ab, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
