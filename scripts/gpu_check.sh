@@ -24,7 +24,7 @@ if [ -d .whl ]; then
   done
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-has tests && step gpu-tests 200 python3 -m pytest -q -x tests/gpu
+has tests && step gpu-tests 420 python3 -m pytest -q tests/gpu
 # the grammar bitmask on the GPU (needs llguidance and jsonschema: carried in .whl/ if the image lacks them)
 has tests && step so-gpu 60 python3 -m pytest -q tests/test_structured_outputs.py::test_bitmask_on_the_gpu_equals_the_cpu
 has kernels && step bench-kernels 120 python3 scripts/bench_kernels.py
