@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,prefill,levers,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
+# (steps: tests,kernels,fused,profile,prefill,levers1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
 # bench;
 # see each below)
 set -u
@@ -43,26 +43,28 @@ if has prefill; then
   step long-triton 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=1 -- bench $LONG \
     --json "$OUT/long-triton.json"
 fi
-# decode's levers that are built but off until timed: each token's picks summed in the MoE's down GEMM,
-# W_UV's product in MLA decode's merge launch (batch 1, bf16 and FP8, the default and both on), the MoE's
-# thin row blocks with swapped operands (FP8 at 256 sequences), the MoE layer's variants, one call
-if has levers; then
-  B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
-  ON="moe.COMBINE_IN_GEMM_MAX_TOKENS=64 mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8"
-  for q in bf16 fp8; do
-    quant=""; [ $q = fp8 ] && quant="--quantization fp8"
-    step levers-$q-default 120 python3 -m deepseek_v2.cli bench $B1 $quant --json "$OUT/levers-$q-default.json"
-    step levers-$q-on 120 python3 scripts/with_settings.py $ON -- bench $B1 $quant --json "$OUT/levers-$q-on.json"
-  done
-  step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants
-  # FP8 at 256 sequences (issue 13's 1.3x) with the MoE's thin row blocks on warpgroup MMA (swapped operands)
-  B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
-  step levers-fp8-256-default 150 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
-  step levers-fp8-256-swap 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 -- bench $B256 \
-    --quantization fp8
-  # where a 256-sequence decode step goes (kernel time against the graph step's: issue 11's 20K target)
-  step profile-256 240 python3 scripts/profile_decode.py --step-only --batch=256
-fi
+# decode's levers that are built but off until timed (each a setting of deepseek_v2/kernels, applied by
+# scripts/with_settings.py): batch 1, bf16 and FP8: each token's picks summed in the MoE's down GEMM and
+# W_UV's product in MLA decode's merge launch; 256 sequences, bf16 and FP8: the MoE's thin row blocks and
+# MLA decode's tiles on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants alone and
+# where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
+B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
+B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
+for q in bf16 fp8; do
+  quant=""; [ $q = fp8 ] && quant="--quantization fp8"
+  if has levers1; then
+    step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
+    step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 \
+      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 -- bench $B1 $quant
+  fi
+  if has levers256; then
+    step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
+    step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 mla_decode.SWAPPED=True \
+      -- bench $B256 $quant
+  fi
+done
+has levers1 && step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants
+has levers256 && step profile-256 240 python3 scripts/profile_decode.py --step-only --batch=256
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL
 has fp8tests && step fp8-tests 130 python3 -m pytest -q -s tests/gpu/test_fp8_gpu.py

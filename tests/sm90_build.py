@@ -45,6 +45,10 @@ def launch_decode_kernels() -> None:
                 mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                                       cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
                                       fp16_dots=fp16_dots)
+    for N in (1, 256):  # tiles as tokens x heads (swapped), over the bf16 cache
+        mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16),
+                              torch.empty(64, 64, 576, dtype=bf16), torch.zeros(N, 64, dtype=i32),
+                              torch.ones(N, dtype=i32), 0.1, swapped=True)
     mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here whether or not mla_decode takes it yet
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch
