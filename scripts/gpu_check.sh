@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,prefill,levers1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,fp8moe,fp8acc,abtree,serve,
-# bench;
-# see each below)
+# (steps: tests,kernels,fused,profile,prefill,levers1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,
+# fp8moe,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+pack() { [ -n "${PACK:-}" ] && tar -czf /tmp/gpu-check.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* \
+  && mv /tmp/gpu-check.tgz "$OUT/"; }
+trap pack EXIT
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 STEPS=${1:-tests,kernels,bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
