@@ -79,6 +79,11 @@ def launch_decode_kernels() -> None:
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
         fp8_linear.linear(torch.empty(1, K, dtype=bf16), w, None, s, offset,  # a GPU's default at one row
                           config=fp8_linear.default_config(1, N, -(-(K + offset[1]) // 128), 132))
+    fp8_linear.SUM_PIECES_IN_GEMM = True  # the pieces summed by the GEMM's last piece of a tile (not yet on)
+    w, s = torch.empty(3072, 2048, dtype=FP8), torch.empty(scale_shape(3072, 2048))
+    for M in (1, 256):
+        fp8_linear.linear(torch.empty(M, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(M, 3072, 16, 132))
+    fp8_linear.SUM_PIECES_IN_GEMM = False
     # prefill attention at V2's head dims (q/k 192 = 128 + 64, v 128) and the demo model's (96 = 64 + 32, v 64)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     for d, dv in ((192, 128), (96, 64)):

@@ -542,6 +542,24 @@ def test_fp8_linear_matches_ref(tk, case):
     assert_close(y, reference.linear(x, w, b, s, offset), dtype)
 
 
+@pytest.mark.parametrize("case", [7, 8, 9])  # K in pieces: with bias, more pieces asked than groups, 32-row blocks
+def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
+    """SUM_PIECES_IN_GEMM: the last piece of a tile to arrive sums the pieces' fp32 partials (+ bias) itself,
+    sum_pieces' arithmetic bit for bit, and leaves every counter at zero for the next launch."""
+    M, N, K, offset, bias, dtype, config = FP8_LINEAR_CASES[case]
+    w, s = fp8_matrix(N, K, offset, seed=case)
+    x = (torch.randn(M, K) * 4).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    apart = tk.fp8_linear.linear(x, w, b, s, offset, config=config)
+    monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", True)
+    launches = []
+    monkeypatch.setattr(tk.fp8_linear, "sum_pieces", lambda *args: launches.append(args))
+    for _ in range(2):
+        assert torch.equal(tk.fp8_linear.linear(x, w, b, s, offset, config=config), apart)
+        assert not tk.fp8_linear._arrivals[x.device].any()
+    assert launches == []
+
+
 def test_fp8_linear_views_and_leading_dims(tk):
     """The weight as a row view of a fused matrix (fuse_rows), x [B, S, K]; without scales: F.linear."""
     w, s = fp8_matrix(256, 128, seed=9)
@@ -645,6 +663,7 @@ def test_kernels_build_for_sm90():
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     assert any(r["config"].get("SWAPPED") == "True" for r in results)
+    assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}

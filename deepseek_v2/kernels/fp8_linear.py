@@ -88,14 +88,17 @@ def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
 
 @triton.jit
 def _fp8_linear_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, row_offset, col_offset, groups_per_piece,
-    stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym, stride_ys,
+    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, sum_ptr, arrived_ptr, M, N, K, row_offset, col_offset,
+    groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym, stride_ys, stride_sum,
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+    SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
-    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that sum_pieces adds up."""
+    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that sum_pieces adds up, or
+    (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N] itself, with sum_pieces'
+    arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     piece = tl.program_id(1)
 
@@ -125,6 +128,20 @@ def _fp8_linear_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + piece * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SUM_ARRIVED:
+        tl.debug_barrier()  # every store of this program issued before its arrival is counted (release)
+        counter = arrived_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            parts = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+            for p in range(tl.num_programs(1)):  # .cg: from L2, where the other pieces' partials are
+                total += tl.load(parts + p * stride_ys, mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+                                 cache_modifier=".cg")
+            if BIAS_IN_SUM:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(sum_ptr + offs_m.to(tl.int64)[:, None] * stride_sum + offs_n[None, :],
+                     total.to(sum_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.store(counter, 0)  # zero again for the next launch
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -143,6 +160,12 @@ def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PI
 
 
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
+# K in pieces: the last piece of each tile to arrive sums the pieces itself (an atomic count, as the router's),
+# instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. Interpreter-
+# tested and built for sm_90, not yet timed on a GPU (gpu_check.sh levers1), so off.
+SUM_PIECES_IN_GEMM = False
+_COUNTERS = 1 << 16    # arrival counters per device: the tiles of one GEMM
+_arrivals: dict[torch.device, torch.Tensor] = {}  # per device, zero between launches
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
 
@@ -231,16 +254,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cfg = {k: v for k, v in cfg.items() if k not in ("FUSED", "PIECES")}
     xq, xs = (x, y) if fused else quantize_activation(x, c)
     out = y if pieces == 1 else torch.empty(pieces, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), pieces)
-    _fp8_linear_kernel[grid](
-        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, out, M, N, K, r, c, per_piece,
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    arrived = _counters(x.device) if pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS else None
+    _fp8_linear_kernel[(tiles, pieces)](
+        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, out, y,
+        arrived if arrived is not None else y, M, N, K, r, c, per_piece,
         xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), out.stride(-2),
-        out.stride(0) if pieces > 1 else 0,
-        HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, **cfg,
+        out.stride(0) if pieces > 1 else 0, y.stride(0),
+        HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
+        SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, **cfg,
     )
-    if pieces > 1:
+    if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
     return y.view(*shape[:-1], N)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """The arrival counters (allocated once, on a warm-up step before any graph capture; zeroed by the kernel)."""
+    if device not in _arrivals:
+        _arrivals[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return _arrivals[device]
 
 
 def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:

@@ -67,17 +67,32 @@ def test_fp8_linear_triton_over_prequantized_x(M):
         assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
 
 
+@pytest.mark.parametrize("summed_in_gemm", [False, True])
 @pytest.mark.parametrize("pieces", [2, 16])
-def test_fp8_linear_with_k_in_pieces(pieces):
-    """The decode GEMM with K cut into pieces (their fp32 partials summed by sum_pieces), at a
-    part that starts inside a block and with a bias: the reference's result."""
+def test_fp8_linear_with_k_in_pieces(pieces, summed_in_gemm, monkeypatch):
+    """The decode GEMM with K cut into pieces (their fp32 partials summed by sum_pieces, or by the last
+    piece of each tile to arrive: SUM_PIECES_IN_GEMM, bit for bit the same), at a part that starts inside
+    a block and with a bias: the reference's result; then replayed from a CUDA graph twice."""
+    from deepseek_v2.kernels import fp8_linear
     for N, K, offset in [(2048, 2048, (0, 0)), (5120, 2048, (0, 64))]:
         w, s = fp8_weight(N, K, seed=pieces, offset=offset)
         x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
         bias = torch.randn(N, device=DEVICE, dtype=torch.bfloat16)
+        config = dict(default_config(1), PIECES=pieces)
+        apart = linear(x, w, bias, s, offset, config=config)
+        monkeypatch.setattr(fp8_linear, "SUM_PIECES_IN_GEMM", summed_in_gemm)
         poison_free_memory()
-        y = linear(x, w, bias, s, offset, config=dict(default_config(1), PIECES=pieces))
-        assert rel_error(y, reference.linear(x, w, bias, s, offset)) < 1e-2
+        y = linear(x, w, bias, s, offset, config=config)
+        assert rel_error(y, reference.linear(x, w, bias, s, offset)) < 1e-2 and torch.equal(y, apart)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = linear(x, w, bias, s, offset, config=config)
+        for _ in range(2):
+            x.normal_()
+            graph.replay()
+            monkeypatch.setattr(fp8_linear, "SUM_PIECES_IN_GEMM", False)
+            assert torch.equal(y, linear(x, w, bias, s, offset, config=config))
+            monkeypatch.setattr(fp8_linear, "SUM_PIECES_IN_GEMM", summed_in_gemm)
 
 
 def test_fp8_linear_cuda_graph():
