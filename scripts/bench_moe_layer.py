@@ -84,7 +84,8 @@ def variants() -> None:
     """The default layer against one module setting changed at a time, at decode's token counts."""
     changes = [("picks summed in the down GEMM", "COMBINE_IN_GEMM_MAX_TOKENS", 64, False),
                ("thin row blocks with swapped operands", "SWAP_AB_MAX_BLOCK_M", 32, False),
-               ("x / inter quantized by launches of their own", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 0, True)]
+               ("x / inter quantized by launches of their own", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 0, True),
+               ("x / inter quantized inside up to 32-row blocks", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 32, True)]
     print("\n| weights | tokens | variant | default (us) | variant (us) | default / variant | same output |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for fp8 in (False, True):
