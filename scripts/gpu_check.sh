@@ -48,9 +48,11 @@ if has prefill; then
 fi
 # decode's levers that are built but off until timed (each a setting of deepseek_v2/kernels, applied by
 # scripts/with_settings.py): batch 1, bf16 and FP8: each token's picks summed in the MoE's down GEMM,
-# W_UV's product in MLA decode's merge launch, the FP8 GEMM's pieces summed by itself; 256 sequences, bf16 and FP8: the MoE's thin row blocks and
-# MLA decode's tiles on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants alone and
-# where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
+# W_UV's product in MLA decode's merge launch, the FP8 GEMM's pieces summed by itself; 256 sequences, bf16
+# and FP8: the MoE's thin row blocks and MLA decode's tiles on Hopper's warpgroup MMA (operands swapped),
+# FP8's activations quantized inside the MoE's 32-row blocks and the pieces summed in the GEMM; then the
+# MoE layer's variants alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few
+# minutes each)
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
@@ -63,7 +65,7 @@ for q in bf16 fp8; do
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
     step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 mla_decode.SWAPPED=True \
-      -- bench $B256 $quant
+      moe.QUANTIZE_IN_GEMM_MAX_BLOCK_M=32 fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B256 $quant
   fi
 done
 has levers1 && step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants
