@@ -43,7 +43,7 @@ _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel 
 # The tiles' products as tokens x heads (mla_decode's swapped): built and interpreter-tested, not yet timed
 # on a GPU (profile_decode.py's MLA sweep tries both), so off.
 SWAPPED = False
-_SWAPPED_BLOCK_N = 64        # tokens a tile: the warpgroup MMA's 64 rows
+_SWAPPED_BLOCK_N = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # 64: the warpgroup MMA's rows
 
 
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
@@ -298,7 +298,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
     swapped = SWAPPED if swapped is None else swapped
-    block_n = block_n or (_SWAPPED_BLOCK_N if swapped else _BLOCK_N[q_lat.dtype])  # FP8: half the bytes, same count
+    block_n = block_n or (_SWAPPED_BLOCK_N if swapped else _BLOCK_N)[q_lat.dtype]  # FP8: half the bytes, same count
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
