@@ -22,7 +22,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from deepseek_v2.kernels import reference  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
-from deepseek_v2.kernels.moe import default_config, fused_moe, moe_align  # noqa: E402
+from deepseek_v2.kernels.moe import default_config, fused_moe  # noqa: E402
+from deepseek_v2.kernels.moe_align import moe_align  # noqa: E402
 
 PEAK_BYTES = 4.3e12
 DEVICE = "cuda"

@@ -279,7 +279,7 @@ def test_moe_align_groups_and_pads_rows(tk, missing):
     topk_ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     topk_ids[:, 0] = 2                                                      # a crowded expert
     topk_ids = drop_picks(topk_ids, missing, seed=4)
-    a = tk.moe.moe_align(topk_ids, E, block_m)
+    a = tk.moe_align.moe_align(topk_ids, E, block_m)
     flat = topk_ids.flatten()
     bucket = flat.where(flat >= 0, E)
     counts = torch.bincount(bucket, minlength=E + 1)

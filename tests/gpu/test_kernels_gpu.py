@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
 from deepseek_v2.kernels import reference  # noqa: E402
-from deepseek_v2.kernels.moe import fused_moe, moe_align  # noqa: E402
+from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
+from deepseek_v2.kernels.moe_align import moe_align  # noqa: E402
 
 from gpu_memory import poison_free_memory  # noqa: E402
 
