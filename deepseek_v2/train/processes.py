@@ -75,5 +75,8 @@ def shard_model(model: nn.Module, procs: Processes) -> None:
 
 
 def stop_processes(procs: Processes) -> None:
+    """Leave the process group together: rank 0 may still be writing the run's last files, and a gloo rank
+    that tore its group down before the others once aborted at exit (SIGABRT in CI)."""
     if procs.world > 1:
+        dist.barrier()
         dist.destroy_process_group()
