@@ -459,6 +459,7 @@ PREFILL_CASES = [  # H, d (q/k), dv, query lens, cached context lens, dtype, BLO
     (1, 192, 128, [40], [100], torch.bfloat16, 32, 32),                   # V2's dims: 128 + 64, v 128
     (2, 24, 16, [1, 1, 1], [0, 3, 64], torch.float16, 16, 16),            # one query each
     (1, 192, 128, [130, 5], [70, 0], torch.bfloat16, None, None),         # the default launch (128 x 64 tiles)
+    (2, 40, 24, [40, 3], [9, 0], torch.float32, None, None),               # fp32's default launch (32 x 16)
 ]
 
 

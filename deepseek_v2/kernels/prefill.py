@@ -30,10 +30,10 @@ TRITON_FROM_KEYS: int | None = None
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
                       cu_key: torch.Tensor, query_lens: list[int], key_lens: list[int], scale: float) -> torch.Tensor:
     """Same contract as reference.prefill_attention."""
+    if q.is_cuda and TRITON_FROM_KEYS is not None and max(key_lens) >= TRITON_FROM_KEYS:  # any float dtype
+        return prefill_triton.prefill_attention(q, k, v, cu_query, cu_key, query_lens, key_lens, scale)
     if q.dtype not in (torch.bfloat16, torch.float16) or not q.is_cuda or q.shape[-1] > 256:
         return reference.prefill_attention(q, k, v, cu_query, cu_key, query_lens, key_lens, scale)
-    if TRITON_FROM_KEYS is not None and max(key_lens) >= TRITON_FROM_KEYS:
-        return prefill_triton.prefill_attention(q, k, v, cu_query, cu_key, query_lens, key_lens, scale)
     dv = v.shape[-1]
     v = F.pad(v, (0, q.shape[-1] - dv)) if dv < q.shape[-1] else v
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu_query, cu_key, max(query_lens), max(key_lens),
