@@ -11,7 +11,8 @@ plan for every new prompt length (prefill-holding steps of a mixed workload: 147
 varlen path was slow and aligned the mask to the start). The numbers: docs/benchmarks.md.
 
 Flash needs one head dim for q, k and v, and bf16 / fp16: V (128) is padded with zeros to the q/k dim
-(192) and the padding dropped from the output (as vLLM does for MLA); other dtypes run the reference.
+(192) and the padding dropped from the output (as vLLM does for MLA); other dtypes run the reference,
+or our kernel when TRITON_FROM_KEYS hands it the step.
 """
 
 from __future__ import annotations
