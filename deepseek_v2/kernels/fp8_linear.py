@@ -132,6 +132,7 @@ def _fp8_linear_kernel(
         tl.debug_barrier()  # every store of this program issued before its arrival is counted (release)
         counter = arrived_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+            tl.debug_barrier()  # the acquiring thread's view passed to every thread before the partials are read
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             parts = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
             for p in range(tl.num_programs(1)):  # .cg: from L2, where the other pieces' partials are

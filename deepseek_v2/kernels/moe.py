@@ -70,6 +70,7 @@ def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, 
     tokens = tl.where(mask_m, rows // TOPK, 0)
     counters = arrived_ptr + tokens * num_pid_n + pid_n
     before = tl.atomic_add(counters, 1, mask=mask_m, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()  # the acquiring lanes' view passed to every thread of the program before it reads rows
     last = mask_m & (before == TOPK - 1)
     mask = last[:, None] & (offs_n < N)[None, :]
     acc = tl.zeros([rows.shape[0], offs_n.shape[0]], dtype=tl.float32)
