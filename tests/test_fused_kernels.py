@@ -23,6 +23,7 @@ import torch
 
 from deepseek_v2.kernels import reference
 from deepseek_v2.kernels.fp8 import cache_views
+from deepseek_v2.kernels.launch import arrival_counters
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -322,7 +323,7 @@ def test_route_multiplies_in_fp32_and_routes(tk, T):
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
         want_w, want_ids = reference.topk_softmax(logits, k, True, 1.0, num_shared=2)
         assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-6, atol=0)
-    assert not tk.router._arrivals[x.device].any()
+    assert not arrival_counters(x.device, "route", tk.router.ROUTE_MAX_TOKENS).any()
 
 
 def test_route_rejects_bad_inputs(tk):

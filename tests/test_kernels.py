@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_v2.kernels import reference
+from deepseek_v2.kernels.launch import arrival_counters
 from deepseek_v2.kernels.fp8 import quantize_cache, quantize_weight
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -379,7 +380,7 @@ def test_fused_moe_sums_the_picks_in_the_down_gemm_bit_for_bit(tk, case, missing
     monkeypatch.setattr(tk.moe, "_combine_kernel", spy)
     inside = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
     assert launches == [] and torch.equal(inside, apart)
-    assert not tk.moe._arrivals[x.device].any()
+    assert not arrival_counters(x.device, "moe combine", tk.moe._ARRIVALS).any()
     again = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
     assert torch.equal(again, apart)
 
@@ -557,7 +558,7 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
     monkeypatch.setattr(tk.fp8_linear, "sum_pieces", lambda *args: launches.append(args))
     for _ in range(2):
         assert torch.equal(tk.fp8_linear.linear(x, w, b, s, offset, config=config), apart)
-        assert not tk.fp8_linear._arrivals[x.device].any()
+        assert not arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
     assert launches == []
 
 

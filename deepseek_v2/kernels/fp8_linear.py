@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
-from .launch import num_sms
+from .launch import arrival_counters, num_sms
 
 
 @triton.jit
@@ -165,8 +165,7 @@ FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decod
 # instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. Interpreter-
 # tested and built for sm_90, not yet timed on a GPU (gpu_check.sh levers1), so off.
 SUM_PIECES_IN_GEMM = False
-_COUNTERS = 1 << 16    # arrival counters per device: the tiles of one GEMM
-_arrivals: dict[torch.device, torch.Tensor] = {}  # per device, zero between launches
+_COUNTERS = 1 << 16    # arrival counters: the tiles of one GEMM
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
 
@@ -256,7 +255,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xq, xs = (x, y) if fused else quantize_activation(x, c)
     out = y if pieces == 1 else torch.empty(pieces, M, N, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    arrived = _counters(x.device) if pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS else None
+    summed_here = pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS
+    arrived = arrival_counters(x.device, "fp8 pieces", _COUNTERS) if summed_here else None
     _fp8_linear_kernel[(tiles, pieces)](
         xq, xs, weight, weight_scale_inv, bias if bias is not None else y, out, y,
         arrived if arrived is not None else y, M, N, K, r, c, per_piece,
@@ -268,13 +268,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
     return y.view(*shape[:-1], N)
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """The arrival counters (allocated once, on a warm-up step before any graph capture; zeroed by the kernel)."""
-    if device not in _arrivals:
-        _arrivals[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return _arrivals[device]
 
 
 def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:

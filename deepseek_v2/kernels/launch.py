@@ -14,3 +14,16 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_counters: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, owner: str, size: int) -> torch.Tensor:
+    """The int32 counters a kernel's "last program to arrive" counts on (the router, the MoE's combine,
+    the FP8 GEMM's pieces): one zeroed buffer per device and owner, allocated on first use (a warm-up
+    step, before any CUDA-graph capture) and left at zero by every launch that uses it."""
+    key = (device, owner)
+    if key not in _counters:
+        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _counters[key]

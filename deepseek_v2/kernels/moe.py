@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
 from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
+from .launch import arrival_counters
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -360,15 +361,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 # it: a launch fewer a MoE layer. 0: never. Interpreter-tested and built for sm_90, not yet timed on a GPU
 # (scripts/bench_moe_layer.py prints both), so off until it has been.
 COMBINE_IN_GEMM_MAX_TOKENS = 0
-_ARRIVALS = 1 << 16  # counters per device: tokens x column blocks of the down GEMM (64 x 1024)
-_arrivals: dict[torch.device, torch.Tensor] = {}  # per device, zero between launches
+_ARRIVALS = 1 << 16  # counters: tokens x column blocks of the down GEMM (64 x 1024)
 
 
 def combine_in_gemm(T: int, D: int, block_n: int, device: torch.device) -> torch.Tensor | None:
     """The arrival counters for a down GEMM that sums the picks itself, or None (_combine_kernel does)."""
     if T > COMBINE_IN_GEMM_MAX_TOKENS or T * triton.cdiv(D, block_n) > _ARRIVALS:
         return None
-    if device not in _arrivals:  # allocated once (a warm-up step, before any graph capture), zeroed by the kernel
-        _arrivals[device] = torch.zeros(_ARRIVALS, dtype=torch.int32, device=device)
-    return _arrivals[device]
+    return arrival_counters(device, "moe combine", _ARRIVALS)
 

@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
+from .launch import arrival_counters
 
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
@@ -186,7 +187,6 @@ ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route wit
 # GPU, so route() gives it to the reference (cuBLAS and PyTorch) until tests/gpu has passed with it on.
 GROUPED_IN_KERNEL = False
 _SPLIT_D = 128  # hidden columns a program of _route_kernel multiplies: V2-Lite's 2048 in 16 programs a token
-_arrivals: dict[torch.device, torch.Tensor] = {}  # per device: programs arrived, by token (zero between launches)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
@@ -211,9 +211,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     if not 1 <= k <= E <= _MAX_E:
         raise ValueError(f"route: need 1 <= k <= E <= {_MAX_E}; got k={k}, E={E}")
     n_group, topk_group = _check_groups("route", E, k, groups)
-    arrived = _arrivals.get(x.device)
-    if arrived is None:  # allocated once (a warm-up step, before any graph capture), zero after every launch
-        arrived = _arrivals[x.device] = torch.zeros(ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
+    arrived = arrival_counters(x.device, "route", ROUTE_MAX_TOKENS)  # programs arrived, by token
     block_e = triton.next_power_of_2(E)
     splits = triton.cdiv(D, _SPLIT_D)
     partial = torch.empty(T, splits, block_e, dtype=torch.float32, device=x.device)
