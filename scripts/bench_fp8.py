@@ -102,10 +102,12 @@ def bench_moe() -> None:
         f8 = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds))
         other = []
         launch = moe_config(T * K / E, True)
-        if launch["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M:  # the default quantizes inside the GEMMs here
-            first = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds,
-                                               config=dict(launch, FUSED=False)))
-            other.append(f"x / inter quantized by launches of their own: {first:.1f} us")
+        if launch["BLOCK_M"] <= 16:  # decode's thin blocks: x / inter quantized inside the GEMMs, or by launches
+            fused = not launch["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M  # the other way than the default
+            us = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds,
+                                            config=dict(launch, FUSED=fused)))
+            other.append(f"x / inter quantized {'inside the GEMMs' if fused else 'by launches of their own'}: "
+                         f"{us:.1f} us")
         row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I,
             "; ".join(other))
 

@@ -4,8 +4,8 @@ it (MoE.fuse_shared_experts), in bf16 and with FP8 weights, from 1 to 4096 token
 sets MoE.FUSED_SHARED_MAX_TOKENS. Then, for decode's token counts, the fused MoE's launch variants
 against the default: each token's picks summed in the down GEMM (kernels/moe.py,
 COMBINE_IN_GEMM_MAX_TOKENS), thin row blocks multiplied with swapped operands (SWAP_AB_MAX_BLOCK_M) and,
-with FP8 weights, x and the intermediate quantized by launches of their own instead of inside the
-GEMMs (QUANTIZE_IN_GEMM_MAX_BLOCK_M).
+with FP8 weights, x and the intermediate quantized inside the GEMMs instead of by launches of their own
+(QUANTIZE_IN_GEMM_MAX_BLOCK_M).
 
 Run: python scripts/bench_moe_layer.py [--variants]     (CUDA only; under a minute on an H200)
 
@@ -84,7 +84,7 @@ def variants() -> None:
     """The default layer against one module setting changed at a time, at decode's token counts."""
     changes = [("picks summed in the down GEMM", "COMBINE_IN_GEMM_MAX_TOKENS", 64, False),
                ("thin row blocks with swapped operands", "SWAP_AB_MAX_BLOCK_M", 32, False),
-               ("x / inter quantized by launches of their own", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 0, True),
+               ("x / inter quantized inside 16-row blocks", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 16, True),
                ("x / inter quantized inside up to 32-row blocks", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 32, True)]
     print("\n| weights | tokens | variant | default (us) | variant (us) | default / variant | same output |")
     print("|---|---|---|---|---|---|---|", flush=True)

@@ -41,6 +41,7 @@ def run(engine, prompts, params):
 SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", 1), ("moe", "COMBINE_IN_GEMM_MAX_TOKENS", 64),
                ("moe", "SWAP_AB_MAX_BLOCK_M", 32), ("mla_decode", "PROJECT_IN_MERGE_MAX_SEQS", 8),
                ("mla_decode", "SWAPPED", True), ("fp8_linear", "SUM_PIECES_IN_GEMM", True),
+               ("moe", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 16),
                ("router", "GROUPED_IN_KERNEL", True)]
 
 
