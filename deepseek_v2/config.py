@@ -327,10 +327,12 @@ class EngineConfig:
     long_prefill_token_threshold: int = _knob(0, "the most tokens of one prompt prefilled in a step, so that a long "
                                                  "prompt goes in chunks beside the running decodes and delays "
                                                  "their tokens less; 0: as many as the step's budget leaves")
+    # No cap by default, serve included: on an H200 a cap of 1,024 gave no lower p99 inter-token latency at
+    # 20 requests/s and cost 8-24% of the output tokens/s all at once (docs/benchmarks.md, "The prompt cap").
     max_prefill_tokens_beside_decodes: int | None = _knob(
         None, "the most prompt tokens in a step that also decodes, so that prompts arriving while others generate "
               "delay their next tokens less; a step without decodes still takes max_num_batched_tokens (default: "
-              "no such limit; serve: 1024)")
+              "no such limit)")
     block_size: int = _knob(64, "tokens per cache block")
     enable_prefix_caching: bool = _knob(True, "reuse cached blocks of shared prompt prefixes")
     enforce_eager: bool = _knob(False, "no CUDA graphs")

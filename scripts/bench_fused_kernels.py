@@ -2,8 +2,9 @@
 
 Run: python scripts/bench_fused_kernels.py     (CUDA only; under a minute on an H200)
 
-Shapes are DeepSeek-V2-Lite's (D=2048, 16 heads, R=512, P=64, 64 experts top-6, bf16). Times are
-triton.testing.do_bench medians (L2 flushed before each sample). T=1 (a decode step) is timed from a
+Shapes are DeepSeek-V2-Lite's (D=2048, 16 heads, R=512, P=64, 64 experts top-6, bf16), and the router
+also at DeepSeek-V2's (D=5120, 160 experts top-6 in 8 groups, 3 kept). Times are triton.testing.do_bench
+medians (L2 flushed before each sample). T=1 (a decode step; the router also at T=64) is timed from a
 CUDA graph holding REPS back-to-back calls, divided by REPS: per-call launch overheads vanish in a graph,
 what remains is what the decode graph pays per op. T=16384 (a prefill) is timed eagerly, with the
 bandwidth the fused kernel reaches against the H200's 4.8 TB/s. "kernels" counts the GPU kernels one
@@ -24,6 +25,7 @@ from deepseek_v2.kernels import reference  # noqa: E402
 from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
+from deepseek_v2.kernels import router  # noqa: E402
 from deepseek_v2.kernels.router import topk_softmax  # noqa: E402
 
 DEVICE = "cuda"
@@ -90,6 +92,14 @@ def inputs(op: str, T: int):
         logits = randn(T, 64, dtype=torch.float32)
         return ((lambda: topk_softmax(logits, 6, False, 1.0)), (lambda: reference.topk_softmax(logits, 6, False, 1.0)),
                 T * (64 * 4 + 6 * 8))
+    if op == "route V2 E=160 8/3 groups":  # DeepSeek-V2's group-limited router, hidden 5120 (one launch up to 64)
+        x, w = randn(T, 5120), randn(160, 5120, dtype=torch.float32)
+        args = (x, w, 6, False, 16.0, 0, (8, 3))
+
+        def in_kernel():
+            router.GROUPED_IN_KERNEL = True
+            return router.route(*args)
+        return in_kernel, (lambda: reference.route(*args)), T * 5120 * 2 + 160 * 5120 * 4
     raise ValueError(op)
 
 
@@ -98,13 +108,13 @@ def main():
         raise SystemExit("bench_fused_kernels.py needs a CUDA GPU")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     ops = ["rms_norm D=2048", "add+rms_norm D=2048", "mla_prepare H=16", "silu_and_mul I=1408",
-           "silu_and_mul I=10944", "topk_softmax E=64 k=6"]
+           "silu_and_mul I=10944", "topk_softmax E=64 k=6", "route V2 E=160 8/3 groups"]
     print(f"\n{'op':<24} {'T':>6} {'kernels':>8} {'eager us':>9} {'fused us':>9} {'speedup':>8}  notes")
     for op in ops:
-        for T in (1, 16384):
+        for T in (1, 64) if op.startswith("route") else (1, 16384):
             fused, eager, nbytes = inputs(op, T)
-            kernels = count_kernels(eager) if T == 1 else ""
-            if T == 1:
+            kernels = count_kernels(eager) if T <= 64 else ""
+            if T <= 64:
                 eager_us, fused_us = graphed_us(eager), graphed_us(fused)
                 notes = f"CUDA graph, {REPS} calls"
             else:

@@ -141,7 +141,7 @@ if has serve; then
   # the variants, or before them and again after them with ALT_FIRST=1 (the first server of a call
   # has measured slower all at once: docs/benchmarks.md, "Mixed steps")
   [ -n "${ALT_TREE:-}" ] && [ -n "${ALT_FIRST:-}" ] && TREE=$ALT_TREE serve_once alt-first
-  IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;no-cap:--max-prefill-tokens-beside-decodes 16384}"
+  IFS=';' read -ra variants <<< "${SERVE_VARIANTS:-main:;cap-1024:--max-prefill-tokens-beside-decodes 1024}"
   for v in "${variants[@]}"; do
     read -ra flags <<< "${v#*:}"
     serve_once "${v%%:*}" "${flags[@]}"

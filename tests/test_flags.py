@@ -72,9 +72,7 @@ def test_every_field_is_a_flag_under_the_engine_heading(command, capsys):
 
 @pytest.mark.parametrize("command", ["demo", "generate", "chat", "serve"])
 def test_no_flags_give_the_dataclass_defaults(command):
-    # serve's one override: served traffic's prompts are capped beside running decodes (server/cli.py)
-    serve = dict(max_prefill_tokens_beside_decodes=1024) if command == "serve" else {}
-    assert config(command) == EngineConfig(**serve)
+    assert config(command) == EngineConfig()
     args = parse(command)
     assert (args.model, args.dtype, args.device) == (None, "auto", None)
 

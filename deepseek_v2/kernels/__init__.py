@@ -1,10 +1,9 @@
 """The kernel families the model calls, and the one switch between their two implementations.
 
 Each family has a PyTorch reference (reference.py: the model's math; differentiable, any device) and
-a GPU kernel (one module per family: fused, inference only, same contract; Triton, except prefill
-attention, which is FlashAttention through torch, or our Triton kernel for long contexts once
-kernels/prefill.py's TRITON_FROM_KEYS is set). A `Kernels` set
-names one implementation per family. The model holds one set: the reference unless
+a GPU kernel (one module per family: fused, inference only, same contract; Triton, with torch's
+FlashAttention for prefill attention as kernels/prefill.py's TRITON_FROM_KEYS allows). A `Kernels`
+set names one implementation per family. The model holds one set: the reference unless
 `DeepseekV2ForCausalLM.use_kernels("triton")` picks the kernels, which the engine does on a GPU
 (EngineConfig.kernels). Nothing else chooses: not the device, not grad mode.
 

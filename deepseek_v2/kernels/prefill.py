@@ -1,18 +1,15 @@
-"""Prefill attention of all the step's prefill sequences in one call: flash attention over variable
-lengths (torch's bundled FlashAttention-2, `_flash_attention_forward` with cumulative lengths), or
-our Triton kernel (prefill_triton.py: V not padded) for steps with long contexts, from
-TRITON_FROM_KEYS keys.
+"""Prefill attention of all the step's prefill sequences in one call: on a GPU our Triton kernel
+(prefill_triton.py: causal over variable lengths, V not padded), or torch's bundled FlashAttention-2
+(`_flash_attention_forward` with cumulative lengths) when TRITON_FROM_KEYS says so; elsewhere the
+reference.
 
-Why this: on an H200 at MLA's head dims one call over 80 prompts of ~200 tokens takes 0.56 ms and over
-4 x 4096 tokens 1.5 ms (223 TFLOP/s), against 3.7 and 2.8 ms for the best per-sequence alternative; a
-chunk after cached context needs no explicit mask, because flash aligns the causal mask to the end when
-keys outnumber queries; and nothing is built per new shape, where the per-sequence cuDNN calls built a
-plan for every new prompt length (prefill-holding steps of a mixed workload: 147 -> 56 ms; cuDNN's own
-varlen path was slow and aligned the mask to the start). The numbers: docs/benchmarks.md.
-
-Flash needs one head dim for q, k and v, and bf16 / fp16: V (128) is padded with zeros to the q/k dim
-(192) and the padding dropped from the output (as vLLM does for MLA); other dtypes run the reference,
-or our kernel when TRITON_FROM_KEYS hands it the step.
+Why this: on an H200 at MLA's head dims (docs/benchmarks.md, "Prefill attention"), one flash call over
+80 prompts of ~200 tokens takes 0.56 ms and over 4 x 4096 tokens 1.5 ms, against 3.7 and 2.8 ms for
+the best per-sequence alternative, and nothing is built per new shape (per-sequence cuDNN calls built
+a plan for every prompt length). Our kernel halves flash's times again (0.31 and 0.76 ms; a 16K chunk
+after 112K cached keys 45 ms against 79), because flash needs one head dim for q, k and v: V (128) is
+padded with zeros to the q/k dim (192), as vLLM does for MLA, and the padding dropped from the output.
+Both align a chunk's causal mask to the end when keys outnumber queries: no explicit mask.
 """
 
 from __future__ import annotations
@@ -23,9 +20,9 @@ import torch.nn.functional as F
 from . import prefill_triton, reference
 
 # A step whose longest sequence has at least this many keys (cached context + new tokens) runs the Triton
-# kernel; None: flash for every step. None until the kernel has been timed against flash on a GPU
-# (scripts/prefill_attention_variants.py): its value comes from that table.
-TRITON_FROM_KEYS: int | None = None
+# kernel, shorter ones flash; None: flash for every step (bf16 / fp16). 0: the kernel for every step,
+# as it was faster at every length timed (scripts/prefill_attention_variants.py).
+TRITON_FROM_KEYS: int | None = 0
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,

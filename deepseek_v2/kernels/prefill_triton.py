@@ -1,9 +1,11 @@
 """Causal attention of a step's prefill sequences, packed, in one Triton launch: FlashAttention-2's
 algorithm (after Triton's fused-attention tutorial) at MLA's head dims as they are.
 
-Why a kernel of our own beside flash's varlen call (kernels/prefill.py): flash needs one head dim
-for q, k and v, so V (128 wide) is padded to the query's 192 and a fifth of the value product's work
-is on zeros; here V keeps its width. A query/key head of width d is read as two tiles whose dot
+Why a kernel of our own rather than flash's varlen call (kernels/prefill.py runs this one on GPUs):
+flash needs one head dim for q, k and v, so V (128 wide) is padded to the query's 192 and a fifth of
+the value product's work is on zeros; here V keeps its width. On an H200 it took half flash's time on
+every workload of scripts/prefill_attention_variants.py (80 prompts of ~200 tokens 0.31 ms against
+0.56; 4 x 4096 0.76 against 1.53; a 16K chunk after 112K cached 44.6 against 79.0). A query/key head of width d is read as two tiles whose dot
 products add, d = D_FIRST + D_REST with D_FIRST the largest power of two <= d (MLA's 192 = 128 + 64:
 the no-position part and the rotary part), because a Triton tile's width is a power of two.
 
@@ -154,15 +156,28 @@ def _prefill_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < D_V)[None, :])
 
 
-def default_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+# From this many keys in a step's longest sequence, K and V go through TMA (the bf16 / fp16 launch at
+# wide heads): on an H200, one 16K chunk after 112K cached keys took 41.6 ms with it and 45.5 ms
+# without; at 4 x 4096 tokens the two were equal (scripts/prefill_attention_variants.py --sweep).
+TMA_FROM_KEYS = 16384
+
+
+def default_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, longest_keys: int = 0) -> dict:
     """The launch: 128 queries a program, as Triton's tutorial does on Hopper, and key tiles whose
-    K and V fit three stages in shared memory beside the query tile. fp32 (tests: exact dots) takes
-    small tiles that fit; at MLA's 192 wide heads its registers spill a little, which only costs time."""
+    K and V fit three stages in shared memory beside the query tile; K and V through TMA for long
+    contexts. fp32 (tests: exact dots) takes small tiles that fit; at MLA's 192 wide heads its
+    registers spill a little, which only costs time."""
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     if head_dim > 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=longest_keys >= TMA_FROM_KEYS)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _tma_fits(*tensors: torch.Tensor) -> bool:
+    """TMA reads a tensor on a GPU whose start and strides (but the last) are multiples of 16 bytes."""
+    return all(t.is_cuda and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
 
 
 def _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens):
@@ -194,20 +209,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
                       config: dict | None = None) -> torch.Tensor:
     """Same contract as reference.prefill_attention: out [Tq, H, dv] in q's dtype. q, k and v may be
     views (the last dim contiguous). config (tests and tuning) overrides the launch: BLOCK_M, BLOCK_N,
-    num_warps, num_stages, and TMA (default False): read K and V through Hopper's tensor-memory
-    accelerator (tensor descriptors; their strides must be multiples of 16 bytes)."""
+    num_warps, num_stages, and TMA: read K and V through Hopper's tensor-memory accelerator (tensor
+    descriptors; their strides must be multiples of 16 bytes)."""
     _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens)
     Tq, H, d = q.shape
     dv = v.shape[2]
     out = q.new_empty(Tq, H, dv)
     if Tq == 0:
         return out
-    cfg = dict(config or default_config(d, q.dtype))
+    cfg = dict(config or default_config(d, q.dtype, max(key_lens)))
     d_first = 1 << (d.bit_length() - 1)  # the largest power of two <= d; the rest in a second tile
     d_rest = d - d_first
     block = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot needs 16 or more
     on_cpu = q.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     tma = cfg.pop("TMA", False)
+    if tma and config is None:  # the default asks for TMA where the tensors allow it
+        tma = _tma_fits(k, v)
     if tma:  # [packed keys, heads, width] descriptors, one tile of one head a load
         block_n = cfg["BLOCK_N"]
         describe = lambda t, width: TensorDescriptor(t, list(t.shape), list(t.stride()), [block_n, 1, width])

@@ -183,9 +183,10 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
 
 
 ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route with topk_softmax
-# Group-limited routing in the kernels above: interpreter-tested and built for sm_90, not yet run on a
-# GPU, so route() gives it to the reference (cuBLAS and PyTorch) until tests/gpu has passed with it on.
-GROUPED_IN_KERNEL = False
+# Group-limited routing (DeepSeek-V2's router) in the kernels above; False gives it to the reference
+# (cuBLAS and PyTorch). On since tests/gpu passed with it on an H200 (test_route, the engine's greedy
+# outputs at V2's router shape).
+GROUPED_IN_KERNEL = True
 _SPLIT_D = 128  # hidden columns a program of _route_kernel multiplies: V2-Lite's 2048 in 16 programs a token
 
 

@@ -25,7 +25,6 @@ import uvicorn  # imported here, so that `deepseek-v2 serve` without the server 
 from ..flags import add_engine_arguments, add_model_arguments, check_device, check_model, engine_kwargs
 from .app import Limits
 
-SERVE_PREFILL_BESIDE_DECODES = 1024  # serve's default of EngineConfig.max_prefill_tokens_beside_decodes (below)
 API_KEY_ENV = "DEEPSEEK_V2_API_KEY"  # comma-separated keys, kept out of `ps` output
 # After the grace period the requests left are aborted; their handlers then need a moment to send the
 # 503 or the stream's last events before uvicorn cancels what is still running.
@@ -60,11 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "two do not share one Python interpreter lock)")
     add_model_arguments(parser)
     add_engine_arguments(parser, server=True)
-    # Served traffic arrives while others generate: a step that takes a whole 2,000-token prompt beside
-    # 256 decodes made their p99 inter-token latency 31 ms on an H200, a budget of 1,024 28.9 ms with the
-    # same throughput all at once (docs/benchmarks.md, "Prompts launched ahead"). vLLM's server also
-    # takes a smaller step than its offline LLM.
-    parser.set_defaults(max_prefill_tokens_beside_decodes=SERVE_PREFILL_BESIDE_DECODES)
 
 
 def run(args: argparse.Namespace) -> None:
