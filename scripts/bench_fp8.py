@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight  # noqa: E402
 from deepseek_v2.kernels.fp8_linear import FUSED_MAX_M, default_config, linear  # noqa: E402
 from deepseek_v2.kernels.mla_decode import mla_decode  # noqa: E402
-from deepseek_v2.kernels.moe import QUANTIZE_IN_GEMM_MAX_BLOCK_M, fused_moe  # noqa: E402
+from deepseek_v2.kernels.moe import fused_moe  # noqa: E402
 from deepseek_v2.kernels.moe import default_config as moe_config  # noqa: E402
 
 DEVICE = "cuda"
@@ -100,16 +100,7 @@ def bench_moe() -> None:
         touched = E * (1 - (1 - K / E) ** T)
         b16 = graph_us(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))
         f8 = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds))
-        other = []
-        launch = moe_config(T * K / E, True)
-        if launch["BLOCK_M"] <= 16:  # decode's thin blocks: x / inter quantized inside the GEMMs, or by launches
-            fused = not launch["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M  # the other way than the default
-            us = graph_us(lambda: fused_moe(x, q13, dq, topk_weights, topk_ids, s13, ds,
-                                            config=dict(launch, FUSED=fused)))
-            other.append(f"x / inter quantized {'inside the GEMMs' if fused else 'by launches of their own'}: "
-                         f"{us:.1f} us")
-        row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I,
-            "; ".join(other))
+        row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I)
 
 
 def bench_mla() -> None:

@@ -3,9 +3,7 @@ experts run as their own MLP beside the routed experts' kernel, and stacked as t
 it (MoE.fuse_shared_experts), in bf16 and with FP8 weights, from 1 to 4096 tokens. The crossing point
 sets MoE.FUSED_SHARED_MAX_TOKENS. Then, for decode's token counts, the fused MoE's launch variants
 against the default: each token's picks summed in the down GEMM (kernels/moe.py,
-COMBINE_IN_GEMM_MAX_TOKENS), thin row blocks multiplied with swapped operands (SWAP_AB_MAX_BLOCK_M) and,
-with FP8 weights, x and the intermediate quantized inside the GEMMs instead of by launches of their own
-(QUANTIZE_IN_GEMM_MAX_BLOCK_M).
+COMBINE_IN_GEMM_MAX_TOKENS) and thin row blocks multiplied with swapped operands (SWAP_AB_MAX_BLOCK_M).
 
 Run: python scripts/bench_moe_layer.py [--variants]     (CUDA only; under a minute on an H200)
 
@@ -82,10 +80,8 @@ def main() -> None:
 @torch.no_grad()
 def variants() -> None:
     """The default layer against one module setting changed at a time, at decode's token counts."""
-    changes = [("picks summed in the down GEMM", "COMBINE_IN_GEMM_MAX_TOKENS", 64, False),
-               ("thin row blocks with swapped operands", "SWAP_AB_MAX_BLOCK_M", 32, False),
-               ("x / inter quantized inside 16-row blocks", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 16, True),
-               ("x / inter quantized inside up to 32-row blocks", "QUANTIZE_IN_GEMM_MAX_BLOCK_M", 32, True)]
+    changes = [("picks summed in the down GEMM", "COMBINE_IN_GEMM_MAX_TOKENS", 64),
+               ("thin row blocks with swapped operands", "SWAP_AB_MAX_BLOCK_M", 32)]
     print("\n| weights | tokens | variant | default (us) | variant (us) | default / variant | same output |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for fp8 in (False, True):
@@ -93,9 +89,7 @@ def variants() -> None:
         for T in (1, 4, 16, 64, 256):
             x = torch.randn(T, layer.args.hidden_size, device=DEVICE, dtype=torch.bfloat16)
             default_out, default = layer(x), graph_us(lambda: layer(x))
-            for what, name, value, fp8_only in changes:
-                if fp8_only and not fp8:
-                    continue
+            for what, name, value in changes:
                 saved = getattr(fused, name)
                 setattr(fused, name, value)
                 out, us = layer(x), graph_us(lambda: layer(x))

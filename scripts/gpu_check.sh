@@ -46,14 +46,12 @@ if has prefill; then
   step long-triton 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=1 -- bench $LONG \
     --json "$OUT/long-triton.json"
 fi
-# decode's levers that are built but off until timed (each a setting of deepseek_v2/kernels, applied by
-# scripts/with_settings.py): batch 1, bf16 and FP8: each token's picks summed in the MoE's down GEMM,
-# W_UV's product in MLA decode's merge launch, the FP8 GEMM's pieces summed by itself, FP8's activations
-# quantized inside the MoE's 16-row blocks; 256 sequences, bf16
-# and FP8: the MoE's thin row blocks and MLA decode's tiles on Hopper's warpgroup MMA (operands swapped),
-# FP8's activations quantized inside the MoE's 32-row blocks and the pieces summed in the GEMM; then the
-# MoE layer's variants alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few
-# minutes each)
+# decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
+# scripts/with_settings.py; docs/benchmarks.md has their last timings): batch 1, bf16 and FP8: each
+# token's picks summed in the MoE's down GEMM, W_UV's product in MLA decode's merge launch, the FP8
+# GEMM's pieces summed by itself; 256 sequences, bf16 and FP8: the MoE's thin row blocks on Hopper's
+# warpgroup MMA (operands swapped) and the pieces summed in the GEMM; then the MoE layer's variants
+# alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
@@ -61,13 +59,12 @@ for q in bf16 fp8; do
   if has levers1; then
     step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
     step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 \
-      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 fp8_linear.SUM_PIECES_IN_GEMM=True moe.QUANTIZE_IN_GEMM_MAX_BLOCK_M=16 \
-      -- bench $B1 $quant
+      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
-    step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 mla_decode.SWAPPED=True \
-      moe.QUANTIZE_IN_GEMM_MAX_BLOCK_M=32 fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B256 $quant
+    step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 \
+      fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B256 $quant
   fi
 done
 has levers1 && step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants

@@ -7,8 +7,7 @@
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench), thin row blocks also with swapped operands (SWAP_AB).
 2. mla_decode at batch 1, 32 and 256 for several split counts; at batches 1 and 256 also the tile
-   size, warps, pipeline stages and the tiles' products swapped or not (the fastest four, with the
-   bandwidth they reach).
+   size, warps and pipeline stages (the fastest four, with the bandwidth they reach).
 3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
    under the torch profiler: total kernel time per step and the top kernels, against the CUDA-graph
    step time (the engine as it runs: asynchronous scheduling where it is on).
@@ -98,23 +97,17 @@ def sweep_mla() -> None:
         print(f"mla_decode B={batch} ctx={ctx}: " + "  ".join(row))
         if batch in (1, 256):  # the tile and the launch, at the default split count and at one split
             results = []
-            for splits, block_n, warps, stages, swapped in itertools.product((None, 1), (32, 64), (4, 8), (2, 3, 4),
-                                                                          (False, True)):
-                if swapped and block_n < 64:  # tokens as the warpgroup MMA's 64 rows
-                    continue
+            for splits, block_n, warps, stages in itertools.product((None, 1), (32, 64), (4, 8), (2, 3, 4)):
                 try:
                     us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
                                                      max_seq_len=4104, block_n=block_n, num_warps=warps,
-                                                     num_stages=stages, swapped=swapped))
+                                                     num_stages=stages))
                 except Exception:  # out of shared memory or registers
                     continue
-                results.append((us, dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
-                                         swapped=swapped)))
+                results.append((us, dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)))
             results.sort(key=lambda r: r[0])
             bytes_read = batch * ctx * (R + P) * 2
-            other = next((r for r in results if r[1]["swapped"] is not results[0][1]["swapped"]), None)
-            shown = results[:4] + ([other] if other is not None and other not in results[:4] else [])
-            for us, cfg in shown:  # the fastest four, and the fastest of the other product order
+            for us, cfg in results[:4]:  # the fastest four
                 print(f"    {us:8.1f} us ({bytes_read / us / 1e6:.2f} TB/s)  {cfg}")
 
 

@@ -46,11 +46,7 @@ def launch_decode_kernels() -> None:
                 mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                                       cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
                                       fp16_dots=fp16_dots)
-    for N in (1, 256):  # tiles as tokens x heads (swapped), over the bf16 cache
-        mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16),
-                              torch.empty(64, 64, 576, dtype=bf16), torch.zeros(N, 64, dtype=i32),
-                              torch.ones(N, dtype=i32), 0.1, swapped=True)
-    mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here whether or not mla_decode takes it yet
+    mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here though off by default
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch
         mla_decode.mla_decode(torch.empty(1, H, 512, dtype=bf16), torch.empty(1, H, 64, dtype=bf16), cache,
@@ -60,7 +56,7 @@ def launch_decode_kernels() -> None:
     for E, D, I, K in [(64, 2048, 1408, 6), (20, 5120, 1536, 6)]:
         w13, w2 = torch.empty(E, 2 * I, D, dtype=bf16), torch.empty(E, D, I, dtype=bf16)  # never touched
         fp8 = (w13.to(FP8), w2.to(FP8), torch.empty(E, 2 * -(-I // 128), D // 128), torch.empty(E, D // 128, -(-I // 128)))
-        moe.COMBINE_IN_GEMM_MAX_TOKENS = 16  # built here whether or not fused_moe takes it yet
+        moe.COMBINE_IN_GEMM_MAX_TOKENS = 16  # built here though off by default
         for T in (1, 16, 256, 4096):  # one of each launch tier, and the picks summed in the down GEMM (1, 16)
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, w13, w2, weights, ids)
@@ -109,7 +105,7 @@ def launch_fused_kernels() -> None:
                                         torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
         # V2-Lite's greedy router, V2's group-limited one: one launch at one token, cuBLAS and topk_softmax at 16384
-        router.GROUPED_IN_KERNEL = True  # built here whether or not route() takes it yet
+        router.GROUPED_IN_KERNEL = True  # built here whatever its setting
         for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
             router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
                          groups=groups)

@@ -165,24 +165,6 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
-@pytest.mark.parametrize("fp8_cache", [False, True])
-@pytest.mark.parametrize("case", [1, 2, 4, 5, 7, 9])
-def test_mla_decode_swapped_matches_ref(tk, case, fp8_cache):
-    """swapped: each tile's products as tokens x heads (the accumulator transposed back at the end): the
-    same output, over the bf16 / fp32 cache and the FP8 cache, split or not, an empty sequence included."""
-    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
-    torch.manual_seed(1000 + case)
-    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, dtype)
-    if fp8_cache:
-        kv_cache = quantize_cache(kv_cache.float())
-    q_lat = torch.randn(len(seq_lens), H, R).to(dtype)
-    q_pe = torch.randn(len(seq_lens), H, P).to(dtype)
-    out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
-                                   block_n=block_n, swapped=True)
-    ref = reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1)
-    assert_close(out, ref, torch.bfloat16 if fp8_cache else dtype)
-
-
 @pytest.mark.parametrize("in_merge", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 4, 5, 7])
 def test_mla_decode_projects_by_w_uv(tk, case, in_merge, monkeypatch):
@@ -611,21 +593,6 @@ def test_fused_moe_fp8_matches_ref(tk, case, missing):
     assert_close(y, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), dtype)
 
 
-@pytest.mark.parametrize("case", [0, 2, 6])  # one token, ragged K and N, top-6
-def test_fused_moe_fp8_quantizes_inside_the_gemms_bit_for_bit(tk, case):
-    """Decode's thin row blocks can quantize x and the intermediate inside the GEMMs (FUSED, no quantize
-    launch): the same e4m3 values and scales as quantize_activation's launch, so the same output bit for bit."""
-    T, E, K, D, I, config, dtype = MOE_CASES[case]
-    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=600 + case)
-    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
-    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
-    launch = dict(config or tk.moe.default_config(T * K / E, fp8=True))
-    inside, first = (tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=dict(launch, FUSED=f))
-                     for f in (True, False))
-    assert torch.equal(inside, first)
-    assert_close(inside, reference.moe(x, q13, q2, topk_weights, topk_ids, s13, s2), torch.bfloat16)
-
-
 def test_fused_moe_fp8_blocks_at_real_sizes(tk):
     """I = 2 x 128 + 64 and D = 3 x 128 + 32: several block rows and columns, the up_proj's scales after
     the gate_proj's, ragged last blocks."""
@@ -663,7 +630,6 @@ def test_kernels_build_for_sm90():
                                               "_quantize_kernel", "_sum_pieces_kernel", "_prefill_attention_kernel"}
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
-    assert any(r["config"].get("SWAPPED") == "True" for r in results)
     assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
@@ -673,5 +639,5 @@ def test_kernels_build_for_sm90():
         assert r["spill_bytes"] in (0, None), r
         if r["kernel"] == "_prefill_attention_kernel":
             assert r["wgmma"] and r["async_copies"] and r["tma"] == (r["config"]["TMA"] == "True"), r
-        if r["config"].get("SWAP_AB") == "True" or r["config"].get("SWAPPED") == "True":  # on wgmma
+        if r["config"].get("SWAP_AB") == "True":  # on wgmma
             assert r["wgmma"], r

@@ -34,8 +34,7 @@ from .launch import arrival_counters, num_sms
 @triton.jit
 def quantize_rows(x, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     """One activation group per row, x [ROWS, 128] (any float dtype; masked lanes 0) -> (e4m3 values,
-    fp32 scales [ROWS]): scale = row max / 448, values times its reciprocal, as kernels/fp8.py does.
-    Shared with the fused MoE."""
+    fp32 scales [ROWS]): scale = row max / 448, values times its reciprocal, as kernels/fp8.py does."""
     x = x.to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)
     return tl.clamp(x * tl.div_rn(1.0, scale)[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv), scale
@@ -162,8 +161,8 @@ def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PI
 
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
 # K in pieces: the last piece of each tile to arrive sums the pieces itself (an atomic count, as the router's),
-# instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. Interpreter-
-# tested and built for sm_90, not yet timed on a GPU (gpu_check.sh levers1), so off.
+# instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. Off: on an
+# H200 it was no faster at batch 1 or 256 sequences (docs/benchmarks.md, "Fewer kernels a MoE layer").
 SUM_PIECES_IN_GEMM = False
 _COUNTERS = 1 << 16    # arrival counters: the tiles of one GEMM
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM

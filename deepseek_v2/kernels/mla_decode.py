@@ -36,14 +36,10 @@ _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent 
 _MAX_SPLITS = 128
 # Up to this many sequences, the split merge also does W_UV's product (w_uv given): one launch for what
 # took the merge and a batched matmul. Its programs multiply on CUDA cores, each re-merging its head's
-# partials, so many sequences keep the matmul on tensor cores. 0: never. Interpreter-tested and built for
-# sm_90, not yet timed on a GPU (scripts/profile_decode.py --step-only, batch 1), so off until it has been.
+# partials, so many sequences keep the matmul on tensor cores. 0: never. Off: on an H200, batch-1 decode
+# with it and the other launch-saving settings on was no faster (docs/benchmarks.md).
 PROJECT_IN_MERGE_MAX_SEQS = 0
 _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel writes
-# The tiles' products as tokens x heads (mla_decode's swapped): built and interpreter-tested, not yet timed
-# on a GPU (profile_decode.py's MLA sweep tries both), so off.
-SWAPPED = False
-_SWAPPED_BLOCK_N = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 16}  # 64: the warpgroup MMA's rows
 
 
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
@@ -59,7 +55,7 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
-    FP16_DOTS: tl.constexpr, SWAPPED: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
@@ -95,10 +91,7 @@ def _mla_decode_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
-    if SWAPPED:  # scores and output held transposed: tokens x heads, latent x heads
-        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
     for tile_start in range(start, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
@@ -127,36 +120,19 @@ def _mla_decode_split_kernel(
                 score_scale = token_scale * q_unscale
             else:
                 score_scale = token_scale
-        if SWAPPED:  # the tile's tokens as the MMA's rows (Hopper's warpgroup MMA needs 64; heads are 16)
-            qk = tl.dot(c, tl.trans(q), input_precision=DOT_PRECISION)
-            qk = tl.dot(pe, tl.trans(q_pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
-            if FP8_CACHE:
-                qk = qk * score_scale[:, None]
-            qk = tl.where(mask_t[:, None], qk * sm_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=0))  # finite: every tile holds a valid token
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            if FP8_CACHE:
-                p = p * token_scale[:, None]
-            acc = tl.dot(tl.trans(c), p.to(c.dtype), acc=acc * alpha[None, :], input_precision=DOT_PRECISION)
-        else:
-            qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-            qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-            if FP8_CACHE:
-                qk = qk * score_scale[None, :]
-            qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if FP8_CACHE:
-                p = p * token_scale[None, :]
-            acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)  # latent: value
+        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+        qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        if FP8_CACHE:
+            qk = qk * score_scale[None, :]
+        qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP8_CACHE:
+            p = p * token_scale[None, :]
+        acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)  # latent: value
         m_i = m_new
-
-    if SWAPPED:
-        acc = tl.trans(acc)  # [BLOCK_H, BLOCK_R]
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range: zeros
     if DIRECT_OUT:  # a single split: write the final output, no merge
@@ -238,7 +214,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
                block_n: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, fp16_dots: bool | None = None, swapped: bool | None = None,
+               num_stages: int | None = None, fp16_dots: bool | None = None,
                w_uv: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R] (with w_uv,
     [N, H, dv]).
@@ -253,9 +229,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     tuning; None: the defaults below). fp16_dots (an FP8 cache with bf16 or fp16 queries; None: on for
     them): widen e4m3 to fp16 rather than to the queries' dtype (one instruction a pair, against several
     to bf16) and run both dots in fp16, the queries scaled into its range by a power of two; on an H200
-    1.16-1.31x faster than widening to bf16 (docs/fp8.md). swapped (None: SWAPPED): each tile's
-    products as tokens x heads instead of heads x tokens, so that Hopper's warpgroup MMA (64 rows) takes
-    them (tiles of 64 tokens unless block_n says otherwise). w_uv [H, dv, R] (absorbed decode's W_UV, a
+    1.16-1.31x faster than widening to bf16 (docs/fp8.md). w_uv [H, dv, R] (absorbed decode's W_UV, a
     view with a contiguous last dim is fine): the output projected per head, as the reference does it;
     for up to PROJECT_IN_MERGE_MAX_SEQS sequences in the launch that merges the splits. Never reads
     device values on the host.
@@ -297,8 +271,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: fp16_dots is for an FP8 cache with bf16 or fp16 queries")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
-    swapped = SWAPPED if swapped is None else swapped
-    block_n = block_n or (_SWAPPED_BLOCK_N if swapped else _BLOCK_N)[q_lat.dtype]  # FP8: half the bytes, same count
+    block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8: half the bytes, same count
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
@@ -333,7 +306,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
-        FP16_DOTS=fp16_dots, SWAPPED=swapped,
+        FP16_DOTS=fp16_dots,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2

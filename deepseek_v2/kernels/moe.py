@@ -9,9 +9,9 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
    stores zero rows and reads no weights (the gate/up pass skips it altogether).
 4. the K picks summed in fp32 and cast to x's dtype.
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
-quantized per token in groups of 128 with the reference's arithmetic, bit for bit: in decode's thin
-row blocks by the GEMM's programs themselves, else once by fp8_linear.quantize_activation
-(quantizing inside the GEMM, once per column block, made it 3x slower than bf16 at 4096 tokens);
+quantized per token in groups of 128 with the reference's arithmetic, once by
+fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower at every
+size timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
 both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
 weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
-from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
+from .fp8 import BLOCK, FP8, cdiv
+from .fp8_linear import grouped_tile, quantize_activation
 from .launch import arrival_counters
 from .moe_align import MoeAlignment, moe_align
 
@@ -98,8 +98,6 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
     FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128),
                                # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
-    QUANTIZE_A: tl.constexpr,  # (FP8_W) a in its float dtype instead, quantized here one K block at a time
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
@@ -150,10 +148,7 @@ def _moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
-            if QUANTIZE_A:  # quantize_activation's arithmetic, bit for bit (masked lanes and rows are 0 there too)
-                a, a_scale = quantize_rows(a, FP8_MAX, EPS)
-            else:
-                a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
             b_scale = tl.load(bs_ptrs + k)
         else:
             a_scale, b_scale = 1.0, 1.0  # (unused)
@@ -207,19 +202,10 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
     tl.store(y_ptr + t * D + offs, y, mask=mask)
 
 
-# FP8 experts in row blocks of at most this many rows (decode's tier): each GEMM program quantizes its rows of
-# x / inter itself, one 128-wide K block at a time, instead of a quantize_activation launch before each GEMM
-# (two launches fewer a MoE layer, as fp8_linear does below FUSED_MAX_M rows). The re-quantization is
-# repeated by every column block's program, which at thin blocks should cost less than a launch. 0: never.
-# Bit for bit the launches' values (interpreter tests), built for sm_90, not yet timed on a GPU (bench_fp8.py's
-# MoE rows and bench_moe_layer.py --variants print both), so off.
-QUANTIZE_IN_GEMM_MAX_BLOCK_M = 0
-
-
 # Row blocks of at most this many rows multiply with swapped operands (SWAP_AB: the weight's columns as the
 # MMA's rows), so that Hopper's warpgroup MMA, which needs 64 rows, takes decode's thin blocks (tests/
-# sm90_build.py: wgmma for 16- and 32-row blocks only this way); 0: never. Built and interpreter-tested,
-# not yet timed on a GPU (bench_fp8.py --moe-sweep and profile_decode.py's sweep try both), so off.
+# sm90_build.py: wgmma for 16- and 32-row blocks only this way); 0: never. Off: on an H200, 256 V2-Lite
+# decodes with it at 32 took 17,798 tokens/s against 17,648 (noise; docs/benchmarks.md).
 SWAP_AB_MAX_BLOCK_M = 0
 
 
@@ -297,8 +283,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    num_warps, num_stages, FUSED (FP8: quantize x and the intermediate inside the GEMMs; default for
-    row blocks of up to QUANTIZE_IN_GEMM_MAX_BLOCK_M rows) and SWAP_AB (the products as weight columns x
+    num_warps, num_stages and SWAP_AB (the products as weight columns x
     rows; default for row blocks of up to SWAP_AB_MAX_BLOCK_M rows). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -315,9 +300,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
-    fused = cfg.pop("FUSED", None)  # FP8: each GEMM quantizes its own rows of x / inter (None: by the row blocks)
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
-    quantize_in_gemm = fp8 and (cfg["BLOCK_M"] <= QUANTIZE_IN_GEMM_MAX_BLOCK_M if fused is None else fused)
     if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)
         flat = topk_ids.reshape(-1)
         align = MoeAlignment(flat, flat, flat)  # only expert_ids (the picks' ids) is read
@@ -335,15 +318,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
-        a, a_scale = quantize_activation(a) if fp8 and not quantize_in_gemm else (a, weights)
+        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         _moe_gemm_kernel[grid](
             a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1, QUANTIZE_A=quantize_in_gemm,
-            FP8_MAX=FP8_MAX, EPS=EPS, COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
+            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
+            COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
             SWAP_AB=swap_ab, **cfg,
         )
 
@@ -360,8 +343,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 # Steps of up to this many tokens sum each token's picks in the down GEMM (_sum_arrived_rows: the last
 # program to store a token's row of a column block adds them up), not in _combine_kernel's launch after
-# it: a launch fewer a MoE layer. 0: never. Interpreter-tested and built for sm_90, not yet timed on a GPU
-# (scripts/bench_moe_layer.py prints both), so off until it has been.
+# it: a launch fewer a MoE layer. 0: never. Off: on an H200, batch-1 decode with it and the other
+# launch-saving settings on was no faster (2.53 against 2.56 ms/token; docs/benchmarks.md).
 COMBINE_IN_GEMM_MAX_TOKENS = 0
 _ARRIVALS = 1 << 16  # counters: tokens x column blocks of the down GEMM (64 x 1024)
 
