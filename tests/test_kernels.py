@@ -491,6 +491,24 @@ def test_prefill_attention_kernel_rejects_bad_inputs(tk):
         f(q, k[..., :16], v, cu_q, cu_k, ql, kl, 0.1)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_prefill_launch_choice(monkeypatch):
+    """Our prefill kernel runs on Hopper-class GPUs only (its launch needs ~227 KB of shared memory and
+    TMA); K and V go through TMA from TMA_FROM_KEYS keys, and only for tensors TMA can read (on a GPU)."""
+    from deepseek_v2.kernels import launch, prefill_triton
+    bf16 = torch.bfloat16
+    assert not prefill_triton.default_config(192, bf16, prefill_triton.TMA_FROM_KEYS - 1)["TMA"]
+    assert prefill_triton.default_config(192, bf16, prefill_triton.TMA_FROM_KEYS)["TMA"]
+    assert "TMA" not in prefill_triton.default_config(192, torch.float32, 1 << 17)
+    assert not prefill_triton._tma_fits(torch.empty(64, 16, 192, dtype=bf16))  # a CPU tensor
+    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        launch.hopper_class.cache_clear()
+        assert launch.hopper_class(torch.device("cuda", 3)) is expected
+    assert launch.hopper_class(torch.device("cpu")) is False
+    launch.hopper_class.cache_clear()
+
+
 # ---------------------------------------------------------------- FP8 GEMMs
 
 def fp8_matrix(N, K, offset=(0, 0), seed=0):

@@ -16,6 +16,13 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def hopper_class(device: torch.device) -> bool:
+    """A GPU with sm_90 / sm_100's ~227 KB of shared memory a block and the tensor-memory accelerator
+    (H100, H200, B200), which the largest launches need; not A100 (164 KB) or consumer cards (~100 KB)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 _counters: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 

@@ -18,17 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from . import prefill_triton, reference
+from .launch import hopper_class
 
-# A step whose longest sequence has at least this many keys (cached context + new tokens) runs the Triton
-# kernel, shorter ones flash; None: flash for every step (bf16 / fp16). 0: the kernel for every step,
-# as it was faster at every length timed (scripts/prefill_attention_variants.py).
+# On a Hopper-class GPU, a step whose longest sequence has at least this many keys (cached context + new
+# tokens) runs the Triton kernel, shorter ones flash (other GPUs: flash); None: flash for every step (bf16 /
+# fp16). 0: the kernel for every step, as it was faster at every length timed
+# (scripts/prefill_attention_variants.py).
 TRITON_FROM_KEYS: int | None = 0
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_query: torch.Tensor,
                       cu_key: torch.Tensor, query_lens: list[int], key_lens: list[int], scale: float) -> torch.Tensor:
     """Same contract as reference.prefill_attention."""
-    if q.is_cuda and TRITON_FROM_KEYS is not None and max(key_lens) >= TRITON_FROM_KEYS:  # any float dtype
+    # (our kernel's launch, 128 x 64 tiles of 192-wide heads in three stages and TMA, needs a Hopper-class GPU)
+    if q.is_cuda and TRITON_FROM_KEYS is not None and max(key_lens) >= TRITON_FROM_KEYS and hopper_class(q.device):
         return prefill_triton.prefill_attention(q, k, v, cu_query, cu_key, query_lens, key_lens, scale)
     if q.dtype not in (torch.bfloat16, torch.float16) or not q.is_cuda or q.shape[-1] > 256:
         return reference.prefill_attention(q, k, v, cu_query, cu_key, query_lens, key_lens, scale)
