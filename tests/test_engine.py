@@ -345,6 +345,11 @@ def test_start_up_warm_up_steps_are_well_formed_and_leave_no_trace(setup):
         for row, n in enumerate((5, 11)):
             expected = model(torch.zeros(1, n, dtype=torch.long))[0, -1]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+    # a chunk after cached tokens (the warm-up's long-context step): its keys end with the slots it writes
+    chunk = runner._dummy_step([6], 0, 1, cached=9)
+    assert chunk.prefill_key_lens == [15] and chunk.positions.tolist() == list(range(9, 15))
+    assert chunk.prefill_key_slots[-6:].tolist() == chunk.slots.tolist()  # the new tokens' keys are what they write
+    assert torch.isfinite(runner.forward(chunk)).all()
     runner._warm_up_steps()
     assert [o.outputs[0].token_ids for o in run_all(engine, prompts, GREEDY)] == hf_out
 

@@ -257,24 +257,32 @@ class ModelRunner:
         # three blocks of context: their attention in one split or several (the decode kernel takes
         # the split count and the tables' width unspecialised, so only one split or several matters
         # to it now; these four were measured together with that: no compile while serving)
-        steps = [(c.max_num_batched_tokens - 4, 3, context)]
-        steps += [(17, decodes, length) for decodes in (3, max(1, c.max_num_seqs - 1) | 1)
+        steps = [(c.max_num_batched_tokens - 4, 3, context, 0)]
+        steps += [(17, decodes, length, 0) for decodes in (3, max(1, c.max_num_seqs - 1) | 1)
                   for length in (min(bs, context), min(3 * bs - 1, context))]
-        for prompt_tokens, decodes, decode_len in steps:
-            if prompt_tokens >= 2:
-                self.forward(self._dummy_step(self._split_prompts(prompt_tokens), decodes, decode_len))
+        # a chunk after a long cached context (a long prompt's third chunk): launches chosen by the count
+        # of keys compile here, not at the first long request (prefill attention reads K and V through
+        # TMA from 16K keys on Hopper)
+        steps.append((17, 0, 1, min(self.max_model_len - 17, 2 * c.max_num_batched_tokens)))
+        for prompt_tokens, decodes, decode_len, cached in steps:
+            if prompt_tokens >= 2 and cached >= 0:
+                self.forward(self._dummy_step(self._split_prompts(prompt_tokens), decodes, decode_len, cached))
 
-    def _dummy_step(self, prompt_lens: list[int], decodes: int, decode_len: int) -> ForwardInputs:
-        """A step of whole prompts of these lengths and `decodes` decode tokens at context decode_len,
-        over arbitrary cache slots (at start-up, before any sequence owns one); the logits of each
-        sequence's last row."""
+    def _dummy_step(self, prompt_lens: list[int], decodes: int, decode_len: int, cached: int = 0) -> ForwardInputs:
+        """A step of prompts of these lengths, each after `cached` tokens already in the cache (whole
+        prompts by default), and `decodes` decode tokens at context decode_len, over arbitrary cache
+        slots (at start-up, before any sequence owns one); the logits of each sequence's last row."""
         capacity = self.num_blocks * self.block_size
-        f = ForwardInputs(prefill_query_lens=prompt_lens, prefill_key_lens=prompt_lens, decode_only=False)
-        f.prefill_key_slots = np.arange(sum(prompt_lens)) % capacity
+        f = ForwardInputs(prefill_query_lens=prompt_lens, prefill_key_lens=[n + cached for n in prompt_lens],
+                          decode_only=False)
+        written = np.arange(sum(prompt_lens)) % capacity  # the new tokens' slots, as f.slots has them below
+        context = (np.arange(cached) + sum(prompt_lens)) % capacity
+        f.prefill_key_slots = np.concatenate([np.concatenate([context, new]) for new in
+                                              np.split(written, np.cumsum(prompt_lens)[:-1])])
         table = (np.arange(-(-decode_len // self.block_size)) % self.num_blocks).tolist()
         f.decode_tables, f.decode_rows = [table] * decodes, [1] * decodes
         f.decode_lens = np.full(decodes, decode_len, dtype=np.int64)
-        positions = [np.arange(k) for k in prompt_lens] + [f.decode_lens - 1]
+        positions = [np.arange(cached, cached + n) for n in prompt_lens] + [f.decode_lens - 1]
         f.positions = np.concatenate(positions)
         f.input_ids = np.zeros(len(f.positions), dtype=np.int64)
         f.slots = np.arange(len(f.positions)) % capacity
