@@ -37,14 +37,15 @@ has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
 has profile && step profile-decode 300 python3 scripts/profile_decode.py
 has profile && step profile-mixed 120 python3 scripts/profile_mixed_step.py
 # prefill attention: the variants (flash, cuDNN, SDPA loops, our Triton kernel), the Triton kernel's launch
-# sweep beside flash, then the 128K-token prompt with flash and with the Triton kernel for every prefill step
+# sweep beside flash, then the 128K-token prompt with the Triton kernel (the default) and with flash for
+# every prefill step
 if has prefill; then
   step prefill-variants 240 python3 scripts/prefill_attention_variants.py
   step prefill-sweep 240 python3 scripts/prefill_attention_variants.py --sweep
   LONG="--shape v2-lite --batch-sizes 1 --decode-len 16 --prefill-len 131072 --prefill-prompts 1"
-  step long-flash 150 python3 -m deepseek_v2.cli bench $LONG --json "$OUT/long-flash.json"
-  step long-triton 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=1 -- bench $LONG \
-    --json "$OUT/long-triton.json"
+  step long-triton 150 python3 -m deepseek_v2.cli bench $LONG --json "$OUT/long-triton.json"
+  step long-flash 150 python3 scripts/with_settings.py prefill.TRITON_FROM_KEYS=None -- bench $LONG \
+    --json "$OUT/long-flash.json"
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
 # scripts/with_settings.py; docs/benchmarks.md has their last timings): batch 1, bf16 and FP8: each
