@@ -203,7 +203,7 @@ class MoE(nn.Module):
         shared, experts = self.shared_experts, self.experts
         if shared is None or self.stack is not None or self.tp.size > 1:
             return
-        I, D = experts.down_proj.shape[2], experts.down_proj.shape[1]
+        I = experts.down_proj.shape[2]
         layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
         fp8 = experts.gate_up_proj_scale_inv is not None
         if any((layer.weight_scale_inv is not None) != fp8 or layer.weight.dtype != experts.down_proj.dtype
