@@ -113,25 +113,24 @@ def _mla_decode_split_kernel(
         elif FP8_CACHE:  # e4m3 widens to bf16/fp16 exactly
             c = c.to(q.dtype)
             pe = pe.to(q.dtype)
+        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+        qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
             scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
             token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
             if FP16_DOTS:
-                score_scale = token_scale * q_unscale
+                qk = qk * (token_scale * q_unscale)[None, :]
             else:
-                score_scale = token_scale
-        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-        qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-        if FP8_CACHE:
-            qk = qk * score_scale[None, :]
+                qk = qk * token_scale[None, :]
         qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
         if FP8_CACHE:
             p = p * token_scale[None, :]
-        acc = tl.dot(p.to(c.dtype), c, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)  # latent: value
+        acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range: zeros
@@ -271,7 +270,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: fp16_dots is for an FP8 cache with bf16 or fp16 queries")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
-    block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8: half the bytes, same count
+    block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8 tiles are half the bytes: the same count fits
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 

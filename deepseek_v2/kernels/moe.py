@@ -10,8 +10,8 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 4. the K picks summed in fp32 and cast to x's dtype.
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
 quantized per token in groups of 128 with the reference's arithmetic, once by
-fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower at every
-size timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
+fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower where
+timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
 both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
 weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
@@ -283,8 +283,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    num_warps, num_stages and SWAP_AB (the products as weight columns x
-    rows; default for row blocks of up to SWAP_AB_MAX_BLOCK_M rows). No host synchronisation.
+    num_warps, num_stages and SWAP_AB (the products as weight columns x rows; default for row blocks
+    of up to SWAP_AB_MAX_BLOCK_M rows). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape

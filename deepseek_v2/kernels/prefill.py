@@ -1,7 +1,7 @@
-"""Prefill attention of all the step's prefill sequences in one call: on a GPU our Triton kernel
-(prefill_triton.py: causal over variable lengths, V not padded), or torch's bundled FlashAttention-2
-(`_flash_attention_forward` with cumulative lengths) when TRITON_FROM_KEYS says so; elsewhere the
-reference.
+"""Prefill attention of all the step's prefill sequences in one call: on a Hopper-class GPU our Triton
+kernel (prefill_triton.py: causal over variable lengths, V not padded); on other GPUs, or where
+TRITON_FROM_KEYS says so, torch's bundled FlashAttention-2 (`_flash_attention_forward` with cumulative
+lengths, bf16 / fp16); elsewhere the reference.
 
 Why this: on an H200 at MLA's head dims (docs/benchmarks.md, "Prefill attention"), one flash call over
 80 prompts of ~200 tokens takes 0.56 ms and over 4 x 4096 tokens 1.5 ms, against 3.7 and 2.8 ms for

@@ -5,9 +5,11 @@ Why a kernel of our own rather than flash's varlen call (kernels/prefill.py runs
 flash needs one head dim for q, k and v, so V (128 wide) is padded to the query's 192 and a fifth of
 the value product's work is on zeros; here V keeps its width. On an H200 it took half flash's time on
 every workload of scripts/prefill_attention_variants.py (80 prompts of ~200 tokens 0.31 ms against
-0.56; 4 x 4096 0.76 against 1.53; a 16K chunk after 112K cached 44.6 against 79.0). A query/key head of width d is read as two tiles whose dot
-products add, d = D_FIRST + D_REST with D_FIRST the largest power of two <= d (MLA's 192 = 128 + 64:
-the no-position part and the rotary part), because a Triton tile's width is a power of two.
+0.56; 4 x 4096 0.76 against 1.53; a 16K chunk after 112K cached 44.6 against 79.0).
+
+A query/key head of width d is read as two tiles whose dot products add, d = D_FIRST + D_REST with
+D_FIRST the largest power of two <= d (MLA's 192 = 128 + 64: the no-position part and the rotary
+part), because a Triton tile's width is a power of two.
 
 One program: BLOCK_M queries of one head of one sequence. It walks the keys BLOCK_N at a time with an
 online softmax in fp32 (exp2, log2 units): first the key blocks every query of the block sees (no
@@ -27,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .launch import hopper_class
 
 _LOG2E = 1.4426950408889634
 
@@ -175,9 +179,10 @@ def default_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, longest_k
 
 
 def _tma_fits(*tensors: torch.Tensor) -> bool:
-    """TMA reads a tensor on a GPU whose start and strides (but the last) are multiples of 16 bytes."""
-    return all(t.is_cuda and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+    """TMA reads a tensor on a Hopper-class GPU whose start and strides (but the last) are multiples of 16
+    bytes."""
+    return all(hopper_class(t.device) and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 def _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens):
