@@ -6,8 +6,9 @@
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench), thin row blocks also with swapped operands (SWAP_AB).
-2. mla_decode at batch 1, 32 and 256 for several split counts; at batches 1 and 256 also the tile
-   size, warps and pipeline stages (the fastest four, with the bandwidth they reach).
+2. mla_decode at batch 1, 32 and 256 for several split counts, its whole tiles read with pointers and
+   through TMA; at batches 1 and 256 also the tile size, warps and pipeline stages (the fastest six,
+   with the bandwidth they reach). `--mla-only`: part 2 alone.
 3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
    under the torch profiler: total kernel time per step and the top kernels, against the CUDA-graph
    step time (the engine as it runs: asynchronous scheduling where it is on).
@@ -89,25 +90,28 @@ def sweep_mla() -> None:
         lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
         q = torch.randn(batch, H, R, device=DEV, dtype=torch.bfloat16)
         qp = torch.randn(batch, H, P, device=DEV, dtype=torch.bfloat16)
-        row = []
-        for splits in (None, 1, 2, 4, 8, 16, 32, 64):
-            us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
-                                             max_seq_len=4104))
-            row.append(f"{splits}:{us:.1f}")
-        print(f"mla_decode B={batch} ctx={ctx}: " + "  ".join(row))
+        for tma in (False, True):  # the whole tiles with pointers, or through tensor descriptors
+            row = []
+            for splits in (None, 1, 2, 4, 8, 16, 32, 64):
+                us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
+                                                 max_seq_len=4104, tma=tma))
+                row.append(f"{splits}:{us:.1f}")
+            print(f"mla_decode B={batch} ctx={ctx}{' TMA' if tma else ''}: " + "  ".join(row))
         if batch in (1, 256):  # the tile and the launch, at the default split count and at one split
             results = []
-            for splits, block_n, warps, stages in itertools.product((None, 1), (32, 64), (4, 8), (2, 3, 4)):
+            for splits, block_n, warps, stages, tma in itertools.product((None, 1), (32, 64), (4, 8), (2, 3, 4),
+                                                                         (False, True)):
                 try:
                     us = graph_us(lambda: mla_decode(q, qp, cache, tables, lens, 0.1, num_kv_splits=splits,
                                                      max_seq_len=4104, block_n=block_n, num_warps=warps,
-                                                     num_stages=stages))
+                                                     num_stages=stages, tma=tma))
                 except Exception:  # out of shared memory or registers
                     continue
-                results.append((us, dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)))
+                results.append((us, dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
+                                         tma=tma)))
             results.sort(key=lambda r: r[0])
             bytes_read = batch * ctx * (R + P) * 2
-            for us, cfg in results[:4]:  # the fastest four
+            for us, cfg in results[:6]:  # the fastest six
                 print(f"    {us:8.1f} us ({bytes_read / us / 1e6:.2f} TB/s)  {cfg}")
 
 
@@ -153,7 +157,12 @@ def profile_step() -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    for fn in (profile_step, sweep_mla, sweep_moe)[:1 if "--step-only" in sys.argv else None]:
+    parts = (profile_step, sweep_mla, sweep_moe)
+    if "--step-only" in sys.argv:
+        parts = (profile_step,)
+    elif "--mla-only" in sys.argv:
+        parts = (sweep_mla,)
+    for fn in parts:
         t = time.perf_counter()
         try:
             fn()

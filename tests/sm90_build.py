@@ -46,6 +46,10 @@ def launch_decode_kernels() -> None:
                 mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                                       cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
                                       fp16_dots=fp16_dots)
+    for N in (1, 256):  # the whole tiles through tensor descriptors (mla_decode.TMA)
+        mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16),
+                              torch.empty(64, 64, 576, dtype=bf16), torch.zeros(N, 64, dtype=i32),
+                              torch.ones(N, dtype=i32), 0.1, tma=True)
     mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here though off by default
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch

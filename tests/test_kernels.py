@@ -165,6 +165,37 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
+TMA_CASES = [c for c, (H, R, P, bs, lens, splits, bn, dtype) in enumerate(MLA_CASES)
+             if bs % bn == 0 and R & (R - 1) == 0 and P & (P - 1) == 0]
+
+
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_mla_decode_through_tensor_descriptors(tk, case):
+    """The whole tiles read through TMA descriptors, the last partial one with pointers: the reference's
+    output, and tokens past a sequence's end never count, though their rows of its last page hold NaN."""
+    H, R, P, block_size, seq_lens, splits, block_n, dtype = MLA_CASES[case]
+    torch.manual_seed(200 + case)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, block_size, R + P, dtype)
+    for n, length in enumerate(seq_lens):  # the unused rows of each sequence's last block
+        if length % block_size:
+            kv_cache[block_tables[n, length // block_size], length % block_size:] = float("nan")
+    q_lat = torch.randn(len(seq_lens), H, R).to(dtype)
+    q_pe = torch.randn(len(seq_lens), H, P).to(dtype)
+    out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
+                                   block_n=block_n, tma=True)
+    assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache.nan_to_num(), block_tables, lens, 0.1), dtype)
+
+
+def test_mla_decode_tma_needs_whole_tiles_in_a_page(tk):
+    kv_cache, block_tables, lens = paged_cache([20], 16, 48, torch.float32)
+    q_lat, q_pe = torch.randn(1, 2, 32), torch.randn(1, 2, 16)
+    with pytest.raises(ValueError, match="tma needs"):  # a 32-token tile over 16-token pages
+        tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, block_n=32, tma=True)
+    with pytest.raises(ValueError, match="tma needs"):  # R + P = 40 + 8: R not a power of two
+        tk.mla_decode.mla_decode(torch.randn(1, 2, 40), torch.randn(1, 2, 8), kv_cache, block_tables, lens, 0.1,
+                                 block_n=16, tma=True)
+
+
 @pytest.mark.parametrize("in_merge", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 4, 5, 7])
 def test_mla_decode_projects_by_w_uv(tk, case, in_merge, monkeypatch):

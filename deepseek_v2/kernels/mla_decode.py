@@ -22,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from .fp8 import CACHE_SCALE_BYTES
-from .launch import num_sms
+from .launch import hopper_class, num_sms
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -40,6 +42,32 @@ _MAX_SPLITS = 128
 # with it and the other launch-saving settings on was no faster (docs/benchmarks.md).
 PROJECT_IN_MERGE_MAX_SEQS = 0
 _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel writes
+# Read the bf16 / fp16 cache's whole tiles through Hopper's tensor-memory accelerator (tensor descriptors
+# over [blocks, block_size, R + P]; one thread issues a tile's copy) rather than with every thread's
+# pointers. Not measured yet on an H200: off.
+TMA = False
+
+
+@triton.jit
+def _attend_tile(q, q_pe, c, pe, mask_t, score_scale, weight_scale, m_i, l_i, acc, sm_scale_log2,
+                 SCALE_SCORES: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N tokens into the online softmax: scores q c^T + q_pe pe^T (times score_scale
+    per token where SCALE_SCORES: an FP8 cache's scales), tokens outside mask_t dropped, and the latent
+    c as the value (the softmax weights times weight_scale per token where SCALE_WEIGHTS)."""
+    qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+    qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+    if SCALE_SCORES:
+        qk = qk * score_scale[None, :]
+    qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if SCALE_WEIGHTS:
+        p = p * weight_scale[None, :]
+    acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
+    return m_new, l_i, acc
 
 
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
@@ -47,7 +75,7 @@ _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel 
 # count does not compile in the middle of serving (model_runner._warm_up_steps).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_n"])
 def _mla_decode_split_kernel(
-    q_lat_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    q_lat_ptr, q_pe_ptr, kv_ptr, c_desc, pe_desc, block_tables_ptr, seq_lens_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     sm_scale_log2, num_heads, num_splits,
     stride_ql_n, stride_ql_h, stride_qp_n, stride_qp_h,
     stride_kv_block, stride_kv_tok, stride_bt_n,
@@ -55,7 +83,7 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
-    FP16_DOTS: tl.constexpr,
+    FP16_DOTS: tl.constexpr, TMA: tl.constexpr,
 ):
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
@@ -92,7 +120,23 @@ def _mla_decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
     acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
+    # TMA: the whole tiles through the tensor-memory accelerator (a tile lies in one page: BLOCK_N divides
+    # PAGE_SIZE), the last partial tile with pointers, whose masked loads read its tokens past the end as 0
+    whole_end = start
+    if TMA:
+        whole_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for tile_start in range(start, whole_end, BLOCK_N):
+            page = tl.load(block_tables_ptr + seq * stride_bt_n + tile_start // PAGE_SIZE)
+            in_page = tile_start % PAGE_SIZE
+            c = tl.reshape(c_desc.load([page, in_page, 0]), [BLOCK_N, BLOCK_R])
+            pe = tl.reshape(pe_desc.load([page, in_page, R]), [BLOCK_N, BLOCK_P])
+            if UPCAST_DOT:
+                c = c.to(tl.float32)
+                pe = pe.to(tl.float32)
+            offs_t = tile_start + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, offs_t < end, 1.0, 1.0, m_i, l_i, acc, sm_scale_log2,
+                                         False, False, DOT_PRECISION)
+    for tile_start in range(whole_end, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
         block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
@@ -113,25 +157,17 @@ def _mla_decode_split_kernel(
         elif FP8_CACHE:  # e4m3 widens to bf16/fp16 exactly
             c = c.to(q.dtype)
             pe = pe.to(q.dtype)
-        qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-        qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
             scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
             token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
+            score_scale = token_scale
             if FP16_DOTS:
-                qk = qk * (token_scale * q_unscale)[None, :]
-            else:
-                qk = qk * token_scale[None, :]
-        qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if FP8_CACHE:
-            p = p * token_scale[None, :]
-        acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
-        m_i = m_new
+                score_scale = token_scale * q_unscale
+        else:
+            token_scale = 1.0  # (unused)
+            score_scale = 1.0
+        m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, mask_t, score_scale, token_scale, m_i, l_i, acc,
+                                     sm_scale_log2, FP8_CACHE, FP8_CACHE, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range: zeros
     if DIRECT_OUT:  # a single split: write the final output, no merge
@@ -209,12 +245,22 @@ def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
+def _tma_fits(kv_cache: torch.Tensor, R: int, P: int, block_n: int) -> bool:
+    """Tensor descriptors can read this cache's tiles whole: a float cache (not FP8's rows of values and
+    scales), R and P powers of two (a tile's widths), a tile inside one page, 16-byte aligned start and
+    strides."""
+    block_size = kv_cache.shape[1]
+    return (kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float32) and R & (R - 1) == 0
+            and P & (P - 1) == 0 and block_size % block_n == 0 and kv_cache.data_ptr() % 16 == 0
+            and all(s * kv_cache.element_size() % 16 == 0 for s in kv_cache.stride()[:2]))
+
+
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                num_kv_splits: int | None = None, max_seq_len: int | None = None, *,
                block_n: int | None = None, num_warps: int | None = None,
                num_stages: int | None = None, fp16_dots: bool | None = None,
-               w_uv: torch.Tensor | None = None) -> torch.Tensor:
+               w_uv: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
     """Absorbed MLA decode; same contract as reference.mla_decode, returns out [N, H, R] (with w_uv,
     [N, H, dv]).
 
@@ -230,8 +276,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     to bf16) and run both dots in fp16, the queries scaled into its range by a power of two; on an H200
     1.16-1.31x faster than widening to bf16 (docs/fp8.md). w_uv [H, dv, R] (absorbed decode's W_UV, a
     view with a contiguous last dim is fine): the output projected per head, as the reference does it;
-    for up to PROJECT_IN_MERGE_MAX_SEQS sequences in the launch that merges the splits. Never reads
-    device values on the host.
+    for up to PROJECT_IN_MERGE_MAX_SEQS sequences in the launch that merges the splits. tma: read the
+    whole tiles through tensor descriptors (None: the TMA setting, for a bf16 / fp16 cache on a Hopper-class
+    GPU, where the cache allows it: _tma_fits). Never reads device values on the host.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
@@ -296,16 +343,28 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     else:
         mid_o = mid_lse = out  # unused
     on_cpu = q_lat.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
+    fits = _tma_fits(kv_cache, R, P, block_n)
+    if tma is None:  # (an fp32 cache, the tests', spills registers through TMA: it keeps pointers)
+        tma = TMA and fits and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
+    if tma and not fits:
+        raise ValueError(f"mla_decode: tma needs a bf16 / fp16 cache with power-of-two R and P, block_n dividing the"
+                         f" block size ({block_size}) and 16-byte aligned rows; got R={R}, P={P}, block_n={block_n},"
+                         f" {kv_cache.dtype}")
+    if tma:  # the latent and the rope key of BLOCK_N tokens of one page a load
+        c_desc = TensorDescriptor.from_tensor(kv_cache, [1, block_n, R])
+        pe_desc = TensorDescriptor.from_tensor(kv_cache, [1, block_n, P])
+    else:
+        c_desc = pe_desc = kv_cache  # unused
 
     _mla_decode_split_kernel[(head_groups, num_kv_splits, N)](
-        q_lat, q_pe, kv_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        q_lat, q_pe, kv_cache, c_desc, pe_desc, block_tables, seq_lens, out, mid_o, mid_lse,
         softmax_scale * _LOG2E, H, num_kv_splits,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
-        FP16_DOTS=fp16_dots,
+        FP16_DOTS=fp16_dots, TMA=tma,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2

@@ -60,12 +60,14 @@ def mla_inputs(heads, batch, max_len, seed):
     return q_lat, q_pe, kv_cache, block_tables, seq_lens
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("batch,max_len", [(1, 32768), (8, 32768), (64, 8192)])
-def test_mla_decode(heads, batch, max_len):
+def test_mla_decode(heads, batch, max_len, tma):
+    """With the whole tiles read by pointers and through tensor descriptors (mla_decode.TMA)."""
     args = mla_inputs(heads, batch, max_len, seed=heads * 1000 + batch)
     poison_free_memory()
-    out = mla_decode(*args, SCALE)
+    out = mla_decode(*args, SCALE, tma=tma)
     assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
 
 
@@ -93,14 +95,15 @@ def test_mla_decode_projects_by_w_uv(heads, batch, in_merge, monkeypatch):
     assert rel_error(out, reference.mla_decode(*args, SCALE, w_uv=w_kv_b[:, 128:])) < 1e-2
 
 
-def test_mla_decode_cuda_graph():
+@pytest.mark.parametrize("tma", [False, True])
+def test_mla_decode_cuda_graph(tma):
     """Captured once, replayed on new queries and new lengths in the same buffers."""
     q_lat, q_pe, kv_cache, block_tables, seq_lens = mla_inputs(16, 8, 4096, seed=7)
-    mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE)  # compile outside the capture
+    mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE, tma=tma)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE)
+        out = mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, SCALE, tma=tma)
     q_lat.normal_()
     shorter = torch.tensor([4096, 1, 100, 2000, 64, 65, 3000, 17], dtype=torch.int32, device=DEVICE)
     seq_lens.copy_(torch.minimum(seq_lens, shorter))  # the block tables only cover the old lengths
