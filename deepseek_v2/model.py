@@ -375,7 +375,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         gate and up projections) into single matrices, the originals becoming views of them, and keep
         the routers' weights in fp32: same numbers, fewer kernels. Stack each MoE layer's shared experts
         after its routed ones (MoE.fuse_shared_experts): the same function in fewer kernels for small
-        steps, rounded once where it was twice. For inference (the fused weights are frozen)."""
+        steps, rounded once where it was twice. Give FP8 weights whose K cuBLAS's FP8 GEMM cannot take
+        zero columns up to a K it can (Linear.pad_columns). For inference (the fused weights are frozen)."""
         for module in self.modules():
             if isinstance(module, MoE):
                 module.fuse_shared_experts()
@@ -385,6 +386,8 @@ class DeepseekV2ForCausalLM(nn.Module):
                 module.fuse_gate_up()
             elif isinstance(module, MoEGate):
                 module.keep_fp32_weight()
+            elif isinstance(module, Linear):
+                module.pad_columns()
         return self
 
     @classmethod

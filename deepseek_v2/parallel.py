@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import REFERENCE
-from .kernels.fp8 import BLOCK, quantize_weight
+from .kernels import fp8
+from .kernels.fp8 import BLOCK, SCALED_MM_K, pad_columns, quantize_weight
 from .plan import split  # in plan.py, which sizes the same parts without importing torch
 
 
@@ -122,6 +123,18 @@ class Linear(nn.Linear):
         q, scale = quantize_weight(self.weight, self.block_offset)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+
+    @torch.no_grad()
+    def pad_columns(self) -> None:
+        """Inference, FP8: a weight whose K is not a multiple of fp8.SCALED_MM_K gets zero columns after
+        its own (fp8.pad_columns), so that cuBLAS's FP8 GEMM takes it at many rows; the parameters keep
+        their shapes and values (views). Not a weight that is a view of a fused matrix (fuse_rows)."""
+        w, s = self.weight, self.weight_scale_inv
+        if (not fp8.PAD_FOR_SCALED_MM or s is None or self.block_offset != (0, 0) or w.shape[1] % SCALED_MM_K == 0
+                or not w.is_contiguous()
+                or w.untyped_storage().nbytes() != w.numel() * w.element_size() or not s.is_contiguous()):
+            return
+        self.weight, self.weight_scale_inv = pad_columns(w, s)
 
 
 class ShardedLinear(Linear):

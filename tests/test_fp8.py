@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseek_v2 import LLM, DeepseekV2ForCausalLM, EngineConfig, LLMEngine, ModelArgs, SamplingParams, Tokenizer
 from deepseek_v2.config import DEFAULT_MODEL, ConfigError
+from deepseek_v2.parallel import Linear
 from deepseek_v2.kernels import reference
 from deepseek_v2.kernels.fp8 import (FP8, dequantize_activation, dequantize_weight, quantize_activation, quantize_cache,
                                      quantize_cache_rows, quantize_weight, read_cache, write_cache)
@@ -192,6 +193,32 @@ def test_fp8_tensors_the_model_keeps_in_bf16_are_dequantized(checkpoints, tmp_pa
         assert torch.equal(model.get_parameter(name), want), name
     assert_same_parameters(model.model.layers[1].mlp.experts, DeepseekV2ForCausalLM.from_pretrained(fp8)
                            .model.layers[1].mlp.experts)
+
+
+def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path):
+    """fuse_for_inference widens the FP8 weights whose K is not a multiple of 512 with zero columns (here
+    every FP8 linear layer: K is 160, 32 or 136; none is fused, their FP8 blocks would straddle two
+    layers): same parameter shapes and values, the same logits, and the checkpoint it saves equals the one
+    it loaded. Weights that are views of a fused matrix keep their storage (the bf16 model below)."""
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoints[1])
+    ids = torch.tensor([[3, 9, 27, 4, 50]])
+    before = model(ids)
+    fp8_linears = {f"{name}.weight" for name, m in model.named_modules()
+                   if isinstance(m, Linear) and m.weight_scale_inv is not None}
+    model.fuse_for_inference()
+    padded = {name for name, p in model.named_parameters() if getattr(p, "zero_columns_to", None)}
+    assert padded == fp8_linears and "model.layers.1.mlp.shared_experts.down_proj.weight" in padded
+    down = model.model.layers[1].mlp.shared_experts.down_proj
+    assert down.weight.shape == (160, 136) and down.weight.zero_columns_to == 512
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert_same_parameters(DeepseekV2ForCausalLM.from_pretrained(tmp_path), DeepseekV2ForCausalLM.from_pretrained(checkpoints[1]))
+    fused = DeepseekV2ForCausalLM(small_args(moe_intermediate_size=128, n_shared_experts=2))
+    fused.init_weights(0).use_fp8().fuse_for_inference()  # the shared experts' gate and up: views of one matrix
+    shared = fused.model.layers[1].mlp.shared_experts
+    assert shared.gate_up_weight is not None
+    assert not any(hasattr(w, "zero_columns_to") for w in (shared.gate_proj.weight, shared.up_proj.weight))
+    assert shared.down_proj.weight.zero_columns_to == 512
 
 
 def test_quantize_command_writes_a_checkpoint_that_loads_back(checkpoints, tmp_path):

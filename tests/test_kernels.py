@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from deepseek_v2.kernels import reference
 from deepseek_v2.kernels.launch import arrival_counters
-from deepseek_v2.kernels.fp8 import quantize_cache, quantize_weight
+from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -602,6 +602,30 @@ def test_fp8_linear_views_and_leading_dims(tk):
     assert_close(y, reference.linear(x, w[128:], None, s[1:]), torch.float32)
     dense = torch.randn(8, 128)
     assert torch.equal(tk.fp8_linear.linear(x, dense), F.linear(x, dense))
+
+
+def test_fp8_linear_zero_padded_weight(tk):
+    """fp8.pad_columns: the layer's parameters keep their shapes and values (views of storage padded to
+    512 columns, zeros after K); quantize_activation at the padded width gives the unpadded e4m3 values bit
+    for bit and zeros after them, and the layer's output is unchanged (here by the Triton kernel; on a GPU,
+    from 128 rows, cuBLAS's at the padded width: tests/gpu/test_fp8_gpu.py)."""
+    from deepseek_v2.kernels.fp8 import pad_columns, zero_padded
+    w, s = fp8_matrix(256, 704, seed=11)  # K = 5.5 blocks, not a multiple of 512
+    pw, ps = pad_columns(w, s)
+    assert pw.shape == w.shape and ps.shape == s.shape and pw.zero_columns_to == 1024
+    assert torch.equal(pw.view(torch.uint8), w.view(torch.uint8)) and torch.equal(ps, s)
+    wide, wide_scale = zero_padded(pw, ps)
+    assert wide.shape == (256, 1024) and wide_scale.shape == (2, 8)
+    assert not wide[:, 704:].float().any() and zero_padded(w, s)[0] is w
+    x = (torch.randn(130, 704) * 3).to(torch.bfloat16)
+    q, xs = tk.fp8_linear.quantize_activation(x, pad_rows=128, scales_column_major=True, width=1024)
+    q_ref, xs_ref = quantize_activation(x)
+    assert q.shape == (256, 1024) and xs.shape == (256, 8)
+    assert torch.equal(q[:130, :704].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(xs[:130, :6], xs_ref)
+    assert not q[:, 704:].float().any() and not q[130:].float().any()
+    assert_close(tk.fp8_linear.linear(x, pw, None, ps), reference.linear(x, w, None, s), torch.bfloat16)
+    with pytest.raises(ValueError, match="width"):
+        tk.fp8_linear.quantize_activation(x, width=1000)
 
 
 def test_fp8_linear_rejects_bad_inputs(tk):

@@ -92,6 +92,41 @@ def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor,
     return q.flatten(-2)[..., offset:offset + K], scale
 
 
+# torch._scaled_mm takes an FP8 GEMM whose K is a multiple of this (other K gave wrong products on an H200)
+SCALED_MM_K = 512
+# Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns)
+PAD_FOR_SCALED_MM = True
+
+
+@torch.no_grad()
+def pad_columns(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 weight [N, K] (block-aligned, K not a multiple of SCALED_MM_K) and its block scales, copied
+    into storage whose rows are zero-padded to a multiple of SCALED_MM_K columns: parameters that are views
+    of their first K (K / 128) columns, marked with the padded width (zero_padded). torch._scaled_mm then
+    takes the layer at the padded width (V2-Lite's shared experts' down_proj, K = 2,816); same numbers, the
+    zero columns meeting the activations' zero columns."""
+    N, K = weight.shape
+    width = cdiv(K, SCALED_MM_K) * SCALED_MM_K
+    wide = torch.zeros(N, width, dtype=weight.dtype, device=weight.device)
+    wide[:, :K] = weight
+    wide_scale = torch.ones(scale.shape[0], width // BLOCK, dtype=scale.dtype, device=scale.device)
+    wide_scale[:, :scale.shape[1]] = scale
+    weight = torch.nn.Parameter(wide[:, :K], requires_grad=False)
+    scale = torch.nn.Parameter(wide_scale[:, :scale.shape[1]], requires_grad=False)
+    weight.zero_columns_to = width
+    return weight, scale
+
+
+def zero_padded(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight from pad_columns and its scales as views of their whole padded storage; any other weight
+    and its scales as they are."""
+    width = getattr(weight, "zero_columns_to", None)
+    if width is None:
+        return weight, scale
+    return (weight.as_strided((weight.shape[0], width), (width, 1)),
+            scale.as_strided((scale.shape[0], width // BLOCK), (width // BLOCK, 1)))
+
+
 def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
     K = q.shape[-1]
     return q.float() * scale.repeat_interleave(BLOCK, dim=-1)[..., offset:offset + K]

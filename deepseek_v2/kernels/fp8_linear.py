@@ -11,7 +11,8 @@ weight with 128 x 128 block scales (W8A8, the activations quantized per token in
   column block's program made the fused kernel 3-4x slower than bf16 at 256 rows and more), then
   torch._scaled_mm (cuBLAS, 1x128 activation and 128x128 weight block scales) where its layout
   rules hold (block-aligned part, K a multiple of 512, N of 128: measured 1.4x faster than bf16 at
-  4096 rows, docs/fp8.md), else the same Triton kernel reading the pre-quantized x.
+  4096 rows, docs/fp8.md; a weight zero-padded to such a K at inference, fp8.pad_columns, at its padded
+  width), else the same Triton kernel reading the pre-quantized x.
 
 Every path quantizes with the arithmetic of kernels/fp8.py's quantize_activation, so the e4m3 values
 are bit-identical to the reference's. A tensor-parallel part that starts inside a block (block_offset)
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv, scale_shape
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, SCALED_MM_K, cdiv, scale_shape, zero_padded
 from .launch import arrival_counters, num_sms
 
 
@@ -51,36 +52,40 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, K_PAD, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
                      ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     """ROWS rows of x, one 128-wide group (program_id 1) -> e4m3 values and the rows' scales of it; rows
-    M..M_PAD-1 (padding) get zeros."""
+    M..M_PAD-1 and columns K..K_PAD-1 (padding) get zeros."""
     g = tl.program_id(1)
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     k = g * GROUP - col_offset + tl.arange(0, GROUP)
-    mask_k = (k >= 0) & (k < K)
     x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k[None, :],
-                mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0)
+                mask=(offs_m < M)[:, None] & ((k >= 0) & (k < K))[None, :], other=0.0)
     q, scale = quantize_rows(x, FP8_MAX, EPS)
     tl.store(q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + k[None, :], q,
-             mask=(offs_m < M_PAD)[:, None] & mask_k[None, :])
+             mask=(offs_m < M_PAD)[:, None] & ((k >= 0) & (k < K_PAD))[None, :])
     tl.store(s_ptr + offs_m * stride_sm + g * stride_sg, scale, mask=offs_m < M_PAD)
 
 
 def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
-                        scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        scales_column_major: bool = False, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/fp8.py's quantize_activation on the GPU, bit for bit: x [M, K] (last dim contiguous) ->
-    (e4m3 [M', K], fp32 scales [M', ceil((K + col_offset) / 128)]), M' = M rounded up to pad_rows (the
-    padding rows zero); the scales' storage M-major if scales_column_major (what cuBLAS asks for)."""
+    (e4m3 [M', K'], fp32 scales [M', ceil((K' + col_offset) / 128)]), M' = M rounded up to pad_rows, K' =
+    width (a multiple of 128 with col_offset 0; None: K), the padding rows and columns zero; the scales'
+    storage M-major if scales_column_major (what cuBLAS asks for)."""
     M, K = x.shape
     M_pad = cdiv(M, pad_rows) * pad_rows
-    G = cdiv(K + col_offset, BLOCK)
-    q = torch.empty(M_pad, K, dtype=FP8, device=x.device)
+    K_pad = width or K
+    if K_pad < K or (K_pad > K and (col_offset or K_pad % BLOCK)):
+        raise ValueError(f"quantize_activation: width {K_pad} must be K ({K}) or a multiple of {BLOCK} above it"
+                         f" with col_offset 0 (got {col_offset})")
+    G = cdiv(K_pad + col_offset, BLOCK)
+    q = torch.empty(M_pad, K_pad, dtype=FP8, device=x.device)
     s = (torch.empty(G, M_pad, dtype=torch.float32, device=x.device).t() if scales_column_major
          else torch.empty(M_pad, G, dtype=torch.float32, device=x.device))
     if M_pad:
         _quantize_kernel[(triton.cdiv(M_pad, 16), G)](
-            x, q, s, M, M_pad, K, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            x, q, s, M, M_pad, K, K_pad, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
             ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4)
     return q, s
 
@@ -239,10 +244,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.view(*shape[:-1], N)
-    if config is None and use_scaled_mm(x, weight, weight_scale_inv, block_offset):
-        # cuBLAS: x quantized with its rows padded to whole 128-row tiles and M-major scales
-        xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True)
-        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_inv.t(), out_dtype=x.dtype)[:M]
+    wide, wide_scale = zero_padded(weight, weight_scale_inv)
+    if config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
+        # cuBLAS: x quantized with its rows padded to whole 128-row tiles (and its columns to the weight's
+        # zero columns, if any) and M-major scales
+        xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True, width=wide.shape[1])
+        out = torch._scaled_mm(xq, wide.t(), scale_a=xs, scale_b=wide_scale.t(), out_dtype=x.dtype)[:M]
         y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
         return y.view(*shape[:-1], N)
     groups = cdiv(K + c, BLOCK)
@@ -271,11 +278,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:
     """Whether torch._scaled_mm takes this GEMM: a CUDA bf16/fp16 x of at least SCALED_MM_MIN_M rows, a
-    block-aligned weight with row-major storage, K a multiple of 512 (cuBLAS pads the scales' K blocks
-    to a multiple of 4: other K gave wrong products on the H200) and N of 128."""
+    block-aligned weight with row-major storage, K a multiple of SCALED_MM_K (cuBLAS pads the scales' K
+    blocks to a multiple of 4: other K gave wrong products on the H200; fp8.pad_columns widens a weight to
+    one) and N of 128."""
     N, K = weight.shape
     return (SCALED_MM_MIN_M is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[0] >= SCALED_MM_MIN_M and block_offset == (0, 0) and K % 512 == 0 and N % BLOCK == 0
+            and x.shape[0] >= SCALED_MM_MIN_M and block_offset == (0, 0) and K % SCALED_MM_K == 0 and N % BLOCK == 0
             and weight.stride() == (K, 1) and scale.stride() == (K // BLOCK, 1))
 
 

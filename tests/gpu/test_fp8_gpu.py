@@ -56,6 +56,26 @@ def test_fp8_linear(shape, M):
     assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
 
 
+@pytest.mark.parametrize("M", [1, 256, 4096])
+@pytest.mark.parametrize("N,K", [(2048, 2816), (1000, 300)])
+def test_fp8_linear_zero_padded_for_cublas(N, K, M, monkeypatch):
+    """A weight widened with zero columns to a multiple of 512 (fp8.pad_columns: V2-Lite's shared experts'
+    down_proj, and a ragged K) goes to torch._scaled_mm from 128 rows, at the padded width, with the
+    reference's products; fewer rows take the Triton kernel over the unpadded view."""
+    from deepseek_v2.kernels.fp8 import pad_columns
+    w, s = fp8_weight(N, K, seed=K)
+    pw, ps = pad_columns(w, s)
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: calls.append(a.shape) or scaled_mm(a, b, **kw))
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    poison_free_memory()
+    y = linear(x, pw, None, ps)
+    assert rel_error(y, reference.linear(x, w, None, s)) < 1e-2
+    width = -(-K // 512) * 512
+    assert calls == ([(-(-M // 128) * 128, width)] if M >= 128 and N % 128 == 0 else [])
+
+
 @pytest.mark.parametrize("M", [17, 300, 4096])
 def test_fp8_linear_triton_over_prequantized_x(M):
     """The Triton GEMM reading x quantized by quantize_activation (the path of shapes torch._scaled_mm
