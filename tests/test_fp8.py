@@ -195,11 +195,13 @@ def test_fp8_tensors_the_model_keeps_in_bf16_are_dequantized(checkpoints, tmp_pa
                            .model.layers[1].mlp.experts)
 
 
-def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path):
+def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path, monkeypatch):
     """fuse_for_inference widens the FP8 weights whose K is not a multiple of 512 with zero columns (here
     every FP8 linear layer: K is 160, 32 or 136; none is fused, their FP8 blocks would straddle two
     layers): same parameter shapes and values, the same logits, and the checkpoint it saves equals the one
     it loaded. Weights that are views of a fused matrix keep their storage (the bf16 model below)."""
+    from deepseek_v2.kernels import fp8
+    monkeypatch.setattr(fp8, "PAD_FOR_SCALED_MM", True)
     model = DeepseekV2ForCausalLM.from_pretrained(checkpoints[1])
     ids = torch.tensor([[3, 9, 27, 4, 50]])
     before = model(ids)
@@ -219,6 +221,9 @@ def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path):
     assert shared.gate_up_weight is not None
     assert not any(hasattr(w, "zero_columns_to") for w in (shared.gate_proj.weight, shared.up_proj.weight))
     assert shared.down_proj.weight.zero_columns_to == 512
+    monkeypatch.setattr(fp8, "PAD_FOR_SCALED_MM", False)  # the setting off: nothing padded
+    unpadded = DeepseekV2ForCausalLM.from_pretrained(checkpoints[1]).fuse_for_inference()
+    assert not any(hasattr(p, "zero_columns_to") for p in unpadded.parameters())
 
 
 def test_quantize_command_writes_a_checkpoint_that_loads_back(checkpoints, tmp_path):

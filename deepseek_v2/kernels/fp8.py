@@ -94,8 +94,9 @@ def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor,
 
 # torch._scaled_mm takes an FP8 GEMM whose K is a multiple of this (other K gave wrong products on an H200)
 SCALED_MM_K = 512
-# Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns)
-PAD_FOR_SCALED_MM = True
+# Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns).
+# Not yet run on an H200: off.
+PAD_FOR_SCALED_MM = False
 
 
 @torch.no_grad()
