@@ -125,8 +125,9 @@ def profile_step() -> None:
         engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=max(4, batch),
                                                     enforce_eager=eager))
         params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, detokenize=False)
-        for i in range(batch):
-            engine.add_request(f"p{i}", [10 + i % 7] + list(range(11, 1034)), params)
+        prompts = torch.randint(10, model.args.vocab_size, (batch, 1034), generator=torch.Generator().manual_seed(0))
+        for i in range(batch):  # distinct random prompts: tokens that route as real traffic's do, no shared prefix
+            engine.add_request(f"p{i}", prompts[i].tolist(), params)
         while any(s.num_computed_tokens < 1024 for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()  # the prompts' prefill
         for _ in range(20):

@@ -186,6 +186,34 @@ def test_mla_decode_through_tensor_descriptors(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache.nan_to_num(), block_tables, lens, 0.1), dtype)
 
 
+def test_mla_decode_tma_choice(tk, monkeypatch):
+    """By default the whole tiles go through TMA on a Hopper-class GPU from TMA_MIN_SEQS sequences, for a
+    bf16 / fp16 cache it can read (an fp32 cache spills registers through TMA); the launch records it."""
+    module = tk.mla_decode
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs["TMA"])
+
+    monkeypatch.setattr(module, "_mla_decode_split_kernel", Recorder())
+    monkeypatch.setattr(module, "_mla_decode_merge_kernel", Recorder())
+    monkeypatch.setattr(module, "hopper_class", lambda device: True)
+    cases = [(module.TMA_MIN_SEQS, torch.bfloat16, True), (module.TMA_MIN_SEQS - 1, torch.bfloat16, False),
+             (module.TMA_MIN_SEQS, torch.float32, False)]
+    for N, dtype, expected in cases:
+        kv_cache, block_tables, lens = paged_cache([40] * N, 64, 576, dtype)
+        launches.clear()
+        module.mla_decode(torch.randn(N, 16, 512).to(dtype), torch.randn(N, 16, 64).to(dtype), kv_cache, block_tables,
+                          lens, 0.1, num_kv_splits=1)
+        assert launches == [expected], (N, dtype)
+    monkeypatch.setattr(module, "TMA", False)
+    launches.clear()
+    module.mla_decode(torch.randn(N, 16, 512).to(torch.bfloat16), torch.randn(N, 16, 64).to(torch.bfloat16),
+                      *paged_cache([40] * N, 64, 576, torch.bfloat16), 0.1, num_kv_splits=1)
+    assert launches == [False]
+
+
 def test_mla_decode_tma_needs_whole_tiles_in_a_page(tk):
     kv_cache, block_tables, lens = paged_cache([20], 16, 48, torch.float32)
     q_lat, q_pe = torch.randn(1, 2, 32), torch.randn(1, 2, 16)

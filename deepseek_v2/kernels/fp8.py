@@ -96,7 +96,7 @@ def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor,
 SCALED_MM_K = 512
 # Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns).
 # Not yet run on an H200: off.
-PAD_FOR_SCALED_MM = False
+PAD_FOR_SCALED_MM = True
 
 
 @torch.no_grad()

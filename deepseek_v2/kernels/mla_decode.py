@@ -45,7 +45,8 @@ _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel 
 # Read the bf16 / fp16 cache's whole tiles through Hopper's tensor-memory accelerator (tensor descriptors
 # over [blocks, block_size, R + P]; one thread issues a tile's copy) rather than with every thread's
 # pointers. Not measured yet on an H200: off.
-TMA = False
+TMA = True
+TMA_MIN_SEQS = 32  # on an H200: 1.18x at 256 sequences, 1.05x at 32, 0.89x at one (docs/benchmarks.md)
 
 
 @triton.jit
@@ -345,7 +346,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     on_cpu = q_lat.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     fits = _tma_fits(kv_cache, R, P, block_n)
     if tma is None:  # (an fp32 cache, the tests', spills registers through TMA: it keeps pointers)
-        tma = TMA and fits and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
+        tma = TMA and N >= TMA_MIN_SEQS and fits and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
     if tma and not fits:
         raise ValueError(f"mla_decode: tma needs a bf16 / fp16 cache with power-of-two R and P, block_n dividing the"
                          f" block size ({block_size}) and 16-byte aligned rows; got R={R}, P={P}, block_n={block_n},"
