@@ -222,6 +222,33 @@ def test_bf16_decode_graph_equals_the_eager_step():
     assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
 
 
+def test_decode_graph_through_tma_equals_the_pointer_step(monkeypatch):
+    """From mla_decode.TMA_MIN_SEQS sequences the decode graph reads the latent cache through TMA (bf16,
+    64-token pages): its logits are those of the same step run eagerly with pointers, to a bf16-sized
+    difference (the dots see the same tiles; the graph's split count may differ)."""
+    from deepseek_v2.kernels import mla_decode
+    n = mla_decode.TMA_MIN_SEQS + 8
+    model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=5).to(torch.bfloat16)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(6)
+    engine = LLMEngine(model, tok, EngineConfig(block_size=64, max_num_seqs=n, num_kv_blocks=512,
+                                                max_num_batched_tokens=16384))
+    for i in range(n):  # 40 prompts of 1-299 tokens: one step prefills them all
+        engine.add_request(str(i), torch.randint(2, 512, (int(torch.randint(1, 300, (1,), generator=g)),),
+                                                 generator=g).tolist(),
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # the prefills
+    step = engine.runner.prepare_inputs(engine.scheduler.schedule())
+    assert step.forward.decode_only and len(step.items) == n
+    replayed = engine.runner.forward(step.forward).clone()
+    monkeypatch.setattr(mla_decode, "TMA", False)
+    graphs, engine.runner.graphs = engine.runner.graphs, {}
+    pointers = engine.runner.forward(step.forward)
+    engine.runner.graphs = graphs
+    assert ((replayed - pointers).norm() / pointers.norm()).item() < 1e-2
+    assert (replayed.argmax(-1) == pointers.argmax(-1)).float().mean().item() >= 0.95
+
+
 def test_triton_equals_reference_on_the_gpu(tmp_path):
     """The one switch flipped on the same device: the reference kernel set (PyTorch, eager) and the Triton
     set (with CUDA graphs) give the same greedy tokens in fp32."""
