@@ -71,6 +71,14 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         moe.SWAP_AB_MAX_BLOCK_M = 0
+        moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
+        monkey = moe.hopper_class
+        moe.hopper_class = lambda device: True
+        for T in (1, 256, 4096):
+            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
+            moe.fused_moe(x, w13, w2, weights, ids)
+            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
+        moe.TMA, moe.hopper_class = False, monkey
     # the FP8 linear layers at V2-Lite's and V2's shapes (q_proj / q_b_proj, o_proj, shared experts), one
     # part that starts inside a block, each launch tier (one row and 256 rows: K in pieces, summed by a second launch)
     for N, K, offset in [(3072, 2048, (0, 0)), (2048, 2048, (0, 0)), (24576, 1536, (0, 0)), (5120, 2048, (0, 64)),

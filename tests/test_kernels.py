@@ -450,6 +450,28 @@ def test_fused_moe_with_swapped_operands(tk, case, fp8):
     assert_close(y, reference.moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3]), x.dtype)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
+def test_fused_moe_weights_through_tensor_descriptors(tk, case, fp8):
+    """TMA: the weights' tiles read through descriptors over [E * rows, K] (a ragged last column block
+    reading the next expert's rows, K past the end as zeros): the reference's results, with -1 picks, FP8
+    block scales and swapped operands too."""
+    T, E, K, D, I, config, dtype = MOE_CASES[case]
+    if fp8:  # e4m3 rows of a multiple of 16 bytes, as descriptors need (still ragged against 128-wide blocks)
+        D, I = -(-D // 16) * 16, -(-I // 16) * 16
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16 if fp8 else dtype, seed=950 + case)
+    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
+    weights = fp8_experts(w13.float(), w2.float()) if fp8 else (w13, w2, None, None)
+    launch = dict(config or tk.moe.default_config(T * K / E, fp8), TMA=True, SWAP_AB=case % 2 == 1)
+    y = tk.moe.fused_moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3], config=launch)
+    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
+    assert_close(y, reference.moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3]), x.dtype)
+    width = 24 // x.element_size()  # rows of 24 bytes
+    with pytest.raises(ValueError, match="TMA needs"):
+        tk.moe.fused_moe(x[:, :width].contiguous(), w13[:, :, :width].contiguous(), w2[:, :width].contiguous(),
+                         topk_weights, topk_ids, config=launch)
+
+
 def test_fused_moe_expert_parallel_split(tk):
     """Experts split over 3 "ranks" in contiguous ranges, each rank's picks mapped to its local ids
     (-1 elsewhere): the ranks' outputs add up to the output with every expert in one place."""

@@ -30,7 +30,9 @@ import triton.language as tl
 
 from .fp8 import BLOCK, FP8, cdiv
 from .fp8_linear import grouped_tile, quantize_activation
-from .launch import arrival_counters
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .launch import arrival_counters, hopper_class
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -89,7 +91,7 @@ def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
+    a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
     y_ptr, add_ptr, arrived_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row,
     stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm,
@@ -104,6 +106,7 @@ def _moe_gemm_kernel(
     COMBINE: tl.constexpr,     # (down pass) also sum each token's TOPK rows into y [T, N] (+ add), as
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
+    TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
@@ -139,13 +142,21 @@ def _moe_gemm_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros_like(acc)
+    # TMA: this program's first weight row in the [E * rows, K] view; the rows past the expert's N (a
+    # ragged last column block) are the next rows' (or zeros past the tensor's end), whose columns are not
+    # stored, as the pointers' wrapped columns are not
+    b_row = (expert * (stride_be // stride_bn) + pid_n * BLOCK_N).to(tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
             mask_k = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if TMA:  # columns past K read as zeros
+            b = tl.trans(b_desc.load([b_row, k * BLOCK_K]))
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
             a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
@@ -157,7 +168,9 @@ def _moe_gemm_kernel(
                 b = b.to(tl.float32)
         acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
-            if EVEN_K:
+            if TMA:
+                b_up = tl.trans(b_desc.load([b_row + N, k * BLOCK_K]))
+            elif EVEN_K:
                 b_up = tl.load(b_ptrs + N * stride_bn)
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
@@ -207,6 +220,16 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
 # sm90_build.py: wgmma for 16- and 32-row blocks only this way); 0: never. Off: on an H200, 256 V2-Lite
 # decodes with it at 32 took 17,798 tokens/s against 17,648 (noise; docs/benchmarks.md).
 SWAP_AB_MAX_BLOCK_M = 0
+
+
+# Read the expert weights' tiles through Hopper's tensor-memory accelerator (a descriptor over each
+# weight as [E * rows, K]) rather than with every thread's pointers. Not yet timed on an H200: off.
+TMA = False
+
+
+def _tma_fits(w: torch.Tensor) -> bool:
+    """A descriptor can read this stacked weight as [E * rows, K]: contiguous, 16-byte aligned rows."""
+    return w.is_contiguous() and w.data_ptr() % 16 == 0 and w.shape[2] * w.element_size() % 16 == 0
 
 
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
@@ -283,8 +306,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    num_warps, num_stages and SWAP_AB (the products as weight columns x rows; default for row blocks
-    of up to SWAP_AB_MAX_BLOCK_M rows). No host synchronisation.
+    num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
+    of up to SWAP_AB_MAX_BLOCK_M rows) and TMA (the weights' tiles through tensor descriptors; default:
+    the TMA setting, on a Hopper-class GPU, for contiguous weights). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -301,6 +325,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
+    tma = cfg.pop("TMA", None)
+    fits = _tma_fits(w13) and _tma_fits(w2)
+    if tma is None:
+        tma = TMA and fits and hopper_class(x.device)
+    if tma and not fits:
+        raise ValueError(f"fused_moe: TMA needs contiguous w13 and w2 with rows of a multiple of 16 bytes; got "
+                         f"{tuple(w13.shape)}, {tuple(w2.shape)} {w13.dtype}")
     if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)
         flat = topk_ids.reshape(-1)
         align = MoeAlignment(flat, flat, flat)  # only expert_ids (the picks' ids) is read
@@ -319,15 +350,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
         a, a_scale = quantize_activation(a) if fp8 else (a, weights)
+        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if tma else b
         _moe_gemm_kernel[grid](
-            a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
+            a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, **cfg,
+            SWAP_AB=swap_ab, TMA=tma, **cfg,
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k

@@ -137,16 +137,18 @@ def fp8_experts(moe_weights):
     yield torch.cat([gq, uq], 1), dq, torch.cat([gs, us], 1), ds, K
 
 
+@pytest.mark.parametrize("tma", [False, True])  # the weights' tiles through tensor descriptors (moe.TMA)
 @pytest.mark.parametrize("swap", [False, True])  # thin row blocks with swapped operands (moe.SWAP_AB_MAX_BLOCK_M)
 @pytest.mark.parametrize("missing", [0.0, 0.5])
 @pytest.mark.parametrize("T", [1, 8, 256, 2048])
-def test_fp8_moe(fp8_experts, T, missing, swap, monkeypatch):
+def test_fp8_moe(fp8_experts, T, missing, swap, tma, monkeypatch):
     """Against the reference at 3e-2, not 1e-2: on the H200 the kernel departs from the reference by
     1.6-2.1% at these shapes (0.35% at V2-Lite's one token), where Triton's CPU interpreter running the
     same kernel departs by 0.32% at the same shapes (V2-Lite at 1 and 8 tokens, a V2-like 5120 x 1536).
     The cause is not found yet (docs/fp8.md, open questions)."""
     from deepseek_v2.kernels import moe
     monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 32 if swap else 0)
+    monkeypatch.setattr(moe, "TMA", tma)
     w13, w2, s13, s2, K = fp8_experts
     E, D = w13.shape[0], w13.shape[2]
     g = torch.Generator(device=DEVICE).manual_seed(T)

@@ -141,12 +141,14 @@ def routed_tokens(T, E, D, K, seed, missing=0.0):
     return x, topk_weights, topk_ids
 
 
+@pytest.mark.parametrize("tma", [False, True])  # the weights' tiles through tensor descriptors (moe.TMA)
 @pytest.mark.parametrize("swap", [False, True])  # thin row blocks with swapped operands (moe.SWAP_AB_MAX_BLOCK_M)
 @pytest.mark.parametrize("missing", [0.0, 0.5])
 @pytest.mark.parametrize("T", [1, 8, 256, 4096])
-def test_moe(moe_weights, T, missing, swap, monkeypatch):
+def test_moe(moe_weights, T, missing, swap, tma, monkeypatch):
     from deepseek_v2.kernels import moe
     monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 32 if swap else 0)
+    monkeypatch.setattr(moe, "TMA", tma)
     w13, w2, K = moe_weights
     x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T, missing=missing)
     poison_free_memory()
