@@ -94,8 +94,8 @@ def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor,
 
 # torch._scaled_mm takes an FP8 GEMM whose K is a multiple of this (other K gave wrong products on an H200)
 SCALED_MM_K = 512
-# Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns).
-# Not yet run on an H200: off.
+# Inference widens the FP8 weights of other K with zero columns to such a K (parallel.Linear.pad_columns):
+# on an H200, 256 V2-Lite decodes 1.5% faster with FP8 weights, a 4K prompt 3.4% (docs/fp8.md).
 PAD_FOR_SCALED_MM = True
 
 
