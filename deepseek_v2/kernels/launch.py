@@ -23,6 +23,13 @@ def hopper_class(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
+def tma_aligned(t: torch.Tensor) -> bool:
+    """A tensor descriptor can address this tensor: its start and its strides but the last (which must be
+    1) are multiples of 16 bytes."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
 _counters: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import CACHE_SCALE_BYTES
-from .launch import hopper_class, num_sms
+from .launch import hopper_class, num_sms, tma_aligned
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -253,10 +253,8 @@ def _tma_fits(kv_cache: torch.Tensor, R: int, P: int, block_n: int) -> bool:
     """Tensor descriptors can read this cache's tiles whole: a float cache (not FP8's rows of values and
     scales), R and P powers of two (a tile's widths), a tile inside one page, 16-byte aligned start and
     strides."""
-    block_size = kv_cache.shape[1]
     return (kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float32) and R & (R - 1) == 0
-            and P & (P - 1) == 0 and block_size % block_n == 0 and kv_cache.data_ptr() % 16 == 0
-            and all(s * kv_cache.element_size() % 16 == 0 for s in kv_cache.stride()[:2]))
+            and P & (P - 1) == 0 and kv_cache.shape[1] % block_n == 0 and tma_aligned(kv_cache))
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -347,11 +345,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     else:
         mid_o = mid_lse = out  # unused
     on_cpu = q_lat.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
-    fits = _tma_fits(kv_cache, R, P, block_n)
     if tma is None:  # (an fp32 cache, the tests', spills registers through TMA: it keeps pointers)
-        tma = TMA and N >= TMA_MIN_SEQS and fits and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
-    if tma and not fits:
-        raise ValueError(f"mla_decode: tma needs a bf16 / fp16 cache with power-of-two R and P, block_n dividing the"
+        tma = (TMA and N >= TMA_MIN_SEQS and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
+               and _tma_fits(kv_cache, R, P, block_n))
+    elif tma and not _tma_fits(kv_cache, R, P, block_n):
+        raise ValueError(f"mla_decode: tma needs a float cache with power-of-two R and P, block_n dividing the"
                          f" block size ({block_size}) and 16-byte aligned rows; got R={R}, P={P}, block_n={block_n},"
                          f" {kv_cache.dtype}")
     if tma:  # the latent and the rope key of BLOCK_N tokens of one page a load

@@ -32,7 +32,7 @@ from .fp8 import BLOCK, FP8, cdiv
 from .fp8_linear import grouped_tile, quantize_activation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import arrival_counters, hopper_class
+from .launch import arrival_counters, hopper_class, tma_aligned
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -229,9 +229,9 @@ SWAP_AB_MAX_BLOCK_M = 0
 TMA = False
 
 
-def _tma_fits(w: torch.Tensor) -> bool:
-    """A descriptor can read this stacked weight as [E * rows, K]: contiguous, 16-byte aligned rows."""
-    return w.is_contiguous() and w.data_ptr() % 16 == 0 and w.shape[2] * w.element_size() % 16 == 0
+def _tma_fits(*weights: torch.Tensor) -> bool:
+    """A descriptor can read these stacked weights as [E * rows, K]: contiguous, 16-byte aligned rows."""
+    return all(w.is_contiguous() and tma_aligned(w) for w in weights)
 
 
 def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
@@ -328,10 +328,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
     tma = cfg.pop("TMA", None)
-    fits = _tma_fits(w13) and _tma_fits(w2)
     if tma is None:
-        tma = TMA and fits and hopper_class(x.device)
-    if tma and not fits:
+        tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
+    elif tma and not _tma_fits(w13, w2):
         raise ValueError(f"fused_moe: TMA needs contiguous w13 and w2 with rows of a multiple of 16 bytes; got "
                          f"{tuple(w13.shape)}, {tuple(w2.shape)} {w13.dtype}")
     if T == 1:  # one token: its picks are distinct experts, a block each, in pick order (no alignment launch)

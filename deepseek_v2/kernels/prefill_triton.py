@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import hopper_class
+from .launch import hopper_class, tma_aligned
 
 _LOG2E = 1.4426950408889634
 
@@ -181,8 +181,7 @@ def default_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, longest_k
 def _tma_fits(*tensors: torch.Tensor) -> bool:
     """TMA reads a tensor on a Hopper-class GPU whose start and strides (but the last) are multiples of 16
     bytes."""
-    return all(hopper_class(t.device) and t.data_ptr() % 16 == 0
-               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return all(hopper_class(t.device) and tma_aligned(t) for t in tensors)
 
 
 def _check_args(q, k, v, cu_query, cu_key, query_lens, key_lens):
