@@ -11,7 +11,8 @@
    with the bandwidth they reach). `--mla-only`: part 2 alone.
 3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
    under the torch profiler: total kernel time per step and the top kernels, against the CUDA-graph
-   step time (the engine as it runs: asynchronous scheduling where it is on).
+   step time (the engine as it runs: asynchronous scheduling where it is on), and how much of the graph
+   steps' wall time the device spends running kernels, and idle between them.
 """
 
 from __future__ import annotations
@@ -115,6 +116,35 @@ def sweep_mla() -> None:
                 print(f"    {us:8.1f} us ({bytes_read / us / 1e6:.2f} TB/s)  {cfg}")
 
 
+def device_timeline(engine: LLMEngine, steps: int = 10) -> None:
+    """How busy the device is over engine steps as they run (graphs, asynchronous scheduling): the union
+    of the kernels' intervals against the wall time, and the gaps where the device ran nothing (waiting
+    for the host, or between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    if not spans:
+        print("  no kernels recorded")
+        return
+    busy, gaps, (start, end) = 0.0, [], spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy, gaps, start = busy + end - start, gaps + [s - end], s
+        end = max(end, e)
+    busy += end - start
+    print(f"  device over {steps} steps: wall {wall_us / steps / 1e3:.2f} ms a step, kernels running "
+          f"{busy / steps / 1e3:.2f} ms a step ({len(spans) / steps:.0f} kernels); idle between kernels "
+          f"{sum(g for g in gaps if g <= 20) / steps / 1e3:.2f} ms a step in gaps of <= 20 us, "
+          f"{sum(g for g in gaps if g > 20) / steps / 1e3:.2f} ms in longer ones (largest, us: "
+          f"{', '.join(f'{g:.0f}' for g in sorted(gaps)[-4:])})")
+
+
 def profile_step() -> None:
     batch = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--batch=")), 1)
     with torch.device("meta"):
@@ -139,6 +169,8 @@ def profile_step() -> None:
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t) / 50 * 1e3
         print(f"{'eager' if eager else 'graph'} decode step at batch {batch}: {step_ms:.2f} ms")
+        if not eager:
+            device_timeline(engine)
         if eager:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -20,11 +20,11 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import (activation, fp8_linear, mla_decode, mla_prepare, moe, moe_align, norm, prefill_triton,
-                                 router)
+from deepseek_v2.kernels import (activation, fp8_linear, launch, mla_decode, mla_prepare, moe, moe_align, norm,
+                                 prefill_triton, router)
 from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
-OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz")
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz", "launch_pdl")
 GPU_CONSTANTS = {"UPCAST_DOT": False, "LIBDEVICE": True}  # what the wrappers pass on a GPU, not on CPU
 
 
@@ -97,6 +97,7 @@ def launch_decode_kernels() -> None:
     cu = torch.tensor([0, 64], dtype=torch.int32)
     for d, dv in ((192, 128), (96, 64)):
         q, v = torch.empty(64, 16, d, dtype=bf16), torch.empty(64, 16, dv, dtype=bf16)
+        prefill_triton.prefill_attention(q[:16], q[:16], v[:16], cu // 4, cu // 4, [16], [16], 0.1)  # PDL's few rows
         prefill_triton.prefill_attention(q, q, v, cu, cu, [64], [64], 0.1)
         prefill_triton.prefill_attention(q, q, v, cu, cu, [64], [64], 0.1,  # K and V through tensor descriptors
                                          config=dict(prefill_triton.default_config(d), TMA=True))
@@ -137,6 +138,14 @@ FAMILIES = {
 }
 
 
+def waits_first(ptx: str) -> bool:
+    """The kernel's PTX waits for the kernel before it (griddepcontrol.wait) ahead of its first global
+    memory access: a load, a store, an atomic, an asynchronous or a tensor copy."""
+    wait = ptx.find("griddepcontrol.wait")
+    accesses = [m.start() for m in re.finditer(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async)", ptx)]
+    return wait >= 0 and (not accesses or wait < min(accesses))
+
+
 def build(launches) -> list[dict]:
     """Compile each distinct launch as the JIT would specialise it; report shared memory, spills and
     a few properties of the PTX."""
@@ -173,6 +182,8 @@ def build(launches) -> list[dict]:
                             approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
                             vector_loads="ld.global.v" in ptx, wgmma="wgmma.mma_async" in ptx,
                             async_copies="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                            waits_for_prior_kernels=waits_first(ptx),
+                            launch_pdl=compiled.metadata.launch_pdl,
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 
@@ -190,7 +201,10 @@ def run_in_subprocess(family: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    targets, launch = FAMILIES[sys.argv[1]]
+    targets, launch_all = FAMILIES[sys.argv[1]]
     launches = record(targets)
-    launch()
+    # launched as on a Hopper-class GPU, where the launches ask for programmatic dependent launch (the
+    # modules that choose TMA by the device hold their own hopper_class, and are patched where built)
+    launch.hopper_class = lambda device: True
+    launch_all()
     print(json.dumps(build(launches)))

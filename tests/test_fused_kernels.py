@@ -23,7 +23,6 @@ import torch
 
 from deepseek_v2.kernels import reference
 from deepseek_v2.kernels.fp8 import cache_views
-from deepseek_v2.kernels.launch import arrival_counters
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -323,7 +322,7 @@ def test_route_multiplies_in_fp32_and_routes(tk, T):
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
         want_w, want_ids = reference.topk_softmax(logits, k, True, 1.0, num_shared=2)
         assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-6, atol=0)
-    assert not arrival_counters(x.device, "route", tk.router.ROUTE_MAX_TOKENS).any()
+    assert not tk.launch.arrival_counters(x.device, "route", tk.router.ROUTE_MAX_TOKENS).any()
 
 
 def test_route_rejects_bad_inputs(tk):
@@ -365,8 +364,13 @@ def test_fused_kernels_build_for_sm90():
     assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
                                               "_silu_and_mul_kernel", "_topk_softmax_kernel", "_route_kernel"}
     assert {r["config"].get("FP8_CACHE") for r in results if r["kernel"] == "_mla_prepare_kernel"} == {"True", "False"}
+    # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only
+    assert {r["kernel"] for r in results if r["launch_pdl"]} == {r["kernel"] for r in results} - {"_topk_softmax_kernel"}
     for r in results:
         assert r["shared"] <= 227 * 1024 and r["spill_bytes"] in (0, None), r
         assert not r["approx_div"], r
+        # programmatic dependent launch (few rows): launched so, and waiting for the kernel before it first
+        pdl = r["config"].get("PDL") == "True"
+        assert r["launch_pdl"] == pdl and r["waits_for_prior_kernels"] == pdl, r
         if r["kernel"] in ("_rms_norm_kernel", "_mla_prepare_kernel"):
             assert not r["fma"] and r["vector_loads"], r

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_v2.kernels import reference
-from deepseek_v2.kernels.launch import arrival_counters
 from deepseek_v2.kernels.fp8 import quantize_activation, quantize_cache, quantize_weight
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -421,7 +420,7 @@ def test_fused_moe_sums_the_picks_in_the_down_gemm_bit_for_bit(tk, case, missing
     monkeypatch.setattr(tk.moe, "_combine_kernel", spy)
     inside = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
     assert launches == [] and torch.equal(inside, apart)
-    assert not arrival_counters(x.device, "moe combine", tk.moe._ARRIVALS).any()
+    assert not tk.launch.arrival_counters(x.device, "moe combine", tk.moe._ARRIVALS).any()
     again = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, add=add, config=config)
     assert torch.equal(again, apart)
 
@@ -639,7 +638,7 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
     monkeypatch.setattr(tk.fp8_linear, "sum_pieces", lambda *args: launches.append(args))
     for _ in range(2):
         assert torch.equal(tk.fp8_linear.linear(x, w, b, s, offset, config=config), apart)
-        assert not arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
+        assert not tk.launch.arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
     assert launches == []
 
 
@@ -757,10 +756,15 @@ def test_kernels_build_for_sm90():
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}
+    # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only
+    assert {r["kernel"] for r in results if r["launch_pdl"]} == {r["kernel"] for r in results} - {"_combine_kernel"}
     for r in results:
         assert r["shared"] <= 227 * 1024, r        # the H100/H200 limit per block
         assert r["spill_bytes"] in (0, None), r
         if r["kernel"] == "_prefill_attention_kernel":
             assert r["wgmma"] and r["async_copies"] and r["tma"] == (r["config"]["TMA"] == "True"), r
+        # programmatic dependent launch (few rows): launched so, and waiting for the kernel before it first
+        pdl = r["config"].get("PDL") == "True"
+        assert r["launch_pdl"] == pdl and r["waits_for_prior_kernels"] == pdl, r
         if r["config"].get("SWAP_AB") == "True":  # on wgmma
             assert r["wgmma"], r

@@ -16,12 +16,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .launch import pdl_launch, wait_for_prior_kernels
+
 _BLOCK = 1024  # columns per program: 8 per thread with 4 warps, 16-byte bf16 accesses
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y,
-                         BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+                         BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -55,6 +58,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(_BLOCK, triton.next_power_of_2(I))
         _silu_and_mul_kernel[(T, triton.cdiv(I, block))](
             x, y, I, x.stride(0), y.stride(0), BLOCK=block, LIBDEVICE=x.is_cuda,
-            num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
+            num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
         )
     return y.view(*shape[:-1], I)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, SCALED_MM_K, cdiv, scale_shape, zero_padded
-from .launch import arrival_counters, num_sms
+from .launch import arrival_counters, num_sms, pdl_launch, wait_for_prior_kernels
 
 
 @triton.jit
@@ -53,9 +53,11 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, K_PAD, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
-                     ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+                     ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """ROWS rows of x, one 128-wide group (program_id 1) -> e4m3 values and the rows' scales of it; rows
     M..M_PAD-1 and columns K..K_PAD-1 (padding) get zeros."""
+    wait_for_prior_kernels(PDL)
     g = tl.program_id(1)
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     k = g * GROUP - col_offset + tl.arange(0, GROUP)
@@ -86,7 +88,7 @@ def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
     if M_pad:
         _quantize_kernel[(triton.cdiv(M_pad, 16), G)](
             x, q, s, M, M_pad, K, K_pad, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4)
+            ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4, **pdl_launch(x.device, M))
     return q, s
 
 
@@ -96,13 +98,14 @@ def _fp8_linear_kernel(
     groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym, stride_ys, stride_sum,
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-    SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr,
+    SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
     pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that sum_pieces adds up, or
     (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N] itself, with sum_pieces'
     arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr."""
+    wait_for_prior_kernels(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     piece = tl.program_id(1)
 
@@ -151,8 +154,9 @@ def _fp8_linear_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PIECES: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """y[row, cols] = sum over the pieces of part[piece, row, cols] (+ bias), rounded once."""
+    wait_for_prior_kernels(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -270,6 +274,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out.stride(0) if pieces > 1 else 0, y.stride(0),
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
         SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, **cfg,
+        **pdl_launch(x.device, M),
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
@@ -294,4 +299,4 @@ def sum_pieces(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -
     block = 1024
     _sum_pieces_kernel[(M, triton.cdiv(N, block))](part, bias if bias is not None else y, y, M, N, y.stride(0),
                                                   part.stride(0), PIECES=pieces, HAS_BIAS=bias is not None,
-                                                  BLOCK=block, num_warps=4)
+                                                  BLOCK=block, num_warps=4, **pdl_launch(y.device, M))

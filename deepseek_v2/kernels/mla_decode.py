@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import CACHE_SCALE_BYTES
-from .launch import hopper_class, num_sms, tma_aligned
+from .launch import hopper_class, num_sms, pdl_launch, tma_aligned, wait_for_prior_kernels
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -87,8 +87,9 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
-    FP16_DOTS: tl.constexpr, TMA: tl.constexpr,
+    FP16_DOTS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernels(PDL)
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
     seq = tl.program_id(2)
@@ -210,9 +211,10 @@ def _merge_splits(mid_o_ptr, mid_lse_ptr, seq, head, num_heads, num_splits, BLOC
 @triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_merge_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[seq, head] = its splits' partials merged, in out's dtype."""
+    wait_for_prior_kernels(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -224,11 +226,12 @@ def _mla_decode_merge_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_project_kernel(
     mid_o_ptr, mid_lse_ptr, w_ptr, out_ptr, num_heads, num_splits, DV, stride_wh, stride_wv, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[seq, head, v block] = w[head, v block] @ (its splits' partials merged, rounded to out's dtype
     as the latent output is): the merge and absorbed decode's W_UV product in one launch, for few
     sequences. Each of a head's DV / BLOCK_V programs merges the head's partials again (from L2)."""
+    wait_for_prior_kernels(PDL)
     head = tl.program_id(0)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     seq = tl.program_id(2)
@@ -370,6 +373,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
+        **pdl_launch(q_lat.device, N),
     )
     if project_in_merge:
         dv = w_uv.shape[1]
@@ -377,12 +381,13 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
             mid_o, mid_lse, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
             out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, num_warps=4,
+            **pdl_launch(out.device, N),
         )
         return out
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](
             mid_o, mid_lse, out, H, num_kv_splits, out.stride(0), out.stride(1),
-            R=R, BLOCK_R=block_r, num_warps=4,
+            R=R, BLOCK_R=block_r, num_warps=4, **pdl_launch(out.device, N),
         )
     if w_uv is None:
         return out

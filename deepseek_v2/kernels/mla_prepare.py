@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import CACHE_SCALE_BYTES, EPS, FP8_MAX
+from .launch import pdl_launch, wait_for_prior_kernels
 from .norm import MAX_D, rms_norm_row
 
 _BLOCK_H = 32  # heads per program: 2048 q_pe values with P = 64
@@ -42,8 +43,9 @@ def _mla_prepare_kernel(
     stride_cache_block, stride_cache_tok, block_size,
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr, HAS_CACHE: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr,
-    EPS: tl.constexpr,
+    EPS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernels(PDL)
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     offs_i = tl.arange(0, BLOCK_P // 2)
@@ -160,6 +162,6 @@ def mla_prepare(q_pe: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: to
         kv_cache.shape[1] if has_cache else 1,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(P), BLOCK_H=block_h, HAS_CACHE=has_cache,
         FP8_CACHE=has_cache and kv_cache.dtype == torch.uint8, FP8_MAX=FP8_MAX, EPS=EPS,
-        num_warps=4 if block_r <= 1024 else 8, enable_fp_fusion=False,
+        num_warps=4 if block_r <= 1024 else 8, enable_fp_fusion=False, **pdl_launch(kv.device, T),
     )
     return q_pe, c_kv, k_pe

@@ -32,7 +32,7 @@ from .fp8 import BLOCK, FP8, cdiv
 from .fp8_linear import grouped_tile, quantize_activation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import arrival_counters, hopper_class, tma_aligned
+from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -107,9 +107,11 @@ def _moe_gemm_kernel(
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
+    PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
+    wait_for_prior_kernels(PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), num_pid_n, GROUP_M)
     if ONE_ROW_BLOCKS:
@@ -198,10 +200,12 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """y[t] = the sum of token t's K weighted expert outputs in fp32, rounded to y's dtype (then, with
     add, y[t] + add[t] rounded again: what adding a tensor of that dtype gives), one launch for what
     took a sum, a cast and an add."""
+    wait_for_prior_kernels(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -360,7 +364,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, **cfg,
+            SWAP_AB=swap_ab, TMA=tma, **cfg, **pdl_launch(a.device, T),
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
@@ -370,7 +374,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if combine is None:
         block = 1024
         _combine_kernel[(T, triton.cdiv(D, block))](out, add if add is not None else y, y, D, K=K,
-                                                    HAS_ADD=add is not None, BLOCK=block, num_warps=4)
+                                                    HAS_ADD=add is not None, BLOCK=block, num_warps=4,
+                                                    **pdl_launch(y.device, T))
     return y
 
 

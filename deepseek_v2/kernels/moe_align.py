@@ -15,14 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_launch, wait_for_prior_kernels
+
 
 # num_rows (tokens x top-k) changes with every step: not specialised on (a multiple of 16 or not), so
 # that one compiled variant serves every step (model_runner._warm_up_steps)
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_align_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, num_rows, num_experts,
-                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = False):
     """One program per bucket (the experts, then bucket num_experts for the -1 rows); each recounts
     all experts (cheap) to find where its run starts."""
+    wait_for_prior_kernels(PDL)
     e = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
@@ -79,5 +82,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
     _moe_align_kernel[(num_experts + 1,)](
         flat, out.sorted_ids, out.expert_ids, out.num_padded, rows, num_experts,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_T=1024, num_warps=4,
+        **pdl_launch(flat.device, topk_ids.shape[0]),
     )
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_launch, wait_for_prior_kernels
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_D = 8192
 
@@ -36,7 +38,8 @@ def rms_norm_row(x, weight, inv_n, eps):
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, D, inv_d, eps,
                      stride_x, stride_r, stride_y, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -89,6 +92,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x, r, weight, y, s if s is not None else y, D, 1.0 / D, eps,
             x.stride(0), r.stride(0), y.stride(0), y.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
-            num_warps=min(max(block_d // 256, 1), 16), enable_fp_fusion=False,
+            num_warps=min(max(block_d // 256, 1), 16), enable_fp_fusion=False, **pdl_launch(x.device, T),
         )
     return y.view(shape) if s is None else (y.view(shape), s.view(shape))

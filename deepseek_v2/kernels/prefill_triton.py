@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import hopper_class, tma_aligned
+from .launch import hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 
 _LOG2E = 1.4426950408889634
 
@@ -109,8 +109,9 @@ def _prefill_attention_kernel(
     D_FIRST: tl.constexpr, D_REST: tl.constexpr, D_V: tl.constexpr,
     BLOCK_FIRST: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernels(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(2)
     q_start = tl.load(cu_query_ptr + seq)
@@ -241,5 +242,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         D_FIRST=d_first, D_REST=d_rest, D_V=dv, BLOCK_FIRST=block(d_first), BLOCK_REST=block(d_rest),
         BLOCK_V=block(dv), TMA=tma, UPCAST_DOT=on_cpu, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+        **pdl_launch(q.device, q.shape[0]),
     )
     return out

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
-from .launch import arrival_counters
+from .launch import arrival_counters, pdl_launch, wait_for_prior_kernels
 
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
@@ -92,7 +92,9 @@ def _softmax_topk_store(logits, rows, mask_t, weights_ptr, ids_ptr, E, scaling,
 def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scaling,
                          K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
-                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+                         N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
     mask_t = rows < T
@@ -107,10 +109,12 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
 def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, E, D, stride_x, scaling,
                   SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
                   K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
     partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
     whichever arrives last), stores the logits and routes the token."""
+    wait_for_prior_kernels(PDL)
     t = tl.program_id(0)
     s = tl.program_id(1)
     offs_e = tl.arange(0, BLOCK_E)
@@ -177,7 +181,7 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
             K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_T=block_t,
             BLOCK_E=block_e,
             RENORMALIZE=renormalize, LIBDEVICE=logits.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
-            num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
+            num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(logits.device, T),
         )
     return weights, ids
 
@@ -224,6 +228,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
         SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
         K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
         RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
-        num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False,
+        num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
     )
     return logits, weights, ids

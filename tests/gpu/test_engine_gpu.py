@@ -42,7 +42,8 @@ def run(engine, prompts, params):
 SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_MAX_TOKENS", 64),
                ("moe", "SWAP_AB_MAX_BLOCK_M", 32), ("mla_decode", "PROJECT_IN_MERGE_MAX_SEQS", 8),
                ("fp8_linear", "SUM_PIECES_IN_GEMM", True), ("router", "GROUPED_IN_KERNEL", False),
-               ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True)]
+               ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True),
+               ("launch", "PDL", False)]
 
 
 @pytest.mark.parametrize("settings_on", [False, True])
@@ -247,6 +248,39 @@ def test_decode_graph_through_tma_equals_the_pointer_step(monkeypatch):
     engine.runner.graphs = graphs
     assert ((replayed - pointers).norm() / pointers.norm()).item() < 1e-2
     assert (replayed.argmax(-1) == pointers.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
+    """Our kernels launched with programmatic dependent launch (launch.PDL, on for Hopper-class GPUs) wait
+    for the kernel before them ahead of any load or store: a bf16 engine's greedy tokens and their
+    log-probabilities, decode graphs and the steps that prefill beside decodes included, are bit for bit
+    those of an engine captured with it off."""
+    from deepseek_v2.kernels import launch
+    if not launch.hopper_class(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper-class GPU")
+    model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=7).to(torch.bfloat16)
+    tok = Tokenizer.from_pretrained(TOKENIZER)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 100, 250, 33, 64, 180)]
+
+    def generate():
+        engine = LLMEngine(model, tok, EngineConfig(block_size=64, max_num_seqs=8, num_kv_blocks=256,
+                                                    max_num_batched_tokens=256))  # some prompts beside decodes
+        assert engine.runner.graphs, "CUDA graphs were not captured"
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].logprobs)
+        return [done[str(i)] for i in range(len(prompts))]
+
+    with_pdl = generate()
+    monkeypatch.setattr(launch, "PDL", False)
+    without = generate()
+    assert with_pdl == without
 
 
 def test_triton_equals_reference_on_the_gpu(tmp_path):
