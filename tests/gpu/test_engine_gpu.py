@@ -26,14 +26,15 @@ def model_args(**changes):
     return ModelArgs(**{**base, **changes})
 
 
-def run(engine, prompts, params):
+def run(engine, prompts, params, result=lambda completion: completion.token_ids):
+    """Each prompt's result (of its first completion: its tokens unless `result` says otherwise), in order."""
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     done = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
             if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
+                done[o.request_id] = result(o.outputs[0])
     return [done[str(i)] for i in range(len(prompts))]
 
 
@@ -268,14 +269,7 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
                                                     max_num_batched_tokens=256))  # some prompts beside decodes
         assert engine.runner.graphs, "CUDA graphs were not captured"
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
-        done = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].logprobs)
-        return [done[str(i)] for i in range(len(prompts))]
+        return run(engine, prompts, params, lambda completion: (completion.token_ids, completion.logprobs))
 
     with_pdl = generate()
     monkeypatch.setattr(launch, "PDL", False)
