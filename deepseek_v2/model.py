@@ -181,7 +181,7 @@ class MLA(nn.Module):
         a = self.args
         w_kv_b = self.kv_b_proj.weight.view(self.num_heads, -1, a.kv_lora_rank)
         w_uk, w_uv = w_kv_b[:, :a.qk_nope_head_dim], w_kv_b[:, a.qk_nope_head_dim:]  # [H, dn|dv, R]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # W_UK folded into the query
+        q_lat = self.kernels.absorb_query(q_nope, w_uk)  # W_UK folded into the query
         # attention over the latent, then W_UV on its output (kernels: in the launch that merges the splits)
         return self.kernels.mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.softmax_scale,
                                        max_seq_len=max_seq_len, w_uv=w_uv)

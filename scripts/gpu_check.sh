@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,
-# fp8moe,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fp8moe,fp8moe1,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -61,6 +61,11 @@ for q in bf16 fp8; do
     step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
     step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 \
       mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B1 $quant
+    # W_UK's product in our launch, alone and with W_UV's in the merge's: with programmatic dependent launch
+    # the decode's attention is then our kernels from its projection to its output
+    step levers-$q-1-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 -- bench $B1 $quant
+    step levers-$q-1-absorb-merge 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 \
+      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
@@ -98,6 +103,8 @@ has moelayer && step bench-moe-layer 120 python3 scripts/bench_moe_layer.py
 has fewrows && step bench-few-rows 300 python3 scripts/bench_fp8.py --few-rows
 # the fused MoE with FP8 experts: default launch against a sweep, 1 to 4096 tokens
 has fp8moe && step bench-fp8-moe 400 python3 scripts/bench_fp8.py --moe-sweep
+# the FP8 MoE at one and eight tokens (batch-1 decode's experts: ~1.2 TB/s at one token in the kernel table)
+has fp8moe1 && step bench-fp8-moe-1 200 python3 scripts/bench_fp8.py --moe-sweep=1,8
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there

@@ -20,8 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import (activation, fp8_linear, launch, mla_decode, mla_prepare, moe, moe_align, norm,
-                                 prefill_triton, router)
+from deepseek_v2.kernels import (absorb, activation, fp8_linear, launch, mla_decode, mla_prepare, moe, moe_align,
+                                 norm, prefill_triton, router)
 from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz", "launch_pdl")
@@ -122,6 +122,11 @@ def launch_fused_kernels() -> None:
         for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
             router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
                          groups=groups)
+    absorb.ABSORB_MAX_SEQS = 16  # built here though off by default
+    for H in (16, 128):  # W_UK's product at one and 16 sequences, w_uk a view of kv_b_proj's rows
+        w_uk = torch.empty(H, 256, 512, dtype=bf16)[:, :128]
+        for N in (1, 16):
+            absorb.absorb_query(torch.empty(N, H, 192, dtype=bf16)[..., :128], w_uk)
 
 
 FAMILIES = {
@@ -133,7 +138,8 @@ FAMILIES = {
                 (prefill_triton, "_prefill_attention_kernel")],
                launch_decode_kernels),
     "fused": ([(norm, "_rms_norm_kernel"), (mla_prepare, "_mla_prepare_kernel"),
-               (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel"), (router, "_route_kernel")],
+               (activation, "_silu_and_mul_kernel"), (router, "_topk_softmax_kernel"), (router, "_route_kernel"),
+              (absorb, "_absorb_query_kernel")],
               launch_fused_kernels),
 }
 

@@ -361,8 +361,8 @@ def test_fused_kernels_build_for_sm90():
     function is called, has no fused multiply-add: the properties the bit-exactness rests on."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("fused")
-    assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel",
-                                              "_silu_and_mul_kernel", "_topk_softmax_kernel", "_route_kernel"}
+    assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel", "_silu_and_mul_kernel",
+                                              "_topk_softmax_kernel", "_route_kernel", "_absorb_query_kernel"}
     assert {r["config"].get("FP8_CACHE") for r in results if r["kernel"] == "_mla_prepare_kernel"} == {"True", "False"}
     # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only
     assert {r["kernel"] for r in results if r["launch_pdl"]} == {r["kernel"] for r in results} - {"_topk_softmax_kernel"}

@@ -310,6 +310,49 @@ def test_mla_decode_rejects_bad_inputs(tk):
             tk.mla_decode.mla_decode(softmax_scale=0.1, **args)
 
 
+# ---------------------------------------------------------------- W_UK's product (absorbed decode's query)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,DN,R", [(16, 128, 512), (3, 24, 80)])  # V2-Lite's heads; ragged dims
+def test_absorb_query_matches_the_batched_matmul(tk, monkeypatch, H, DN, R, dtype):
+    """Our launch for few sequences gives the batched matmul's product (fp32 sums, one rounding), on
+    strided views as the model passes them (q_nope a slice of q, w_uk a slice of kv_b_proj's rows);
+    past ABSORB_MAX_SEQS sequences the product is torch.bmm's, bit for bit."""
+    monkeypatch.setattr(tk.absorb, "ABSORB_MAX_SEQS", 4)
+    launches = []
+    kernel = tk.absorb._absorb_query_kernel
+    monkeypatch.setattr(tk.absorb, "_absorb_query_kernel", _Spy(kernel, launches))
+    g = torch.Generator().manual_seed(H + DN)
+    w_uk = torch.randn(H, DN + 16, R, generator=g)[:, :DN].to(dtype)
+    for N in (1, 4, 5):
+        q_nope = torch.randn(N, H, DN + 8, generator=g)[..., :DN].to(dtype)
+        out = tk.absorb.absorb_query(q_nope, w_uk)
+        want = reference.absorb_query(q_nope.float(), w_uk.float())
+        assert out.shape == (N, H, R) and out.dtype == dtype
+        if N > 4:
+            assert torch.equal(out, reference.absorb_query(q_nope, w_uk))
+        else:
+            assert_close(out, want.to(dtype), dtype)
+            if dtype == torch.bfloat16:  # the fp32 sums rounded once: within half an ulp (+ the sums' order)
+                assert ((out.float() - want).abs() <= want.abs() * torch.finfo(dtype).eps / 2 + 1e-4).all()
+    assert launches == [(H, -(-R // 64))] * 2
+
+
+class _Spy:
+    """Stands in for a jit kernel: records each launch's grid, then launches it."""
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_absorb_query_rejects_a_mismatched_weight(tk):
+    with pytest.raises(ValueError, match="w_uk"):
+        tk.absorb.absorb_query(torch.randn(1, 4, 8), torch.randn(4, 16, 32))
+
+
 # ---------------------------------------------------------------- MoE kernels
 
 @pytest.mark.parametrize("missing", [0.0, 0.3, 1.0])

@@ -28,6 +28,7 @@ class Kernels:
     mla_prepare: Callable          # latent norm, both RoPEs and the latent-cache write
     gather_latents: Callable       # the cached latents of the prefill contexts (an FP8 cache dequantized)
     prefill_attention: Callable    # causal attention of the step's prefill sequences, packed
+    absorb_query: Callable         # W_UK folded into absorbed decode's queries
     mla_decode: Callable           # absorbed MLA decode over the paged latent cache
     silu_and_mul: Callable         # SwiGLU's activation
     route: Callable                # routing (greedy or group-limited): the router's fp32 product and its top-k
@@ -35,7 +36,7 @@ class Kernels:
 
 
 REFERENCE = Kernels("reference", reference.linear, reference.rms_norm, reference.mla_prepare,
-                    reference.gather_latents, reference.prefill_attention, reference.mla_decode,
+                    reference.gather_latents, reference.prefill_attention, reference.absorb_query, reference.mla_decode,
                     reference.silu_and_mul, reference.route, reference.moe)
 
 
@@ -45,8 +46,8 @@ def load_kernels(name: str) -> Kernels:
         return REFERENCE
     if name != "triton":
         raise ValueError(f"unknown kernel set {name!r} (known: {', '.join(KERNEL_SETS)})")
-    from . import activation, fp8_linear, mla_decode, mla_prepare, moe, norm, prefill, router
+    from . import absorb, activation, fp8_linear, mla_decode, mla_prepare, moe, norm, prefill, router
     return Kernels("triton", fp8_linear.linear, norm.rms_norm, mla_prepare.mla_prepare,
                    reference.gather_latents,  # an indexing copy (and a dequantize), no kernel of its own
-                   prefill.prefill_attention, mla_decode.mla_decode,
+                   prefill.prefill_attention, absorb.absorb_query, mla_decode.mla_decode,
                    activation.silu_and_mul, router.route, moe.fused_moe)

@@ -111,6 +111,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_quer
     return torch.cat(outputs)
 
 
+def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """Absorbed decode's query in the latent space: q_lat[n, h] = q_nope[n, h] @ w_uk[h] for q_nope
+    [N, H, DN] and w_uk [H, DN, R] (W_UK: kv_b_proj's key rows per head), a batched matmul in q_nope's
+    dtype -> [N, H, R]."""
+    return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, softmax_scale: float, max_seq_len: int | None = None,
                w_uv: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_M
                ("moe", "SWAP_AB_MAX_BLOCK_M", 32), ("mla_decode", "PROJECT_IN_MERGE_MAX_SEQS", 8),
                ("fp8_linear", "SUM_PIECES_IN_GEMM", True), ("router", "GROUPED_IN_KERNEL", False),
                ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True),
-               ("launch", "PDL", False)]
+               ("launch", "PDL", False), ("absorb", "ABSORB_MAX_SEQS", 16)]
 
 
 @pytest.mark.parametrize("settings_on", [False, True])

@@ -95,6 +95,28 @@ def test_mla_decode_projects_by_w_uv(heads, batch, in_merge, monkeypatch):
     assert rel_error(out, reference.mla_decode(*args, SCALE, w_uv=w_kv_b[:, 128:])) < 1e-2
 
 
+@pytest.mark.parametrize("heads,batch", [(16, 1), (128, 1), (16, 16)])
+def test_absorb_query_in_our_launch(heads, batch, monkeypatch):
+    """W_UK's product in our launch (ABSORB_MAX_SEQS) against the batched matmul, in a CUDA graph too (its
+    launch asks for programmatic dependent launch at these rows); q_nope and w_uk strided as the model
+    slices them. Both round fp32 sums once, in different orders: a bf16 ulp apart at most."""
+    from deepseek_v2.kernels import absorb
+    monkeypatch.setattr(absorb, "ABSORB_MAX_SEQS", 16)
+    g = torch.Generator(device=DEVICE).manual_seed(heads + batch)
+    w_uk = torch.randn(heads, 256, R, device=DEVICE, dtype=torch.bfloat16, generator=g).mul_(R**-0.5)[:, :128]
+    q = torch.randn(batch, heads, 192, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    want = reference.absorb_query(q[..., :128].float(), w_uk.float())
+    poison_free_memory()
+    out = absorb.absorb_query(q[..., :128], w_uk)
+    assert ((out.float() - want).abs() <= want.abs() * 2**-8 + 1e-4).all()
+    graph, replayed = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        replayed = absorb.absorb_query(q[..., :128], w_uk)
+    q.normal_(generator=g)
+    graph.replay()
+    assert torch.equal(replayed, absorb.absorb_query(q[..., :128], w_uk))
+
+
 @pytest.mark.parametrize("tma", [False, True])
 def test_mla_decode_cuda_graph(tma):
     """Captured once, replayed on new queries and new lengths in the same buffers."""
