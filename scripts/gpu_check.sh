@@ -66,6 +66,8 @@ for q in bf16 fp8; do
     step levers-$q-1-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 -- bench $B1 $quant
     step levers-$q-1-absorb-merge 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 \
       mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 -- bench $B1 $quant
+    # one token's experts on the warpgroup MMA (FP8: e4m3 operands, where 16-row blocks widen them to fp16)
+    step levers-$q-1-swap 120 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=16 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
