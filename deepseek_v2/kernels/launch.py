@@ -1,4 +1,5 @@
-"""What the kernels' launch heuristics know of the device they run on."""
+"""What the kernels' launch heuristics know of the device they run on, and how our kernels are launched on it
+(programmatic dependent launch)."""
 
 from __future__ import annotations
 
