@@ -1,5 +1,5 @@
 """How far two FP8 computations of the routed experts may lie apart when they round differently, against
-how far each lies from the product with unquantized activations (CPU, a minute or two).
+how far each lies from the product with unquantized activations (CPU, about ten seconds).
 
     PYTHONPATH=. python3 scripts/fp8_moe_noise.py
 

@@ -312,6 +312,16 @@ def test_mla_decode_rejects_bad_inputs(tk):
 
 # ---------------------------------------------------------------- W_UK's product (absorbed decode's query)
 
+class _Spy:
+    """Stands in for a jit kernel: records each launch's grid, then launches it."""
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,DN,R", [(16, 128, 512), (3, 24, 80)])  # V2-Lite's heads; ragged dims
 def test_absorb_query_matches_the_batched_matmul(tk, monkeypatch, H, DN, R, dtype):
@@ -336,16 +346,6 @@ def test_absorb_query_matches_the_batched_matmul(tk, monkeypatch, H, DN, R, dtyp
             if dtype == torch.bfloat16:  # the fp32 sums rounded once: within half an ulp (+ the sums' order)
                 assert ((out.float() - want).abs() <= want.abs() * torch.finfo(dtype).eps / 2 + 1e-4).all()
     assert launches == [(H, -(-R // 64))] * 2
-
-
-class _Spy:
-    """Stands in for a jit kernel: records each launch's grid, then launches it."""
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 def test_absorb_query_rejects_a_mismatched_weight(tk):

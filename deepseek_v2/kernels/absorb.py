@@ -28,7 +28,7 @@ _BLOCK_R = 64
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, R, stride_qn, stride_qh, stride_wh, stride_wd, stride_on,
                          stride_oh, DN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         UPCAST: tl.constexpr, PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
     """Program (head, r block): out[n, head, r block] = q[n, head] @ w[head][:, r block] for every n."""
     wait_for_prior_kernels(PDL)
     head = tl.program_id(0).to(tl.int64)
@@ -38,10 +38,8 @@ def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, R, stride_qn, stride_qh, stri
     w = tl.load(w_ptr + head * stride_wh + offs_d[:, None] * stride_wd + offs_r[None, :],
                 mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)          # [BLOCK_D, BLOCK_R]
     for n in range(N):
-        q = tl.load(q_ptr + n * stride_qn + head * stride_qh + offs_d, mask=mask_d, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        out = tl.sum(q.to(tl.float32)[:, None] * w, axis=0)
+        q = tl.load(q_ptr + n * stride_qn + head * stride_qh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        out = tl.sum(q[:, None] * w, axis=0)  # fp32 products and sums (no dot: nothing for the interpreter to upcast)
         tl.store(out_ptr + n * stride_on + head * stride_oh + offs_r, out.to(out_ptr.dtype.element_ty), mask=mask_r)
 
 
@@ -60,6 +58,6 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     _absorb_query_kernel[(H, triton.cdiv(R, _BLOCK_R))](
         q_nope, w_uk, out, N, R, q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1),
         out.stride(0), out.stride(1), DN=DN, BLOCK_D=triton.next_power_of_2(DN), BLOCK_R=_BLOCK_R,
-        UPCAST=q_nope.device.type == "cpu", num_warps=4, **pdl_launch(q_nope.device, N),
+        num_warps=4, **pdl_launch(q_nope.device, N),
     )
     return out

@@ -27,11 +27,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import BLOCK, FP8, cdiv
 from .fp8_linear import grouped_tile, quantize_activation
-from triton.tools.tensor_descriptor import TensorDescriptor
-
 from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
