@@ -62,6 +62,17 @@ def _accumulate(acc, a, b, a_scale, b_scale, FP8_W: tl.constexpr, SWAP_AB: tl.co
 
 
 @triton.jit
+def _accumulate_row(acc, a, b, scale, FP8_W: tl.constexpr):
+    """(Blocks of one row) acc [K, columns] + a's row down K times b [K, columns], elementwise on the CUDA
+    cores, summed over K once after the loop: no MMA padded to 16 rows for one, no cross-thread sum a K
+    step. FP8: scale is the row's scale times the weight block's (one block: BLOCK_N divides 128)."""
+    column = tl.trans(a.to(tl.float32))  # [K, 1]
+    if FP8_W:
+        column = column * scale
+    return acc + column * b.to(tl.float32)
+
+
+@triton.jit
 def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n, num_pid_n,
                       TOPK: tl.constexpr, HAS_ADD: tl.constexpr):
     """(The down pass, combining) once this program's rows of c are stored: count each row in for its
@@ -138,7 +149,10 @@ def _moe_gemm_kernel(
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
-    if SWAP_AB:
+    bs_row_ptr = bs_ptr + expert * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn  # (one block's, scalar)
+    if BLOCK_M == 1:  # _accumulate_row's products, summed over K after the loop
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    elif SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -161,13 +175,19 @@ def _moe_gemm_kernel(
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
             a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
-            b_scale = tl.load(bs_ptrs + k)
+            if BLOCK_M == 1:
+                b_scale = tl.load(bs_row_ptr + k)
+            else:
+                b_scale = tl.load(bs_ptrs + k)
         else:
             a_scale, b_scale = 1.0, 1.0  # (unused)
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-        acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+        if BLOCK_M == 1:
+            acc = _accumulate_row(acc, a, b, a_scale * b_scale, FP8_W)
+        else:
+            acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
             if TMA:
                 b_up = tl.trans(b_desc.load([b_row + N, k * BLOCK_K]))
@@ -176,15 +196,24 @@ def _moe_gemm_kernel(
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
             if FP8_W:  # the up_proj's scales: its block rows follow the gate_proj's
-                up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
+                if BLOCK_M == 1:
+                    up_scale = tl.load(bs_row_ptr + up_scale_row * stride_bsn + k)
+                else:
+                    up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
             else:
                 up_scale = 1.0  # (unused)
                 if UPCAST_DOT:
                     b_up = b_up.to(tl.float32)
-            acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+            if BLOCK_M == 1:
+                acc_up = _accumulate_row(acc_up, a, b_up, a_scale * up_scale, FP8_W)
+            else:
+                acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if SWAP_AB:  # back to rows x columns for the epilogue
+    if BLOCK_M == 1:  # the K products summed: [1, columns]
+        acc = tl.sum(acc, axis=0)[None, :]
+        acc_up = tl.sum(acc_up, axis=0)[None, :]
+    elif SWAP_AB:  # back to rows x columns for the epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
 
@@ -237,11 +266,21 @@ def _tma_fits(*weights: torch.Tensor) -> bool:
     return all(w.is_contiguous() and tma_aligned(w) for w in weights)
 
 
-def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
-    """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks. FP8
-    experts step K by whole 128-wide blocks (their e4m3 tiles are the bf16 tiles' bytes at twice the
-    width); the prefill tier's column tiles are 64 wide, as the per-block scaling of each product
-    needs its own registers (tests/sm90_build.py: no spills)."""
+# Steps of up to this many tokens multiply in blocks of one row (_accumulate_row: the weights streamed
+# through the CUDA cores, no MMA padded from one row to 16), with ONE_ROW_CONFIG's launch. 0: never.
+# Off until timed against the 16-row blocks on a GPU (scripts/bench_fp8.py --moe-sweep=1,8).
+ONE_ROW_MAX_TOKENS = 0
+ONE_ROW_CONFIG = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+
+
+def default_config(rows_per_expert: float, fp8: bool = False, tokens: int | None = None) -> dict:
+    """The launch config of both GEMMs, by the mean rows per expert (and for the fewest tokens, by their
+    count: ONE_ROW_MAX_TOKENS); decode gets thin row blocks. FP8 experts step K by whole 128-wide blocks
+    (their e4m3 tiles are the bf16 tiles' bytes at twice the width); the prefill tier's column tiles are
+    64 wide, as the per-block scaling of each product needs its own registers (tests/sm90_build.py: no
+    spills)."""
+    if tokens is not None and tokens <= ONE_ROW_MAX_TOKENS:
+        return dict(ONE_ROW_CONFIG)
     if rows_per_expert < 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if fp8:  # the best of scripts/bench_fp8.py --moe-sweep on an H200 (V2-Lite's layer): 256 tokens
@@ -326,10 +365,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if T == 0:
         return x.new_empty(0, D)
     fp8 = w13_scale is not None
-    cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
+    cfg = dict(config or default_config(T * K / E, fp8, T), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
-    swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
+    swap_ab = cfg.pop("SWAP_AB", 1 < cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
+    if swap_ab and cfg["BLOCK_M"] == 1:
+        raise ValueError("fused_moe: blocks of one row multiply without an MMA; they take no SWAP_AB")
     tma = cfg.pop("TMA", None)
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
