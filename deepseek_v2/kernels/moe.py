@@ -11,7 +11,9 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
 quantized per token in groups of 128 with the reference's arithmetic, once by
 fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower where
-timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
+timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences), except in
+blocks of one row (the fewest tokens), where each program quantizes its row's groups itself: a group of
+128 values beside the weight tiles it meets, and two launches fewer;
 both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
 weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
@@ -29,8 +31,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import BLOCK, FP8, cdiv
-from .fp8_linear import grouped_tile, quantize_activation
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
+from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
 from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
@@ -117,6 +119,8 @@ def _moe_gemm_kernel(
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
+    QUANTIZE_A: tl.constexpr = False,  # (FP8, blocks of one row) a in its float dtype, quantized here
+    FP8_MAX: tl.constexpr = 448.0, EPS: tl.constexpr = 1e-10,  # (QUANTIZE_A) fp8.py's; passed by fused_moe
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
@@ -174,7 +178,10 @@ def _moe_gemm_kernel(
         else:
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
-            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            if QUANTIZE_A:  # quantize_activation's arithmetic, on the group in registers
+                a, a_scale = quantize_rows(a, FP8_MAX, EPS)
+            else:
+                a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
             if BLOCK_M == 1:
                 b_scale = tl.load(bs_row_ptr + k)
             else:
@@ -394,17 +401,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
-        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
+        quantize_here = fp8 and cfg["BLOCK_M"] == 1  # one row a block: its groups quantized in the GEMM
+        a, a_scale = quantize_activation(a) if fp8 and not quantize_here else (a, weights)
         b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if tma else b
         _moe_gemm_kernel[grid](
             a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
+            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if a_scale.dim() == 2 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, **cfg, **pdl_launch(a.device, T),
+            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_A=quantize_here, FP8_MAX=FP8_MAX, EPS=EPS, **cfg, **pdl_launch(a.device, T),
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
