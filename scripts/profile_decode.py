@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 scripts/profile_decode.py        (CUDA only, about a minute on an H200;
                                                           --step-only: part 3 alone, ~25 s;
                                                           --batch=256: part 3 with 256 sequences;
-                                                          --timeline: part 3's graph steps alone)
+                                                          --timeline: part 3's graph steps alone;
+                                                          --fp8: part 3 with FP8 weights)
 
 1. fused_moe launch-config sweep at the V2-Lite MoE shape for several token counts (CUDA graph
    replay, median of triton.testing.do_bench), thin row blocks also with swapped operands (SWAP_AB).
@@ -151,6 +152,8 @@ def profile_step() -> None:
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(PRESETS["v2-lite"])
     model = model.to(torch.bfloat16).to_empty(device=DEV).init_weights(0).eval()
+    if "--fp8" in sys.argv:  # FP8 weights, quantized from the random bf16 ones
+        model.use_fp8()
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
     for eager in (False,) if "--timeline" in sys.argv else (False, True):
         engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, max_num_seqs=max(4, batch),
