@@ -189,18 +189,21 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
 
         ref = fp8_moe().float()
         rows = T * K / E
-        # blocks of one row (moe.ONE_ROW_MAX_TOKENS) for the fewest tokens
+        # blocks of one row (moe.ONE_ROW_MAX_TOKENS) for the fewest tokens; for them the sweep's last key is
+        # PIPELINE_LOADS, not SWAP_AB
         block_ms = (1, 16) if T <= 8 else (16,) if rows < 16 else (16, 32, 64) if T <= 256 else (32, 64, 128)
         best = None
         # at few tokens few experts are touched: narrower column tiles give more programs to stream them
         widths = (16, 32, 64, 128) if T <= 8 else (32, 64, 128)
-        for m, n, warps, stages, swap in product(block_ms, widths, (4, 8), (3, 4), (False, True)):
+        for m, n, warps, stages, swap in product(block_ms, widths, (4, 8), (2, 3, 4), (False, True)):
             if swap and (m > 32 or n < 64 or m == 1):  # swapped operands: for thin row blocks, 64+ weight columns
                 continue
-            if m == 1 and (stages == 4 or n == 128):  # one row: no MMA operands to pipeline; 128 x 128 fp32 sums
+            if (m == 1 and n == 128) or (m > 1 and stages == 2):  # one row: 128 x 128 fp32 sums are too many
+                continue
+            if m == 1 and not swap and stages > 2:  # loads not pipelined: num_stages changes nothing
                 continue
             cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=128, GROUP_M=1 if rows < 16 else 8, num_warps=warps,
-                       num_stages=stages, SWAP_AB=swap)
+                       num_stages=stages, **({"PIPELINE_LOADS": swap} if m == 1 else {"SWAP_AB": swap}))
             try:
                 us = graph_us(lambda: fp8_moe(cfg))
             except Exception:  # noqa: BLE001 - a config this GPU cannot run (shared memory) drops out
@@ -213,8 +216,8 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
         row_best = (float("nan"), None)
         if T <= 8:  # bf16 experts in blocks of one row
             ref16 = fused_moe(x, w13, w2, topk_weights, topk_ids).float()
-            for n, k, warps in product((16, 32, 64), (64, 128), (4, 8)):
-                cfg = dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=warps, num_stages=3)
+            for n, k, warps, stages in product((16, 32, 64), (64, 128), (4, 8), (1, 3)):  # 1: loads not pipelined
+                cfg = dict(BLOCK_M=1, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=warps, num_stages=stages)
                 us = graph_us(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids, config=cfg))
                 if row_best[1] is None or us < row_best[0]:
                     row_best = (us, cfg)

@@ -120,6 +120,8 @@ def _moe_gemm_kernel(
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
     QUANTIZE_A: tl.constexpr = False,  # (FP8, blocks of one row) a in its float dtype, quantized here
+    LOOP_STAGES: tl.constexpr = None,  # the K loop's own pipeline depth: every load of it pipelined, not just
+                                       # an MMA's operands (blocks of one row); None: num_stages, for the MMA's
     FP8_MAX: tl.constexpr = 448.0, EPS: tl.constexpr = 1e-10,  # (QUANTIZE_A) fp8.py's; passed by fused_moe
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
@@ -165,7 +167,7 @@ def _moe_gemm_kernel(
     # ragged last column block) are the next rows' (or zeros past the tensor's end), whose columns are not
     # stored, as the pointers' wrapped columns are not
     b_row = (expert * (stride_be // stride_bn) + pid_n * BLOCK_N).to(tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=LOOP_STAGES):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         else:
@@ -358,7 +360,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
-    of up to SWAP_AB_MAX_BLOCK_M rows) and TMA (the weights' tiles through tensor descriptors; default:
+    of up to SWAP_AB_MAX_BLOCK_M rows), PIPELINE_LOADS (blocks of one row: the K loop's loads pipelined
+    num_stages deep; default True) and TMA (the weights' tiles through tensor descriptors; default:
     the TMA setting, on a Hopper-class GPU, for contiguous weights). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -379,6 +382,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if swap_ab and cfg["BLOCK_M"] == 1:
         raise ValueError("fused_moe: blocks of one row multiply without an MMA; they take no SWAP_AB")
     tma = cfg.pop("TMA", None)
+    # blocks of one row: every load of the K loop pipelined num_stages deep (False in config: none)
+    loop_stages = cfg.pop("PIPELINE_LOADS", True) and cfg["BLOCK_M"] == 1 and cfg["num_stages"] or None
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
     elif tma and not _tma_fits(w13, w2):
@@ -412,7 +417,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_A=quantize_here, FP8_MAX=FP8_MAX, EPS=EPS, **cfg, **pdl_launch(a.device, T),
+            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_A=quantize_here,
+            LOOP_STAGES=loop_stages, FP8_MAX=FP8_MAX, EPS=EPS, **cfg, **pdl_launch(a.device, T),
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
