@@ -71,12 +71,6 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         moe.SWAP_AB_MAX_BLOCK_M = 0
-        moe.ONE_ROW_MAX_TOKENS = 4  # blocks of one row (off by default): one token, and aligned ones
-        for T in (1, 4):
-            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
-            moe.fused_moe(x, w13, w2, weights, ids)
-            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
-        moe.ONE_ROW_MAX_TOKENS = 0
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True

@@ -493,28 +493,6 @@ def test_fused_moe_with_swapped_operands(tk, case, fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("case", [0, 1, 2, 6])
-def test_fused_moe_in_blocks_of_one_row(tk, case, fp8, monkeypatch):
-    """BLOCK_M = 1: each row's products on the CUDA cores, summed over K after the loop (one token, and
-    aligned batches whose blocks are single rows): the reference's results with -1 picks, ragged K and N,
-    FP8 block scales (a column tile inside one 128-wide block row), FP8 activations quantized in the GEMM."""
-    T, E, K, D, I, _, dtype = MOE_CASES[case]
-    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16 if fp8 else dtype, seed=980 + case)
-    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
-    weights = fp8_experts(w13.float(), w2.float()) if fp8 else (w13, w2, None, None)
-    launch = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)
-    quantized = []  # FP8: each program quantizes its row's groups itself, no quantize_activation launch
-    monkeypatch.setattr(tk.moe, "quantize_activation", lambda *args: quantized.append(args))
-    y = tk.moe.fused_moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3], config=launch)
-    assert quantized == []
-    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
-    want = reference.moe(x, weights[0], weights[1], topk_weights, topk_ids, weights[2], weights[3])
-    assert_close(y, want, x.dtype)
-    with pytest.raises(ValueError, match="no SWAP_AB"):
-        tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, config=dict(launch, SWAP_AB=True))
-
-
-@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
 def test_fused_moe_weights_through_tensor_descriptors(tk, case, fp8):
     """TMA: the weights' tiles read through descriptors over [E * rows, K] (a ragged last column block

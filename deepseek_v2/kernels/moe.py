@@ -11,9 +11,7 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
 quantized per token in groups of 128 with the reference's arithmetic, once by
 fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower where
-timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences), except in
-blocks of one row (the fewest tokens), where each program quantizes its row's groups itself: a group of
-128 values beside the weight tiles it meets, and two launches fewer;
+timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
 both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
 weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
@@ -31,8 +29,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
-from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
+from .fp8 import BLOCK, FP8, cdiv
+from .fp8_linear import grouped_tile, quantize_activation
 from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
@@ -61,17 +59,6 @@ def _accumulate(acc, a, b, a_scale, b_scale, FP8_W: tl.constexpr, SWAP_AB: tl.co
     else:
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _accumulate_row(acc, a, b, scale, FP8_W: tl.constexpr):
-    """(Blocks of one row) acc [K, columns] + a's row down K times b [K, columns], elementwise on the CUDA
-    cores, summed over K once after the loop: no MMA padded to 16 rows for one, no cross-thread sum a K
-    step. FP8: scale is the row's scale times the weight block's (one block: BLOCK_N divides 128)."""
-    column = tl.trans(a.to(tl.float32))  # [K, 1]
-    if FP8_W:
-        column = column * scale
-    return acc + column * b.to(tl.float32)
 
 
 @triton.jit
@@ -119,10 +106,6 @@ def _moe_gemm_kernel(
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
-    QUANTIZE_A: tl.constexpr = False,  # (FP8, blocks of one row) a in its float dtype, quantized here
-    LOOP_STAGES: tl.constexpr = None,  # the K loop's own pipeline depth: every load of it pipelined, not just
-                                       # an MMA's operands (blocks of one row); None: num_stages, for the MMA's
-    FP8_MAX: tl.constexpr = 448.0, EPS: tl.constexpr = 1e-10,  # (QUANTIZE_A) fp8.py's; passed by fused_moe
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
@@ -155,10 +138,7 @@ def _moe_gemm_kernel(
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
-    bs_row_ptr = bs_ptr + expert * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn  # (one block's, scalar)
-    if BLOCK_M == 1:  # _accumulate_row's products, summed over K after the loop
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    elif SWAP_AB:
+    if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -167,7 +147,7 @@ def _moe_gemm_kernel(
     # ragged last column block) are the next rows' (or zeros past the tensor's end), whose columns are not
     # stored, as the pointers' wrapped columns are not
     b_row = (expert * (stride_be // stride_bn) + pid_n * BLOCK_N).to(tl.int32)
-    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=LOOP_STAGES):
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         else:
@@ -180,23 +160,14 @@ def _moe_gemm_kernel(
         else:
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
-            if QUANTIZE_A:  # quantize_activation's arithmetic, on the group in registers
-                a, a_scale = quantize_rows(a, FP8_MAX, EPS)
-            else:
-                a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
-            if BLOCK_M == 1:
-                b_scale = tl.load(bs_row_ptr + k)
-            else:
-                b_scale = tl.load(bs_ptrs + k)
+            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            b_scale = tl.load(bs_ptrs + k)
         else:
             a_scale, b_scale = 1.0, 1.0  # (unused)
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-        if BLOCK_M == 1:
-            acc = _accumulate_row(acc, a, b, a_scale * b_scale, FP8_W)
-        else:
-            acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+        acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
             if TMA:
                 b_up = tl.trans(b_desc.load([b_row + N, k * BLOCK_K]))
@@ -205,24 +176,15 @@ def _moe_gemm_kernel(
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
             if FP8_W:  # the up_proj's scales: its block rows follow the gate_proj's
-                if BLOCK_M == 1:
-                    up_scale = tl.load(bs_row_ptr + up_scale_row * stride_bsn + k)
-                else:
-                    up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
+                up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
             else:
                 up_scale = 1.0  # (unused)
                 if UPCAST_DOT:
                     b_up = b_up.to(tl.float32)
-            if BLOCK_M == 1:
-                acc_up = _accumulate_row(acc_up, a, b_up, a_scale * up_scale, FP8_W)
-            else:
-                acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+            acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if BLOCK_M == 1:  # the K products summed: [1, columns]
-        acc = tl.sum(acc, axis=0)[None, :]
-        acc_up = tl.sum(acc_up, axis=0)[None, :]
-    elif SWAP_AB:  # back to rows x columns for the epilogue
+    if SWAP_AB:  # back to rows x columns for the epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
 
@@ -275,21 +237,11 @@ def _tma_fits(*weights: torch.Tensor) -> bool:
     return all(w.is_contiguous() and tma_aligned(w) for w in weights)
 
 
-# Steps of up to this many tokens multiply in blocks of one row (_accumulate_row: the weights streamed
-# through the CUDA cores, no MMA padded from one row to 16), with ONE_ROW_CONFIG's launch. 0: never.
-# Off until timed against the 16-row blocks on a GPU (scripts/bench_fp8.py --moe-sweep=1,8).
-ONE_ROW_MAX_TOKENS = 0
-ONE_ROW_CONFIG = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
-
-
-def default_config(rows_per_expert: float, fp8: bool = False, tokens: int | None = None) -> dict:
-    """The launch config of both GEMMs, by the mean rows per expert (and for the fewest tokens, by their
-    count: ONE_ROW_MAX_TOKENS); decode gets thin row blocks. FP8 experts step K by whole 128-wide blocks
-    (their e4m3 tiles are the bf16 tiles' bytes at twice the width); the prefill tier's column tiles are
-    64 wide, as the per-block scaling of each product needs its own registers (tests/sm90_build.py: no
-    spills)."""
-    if tokens is not None and tokens <= ONE_ROW_MAX_TOKENS:
-        return dict(ONE_ROW_CONFIG)
+def default_config(rows_per_expert: float, fp8: bool = False) -> dict:
+    """The launch config of both GEMMs, by the mean rows per expert; decode gets thin row blocks. FP8
+    experts step K by whole 128-wide blocks (their e4m3 tiles are the bf16 tiles' bytes at twice the
+    width); the prefill tier's column tiles are 64 wide, as the per-block scaling of each product
+    needs its own registers (tests/sm90_build.py: no spills)."""
     if rows_per_expert < 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if fp8:  # the best of scripts/bench_fp8.py --moe-sweep on an H200 (V2-Lite's layer): 256 tokens
@@ -360,8 +312,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
-    of up to SWAP_AB_MAX_BLOCK_M rows), PIPELINE_LOADS (blocks of one row: the K loop's loads pipelined
-    num_stages deep; default True) and TMA (the weights' tiles through tensor descriptors; default:
+    of up to SWAP_AB_MAX_BLOCK_M rows) and TMA (the weights' tiles through tensor descriptors; default:
     the TMA setting, on a Hopper-class GPU, for contiguous weights). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -375,15 +326,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if T == 0:
         return x.new_empty(0, D)
     fp8 = w13_scale is not None
-    cfg = dict(config or default_config(T * K / E, fp8, T), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
+    cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
-    swap_ab = cfg.pop("SWAP_AB", 1 < cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
-    if swap_ab and cfg["BLOCK_M"] == 1:
-        raise ValueError("fused_moe: blocks of one row multiply without an MMA; they take no SWAP_AB")
+    swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
     tma = cfg.pop("TMA", None)
-    # blocks of one row: every load of the K loop pipelined num_stages deep (False in config: none)
-    loop_stages = cfg.pop("PIPELINE_LOADS", True) and cfg["BLOCK_M"] == 1 and cfg["num_stages"] or None
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
     elif tma and not _tma_fits(w13, w2):
@@ -406,19 +353,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
         grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
-        quantize_here = fp8 and cfg["BLOCK_M"] == 1  # one row a block: its groups quantized in the GEMM
-        a, a_scale = quantize_activation(a) if fp8 and not quantize_here else (a, weights)
+        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if tma else b
         _moe_gemm_kernel[grid](
             a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if a_scale.dim() == 2 else 0,
+            scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
             UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_A=quantize_here,
-            LOOP_STAGES=loop_stages, FP8_MAX=FP8_MAX, EPS=EPS, **cfg, **pdl_launch(a.device, T),
+            SWAP_AB=swap_ab, TMA=tma, **cfg, **pdl_launch(a.device, T),
         )
 
     inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k

@@ -150,8 +150,7 @@ def fp8_experts_unquantized(fp8_experts):
 
 
 @pytest.mark.parametrize("tma", [False, True])  # the weights' tiles through tensor descriptors (moe.TMA)
-@pytest.mark.parametrize("swap", [False, True, "one row"])  # thin row blocks with swapped operands
-# (moe.SWAP_AB_MAX_BLOCK_M), or blocks of one row for up to 8 tokens (moe.ONE_ROW_MAX_TOKENS)
+@pytest.mark.parametrize("swap", [False, True])  # thin row blocks with swapped operands (moe.SWAP_AB_MAX_BLOCK_M)
 @pytest.mark.parametrize("missing", [0.0, 0.5])
 @pytest.mark.parametrize("T", [1, 8, 256, 2048])
 def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, monkeypatch):
@@ -163,10 +162,7 @@ def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, mo
     fp32 sums) moves ~1.2% of it. So the kernel must also be no further than the reference from the
     experts' product with unquantized activations."""
     from deepseek_v2.kernels import moe
-    if swap == "one row" and T > 8:
-        pytest.skip("blocks of one row: up to 8 tokens")
-    monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 32 if swap is True else 0)
-    monkeypatch.setattr(moe, "ONE_ROW_MAX_TOKENS", 8 if swap == "one row" else 0)
+    monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 32 if swap else 0)
     monkeypatch.setattr(moe, "TMA", tma)
     w13, w2, s13, s2, K = fp8_experts
     E, D = w13.shape[0], w13.shape[2]

@@ -179,20 +179,6 @@ def test_moe(moe_weights, T, missing, swap, tma, monkeypatch):
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()  # no pick here: exactly zero, not poison
 
 
-@pytest.mark.parametrize("missing", [0.0, 0.5])
-@pytest.mark.parametrize("T", [1, 8])
-def test_moe_in_blocks_of_one_row(moe_weights, T, missing, monkeypatch):
-    """moe.ONE_ROW_MAX_TOKENS: each row's products on the CUDA cores (one token, and aligned ones)."""
-    from deepseek_v2.kernels import moe
-    monkeypatch.setattr(moe, "ONE_ROW_MAX_TOKENS", 8)
-    w13, w2, K = moe_weights
-    x, topk_weights, topk_ids = routed_tokens(T, w13.shape[0], w13.shape[2], K, seed=T, missing=missing)
-    poison_free_memory()
-    y = fused_moe(x, w13, w2, topk_weights, topk_ids)
-    assert rel_error(y, reference.moe(x, w13, w2, topk_weights, topk_ids)) < 1e-2
-    assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
-
-
 @pytest.mark.parametrize("T", [1, 7, 64])
 def test_moe_picks_summed_in_the_down_gemm(moe_weights, T, monkeypatch):
     """Each token's picks summed by the down GEMM's last program to store one (COMBINE_IN_GEMM_MAX_TOKENS):
