@@ -50,7 +50,7 @@ def launch_decode_kernels() -> None:
         mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16),
                               torch.empty(64, 64, 576, dtype=bf16), torch.zeros(N, 64, dtype=i32),
                               torch.ones(N, dtype=i32), 0.1, tma=True)
-    mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here though off by default
+    mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here past its default of one sequence
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch
         mla_decode.mla_decode(torch.empty(1, H, 512, dtype=bf16), torch.empty(1, H, 64, dtype=bf16), cache,
@@ -65,12 +65,13 @@ def launch_decode_kernels() -> None:
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
+        swap_default = moe.SWAP_AB_MAX_BLOCK_M
         moe.SWAP_AB_MAX_BLOCK_M = 32  # the thin tiers again, with swapped operands
         for T in (16, 256):
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
-        moe.SWAP_AB_MAX_BLOCK_M = 0
+        moe.SWAP_AB_MAX_BLOCK_M = swap_default
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True
@@ -122,7 +123,7 @@ def launch_fused_kernels() -> None:
         for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
             router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
                          groups=groups)
-    absorb.ABSORB_MAX_SEQS = 16  # built here though off by default
+    absorb.ABSORB_MAX_SEQS = 16  # built here past its default of one sequence
     for H in (16, 128):  # W_UK's product at one and 16 sequences, w_uk a view of kv_b_proj's rows
         w_uk = torch.empty(H, 256, 512, dtype=bf16)[:, :128]
         for N in (1, 16):

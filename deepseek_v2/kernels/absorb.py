@@ -19,9 +19,11 @@ import triton.language as tl
 
 from .launch import pdl_launch, wait_for_prior_kernels
 
-# Up to this many sequences the product runs in our launch; past it (and at 0) torch.bmm. Built and
-# tested, not yet timed on a GPU, so off.
-ABSORB_MAX_SEQS = 0
+# Up to this many sequences the product runs in our launch; past it (and at 0) torch.bmm. One: on an H200
+# at the V2-Lite shape, batch-1 decode took 2.50 ms/token with it against 2.52 (and 2.45 against 2.53 with
+# the two settings beside it, mla_decode.PROJECT_IN_MERGE_MAX_SEQS and moe.SWAP_AB_MAX_BLOCK_M), while 8
+# sequences lost about 1% with it at 16 (docs/benchmarks.md, "Batch 1's attention in our launches").
+ABSORB_MAX_SEQS = 1
 _BLOCK_R = 64
 
 

@@ -40,9 +40,11 @@ _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent 
 _MAX_SPLITS = 128
 # Up to this many sequences, the split merge also does W_UV's product (w_uv given): one launch for what
 # took the merge and a batched matmul. Its programs multiply on CUDA cores, each re-merging its head's
-# partials, so many sequences keep the matmul on tensor cores. 0: never. Off: on an H200, batch-1 decode
-# with it and the other launch-saving settings on was no faster (docs/benchmarks.md).
-PROJECT_IN_MERGE_MAX_SEQS = 0
+# partials, so many sequences keep the matmul on tensor cores. 0: never. One: on an H200, batch-1 decode
+# gained with it beside absorb.ABSORB_MAX_SEQS (the attention then our launches from its projection to
+# its output under programmatic dependent launch: 2.49 against 2.50 ms/token), and 8 sequences lost 2-3%
+# with it at 8 (docs/benchmarks.md, "Batch 1's attention in our launches").
+PROJECT_IN_MERGE_MAX_SEQS = 1
 _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel writes
 # Read the bf16 / fp16 cache's whole tiles through Hopper's tensor-memory accelerator (tensor descriptors
 # over [blocks, block_size, R + P]; one thread issues a tile's copy) rather than with every thread's

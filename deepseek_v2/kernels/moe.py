@@ -220,9 +220,12 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
 
 # Row blocks of at most this many rows multiply with swapped operands (SWAP_AB: the weight's columns as the
 # MMA's rows), so that Hopper's warpgroup MMA, which needs 64 rows, takes decode's thin blocks (tests/
-# sm90_build.py: wgmma for 16- and 32-row blocks only this way); 0: never. Off: on an H200, 256 V2-Lite
-# decodes with it at 32 took 17,798 tokens/s against 17,648 (noise; docs/benchmarks.md).
-SWAP_AB_MAX_BLOCK_M = 0
+# sm90_build.py: wgmma for 16- and 32-row blocks only this way; FP8: e4m3 operands, where 16-row blocks
+# widen them to fp16 for mma.sync); 0: never. 16 (decode of up to ~170 V2-Lite sequences): on an H200,
+# batch-1 decode with FP8 weights 2.28 against 2.33 ms/token, 32 sequences with FP8 weights 5,126 against
+# 5,007 tokens/s in decode steps, bf16 within noise (docs/benchmarks.md, "Batch 1's attention in our
+# launches"). Not at 32: 256 V2-Lite decodes took 17,798 tokens/s with it against 17,648 (noise).
+SWAP_AB_MAX_BLOCK_M = 16
 
 
 # Read the expert weights' tiles through Hopper's tensor-memory accelerator (a descriptor over each
