@@ -49,8 +49,8 @@ if has prefill; then
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
 # scripts/with_settings.py; docs/benchmarks.md has their last timings): batch 1, bf16 and FP8: each
-# token's picks summed in the MoE's down GEMM, W_UV's product in MLA decode's merge launch, the FP8
-# GEMM's pieces summed by itself; 256 sequences, bf16 and FP8: the MoE's thin row blocks on Hopper's
+# token's picks summed in the MoE's down GEMM and the FP8 GEMM's pieces summed by itself, and the
+# defaults' batch-1 levers turned off; 256 sequences, bf16 and FP8: the MoE's thin row blocks on Hopper's
 # warpgroup MMA (operands swapped) and the pieces summed in the GEMM; then the MoE layer's variants
 # alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
@@ -60,14 +60,15 @@ for q in bf16 fp8; do
   if has levers1; then
     step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
     step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 \
-      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B1 $quant
-    # W_UK's product in our launch, alone and with W_UV's in the merge's: with programmatic dependent launch
-    # the decode's attention is then our kernels from its projection to its output
-    step levers-$q-1-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 -- bench $B1 $quant
-    step levers-$q-1-absorb-merge 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=16 \
-      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 -- bench $B1 $quant
-    # one token's experts on the warpgroup MMA (FP8: e4m3 operands, where 16-row blocks widen them to fp16)
-    step levers-$q-1-swap 120 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=16 -- bench $B1 $quant
+      fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B1 $quant
+    # the defaults' batch-1 levers off (W_UK's product in our launch and W_UV's in the merge's at one
+    # sequence, the MoE's 16-row blocks on the warpgroup MMA with swapped operands), each alone and all
+    step levers-$q-1-no-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=0 -- bench $B1 $quant
+    step levers-$q-1-no-merge 120 python3 scripts/with_settings.py mla_decode.PROJECT_IN_MERGE_MAX_SEQS=0 \
+      -- bench $B1 $quant
+    step levers-$q-1-no-swap 120 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=0 -- bench $B1 $quant
+    step levers-$q-1-none 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=0 \
+      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=0 moe.SWAP_AB_MAX_BLOCK_M=0 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
