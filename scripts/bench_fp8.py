@@ -192,7 +192,9 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
         best = None
         # at few tokens few experts are touched: narrower column tiles give more programs to stream them
         widths = (16, 32, 64, 128) if T <= 8 else (32, 64, 128)
-        for m, n, warps, stages, swap in product(block_ms, widths, (4, 8), (3, 4), (False, True)):
+        # at few tokens a program streams its weight tiles alone: deeper pipelines keep more bytes in flight
+        depths = (3, 4, 6, 8) if T <= 8 else (3, 4)
+        for m, n, warps, stages, swap in product(block_ms, widths, (4, 8), depths, (False, True)):
             if swap and (m > 32 or n < 64):  # swapped operands: for thin row blocks, 64+ weight columns
                 continue
             cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=128, GROUP_M=1 if rows < 16 else 8, num_warps=warps,

@@ -36,6 +36,8 @@ has fused && step bench-fused 90 python3 scripts/bench_fused_kernels.py
 # prompt beside 256 decodes
 has profile && step profile-decode 300 python3 scripts/profile_decode.py
 has profile && step profile-mixed 120 python3 scripts/profile_mixed_step.py
+# batch 1's step with FP8 weights: where its 2.26 ms go (the 1.5 ms target's kernels)
+has profile && step profile-decode-fp8 120 python3 scripts/profile_decode.py --step-only --fp8
 # prefill attention: the variants (flash, cuDNN, SDPA loops, our Triton kernel), the Triton kernel's launch
 # sweep beside flash, then the 128K-token prompt with the Triton kernel (the default) and with flash for
 # every prefill step
