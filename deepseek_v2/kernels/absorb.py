@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .launch import pdl_launch, wait_for_prior_kernels
 
 # Up to this many sequences the product runs in our launch; past it (and at 0) torch.bmm. One: on an H200
@@ -48,13 +49,13 @@ def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, R, stride_qn, stride_qh, stri
 def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     """q_lat [N, H, R] = q_nope [N, H, DN] @ w_uk [H, DN, R] per head, in q_nope's dtype; same contract as
     reference.absorb_query. Both may be strided views (the last dim contiguous); our launch for N in
-    [1, ABSORB_MAX_SEQS], torch.bmm otherwise."""
+    [1, ABSORB_MAX_SEQS], the reference's batched matmul otherwise."""
     N, H, DN = q_nope.shape
     if w_uk.dim() != 3 or w_uk.shape[:2] != (H, DN) or w_uk.dtype != q_nope.dtype or w_uk.device != q_nope.device:
         raise ValueError(f"absorb_query: expected w_uk [{H}, {DN}, R] {q_nope.dtype} on q_nope's device; got "
                          f"{tuple(w_uk.shape)} {w_uk.dtype} on {w_uk.device}")
     if not 1 <= N <= ABSORB_MAX_SEQS or q_nope.stride(2) != 1 or w_uk.stride(2) != 1:
-        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        return reference.absorb_query(q_nope, w_uk)
     R = w_uk.shape[2]
     out = q_nope.new_empty(N, H, R)
     _absorb_query_kernel[(H, triton.cdiv(R, _BLOCK_R))](
