@@ -118,6 +118,7 @@ class MLA(nn.Module):
         self.softmax_scale = args.softmax_scale
         self.in_proj_weight: torch.Tensor | None = None  # set by fuse_input_projections
         self.in_proj_scale: torch.Tensor | None = None  # its FP8 block scales
+        self.in_proj_plain = False  # set by fuse_input_projections: an FP8 first projection, a bf16 kv_a_proj
         self.kernels = REFERENCE
 
     def forward(self, x, cos, sin):
@@ -140,6 +141,10 @@ class MLA(nn.Module):
         if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
             q, kv = self.kernels.linear(x, self.in_proj_weight, None, self.in_proj_scale).split(
                 [self.in_proj_weight.shape[0] - R - P, R + P], -1)
+        elif self.in_proj_plain:  # the FP8 one and the bf16 kv_a_proj_with_mqa in one call
+            first = self.q_proj if a.q_lora_rank is None else self.q_a_proj
+            q, kv = self.kernels.linear(x, first.weight, None, first.weight_scale_inv,
+                                        plain_rows=self.kv_a_proj_with_mqa.weight).split([first.out_features, R + P], -1)
         else:
             q = self.q_proj(x) if a.q_lora_rank is None else self.q_a_proj(x)
             kv = self.kv_a_proj_with_mqa(x)
@@ -158,10 +163,16 @@ class MLA(nn.Module):
     @torch.no_grad()
     def fuse_input_projections(self) -> None:
         """Inference: the two projections of x (q_proj or q_a_proj, and kv_a_proj_with_mqa) in one
-        matrix, both weights views of it (parallel.fuse_rows: one GEMM instead of two)."""
+        matrix, both weights views of it (parallel.fuse_rows: one GEMM instead of two). With FP8 weights
+        (kv_a_proj_with_mqa stays bf16: docs/fp8.md) they stay apart, multiplied in one call (linear's
+        plain_rows: one launch of the FP8 GEMM at decode's few rows)."""
         first = self.q_proj if self.args.q_lora_rank is None else self.q_a_proj
         if self.in_proj_weight is None and (fused := fuse_rows([first, self.kv_a_proj_with_mqa])) is not None:
             self.in_proj_weight, self.in_proj_scale = fused
+        kv_a = self.kv_a_proj_with_mqa
+        self.in_proj_plain = (self.in_proj_weight is None and first.weight_scale_inv is not None
+                              and kv_a.weight_scale_inv is None and first.bias is None and kv_a.bias is None
+                              and tuple(first.block_offset) == (0, 0))
 
     # ---- expanded path: decompress K and V ---------------------------------------------------------
     def expanded_attention(self, q, c_kv, k_pe) -> torch.Tensor:

@@ -94,6 +94,9 @@ def launch_decode_kernels() -> None:
     for M in (1, 256):
         fp8_linear.linear(torch.empty(M, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(M, 3072, 16, 132))
     fp8_linear.SUM_PIECES_IN_GEMM = False
+    # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
+    fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
+                      config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
     # prefill attention at V2's head dims (q/k 192 = 128 + 64, v 128) and the demo model's (96 = 64 + 32, v 64)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     for d, dv in ((192, 128), (96, 64)):

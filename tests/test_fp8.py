@@ -212,6 +212,8 @@ def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path, m
     assert padded == fp8_linears and "model.layers.1.mlp.shared_experts.down_proj.weight" in padded
     down = model.model.layers[1].mlp.shared_experts.down_proj
     assert down.weight.shape == (160, 136) and down.weight.zero_columns_to == 512
+    # the FP8 query projection and the bf16 kv_a_proj_with_mqa: multiplied in one call (linear's plain_rows)
+    assert all(layer.self_attn.in_proj_plain and layer.self_attn.in_proj_weight is None for layer in model.model.layers)
     torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
     model.save_pretrained(tmp_path)
     assert_same_parameters(DeepseekV2ForCausalLM.from_pretrained(tmp_path), DeepseekV2ForCausalLM.from_pretrained(checkpoints[1]))

@@ -164,6 +164,47 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
+@pytest.mark.parametrize("w_uv", [False, True])
+@pytest.mark.parametrize("per_root", [1.0, 0.0])
+def test_mla_decode_splits_by_length(tk, per_root, w_uv, monkeypatch):
+    """SPLIT_TOKENS_PER_ROOT: where the split count is ours, a sequence of L tokens is cut into pieces of at
+    least that many sqrt(L) tokens (whole tiles), whatever the host's count for the longest context; splits
+    past a sequence's pieces store nothing and the merge reads only the pieces: the partials' buffers start
+    as NaN, and the output is still the reference's. An explicit num_kv_splits keeps its equal shares."""
+    H, R, P, dv = 4, 32, 16, 8
+    seq_lens = [2048, 40, 0, 300]
+    monkeypatch.setattr(tk.mla_decode, "SPLIT_TOKENS_PER_ROOT", per_root)
+    monkeypatch.setattr(tk.mla_decode, "PROJECT_IN_MERGE_MAX_SEQS", 4 if w_uv else 0)  # W_UV: the merge's launch
+    monkeypatch.setattr(tk.mla_decode, "num_sms", lambda device: 132)  # the host's count: 2 x 132 / 4 = 66 splits
+    torch.manual_seed(5)
+    kv_cache, block_tables, lens = paged_cache(seq_lens, 64, R + P, torch.float32)
+    q_lat, q_pe = torch.randn(4, H, R), torch.randn(4, H, P)
+    w = torch.randn(H, dv, R) if w_uv else None
+    partials = []
+    empty = torch.empty
+
+    def nan_empty(*shape, **kwargs):
+        t = empty(*shape, **kwargs)
+        if kwargs.get("dtype") == torch.float32 and t.dim() == 3:  # mid_lse [N, H, S]
+            partials.append(t)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    want = reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1)
+    if w_uv:
+        want = torch.einsum("nhr,hvr->nhv", want, w)
+    equal_shares = [64, 2, 0, 10]  # 32-token tiles: 2048 / 66 -> 32 tokens a piece, 40 -> 32, 300 -> 32
+    by_root = [32, 2, 0, 10]       # at least sqrt(L): 2048 -> 46 -> 64 tokens a piece; the others as before
+    for splits, pieces in ((None, by_root if per_root else equal_shares), (66, equal_shares)):
+        partials.clear()
+        out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
+                                       max_seq_len=32768, block_n=32, w_uv=w)
+        assert_close(out, want, torch.float32)
+        (mid_lse,) = partials
+        assert mid_lse.shape == (4, H, 66)
+        assert (~mid_lse.isnan()).sum(dim=2).tolist() == [[p] * H for p in pieces]
+
+
 TMA_CASES = [c for c, (H, R, P, bs, lens, splits, bn, dtype) in enumerate(MLA_CASES)
              if bs % bn == 0 and R & (R - 1) == 0 and P & (P - 1) == 0]
 
@@ -683,6 +724,40 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
         assert torch.equal(tk.fp8_linear.linear(x, w, b, s, offset, config=config), apart)
         assert not tk.launch.arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
     assert launches == []
+
+
+@pytest.mark.parametrize("case", [
+    (1, 256, 200, 96, torch.bfloat16, None),                     # V2-Lite's shape in small: one row, ragged K
+    (3, 128, 384, 40, torch.float32, dict(SMALL, PIECES=3)),     # K in pieces: the plain columns' partials too
+    (2, 64, 256, 70, torch.float16, dict(SMALL, PIECES=2, SUM=True)),  # the pieces summed in the GEMM
+    (20, 256, 128, 64, torch.bfloat16, None),                    # past FUSED_MAX_M: two products side by side
+    (1, 96, 128, 32, torch.bfloat16, None),                      # N not whole column blocks: side by side
+])
+def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
+    """plain_rows: more output columns, x times a weight in its own dtype, unquantized (MLA's bf16
+    kv_a_proj_with_mqa beside its FP8 query projection): the reference's columns, in the FP8 GEMM's launch
+    where it can take them (one launch, no F.linear) and beside it where not."""
+    M, N, K, N2, dtype, config = case
+    if config and config.pop("SUM", False):
+        monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", True)
+    w, s = fp8_matrix(N, K, seed=N2)
+    plain = (torch.randn(N2, K) / K**0.5).to(dtype)
+    x = (torch.randn(2, M, K) * 3).to(dtype)
+    dense = []
+    real_linear = F.linear
+    monkeypatch.setattr(tk.fp8_linear.F, "linear", lambda *a: dense.append(1) or real_linear(*a))
+    y = tk.fp8_linear.linear(x, w, None, s, plain_rows=plain, config=config)
+    monkeypatch.setattr(tk.fp8_linear.F, "linear", real_linear)
+    want = reference.linear(x, w, None, s, plain_rows=plain)
+    assert y.shape == (2, M, N + N2) and y.dtype == dtype
+    assert_close(y[..., :N], want[..., :N], dtype)
+    assert_close(y[..., N:], F.linear(x.float(), plain.float()), dtype)
+    one_launch = 2 * M <= tk.fp8_linear.FUSED_MAX_M and N % 64 == 0
+    assert dense == ([] if one_launch else [1])
+    if config and config.get("PIECES") and tk.fp8_linear.SUM_PIECES_IN_GEMM:
+        assert not tk.launch.arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
+    with pytest.raises(ValueError, match="plain_rows"):
+        tk.fp8_linear.linear(x, w, None, s, plain_rows=plain[:, 1:])
 
 
 def test_fp8_linear_views_and_leading_dims(tk):

@@ -93,33 +93,33 @@ def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
 
 
 @triton.jit
-def _fp8_linear_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, sum_ptr, arrived_ptr, M, N, K, row_offset, col_offset,
-    groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_ym, stride_ys, stride_sum,
-    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
-    SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
-    dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
-    pieces y is the fp32 partial sums [pieces, M, N] (stride_ys apart) that sum_pieces adds up, or
-    (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N] itself, with sum_pieces'
-    arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr."""
-    wait_for_prior_kernels(PDL)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    piece = tl.program_id(1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    scale_rows = (offs_n + row_offset) // GROUP                          # each column's weight block row
-    offs_k = tl.arange(0, GROUP) - col_offset                            # group 0's columns (< 0: not ours)
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+def _plain_product(x_ptrs, p_ptr, offs_n, mask_m, N_PLAIN, K, first, last, stride_pn, GROUP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x's groups first..last-1 times the rows offs_n of the plain weight p [N_PLAIN, K] (x's dtype), in
+    fp32: a program of the plain rows that follow the FP8 weight's (linear's plain_rows)."""
+    offs_k = tl.arange(0, GROUP)
+    mask_n = offs_n < N_PLAIN
+    p_ptrs = p_ptr + offs_n.to(tl.int64)[None, :] * stride_pn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    first = piece * groups_per_piece
-    for g in range(first, tl.minimum(first + groups_per_piece, tl.cdiv(K + col_offset, GROUP))):
+    for g in range(first, last):
+        k = g * GROUP + offs_k
+        x = tl.load(x_ptrs + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(p_ptrs + k[:, None], mask=(k < K)[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
+        if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc=acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
+                 stride_xsm, stride_xsg, stride_sn, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """x's groups first..last-1 (e4m3 with scales xs if A_FP8, else quantized here) times the FP8 weight's
+    columns, each group's product scaled by the rows' and the weight block's scales, in fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(first, last):
         k = g * GROUP + offs_k
         mask_k = (k >= 0) & (k < K)
         x = tl.load(x_ptrs + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -131,13 +131,60 @@ def _fp8_linear_kernel(
         w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
         w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)     # [BLOCK_N]
         acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
+    return acc
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    x_ptr, xs_ptr, w_ptr, s_ptr, p_ptr, bias_ptr, y_ptr, sum_ptr, arrived_ptr, M, N, N_PLAIN, K, row_offset,
+    col_offset, groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_pn, stride_ym,
+    stride_ys, stride_sum,
+    HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
+    SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
+    dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
+    pieces y is the fp32 partial sums [pieces, M, N'] (stride_ys apart) that sum_pieces adds up, or
+    (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N'] itself, with sum_pieces'
+    arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr.
+    HAS_PLAIN: N_PLAIN more output columns after the N of the FP8 weight (N a multiple of BLOCK_N, no
+    col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN."""
+    wait_for_prior_kernels(PDL)
+    num_pid_n = tl.cdiv(N, BLOCK_N) + (tl.cdiv(N_PLAIN, BLOCK_N) if HAS_PLAIN else 0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
+    piece = tl.program_id(1)
+    width = N + N_PLAIN if HAS_PLAIN else N                              # y's columns
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    scale_rows = (offs_n + row_offset) // GROUP                          # each column's weight block row
+    offs_k = tl.arange(0, GROUP) - col_offset                            # group 0's columns (< 0: not ours)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    first = piece * groups_per_piece
+    last = tl.minimum(first + groups_per_piece, tl.cdiv(K + col_offset, GROUP))
+    if HAS_PLAIN:  # (a static branch first: the plain rows' dot is compiled only for launches that have them)
+        if pid_n * BLOCK_N >= N:
+            acc = _plain_product(x_ptrs, p_ptr, offs_n - N, mask_m, N_PLAIN, K, first, last, stride_pn, GROUP,
+                                 BLOCK_M, BLOCK_N, UPCAST_DOT, DOT_PRECISION)
+        else:
+            acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
+                               stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
+    else:
+        acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
+                           stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask_n = offs_n < width
     y_ptrs = y_ptr + piece * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if SUM_ARRIVED:
         tl.debug_barrier()  # every store of this program issued before its arrival is counted (release)
-        counter = arrived_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        counter = arrived_ptr + pid_m * num_pid_n + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
             tl.debug_barrier()  # the acquiring thread's view passed to every thread before the partials are read
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -176,6 +223,9 @@ SUM_PIECES_IN_GEMM = False
 _COUNTERS = 1 << 16    # arrival counters: the tiles of one GEMM
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
+# linear's plain_rows in the FP8 GEMM's launch where it can take them (decode's few rows); False: always a
+# second product beside it (cuBLAS for the bf16 kv_a_proj_with_mqa).
+PLAIN_ROWS_IN_LAUNCH = True
 
 
 def default_config(M: int, N: int = 0, groups: int = 1, sms: int = 132) -> dict:
@@ -206,8 +256,9 @@ def _pieces(M: int, block_m: int, N: int, groups: int, sms: int) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0), *,
-           config: dict | None = None) -> torch.Tensor:
-    """Same contract as reference.linear: y [..., N] = x W^T (+ bias) in x's dtype.
+           plain_rows: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Same contract as reference.linear: y [..., N] = x W^T (+ bias) in x's dtype (with plain_rows,
+    [..., N + N2]).
 
     Without weight_scale_inv, F.linear. With it: weight [N, K] float8_e4m3fn (rows may be strided, the
     last dim contiguous: a view of a fused matrix is fine), weight_scale_inv [ceil((N + r) / 128),
@@ -215,11 +266,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     last dim; bias [N] or None. config (tests and tuning): BLOCK_M, BLOCK_N, GROUP_M, num_warps,
     num_stages, FUSED (default True: quantize x inside the GEMM; False: quantize_activation first) and
     PIECES (K cut into this many pieces of whole groups, their fp32 partials summed by a second
-    launch; default_config picks it for few rows); with a config the Triton kernel always runs. No
-    host synchronisation.
+    launch; default_config picks it for few rows); with a config the Triton kernel always runs.
+    plain_rows [N2, K] in x's dtype (reference.linear's contract): N2 more output columns, x times them
+    unquantized; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
+    launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). No host
+    synchronisation.
     """
     if weight_scale_inv is None:
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y if plain_rows is None else torch.cat([y, F.linear(x, plain_rows)], -1)
     name = "fp8 linear"
     if weight.dim() != 2 or weight.dtype != FP8:
         raise ValueError(f"{name}: expected a float8_e4m3fn weight [N, K]; got {weight.dtype} {tuple(weight.shape)}")
@@ -236,7 +291,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"{name}: x dtype must be bf16, fp16 or fp32, got {x.dtype}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"{name}: bias [{N}] expected, got {tuple(bias.shape)}")
-    tensors = [x, weight, weight_scale_inv] + ([bias] if bias is not None else [])
+    if plain_rows is not None and (plain_rows.dim() != 2 or plain_rows.shape[1] != K or plain_rows.dtype != x.dtype
+                                   or plain_rows.stride(1) != 1):
+        raise ValueError(f"{name}: plain_rows [N2, {K}] {x.dtype} with a contiguous last dim expected, got "
+                         f"{tuple(plain_rows.shape)} {plain_rows.dtype}")
+    tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"{name}: all tensors must be on one device")
     if x.stride(-1) != 1 or weight.stride(1) != 1 or weight_scale_inv.stride(1) != 1:
@@ -245,40 +304,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape = x.shape
     x = x.reshape(-1, K)
     M = x.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y.view(*shape[:-1], N)
+    N2 = 0 if plain_rows is None else plain_rows.shape[0]
+    y = torch.empty(M, N + N2, dtype=x.dtype, device=x.device)
+    if M == 0 or N + N2 == 0:
+        return y.view(*shape[:-1], N + N2)
+    groups = cdiv(K + c, BLOCK)
+    cfg = config or default_config(M, N + N2, groups, num_sms(x.device))
+    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
+    if plain_rows is not None and not (PLAIN_ROWS_IN_LAUNCH and fused and bias is None and block_offset == (0, 0)
+                                       and N % cfg["BLOCK_N"] == 0):
+        # the plain rows beside, not in, this launch
+        y = torch.cat([linear(x, weight, bias, weight_scale_inv, block_offset, config=config), F.linear(x, plain_rows)],
+                      -1)
+        return y.view(*shape[:-1], N + N2)
     wide, wide_scale = zero_padded(weight, weight_scale_inv)
-    if config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
+    if plain_rows is None and config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
         # cuBLAS: x quantized with its rows padded to whole 128-row tiles (and its columns to the weight's
         # zero columns, if any) and M-major scales
         xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True, width=wide.shape[1])
         out = torch._scaled_mm(xq, wide.t(), scale_a=xs, scale_b=wide_scale.t(), out_dtype=x.dtype)[:M]
         y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
         return y.view(*shape[:-1], N)
-    groups = cdiv(K + c, BLOCK)
-    cfg = config or default_config(M, N, groups, num_sms(x.device))
-    fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
     per_piece = cdiv(groups, cfg.get("PIECES", 1))
     pieces = cdiv(groups, per_piece)
     cfg = {k: v for k, v in cfg.items() if k not in ("FUSED", "PIECES")}
     xq, xs = (x, y) if fused else quantize_activation(x, c)
-    out = y if pieces == 1 else torch.empty(pieces, M, N, dtype=torch.float32, device=x.device)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    out = y if pieces == 1 else torch.empty(pieces, M, N + N2, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * (triton.cdiv(N, cfg["BLOCK_N"]) + triton.cdiv(N2, cfg["BLOCK_N"]))
     summed_here = pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS
     arrived = arrival_counters(x.device, "fp8 pieces", _COUNTERS) if summed_here else None
     _fp8_linear_kernel[(tiles, pieces)](
-        xq, xs, weight, weight_scale_inv, bias if bias is not None else y, out, y,
-        arrived if arrived is not None else y, M, N, K, r, c, per_piece,
-        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0), out.stride(-2),
-        out.stride(0) if pieces > 1 else 0, y.stride(0),
+        xq, xs, weight, weight_scale_inv, plain_rows if plain_rows is not None else weight,
+        bias if bias is not None else y, out, y, arrived if arrived is not None else y, M, N, N2, K, r, c, per_piece,
+        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0),
+        plain_rows.stride(0) if plain_rows is not None else 0, out.stride(-2), out.stride(0) if pieces > 1 else 0,
+        y.stride(0),
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
-        SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, **cfg,
+        SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
+        UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
         **pdl_launch(x.device, M),
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
-    return y.view(*shape[:-1], N)
+    return y.view(*shape[:-1], N + N2)
 
 
 def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:

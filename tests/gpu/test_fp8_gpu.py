@@ -116,6 +116,26 @@ def test_fp8_linear_with_k_in_pieces(pieces, summed_in_gemm, monkeypatch):
             monkeypatch.setattr(fp8_linear, "SUM_PIECES_IN_GEMM", summed_in_gemm)
 
 
+@pytest.mark.parametrize("M", [1, 4, 300])
+def test_fp8_linear_with_plain_rows(M):
+    """V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's 576 rows (plain_rows): at decode's few rows in
+    the FP8 GEMM's launch, both parts as their references give them; at 300 rows two products side by side."""
+    w, s = fp8_weight(3072, 2048, seed=M)
+    g = torch.Generator(device=DEVICE).manual_seed(M)
+    plain = (torch.randn(576, 2048, device=DEVICE, generator=g) * 2048**-0.5).to(torch.bfloat16)
+    x = torch.randn(M, 2048, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    poison_free_memory()
+    y = linear(x, w, None, s, plain_rows=plain)
+    assert y.shape == (M, 3072 + 576)
+    assert rel_error(y[:, :3072], reference.linear(x, w, None, s)) < 1e-2
+    assert rel_error(y[:, 3072:], torch.nn.functional.linear(x.float(), plain.float())) < 5e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        again = linear(x, w, None, s, plain_rows=plain)
+    graph.replay()
+    assert torch.equal(again, y)
+
+
 def test_fp8_linear_cuda_graph():
     w, s = fp8_weight(3072, 2048, seed=11)
     x = torch.randn(4, 2048, device=DEVICE, dtype=torch.bfloat16)
