@@ -164,16 +164,14 @@ def test_mla_decode_matches_ref(tk, case):
     assert_close(out, reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, scale), dtype)
 
 
+@pytest.mark.parametrize("splits", [None, 66])
 @pytest.mark.parametrize("w_uv", [False, True])
-@pytest.mark.parametrize("per_root", [1.0, 0.0])
-def test_mla_decode_splits_by_length(tk, per_root, w_uv, monkeypatch):
-    """SPLIT_TOKENS_PER_ROOT: where the split count is ours, a sequence of L tokens is cut into pieces of at
-    least that many sqrt(L) tokens (whole tiles), whatever the host's count for the longest context; splits
-    past a sequence's pieces store nothing and the merge reads only the pieces: the partials' buffers start
-    as NaN, and the output is still the reference's. An explicit num_kv_splits keeps its equal shares."""
+def test_mla_decode_empty_splits_store_nothing(tk, w_uv, splits, monkeypatch):
+    """The split count is set for the longest context (max_seq_len), so short sequences leave splits empty:
+    those store nothing and the merge reads only a sequence's pieces. The partials' buffers start as NaN,
+    and the output is still the reference's."""
     H, R, P, dv = 4, 32, 16, 8
     seq_lens = [2048, 40, 0, 300]
-    monkeypatch.setattr(tk.mla_decode, "SPLIT_TOKENS_PER_ROOT", per_root)
     monkeypatch.setattr(tk.mla_decode, "PROJECT_IN_MERGE_MAX_SEQS", 4 if w_uv else 0)  # W_UV: the merge's launch
     monkeypatch.setattr(tk.mla_decode, "num_sms", lambda device: 132)  # the host's count: 2 x 132 / 4 = 66 splits
     torch.manual_seed(5)
@@ -193,16 +191,13 @@ def test_mla_decode_splits_by_length(tk, per_root, w_uv, monkeypatch):
     want = reference.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1)
     if w_uv:
         want = torch.einsum("nhr,hvr->nhv", want, w)
-    equal_shares = [64, 2, 0, 10]  # 32-token tiles: 2048 / 66 -> 32 tokens a piece, 40 -> 32, 300 -> 32
-    by_root = [32, 2, 0, 10]       # at least sqrt(L): 2048 -> 46 -> 64 tokens a piece; the others as before
-    for splits, pieces in ((None, by_root if per_root else equal_shares), (66, equal_shares)):
-        partials.clear()
-        out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
-                                       max_seq_len=32768, block_n=32, w_uv=w)
-        assert_close(out, want, torch.float32)
-        (mid_lse,) = partials
-        assert mid_lse.shape == (4, H, 66)
-        assert (~mid_lse.isnan()).sum(dim=2).tolist() == [[p] * H for p in pieces]
+    out = tk.mla_decode.mla_decode(q_lat, q_pe, kv_cache, block_tables, lens, 0.1, num_kv_splits=splits,
+                                   max_seq_len=32768, block_n=32, w_uv=w)
+    assert_close(out, want, torch.float32)
+    (mid_lse,) = partials
+    assert mid_lse.shape == (4, H, 66)
+    pieces = [64, 2, 0, 10]  # 32-token tiles: 2048 / 66 -> 32 tokens a piece, 40 -> 32, 300 -> 32
+    assert (~mid_lse.isnan()).sum(dim=2).tolist() == [[p] * H for p in pieces]
 
 
 TMA_CASES = [c for c, (H, R, P, bs, lens, splits, bn, dtype) in enumerate(MLA_CASES)

@@ -52,28 +52,17 @@ _PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel 
 # at 32 sequences, 0.89x at one (docs/benchmarks.md, "MLA decode through TMA").
 TMA = True
 TMA_MIN_SEQS = 32
-# Where the split count is ours (num_kv_splits None), a sequence of L tokens is cut into pieces of at least
-# SPLIT_TOKENS_PER_ROOT x sqrt(L) tokens, whatever the count chosen on the host for the longest context the
-# launch may see (max_seq_len: a CUDA graph's is the engine's max_model_len, which gives 128 splits from
-# 16K on): a piece's program walks L / S tokens and the merge reads S partials, so their sum is least
-# near S = sqrt(L) / SPLIT_TOKENS_PER_ROOT. Splits past a sequence's last piece store nothing and the
-# merge reads only its pieces (a 1K-token sequence in 128 splits: 24.0 us before, 11.8 after). Measured
-# on an H200 (docs/benchmarks.md, "MLA decode's split count"): one sequence in a CUDA graph's replay
-# (latents in L2) was fastest at about 2 sqrt(L) tokens a piece, in the engine (from HBM) 1K-token
-# contexts were faster in 32 pieces (sqrt(L)) than in 16 (2.23 against 2.30 ms/token). 0: the host's
-# count for every length.
-SPLIT_TOKENS_PER_ROOT = 1.0
 
 
 @triton.jit
-def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, PER_ROOT: tl.constexpr):
-    """Tokens per split of a seq_len-token sequence, whole tiles (at least one): its num_splits equal shares,
-    and at least PER_ROOT sqrt(seq_len) (SPLIT_TOKENS_PER_ROOT). Its pieces: cdiv(seq_len, this) <= num_splits."""
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    if PER_ROOT > 0:
-        least = tl.ceil(PER_ROOT * tl.sqrt_rn(seq_len.to(tl.float32))).to(tl.int32)
-        split_len = tl.maximum(split_len, tl.cdiv(least, BLOCK_N) * BLOCK_N)
-    return tl.maximum(split_len, BLOCK_N)
+def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens per split of a seq_len-token sequence: its num_splits equal shares in whole tiles (at least one
+    tile). Its pieces, the splits that hold its tokens: cdiv(seq_len, this) <= num_splits. The split count is
+    set on the host for the longest context a launch may see (a CUDA graph's: the engine's max_model_len, 128
+    splits from 16K on), so a short sequence leaves most splits empty: those store nothing and the merge
+    reads only the pieces (on an H200, a 1K-token sequence in 128 splits took 24.0 us before, 11.8 after;
+    docs/benchmarks.md, "MLA decode's empty splits")."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
 @triton.jit
@@ -111,7 +100,7 @@ def _mla_decode_split_kernel(
     R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
-    FP16_DOTS: tl.constexpr, TMA: tl.constexpr, PER_ROOT: tl.constexpr, PDL: tl.constexpr = False,
+    FP16_DOTS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr = False,
 ):
     wait_for_prior_kernels(PDL)
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
@@ -121,7 +110,7 @@ def _mla_decode_split_kernel(
     # This split's token range, in whole tiles (_split_len); short sequences leave late splits empty, and
     # those store nothing (the merge reads only a sequence's pieces)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, num_splits, BLOCK_N, PER_ROOT)
+    split_len = _split_len(seq_len, num_splits, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if not DIRECT_OUT and start >= end:
@@ -215,13 +204,13 @@ def _mla_decode_split_kernel(
 
 @triton.jit
 def _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PER_ROOT: tl.constexpr):
+                  BLOCK_N: tl.constexpr):
     """One (sequence, head)'s output [BLOCK_R] fp32: sum_s 2^lse_s o_s / sum_s 2^lse_s over the partials of
     its pieces (the splits that hold its tokens, _split_len), as an online merge; length 0 gives zeros."""
     offs_r = tl.arange(0, BLOCK_R)
     base = ((seq * num_heads + head) * num_splits).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
-    pieces = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, PER_ROOT))
+    pieces = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N))
     m = float("-inf")
     denom = 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -240,15 +229,14 @@ def _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, nu
 @triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_merge_kernel(
     mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PER_ROOT: tl.constexpr, PDL: tl.constexpr = False,
+    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[seq, head] = its splits' partials merged, in out's dtype."""
     wait_for_prior_kernels(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
-    out = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N,
-                        PER_ROOT)
+    out = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N)
     tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_r, out.to(out_ptr.dtype.element_ty),
              mask=offs_r < R)
 
@@ -257,7 +245,7 @@ def _mla_decode_merge_kernel(
 def _merge_project_kernel(
     mid_o_ptr, mid_lse_ptr, seq_lens_ptr, w_ptr, out_ptr, num_heads, num_splits, DV, stride_wh, stride_wv,
     stride_o_n, stride_o_h, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    PER_ROOT: tl.constexpr, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """out[seq, head, v block] = w[head, v block] @ (its splits' partials merged, rounded to out's dtype
     as the latent output is): the merge and absorbed decode's W_UV product in one launch, for few
@@ -267,8 +255,7 @@ def _merge_project_kernel(
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     seq = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)
-    o = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N,
-                      PER_ROOT)
+    o = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N)
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     mask_v = offs_v < DV
     w = tl.load(w_ptr + head * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
@@ -368,7 +355,6 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     project_in_merge = w_uv is not None and N <= PROJECT_IN_MERGE_MAX_SEQS
     block_h = _BLOCK_H if H >= _BLOCK_H else max(16, triton.next_power_of_2(H))  # tl.dot needs M >= 16
     head_groups = triton.cdiv(H, block_h)
-    per_root = float(SPLIT_TOKENS_PER_ROOT) if num_kv_splits is None else 0.0
     if num_kv_splits is None:
         capacity = block_tables.shape[1] * block_size
         num_kv_splits = _default_num_splits(q_lat.device, N * head_groups, max_seq_len or capacity)
@@ -402,7 +388,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         out.stride(0), out.stride(1),
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
-        FP16_DOTS=fp16_dots, TMA=tma, PER_ROOT=per_root,
+        FP16_DOTS=fp16_dots, TMA=tma,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
@@ -413,15 +399,14 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         out = q_lat.new_empty(N, H, dv)
         _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
             mid_o, mid_lse, seq_lens, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
-            out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, BLOCK_N=block_n, PER_ROOT=per_root,
-            num_warps=4,
-            **pdl_launch(out.device, N),
+            out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, BLOCK_N=block_n,
+            num_warps=4, **pdl_launch(out.device, N),
         )
         return out
     if num_kv_splits > 1:
         _mla_decode_merge_kernel[(H, N)](
             mid_o, mid_lse, seq_lens, out, H, num_kv_splits, out.stride(0), out.stride(1),
-            R=R, BLOCK_R=block_r, BLOCK_N=block_n, PER_ROOT=per_root, num_warps=4, **pdl_launch(out.device, N),
+            R=R, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, **pdl_launch(out.device, N),
         )
     if w_uv is None:
         return out
