@@ -51,9 +51,8 @@ if has prefill; then
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
 # scripts/with_settings.py; docs/benchmarks.md has their last timings): batch 1, bf16 and FP8: each
-# token's picks summed in the MoE's down GEMM and the FP8 GEMM's pieces summed by itself, and the
-# defaults' batch-1 levers turned off; 256 sequences, bf16 and FP8: the MoE's thin row blocks on Hopper's
-# warpgroup MMA (operands swapped) and the pieces summed in the GEMM; then the MoE layer's variants
+# token's picks summed in the MoE's down GEMM, and the defaults' batch-1 levers turned off; 256
+# sequences, bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants
 # alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
@@ -61,8 +60,15 @@ for q in bf16 fp8; do
   quant=""; [ $q = fp8 ] && quant="--quantization fp8"
   if has levers1; then
     step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
-    step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 \
-      fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B1 $quant
+    step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
+    # FP8: the bf16 kv_a_proj beside (cuBLAS), not in, the query projection's launch; the pieces of K summed by
+    # a launch of their own
+    if [ $q = fp8 ]; then
+      step levers-$q-1-no-plain 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH=False \
+        -- bench $B1 $quant
+      step levers-$q-1-no-sum 120 python3 scripts/with_settings.py fp8_linear.SUM_PIECES_IN_GEMM=False \
+        -- bench $B1 $quant
+    fi
     # the defaults' batch-1 levers off (W_UK's product in our launch and W_UV's in the merge's at one
     # sequence, the MoE's 16-row blocks on the warpgroup MMA with swapped operands), each alone and all
     step levers-$q-1-no-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=0 -- bench $B1 $quant
@@ -74,8 +80,7 @@ for q in bf16 fp8; do
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
-    step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 \
-      fp8_linear.SUM_PIECES_IN_GEMM=True -- bench $B256 $quant
+    step levers-$q-256-on 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 -- bench $B256 $quant
   fi
 done
 has levers1 && step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants

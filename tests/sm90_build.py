@@ -89,11 +89,14 @@ def launch_decode_kernels() -> None:
             fp8_linear.linear(torch.empty(M, K, dtype=bf16), w, None, s, offset)
         fp8_linear.linear(torch.empty(1, K, dtype=bf16), w, None, s, offset,  # a GPU's default at one row
                           config=fp8_linear.default_config(1, N, -(-(K + offset[1]) // 128), 132))
-    fp8_linear.SUM_PIECES_IN_GEMM = True  # the pieces summed by the GEMM's last piece of a tile (not yet on)
+    sum_default = fp8_linear.SUM_PIECES_IN_GEMM
     w, s = torch.empty(3072, 2048, dtype=FP8), torch.empty(scale_shape(3072, 2048))
-    for M in (1, 256):
-        fp8_linear.linear(torch.empty(M, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(M, 3072, 16, 132))
-    fp8_linear.SUM_PIECES_IN_GEMM = False
+    for summed_in_gemm in (True, False):  # the pieces summed by the GEMM's last piece of a tile, or by sum_pieces
+        fp8_linear.SUM_PIECES_IN_GEMM = summed_in_gemm
+        for M in (1, 256):
+            fp8_linear.linear(torch.empty(M, 2048, dtype=bf16), w, None, s,
+                              config=fp8_linear.default_config(M, 3072, 16, 132))
+    fp8_linear.SUM_PIECES_IN_GEMM = sum_default
     # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
                       config=fp8_linear.default_config(1, 3072 + 576, 16, 132))

@@ -711,6 +711,7 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
     w, s = fp8_matrix(N, K, offset, seed=case)
     x = (torch.randn(M, K) * 4).to(dtype)
     b = torch.randn(N).to(dtype) if bias else None
+    monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", False)
     apart = tk.fp8_linear.linear(x, w, b, s, offset, config=config)
     monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", True)
     launches = []

@@ -217,9 +217,12 @@ def _sum_pieces_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym, stride_ps, PI
 
 FUSED_MAX_M = 16       # up to this many rows the GEMM quantizes x itself (decode)
 # K in pieces: the last piece of each tile to arrive sums the pieces itself (an atomic count, as the router's),
-# instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. Off: on an
-# H200 it was no faster at batch 1 or 256 sequences (docs/benchmarks.md, "Fewer kernels a MoE layer").
-SUM_PIECES_IN_GEMM = False
+# instead of sum_pieces' launch after the GEMM: a launch fewer an FP8 linear layer at few rows. On an H200
+# with every FP8 projection of the attention in our launches (plain_rows), batch-1 decode with FP8 weights
+# took 2.05 ms/token with it against 2.08 without (three times each), 256 sequences the same (23,022 against
+# 22,983 tokens/s in decode steps); before, with cuBLAS's kv_a_proj between, no faster (docs/benchmarks.md,
+# "The FP8 query projection and the bf16 kv_a_proj in one launch").
+SUM_PIECES_IN_GEMM = True
 _COUNTERS = 1 << 16    # arrival counters: the tiles of one GEMM
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)

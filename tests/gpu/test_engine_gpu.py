@@ -42,7 +42,7 @@ def run(engine, prompts, params, result=lambda completion: completion.token_ids)
 # tokens (prefill attention by the reference in fp32 rather than our kernel, the grouped router by the reference)
 SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_MAX_TOKENS", 64),
                ("moe", "SWAP_AB_MAX_BLOCK_M", 32), ("mla_decode", "PROJECT_IN_MERGE_MAX_SEQS", 8),
-               ("fp8_linear", "SUM_PIECES_IN_GEMM", True), ("router", "GROUPED_IN_KERNEL", False),
+               ("fp8_linear", "SUM_PIECES_IN_GEMM", False), ("router", "GROUPED_IN_KERNEL", False),
                ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True),
                ("launch", "PDL", False), ("absorb", "ABSORB_MAX_SEQS", 16)]
 
