@@ -61,6 +61,11 @@ for q in bf16 fp8; do
   if has levers1; then
     step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
     step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
+    # the weights asked of L2 before each kernel waits for the one ahead (not yet timed), twice each way
+    for i in 1 2; do
+      step levers-$q-1-prefetch-$i 120 python3 scripts/with_settings.py launch.PREFETCH_WEIGHTS=True -- bench $B1 $quant
+      step levers-$q-1-default-$i 120 python3 -m deepseek_v2.cli bench $B1 $quant
+    done
     # FP8: the bf16 kv_a_proj beside (cuBLAS), not in, the query projection's launch; the pieces of K summed by
     # a launch of their own
     if [ $q = fp8 ]; then

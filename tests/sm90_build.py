@@ -100,6 +100,19 @@ def launch_decode_kernels() -> None:
     # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
                       config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
+    # the weights asked of L2 before the wait (launch.PREFETCH_WEIGHTS): that launch, o_proj inside a block,
+    # W_UV's product in the merge at one sequence
+    prefetch_default, launch.PREFETCH_WEIGHTS = launch.PREFETCH_WEIGHTS, True
+    fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
+                      config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
+    w_o, s_o = torch.empty(5120, 2048, dtype=FP8), torch.empty(scale_shape(5120, 2048, (0, 64)))
+    fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w_o, None, s_o, (0, 64),
+                      config=fp8_linear.default_config(1, 5120, 17, 132))
+    mla_decode.mla_decode(torch.empty(1, 16, 512, dtype=bf16), torch.empty(1, 16, 64, dtype=bf16),
+                          torch.empty(64, 64, 576, dtype=bf16), torch.zeros(1, 64, dtype=torch.int32),
+                          torch.ones(1, dtype=torch.int32), 0.1, max_seq_len=4096,
+                          w_uv=torch.empty(16, 256, 512, dtype=bf16)[:, 128:])
+    launch.PREFETCH_WEIGHTS = prefetch_default
     # prefill attention at V2's head dims (q/k 192 = 128 + 64, v 128) and the demo model's (96 = 64 + 32, v 64)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     for d, dv in ((192, 128), (96, 64)):
@@ -129,6 +142,10 @@ def launch_fused_kernels() -> None:
         for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
             router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
                          groups=groups)
+    prefetch_default, launch.PREFETCH_WEIGHTS = launch.PREFETCH_WEIGHTS, True  # the weights asked of L2 first
+    router.route(torch.empty(1, 2048, dtype=bf16), torch.empty(64, 2048), 6, renormalize=True, num_shared=2)
+    absorb.absorb_query(torch.empty(1, 16, 192, dtype=bf16)[..., :128], torch.empty(16, 256, 512, dtype=bf16)[:, :128])
+    launch.PREFETCH_WEIGHTS = prefetch_default
     absorb.ABSORB_MAX_SEQS = 16  # built here past its default of one sequence
     for H in (16, 128):  # W_UK's product at one and 16 sequences, w_uk a view of kv_b_proj's rows
         w_uk = torch.empty(H, 256, 512, dtype=bf16)[:, :128]
@@ -196,6 +213,7 @@ def build(launches) -> list[dict]:
                             vector_loads="ld.global.v" in ptx, wgmma="wgmma.mma_async" in ptx,
                             async_copies="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                             waits_for_prior_kernels=waits_first(ptx),
+                            prefetches_before_waiting=0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
                             launch_pdl=compiled.metadata.launch_pdl,
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results

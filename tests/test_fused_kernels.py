@@ -364,6 +364,8 @@ def test_fused_kernels_build_for_sm90():
     assert {r["kernel"] for r in results} == {"_rms_norm_kernel", "_mla_prepare_kernel", "_silu_and_mul_kernel",
                                               "_topk_softmax_kernel", "_route_kernel", "_absorb_query_kernel"}
     assert {r["config"].get("FP8_CACHE") for r in results if r["kernel"] == "_mla_prepare_kernel"} == {"True", "False"}
+    assert {r["kernel"] for r in results if r["config"].get("PREFETCH") == "True"} == {"_route_kernel",
+                                                                                      "_absorb_query_kernel"}
     # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only
     assert {r["kernel"] for r in results if r["launch_pdl"]} == {r["kernel"] for r in results} - {"_topk_softmax_kernel"}
     for r in results:
@@ -372,5 +374,7 @@ def test_fused_kernels_build_for_sm90():
         # programmatic dependent launch (few rows): launched so, and waiting for the kernel before it first
         pdl = r["config"].get("PDL") == "True"
         assert r["launch_pdl"] == pdl and r["waits_for_prior_kernels"] == pdl, r
+        # launch.PREFETCH_WEIGHTS: the weights asked of L2 ahead of that wait, no load or store before it
+        assert r["prefetches_before_waiting"] == (r["config"].get("PREFETCH") == "True"), r
         if r["kernel"] in ("_rms_norm_kernel", "_mla_prepare_kernel"):
             assert not r["fma"] and r["vector_loads"], r

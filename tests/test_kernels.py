@@ -867,6 +867,8 @@ def test_kernels_build_for_sm90():
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
+    assert {(r["kernel"], r["config"].get("HAS_PLAIN")) for r in results if r["config"].get("PREFETCH") == "True"} == {
+        ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None)}
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}
@@ -880,5 +882,7 @@ def test_kernels_build_for_sm90():
         # programmatic dependent launch (few rows): launched so, and waiting for the kernel before it first
         pdl = r["config"].get("PDL") == "True"
         assert r["launch_pdl"] == pdl and r["waits_for_prior_kernels"] == pdl, r
+        # launch.PREFETCH_WEIGHTS: the weights asked of L2 ahead of that wait, no load or store before it
+        assert r["prefetches_before_waiting"] == (r["config"].get("PREFETCH") == "True"), r
         if r["config"].get("SWAP_AB") == "True":  # on wgmma
             assert r["wgmma"], r

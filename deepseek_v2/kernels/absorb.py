@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .launch import pdl_launch, wait_for_prior_kernels
+from .launch import pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
 
 # Up to this many sequences the product runs in our launch; past it (and at 0) torch.bmm. One: on an H200
 # at the V2-Lite shape, batch-1 decode took 2.50 ms/token with it against 2.52 (and 2.45 against 2.53 with
@@ -31,13 +31,18 @@ _BLOCK_R = 64
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, R, stride_qn, stride_qh, stride_wh, stride_wd, stride_on,
                          stride_oh, DN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         PDL: tl.constexpr = False):
-    """Program (head, r block): out[n, head, r block] = q[n, head] @ w[head][:, r block] for every n."""
-    wait_for_prior_kernels(PDL)
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    """Program (head, r block): out[n, head, r block] = q[n, head] @ w[head][:, r block] for every n.
+    PREFETCH: its slice of w asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
     head = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d, mask_r = offs_d < DN, offs_r < R
+    if PREFETCH:  # a row of the slice asked for 32 values at a time (an fp32 line)
+        lines = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R // 32) * 32
+        prefetch_l2(w_ptr + head * stride_wh + offs_d[:, None] * stride_wd + lines[None, :],
+                    mask_d[:, None] & (lines < R)[None, :])
+    wait_for_prior_kernels(PDL)
     w = tl.load(w_ptr + head * stride_wh + offs_d[:, None] * stride_wd + offs_r[None, :],
                 mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)          # [BLOCK_D, BLOCK_R]
     for n in range(N):
@@ -61,6 +66,6 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     _absorb_query_kernel[(H, triton.cdiv(R, _BLOCK_R))](
         q_nope, w_uk, out, N, R, q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1),
         out.stride(0), out.stride(1), DN=DN, BLOCK_D=triton.next_power_of_2(DN), BLOCK_R=_BLOCK_R,
-        num_warps=4, **pdl_launch(q_nope.device, N),
+        num_warps=4, **pdl_launch(q_nope.device, N), **({"PREFETCH": True} if prefetch_weights(q_nope.device, N) else {}),
     )
     return out

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, SCALED_MM_K, cdiv, scale_shape, zero_padded
-from .launch import arrival_counters, num_sms, pdl_launch, wait_for_prior_kernels
+from .launch import arrival_counters, num_sms, pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
@@ -150,8 +150,8 @@ def _fp8_linear_kernel(
     (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N'] itself, with sum_pieces'
     arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr.
     HAS_PLAIN: N_PLAIN more output columns after the N of the FP8 weight (N a multiple of BLOCK_N, no
-    col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN."""
-    wait_for_prior_kernels(PDL)
+    col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN.
+    PREFETCH: the program's weight lines asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
     num_pid_n = tl.cdiv(N, BLOCK_N) + (tl.cdiv(N_PLAIN, BLOCK_N) if HAS_PLAIN else 0)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
     piece = tl.program_id(1)
@@ -167,6 +167,15 @@ def _fp8_linear_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     first = piece * groups_per_piece
     last = tl.minimum(first + groups_per_piece, tl.cdiv(K + col_offset, GROUP))
+    if PREFETCH:  # no kernel writes the weights: their lines may come from HBM while the kernel ahead runs
+        for g in range(first, last):
+            prefetch_l2(w_ptrs + tl.maximum(g * GROUP - col_offset, 0), mask_n)  # an FP8 row's group: one line
+            if HAS_PLAIN:  # a plain row's group: 128 values, asked for 32 at a time (an fp32 line)
+                rows = offs_n - N
+                lines = g * GROUP + tl.arange(0, 4) * 32
+                prefetch_l2(p_ptr + rows.to(tl.int64)[:, None] * stride_pn + lines[None, :],
+                            ((rows >= 0) & (rows < N_PLAIN))[:, None] & (lines < K)[None, :])
+    wait_for_prior_kernels(PDL)
     if HAS_PLAIN:  # (a static branch first: the plain rows' dot is compiled only for launches that have them)
         if pid_n * BLOCK_N >= N:
             acc = _plain_product(x_ptrs, p_ptr, offs_n - N, mask_m, N_PLAIN, K, first, last, stride_pn, GROUP,
@@ -345,7 +354,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
         SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
         UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
-        **pdl_launch(x.device, M),
+        **pdl_launch(x.device, M), **({"PREFETCH": True} if prefetch_weights(x.device, M) else {}),
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)

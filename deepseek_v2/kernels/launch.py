@@ -19,6 +19,10 @@ import triton.language as tl
 # against 2.48 ms/token, bf16 2.52 against 2.54; 256 sequences in bf16 2-4% slower, hence the limit.
 PDL = True
 PDL_MAX_ROWS = 16
+# Such a kernel may also ask L2 for its weights before it waits (prefetch_l2): no kernel of a step writes
+# them, so their bytes can come from HBM while the kernel ahead still runs. Built for the FP8 GEMM, W_UK's
+# and W_UV's products and the router (the weights whose addresses need no load); not yet timed, so off.
+PREFETCH_WEIGHTS = False
 
 
 @functools.cache
@@ -43,6 +47,23 @@ def pdl_launch(device: torch.device, rows: int) -> dict:
     than PDL_MAX_ROWS, none off Hopper-class GPUs, where the instructions do not exist, and none in
     Triton's interpreter."""
     return {"PDL": True, "launch_pdl": True} if PDL and rows <= PDL_MAX_ROWS and hopper_class(device) else {}
+
+
+def prefetch_weights(device: torch.device, rows: int) -> bool:
+    """Whether a launch for `rows` rows asks L2 for its weights before it waits (PREFETCH_WEIGHTS, and
+    launched with programmatic dependent launch: without it there is no kernel ahead to overlap)."""
+    return PREFETCH_WEIGHTS and bool(pdl_launch(device, rows))
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask L2 for the 128-byte lines that hold ptrs (where mask), without waiting for them and with no
+    register to fill: prefetch.global.L2. For a kernel's weights before wait_for_prior_kernels, one pointer
+    a line or more (a line asked for twice costs an instruction, nothing more). CUDA only: callers take it
+    behind a constexpr that is off in Triton's interpreter."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

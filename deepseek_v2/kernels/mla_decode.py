@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import CACHE_SCALE_BYTES
-from .launch import hopper_class, num_sms, pdl_launch, tma_aligned, wait_for_prior_kernels
+from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, prefetch_weights, tma_aligned, wait_for_prior_kernels
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -245,16 +245,21 @@ def _mla_decode_merge_kernel(
 def _merge_project_kernel(
     mid_o_ptr, mid_lse_ptr, seq_lens_ptr, w_ptr, out_ptr, num_heads, num_splits, DV, stride_wh, stride_wv,
     stride_o_n, stride_o_h, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """out[seq, head, v block] = w[head, v block] @ (its splits' partials merged, rounded to out's dtype
     as the latent output is): the merge and absorbed decode's W_UV product in one launch, for few
-    sequences. Each of a head's DV / BLOCK_V programs merges the head's partials again (from L2)."""
-    wait_for_prior_kernels(PDL)
+    sequences. Each of a head's DV / BLOCK_V programs merges the head's partials again (from L2).
+    PREFETCH: its rows of w asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
     head = tl.program_id(0)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     seq = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)
+    if PREFETCH:  # a row asked for 32 values at a time (an fp32 line)
+        lines = tl.arange(0, (BLOCK_R + 31) // 32) * 32
+        prefetch_l2(w_ptr + head * stride_wh + offs_v[:, None] * stride_wv + lines[None, :],
+                    (offs_v < DV)[:, None] & (lines < R)[None, :])
+    wait_for_prior_kernels(PDL)
     o = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N)
     o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
     mask_v = offs_v < DV
@@ -400,7 +405,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
             mid_o, mid_lse, seq_lens, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
             out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, BLOCK_N=block_n,
-            num_warps=4, **pdl_launch(out.device, N),
+            num_warps=4, **pdl_launch(out.device, N), **({"PREFETCH": True} if prefetch_weights(out.device, N) else {}),
         )
         return out
     if num_kv_splits > 1:

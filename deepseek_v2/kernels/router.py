@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
-from .launch import arrival_counters, pdl_launch, wait_for_prior_kernels
+from .launch import arrival_counters, pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
 
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
@@ -110,15 +110,19 @@ def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_pt
                   SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
                   K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                   RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
     partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
-    whichever arrives last), stores the logits and routes the token."""
-    wait_for_prior_kernels(PDL)
+    whichever arrives last), stores the logits and routes the token. PREFETCH: its columns of the fp32
+    weight asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
+    if PREFETCH:  # an expert's SPLIT_D columns, 32 at a time (a line)
+        lines = s * SPLIT_D + tl.arange(0, SPLIT_D // 32) * 32
+        prefetch_l2(w_ptr + offs_e[:, None] * D + lines[None, :], mask_e[:, None] & (lines < D)[None, :])
+    wait_for_prior_kernels(PDL)
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for d in tl.static_range(0, SPLIT_D, BLOCK_D):
         offs_d = s * SPLIT_D + d + tl.arange(0, BLOCK_D)
@@ -229,5 +233,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
         K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
         RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
         num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
+        **({"PREFETCH": True} if prefetch_weights(x.device, T) else {}),
     )
     return logits, weights, ids

@@ -251,15 +251,21 @@ def test_decode_graph_through_tma_equals_the_pointer_step(monkeypatch):
     assert (replayed.argmax(-1) == pointers.argmax(-1)).float().mean().item() >= 0.95
 
 
-def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_programmatic_dependent_launch_changes_no_bit(prefetch, fp8, monkeypatch):
     """Our kernels launched with programmatic dependent launch (launch.PDL, on for Hopper-class GPUs) wait
     for the kernel before them ahead of any load or store: a bf16 engine's greedy tokens and their
     log-probabilities, decode graphs and the steps that prefill beside decodes included, are bit for bit
-    those of an engine captured with it off."""
+    those of an engine captured with it off; also with FP8 weights, and with the weights asked of L2
+    before the wait (launch.PREFETCH_WEIGHTS)."""
     from deepseek_v2.kernels import launch
     if not launch.hopper_class(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper-class GPU")
+    monkeypatch.setattr(launch, "PREFETCH_WEIGHTS", prefetch)
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=7).to(torch.bfloat16)
+    if fp8:
+        model.use_fp8()
     tok = Tokenizer.from_pretrained(TOKENIZER)
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (7, 100, 250, 33, 64, 180)]
