@@ -69,6 +69,9 @@ for q in bf16 fp8; do
     # FP8: the bf16 kv_a_proj beside (cuBLAS), not in, the query projection's launch; the pieces of K summed by
     # a launch of their own
     if [ $q = fp8 ]; then
+      # the gate/up GEMM storing the intermediate quantized (not yet timed)
+      step levers-$q-1-quantize-inter 120 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=16 \
+        -- bench $B1 $quant
       step levers-$q-1-no-plain 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH=False \
         -- bench $B1 $quant
       step levers-$q-1-no-sum 120 python3 scripts/with_settings.py fp8_linear.SUM_PIECES_IN_GEMM=False \

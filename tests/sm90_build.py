@@ -72,6 +72,11 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         moe.SWAP_AB_MAX_BLOCK_M = swap_default
+        quantize_inter, moe.QUANTIZE_INTER_MAX_TOKENS = moe.QUANTIZE_INTER_MAX_TOKENS, 16  # off by default
+        for T in (1, 16):  # the gate/up GEMM storing the intermediate quantized (128-wide column blocks)
+            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
+            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
+        moe.QUANTIZE_INTER_MAX_TOKENS = quantize_inter
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True

@@ -513,6 +513,30 @@ def test_fused_moe_fp8_sums_the_picks_in_the_down_gemm(tk, monkeypatch):
     assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2), apart)
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8, 6, 256, 136), (3, 8, 2, 200, 256), (17, 32, 6, 48, 40)])
+def test_fused_moe_fp8_gate_up_quantizes_the_intermediate_bit_for_bit(tk, shape, swap, monkeypatch):
+    """QUANTIZE_INTER_MAX_TOKENS: the gate/up GEMM stores the intermediate in e4m3 with its scales (a program
+    a 128-wide group), so no quantize_activation launch comes between the GEMMs: bit for bit the output of
+    the separate launch, over several groups, a ragged last one (136 = 128 + 8), -1 picks and swapped
+    operands; one quantize_activation launch (x's) instead of two."""
+    T, E, K, D, I = shape
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=T + I)
+    topk_ids = drop_picks(topk_ids, 0.3, seed=T)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    launch = dict(tk.moe.default_config(T * K / E, True), SWAP_AB=swap)
+    apart = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=launch)
+    quantized = []
+    real = tk.moe.quantize_activation
+    monkeypatch.setattr(tk.moe, "quantize_activation", lambda a, *args: quantized.append(a.shape) or real(a, *args))
+    monkeypatch.setattr(tk.moe, "QUANTIZE_INTER_MAX_TOKENS", T)
+    inside = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=launch)
+    assert quantized == [x.shape] and torch.equal(inside, apart)
+    monkeypatch.setattr(tk.moe, "QUANTIZE_INTER_MAX_TOKENS", T - 1)  # a token more than the setting: apart
+    assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, config=launch), apart)
+    assert quantized == [x.shape, x.shape, (T * K, I)]
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
 def test_fused_moe_with_swapped_operands(tk, case, fp8):
@@ -869,6 +893,7 @@ def test_kernels_build_for_sm90():
     assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
     assert {(r["kernel"], r["config"].get("HAS_PLAIN")) for r in results if r["config"].get("PREFETCH") == "True"} == {
         ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None)}
+    assert any(r["config"].get("QUANTIZE_OUT") == "True" and r["config"]["SWAP_AB"] == "True" for r in results)
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}

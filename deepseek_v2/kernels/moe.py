@@ -11,8 +11,9 @@ fused_moe, with no host synchronisation (CUDA-graph capturable for a fixed token
 FP8 experts (weights in e4m3 with 128 x 128 block scales): each GEMM's input (x, then inter) is
 quantized per token in groups of 128 with the reference's arithmetic, once by
 fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower where
-timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences);
-both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
+timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences; in decode's
+thin blocks, 2.40 against 2.25 ms/token at batch 1), or the intermediate by the gate/up GEMM as it stores
+it (QUANTIZE_INTER_MAX_TOKENS, one 128-wide group a program); both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
 weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
 With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs. One token
@@ -29,8 +30,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import BLOCK, FP8, cdiv
-from .fp8_linear import grouped_tile, quantize_activation
+from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
+from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
 from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
@@ -91,9 +92,9 @@ def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, 
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
-    y_ptr, add_ptr, arrived_ptr,
+    cs_ptr, y_ptr, add_ptr, arrived_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row,
-    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
@@ -106,6 +107,9 @@ def _moe_gemm_kernel(
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
     SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
+    QUANTIZE_OUT: tl.constexpr,  # (gate/up, BLOCK_N = 128) c in e4m3 with scales cs [rows, N / 128]:
+                                 # quantize_activation of the rows rounded to y's dtype, one group a program
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr,  # (QUANTIZE_OUT) kernels/fp8.py's constants
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
@@ -192,6 +196,10 @@ def _moe_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if MUL_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)[:, None]
+    if QUANTIZE_OUT:  # the rows rounded to y's dtype as the intermediate is, then their group quantized
+        rounded = tl.where((offs_n < N)[None, :], acc.to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        acc, scale = quantize_rows(rounded, FP8_MAX, EPS)
+        tl.store(cs_ptr + rows.to(tl.int64) * stride_csm + pid_n, scale, mask=mask_m)
     _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm)
     if COMBINE:
         _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n, num_pid_n,
@@ -226,6 +234,13 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
 # 5,007 tokens/s in decode steps, bf16 within noise (docs/benchmarks.md, "Batch 1's attention in our
 # launches"). Not at 32: 256 V2-Lite decodes took 17,798 tokens/s with it against 17,648 (noise).
 SWAP_AB_MAX_BLOCK_M = 16
+
+
+# FP8 experts: steps of up to this many tokens have the gate/up GEMM store the intermediate quantized (its
+# column blocks 128 wide, one activation group a program: quantize_activation's arithmetic on the rows
+# rounded to x's dtype, bit for bit), so that the down GEMM reads it with no quantize_activation launch
+# between: a launch fewer a MoE layer, for gate/up programs twice as wide. Not yet timed, so 0 (never).
+QUANTIZE_INTER_MAX_TOKENS = 0
 
 
 # Read the expert weights' tiles through Hopper's tensor-memory accelerator (a descriptor over each
@@ -315,8 +330,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
-    of up to SWAP_AB_MAX_BLOCK_M rows) and TMA (the weights' tiles through tensor descriptors; default:
-    the TMA setting, on a Hopper-class GPU, for contiguous weights). No host synchronisation.
+    of up to SWAP_AB_MAX_BLOCK_M rows), QUANTIZE_INTER (FP8: the gate/up GEMM stores the intermediate
+    quantized; default up to QUANTIZE_INTER_MAX_TOKENS tokens) and TMA (the weights' tiles through tensor
+    descriptors; default: the TMA setting, on a Hopper-class GPU, for contiguous weights). No host
+    synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -333,6 +350,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
+    quantize_inter = cfg.pop("QUANTIZE_INTER", T <= QUANTIZE_INTER_MAX_TOKENS)
     tma = cfg.pop("TMA", None)
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
@@ -353,26 +371,39 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     combine = combine_in_gemm(T, D, cfg["BLOCK_N"], x.device)
 
-    def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight):
-        grid = (triton.cdiv(max_padded, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    def launch(a, b, scale, c, n, k, a_row_div, gate_up, mul_weight, a_scale=None, c_scale=None):
+        """One GEMM; FP8: a quantized first unless a_scale is given (a already e4m3), c quantized by the
+        GEMM itself with c_scale (the gate/up GEMM's output, a program a 128-wide group)."""
+        launch_cfg = dict(cfg, BLOCK_N=BLOCK) if c_scale is not None else cfg
+        grid = (triton.cdiv(max_padded, launch_cfg["BLOCK_M"]) * triton.cdiv(n, launch_cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
-        a, a_scale = quantize_activation(a) if fp8 else (a, weights)
-        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [cfg["BLOCK_N"], cfg["BLOCK_K"]]) if tma else b
+        if a_scale is None:
+            a, a_scale = quantize_activation(a) if fp8 else (a, weights)
+        c_scale = weights if c_scale is None else c_scale  # (unused without QUANTIZE_OUT)
+        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [launch_cfg["BLOCK_N"], launch_cfg["BLOCK_K"]]) if tma else b
         _moe_gemm_kernel[grid](
-            a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale,
+            a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, c_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
-            A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8, EVEN_K=k % cfg["BLOCK_K"] == 0,
-            UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
+            c_scale.stride(0) if c_scale.dim() == 2 else 0,
+            A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8,
+            EVEN_K=k % launch_cfg["BLOCK_K"] == 0, UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, **cfg, **pdl_launch(a.device, T),
+            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_OUT=c.dtype == FP8, FP8_MAX=FP8_MAX, EPS=EPS, **launch_cfg,
+            **pdl_launch(a.device, T),
         )
 
-    inter = x.new_empty(T * K, I)                       # silu(gate) * up, row t*K + k
-    launch(x, w13, w13_scale, inter, I, D, K, True, False)
+    if fp8 and quantize_inter:  # the intermediate in e4m3, quantized by the gate/up GEMM as it stores it
+        inter = torch.empty(T * K, I, dtype=FP8, device=x.device)
+        inter_scale = torch.empty(T * K, cdiv(I, BLOCK), dtype=torch.float32, device=x.device)
+        launch(x, w13, w13_scale, inter, I, D, K, True, False, c_scale=inter_scale)
+    else:
+        inter = x.new_empty(T * K, I)                   # silu(gate) * up, row t*K + k
+        inter_scale = None
+        launch(x, w13, w13_scale, inter, I, D, K, True, False)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
-    launch(inter, w2, w2_scale, out, D, I, 1, False, True)
+    launch(inter, w2, w2_scale, out, D, I, 1, False, True, a_scale=inter_scale)
     if combine is None:
         block = 1024
         _combine_kernel[(T, triton.cdiv(D, block))](out, add if add is not None else y, y, D, K=K,

@@ -204,6 +204,29 @@ def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, mo
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("T", [1, 8])
+def test_fp8_moe_gate_up_quantizes_the_intermediate(fp8_experts, T, swap, monkeypatch):
+    """moe.QUANTIZE_INTER_MAX_TOKENS: the gate/up GEMM stores the intermediate quantized, bit for bit the
+    output with quantize_activation's launch between the GEMMs; also from a CUDA graph."""
+    from deepseek_v2.kernels import moe
+    monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 16 if swap else 0)
+    w13, w2, s13, s2, K = fp8_experts
+    E, D = w13.shape[0], w13.shape[2]
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    topk_weights, topk_ids = torch.randn(T, E, device=DEVICE, generator=g).softmax(-1).topk(K)
+    apart = fused_moe(x, w13, w2, topk_weights, topk_ids, s13, s2)
+    monkeypatch.setattr(moe, "QUANTIZE_INTER_MAX_TOKENS", T)
+    poison_free_memory()
+    assert torch.equal(fused_moe(x, w13, w2, topk_weights, topk_ids, s13, s2), apart)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = fused_moe(x, w13, w2, topk_weights, topk_ids, s13, s2)
+    graph.replay()
+    assert torch.equal(replayed, apart)
+
+
 @pytest.mark.parametrize("H", [16, 128])
 def test_fp8_cache_write_matches_the_reference(H):
     """The values quantized from the same latents. Not bit for bit as on CPU: on the GPU the normed
