@@ -50,41 +50,29 @@ if has prefill; then
     --json "$OUT/long-flash.json"
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
-# scripts/with_settings.py; docs/benchmarks.md has their last timings): batch 1, bf16 and FP8: each
-# token's picks summed in the MoE's down GEMM, and the defaults' batch-1 levers turned off; 256
-# sequences, bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants
-# alone and where a 256-sequence decode step goes (steps levers1 and levers256: a few minutes each)
+# scripts/with_settings.py; docs/benchmarks.md has their last timings), batch 1 (step levers1, ~7 min): the
+# weights asked of L2 before each kernel waits (bf16 and FP8, twice each way beside the default); FP8: the
+# gate/up GEMM storing the intermediate quantized, each token's picks summed in the down GEMM, the bf16
+# kv_a_proj beside (not in) the query projection's launch, W_UV's merge in 32-row blocks. 256 sequences
+# (levers256), bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then
+# the MoE layer's variants alone and where a 256-sequence decode step goes
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
   quant=""; [ $q = fp8 ] && quant="--quantization fp8"
   if has levers1; then
-    step levers-$q-1-default 120 python3 -m deepseek_v2.cli bench $B1 $quant
-    step levers-$q-1-on 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
-    # the weights asked of L2 before each kernel waits for the one ahead (not yet timed), twice each way
     for i in 1 2; do
-      step levers-$q-1-prefetch-$i 120 python3 scripts/with_settings.py launch.PREFETCH_WEIGHTS=True -- bench $B1 $quant
       step levers-$q-1-default-$i 120 python3 -m deepseek_v2.cli bench $B1 $quant
+      step levers-$q-1-prefetch-$i 120 python3 scripts/with_settings.py launch.PREFETCH_WEIGHTS=True -- bench $B1 $quant
     done
-    # FP8: the bf16 kv_a_proj beside (cuBLAS), not in, the query projection's launch; the pieces of K summed by
-    # a launch of their own
     if [ $q = fp8 ]; then
-      # the gate/up GEMM storing the intermediate quantized (not yet timed)
       step levers-$q-1-quantize-inter 120 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=16 \
         -- bench $B1 $quant
+      step levers-$q-1-combine 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
       step levers-$q-1-no-plain 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH=False \
         -- bench $B1 $quant
-      step levers-$q-1-no-sum 120 python3 scripts/with_settings.py fp8_linear.SUM_PIECES_IN_GEMM=False \
-        -- bench $B1 $quant
+      step levers-$q-1-project-32 120 python3 scripts/with_settings.py mla_decode._PROJECT_BLOCK_V=32 -- bench $B1 $quant
     fi
-    # the defaults' batch-1 levers off (W_UK's product in our launch and W_UV's in the merge's at one
-    # sequence, the MoE's 16-row blocks on the warpgroup MMA with swapped operands), each alone and all
-    step levers-$q-1-no-absorb 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=0 -- bench $B1 $quant
-    step levers-$q-1-no-merge 120 python3 scripts/with_settings.py mla_decode.PROJECT_IN_MERGE_MAX_SEQS=0 \
-      -- bench $B1 $quant
-    step levers-$q-1-no-swap 120 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=0 -- bench $B1 $quant
-    step levers-$q-1-none 120 python3 scripts/with_settings.py absorb.ABSORB_MAX_SEQS=0 \
-      mla_decode.PROJECT_IN_MERGE_MAX_SEQS=0 moe.SWAP_AB_MAX_BLOCK_M=0 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant
