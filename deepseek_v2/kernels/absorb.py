@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .launch import pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
+from .launch import pdl_launch, prefetch_l2, prefetch_launch, wait_for_prior_kernels
 
 # Up to this many sequences the product runs in our launch; past it (and at 0) torch.bmm. One: on an H200
 # at the V2-Lite shape, batch-1 decode took 2.50 ms/token with it against 2.52 (and 2.45 against 2.53 with
@@ -66,6 +66,6 @@ def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
     _absorb_query_kernel[(H, triton.cdiv(R, _BLOCK_R))](
         q_nope, w_uk, out, N, R, q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1),
         out.stride(0), out.stride(1), DN=DN, BLOCK_D=triton.next_power_of_2(DN), BLOCK_R=_BLOCK_R,
-        num_warps=4, **pdl_launch(q_nope.device, N), **({"PREFETCH": True} if prefetch_weights(q_nope.device, N) else {}),
+        num_warps=4, **pdl_launch(q_nope.device, N), **prefetch_launch(q_nope.device, N),
     )
     return out

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import reference
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, SCALED_MM_K, cdiv, scale_shape, zero_padded
-from .launch import arrival_counters, num_sms, pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
+from .launch import arrival_counters, num_sms, pdl_launch, prefetch_l2, prefetch_launch, wait_for_prior_kernels
 
 
 @triton.jit
@@ -181,8 +182,8 @@ def _fp8_linear_kernel(
             acc = _plain_product(x_ptrs, p_ptr, offs_n - N, mask_m, N_PLAIN, K, first, last, stride_pn, GROUP,
                                  BLOCK_M, BLOCK_N, UPCAST_DOT, DOT_PRECISION)
         else:
-            acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
-                               stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
+            acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first,
+                               last, stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
     else:
         acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
                            stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
@@ -285,8 +286,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     synchronisation.
     """
     if weight_scale_inv is None:
-        y = F.linear(x, weight, bias)
-        return y if plain_rows is None else torch.cat([y, F.linear(x, plain_rows)], -1)
+        return reference.linear(x, weight, bias, plain_rows=plain_rows)
     name = "fp8 linear"
     if weight.dim() != 2 or weight.dtype != FP8:
         raise ValueError(f"{name}: expected a float8_e4m3fn weight [N, K]; got {weight.dtype} {tuple(weight.shape)}")
@@ -354,7 +354,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
         SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
         UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
-        **pdl_launch(x.device, M), **({"PREFETCH": True} if prefetch_weights(x.device, M) else {}),
+        **pdl_launch(x.device, M), **prefetch_launch(x.device, M),
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)

@@ -49,10 +49,11 @@ def pdl_launch(device: torch.device, rows: int) -> dict:
     return {"PDL": True, "launch_pdl": True} if PDL and rows <= PDL_MAX_ROWS and hopper_class(device) else {}
 
 
-def prefetch_weights(device: torch.device, rows: int) -> bool:
-    """Whether a launch for `rows` rows asks L2 for its weights before it waits (PREFETCH_WEIGHTS, and
-    launched with programmatic dependent launch: without it there is no kernel ahead to overlap)."""
-    return PREFETCH_WEIGHTS and bool(pdl_launch(device, rows))
+def prefetch_launch(device: torch.device, rows: int) -> dict:
+    """The launch argument that has a kernel taking a `PREFETCH` constexpr ask L2 for its weights before it
+    waits: for a launch of `rows` rows with PREFETCH_WEIGHTS on and programmatic dependent launch (without
+    it there is no kernel ahead to overlap); none otherwise."""
+    return {"PREFETCH": True} if PREFETCH_WEIGHTS and pdl_launch(device, rows) else {}
 
 
 @triton.jit

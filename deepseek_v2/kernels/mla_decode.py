@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import CACHE_SCALE_BYTES
-from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, prefetch_weights, tma_aligned, wait_for_prior_kernels
+from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, prefetch_launch, tma_aligned, wait_for_prior_kernels
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
@@ -405,7 +405,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
             mid_o, mid_lse, seq_lens, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
             out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, BLOCK_N=block_n,
-            num_warps=4, **pdl_launch(out.device, N), **({"PREFETCH": True} if prefetch_weights(out.device, N) else {}),
+            num_warps=4, **pdl_launch(out.device, N), **prefetch_launch(out.device, N),
         )
         return out
     if num_kv_splits > 1:

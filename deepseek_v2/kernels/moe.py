@@ -13,8 +13,8 @@ quantized per token in groups of 128 with the reference's arithmetic, once by
 fp8_linear.quantize_activation (quantizing inside the GEMM, once per column block, was slower where
 timed: 3x bf16's time at 4096 tokens, 20% fewer tokens/s in decode steps of 256 sequences; in decode's
 thin blocks, 2.40 against 2.25 ms/token at batch 1), or the intermediate by the gate/up GEMM as it stores
-it (QUANTIZE_INTER_MAX_TOKENS, one 128-wide group a program); both GEMMs step K one 128-wide block at a time and scale each block's product by the rows' and the
-weight block's scales.
+it (QUANTIZE_INTER_MAX_TOKENS, one 128-wide group a program); both GEMMs step K one 128-wide block at a
+time and scale each block's product by the rows' and the weight block's scales.
 Blocks past the padded total exit at once, so a decode step reads only the touched experts' weights.
 With no -1 pick, bucket E is empty: no block, no zero store, no extra work in the GEMMs. One token
 needs no alignment: its K picks are K distinct experts, and block k is pick k (a launch fewer at batch 1).
@@ -380,7 +380,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if a_scale is None:
             a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         c_scale = weights if c_scale is None else c_scale  # (unused without QUANTIZE_OUT)
-        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), [launch_cfg["BLOCK_N"], launch_cfg["BLOCK_K"]]) if tma else b
+        tile = [launch_cfg["BLOCK_N"], launch_cfg["BLOCK_K"]]
+        b_desc = TensorDescriptor.from_tensor(b.view(-1, k), tile) if tma else b
         _moe_gemm_kernel[grid](
             a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, c_scale,
             y, add if add is not None else y, combine if combine is not None else y, n, k,

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
-from .launch import arrival_counters, pdl_launch, prefetch_l2, prefetch_weights, wait_for_prior_kernels
+from .launch import arrival_counters, pdl_launch, prefetch_l2, prefetch_launch, wait_for_prior_kernels
 
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
@@ -233,6 +233,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
         K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
         RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
         num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
-        **({"PREFETCH": True} if prefetch_weights(x.device, T) else {}),
+        **prefetch_launch(x.device, T),
     )
     return logits, weights, ids
