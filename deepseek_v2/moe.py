@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
-from .kernels.fp8 import BLOCK, quantize_weight
+from .kernels.fp8 import BLOCK, FP8, cdiv, quantize_weight
 from .parallel import SINGLE, TensorParallel, column_parallel, fuse_rows, row_parallel
 
 
@@ -80,11 +80,13 @@ class MoEGate(nn.Module):
         self.register_buffer("weight_fp32", None, persistent=False)
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor, num_shared: int = 0) -> Routing:
+    def forward(self, x: torch.Tensor, num_shared: int = 0,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> Routing:
         """Softmax scores over the routed experts, the top K of them (greedy, or among the best
         topk_group of n_group expert groups), weighted: divided by their sum with norm_topk_prob,
         else times routed_scaling_factor. num_shared: each token's picks end with that many more, the
-        experts E, E + 1, ... at weight 1 (the shared experts stacked after the routed ones)."""
+        experts E, E + 1, ... at weight 1 (the shared experts stacked after the routed ones). x_fp8:
+        buffers that also receive x quantized for FP8 experts (the kernels' route)."""
         a = self.args
         # The router runs in fp32 whatever the model dtype (official code; better accuracy), also
         # under bf16 autocast in training.
@@ -92,7 +94,7 @@ class MoEGate(nn.Module):
         K = a.num_experts_per_tok
         groups = None if a.topk_method == "greedy" else (a.n_group, a.topk_group)
         logits, weights, ids = self.kernels.route(x, weight, K, a.norm_topk_prob and K > 1, a.routed_scaling_factor,
-                                                  num_shared, groups)
+                                                  num_shared, groups, x_fp8=x_fp8)
         return Routing(logits, ids, weights)
 
     @torch.no_grad()
@@ -177,13 +179,17 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         stack = self.stack if self.stack is not None and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS else None
-        routing = self.gate(x, stack.num_shared if stack is not None else 0)
+        x_fp8 = None
+        if stack is not None and stack.gate_up_scale is not None:  # FP8 experts: the router quantizes x for them
+            x_fp8 = (torch.empty(x.shape, dtype=FP8, device=x.device),
+                     torch.empty(x.shape[0], cdiv(x.shape[1], BLOCK), dtype=torch.float32, device=x.device))
+        routing = self.gate(x, stack.num_shared if stack is not None else 0, x_fp8)
         if self.record_routing:
             K = self.args.num_experts_per_tok  # the routed picks only
             self.last_routing = Routing(routing.logits, routing.topk_ids[:, :K], routing.topk_weights[:, :K])
         if stack is not None:  # routed and shared experts in one kernel
             y = self.experts.kernels.moe(x, stack.gate_up, stack.down, routing.topk_weights, routing.topk_ids,
-                                         stack.gate_up_scale, stack.down_scale)
+                                         stack.gate_up_scale, stack.down_scale, x_fp8=x_fp8)
         else:
             shared = self.shared_experts(x) if self.shared_experts is not None else None
             y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared

@@ -325,6 +325,32 @@ def test_route_multiplies_in_fp32_and_routes(tk, T):
     assert not tk.launch.arrival_counters(x.device, "route", tk.router.ROUTE_MAX_TOKENS).any()
 
 
+@pytest.mark.parametrize("in_kernel", [False, True])
+@pytest.mark.parametrize("T", [1, 5, 65])
+def test_route_quantizes_x_for_fp8_experts(tk, T, in_kernel, monkeypatch):
+    """route's x_fp8: x quantized as fp8.quantize_activation does it, bit for bit (a ragged last group
+    too), by the router's own launch (QUANTIZE_X_IN_KERNEL, up to ROUTE_MAX_TOKENS tokens) or a quantize
+    launch beside it (65 tokens, or with the setting off); the routing the same as without x_fp8, and a
+    buffer of the wrong shape refused."""
+    from deepseek_v2.kernels import fp8
+    monkeypatch.setattr(tk.router, "QUANTIZE_X_IN_KERNEL", in_kernel)
+    torch.manual_seed(T)
+    for E, D, k in [(64, 2048, 6), (20, 320, 3)]:  # 320: the last group 64 wide
+        x = rows(T, D, torch.bfloat16, pad=3)
+        weight = torch.randn(E, D) * 0.02
+        x_fp8 = (torch.empty(T, D, dtype=fp8.FP8), torch.full((T, fp8.cdiv(D, fp8.BLOCK)), float("nan")))
+        routed = tk.router.route(x, weight, k, True, 1.0, num_shared=2, x_fp8=x_fp8)
+        for got, want in zip(routed, tk.router.route(x, weight, k, True, 1.0, num_shared=2)):
+            assert torch.equal(got, want)
+        q, scales = fp8.quantize_activation(x)
+        assert torch.equal(x_fp8[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(x_fp8[1], scales)
+        ref_fp8 = tuple(torch.empty_like(t) for t in x_fp8)
+        reference.route(x, weight, k, True, 1.0, num_shared=2, x_fp8=ref_fp8)
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(ref_fp8[:1], x_fp8[:1]))
+    with pytest.raises(ValueError, match="route: out must be"):
+        tk.router.route(x, weight, k, True, x_fp8=(x_fp8[0][:, 1:], x_fp8[1]))
+
+
 def test_route_rejects_bad_inputs(tk):
     x, w = torch.randn(3, 32), torch.randn(8, 32)
     for args in [(x, w.bfloat16()), (x, w[:, :16]), (x.t(), w), (x, w.t().contiguous().t()[:, :32])]:

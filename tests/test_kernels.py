@@ -537,6 +537,27 @@ def test_fused_moe_fp8_gate_up_quantizes_the_intermediate_bit_for_bit(tk, shape,
     assert quantized == [x.shape, x.shape, (T * K, I)]
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 6, 256, 128), (3, 8, 2, 200, 256)])
+def test_fused_moe_fp8_reads_x_quantized_by_the_router(tk, shape, monkeypatch):
+    """x_fp8 (x quantized by the router's launch): bit for bit the output of quantizing x in fused_moe,
+    with no quantize_activation launch of x's; refused for bf16 experts or a buffer of the wrong shape."""
+    from deepseek_v2.kernels.fp8 import quantize_activation
+    T, E, K, D, I = shape
+    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=T + D)
+    q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
+    apart = tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2)
+    quantized = []
+    real = tk.moe.quantize_activation
+    monkeypatch.setattr(tk.moe, "quantize_activation", lambda a, *args: quantized.append(a.shape) or real(a, *args))
+    x_fp8 = quantize_activation(x)
+    assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, x_fp8=x_fp8), apart)
+    assert quantized == [(T * K, I)]  # the intermediate's only
+    with pytest.raises(ValueError, match="x_fp8 is for FP8 experts"):
+        tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, x_fp8=x_fp8)
+    with pytest.raises(ValueError, match="fused_moe x_fp8: out must be"):
+        tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, x_fp8=(x_fp8[0][:, 1:], x_fp8[1]))
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
 def test_fused_moe_with_swapped_operands(tk, case, fp8):

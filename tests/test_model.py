@@ -232,8 +232,11 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
     """fuse_for_inference stacks the demo model's 2 shared experts after its 16 routed ones (FP8: with their
     block scales): a small step runs all of them in one call of the MoE kernels, a large one the shared
     MLP beside the routed experts; the layer's output is the same function either way, and the routed
-    experts' weights are views of the stack, under their checkpoint names."""
+    experts' weights are views of the stack, under their checkpoint names. FP8: the router hands the
+    stack's kernel x quantized (x_fp8, what the kernels' router makes in its own launch)."""
     import dataclasses
+
+    from deepseek_v2.kernels.fp8 import quantize_activation
 
     from deepseek_v2.config import DEFAULT_MODEL
     from deepseek_v2.moe import MoE
@@ -251,16 +254,22 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
         assert stack.gate_up.shape == (a.n_routed_experts + 2, 2 * a.moe_intermediate_size, a.hidden_size)
         assert (stack.gate_up_scale is not None) == (quantization == "fp8")
         assert moe.experts.gate_up_proj.data_ptr() == stack.gate_up.data_ptr()  # a view, not a copy
-        experts_called = []
+        experts_called, handed = [], []
         kernels = moe.experts.kernels
         moe.experts.kernels = dataclasses.replace(
-            kernels, moe=lambda *args, **kw: experts_called.append(args[1].shape[0]) or kernels.moe(*args, **kw))
+            kernels, moe=lambda *args, **kw: experts_called.append(args[1].shape[0]) or handed.append(kw.get("x_fp8"))
+            or kernels.moe(*args, **kw))
         moe.record_routing = True
         fused = moe(x)
         assert moe.last_routing.topk_ids.shape == (9, a.num_experts_per_tok)  # the routed picks only
         monkeypatch.setattr(MoE, "FUSED_SHARED_MAX_TOKENS", 8)
         unfused = moe(x)
     assert experts_called == [a.n_routed_experts + 2, a.n_routed_experts]
+    if quantization == "fp8":
+        assert handed[1] is None and all(torch.equal(got.float(), want.float())
+                                         for got, want in zip(handed[0], quantize_activation(x)))
+    else:
+        assert handed == [None, None]
     assert rel_err(fused, before) < 1e-6, rel_err(fused, before)  # fp32: FP8 quantizes the same values
     assert rel_err(unfused, before) < 1e-6
     assert model.state_dict().keys() == keys

@@ -36,6 +36,15 @@ EPS = 1e-10       # the smallest amax a scale is made from: an all-zero group ge
 CACHE_SCALE_BYTES = 4  # the fp32 scale at the end of every FP8 cache row
 
 
+def scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The scales of groups with absolute max amax: max(amax, EPS) / 448 rounded once, as the kernels'
+    div_rn. (Not `amax / FP8_MAX`: CUDA torch divides by a Python number as a multiply by its reciprocal,
+    at times an ulp off, and bf16 values' ratios to their group's max often fall on e4m3's rounding ties,
+    where that ulp picks the other value: 1 to 8 of 300 activations on an H200.)"""
+    amax = amax.clamp(min=EPS)
+    return amax / torch.full_like(amax, FP8_MAX)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -67,7 +76,7 @@ def quantize_weight(w: torch.Tensor, offset: tuple[int, int] = (0, 0)) -> tuple[
     N, K = w.shape[-2:]
     padded = _pad_to_blocks(w.float(), offset)
     blocks = padded.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK))       # [..., nb, 128, kb, 128]
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=EPS) / FP8_MAX          # [..., nb, kb]
+    scale = scale_of(blocks.abs().amax(dim=(-3, -1)))                         # [..., nb, kb]
     q = (w.float() / _expand(scale, (N, K), offset)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -87,7 +96,7 @@ def quantize_activation(x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor,
     K = x.shape[-1]
     padded = F.pad(x.float(), (offset, cdiv(K + offset, BLOCK) * BLOCK - K - offset))
     groups = padded.unflatten(-1, (-1, BLOCK))                                 # [..., G, 128]
-    scale = groups.abs().amax(dim=-1).clamp(min=EPS) / FP8_MAX                # [..., G]
+    scale = scale_of(groups.abs().amax(dim=-1))                               # [..., G]
     q = (groups * (1.0 / scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.flatten(-2)[..., offset:offset + K], scale
 
@@ -137,7 +146,7 @@ def quantize_cache_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Latent cache rows [..., W] (any float dtype) -> (e4m3 values [..., W], fp32 scales [...]): each row
     scaled by its max / 448."""
     rows = rows.float()
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX      # [..., 1]
+    scale = scale_of(rows.abs().amax(dim=-1, keepdim=True))                     # [..., 1]
     return (rows * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale[..., 0]
 
 

@@ -71,11 +71,13 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, K_PAD, col_offset, stride
 
 
 def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
-                        scales_column_major: bool = False, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        scales_column_major: bool = False, width: int | None = None, *,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/fp8.py's quantize_activation on the GPU, bit for bit: x [M, K] (last dim contiguous) ->
     (e4m3 [M', K'], fp32 scales [M', ceil((K' + col_offset) / 128)]), M' = M rounded up to pad_rows, K' =
     width (a multiple of 128 with col_offset 0; None: K), the padding rows and columns zero; the scales'
-    storage M-major if scales_column_major (what cuBLAS asks for)."""
+    storage M-major if scales_column_major (what cuBLAS asks for). out: the two tensors to write (of those
+    shapes, last dims contiguous), returned."""
     M, K = x.shape
     M_pad = cdiv(M, pad_rows) * pad_rows
     K_pad = width or K
@@ -83,14 +85,27 @@ def quantize_activation(x: torch.Tensor, col_offset: int = 0, pad_rows: int = 1,
         raise ValueError(f"quantize_activation: width {K_pad} must be K ({K}) or a multiple of {BLOCK} above it"
                          f" with col_offset 0 (got {col_offset})")
     G = cdiv(K_pad + col_offset, BLOCK)
-    q = torch.empty(M_pad, K_pad, dtype=FP8, device=x.device)
-    s = (torch.empty(G, M_pad, dtype=torch.float32, device=x.device).t() if scales_column_major
-         else torch.empty(M_pad, G, dtype=torch.float32, device=x.device))
+    if out is not None:
+        q, s = out
+        check_quantized_out("quantize_activation", q, s, M_pad, K_pad, G)
+    else:
+        q = torch.empty(M_pad, K_pad, dtype=FP8, device=x.device)
+        s = (torch.empty(G, M_pad, dtype=torch.float32, device=x.device).t() if scales_column_major
+             else torch.empty(M_pad, G, dtype=torch.float32, device=x.device))
     if M_pad:
         _quantize_kernel[(triton.cdiv(M_pad, 16), G)](
             x, q, s, M, M_pad, K, K_pad, col_offset, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
             ROWS=16, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=4, **pdl_launch(x.device, M))
     return q, s
+
+
+def check_quantized_out(name: str, q: torch.Tensor, s: torch.Tensor, M: int, K: int, groups: int) -> None:
+    """Raise unless (q, s) can hold M rows of K activations quantized in `groups` groups: e4m3 [M, K] and
+    fp32 [M, groups] (a kernel's out= buffers; scales may be M-major)."""
+    if (q.dtype != FP8 or tuple(q.shape) != (M, K) or q.stride(-1) != 1 or s.dtype != torch.float32
+            or tuple(s.shape) != (M, groups)):
+        raise ValueError(f"{name}: out must be e4m3 [{M}, {K}] (last dim contiguous) and fp32 [{M}, {groups}]; got "
+                         f"{q.dtype} {tuple(q.shape)}, {s.dtype} {tuple(s.shape)}")
 
 
 @triton.jit

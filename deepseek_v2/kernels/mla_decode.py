@@ -45,7 +45,11 @@ _MAX_SPLITS = 128
 # its output under programmatic dependent launch: 2.49 against 2.50 ms/token), and 8 sequences lost 2-3%
 # with it at 8 (docs/benchmarks.md, "Batch 1's attention in our launches").
 PROJECT_IN_MERGE_MAX_SEQS = 1
-_PROJECT_BLOCK_V = 16        # value columns a program of _merge_project_kernel writes
+# value columns a program of _merge_project_kernel writes: 32 halves the programs that each merge their
+# head's partials again; on an H200, batch-1 decode 1.98 against 2.04 ms/token with 16 beside the weights
+# asked of L2 (FP8 weights; bf16 2.37 against 2.44; docs/benchmarks.md, "The weights asked of L2 before
+# the wait")
+_PROJECT_BLOCK_V = 32
 # Read the bf16 / fp16 cache's whole tiles through Hopper's tensor-memory accelerator (tensor descriptors
 # over [blocks, block_size, R + P]; one thread issues a tile's copy) rather than with every thread's
 # pointers, from TMA_MIN_SEQS sequences: on an H200, 97 against 115 us at 256 x 1K tokens (1.18x), 1.05x

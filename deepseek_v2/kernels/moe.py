@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
-from .fp8_linear import grouped_tile, quantize_activation, quantize_rows
+from .fp8_linear import check_quantized_out, grouped_tile, quantize_activation, quantize_rows
 from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
@@ -316,7 +316,8 @@ def _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              add: torch.Tensor | None = None, *, config: dict | None = None) -> torch.Tensor:
+              add: torch.Tensor | None = None, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+              config: dict | None = None) -> torch.Tensor:
     """Routed experts, same contract as reference.moe: y [T, D] in x's dtype.
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
@@ -327,7 +328,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     fp32. FP8 experts: w13 and w2 in float8_e4m3fn with w13_scale [E, 2 ceil(I/128), ceil(D/128)] (the
     gate_proj's block rows, then the up_proj's) and w2_scale [E, ceil(D/128), ceil(I/128)] fp32, as
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
-    output): added to the result as a tensor add would, in the same launch as the K picks' sum. config
+    output): added to the result as a tensor add would, in the same launch as the K picks' sum. x_fp8
+    (FP8 experts): x already quantized, e4m3 [T, D] and fp32 scales [T, ceil(D / 128)] (the router's
+    launch makes them: route's x_fp8), read instead of quantizing x. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
     of up to SWAP_AB_MAX_BLOCK_M rows), QUANTIZE_INTER (FP8: the gate/up GEMM stores the intermediate
@@ -343,9 +346,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                             or add.device != x.device):
         raise ValueError(f"fused_moe: add must be a contiguous [{T}, {D}] {x.dtype} tensor on x's device; got "
                          f"{tuple(add.shape)} {add.dtype}")
+    fp8 = w13_scale is not None
+    if x_fp8 is not None:
+        if not fp8:
+            raise ValueError("fused_moe: x_fp8 is for FP8 experts")
+        check_quantized_out("fused_moe x_fp8", *x_fp8, T, D, cdiv(D, BLOCK))
     if T == 0:
         return x.new_empty(0, D)
-    fp8 = w13_scale is not None
     cfg = dict(config or default_config(T * K / E, fp8), **({"BLOCK_K": BLOCK} if fp8 else {}))  # K steps: blocks
     if fp8 and (cfg["BLOCK_N"] > BLOCK or BLOCK % cfg["BLOCK_N"]):
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
@@ -395,14 +402,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             **pdl_launch(a.device, T),
         )
 
+    a, a_scale = x_fp8 if x_fp8 is not None else (x, None)  # the gate/up GEMM's input: x, or x quantized
     if fp8 and quantize_inter:  # the intermediate in e4m3, quantized by the gate/up GEMM as it stores it
         inter = torch.empty(T * K, I, dtype=FP8, device=x.device)
         inter_scale = torch.empty(T * K, cdiv(I, BLOCK), dtype=torch.float32, device=x.device)
-        launch(x, w13, w13_scale, inter, I, D, K, True, False, c_scale=inter_scale)
+        launch(a, w13, w13_scale, inter, I, D, K, True, False, a_scale=a_scale, c_scale=inter_scale)
     else:
         inter = x.new_empty(T * K, I)                   # silu(gate) * up, row t*K + k
         inter_scale = None
-        launch(x, w13, w13_scale, inter, I, D, K, True, False)
+        launch(a, w13, w13_scale, inter, I, D, K, True, False, a_scale=a_scale)
     out = x.new_empty(T * K, D)                         # weighted expert outputs
     launch(inter, w2, w2_scale, out, D, I, 1, False, True, a_scale=inter_scale)
     if combine is None:

@@ -182,11 +182,16 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
-          num_shared: int = 0,
-          groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          num_shared: int = 0, groups: tuple[int, int] | None = None, *,
+          x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router whole: (logits [T, E] = x @ weight^T in fp32, whatever x's dtype and under autocast
     too (the official code routes in fp32), then topk_softmax's weights and ids, or with groups =
-    (n_group, topk_group) grouped_topk_softmax's)."""
+    (n_group, topk_group) grouped_topk_softmax's). x_fp8: two tensors (e4m3 [T, D], fp32 [T, ceil(D /
+    128)]) that also receive fp8.quantize_activation(x), for FP8 experts (the kernels' router does it in
+    its own launch)."""
+    if x_fp8 is not None:
+        for out, value in zip(x_fp8, fp8.quantize_activation(x)):
+            out.copy_(value)
     with torch.autocast(x.device.type, enabled=False):
         logits = F.linear(x.float(), weight.float())
     if groups is None:
@@ -221,7 +226,8 @@ def _with_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
 
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
         topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-        w2_scale: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+        w2_scale: torch.Tensor | None = None, add: torch.Tensor | None = None, *,
+        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
     e = topk_ids[t,k], over the picks with e != -1.
 
@@ -237,7 +243,9 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
     ceil(I/128)]; each GEMM as `linear` does it (its input quantized per token in groups of 128), the
     intermediate silu(gate) * up computed in fp32 and rounded to x's dtype once, as the fused kernel
     does: its FP8 quantization would turn a different rounding of it into a different e4m3 value.
-    add [T, D] (the shared experts' output): added to the result, a plain tensor add.
+    add [T, D] (the shared experts' output): added to the result, a plain tensor add. x_fp8: x already
+    quantized (route's x_fp8), which the kernels' MoE reads instead of quantizing x; here x is quantized
+    again, to the same values.
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]

@@ -22,6 +22,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import reference
+from .fp8 import BLOCK, EPS, FP8_MAX
+from .fp8_linear import check_quantized_out, quantize_activation, quantize_rows
 from .launch import arrival_counters, pdl_launch, prefetch_l2, prefetch_launch, wait_for_prior_kernels
 
 _MAX_E = 1024
@@ -106,15 +108,19 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
 
 
 @triton.jit
-def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, E, D, stride_x, scaling,
+def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, xq_ptr, xs_ptr, E, D,
+                  stride_x, stride_xq, stride_xs, stride_xsg, scaling,
                   SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
                   K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                   RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  QUANTIZE_X: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
     partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
-    whichever arrives last), stores the logits and routes the token. PREFETCH: its columns of the fp32
-    weight asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
+    whichever arrives last), stores the logits and routes the token. QUANTIZE_X (SPLIT_D = 128): each
+    program also stores its columns of x as one activation group, e4m3 into xq and the scale into xs,
+    quantize_activation's arithmetic. PREFETCH: its columns of the fp32 weight asked of L2 before the wait
+    (launch.PREFETCH_WEIGHTS)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     offs_e = tl.arange(0, BLOCK_E)
@@ -130,6 +136,12 @@ def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_pt
         x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0.0)
         acc += tl.sum(w * x[None, :], axis=1)
+    if QUANTIZE_X:  # the same columns as one group (from L1: just read)
+        offs_g = s * SPLIT_D + tl.arange(0, SPLIT_D)
+        mask_g = offs_g < D
+        q, scale = quantize_rows(tl.load(x_ptr + t * stride_x + offs_g, mask=mask_g, other=0.0)[None, :], FP8_MAX, EPS)
+        tl.store(xq_ptr + t * stride_xq + offs_g[None, :], q, mask=mask_g[None, :])
+        tl.store(xs_ptr + t * stride_xs + s * stride_xsg + tl.arange(0, 1), scale)
     part_ptrs = partial_ptr + t * SPLITS * BLOCK_E + offs_e
     tl.store(part_ptrs + s * BLOCK_E, acc)
     tl.debug_barrier()  # all of this program's stores issued before its arrival is counted (release)
@@ -195,26 +207,39 @@ ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route wit
 # (cuBLAS and PyTorch). On since tests/gpu passed with it on an H200 (test_route, the engine's greedy
 # outputs at V2's router shape).
 GROUPED_IN_KERNEL = True
-_SPLIT_D = 128  # hidden columns a program of _route_kernel multiplies: V2-Lite's 2048 in 16 programs a token
+# hidden columns a program of _route_kernel multiplies (V2-Lite's 2048 in 16 programs a token): one
+# activation group, which the program quantizes for FP8 experts
+_SPLIT_D = BLOCK
+# x quantized for FP8 experts (route's x_fp8) by the router's launch, not by a launch of its own after it
+# (MoE.forward asks for it when the FP8 experts run in one kernel): a launch fewer a MoE layer in decode.
+QUANTIZE_X_IN_KERNEL = True
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0,
-          num_shared: int = 0,
-          groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          num_shared: int = 0, groups: tuple[int, int] | None = None, *,
+          x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router (greedy, or group-limited with groups); same contract as reference.route: (logits
     [T, E] fp32 = x @ weight^T in fp32, weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
     in fp32 split over the hidden size, each token routed by its last program: a decode step's router
     was a cast, a two-kernel cuBLAS GEMV and the top-k); more tokens in cuBLAS's GEMM and topk_softmax.
-    x [T, D] bf16 / fp16 / fp32 with a contiguous last dim; weight [E, D] fp32 contiguous."""
+    x [T, D] bf16 / fp16 / fp32 with a contiguous last dim; weight [E, D] fp32 contiguous. x_fp8 (FP8
+    experts): buffers e4m3 [T, D] and fp32 [T, ceil(D / 128)] that also receive x quantized for the
+    experts (quantize_activation, bit for bit), by the router's own launch where it has one
+    (QUANTIZE_X_IN_KERNEL)."""
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != torch.float32 \
             or not weight.is_contiguous() or x.stride(1) != 1:
         raise ValueError(f"route: expected x [T, D] with a contiguous last dim and weight [E, D] fp32 contiguous; got "
                          f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
     T, D = x.shape
     E = weight.shape[0]
+    if x_fp8 is not None:
+        check_quantized_out("route", *x_fp8, T, D, triton.cdiv(D, BLOCK))
+    one_launch = (groups is None or GROUPED_IN_KERNEL) and 0 < T <= ROUTE_MAX_TOKENS
+    if x_fp8 is not None and not (one_launch and QUANTIZE_X_IN_KERNEL):
+        quantize_activation(x, out=x_fp8)
     if groups is not None and not GROUPED_IN_KERNEL:
         return reference.route(x, weight, k, renormalize, scaling, num_shared, groups)
-    if not 0 < T <= ROUTE_MAX_TOKENS:
+    if not one_launch:
         logits = F.linear(x.float(), weight)
         return (logits, *topk_softmax(logits, k, renormalize, scaling, num_shared, groups))
     if not 1 <= k <= E <= _MAX_E:
@@ -227,11 +252,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
     weights = torch.empty(T, k + num_shared, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, k + num_shared, dtype=torch.int32, device=x.device)
+    quantize_x = x_fp8 is not None and QUANTIZE_X_IN_KERNEL
+    xq, xs = x_fp8 if quantize_x else (x, logits)  # (unused without QUANTIZE_X)
     _route_kernel[(T, splits)](
-        x, weight, partial, arrived, logits, weights, ids, E, D, x.stride(0), scaling,
-        SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
+        x, weight, partial, arrived, logits, weights, ids, xq, xs, E, D, x.stride(0), xq.stride(0), xs.stride(0),
+        xs.stride(-1), scaling, SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
         K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
         RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
+        QUANTIZE_X=quantize_x, FP8_MAX=FP8_MAX, EPS=EPS,
         num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
         **prefetch_launch(x.device, T),
     )

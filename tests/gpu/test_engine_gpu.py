@@ -44,8 +44,9 @@ SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_M
                ("moe", "SWAP_AB_MAX_BLOCK_M", 32), ("mla_decode", "PROJECT_IN_MERGE_MAX_SEQS", 8),
                ("fp8_linear", "SUM_PIECES_IN_GEMM", False), ("router", "GROUPED_IN_KERNEL", False),
                ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True),
-               ("launch", "PDL", False), ("absorb", "ABSORB_MAX_SEQS", 16), ("launch", "PREFETCH_WEIGHTS", True),
-               ("moe", "QUANTIZE_INTER_MAX_TOKENS", 16), ("fp8_linear", "PLAIN_ROWS_IN_LAUNCH", False)]
+               ("launch", "PDL", False), ("absorb", "ABSORB_MAX_SEQS", 16), ("launch", "PREFETCH_WEIGHTS", False),
+               ("moe", "QUANTIZE_INTER_MAX_TOKENS", 16), ("fp8_linear", "PLAIN_ROWS_IN_LAUNCH", False),
+               ("mla_decode", "_PROJECT_BLOCK_V", 16), ("router", "QUANTIZE_X_IN_KERNEL", False)]
 
 
 @pytest.mark.parametrize("settings_on", [False, True])

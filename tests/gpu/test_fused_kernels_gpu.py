@@ -23,6 +23,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton")
 
 from deepseek_v2.kernels.activation import silu_and_mul  # noqa: E402
+from deepseek_v2.kernels.fp8_linear import quantize_activation  # noqa: E402
 from deepseek_v2.kernels.mla_prepare import mla_prepare  # noqa: E402
 from deepseek_v2.kernels.norm import rms_norm  # noqa: E402
 from deepseek_v2.kernels import reference  # noqa: E402
@@ -187,7 +188,10 @@ def test_route(E, D, T, monkeypatch):
     weight = torch.randn(E, D, device=DEVICE, generator=g) * 0.02
     groups = (8, 3) if E == 160 else None  # V2's group-limited routing; V2-Lite's greedy
     monkeypatch.setattr(router, "GROUPED_IN_KERNEL", True)  # the kernel, not the reference's fallback
-    graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2, groups=groups))
+    x_fp8 = (torch.empty(T, D, dtype=torch.float8_e4m3fn, device=DEVICE),
+             torch.empty(T, D // 128, dtype=torch.float32, device=DEVICE))  # x quantized for FP8 experts too
+    graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2, groups=groups,
+                                                          x_fp8=x_fp8))
     for _ in range(50):
         x.normal_(generator=g)
         graph.replay()
@@ -195,6 +199,8 @@ def test_route(E, D, T, monkeypatch):
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
         want_w, want_ids = topk_softmax(logits, 6, False, 1.0, num_shared=2, groups=groups)
         assert torch.equal(ids, want_ids) and ulp_distance(weights, want_w).max() <= 8
+        want_q, want_s = quantize_activation(x)  # the GPU's quantize launch (bit for bit the reference's)
+        assert torch.equal(x_fp8[0].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(x_fp8[1], want_s)
 
 
 # ---------------------------------------------------------------- CUDA graphs: capture once, replay on new inputs

@@ -79,13 +79,16 @@ def test_mla_decode_explicit_splits(num_kv_splits):
     assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
 
 
-@pytest.mark.parametrize("in_merge", [False, True])
+@pytest.mark.parametrize("in_merge,block_v", [(False, None), (True, 16), (True, 32)])
 @pytest.mark.parametrize("heads,batch", [(16, 1), (128, 1), (16, 8)])
-def test_mla_decode_projects_by_w_uv(heads, batch, in_merge, monkeypatch):
+def test_mla_decode_projects_by_w_uv(heads, batch, in_merge, block_v, monkeypatch):
     """W_UV's product after the merge (a batched matmul) or in the merge's launch
-    (PROJECT_IN_MERGE_MAX_SEQS), against the reference; W_UV a strided view as the model slices it."""
+    (PROJECT_IN_MERGE_MAX_SEQS, its programs writing 16 or 32 value columns), against the reference; W_UV
+    a strided view as the model slices it."""
     from deepseek_v2.kernels import mla_decode as module
     monkeypatch.setattr(module, "PROJECT_IN_MERGE_MAX_SEQS", 8 if in_merge else 0)
+    if block_v:
+        monkeypatch.setattr(module, "_PROJECT_BLOCK_V", block_v)
     args = mla_inputs(heads, batch, 4096, seed=heads + batch)
     g = torch.Generator(device=DEVICE).manual_seed(5)
     w_kv_b = torch.randn(heads, 256, R, device=DEVICE, dtype=torch.bfloat16, generator=g).mul_(R**-0.5)
