@@ -50,12 +50,12 @@ if has prefill; then
     --json "$OUT/long-flash.json"
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
-# scripts/with_settings.py; docs/benchmarks.md has their last timings), batch 1 (step levers1, ~7 min): the
-# weights asked of L2 before each kernel waits (bf16 and FP8, twice each way beside the default); FP8: the
+# scripts/with_settings.py; docs/benchmarks.md has their last timings), batch 1 (step levers1, ~5 min): the
+# default twice beside the weights not asked of L2 before each kernel waits (bf16 and FP8); FP8: the
 # gate/up GEMM storing the intermediate quantized, each token's picks summed in the down GEMM, the bf16
-# kv_a_proj beside (not in) the query projection's launch, W_UV's merge in 32-row blocks. 256 sequences
-# (levers256), bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then
-# the MoE layer's variants alone and where a 256-sequence decode step goes
+# kv_a_proj beside (not in) the query projection's launch, x quantized by a launch of its own (not the
+# router's). 256 sequences (levers256), bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA
+# (operands swapped); then the MoE layer's variants alone and where a 256-sequence decode step goes
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
@@ -63,7 +63,7 @@ for q in bf16 fp8; do
   if has levers1; then
     for i in 1 2; do
       step levers-$q-1-default-$i 120 python3 -m deepseek_v2.cli bench $B1 $quant
-      step levers-$q-1-prefetch-$i 120 python3 scripts/with_settings.py launch.PREFETCH_WEIGHTS=True -- bench $B1 $quant
+      step levers-$q-1-no-prefetch-$i 120 python3 scripts/with_settings.py launch.PREFETCH_WEIGHTS=False -- bench $B1 $quant
     done
     if [ $q = fp8 ]; then
       step levers-$q-1-quantize-inter 120 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=16 \
@@ -71,7 +71,8 @@ for q in bf16 fp8; do
       step levers-$q-1-combine 120 python3 scripts/with_settings.py moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
       step levers-$q-1-no-plain 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH=False \
         -- bench $B1 $quant
-      step levers-$q-1-project-32 120 python3 scripts/with_settings.py mla_decode._PROJECT_BLOCK_V=32 -- bench $B1 $quant
+      step levers-$q-1-quantize-apart 120 python3 scripts/with_settings.py router.QUANTIZE_X_IN_KERNEL=False \
+        -- bench $B1 $quant
     fi
   fi
   if has levers256; then

@@ -212,6 +212,8 @@ GROUPED_IN_KERNEL = True
 _SPLIT_D = BLOCK
 # x quantized for FP8 experts (route's x_fp8) by the router's launch, not by a launch of its own after it
 # (MoE.forward asks for it when the FP8 experts run in one kernel): a launch fewer a MoE layer in decode.
+# On an H200, batch-1 decode with FP8 weights 1.97 against 1.99 ms/token (twice each; docs/benchmarks.md,
+# "The weights asked of L2 before the wait").
 QUANTIZE_X_IN_KERNEL = True
 
 
