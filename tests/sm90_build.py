@@ -77,6 +77,11 @@ def launch_decode_kernels() -> None:
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         moe.QUANTIZE_INTER_MAX_TOKENS = quantize_inter
+        for T in (1, 16):  # K in pieces, summed by each tile's last piece (moe.SPLIT_K_MAX_TOKENS, off by default)
+            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
+            moe.fused_moe(x, w13, w2, weights, ids, config=dict(moe.default_config(T * K / E), PIECES=3))
+            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3],
+                          config=dict(moe.default_config(T * K / E, True), PIECES=3))
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True

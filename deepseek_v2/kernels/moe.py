@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
 from .fp8_linear import check_quantized_out, grouped_tile, quantize_activation, quantize_rows
-from .launch import arrival_counters, hopper_class, pdl_launch, tma_aligned, wait_for_prior_kernels
+from .launch import arrival_counters, hopper_class, num_sms, pdl_launch, tma_aligned, wait_for_prior_kernels
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -92,9 +92,9 @@ def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, 
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
-    cs_ptr, y_ptr, add_ptr, arrived_ptr,
-    N, K, max_padded, num_rows, num_experts, up_scale_row,
-    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm,
+    cs_ptr, y_ptr, add_ptr, arrived_ptr, part_ptr, pieces_arrived_ptr,
+    N, K, max_padded, num_rows, num_experts, up_scale_row, steps_per_piece,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm, stride_part,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
@@ -109,12 +109,19 @@ def _moe_gemm_kernel(
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
     QUANTIZE_OUT: tl.constexpr,  # (gate/up, BLOCK_N = 128) c in e4m3 with scales cs [rows, N / 128]:
                                  # quantize_activation of the rows rounded to y's dtype, one group a program
+    SPLIT_K: tl.constexpr,     # program axis 1 cuts K's steps into pieces of steps_per_piece: each stores its
+                               # fp32 partials (gate's then up's columns) into part [pieces, rows, N or 2N],
+                               # stride_part apart; the last of a tile's pieces to arrive (counted on
+                               # pieces_arrived_ptr) sums them in piece order and runs the epilogue
     FP8_MAX: tl.constexpr, EPS: tl.constexpr,  # (QUANTIZE_OUT) kernels/fp8.py's constants
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
     wait_for_prior_kernels(PDL)
+    piece = tl.program_id(1)
+    k_first = piece * steps_per_piece                                           # this piece's K steps
+    k_last = tl.minimum(k_first + steps_per_piece, tl.cdiv(K, BLOCK_K))
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), num_pid_n, GROUP_M)
     if ONE_ROW_BLOCKS:
@@ -130,17 +137,19 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if expert == num_experts:  # picks of experts held elsewhere: no weight read, no GEMM
         if not GATE_UP:  # the final sum reads every row of the down output, so these must be zero
-            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
-            if COMBINE:
-                _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n,
-                                  num_pid_n, TOPK, HAS_ADD)
+            if piece == 0:  # (one piece does it)
+                zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
+                if COMBINE:
+                    _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm,
+                                      pid_n, num_pid_n, TOPK, HAS_ADD)
         return
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] + k_first * BLOCK_K
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
-    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    b_ptrs = (b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+              + k_first * BLOCK_K)
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -151,7 +160,7 @@ def _moe_gemm_kernel(
     # ragged last column block) are the next rows' (or zeros past the tensor's end), whose columns are not
     # stored, as the pointers' wrapped columns are not
     b_row = (expert * (stride_be // stride_bn) + pid_n * BLOCK_N).to(tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_last):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         else:
@@ -191,6 +200,25 @@ def _moe_gemm_kernel(
     if SWAP_AB:  # back to rows x columns for the epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
+    if SPLIT_K:  # this piece's partials out; the last piece of the tile to arrive sums them and goes on
+        part_cols = 2 * N if GATE_UP else N
+        parts = part_ptr + rows.to(tl.int64)[:, None] * part_cols + offs_n[None, :]
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        tl.store(parts + piece * stride_part, acc, mask=mask)
+        if GATE_UP:
+            tl.store(parts + piece * stride_part + N, acc_up, mask=mask)
+        tl.debug_barrier()  # every store of this program issued before its arrival is counted (release)
+        counter = pieces_arrived_ptr + tl.program_id(0)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") != tl.num_programs(1) - 1:
+            return
+        tl.debug_barrier()  # the acquiring thread's view passed to every thread before the partials are read
+        acc = tl.zeros_like(acc)
+        acc_up = tl.zeros_like(acc_up)
+        for p in range(tl.num_programs(1)):  # .cg: from L2, where the other pieces' partials are
+            acc += tl.load(parts + p * stride_part, mask=mask, other=0.0, cache_modifier=".cg")
+            if GATE_UP:
+                acc_up += tl.load(parts + p * stride_part + N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(counter, 0)  # zero again for the next launch
 
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
@@ -239,7 +267,9 @@ SWAP_AB_MAX_BLOCK_M = 16
 # FP8 experts: steps of up to this many tokens have the gate/up GEMM store the intermediate quantized (its
 # column blocks 128 wide, one activation group a program: quantize_activation's arithmetic on the rows
 # rounded to x's dtype, bit for bit), so that the down GEMM reads it with no quantize_activation launch
-# between: a launch fewer a MoE layer, for gate/up programs twice as wide. Not yet timed, so 0 (never).
+# between: a launch fewer a MoE layer, for gate/up programs twice as wide. 0 (never): on an H200, batch-1
+# decode took 2.07 ms/token with it at one token against 2.04 without (half as many gate/up programs;
+# docs/benchmarks.md, "The weights asked of L2 before the wait").
 QUANTIZE_INTER_MAX_TOKENS = 0
 
 
@@ -334,9 +364,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
     of up to SWAP_AB_MAX_BLOCK_M rows), QUANTIZE_INTER (FP8: the gate/up GEMM stores the intermediate
-    quantized; default up to QUANTIZE_INTER_MAX_TOKENS tokens) and TMA (the weights' tiles through tensor
-    descriptors; default: the TMA setting, on a Hopper-class GPU, for contiguous weights). No host
-    synchronisation.
+    quantized; default up to QUANTIZE_INTER_MAX_TOKENS tokens), TMA (the weights' tiles through tensor
+    descriptors; default: the TMA setting, on a Hopper-class GPU, for contiguous weights) and PIECES (each
+    GEMM's K steps cut into up to this many pieces, their fp32 partials summed by the tile's last piece;
+    default split_k_pieces's). No host synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -358,6 +389,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
     quantize_inter = cfg.pop("QUANTIZE_INTER", T <= QUANTIZE_INTER_MAX_TOKENS)
+    pieces = cfg.pop("PIECES", None)  # K's pieces (None: split_k_pieces's, for each GEMM)
     tma = cfg.pop("TMA", None)
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
@@ -382,23 +414,31 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         """One GEMM; FP8: a quantized first unless a_scale is given (a already e4m3), c quantized by the
         GEMM itself with c_scale (the gate/up GEMM's output, a program a 128-wide group)."""
         launch_cfg = dict(cfg, BLOCK_N=BLOCK) if c_scale is not None else cfg
-        grid = (triton.cdiv(max_padded, launch_cfg["BLOCK_M"]) * triton.cdiv(n, launch_cfg["BLOCK_N"]),)
+        tiles = triton.cdiv(max_padded, launch_cfg["BLOCK_M"]) * triton.cdiv(n, launch_cfg["BLOCK_N"])
+        steps = triton.cdiv(k, launch_cfg["BLOCK_K"])
+        split = split_k_pieces(T, tiles, steps, x.device) if pieces is None else max(1, min(pieces, steps))
+        per_piece = triton.cdiv(steps, split) if tiles <= _ARRIVALS else steps  # (a counter a tile)
+        split = triton.cdiv(steps, per_piece)                                   # none of them empty
+        part = (torch.empty(split, T * K, 2 * n if gate_up else n, dtype=torch.float32, device=x.device)
+                if split > 1 else weights)
+        counters = arrival_counters(x.device, "moe pieces", _ARRIVALS) if split > 1 else weights
         scale = scale if fp8 else weights  # unused without FP8
         if a_scale is None:
             a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         c_scale = weights if c_scale is None else c_scale  # (unused without QUANTIZE_OUT)
         tile = [launch_cfg["BLOCK_N"], launch_cfg["BLOCK_K"]]
         b_desc = TensorDescriptor.from_tensor(b.view(-1, k), tile) if tma else b
-        _moe_gemm_kernel[grid](
+        _moe_gemm_kernel[(tiles, split)](
             a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, c_scale,
-            y, add if add is not None else y, combine if combine is not None else y, n, k,
-            max_padded, T * K, E, cdiv(n, BLOCK), a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+            y, add if add is not None else y, combine if combine is not None else y, part, counters, n, k,
+            max_padded, T * K, E, cdiv(n, BLOCK), per_piece, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
-            c_scale.stride(0) if c_scale.dim() == 2 else 0,
+            c_scale.stride(0) if c_scale.dim() == 2 else 0, part.stride(0) if split > 1 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8,
             EVEN_K=k % launch_cfg["BLOCK_K"] == 0, UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_OUT=c.dtype == FP8, FP8_MAX=FP8_MAX, EPS=EPS, **launch_cfg,
+            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_OUT=c.dtype == FP8, SPLIT_K=split > 1, FP8_MAX=FP8_MAX, EPS=EPS,
+            **launch_cfg,
             **pdl_launch(a.device, T),
         )
 
@@ -427,6 +467,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 # launch-saving settings on was no faster (2.53 against 2.56 ms/token; docs/benchmarks.md).
 COMBINE_IN_GEMM_MAX_TOKENS = 0
 _ARRIVALS = 1 << 16  # counters: tokens x column blocks of the down GEMM (64 x 1024)
+
+
+# Steps of up to this many tokens cut each GEMM's K into pieces (SPLIT_K: each piece's fp32 partials stored,
+# the last piece of a tile to arrive sums them and runs the epilogue), about _PIECES_PROGRAMS_PER_SM
+# programs per SM: at one token V2-Lite's gate/up GEMM has 8 x 22 tiles for 132 SMs (a second wave a
+# third full), each reading 256 KB of FP8 weights, while 14 us of the layer's 24.5 would move its 69 MB
+# at 4.8 TB/s. 0: never. Not yet timed on a GPU, so off.
+SPLIT_K_MAX_TOKENS = 0
+_PIECES_PROGRAMS_PER_SM = 4
+
+
+def split_k_pieces(T: int, tiles: int, steps: int, device: torch.device) -> int:
+    """Into how many pieces a GEMM of `tiles` tiles cuts its `steps` K steps for T tokens: 1 above
+    SPLIT_K_MAX_TOKENS, else about _PIECES_PROGRAMS_PER_SM programs per SM (at most a step a piece)."""
+    if T > SPLIT_K_MAX_TOKENS:
+        return 1
+    return max(1, min(steps, cdiv(_PIECES_PROGRAMS_PER_SM * num_sms(device), max(tiles, 1))))
 
 
 def combine_in_gemm(T: int, D: int, block_n: int, device: torch.device) -> torch.Tensor | None:

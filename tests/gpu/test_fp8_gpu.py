@@ -204,6 +204,45 @@ def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, mo
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("T,pieces", [(1, None), (1, 3), (7, 3)])
+def test_moe_cuts_k_into_pieces(moe_weights, fp8_experts, T, pieces, fp8, monkeypatch):
+    """moe.SPLIT_K_MAX_TOKENS: each GEMM's K steps in pieces whose fp32 partials the tile's last piece sums
+    (at one token by split_k_pieces's rule, or 3 pieces), with -1 picks: as near the reference as the
+    whole-K launch is, and near it; then captured in a CUDA graph and replayed on new routing twice, each
+    replay the eager launch's output bit for bit (every launch leaves the arrival counters at zero)."""
+    from deepseek_v2.kernels import moe
+    w13, w2, K = moe_weights
+    experts = fp8_experts[:4] if fp8 else (w13, w2, None, None)
+    E, D = w13.shape[0], w13.shape[2]
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    topk_weights, topk_ids = torch.randn(T, E, device=DEVICE, generator=g).softmax(-1).topk(K)
+    topk_ids = topk_ids.masked_fill(torch.rand(T, K, device=DEVICE, generator=g) < 0.3, -1)
+    config = None if pieces is None else dict(moe.default_config(T * K / E, fp8), PIECES=pieces)
+
+    def run():
+        return fused_moe(x, experts[0], experts[1], topk_weights, topk_ids, experts[2], experts[3], config=config)
+
+    whole = run()
+    want = reference.moe(x, experts[0], experts[1], topk_weights, topk_ids, experts[2], experts[3])
+    monkeypatch.setattr(moe, "SPLIT_K_MAX_TOKENS", 16)
+    assert moe.split_k_pieces(1, K * 22, 16, x.device) > 1  # the rule cuts V2-Lite's gate/up at one token
+    poison_free_memory()
+    cut = run()
+    assert rel_error(cut, want) <= max(1.1 * rel_error(whole, want), 1e-2) and rel_error(cut, whole) < 1e-2
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run()
+    for _ in range(2):
+        x.normal_(generator=g)
+        topk_weights.copy_(torch.rand(T, K, device=DEVICE, generator=g))
+        topk_ids.copy_(torch.randn(T, E, device=DEVICE, generator=g).topk(K).indices)
+        graph.replay()
+        assert torch.equal(replayed, run())
+
+
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("T", [1, 8])
 def test_fp8_moe_gate_up_quantizes_the_intermediate(fp8_experts, T, swap, monkeypatch):
