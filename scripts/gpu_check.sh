@@ -76,6 +76,9 @@ for q in bf16 fp8; do
         -- bench $B1 $quant
     fi
     step levers-$q-1-split-k 120 python3 scripts/with_settings.py moe.SPLIT_K_MAX_TOKENS=16 -- bench $B1 $quant
+    # the launch-saving MoE settings again with K in pieces (their lost programs made up by the pieces)
+    [ $q = fp8 ] && step levers-$q-1-split-k-all 120 python3 scripts/with_settings.py moe.SPLIT_K_MAX_TOKENS=16 \
+      moe.QUANTIZE_INTER_MAX_TOKENS=16 moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant

@@ -82,6 +82,8 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids, config=dict(moe.default_config(T * K / E), PIECES=3))
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3],
                           config=dict(moe.default_config(T * K / E, True), PIECES=3))
+            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3],  # and the intermediate quantized
+                          config=dict(moe.default_config(T * K / E, True), PIECES=3, QUANTIZE_INTER=True))
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True

@@ -974,7 +974,8 @@ def test_kernels_build_for_sm90():
     assert {(r["kernel"], r["config"].get("HAS_PLAIN")) for r in results if r["config"].get("PREFETCH") == "True"} == {
         ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None)}
     assert any(r["config"].get("QUANTIZE_OUT") == "True" and r["config"]["SWAP_AB"] == "True" for r in results)
-    assert {r["config"]["FP8_W"] for r in results if r["config"].get("SPLIT_K") == "True"} == {"True", "False"}
+    assert {(r["config"]["FP8_W"], r["config"]["QUANTIZE_OUT"]) for r in results if r["config"].get("SPLIT_K") == "True"
+            } == {("True", "False"), ("False", "False"), ("True", "True")}
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}
