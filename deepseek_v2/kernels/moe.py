@@ -119,9 +119,14 @@ def _moe_gemm_kernel(
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
     wait_for_prior_kernels(PDL)
-    piece = tl.program_id(1)
-    k_first = piece * steps_per_piece                                           # this piece's K steps
-    k_last = tl.minimum(k_first + steps_per_piece, tl.cdiv(K, BLOCK_K))
+    if SPLIT_K:  # this piece's K steps
+        piece = tl.program_id(1)
+        k_first = piece * steps_per_piece
+        k_last = tl.minimum(k_first + steps_per_piece, tl.cdiv(K, BLOCK_K))
+    else:  # (constants: the whole-K kernel compiles as it did before pieces)
+        piece = 0
+        k_first = 0
+        k_last = tl.cdiv(K, BLOCK_K)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), num_pid_n, GROUP_M)
     if ONE_ROW_BLOCKS:
