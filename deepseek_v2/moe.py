@@ -189,7 +189,8 @@ class MoE(nn.Module):
             self.last_routing = Routing(routing.logits, routing.topk_ids[:, :K], routing.topk_weights[:, :K])
         if stack is not None:  # routed and shared experts in one kernel
             y = self.experts.kernels.moe(x, stack.gate_up, stack.down, routing.topk_weights, routing.topk_ids,
-                                         stack.gate_up_scale, stack.down_scale, x_fp8=x_fp8)
+                                         stack.gate_up_scale, stack.down_scale, x_fp8=x_fp8,
+                                         num_shared=stack.num_shared)
         else:
             shared = self.shared_experts(x) if self.shared_experts is not None else None
             y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared

@@ -194,13 +194,11 @@ def bench_moe_sweep(token_counts=(1, 16, 256, 1024, 4096)) -> None:
         widths = (16, 32, 64, 128) if T <= 8 else (32, 64, 128)
         # at few tokens a program streams its weight tiles alone: deeper pipelines keep more bytes in flight
         depths = (3, 4, 6, 8) if T <= 8 else (3, 4)
-        # and K cut into pieces (the tile's last piece sums them: moe.SPLIT_K_MAX_TOKENS) gives more programs
-        pieces = (1, 2, 3, 4) if T <= 16 else (1,)
-        for m, n, warps, stages, swap, cut in product(block_ms, widths, (4, 8), depths, (False, True), pieces):
+        for m, n, warps, stages, swap in product(block_ms, widths, (4, 8), depths, (False, True)):
             if swap and (m > 32 or n < 64):  # swapped operands: for thin row blocks, 64+ weight columns
                 continue
             cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=128, GROUP_M=1 if rows < 16 else 8, num_warps=warps,
-                       num_stages=stages, SWAP_AB=swap, PIECES=cut)
+                       num_stages=stages, SWAP_AB=swap)
             try:
                 us = graph_us(lambda: fp8_moe(cfg))
             except Exception:  # noqa: BLE001 - a config this GPU cannot run (shared memory) drops out

@@ -50,13 +50,12 @@ if has prefill; then
     --json "$OUT/long-flash.json"
 fi
 # decode's levers that are built but off (each a setting of deepseek_v2/kernels, applied by
-# scripts/with_settings.py; docs/benchmarks.md has their last timings), batch 1 (step levers1, ~6 min): the
-# default twice beside the weights not asked of L2 before each kernel waits, and the MoE's GEMMs cutting
-# K into pieces at few tokens (bf16 and FP8); FP8: the gate/up GEMM storing the intermediate quantized,
-# each token's picks summed in the down GEMM, the bf16 kv_a_proj beside (not in) the query projection's
-# launch, x quantized by a launch of its own (not the router's). 256 sequences (levers256), bf16 and FP8:
-# the MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants alone
-# and where a 256-sequence decode step goes
+# scripts/with_settings.py; docs/benchmarks.md has their last timings), batch 1 (step levers1, ~5 min): the
+# default twice beside the weights not asked of L2 before each kernel waits (bf16 and FP8); FP8: the
+# gate/up GEMM storing the intermediate quantized, each token's picks summed in the down GEMM, the bf16
+# kv_a_proj beside (not in) the query projection's launch, x quantized by a launch of its own (not the
+# router's). 256 sequences (levers256), bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA
+# (operands swapped); then the MoE layer's variants alone and where a 256-sequence decode step goes
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
@@ -75,10 +74,6 @@ for q in bf16 fp8; do
       step levers-$q-1-quantize-apart 120 python3 scripts/with_settings.py router.QUANTIZE_X_IN_KERNEL=False \
         -- bench $B1 $quant
     fi
-    step levers-$q-1-split-k 120 python3 scripts/with_settings.py moe.SPLIT_K_MAX_TOKENS=16 -- bench $B1 $quant
-    # the launch-saving MoE settings again with K in pieces (their lost programs made up by the pieces)
-    [ $q = fp8 ] && step levers-$q-1-split-k-all 120 python3 scripts/with_settings.py moe.SPLIT_K_MAX_TOKENS=16 \
-      moe.QUANTIZE_INTER_MAX_TOKENS=16 moe.COMBINE_IN_GEMM_MAX_TOKENS=64 -- bench $B1 $quant
   fi
   if has levers256; then
     step levers-$q-256-default 150 python3 -m deepseek_v2.cli bench $B256 $quant

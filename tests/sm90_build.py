@@ -77,13 +77,6 @@ def launch_decode_kernels() -> None:
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         moe.QUANTIZE_INTER_MAX_TOKENS = quantize_inter
-        for T in (1, 16):  # K in pieces, summed by each tile's last piece (moe.SPLIT_K_MAX_TOKENS, off by default)
-            x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
-            moe.fused_moe(x, w13, w2, weights, ids, config=dict(moe.default_config(T * K / E), PIECES=3))
-            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3],
-                          config=dict(moe.default_config(T * K / E, True), PIECES=3))
-            moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3],  # and the intermediate quantized
-                          config=dict(moe.default_config(T * K / E, True), PIECES=3, QUANTIZE_INTER=True))
         moe.TMA = True  # the weights' tiles through tensor descriptors (off by default)
         monkey = moe.hopper_class
         moe.hopper_class = lambda device: True
@@ -124,6 +117,13 @@ def launch_decode_kernels() -> None:
                           torch.empty(64, 64, 576, dtype=bf16), torch.zeros(1, 64, dtype=torch.int32),
                           torch.ones(1, dtype=torch.int32), 0.1, max_seq_len=4096,
                           w_uv=torch.empty(16, 256, 512, dtype=bf16)[:, 128:])
+    shared_default, moe.PREFETCH_SHARED = moe.PREFETCH_SHARED, True  # and one token's shared FP8 experts' tiles
+    for E, D, I in ((66, 2048, 1408), (162, 5120, 1536)):  # V2-Lite's and V2's stacks, two shared experts last
+        fp8 = (torch.empty(E, 2 * I, D, dtype=FP8), torch.empty(E, D, I, dtype=FP8),
+               torch.empty(E, 2 * -(-I // 128), D // 128), torch.empty(E, D // 128, -(-I // 128)))
+        x, weights, ids = torch.empty(1, D, dtype=bf16), torch.ones(1, 8), torch.zeros(1, 8, dtype=torch.long)
+        moe.fused_moe(x, *fp8[:2], weights, ids, *fp8[2:], num_shared=2)
+    moe.PREFETCH_SHARED = shared_default
     launch.PREFETCH_WEIGHTS = prefetch_default
     # prefill attention at V2's head dims (q/k 192 = 128 + 64, v 128) and the demo model's (96 = 64 + 32, v 64)
     cu = torch.tensor([0, 64], dtype=torch.int32)

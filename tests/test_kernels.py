@@ -558,64 +558,6 @@ def test_fused_moe_fp8_reads_x_quantized_by_the_router(tk, shape, monkeypatch):
         tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, x_fp8=(x_fp8[0][:, 1:], x_fp8[1]))
 
 
-SPLIT_K_CASES = [  # (T, E, K, D, I, config, dtype): K steps of gate/up and of down
-    (1, 8, 2, 64, 48, SMALL, torch.float32),      # one token (no alignment): 4 and 3
-    (5, 8, 3, 64, 32, SMALL, torch.float32),      # aligned blocks: 4 and 2
-    (33, 4, 2, 40, 24, SMALL, torch.float32),     # ragged K: 3 (the last 8 wide) and 2
-    (1, 8, 6, 384, 256, None, torch.bfloat16),    # FP8 experts, one token: 3 and 2
-    (3, 8, 2, 384, 136, None, torch.bfloat16),    # FP8, ragged I: 3 and 2 (the last 8 wide)
-]
-
-
-@pytest.mark.parametrize("more", [False, True])
-@pytest.mark.parametrize("case", range(len(SPLIT_K_CASES)))
-def test_fused_moe_cuts_k_into_pieces(tk, case, more, monkeypatch):
-    """PIECES (SPLIT_K_MAX_TOKENS): each GEMM's K steps in pieces whose fp32 partials the tile's last piece
-    to arrive sums, then runs the epilogue (silu(gate) x up, the routing weight): the reference's output as
-    closely as one piece, near one piece's (only the order of the fp32 sums differs), with -1 picks, ragged
-    K and FP8 block scales; `more`: swapped operands and the picks summed in the down GEMM too (FP8: the
-    intermediate quantized by the gate/up GEMM). The arrival counts are zero after."""
-    T, E, K, D, I, config, dtype = SPLIT_K_CASES[case]
-    fp8 = case >= 3
-    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=500 + case)
-    topk_ids = drop_picks(topk_ids, 0.3, seed=case)
-    experts = fp8_experts(w13.float(), w2.float()) if fp8 else (w13, w2)
-    args = (x, *experts[:2], topk_weights, topk_ids, *experts[2:])
-    launch = dict(config or tk.moe.default_config(T * K / E, fp8))
-    if more:
-        monkeypatch.setattr(tk.moe, "COMBINE_IN_GEMM_MAX_TOKENS", 64)
-        launch.update(SWAP_AB=True, **({"QUANTIZE_INTER": True} if fp8 else {}))
-    ref = reference.moe(*args)
-    whole = tk.moe.fused_moe(*args, config=dict(launch, PIECES=1))
-    assert_close(whole, ref, dtype)
-    for pieces in (2, 3):
-        cut = tk.moe.fused_moe(*args, config=dict(launch, PIECES=pieces))
-        assert_close(cut, ref, dtype)
-        assert (cut.float() - whole.float()).norm() <= (1e-6 if dtype == torch.float32 else 4e-3) * whole.float().norm()
-    assert not tk.launch.arrival_counters(x.device, "moe pieces", tk.moe._ARRIVALS).any()
-
-
-def test_split_k_pieces_by_tokens_and_tiles(tk, monkeypatch):
-    """K in pieces only up to SPLIT_K_MAX_TOKENS tokens, about _PIECES_PROGRAMS_PER_SM programs per SM (the
-    interpreter's 8 SMs), at most a K step a piece; the default launch then cuts, with the reference's output."""
-    cpu = torch.device("cpu")
-    assert tk.moe.split_k_pieces(1, 4, 16, cpu) == 1  # off by default
-    monkeypatch.setattr(tk.moe, "SPLIT_K_MAX_TOKENS", 8)
-    assert tk.moe.split_k_pieces(1, 4, 16, cpu) == 8       # 4 x 8 pieces: 32 programs = 4 per SM
-    assert tk.moe.split_k_pieces(1, 4, 3, cpu) == 3        # at most a step a piece
-    assert tk.moe.split_k_pieces(1, 64, 16, cpu) == 1      # 64 tiles: enough programs
-    assert tk.moe.split_k_pieces(9, 4, 16, cpu) == 1       # more tokens than the setting
-    T, E, K, D, I, config, dtype = SPLIT_K_CASES[0]
-    x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, dtype, seed=7)
-    launches = []
-    kernel = tk.moe._moe_gemm_kernel
-    monkeypatch.setattr(tk.moe, "_moe_gemm_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
-    y = tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, config=config)
-    assert [grid[1] for grid in launches] == [4, 3]  # gate/up: 4 pieces of D's 4 steps; down: 3 of I's 3
-    assert_close(y, reference.moe(x, w13, w2, topk_weights, topk_ids), dtype)
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6])
 def test_fused_moe_with_swapped_operands(tk, case, fp8):
@@ -958,8 +900,7 @@ def test_kernels_build_for_sm90():
     """Every kernel variant the wrappers launch at the V2 / V2-Lite shapes compiles for sm_90 (with
     the bundled ptxas, no GPU), fits in shared memory and spills no registers: the FP8 ones (FP8
     linear layers and their activation quantization, FP8 experts, decode over the FP8 cache), the
-    second launch that sums the FP8 GEMM's pieces of K at one row, the MoE's K in pieces, and prefill
-    attention included;
+    second launch that sums the FP8 GEMM's pieces of K at one row, and prefill attention included;
     prefill attention and the MoE's thin row blocks with swapped operands use Hopper's warpgroup MMA."""
     from sm90_build import run_in_subprocess
     results = run_in_subprocess("decode")
@@ -972,10 +913,9 @@ def test_kernels_build_for_sm90():
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
     assert {(r["kernel"], r["config"].get("HAS_PLAIN")) for r in results if r["config"].get("PREFETCH") == "True"} == {
-        ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None)}
+        ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None),
+        ("_moe_gemm_kernel", None)}
     assert any(r["config"].get("QUANTIZE_OUT") == "True" and r["config"]["SWAP_AB"] == "True" for r in results)
-    assert {(r["config"]["FP8_W"], r["config"]["QUANTIZE_OUT"]) for r in results if r["config"].get("SPLIT_K") == "True"
-            } == {("True", "False"), ("False", "False"), ("True", "True")}
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}

@@ -32,7 +32,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
 from .fp8_linear import check_quantized_out, grouped_tile, quantize_activation, quantize_rows
-from .launch import arrival_counters, hopper_class, num_sms, pdl_launch, tma_aligned, wait_for_prior_kernels
+from .launch import (arrival_counters, hopper_class, pdl_launch, prefetch_l2, prefetch_launch, tma_aligned,
+                     wait_for_prior_kernels)
 from .moe_align import MoeAlignment, moe_align
 
 
@@ -92,9 +93,9 @@ def _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, 
 @triton.jit(do_not_specialize=["num_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
-    cs_ptr, y_ptr, add_ptr, arrived_ptr, part_ptr, pieces_arrived_ptr,
-    N, K, max_padded, num_rows, num_experts, up_scale_row, steps_per_piece,
-    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm, stride_part,
+    cs_ptr, y_ptr, add_ptr, arrived_ptr,
+    N, K, max_padded, num_rows, num_experts, up_scale_row, num_shared,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
@@ -109,26 +110,27 @@ def _moe_gemm_kernel(
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
     QUANTIZE_OUT: tl.constexpr,  # (gate/up, BLOCK_N = 128) c in e4m3 with scales cs [rows, N / 128]:
                                  # quantize_activation of the rows rounded to y's dtype, one group a program
-    SPLIT_K: tl.constexpr,     # program axis 1 cuts K's steps into pieces of steps_per_piece: each stores its
-                               # fp32 partials (gate's then up's columns) into part [pieces, rows, N or 2N],
-                               # stride_part apart; the last of a tile's pieces to arrive (counted on
-                               # pieces_arrived_ptr) sums them in piece order and runs the epilogue
     FP8_MAX: tl.constexpr, EPS: tl.constexpr,  # (QUANTIZE_OUT) kernels/fp8.py's constants
     PDL: tl.constexpr = False,  # programmatic dependent launch (launch.wait_for_prior_kernels)
+    PREFETCH: tl.constexpr = False,  # (ONE_ROW_BLOCKS) a shared expert's block asks L2 for its weight tile before
+    PREFETCH_LINES: tl.constexpr = 1,  # the wait (picks TOPK - num_shared.. are the stack's last experts): a
+    LINE: tl.constexpr = 1,            # row's K values in PREFETCH_LINES lines (a power of two) of LINE values
 ):
     """c[row, n] = a[row // A_ROW_DIV] . b[expert(row), n] for the rows of one expert block; the
     blocks of bucket num_experts (the -1 rows) store zero rows in the down pass and skip gate/up."""
-    wait_for_prior_kernels(PDL)
-    if SPLIT_K:  # this piece's K steps
-        piece = tl.program_id(1)
-        k_first = piece * steps_per_piece
-        k_last = tl.minimum(k_first + steps_per_piece, tl.cdiv(K, BLOCK_K))
-    else:  # (constants: the whole-K kernel compiles as it did before pieces)
-        piece = 0
-        k_first = 0
-        k_last = tl.cdiv(K, BLOCK_K)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(max_padded, BLOCK_M), num_pid_n, GROUP_M)
+    if PREFETCH:  # which expert a shared pick takes needs no load: its tile may come while the kernel ahead runs
+        pick = pid_m % TOPK
+        if pick >= TOPK - num_shared:
+            lines = tl.arange(0, PREFETCH_LINES) * LINE
+            tile = (b_ptr + (num_experts - TOPK + pick) * stride_be
+                    + ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * stride_bn + lines[None, :])
+            mask = (lines < K)[None, :] & (tl.arange(0, BLOCK_N) < BLOCK_N)[:, None]
+            prefetch_l2(tile, mask)
+            if GATE_UP:
+                prefetch_l2(tile + N * stride_bn, mask)
+    wait_for_prior_kernels(PDL)
     if ONE_ROW_BLOCKS:
         rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)           # row pid_m, then padding
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -142,19 +144,17 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if expert == num_experts:  # picks of experts held elsewhere: no weight read, no GEMM
         if not GATE_UP:  # the final sum reads every row of the down output, so these must be zero
-            if piece == 0:  # (one piece does it)
-                zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
-                if COMBINE:
-                    _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm,
-                                      pid_n, num_pid_n, TOPK, HAS_ADD)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            _store_rows(c_ptr, zeros, rows, mask_m, offs_n, N, stride_cm)
+            if COMBINE:
+                _sum_arrived_rows(c_ptr, y_ptr, add_ptr, arrived_ptr, rows, mask_m, offs_n, N, stride_cm, pid_n,
+                                  num_pid_n, TOPK, HAS_ADD)
         return
     offs_bn = offs_n % N  # wrap instead of masking the weight loads; wrapped columns are not stored
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] + k_first * BLOCK_K
+    a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
-    b_ptrs = (b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
-              + k_first * BLOCK_K)
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -165,7 +165,7 @@ def _moe_gemm_kernel(
     # ragged last column block) are the next rows' (or zeros past the tensor's end), whose columns are not
     # stored, as the pointers' wrapped columns are not
     b_row = (expert * (stride_be // stride_bn) + pid_n * BLOCK_N).to(tl.int32)
-    for k in range(k_first, k_last):
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         else:
@@ -205,25 +205,6 @@ def _moe_gemm_kernel(
     if SWAP_AB:  # back to rows x columns for the epilogue
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
-    if SPLIT_K:  # this piece's partials out; the last piece of the tile to arrive sums them and goes on
-        part_cols = 2 * N if GATE_UP else N
-        parts = part_ptr + rows.to(tl.int64)[:, None] * part_cols + offs_n[None, :]
-        mask = mask_m[:, None] & (offs_n < N)[None, :]
-        tl.store(parts + piece * stride_part, acc, mask=mask)
-        if GATE_UP:
-            tl.store(parts + piece * stride_part + N, acc_up, mask=mask)
-        tl.debug_barrier()  # every store of this program issued before its arrival is counted (release)
-        counter = pieces_arrived_ptr + tl.program_id(0)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") != tl.num_programs(1) - 1:
-            return
-        tl.debug_barrier()  # the acquiring thread's view passed to every thread before the partials are read
-        acc = tl.zeros_like(acc)
-        acc_up = tl.zeros_like(acc_up)
-        for p in range(tl.num_programs(1)):  # .cg: from L2, where the other pieces' partials are
-            acc += tl.load(parts + p * stride_part, mask=mask, other=0.0, cache_modifier=".cg")
-            if GATE_UP:
-                acc_up += tl.load(parts + p * stride_part + N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(counter, 0)  # zero again for the next launch
 
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
@@ -283,6 +264,12 @@ QUANTIZE_INTER_MAX_TOKENS = 0
 # took 17,888 tokens/s with it against 18,019 without (noise), where MLA decode gained 1.18x from the same
 # change (docs/benchmarks.md, "MLA decode through TMA").
 TMA = False
+# FP8 experts: one token's shared experts (fused_moe's num_shared: which expert such a pick takes needs no
+# load) have each GEMM ask L2 for their weight tiles before it waits for the kernel ahead
+# (launch.PREFETCH_WEIGHTS): the gate/up GEMM's 2 of 8 tiles while the router runs. On an H200, batch-1
+# decode with FP8 weights 1.93 against 1.96 ms/token (twice each); with bf16 experts, twice the bytes,
+# 2.45 against 2.37, so not for them (docs/benchmarks.md, "The shared experts asked of L2").
+PREFETCH_SHARED = True
 
 
 def _tma_fits(*weights: torch.Tensor) -> bool:
@@ -352,7 +339,7 @@ def _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               add: torch.Tensor | None = None, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              num_shared: int = 0, config: dict | None = None) -> torch.Tensor:
     """Routed experts, same contract as reference.moe: y [T, D] in x's dtype.
 
     x [T, D] (last dim contiguous); w13 [E, 2I, D] (gate_proj rows then up_proj rows) and w2 [E, D, I]
@@ -365,14 +352,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     reference.moe takes them; BLOCK_K is then 128. add [T, D] in x's dtype (the shared experts'
     output): added to the result as a tensor add would, in the same launch as the K picks' sum. x_fp8
     (FP8 experts): x already quantized, e4m3 [T, D] and fp32 scales [T, ceil(D / 128)] (the router's
-    launch makes them: route's x_fp8), read instead of quantizing x. config
+    launch makes them: route's x_fp8), read instead of quantizing x. num_shared: each token's last
+    num_shared picks are the last num_shared experts of the stack, always (the shared experts: MoE's
+    ExpertStack), so one token's GEMMs over FP8 experts may ask L2 for their tiles before waiting for the
+    kernel ahead (PREFETCH_SHARED); 0: nothing known. config
     (tests and tuning) overrides the GEMMs' launch config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     num_warps, num_stages, SWAP_AB (the products as weight columns x rows; default for row blocks
     of up to SWAP_AB_MAX_BLOCK_M rows), QUANTIZE_INTER (FP8: the gate/up GEMM stores the intermediate
-    quantized; default up to QUANTIZE_INTER_MAX_TOKENS tokens), TMA (the weights' tiles through tensor
-    descriptors; default: the TMA setting, on a Hopper-class GPU, for contiguous weights) and PIECES (each
-    GEMM's K steps cut into up to this many pieces, their fp32 partials summed by the tile's last piece;
-    default split_k_pieces's). No host synchronisation.
+    quantized; default up to QUANTIZE_INTER_MAX_TOKENS tokens) and TMA (the weights' tiles through tensor
+    descriptors; default: the TMA setting, on a Hopper-class GPU, for contiguous weights). No host
+    synchronisation.
     """
     _check_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     T, D = x.shape
@@ -394,7 +383,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError(f"fused_moe: FP8 experts need BLOCK_N dividing {BLOCK}, got {cfg['BLOCK_N']}")
     swap_ab = cfg.pop("SWAP_AB", cfg["BLOCK_M"] <= SWAP_AB_MAX_BLOCK_M)
     quantize_inter = cfg.pop("QUANTIZE_INTER", T <= QUANTIZE_INTER_MAX_TOKENS)
-    pieces = cfg.pop("PIECES", None)  # K's pieces (None: split_k_pieces's, for each GEMM)
     tma = cfg.pop("TMA", None)
     if tma is None:
         tma = TMA and hopper_class(x.device) and _tma_fits(w13, w2)
@@ -409,6 +397,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         align = moe_align(topk_ids, E, cfg["BLOCK_M"])
         max_padded = align.sorted_ids.numel()
     weights = topk_weights.reshape(-1)
+    # one token's shared FP8 experts' tiles asked of L2 before each GEMM waits (PREFETCH_SHARED)
+    prefetch = prefetch_launch(x.device, T) if PREFETCH_SHARED and fp8 and T == 1 and num_shared else {}
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -419,32 +409,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         """One GEMM; FP8: a quantized first unless a_scale is given (a already e4m3), c quantized by the
         GEMM itself with c_scale (the gate/up GEMM's output, a program a 128-wide group)."""
         launch_cfg = dict(cfg, BLOCK_N=BLOCK) if c_scale is not None else cfg
-        tiles = triton.cdiv(max_padded, launch_cfg["BLOCK_M"]) * triton.cdiv(n, launch_cfg["BLOCK_N"])
-        steps = triton.cdiv(k, launch_cfg["BLOCK_K"])
-        split = split_k_pieces(T, tiles, steps, x.device) if pieces is None else max(1, min(pieces, steps))
-        per_piece = triton.cdiv(steps, split) if tiles <= _ARRIVALS else steps  # (a counter a tile)
-        split = triton.cdiv(steps, per_piece)                                   # none of them empty
-        part = (torch.empty(split, T * K, 2 * n if gate_up else n, dtype=torch.float32, device=x.device)
-                if split > 1 else weights)
-        counters = arrival_counters(x.device, "moe pieces", _ARRIVALS) if split > 1 else weights
+        grid = (triton.cdiv(max_padded, launch_cfg["BLOCK_M"]) * triton.cdiv(n, launch_cfg["BLOCK_N"]),)
         scale = scale if fp8 else weights  # unused without FP8
         if a_scale is None:
             a, a_scale = quantize_activation(a) if fp8 else (a, weights)
         c_scale = weights if c_scale is None else c_scale  # (unused without QUANTIZE_OUT)
         tile = [launch_cfg["BLOCK_N"], launch_cfg["BLOCK_K"]]
         b_desc = TensorDescriptor.from_tensor(b.view(-1, k), tile) if tma else b
-        _moe_gemm_kernel[(tiles, split)](
+        _moe_gemm_kernel[grid](
             a, b, b_desc, c, weights, align.sorted_ids, align.expert_ids, align.num_padded, scale, a_scale, c_scale,
-            y, add if add is not None else y, combine if combine is not None else y, part, counters, n, k,
-            max_padded, T * K, E, cdiv(n, BLOCK), per_piece, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+            y, add if add is not None else y, combine if combine is not None else y, n, k,
+            max_padded, T * K, E, cdiv(n, BLOCK), num_shared, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
-            c_scale.stride(0) if c_scale.dim() == 2 else 0, part.stride(0) if split > 1 else 0,
+            c_scale.stride(0) if c_scale.dim() == 2 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8,
             EVEN_K=k % launch_cfg["BLOCK_K"] == 0, UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,
-            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_OUT=c.dtype == FP8, SPLIT_K=split > 1, FP8_MAX=FP8_MAX, EPS=EPS,
-            **launch_cfg,
-            **pdl_launch(a.device, T),
+            SWAP_AB=swap_ab, TMA=tma, QUANTIZE_OUT=c.dtype == FP8, FP8_MAX=FP8_MAX, EPS=EPS, **launch_cfg,
+            **pdl_launch(a.device, T), **prefetch,
+            **(dict(PREFETCH_LINES=triton.next_power_of_2(cdiv(k * b.element_size(), 128)), LINE=128 // b.element_size())
+               if prefetch else {}),
         )
 
     a, a_scale = x_fp8 if x_fp8 is not None else (x, None)  # the gate/up GEMM's input: x, or x quantized
@@ -472,23 +456,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 # launch-saving settings on was no faster (2.53 against 2.56 ms/token; docs/benchmarks.md).
 COMBINE_IN_GEMM_MAX_TOKENS = 0
 _ARRIVALS = 1 << 16  # counters: tokens x column blocks of the down GEMM (64 x 1024)
-
-
-# Steps of up to this many tokens cut each GEMM's K into pieces (SPLIT_K: each piece's fp32 partials stored,
-# the last piece of a tile to arrive sums them and runs the epilogue), about _PIECES_PROGRAMS_PER_SM
-# programs per SM: at one token V2-Lite's gate/up GEMM has 8 x 22 tiles for 132 SMs (a second wave a
-# third full), each reading 256 KB of FP8 weights, while 14 us of the layer's 24.5 would move its 69 MB
-# at 4.8 TB/s. 0: never. Not yet timed on a GPU, so off.
-SPLIT_K_MAX_TOKENS = 0
-_PIECES_PROGRAMS_PER_SM = 4
-
-
-def split_k_pieces(T: int, tiles: int, steps: int, device: torch.device) -> int:
-    """Into how many pieces a GEMM of `tiles` tiles cuts its `steps` K steps for T tokens: 1 above
-    SPLIT_K_MAX_TOKENS, else about _PIECES_PROGRAMS_PER_SM programs per SM (at most a step a piece)."""
-    if T > SPLIT_K_MAX_TOKENS:
-        return 1
-    return max(1, min(steps, cdiv(_PIECES_PROGRAMS_PER_SM * num_sms(device), max(tiles, 1))))
 
 
 def combine_in_gemm(T: int, D: int, block_n: int, device: torch.device) -> torch.Tensor | None:

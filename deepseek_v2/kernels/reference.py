@@ -227,7 +227,7 @@ def _with_shared(weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
 def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
         topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
         w2_scale: torch.Tensor | None = None, add: torch.Tensor | None = None, *,
-        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, num_shared: int = 0) -> torch.Tensor:
     """The routed experts: y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
     e = topk_ids[t,k], over the picks with e != -1.
 
@@ -245,7 +245,8 @@ def moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torc
     does: its FP8 quantization would turn a different rounding of it into a different e4m3 value.
     add [T, D] (the shared experts' output): added to the result, a plain tensor add. x_fp8: x already
     quantized (route's x_fp8), which the kernels' MoE reads instead of quantizing x; here x is quantized
-    again, to the same values.
+    again, to the same values. num_shared: each token's last num_shared picks are the stack's last
+    experts (the shared ones), which the kernels' MoE may ask L2 for early; nothing here.
     """
     T, D = x.shape
     E, K = w13.shape[0], topk_ids.shape[1]

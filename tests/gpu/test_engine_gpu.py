@@ -260,11 +260,12 @@ def test_programmatic_dependent_launch_changes_no_bit(prefetch, fp8, monkeypatch
     for the kernel before them ahead of any load or store: a bf16 engine's greedy tokens and their
     log-probabilities, decode graphs and the steps that prefill beside decodes included, are bit for bit
     those of an engine captured with it off; also with FP8 weights, and with the weights asked of L2
-    before the wait (launch.PREFETCH_WEIGHTS)."""
-    from deepseek_v2.kernels import launch
+    before the wait (launch.PREFETCH_WEIGHTS, moe.PREFETCH_SHARED)."""
+    from deepseek_v2.kernels import launch, moe
     if not launch.hopper_class(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper-class GPU")
     monkeypatch.setattr(launch, "PREFETCH_WEIGHTS", prefetch)
+    monkeypatch.setattr(moe, "PREFETCH_SHARED", prefetch)
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=7).to(torch.bfloat16)
     if fp8:
         model.use_fp8()

@@ -174,13 +174,11 @@ def fp8_experts_unquantized(fp8_experts):
 @pytest.mark.parametrize("missing", [0.0, 0.5])
 @pytest.mark.parametrize("T", [1, 8, 256, 2048])
 def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, monkeypatch):
-    """Against the reference at 3e-2, not 1e-2: on the H200 the kernel departs from the reference by
-    1.6-2.1% at these shapes (0.35% at V2-Lite's one token), where Triton's CPU interpreter running the
-    same kernel departs by 0.32%. That is likely FP8's own noise (docs/fp8.md, "Open questions"):
-    the activations' per-group quantization puts the product ~4.4% from the one with unquantized
-    activations, and any change of rounding before a group's scale (here the tensor cores' order of the
-    fp32 sums) moves ~1.2% of it. So the kernel must also be no further than the reference from the
-    experts' product with unquantized activations."""
+    """Against the reference at 1e-2. The bound was 3e-2 while the GPU reference divided by a Python
+    scalar (a multiply by the reciprocal on CUDA, at times an ulp off, which moved e4m3 rounding ties):
+    1.6-2.1% then, 0.3-0.6% since fp8.scale_of divides by a tensor (docs/fp8.md, "Open questions"). The
+    activations' per-group quantization puts the product ~4.4% from the one with unquantized
+    activations, so the kernel must also be no further than the reference from that product."""
     from deepseek_v2.kernels import moe
     monkeypatch.setattr(moe, "SWAP_AB_MAX_BLOCK_M", 32 if swap else 0)
     monkeypatch.setattr(moe, "TMA", tma)
@@ -199,48 +197,44 @@ def test_fp8_moe(fp8_experts, fp8_experts_unquantized, T, missing, swap, tma, mo
     noise, noise_ref = rel_error(y, unquantized), rel_error(want, unquantized)
     print(f"fp8 moe T={T} D={D} missing={missing} swap={swap}: rel error {error:.2e}; from the product with "
           f"unquantized activations {noise:.2e} (the reference {noise_ref:.2e})")
-    assert error < 3e-2
+    assert error < 1e-2
     assert noise <= 1.1 * noise_ref
     assert (y[(topk_ids == -1).all(dim=1)] == 0).all()
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("T,pieces", [(1, None), (1, 3), (7, 3)])
-def test_moe_cuts_k_into_pieces(moe_weights, fp8_experts, T, pieces, fp8, monkeypatch):
-    """moe.SPLIT_K_MAX_TOKENS: each GEMM's K steps in pieces whose fp32 partials the tile's last piece sums
-    (at one token by split_k_pieces's rule, or 3 pieces), with -1 picks: as near the reference as the
-    whole-K launch is, and near it; then captured in a CUDA graph and replayed on new routing twice, each
-    replay the eager launch's output bit for bit (every launch leaves the arrival counters at zero)."""
-    from deepseek_v2.kernels import moe
-    w13, w2, K = moe_weights
-    experts = fp8_experts[:4] if fp8 else (w13, w2, None, None)
-    E, D = w13.shape[0], w13.shape[2]
-    g = torch.Generator(device=DEVICE).manual_seed(T)
-    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    topk_weights, topk_ids = torch.randn(T, E, device=DEVICE, generator=g).softmax(-1).topk(K)
-    topk_ids = topk_ids.masked_fill(torch.rand(T, K, device=DEVICE, generator=g) < 0.3, -1)
-    config = None if pieces is None else dict(moe.default_config(T * K / E, fp8), PIECES=pieces)
+def test_moe_asks_l2_for_the_shared_experts_first(fp8_experts, monkeypatch):
+    """moe.PREFETCH_SHARED: one token's GEMMs over FP8 experts ask L2 for the shared experts' tiles (the
+    stack's last two, each token's last two picks) before waiting for the kernel ahead; a hint, so the
+    output is bit for bit the one without it, eager and replayed from a CUDA graph on new routing."""
+    from deepseek_v2.kernels import launch, moe
+    if not launch.hopper_class(torch.device(DEVICE)):
+        pytest.skip("the prefetch rides on programmatic dependent launch, on Hopper-class GPUs")
+    experts, K = fp8_experts[:4], fp8_experts[4]
+    E, D = experts[0].shape[0], experts[0].shape[2]
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(1, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    topk_weights = torch.rand(1, K + 2, device=DEVICE, generator=g)
+    topk_ids = torch.cat([torch.randperm(E - 2, device=DEVICE, generator=g)[:K],
+                          torch.tensor([E - 2, E - 1], device=DEVICE)])[None]
 
     def run():
-        return fused_moe(x, experts[0], experts[1], topk_weights, topk_ids, experts[2], experts[3], config=config)
+        return fused_moe(x, experts[0], experts[1], topk_weights, topk_ids, experts[2], experts[3], num_shared=2)
 
-    whole = run()
-    want = reference.moe(x, experts[0], experts[1], topk_weights, topk_ids, experts[2], experts[3])
-    monkeypatch.setattr(moe, "SPLIT_K_MAX_TOKENS", 16)
-    assert moe.split_k_pieces(1, K * 22, 16, x.device) > 1  # the rule cuts V2-Lite's gate/up at one token
-    poison_free_memory()
-    cut = run()
-    assert rel_error(cut, want) <= max(1.1 * rel_error(whole, want), 1e-2) and rel_error(cut, whole) < 1e-2
-    torch.cuda.synchronize()
+    monkeypatch.setattr(moe, "PREFETCH_SHARED", False)
+    without = run()
+    monkeypatch.setattr(launch, "PREFETCH_WEIGHTS", True)
+    monkeypatch.setattr(moe, "PREFETCH_SHARED", True)
+    assert torch.equal(run(), without)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         replayed = run()
     for _ in range(2):
         x.normal_(generator=g)
-        topk_weights.copy_(torch.rand(T, K, device=DEVICE, generator=g))
-        topk_ids.copy_(torch.randn(T, E, device=DEVICE, generator=g).topk(K).indices)
+        topk_ids[0, :K] = torch.randperm(E - 2, device=DEVICE, generator=g)[:K]
         graph.replay()
+        monkeypatch.setattr(moe, "PREFETCH_SHARED", False)
         assert torch.equal(replayed, run())
+        monkeypatch.setattr(moe, "PREFETCH_SHARED", True)
 
 
 @pytest.mark.parametrize("swap", [False, True])
