@@ -54,8 +54,9 @@ fi
 # default twice beside the weights not asked of L2 before each kernel waits (bf16 and FP8); FP8: the
 # gate/up GEMM storing the intermediate quantized, each token's picks summed in the down GEMM, the bf16
 # kv_a_proj beside (not in) the query projection's launch, x quantized by a launch of its own (not the
-# router's). 256 sequences (levers256), bf16 and FP8: the MoE's 32-row blocks on Hopper's warpgroup MMA
-# (operands swapped); then the MoE layer's variants alone and where a 256-sequence decode step goes
+# router's), the shared experts' tiles not asked of L2 first. 256 sequences (levers256), bf16 and FP8: the
+# MoE's 32-row blocks on Hopper's warpgroup MMA (operands swapped); then the MoE layer's variants alone and
+# where a 256-sequence decode step goes
 B1="--shape v2-lite --batch-sizes 1 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 B256="--shape v2-lite --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 1"
 for q in bf16 fp8; do
@@ -72,6 +73,8 @@ for q in bf16 fp8; do
       step levers-$q-1-no-plain 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH=False \
         -- bench $B1 $quant
       step levers-$q-1-quantize-apart 120 python3 scripts/with_settings.py router.QUANTIZE_X_IN_KERNEL=False \
+        -- bench $B1 $quant
+      step levers-$q-1-no-shared-prefetch 120 python3 scripts/with_settings.py moe.PREFETCH_SHARED=False \
         -- bench $B1 $quant
     fi
   fi
