@@ -239,3 +239,54 @@ def test_with_settings_runs_a_command_with_kernel_settings_changed():
     assert "moe.COMBINE_IN_GEMM_MAX_TOKENS = 64" in r.stderr and "15,706,484,224 total" in r.stdout
     r = subprocess.run([*script, "moe.NO_SUCH_SETTING=1", "--", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no setting NO_SUCH_SETTING" in r.stderr
+
+
+def test_time_without_launches_stand_ins_keep_the_kernels_shapes():
+    """scripts/time_without_launches.py (what a family of launches costs in a GPU step): each stand-in
+    returns what the kernel it replaces returns, in shape and dtype (the reference kernels' outputs on
+    small inputs), so the step runs on without it; the GEMMs' stand-in gives zeros, the router's valid
+    picks; an unknown name is refused with the known ones."""
+    sys.path.insert(0, "scripts")
+    try:
+        import time_without_launches as stand
+    finally:
+        sys.path.remove("scripts")
+    import torch
+
+    from deepseek_v2.kernels import reference
+    from deepseek_v2.kernels.fp8 import quantize_weight
+
+    def same(got, want):
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        assert [(g.shape, g.dtype) for g in got] == [(w.shape, w.dtype) for w in want]
+
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    x, w = torch.randn(3, 256, generator=g, dtype=bf16), torch.randn(256, dtype=bf16)
+    same(stand.no_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+    same(stand.no_norm(x, w, 1e-6, x), reference.rms_norm(x, w, 1e-6, x))
+    q_pe, kv = torch.randn(3, 4, 16, generator=g, dtype=bf16), torch.randn(3, 64 + 16, generator=g, dtype=bf16)
+    cos, sin = torch.ones(3, 8), torch.zeros(3, 8)
+    want = reference.mla_prepare(q_pe.clone(), kv, cos, sin, torch.ones(64, dtype=bf16), 1e-6)
+    same(stand.no_prepare(q_pe, kv, cos, sin, torch.ones(64, dtype=bf16), 1e-6), want)
+    q_nope, w_kv_b = torch.randn(3, 4, 32, generator=g, dtype=bf16), torch.randn(4, 32 + 24, 64, generator=g, dtype=bf16)
+    same(stand.no_absorb(q_nope, w_kv_b[:, :32]), reference.absorb_query(q_nope, w_kv_b[:, :32]))
+    q_lat = reference.absorb_query(q_nope, w_kv_b[:, :32])
+    cache, tables, lens = torch.randn(4, 16, 80, generator=g, dtype=bf16), torch.arange(3)[:, None].int(), torch.full((3,), 5).int()
+    for w_uv in (None, w_kv_b[:, 32:]):
+        same(stand.no_attention(q_lat, q_pe, cache, tables, lens, 0.1, w_uv=w_uv),
+             reference.mla_decode(q_lat, q_pe, cache, tables, lens, 0.1, w_uv=w_uv))
+    router_w = torch.randn(8, 256, generator=g)
+    logits, weights, ids = stand.no_router(x, router_w, 2, True, num_shared=2)
+    same((logits, weights, ids), reference.route(x, router_w, 2, True, num_shared=2))
+    assert ids.tolist() == [[0, 1, 8, 9]] * 3  # routed experts 0 and 1, the shared ones after the 8 routed
+    same(stand.no_experts(x), x)
+    q, s = quantize_weight(torch.randn(200, 256, generator=g))
+    plain = torch.randn(24, 256, generator=g, dtype=bf16)
+    out = stand.no_fp8_gemm(x, q, None, s, plain_rows=plain)
+    same(out, reference.linear(x, q, None, s, plain_rows=plain))
+    assert not out.any()
+    assert torch.equal(stand.no_fp8_gemm(x, plain), reference.linear(x, plain))  # a bf16 weight still multiplies
+    r = subprocess.run([sys.executable, "scripts/time_without_launches.py", "norms,bogus", "--", "info"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "unknown launch 'bogus' (known: norms, prepare, absorb, attention" in r.stderr
