@@ -124,9 +124,9 @@ def _moe_gemm_kernel(
         pick = pid_m % TOPK
         if pick >= TOPK - num_shared:
             lines = tl.arange(0, PREFETCH_LINES) * LINE
-            tile = (b_ptr + (num_experts - TOPK + pick) * stride_be
+            tile = (b_ptr + (num_experts - TOPK + pick).to(tl.int64) * stride_be
                     + ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)[:, None] * stride_bn + lines[None, :])
-            mask = (lines < K)[None, :] & (tl.arange(0, BLOCK_N) < BLOCK_N)[:, None]
+            mask = tl.broadcast_to((lines < K)[None, :], [BLOCK_N, PREFETCH_LINES])
             prefetch_l2(tile, mask)
             if GATE_UP:
                 prefetch_l2(tile + N * stride_bn, mask)
