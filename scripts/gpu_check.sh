@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
-# (steps: tests,kernels,fused,profile,prefill,levers1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,fewrows,
-# fp8moe,fp8moe1,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
+# fewrows,fp8moe,fp8moe1,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -84,6 +84,15 @@ for q in bf16 fp8; do
   fi
 done
 has levers1 && step levers-moe-layer 150 python3 scripts/bench_moe_layer.py --variants
+# what each family of batch 1's launches costs in the FP8 step: the step with its kernels swapped for nothing
+# (scripts/time_without_launches.py; docs/benchmarks.md, "what batch 1's small launches cost"), ~4 min
+if has costs1; then
+  i=0
+  for what in none experts attention fp8_gemms router norms prepare,absorb none; do
+    i=$((i + 1))
+    step costs-1-$i-${what/,/-} 120 python3 scripts/time_without_launches.py $what -- bench $B1 --quantization fp8
+  done
+fi
 has levers256 && step profile-256 240 python3 scripts/profile_decode.py --step-only --batch=256
 # FP8 (docs/fp8.md): its GPU tests, then bf16 / FP8 weights / FP8 weights + FP8 cache in the same run,
 # the kernel table and the V2-Lite-shape KL
