@@ -46,10 +46,10 @@ def launch_decode_kernels() -> None:
                 mla_decode.mla_decode(torch.empty(N, H, 512, dtype=dtype), torch.empty(N, H, 64, dtype=dtype),
                                       cache, torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1,
                                       fp16_dots=fp16_dots)
-    for N in (1, 256):  # the whole tiles through tensor descriptors (mla_decode.TMA)
-        mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16),
-                              torch.empty(64, 64, 576, dtype=bf16), torch.zeros(N, 64, dtype=i32),
-                              torch.ones(N, dtype=i32), 0.1, tma=True)
+    for N in (1, 256):  # the whole tiles through tensor descriptors (mla_decode.TMA), an FP8 cache's values too
+        for cache in (torch.empty(64, 64, 576, dtype=bf16), torch.empty(64, 64, 580, dtype=torch.uint8)):
+            mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16), cache,
+                                  torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1, tma=True)
     mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here past its default of one sequence
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch
@@ -117,6 +117,12 @@ def launch_decode_kernels() -> None:
                           torch.empty(64, 64, 576, dtype=bf16), torch.zeros(1, 64, dtype=torch.int32),
                           torch.ones(1, dtype=torch.int32), 0.1, max_seq_len=4096,
                           w_uv=torch.empty(16, 256, 512, dtype=bf16)[:, 128:])
+    cache_default, mla_decode.PREFETCH_CACHE = mla_decode.PREFETCH_CACHE, True  # and the split kernel's cache rows
+    for cache in (torch.empty(64, 64, 576, dtype=bf16), torch.empty(64, 64, 580, dtype=torch.uint8)):  # FP8
+        mla_decode.mla_decode(torch.empty(1, 16, 512, dtype=bf16), torch.empty(1, 16, 64, dtype=bf16), cache,
+                              torch.zeros(1, 64, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 0.1,
+                              max_seq_len=4096, w_uv=torch.empty(16, 256, 512, dtype=bf16)[:, 128:])
+    mla_decode.PREFETCH_CACHE = cache_default
     shared_default, moe.PREFETCH_SHARED = moe.PREFETCH_SHARED, True  # and one token's shared FP8 experts' tiles
     for E, D, I in ((66, 2048, 1408), (162, 5120, 1536)):  # V2-Lite's and V2's stacks, two shared experts last
         fp8 = (torch.empty(E, 2 * I, D, dtype=FP8), torch.empty(E, D, I, dtype=FP8),
@@ -226,7 +232,7 @@ def build(launches) -> list[dict]:
                             async_copies="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx,
                             waits_for_prior_kernels=waits_first(ptx),
                             prefetches_before_waiting=0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
-                            launch_pdl=compiled.metadata.launch_pdl,
+                            launch_pdl=compiled.metadata.launch_pdl, num_warps=options.get("num_warps"),
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 
@@ -249,5 +255,6 @@ if __name__ == "__main__":
     # launched as on a Hopper-class GPU, where the launches ask for programmatic dependent launch (the
     # modules that choose TMA by the device hold their own hopper_class, and are patched where built)
     launch.hopper_class = lambda device: True
+    mla_decode.num_sms = lambda device: 132  # an H100 / H200's: the split counts and warps the GPU gets
     launch_all()
     print(json.dumps(build(launches)))

@@ -158,13 +158,15 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, PIECES: tl.constexpr = 1, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
     pieces y is the fp32 partial sums [pieces, M, N'] (stride_ys apart) that sum_pieces adds up, or
     (SUM_ARRIVED) that the last piece of a tile to arrive adds up into sum_ptr [M, N'] itself, with sum_pieces'
-    arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr.
+    arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr;
+    PIECES: then the number of pieces.
     HAS_PLAIN: N_PLAIN more output columns after the N of the FP8 weight (N a multiple of BLOCK_N, no
     col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN.
     PREFETCH: the program's weight lines asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
@@ -214,7 +216,8 @@ def _fp8_linear_kernel(
             tl.debug_barrier()  # the acquiring thread's view passed to every thread before the partials are read
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             parts = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-            for p in range(tl.num_programs(1)):  # .cg: from L2, where the other pieces' partials are
+            for p in tl.static_range(PIECES):  # .cg: from L2, where the other pieces' partials are (the
+                # loads issued together, not one piece's wait after another)
                 total += tl.load(parts + p * stride_ys, mask=mask_m[:, None] & mask_n[None, :], other=0.0,
                                  cache_modifier=".cg")
             if BIAS_IN_SUM:
@@ -367,7 +370,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         plain_rows.stride(0) if plain_rows is not None else 0, out.stride(-2), out.stride(0) if pieces > 1 else 0,
         y.stride(0),
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
-        SUM_ARRIVED=arrived is not None, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
+        SUM_ARRIVED=arrived is not None, PIECES=pieces if arrived is not None else 1, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
         UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
         **pdl_launch(x.device, M), **prefetch_launch(x.device, M),
     )

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import CACHE_SCALE_BYTES
+from .fp8 import CACHE_SCALE_BYTES, FP8
 from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, prefetch_launch, tma_aligned, wait_for_prior_kernels
 
 _LOG2E = 1.4426950408889634
@@ -34,10 +34,17 @@ _LOG2E = 1.4426950408889634
 # take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill. An
 # FP8 cache (its tiles widened to bf16 in registers) needs 8 warps for the same tile to not spill.
 _BLOCK_N = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
+# An FP8 cache with bf16 / fp16 queries: 32-token tiles in 8 warps while the programs fit one an SM, in 4
+# warps past that (two programs an SM: 8 warps take 212 registers a thread, so one a SM; 4 take 255 and
+# spill 72 bytes). On an H200 (us, 1,152-token sequences, tiles through TMA): 256 sequences 138.7 in 4
+# warps against 209.2 in 8; 32 sequences 27.1 against 36.4; one 1K-token sequence, no TMA, 12.0 in 8
+# against 12.6 in 4 (docs/fp8.md, "MLA decode over the FP8 cache through TMA").
+_FP8_CACHE_BLOCK_N = 32
 _BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one program
 _PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
 _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent bytes read
 _MAX_SPLITS = 128
+_MERGE_PIECES = tl.constexpr(16)  # partials the merge loads at once ([16, 512] fp32: 64 registers a thread)
 # Up to this many sequences, the split merge also does W_UV's product (w_uv given): one launch for what
 # took the merge and a batched matmul. Its programs multiply on CUDA cores, each re-merging its head's
 # partials, so many sequences keep the matmul on tensor cores. 0: never. One: on an H200, batch-1 decode
@@ -56,6 +63,12 @@ _PROJECT_BLOCK_V = 32
 # at 32 sequences, 0.89x at one (docs/benchmarks.md, "MLA decode through TMA").
 TMA = True
 TMA_MIN_SEQS = 32
+# Under programmatic dependent launch, the split kernel's programs ask L2 for their pieces' cache rows
+# before waiting for the kernel ahead: they read the block tables and lengths before that wait, so these
+# must come from the host or a kernel before the one ahead (the engine's do). Without TMA only. On an
+# H200, batch-1 decode with FP8 weights 1.89 against 1.90 ms/token, twice each (docs/benchmarks.md, "MLA
+# decode's merge in wide loads").
+PREFETCH_CACHE = True
 
 
 @triton.jit
@@ -91,6 +104,53 @@ def _attend_tile(q, q_pe, c, pe, mask_t, score_scale, weight_scale, m_i, l_i, ac
     return m_new, l_i, acc
 
 
+@triton.jit
+def _prefetch_piece(kv_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_splits, stride_kv_block, stride_kv_tok,
+                    stride_bt_n, R: tl.constexpr, P: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FP8_CACHE: tl.constexpr, ROW_LINES: tl.constexpr, LINE: tl.constexpr):
+    """prefetch.global.L2 for the cache rows of one split's tokens (ROW_LINES lines of LINE elements a
+    row; an FP8 cache's token scales too). Reads the sequence's length and block table."""
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, num_splits, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    lines = tl.arange(0, ROW_LINES) * LINE
+    for tile_start in range(start, end, BLOCK_N):
+        offs_t = tile_start + tl.arange(0, BLOCK_N)
+        mask_t = offs_t < end
+        block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
+        block_start = block.to(tl.int64) * stride_kv_block
+        row = block_start + (offs_t % PAGE_SIZE) * ((R + P) if FP8_CACHE else stride_kv_tok)
+        prefetch_l2(kv_ptr + row[:, None] + lines[None, :], mask_t[:, None] & (lines < R + P)[None, :])
+        if FP8_CACHE:
+            prefetch_l2(kv_ptr + block_start + PAGE_SIZE * (R + P) + (offs_t % PAGE_SIZE) * 4, mask_t)
+
+
+@triton.jit
+def _widen_tile(c, pe, kv_ptr, block_start, offs_t, mask_t, q_dtype: tl.constexpr, q_unscale, R: tl.constexpr,
+                P: tl.constexpr, PAGE_SIZE: tl.constexpr, FP8_CACHE: tl.constexpr, FP16_DOTS: tl.constexpr,
+                UPCAST_DOT: tl.constexpr):
+    """A tile as the dots take it: (c, pe, score_scale, token_scale). An FP8 cache's e4m3 values widened
+    to the queries' dtype (exactly), and its tokens' scales (block_start: their block's first byte) for
+    after the score dot (with the queries' power of two where FP16_DOTS) and on the softmax weights before
+    the value dot; other caches as they are, scales 1. UPCAST_DOT (the interpreter): fp32 where the dots
+    would take bf16."""
+    if UPCAST_DOT and not FP16_DOTS:
+        c = c.to(tl.float32)
+        pe = pe.to(tl.float32)
+    elif FP8_CACHE:
+        c = c.to(q_dtype)
+        pe = pe.to(q_dtype)
+    if FP8_CACHE:
+        scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
+        token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
+        score_scale = token_scale * q_unscale
+    else:
+        token_scale = 1.0  # (unused)
+        score_scale = 1.0
+    return c, pe, score_scale, token_scale
+
+
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
 # that vary from step to step are not specialised on, so that the first step of a new width or split
 # count does not compile in the middle of serving (model_runner._warm_up_steps).
@@ -105,11 +165,16 @@ def _mla_decode_split_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
     FP16_DOTS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr = False,
+    PREFETCH_CACHE: tl.constexpr = False, ROW_LINES: tl.constexpr = 1, LINE: tl.constexpr = 1,
 ):
-    wait_for_prior_kernels(PDL)
     head_group = tl.program_id(0)  # fastest axis: the groups of one (split, seq) share latent tiles in L2
     split = tl.program_id(1)
     seq = tl.program_id(2)
+    if PREFETCH_CACHE:  # (PREFETCH_CACHE) this piece's cache rows asked of L2 while the kernel ahead runs
+        if head_group == 0:
+            _prefetch_piece(kv_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_splits, stride_kv_block,
+                            stride_kv_tok, stride_bt_n, R, P, PAGE_SIZE, BLOCK_N, FP8_CACHE, ROW_LINES, LINE)
+    wait_for_prior_kernels(PDL)
 
     # This split's token range, in whole tiles (_split_len); short sequences leave late splits empty, and
     # those store nothing (the merge reads only a sequence's pieces)
@@ -131,6 +196,7 @@ def _mla_decode_split_kernel(
                 mask=mask_h[:, None] & mask_r[None, :], other=0.0)             # [BLOCK_H, BLOCK_R]
     q_pe = tl.load(q_pe_ptr + seq * stride_qp_n + offs_h[:, None] * stride_qp_h + offs_p[None, :],
                    mask=mask_h[:, None] & mask_p[None, :], other=0.0)          # [BLOCK_H, BLOCK_P]
+    q_unscale = 1.0
     if FP16_DOTS:  # (FP8 cache) the dots in fp16, which e4m3 can widen to in one instruction per pair:
         # the queries scaled by a power of two into fp16's range (exact for bf16 values), undone on the scores
         q_max = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0),
@@ -155,12 +221,12 @@ def _mla_decode_split_kernel(
             in_page = tile_start % PAGE_SIZE
             c = tl.reshape(c_desc.load([page, in_page, 0]), [BLOCK_N, BLOCK_R])
             pe = tl.reshape(pe_desc.load([page, in_page, R]), [BLOCK_N, BLOCK_P])
-            if UPCAST_DOT:
-                c = c.to(tl.float32)
-                pe = pe.to(tl.float32)
             offs_t = tile_start + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, offs_t < end, 1.0, 1.0, m_i, l_i, acc, sm_scale_log2,
-                                         False, False, DOT_PRECISION)
+            c, pe, score_scale, token_scale = _widen_tile(c, pe, kv_ptr, page.to(tl.int64) * stride_kv_block, offs_t,
+                                                          offs_t < end, q.dtype, q_unscale, R, P, PAGE_SIZE,
+                                                          FP8_CACHE, FP16_DOTS, UPCAST_DOT)
+            m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, offs_t < end, score_scale, token_scale, m_i, l_i, acc,
+                                         sm_scale_log2, FP8_CACHE, FP8_CACHE, DOT_PRECISION)
     for tile_start in range(whole_end, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
@@ -176,21 +242,8 @@ def _mla_decode_split_kernel(
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
         pe = tl.load(values + row[:, None] + R + offs_p[None, :],
                      mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
-        if UPCAST_DOT and not FP16_DOTS:
-            c = c.to(tl.float32)
-            pe = pe.to(tl.float32)
-        elif FP8_CACHE:  # e4m3 widens to bf16/fp16 exactly
-            c = c.to(q.dtype)
-            pe = pe.to(q.dtype)
-        if FP8_CACHE:  # the tokens' scales: after the score dot, and on the weights before the value dot
-            scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
-            token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
-            score_scale = token_scale
-            if FP16_DOTS:
-                score_scale = token_scale * q_unscale
-        else:
-            token_scale = 1.0  # (unused)
-            score_scale = 1.0
+        c, pe, score_scale, token_scale = _widen_tile(c, pe, kv_ptr, block_start, offs_t, mask_t, q.dtype, q_unscale,
+                                                      R, P, PAGE_SIZE, FP8_CACHE, FP16_DOTS, UPCAST_DOT)
         m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, mask_t, score_scale, token_scale, m_i, l_i, acc,
                                      sm_scale_log2, FP8_CACHE, FP8_CACHE, DOT_PRECISION)
 
@@ -210,22 +263,27 @@ def _mla_decode_split_kernel(
 def _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """One (sequence, head)'s output [BLOCK_R] fp32: sum_s 2^lse_s o_s / sum_s 2^lse_s over the partials of
-    its pieces (the splits that hold its tokens, _split_len), as an online merge; length 0 gives zeros."""
+    its pieces (the splits that hold its tokens, _split_len), _MERGE_PIECES at a time (their loads issued
+    together: one piece a step waited on L2 once a piece, most of the merge's time at 32 pieces), as an
+    online merge; length 0 gives zeros."""
     offs_r = tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, _MERGE_PIECES)
     base = ((seq * num_heads + head) * num_splits).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     pieces = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N))
     m = float("-inf")
     denom = 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in range(pieces):
-        lse = tl.load(mid_lse_ptr + base + s)
-        o = tl.load(mid_o_ptr + (base + s) * BLOCK_R + offs_r)
-        m_new = tl.maximum(m, lse)
+    for first in range(0, pieces, _MERGE_PIECES):
+        s = first + offs_s
+        mask_s = s < pieces
+        lse = tl.load(mid_lse_ptr + base + s, mask=mask_s, other=float("-inf"))  # every piece's is finite
+        o = tl.load(mid_o_ptr + (base + s)[:, None] * BLOCK_R + offs_r[None, :], mask=mask_s[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         alpha = tl.exp2(m - m_new)
-        weight = tl.exp2(lse - m_new)
-        acc = acc * alpha + weight * o
-        denom = denom * alpha + weight
+        weight = tl.exp2(lse - m_new)                                              # 0 past the pieces
+        acc = acc * alpha + tl.sum(weight[:, None] * o, axis=0)
+        denom = denom * alpha + tl.sum(weight, axis=0)
         m = m_new
     return acc / tl.where(denom > 0, denom, 1.0)
 
@@ -273,6 +331,15 @@ def _merge_project_kernel(
     tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_v, y.to(out_ptr.dtype.element_ty), mask=mask_v)
 
 
+def _split_warps(fp8_tile: bool, fp8: bool, block_n: int, programs: int, device: torch.device) -> int:
+    """The split kernel's warps: 4 for a float cache's tiles of up to 32 tokens, 8 for larger ones (and fp32
+    queries over an FP8 cache); over an FP8 cache with bf16 / fp16 queries, 8 while the programs fit one an SM,
+    4 past that (_FP8_CACHE_BLOCK_N)."""
+    if fp8_tile:
+        return 8 if programs <= num_sms(device) else 4
+    return 4 if block_n <= 32 and not fp8 else 8
+
+
 def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     """Fill one wave (never more, a partial second wave would halve the speed), never cutting a
     sequence into pieces shorter than _MIN_TOKENS_PER_SPLIT tokens."""
@@ -280,12 +347,20 @@ def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
+def _tma_values(kv_cache: torch.Tensor, R: int, P: int) -> torch.Tensor:
+    """The cache's values as tensor descriptors address them: a float cache itself; an FP8 cache's e4m3
+    values, [blocks, block_size, R + P] with each block's scales left out (a view)."""
+    if kv_cache.dtype != torch.uint8:
+        return kv_cache
+    blocks, block_size, width = kv_cache.shape
+    return kv_cache.view(FP8).as_strided((blocks, block_size, R + P), (block_size * width, R + P, 1))
+
+
 def _tma_fits(kv_cache: torch.Tensor, R: int, P: int, block_n: int) -> bool:
-    """Tensor descriptors can read this cache's tiles whole: a float cache (not FP8's rows of values and
-    scales), R and P powers of two (a tile's widths), a tile inside one page, 16-byte aligned start and
-    strides."""
-    return (kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float32) and R & (R - 1) == 0
-            and P & (P - 1) == 0 and kv_cache.shape[1] % block_n == 0 and tma_aligned(kv_cache))
+    """Tensor descriptors can read this cache's tiles whole: R and P powers of two (a tile's widths), a
+    tile inside one page, 16-byte aligned start and strides (of an FP8 cache's values: _tma_values)."""
+    return (R & (R - 1) == 0 and P & (P - 1) == 0 and kv_cache.shape[1] % block_n == 0
+            and tma_aligned(_tma_values(kv_cache, R, P)))
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -310,8 +385,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     1.16-1.31x faster than widening to bf16 (docs/fp8.md). w_uv [H, dv, R] (absorbed decode's W_UV, a
     view with a contiguous last dim is fine): the output projected per head, as the reference does it;
     for up to PROJECT_IN_MERGE_MAX_SEQS sequences in the launch that merges the splits. tma: read the
-    whole tiles through tensor descriptors (None: the TMA setting, for a bf16 / fp16 cache on a Hopper-class
-    GPU, where the cache allows it: _tma_fits). Never reads device values on the host.
+    whole tiles through tensor descriptors (None: the TMA setting, for bf16 / fp16 queries on a Hopper-class
+    GPU, where the cache allows it: _tma_fits; an FP8 cache's values too). Never reads device values on the host.
+    Under programmatic dependent launch (few sequences, PREFETCH_CACHE) block_tables and seq_lens are read
+    before the kernel ahead has finished: no kernel launched just before this call may write them.
     """
     if q_lat.dim() != 3 or q_pe.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"mla_decode: expected q_lat [N,H,R], q_pe [N,H,P], kv_cache [blocks,bs,R+P];"
@@ -350,7 +427,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("mla_decode: fp16_dots is for an FP8 cache with bf16 or fp16 queries")
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"mla_decode: block_size must be a power of two, got {block_size}")
-    block_n = block_n or _BLOCK_N[q_lat.dtype]  # FP8 tiles are half the bytes: the same count fits
+    fp8_tile = fp8 and q_lat.dtype != torch.float32  # (fp32 queries over an FP8 cache: tests only)
+    block_n = block_n or (_FP8_CACHE_BLOCK_N if fp8_tile else _BLOCK_N[q_lat.dtype])
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {block_n}")
 
@@ -380,12 +458,13 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         tma = (TMA and N >= TMA_MIN_SEQS and q_lat.dtype != torch.float32 and hopper_class(q_lat.device)
                and _tma_fits(kv_cache, R, P, block_n))
     elif tma and not _tma_fits(kv_cache, R, P, block_n):
-        raise ValueError(f"mla_decode: tma needs a float cache with power-of-two R and P, block_n dividing the"
+        raise ValueError(f"mla_decode: tma needs power-of-two R and P, block_n dividing the"
                          f" block size ({block_size}) and 16-byte aligned rows; got R={R}, P={P}, block_n={block_n},"
                          f" {kv_cache.dtype}")
     if tma:  # the latent and the rope key of BLOCK_N tokens of one page a load
-        c_desc = TensorDescriptor.from_tensor(kv_cache, [1, block_n, R])
-        pe_desc = TensorDescriptor.from_tensor(kv_cache, [1, block_n, P])
+        values = _tma_values(kv_cache, R, P)
+        c_desc = TensorDescriptor.from_tensor(values, [1, block_n, R])
+        pe_desc = TensorDescriptor.from_tensor(values, [1, block_n, P])
     else:
         c_desc = pe_desc = kv_cache  # unused
 
@@ -398,8 +477,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
         FP16_DOTS=fp16_dots, TMA=tma,
+        **(dict(PREFETCH_CACHE=True, LINE=128 // kv_cache.element_size(),
+                ROW_LINES=triton.next_power_of_2(triton.cdiv((R + P) * kv_cache.element_size(), 128)))
+           if PREFETCH_CACHE and not tma and pdl_launch(q_lat.device, N) else {}),
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or (4 if block_n <= 32 and not fp8 else 8),
+        num_warps=num_warps or _split_warps(fp8_tile, fp8, block_n, head_groups * num_kv_splits * N, q_lat.device),
         num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
         **pdl_launch(q_lat.device, N),
     )

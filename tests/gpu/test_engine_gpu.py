@@ -46,7 +46,8 @@ SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_M
                ("mla_decode", "TMA", False), ("fp8", "PAD_FOR_SCALED_MM", False), ("moe", "TMA", True),
                ("launch", "PDL", False), ("absorb", "ABSORB_MAX_SEQS", 16), ("launch", "PREFETCH_WEIGHTS", False),
                ("moe", "QUANTIZE_INTER_MAX_TOKENS", 16), ("fp8_linear", "PLAIN_ROWS_IN_LAUNCH", False),
-               ("mla_decode", "_PROJECT_BLOCK_V", 16), ("router", "QUANTIZE_X_IN_KERNEL", False)]
+               ("mla_decode", "_PROJECT_BLOCK_V", 16), ("router", "QUANTIZE_X_IN_KERNEL", False),
+               ("mla_decode", "PREFETCH_CACHE", False)]
 
 
 @pytest.mark.parametrize("settings_on", [False, True])
@@ -260,12 +261,14 @@ def test_programmatic_dependent_launch_changes_no_bit(prefetch, fp8, monkeypatch
     for the kernel before them ahead of any load or store: a bf16 engine's greedy tokens and their
     log-probabilities, decode graphs and the steps that prefill beside decodes included, are bit for bit
     those of an engine captured with it off; also with FP8 weights, and with the weights asked of L2
-    before the wait (launch.PREFETCH_WEIGHTS, moe.PREFETCH_SHARED)."""
-    from deepseek_v2.kernels import launch, moe
+    before the wait (launch.PREFETCH_WEIGHTS, moe.PREFETCH_SHARED) and the cache rows too
+    (mla_decode.PREFETCH_CACHE)."""
+    from deepseek_v2.kernels import launch, mla_decode, moe
     if not launch.hopper_class(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper-class GPU")
     monkeypatch.setattr(launch, "PREFETCH_WEIGHTS", prefetch)
     monkeypatch.setattr(moe, "PREFETCH_SHARED", prefetch)
+    monkeypatch.setattr(mla_decode, "PREFETCH_CACHE", prefetch)
     model = DeepseekV2ForCausalLM(model_args()).to("cuda").init_weights(seed=7).to(torch.bfloat16)
     if fp8:
         model.use_fp8()
