@@ -10,6 +10,9 @@ Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
                                              --few-rows=256: at 256 rows)
      python scripts/bench_fp8.py --moe-sweep (only the fused MoE with FP8 experts, its default launch
                                              against a sweep, 1 to 4096 tokens; a few minutes)
+     python scripts/bench_fp8.py --mla-sweep (only MLA decode over the FP8 cache: its default launch and
+                                             a grid of tile reads, warps and tiles, at 1, 32 and 256
+                                             sequences, beside the bf16 cache; about a minute)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
 graph, which is what the engine runs.
@@ -103,23 +106,49 @@ def bench_moe() -> None:
         row("fused MoE", f"T={T} E={E} D={D} I={I}", b16, f8, touched * 3 * D * I * 2, touched * 3 * D * I)
 
 
+def mla_inputs(N: int, L: int, H: int = 16, R: int = 512, P: int = 64, B: int = 64):
+    """N sequences of L tokens in 64-token pages: (bf16 and FP8 caches of the same rows, block tables,
+    lengths, bf16 q_lat, q_pe)."""
+    blocks = -(-L // B)
+    rows = torch.randn(N * blocks * B, R + P, device=DEVICE)
+    caches = {"bf16": rows.to(torch.bfloat16).view(N * blocks, B, R + P),
+              "fp8": quantize_cache(rows.view(N * blocks, B, R + P))}
+    tables = torch.arange(N * blocks, device=DEVICE, dtype=torch.int32).view(N, blocks)
+    lens = torch.full((N,), L, device=DEVICE, dtype=torch.int32)
+    return (caches, tables, lens, torch.randn(N, H, R, device=DEVICE, dtype=torch.bfloat16),
+            torch.randn(N, H, P, device=DEVICE, dtype=torch.bfloat16))
+
+
+MLA_SHAPES = [(1, 1024), (32, 1152), (256, 1152)]
+MLA_GRID = [(tma, warps, block_n) for tma in (False, True) for warps, block_n in ((8, 32), (4, 32), (4, 16), (8, 16))]
+
+
 def bench_mla() -> None:
-    H, R, P, B = 16, 512, 64, 64
-    for N, L in [(1, 1024), (32, 1152), (256, 1152)]:
-        blocks = -(-L // B)
-        rows = torch.randn(N * blocks * B, R + P, device=DEVICE)
-        caches = {"bf16": rows.to(torch.bfloat16).view(N * blocks, B, R + P),
-                  "fp8": quantize_cache(rows.view(N * blocks, B, R + P))}
-        tables = torch.arange(N * blocks, device=DEVICE, dtype=torch.int32).view(N, blocks)
-        lens = torch.full((N,), L, device=DEVICE, dtype=torch.int32)
-        q_lat = torch.randn(N, H, R, device=DEVICE, dtype=torch.bfloat16)
-        q_pe = torch.randn(N, H, P, device=DEVICE, dtype=torch.bfloat16)
+    H, R, P = 16, 512, 64
+    for N, L in MLA_SHAPES:
+        caches, tables, lens, q_lat, q_pe = mla_inputs(N, L)
         t = {k: graph_us(lambda c=c: mla_decode(q_lat, q_pe, c, tables, lens, 0.1, max_seq_len=L))
              for k, c in caches.items()}  # the FP8 cache's default: its dots in fp16
         bf16_dots = graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L,
                                                 fp16_dots=False))
         row("MLA decode", f"N={N} L={L} H={H}", t["bf16"], t["fp8"], N * L * (R + P) * 2, N * L * (R + P + 4),
             f"FP8 cache, bf16 dots: {bf16_dots:.1f} us ({N * L * (R + P + 4) / bf16_dots / 1e3:.0f} GB/s)")
+
+
+def bench_mla_sweep() -> None:
+    """MLA decode over the FP8 cache (16 heads, bf16 queries): its default launch and the grid of tile
+    reads (pointers or TMA), warps and tokens a tile, beside the bf16 cache's default."""
+    print("| sequences x tokens | bf16 cache | FP8 cache, default | " + " | ".join(
+        f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles" for tma, w, n in MLA_GRID) + " |")
+    print("|---|---|---|" + "---|" * len(MLA_GRID), flush=True)
+    for N, L in MLA_SHAPES:
+        caches, tables, lens, q_lat, q_pe = mla_inputs(N, L)
+        cells = [graph_us(lambda: mla_decode(q_lat, q_pe, caches["bf16"], tables, lens, 0.1, max_seq_len=L)),
+                 graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L))]
+        for tma, warps, block_n in MLA_GRID:
+            cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L,
+                                                     tma=tma, num_warps=warps, block_n=block_n)))
+        print(f"| {N} x {L} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
 
 
 def bench_fp8_pieces(M: int = 1) -> None:
@@ -217,6 +246,9 @@ def main() -> None:
     few = next((a for a in sys.argv if a.startswith("--few-rows")), None)
     if few is not None:
         bench_fp8_pieces(int(few.split("=")[1]) if "=" in few else 1)
+        return
+    if "--mla-sweep" in sys.argv:
+        bench_mla_sweep()
         return
     sweep = next((a for a in sys.argv if a.startswith("--moe-sweep")), None)
     if sweep is not None:

@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -124,6 +124,8 @@ has fewrows && step bench-few-rows 300 python3 scripts/bench_fp8.py --few-rows
 has fp8moe && step bench-fp8-moe 400 python3 scripts/bench_fp8.py --moe-sweep
 # the FP8 MoE at one and eight tokens (batch-1 decode's experts: ~1.2 TB/s at one token in the kernel table)
 has fp8moe1 && step bench-fp8-moe-1 200 python3 scripts/bench_fp8.py --moe-sweep=1,8
+# MLA decode over the FP8 cache: its default launch and a grid of tile reads, warps and tiles (~1 min)
+has fp8mla && step bench-fp8-mla 150 python3 scripts/bench_fp8.py --mla-sweep
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there
