@@ -79,8 +79,8 @@ def tiny_engine():
     return lambda **knobs: LLMEngine(core.model, core.tokenizer, EngineConfig(**{"num_kv_blocks": 64, **knobs}))
 
 
-KERNEL_MODULES = ("launch", "absorb", "activation", "fp8_linear", "mla_decode", "mla_prepare", "moe_align", "moe",
-                  "norm", "prefill_triton", "router")
+KERNEL_MODULES = ("launch", "absorb", "activation", "fp8_linear", "mla_merge", "mla_decode", "mla_prepare",
+                  "moe_align", "moe", "norm", "prefill_triton", "router")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from deepseek_v2.kernels import (absorb, activation, fp8_linear, launch, mla_decode, mla_prepare, moe, moe_align,
-                                 norm, prefill_triton, router)
+from deepseek_v2.kernels import (absorb, activation, fp8_linear, launch, mla_decode, mla_merge, mla_prepare, moe,
+                                 moe_align, norm, prefill_triton, router)
 from deepseek_v2.kernels.fp8 import FP8, scale_shape
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "enable_reflect_ftz", "launch_pdl")
@@ -172,8 +172,8 @@ def launch_fused_kernels() -> None:
 
 
 FAMILIES = {
-    "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_decode, "_mla_decode_merge_kernel"),
-                (mla_decode, "_merge_project_kernel"),
+    "decode": ([(mla_decode, "_mla_decode_split_kernel"), (mla_merge, "_mla_decode_merge_kernel"),
+                (mla_merge, "_merge_project_kernel"),
                 (moe_align, "_moe_align_kernel"), (moe, "_moe_gemm_kernel"), (moe, "_combine_kernel"),
                 (fp8_linear, "_fp8_linear_kernel"),
                 (fp8_linear, "_quantize_kernel"), (fp8_linear, "_sum_pieces_kernel"),

@@ -233,10 +233,11 @@ def test_mla_decode_tma_choice(tk, monkeypatch):
             return lambda *args, **kwargs: launches.append(kwargs["TMA"])
 
     monkeypatch.setattr(module, "_mla_decode_split_kernel", Recorder())
-    monkeypatch.setattr(module, "_mla_decode_merge_kernel", Recorder())
+    monkeypatch.setattr(tk.mla_merge, "_mla_decode_merge_kernel", Recorder())
     monkeypatch.setattr(module, "hopper_class", lambda device: True)
-    cases = [(module.TMA_MIN_SEQS, torch.bfloat16, False, True), (module.TMA_MIN_SEQS - 1, torch.bfloat16, False, False),
-             (module.TMA_MIN_SEQS, torch.float32, False, False), (module.TMA_MIN_SEQS, torch.bfloat16, True, True)]
+    seqs = module.TMA_MIN_SEQS
+    cases = [(seqs, torch.bfloat16, False, True), (seqs - 1, torch.bfloat16, False, False),
+             (seqs, torch.float32, False, False), (seqs, torch.bfloat16, True, True)]
     for N, dtype, fp8, expected in cases:
         kv_cache, block_tables, lens = paged_cache([40] * N, 64, 576, torch.float32 if fp8 else dtype)
         if fp8:
@@ -917,7 +918,8 @@ def test_kernels_build_for_sm90():
     assert {(r["kernel"], r["config"].get("FP8_W", r["config"].get("FP8_CACHE"))) for r in results} >= {
         ("_moe_gemm_kernel", "True"), ("_mla_decode_split_kernel", "True")}
     assert any(r["config"].get("SUM_ARRIVED") == "True" for r in results)
-    assert {r["config"]["FP8_CACHE"] for r in results if r["config"].get("PREFETCH_CACHE") == "True"} == {"True", "False"}
+    assert {r["config"]["FP8_CACHE"] for r in results if r["config"].get("PREFETCH_CACHE") == "True"} == {"True",
+                                                                                                        "False"}
     assert {(r["config"]["TMA"], r["num_warps"]) for r in results  # an FP8 cache: 4 warps past one program an SM
             if r["kernel"] == "_mla_decode_split_kernel" and r["config"]["FP8_CACHE"] == "True"
             and r["config"]["FP16_DOTS"] == "True"} == {("False", 8), ("False", 4), ("True", 4), ("True", 8)}

@@ -370,7 +370,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         plain_rows.stride(0) if plain_rows is not None else 0, out.stride(-2), out.stride(0) if pieces > 1 else 0,
         y.stride(0),
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
-        SUM_ARRIVED=arrived is not None, PIECES=pieces if arrived is not None else 1, BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
+        SUM_ARRIVED=arrived is not None, PIECES=pieces if arrived is not None else 1,
+        BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
         UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
         **pdl_launch(x.device, M), **prefetch_launch(x.device, M),
     )

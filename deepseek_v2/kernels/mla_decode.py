@@ -8,12 +8,12 @@ through the block table, reads each latent tile ONCE for all those heads and kee
 softmax in fp32. From TMA_MIN_SEQS sequences on Hopper-class GPUs a sequence's whole tiles come through
 the tensor-memory accelerator (tensor descriptors; one thread issues a tile's copy), its last partial
 tile through masked pointers. When the sequence is split, a second kernel merges the partial outputs with
-their log-sum-exp (for few sequences, and W_UV given, the same launch multiplies by W_UV). No host
-synchronisation: the launch is CUDA-graph capturable for fixed shapes.
+their log-sum-exp (kernels/mla_merge.py; for few sequences, and W_UV given, the same launch multiplies by
+W_UV). No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
 
 An FP8 cache (uint8 blocks: each token's R + P e4m3 values, then the tokens' fp32 scales,
-kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its scores after the dot
-and its softmax weight before the value dot, so no tile is ever dequantized in memory.
+kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its
+scores after the dot and its softmax weight before the value dot, so no tile is ever dequantized in memory.
 
 Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
 """
@@ -27,12 +27,13 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import CACHE_SCALE_BYTES, FP8
-from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, prefetch_launch, tma_aligned, wait_for_prior_kernels
+from .launch import hopper_class, num_sms, pdl_launch, prefetch_l2, tma_aligned, wait_for_prior_kernels
+from .mla_merge import _split_len, merge, merge_and_project
 
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
 # take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill. An
-# FP8 cache (its tiles widened to bf16 in registers) needs 8 warps for the same tile to not spill.
+# FP8 cache (its tiles widened in registers) takes more: _FP8_CACHE_BLOCK_N.
 _BLOCK_N = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
 # An FP8 cache with bf16 / fp16 queries: 32-token tiles in 8 warps while the programs fit one an SM, in 4
 # warps past that (two programs an SM: 8 warps take 212 registers a thread, so one a SM; 4 take 255 and
@@ -44,7 +45,6 @@ _BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one p
 _PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
 _MIN_TOKENS_PER_SPLIT = 128  # keeps the fp32 partials small next to the latent bytes read
 _MAX_SPLITS = 128
-_MERGE_PIECES = tl.constexpr(16)  # partials the merge loads at once ([16, 512] fp32: 64 registers a thread)
 # Up to this many sequences, the split merge also does W_UV's product (w_uv given): one launch for what
 # took the merge and a batched matmul. Its programs multiply on CUDA cores, each re-merging its head's
 # partials, so many sequences keep the matmul on tensor cores. 0: never. One: on an H200, batch-1 decode
@@ -69,17 +69,6 @@ TMA_MIN_SEQS = 32
 # H200, batch-1 decode with FP8 weights 1.89 against 1.90 ms/token, twice each (docs/benchmarks.md, "MLA
 # decode's merge in wide loads").
 PREFETCH_CACHE = True
-
-
-@triton.jit
-def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
-    """Tokens per split of a seq_len-token sequence: its num_splits equal shares in whole tiles (at least one
-    tile). Its pieces, the splits that hold its tokens: cdiv(seq_len, this) <= num_splits. The split count is
-    set on the host for the longest context a launch may see (a CUDA graph's: the engine's max_model_len, 128
-    splits from 16K on), so a short sequence leaves most splits empty: those store nothing and the merge
-    reads only the pieces (on an H200, a 1K-token sequence in 128 splits took 24.0 us before, 11.8 after;
-    docs/benchmarks.md, "MLA decode's empty splits")."""
-    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
 @triton.jit
@@ -259,78 +248,6 @@ def _mla_decode_split_kernel(
         tl.store(mid_lse_ptr + mid, lse, mask=mask_h)
 
 
-@triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """One (sequence, head)'s output [BLOCK_R] fp32: sum_s 2^lse_s o_s / sum_s 2^lse_s over the partials of
-    its pieces (the splits that hold its tokens, _split_len), _MERGE_PIECES at a time (their loads issued
-    together: one piece a step waited on L2 once a piece, most of the merge's time at 32 pieces), as an
-    online merge; length 0 gives zeros."""
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_s = tl.arange(0, _MERGE_PIECES)
-    base = ((seq * num_heads + head) * num_splits).to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    pieces = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N))
-    m = float("-inf")
-    denom = 0.0
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for first in range(0, pieces, _MERGE_PIECES):
-        s = first + offs_s
-        mask_s = s < pieces
-        lse = tl.load(mid_lse_ptr + base + s, mask=mask_s, other=float("-inf"))  # every piece's is finite
-        o = tl.load(mid_o_ptr + (base + s)[:, None] * BLOCK_R + offs_r[None, :], mask=mask_s[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        alpha = tl.exp2(m - m_new)
-        weight = tl.exp2(lse - m_new)                                              # 0 past the pieces
-        acc = acc * alpha + tl.sum(weight[:, None] * o, axis=0)
-        denom = denom * alpha + tl.sum(weight, axis=0)
-        m = m_new
-    return acc / tl.where(denom > 0, denom, 1.0)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _mla_decode_merge_kernel(
-    mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr, num_heads, num_splits, stride_o_n, stride_o_h,
-    R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """out[seq, head] = its splits' partials merged, in out's dtype."""
-    wait_for_prior_kernels(PDL)
-    head = tl.program_id(0)
-    seq = tl.program_id(1)
-    offs_r = tl.arange(0, BLOCK_R)
-    out = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N)
-    tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_r, out.to(out_ptr.dtype.element_ty),
-             mask=offs_r < R)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_project_kernel(
-    mid_o_ptr, mid_lse_ptr, seq_lens_ptr, w_ptr, out_ptr, num_heads, num_splits, DV, stride_wh, stride_wv,
-    stride_o_n, stride_o_h, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-):
-    """out[seq, head, v block] = w[head, v block] @ (its splits' partials merged, rounded to out's dtype
-    as the latent output is): the merge and absorbed decode's W_UV product in one launch, for few
-    sequences. Each of a head's DV / BLOCK_V programs merges the head's partials again (from L2).
-    PREFETCH: its rows of w asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
-    head = tl.program_id(0)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    seq = tl.program_id(2)
-    offs_r = tl.arange(0, BLOCK_R)
-    if PREFETCH:  # a row asked for 32 values at a time (an fp32 line)
-        lines = tl.arange(0, (BLOCK_R + 31) // 32) * 32
-        prefetch_l2(w_ptr + head * stride_wh + offs_v[:, None] * stride_wv + lines[None, :],
-                    (offs_v < DV)[:, None] & (lines < R)[None, :])
-    wait_for_prior_kernels(PDL)
-    o = _merge_splits(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, seq, head, num_heads, num_splits, BLOCK_R, BLOCK_N)
-    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
-    mask_v = offs_v < DV
-    w = tl.load(w_ptr + head * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
-                mask=mask_v[:, None] & (offs_r < R)[None, :], other=0.0)
-    y = tl.sum(w.to(tl.float32) * o[None, :], axis=1)
-    tl.store(out_ptr + seq * stride_o_n + head * stride_o_h + offs_v, y.to(out_ptr.dtype.element_ty), mask=mask_v)
-
-
 def _split_warps(fp8_tile: bool, fp8: bool, block_n: int, programs: int, device: torch.device) -> int:
     """The split kernel's warps: 4 for a float cache's tiles of up to 32 tokens, 8 for larger ones (and fp32
     queries over an FP8 cache); over an FP8 cache with bf16 / fp16 queries, 8 while the programs fit one an SM,
@@ -486,19 +403,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         **pdl_launch(q_lat.device, N),
     )
     if project_in_merge:
-        dv = w_uv.shape[1]
-        out = q_lat.new_empty(N, H, dv)
-        _merge_project_kernel[(H, triton.cdiv(dv, _PROJECT_BLOCK_V), N)](
-            mid_o, mid_lse, seq_lens, w_uv, out, H, num_kv_splits, dv, w_uv.stride(0), w_uv.stride(1), out.stride(0),
-            out.stride(1), R=R, BLOCK_R=block_r, BLOCK_V=_PROJECT_BLOCK_V, BLOCK_N=block_n,
-            num_warps=4, **pdl_launch(out.device, N), **prefetch_launch(out.device, N),
-        )
+        out = q_lat.new_empty(N, H, w_uv.shape[1])
+        merge_and_project(mid_o, mid_lse, seq_lens, w_uv, out, num_kv_splits, block_n, _PROJECT_BLOCK_V)
         return out
     if num_kv_splits > 1:
-        _mla_decode_merge_kernel[(H, N)](
-            mid_o, mid_lse, seq_lens, out, H, num_kv_splits, out.stride(0), out.stride(1),
-            R=R, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, **pdl_launch(out.device, N),
-        )
+        merge(mid_o, mid_lse, seq_lens, out, num_kv_splits, block_n)
     if w_uv is None:
         return out
     return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # W_UV on tensor cores
