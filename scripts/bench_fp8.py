@@ -120,7 +120,10 @@ def mla_inputs(N: int, L: int, H: int = 16, R: int = 512, P: int = 64, B: int = 
 
 
 MLA_SHAPES = [(1, 1024), (32, 1152), (256, 1152)]
-MLA_GRID = [(tma, warps, block_n) for tma in (False, True) for warps, block_n in ((8, 32), (4, 32), (4, 16), (8, 16))]
+# (TMA, warps, tokens a tile, dots in fp16): e4m3 widened to bf16 instead builds without spills in 4 warps
+MLA_GRID = [(tma, warps, block_n, True) for tma in (False, True)
+            for warps, block_n in ((8, 32), (4, 32), (4, 16), (8, 16))]
+MLA_GRID += [(True, 4, 32, False), (True, 8, 32, False)]
 
 
 def bench_mla() -> None:
@@ -137,17 +140,18 @@ def bench_mla() -> None:
 
 def bench_mla_sweep() -> None:
     """MLA decode over the FP8 cache (16 heads, bf16 queries): its default launch and the grid of tile
-    reads (pointers or TMA), warps and tokens a tile, beside the bf16 cache's default."""
+    reads (pointers or TMA), warps, tokens a tile and the dots' dtype, beside the bf16 cache's default."""
     print("| sequences x tokens | bf16 cache | FP8 cache, default | " + " | ".join(
-        f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles" for tma, w, n in MLA_GRID) + " |")
+        f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles{'' if fp16 else ', bf16 dots'}"
+        for tma, w, n, fp16 in MLA_GRID) + " |")
     print("|---|---|---|" + "---|" * len(MLA_GRID), flush=True)
     for N, L in MLA_SHAPES:
         caches, tables, lens, q_lat, q_pe = mla_inputs(N, L)
         cells = [graph_us(lambda: mla_decode(q_lat, q_pe, caches["bf16"], tables, lens, 0.1, max_seq_len=L)),
                  graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L))]
-        for tma, warps, block_n in MLA_GRID:
+        for tma, warps, block_n, fp16_dots in MLA_GRID:
             cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L,
-                                                     tma=tma, num_warps=warps, block_n=block_n)))
+                                                     tma=tma, num_warps=warps, block_n=block_n, fp16_dots=fp16_dots)))
         print(f"| {N} x {L} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
 
 
