@@ -94,22 +94,39 @@ def _attend_tile(q, q_pe, c, pe, mask_t, score_scale, weight_scale, m_i, l_i, ac
 
 
 @triton.jit
+def _piece_range(seq_lens_ptr, seq, split, num_splits, BLOCK_N: tl.constexpr):
+    """The tokens [start, end) of a sequence that one split holds, in whole tiles (_split_len); empty for
+    a split past the sequence's last piece."""
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, num_splits, BLOCK_N)
+    start = split * split_len
+    return start, tl.minimum(start + split_len, seq_len)
+
+
+@triton.jit
+def _cache_rows(block_tables_ptr, seq, stride_bt_n, offs_t, mask_t, stride_kv_block, stride_kv_tok, R: tl.constexpr,
+                P: tl.constexpr, PAGE_SIZE: tl.constexpr, FP8_CACHE: tl.constexpr):
+    """Where tokens offs_t of a sequence lie in the paged cache, in its elements: (their blocks' first
+    element, their rows' first). An FP8 cache's block holds its tokens' R + P e4m3 values, then their fp32
+    scales (kernels/fp8.py)."""
+    block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
+    block_start = block.to(tl.int64) * stride_kv_block
+    return block_start, block_start + (offs_t % PAGE_SIZE) * ((R + P) if FP8_CACHE else stride_kv_tok)
+
+
+@triton.jit
 def _prefetch_piece(kv_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_splits, stride_kv_block, stride_kv_tok,
                     stride_bt_n, R: tl.constexpr, P: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                     FP8_CACHE: tl.constexpr, ROW_LINES: tl.constexpr, LINE: tl.constexpr):
     """prefetch.global.L2 for the cache rows of one split's tokens (ROW_LINES lines of LINE elements a
     row; an FP8 cache's token scales too). Reads the sequence's length and block table."""
-    seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, num_splits, BLOCK_N)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = _piece_range(seq_lens_ptr, seq, split, num_splits, BLOCK_N)
     lines = tl.arange(0, ROW_LINES) * LINE
     for tile_start in range(start, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
-        block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
-        block_start = block.to(tl.int64) * stride_kv_block
-        row = block_start + (offs_t % PAGE_SIZE) * ((R + P) if FP8_CACHE else stride_kv_tok)
+        block_start, row = _cache_rows(block_tables_ptr, seq, stride_bt_n, offs_t, mask_t, stride_kv_block,
+                                       stride_kv_tok, R, P, PAGE_SIZE, FP8_CACHE)
         prefetch_l2(kv_ptr + row[:, None] + lines[None, :], mask_t[:, None] & (lines < R + P)[None, :])
         if FP8_CACHE:
             prefetch_l2(kv_ptr + block_start + PAGE_SIZE * (R + P) + (offs_t % PAGE_SIZE) * 4, mask_t)
@@ -165,12 +182,9 @@ def _mla_decode_split_kernel(
                             stride_kv_tok, stride_bt_n, R, P, PAGE_SIZE, BLOCK_N, FP8_CACHE, ROW_LINES, LINE)
     wait_for_prior_kernels(PDL)
 
-    # This split's token range, in whole tiles (_split_len); short sequences leave late splits empty, and
-    # those store nothing (the merge reads only a sequence's pieces)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, num_splits, BLOCK_N)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    # This split's token range; short sequences leave late splits empty, and those store nothing (the merge
+    # reads only a sequence's pieces)
+    start, end = _piece_range(seq_lens_ptr, seq, split, num_splits, BLOCK_N)
     if not DIRECT_OUT and start >= end:
         return
 
@@ -219,14 +233,9 @@ def _mla_decode_split_kernel(
     for tile_start in range(whole_end, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
-        block = tl.load(block_tables_ptr + seq * stride_bt_n + offs_t // PAGE_SIZE, mask=mask_t, other=0)
-        block_start = block.to(tl.int64) * stride_kv_block
-        if FP8_CACHE:  # a block: its tokens' R + P e4m3 values, then their fp32 scales (kernels/fp8.py)
-            row = block_start + (offs_t % PAGE_SIZE) * (R + P)                     # [BLOCK_N]
-            values = kv_ptr.to(tl.pointer_type(tl.float8e4nv))
-        else:
-            row = block_start + (offs_t % PAGE_SIZE) * stride_kv_tok               # [BLOCK_N]
-            values = kv_ptr
+        block_start, row = _cache_rows(block_tables_ptr, seq, stride_bt_n, offs_t, mask_t, stride_kv_block,
+                                       stride_kv_tok, R, P, PAGE_SIZE, FP8_CACHE)      # [BLOCK_N] each
+        values = kv_ptr.to(tl.pointer_type(tl.float8e4nv)) if FP8_CACHE else kv_ptr
         c = tl.load(values + row[:, None] + offs_r[None, :],
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
         pe = tl.load(values + row[:, None] + R + offs_p[None, :],
