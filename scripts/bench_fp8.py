@@ -12,7 +12,8 @@ Run: python scripts/bench_fp8.py     (CUDA only; under a minute on an H200)
                                              against a sweep, 1 to 4096 tokens; a few minutes)
      python scripts/bench_fp8.py --mla-sweep (only MLA decode over the FP8 cache: its default launch and
                                              a grid of tile reads, warps and tiles, at 1, 32 and 256
-                                             sequences, beside the bf16 cache; about a minute)
+                                             sequences, beside the bf16 cache, and both caches with
+                                             more tiles in flight; about a minute)
 
 Times are triton.testing.do_bench medians (L2 flushed between runs) of the call replayed from a CUDA
 graph, which is what the engine runs.
@@ -125,6 +126,8 @@ MLA_SHAPES = [(1, 1024), (32, 1152), (256, 1152)]
 MLA_GRID = [(tma, warps, block_n, True) for tma in (False, True)
             for warps, block_n in ((8, 32), (4, 32), (4, 16), (8, 16))]
 MLA_GRID += [(False, 4, 32, False), (True, 4, 32, False), (True, 8, 32, False)]
+# tiles in flight (mla_decode.TILE_BUFFERS; num_stages 2 * n + 1), each cache's default launch otherwise
+MLA_BUFFERS = [(cache, n) for cache in ("bf16", "fp8") for n in (2, 3)]
 
 
 def bench_mla() -> None:
@@ -141,11 +144,12 @@ def bench_mla() -> None:
 
 def bench_mla_sweep() -> None:
     """MLA decode over the FP8 cache (16 heads, bf16 queries): its default launch and the grid of tile
-    reads (pointers or TMA), warps, tokens a tile and the dots' dtype, beside the bf16 cache's default."""
+    reads (pointers or TMA), warps, tokens a tile and the dots' dtype, beside the bf16 cache's default; then
+    both caches' default launches with more tiles in flight."""
     print("| sequences x tokens | bf16 cache | FP8 cache, default | " + " | ".join(
-        f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles{'' if fp16 else ', bf16 dots'}"
-        for tma, w, n, fp16 in MLA_GRID) + " |")
-    print("|---|---|---|" + "---|" * len(MLA_GRID), flush=True)
+        [f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles{'' if fp16 else ', bf16 dots'}"
+         for tma, w, n, fp16 in MLA_GRID] + [f"{cache} cache, {n} tiles in flight" for cache, n in MLA_BUFFERS]) + " |")
+    print("|---|---|---|" + "---|" * (len(MLA_GRID) + len(MLA_BUFFERS)), flush=True)
     for N, L in MLA_SHAPES:
         caches, tables, lens, q_lat, q_pe = mla_inputs(N, L)
         cells = [graph_us(lambda: mla_decode(q_lat, q_pe, caches["bf16"], tables, lens, 0.1, max_seq_len=L)),
@@ -153,6 +157,9 @@ def bench_mla_sweep() -> None:
         for tma, warps, block_n, fp16_dots in MLA_GRID:
             cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches["fp8"], tables, lens, 0.1, max_seq_len=L,
                                                      tma=tma, num_warps=warps, block_n=block_n, fp16_dots=fp16_dots)))
+        for cache, n in MLA_BUFFERS:
+            cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches[cache], tables, lens, 0.1, max_seq_len=L,
+                                                     num_stages=2 * n + 1)))
         print(f"| {N} x {L} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
 
 

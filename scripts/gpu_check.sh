@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8mla,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,buffers,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -126,6 +126,22 @@ has fp8moe && step bench-fp8-moe 400 python3 scripts/bench_fp8.py --moe-sweep
 has fp8moe1 && step bench-fp8-moe-1 200 python3 scripts/bench_fp8.py --moe-sweep=1,8
 # MLA decode over the FP8 cache: its default launch and a grid of tile reads, warps and tiles (~1 min)
 has fp8mla && step bench-fp8-mla 150 python3 scripts/bench_fp8.py --mla-sweep
+# MLA decode with two tiles in flight (mla_decode.TILE_BUFFERS=2, built and tested, not yet timed) against
+# the default, twice each: batch 1 and 256 sequences, FP8 weights with the bf16 cache and with the FP8 cache
+# (step buffers, ~6 min)
+if has buffers; then
+  for i in 1 2; do
+    for kv in bf16 fp8; do
+      cache=""; [ $kv = fp8 ] && cache="--kv-cache-dtype fp8"
+      for b in 1 2; do
+        step buffers-$b-kv-$kv-1-$i 120 python3 scripts/with_settings.py mla_decode.TILE_BUFFERS=$b -- bench $B1 \
+          --quantization fp8 $cache
+        [ $i = 1 ] && step buffers-$b-kv-$kv-256 150 python3 scripts/with_settings.py mla_decode.TILE_BUFFERS=$b \
+          -- bench $B256 --quantization fp8 $cache
+      done
+    done
+  done
+fi
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped
 # tokenizer, driven at 20 requests/s and all at once. The server's packages must be installed there

@@ -50,6 +50,13 @@ def launch_decode_kernels() -> None:
         for cache in (torch.empty(64, 64, 576, dtype=bf16), torch.empty(64, 64, 580, dtype=torch.uint8)):
             mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16), cache,
                                   torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1, tma=True)
+    for buffers in (2, 3):  # more tiles in flight (mla_decode.TILE_BUFFERS), through TMA and with pointers
+        mla_decode.TILE_BUFFERS = buffers
+        for N in (1, 256):
+            for cache in (torch.empty(64, 64, 576, dtype=bf16), torch.empty(64, 64, 580, dtype=torch.uint8)):
+                mla_decode.mla_decode(torch.empty(N, 16, 512, dtype=bf16), torch.empty(N, 16, 64, dtype=bf16), cache,
+                                      torch.zeros(N, 64, dtype=i32), torch.ones(N, dtype=i32), 0.1, tma=N > 1)
+    mla_decode.TILE_BUFFERS = 1
     mla_decode.PROJECT_IN_MERGE_MAX_SEQS = 8  # built here past its default of one sequence
     cache = torch.empty(64, 64, 576, dtype=bf16)
     for H in (16, 128):  # W_UV's product in the merge's launch
@@ -225,6 +232,9 @@ def build(launches) -> list[dict]:
         os.remove(path)
         stack = re.search(r"STACK:(\d+)", usage)
         ptx = compiled.asm["ptx"]
+        # the software pipeline's buffers: [depth, rows, cols] shared-memory allocations, by tile shape
+        tile_buffers = {f"{rows}x{cols}": int(depth) for depth, rows, cols in
+                        re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x", compiled.asm["ttgir"])}
         results.append(dict(kernel=kernel.__name__, shared=compiled.metadata.shared,
                             spill_bytes=int(stack.group(1)) if stack else None,
                             approx_div="div.full" in ptx or "div.approx" in ptx, fma="fma." in ptx,
@@ -233,6 +243,7 @@ def build(launches) -> list[dict]:
                             waits_for_prior_kernels=waits_first(ptx),
                             prefetches_before_waiting=0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
                             launch_pdl=compiled.metadata.launch_pdl, num_warps=options.get("num_warps"),
+                            num_stages=options.get("num_stages"), tile_buffers=tile_buffers,
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 

@@ -923,6 +923,17 @@ def test_kernels_build_for_sm90():
     assert {(r["config"]["TMA"], r["num_warps"]) for r in results  # an FP8 cache: 4 warps past one program an SM
             if r["kernel"] == "_mla_decode_split_kernel" and r["config"]["FP8_CACHE"] == "True"
             and r["config"]["FP16_DOTS"] == "True"} == {("False", 8), ("False", 4), ("True", 4), ("True", 8)}
+    # MLA decode's tiles in flight (mla_decode.TILE_BUFFERS): a tile's page comes from a load in the same loop, and
+    # Triton's pipeliner shares num_stages between the two loads, so (num_stages - 1) // 2 buffers (one at least);
+    # an FP8 latent read with pointers is not pipelined
+    depths = set()
+    for r in results:
+        if r["kernel"] == "_mla_decode_split_kernel" and r["num_stages"] >= 2 and r["config"]["BLOCK_N"] == "32":
+            fp8_pointers = r["config"]["FP8_CACHE"] == "True" and r["config"]["TMA"] == "False"
+            depths.add((r["tile_buffers"].get("32x512"), r["config"]["TMA"]))
+            assert r["tile_buffers"].get("32x512") == (None if fp8_pointers else max(1, (r["num_stages"] - 1) // 2)), r
+            assert r["tile_buffers"]["32x64"] == max(1, (r["num_stages"] - 1) // 2), r
+    assert depths >= {(1, "True"), (2, "True"), (3, "True"), (1, "False"), (2, "False"), (3, "False")}
     assert {(r["kernel"], r["config"].get("HAS_PLAIN")) for r in results if r["config"].get("PREFETCH") == "True"} == {
         ("_fp8_linear_kernel", "True"), ("_fp8_linear_kernel", "False"), ("_merge_project_kernel", None),
         ("_moe_gemm_kernel", None)}

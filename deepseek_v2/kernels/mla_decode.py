@@ -69,6 +69,14 @@ TMA_MIN_SEQS = 32
 # H200, batch-1 decode with FP8 weights 1.89 against 1.90 ms/token, twice each (docs/benchmarks.md, "MLA
 # decode's merge in wide loads").
 PREFETCH_CACHE = True
+# Tiles a split-kernel program keeps in flight: the depth of its software pipeline's buffers. A tile's page
+# comes from a load in the same loop (the block table), and Triton 3.6's pipeliner shares num_stages between
+# that load and the tile's: num_stages 2 to 4 all give one buffer (the next tile's copy is issued after this
+# tile's dots, so each tile waits out most of its own latency), 5 gives two, 7 three (the sm_90 build test
+# checks the depth). An FP8 cache's latent read with pointers is not pipelined at any depth (its tile feeds two
+# register layouts). 1: num_stages 2, the launch every timing so far used; 2 and 3 are built and tested but
+# not yet timed (`scripts/bench_fp8.py --mla-sweep`).
+TILE_BUFFERS = 1
 
 
 @triton.jit
@@ -266,6 +274,14 @@ def _split_warps(fp8_tile: bool, fp8: bool, block_n: int, programs: int, device:
     return 4 if block_n <= 32 and not fp8 else 8
 
 
+def _split_stages(fp8: bool, fp32: bool) -> int:
+    """The split kernel's num_stages for TILE_BUFFERS tiles in flight (fp32 queries over an FP8 cache, the
+    tests': 1, it spills at more)."""
+    if fp8 and fp32:
+        return 1
+    return 2 if TILE_BUFFERS <= 1 else 2 * TILE_BUFFERS + 1
+
+
 def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     """Fill one wave (never more, a partial second wave would halve the speed), never cutting a
     sequence into pieces shorter than _MIN_TOKENS_PER_SPLIT tokens."""
@@ -408,7 +424,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
            if PREFETCH_CACHE and not tma and pdl_launch(q_lat.device, N) else {}),
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         num_warps=num_warps or _split_warps(fp8_tile, fp8, block_n, head_groups * num_kv_splits * N, q_lat.device),
-        num_stages=num_stages or (1 if fp8 and q_lat.dtype == torch.float32 else 2),  # fp32 over FP8 spills at 2
+        num_stages=num_stages or _split_stages(fp8, q_lat.dtype == torch.float32),
         **pdl_launch(q_lat.device, N),
     )
     if project_in_merge:

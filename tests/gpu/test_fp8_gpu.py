@@ -286,9 +286,9 @@ def test_fp8_cache_write_matches_the_reference(H):
     assert rel_error(back, back_ref) < 1e-2 and differ < 1e-2
 
 
-@pytest.mark.parametrize("fp16_dots", [False, True])
-@pytest.mark.parametrize("heads,batch,max_len", [(16, 1, 1024), (16, 64, 8192), (128, 8, 32768)])
-def test_fp8_cache_mla_decode(heads, batch, max_len, fp16_dots):
+def fp8_cache_inputs(heads: int, batch: int, max_len: int):
+    """(q_lat, q_pe, FP8 cache, block tables, lengths): rows of magnitudes 0.1 to 10, shuffled pages, random
+    lengths up to max_len (the first at max_len)."""
     R, P, B = 512, 64, 64
     g = torch.Generator(device=DEVICE).manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=g, device=DEVICE)
@@ -301,10 +301,29 @@ def test_fp8_cache_mla_decode(heads, batch, max_len, fp16_dots):
     tables = torch.randperm(num_blocks, device=DEVICE, generator=g)[:batch * blocks].view(batch, blocks).int()
     q_lat = torch.randn(batch, heads, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
     q_pe = torch.randn(batch, heads, P, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    lens = lens.int()
+    return q_lat, q_pe, cache, tables, lens.int()
+
+
+@pytest.mark.parametrize("fp16_dots", [False, True])
+@pytest.mark.parametrize("heads,batch,max_len", [(16, 1, 1024), (16, 64, 8192), (128, 8, 32768)])
+def test_fp8_cache_mla_decode(heads, batch, max_len, fp16_dots):
+    args = fp8_cache_inputs(heads, batch, max_len)
     poison_free_memory()
-    out = mla_decode(q_lat, q_pe, cache, tables, lens, 0.1147, fp16_dots=fp16_dots)
-    assert rel_error(out, reference.mla_decode(q_lat, q_pe, cache, tables, lens, 0.1147)) < 1e-2
+    out = mla_decode(*args, 0.1147, fp16_dots=fp16_dots)
+    assert rel_error(out, reference.mla_decode(*args, 0.1147)) < 1e-2
+
+
+@pytest.mark.parametrize("buffers", [2, 3])
+@pytest.mark.parametrize("batch,max_len", [(1, 1024), (64, 8192)])
+def test_fp8_cache_mla_decode_more_tiles_in_flight(batch, max_len, buffers, monkeypatch):
+    """Two and three tiles in flight a program (mla_decode.TILE_BUFFERS), with pointers (one sequence) and
+    through TMA (64)."""
+    from deepseek_v2.kernels import mla_decode as module
+    monkeypatch.setattr(module, "TILE_BUFFERS", buffers)
+    args = fp8_cache_inputs(16, batch, max_len)
+    poison_free_memory()
+    out = mla_decode(*args, 0.1147)
+    assert rel_error(out, reference.mla_decode(*args, 0.1147)) < 1e-2
 
 
 def test_engine_fp8_weights_and_cache_end_to_end():

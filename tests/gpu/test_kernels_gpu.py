@@ -71,6 +71,19 @@ def test_mla_decode(heads, batch, max_len, tma):
     assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
 
 
+@pytest.mark.parametrize("buffers", [2, 3])
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (64, 8192)])
+def test_mla_decode_more_tiles_in_flight(batch, max_len, tma, buffers, monkeypatch):
+    """Two and three tiles in flight a program (mla_decode.TILE_BUFFERS: a deeper software pipeline)."""
+    from deepseek_v2.kernels import mla_decode as module
+    monkeypatch.setattr(module, "TILE_BUFFERS", buffers)
+    args = mla_inputs(16, batch, max_len, seed=buffers * 100 + batch)
+    poison_free_memory()
+    out = mla_decode(*args, SCALE, tma=tma)
+    assert rel_error(out, reference.mla_decode(*args, SCALE)) < 1e-2
+
+
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 64])
 def test_mla_decode_explicit_splits(num_kv_splits):
     args = mla_inputs(16, 8, 5000, seed=num_kv_splits)
