@@ -2,7 +2,9 @@
 (H100/H200) with the ptxas bundled in Triton's wheel: no GPU needed. The wrappers run on empty CPU
 tensors with each kernel replaced by a recorder, so only the launches are collected.
 
-    python tests/sm90_build.py decode|fused    (prints one JSON line; without TRITON_INTERPRET)
+    python tests/sm90_build.py decode|fused [--report]    (prints one JSON line, or with --report a markdown
+        table: registers, programs an SM, pipeline buffers, the main loop's instruction mix; without
+        TRITON_INTERPRET)
 """
 
 from __future__ import annotations
@@ -201,6 +203,41 @@ def waits_first(ptx: str) -> bool:
     return wait >= 0 and (not accesses or wait < min(accesses))
 
 
+# the SASS instruction classes main_loop counts (a class: the opcodes it starts with)
+LOOP_CLASSES = {"mma": ("HMMA", "HGMMA", "QGMMA"), "shared loads": ("LDS", "LDSM"), "byte shared loads": ("LDS.U8", "LDS.S8"),
+                "global loads": ("LDG", "LDGSTS", "UTMALDG"), "conversions": ("F2F", "I2F", "F2I"),
+                "spill traffic": ("STL", "LDL"), "shuffles": ("SHFL",), "barriers": ("BAR",)}
+
+
+def main_loop(sass: str) -> dict:
+    """The instruction mix of a kernel's innermost loop that multiplies (the smallest span a backward
+    branch closes with an MMA in it): instructions a thread an iteration, in LOOP_CLASSES; {} if none."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
+    branches = [(int(m.group(2), 16), int(m.group(1), 16)) for m in
+                re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA[^\n]*?0x([0-9a-f]+)", sass)]
+    loops = []
+    for start, end in branches:
+        if start < end:
+            body = [op for address, op in code if start <= address <= end]
+            if any(op.startswith(LOOP_CLASSES["mma"]) for op in body):
+                loops.append(body)
+    if not loops:
+        return {}
+    body = min(loops, key=len)
+    mix = {"instructions": len(body)}
+    for name, prefixes in LOOP_CLASSES.items():
+        mix[name] = sum(op.startswith(prefixes) for op in body)
+    return mix
+
+
+def resident_programs(registers: int, shared: int, warps: int) -> int:
+    """Programs of one kernel an H100 / H200 SM holds at once: 64K registers (a warp's allocated in 256s),
+    228 KB of shared memory (1 KB of it reserved a program), 64 warps."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 228 * 1024 // (shared + 1024), 64 // warps)
+
+
 def build(launches) -> list[dict]:
     """Compile each distinct launch as the JIT would specialise it; report shared memory, spills and
     a few properties of the PTX."""
@@ -229,8 +266,10 @@ def build(launches) -> list[dict]:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
         os.remove(path)
         stack = re.search(r"STACK:(\d+)", usage)
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
         ptx = compiled.asm["ptx"]
         # the software pipeline's buffers: [depth, rows, cols] shared-memory allocations, by tile shape
         tile_buffers = {f"{rows}x{cols}": int(depth) for depth, rows, cols in
@@ -243,7 +282,10 @@ def build(launches) -> list[dict]:
                             waits_for_prior_kernels=waits_first(ptx),
                             prefetches_before_waiting=0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
                             launch_pdl=compiled.metadata.launch_pdl, num_warps=options.get("num_warps"),
-                            num_stages=options.get("num_stages"), tile_buffers=tile_buffers,
+                            num_stages=options.get("num_stages"), tile_buffers=tile_buffers, registers=registers,
+                            resident=resident_programs(registers, compiled.metadata.shared,
+                                                       options.get("num_warps", 4)),
+                            main_loop=main_loop(sass),
                             config={k: str(v) for k, v in constants.items() if k.isupper()}))
     return results
 
@@ -260,7 +302,23 @@ def run_in_subprocess(family: str) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
+def report(results: list[dict]) -> str:
+    """A markdown table of the builds: resources, programs an SM, pipeline buffers and the main loop's mix."""
+    lines = ["| kernel | config | warps | stages | registers | spilled | shared KB | programs an SM | buffers |"
+             " main loop: instructions / MMAs / shared loads (one-byte) / conversions |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        config = " ".join(f"{k}={v}" for k, v in r["config"].items()
+                          if k.startswith(("BLOCK", "FP8", "TMA", "SWAP", "PIECES", "FP16")) and v not in ("False", "None"))
+        buffers = " ".join(f"{depth}x{tile}" for tile, depth in r["tile_buffers"].items()) or "-"
+        loop = r["main_loop"]
+        mix = (f"{loop['instructions']} / {loop['mma']} / {loop['shared loads']} ({loop['byte shared loads']}) / "
+               f"{loop['conversions']}") if loop else "-"
+        lines.append(f"| {r['kernel']} | {config} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+                     f"{r['spill_bytes']} | {r['shared'] // 1024} | {r['resident']} | {buffers} | {mix} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `--report`: a markdown table rather than the tests' JSON line
     targets, launch_all = FAMILIES[sys.argv[1]]
     launches = record(targets)
     # launched as on a Hopper-class GPU, where the launches ask for programmatic dependent launch (the
@@ -268,4 +326,4 @@ if __name__ == "__main__":
     launch.hopper_class = lambda device: True
     mla_decode.num_sms = lambda device: 132  # an H100 / H200's: the split counts and warps the GPU gets
     launch_all()
-    print(json.dumps(build(launches)))
+    print(report(build(launches)) if "--report" in sys.argv else json.dumps(build(launches)))
