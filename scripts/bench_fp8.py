@@ -121,8 +121,8 @@ def mla_inputs(N: int, L: int, H: int = 16, R: int = 512, P: int = 64, B: int = 
 
 
 MLA_SHAPES = [(1, 1024), (32, 1152), (256, 1152)]
-# (TMA, warps, tokens a tile, dots in fp16): e4m3 widened to bf16 instead, read with pointers, builds without
-# spills in 4 warps (the sm_90 build; 64-112 spilled bytes for the other 4-warp, 32-token variants)
+# (TMA, warps, tokens a tile, dots in fp16); the last three widen e4m3 to bf16 instead (the sm_90 build: 4 warps
+# spill a few bytes there, none with fp16 dots since the latent is read in pairs)
 MLA_GRID = [(tma, warps, block_n, True) for tma in (False, True)
             for warps, block_n in ((8, 32), (4, 32), (4, 16), (8, 16))]
 MLA_GRID += [(False, 4, 32, False), (True, 4, 32, False), (True, 8, 32, False)]

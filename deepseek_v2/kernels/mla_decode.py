@@ -12,8 +12,14 @@ their log-sum-exp (kernels/mla_merge.py; for few sequences, and W_UV given, the 
 W_UV). No host synchronisation: the launch is CUDA-graph capturable for fixed shapes.
 
 An FP8 cache (uint8 blocks: each token's R + P e4m3 values, then the tokens' fp32 scales,
-kernels/fp8.py) is read as e4m3 and widened to the query's dtype (exact); a token's scale multiplies its
+kernels/fp8.py) is widened in registers to the query's dtype (exact); a token's scale multiplies its
 scores after the dot and its softmax weight before the value dot, so no tile is ever dequantized in memory.
+Its latent is read as 16-bit pairs of e4m3 values (a token's columns 2j and 2j + 1) and attended as two
+interleaved halves, even columns and odd, each with its own accumulator: `ldmatrix` then moves the tiles
+into both dots' layouts as it does bf16 tiles, where one-byte values took a shared-memory load each for the
+value dot, whose K runs across tokens (sm_90 build: 633 instructions a tile a thread against 985, 221
+registers and no spills against 255 and 72 spilled bytes; docs/fp8.md, "MLA decode over the FP8 cache in
+pairs").
 
 Letters: N sequences, H heads, R kv_lora_rank, P qk_rope_head_dim, S kv splits.
 """
@@ -33,13 +39,14 @@ from .mla_merge import _split_len, merge, merge_and_project
 _LOG2E = 1.4426950408889634
 # Tokens per tile: SGLang's choice for MLA on Hopper. With 4 warps, sm_90 builds of the bf16 kernel
 # take ~210 registers (two programs per SM) and no spills; fp32 needs the smaller tile to not spill. An
-# FP8 cache (its tiles widened in registers) takes more: _FP8_CACHE_BLOCK_N.
+# FP8 cache: _FP8_CACHE_BLOCK_N.
 _BLOCK_N = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
 # An FP8 cache with bf16 / fp16 queries: 32-token tiles in 8 warps while the programs fit one an SM, in 4
-# warps past that (two programs an SM: 8 warps take 212 registers a thread, so one a SM; 4 take 255 and
-# spill 72 bytes). On an H200 (us, 1,152-token sequences, tiles through TMA): 256 sequences 138.7 in 4
-# warps against 209.2 in 8; 32 sequences 27.1 against 36.4; one 1K-token sequence, no TMA, 12.0 in 8
-# against 12.6 in 4 (docs/fp8.md, "MLA decode over the FP8 cache through TMA").
+# warps past that (two programs an SM). With the latent read byte by byte (before its pairs) 8 warps took
+# 212 registers a thread, so one program an SM, and 4 took 255 and spilled 72 bytes; on an H200 (us,
+# 1,152-token sequences, tiles through TMA) 256 sequences 138.7 in 4 warps against 209.2 in 8, 32 sequences
+# 27.1 against 36.4, one 1K-token sequence, no TMA, 12.0 in 8 against 12.6 in 4 (docs/fp8.md, "MLA decode
+# over the FP8 cache through TMA"). In pairs, 152 and 221 registers, no spills; not yet timed.
 _FP8_CACHE_BLOCK_N = 32
 _BLOCK_H = 16                # heads per program; V2-Lite: all 16 heads in one program
 _PROGRAMS_PER_SM = 2         # what fits at once (registers); the split count aims at one full wave
@@ -73,21 +80,23 @@ PREFETCH_CACHE = True
 # comes from a load in the same loop (the block table), and Triton 3.6's pipeliner shares num_stages between
 # that load and the tile's: num_stages 2 to 4 all give one buffer (the next tile's copy is issued after this
 # tile's dots, so each tile waits out most of its own latency), 5 gives two, 7 three (the sm_90 build test
-# checks the depth). An FP8 cache's latent read with pointers is not pipelined at any depth (its tile feeds two
-# register layouts). 1: num_stages 2, the launch every timing so far used; 2 and 3 are built and tested but
+# checks the depth). 1: num_stages 2, the launch every timing so far used; 2 and 3 are built and tested but
 # not yet timed (`scripts/bench_fp8.py --mla-sweep`).
 TILE_BUFFERS = 1
 
 
 @triton.jit
-def _attend_tile(q, q_pe, c, pe, mask_t, score_scale, weight_scale, m_i, l_i, acc, sm_scale_log2,
-                 SCALE_SCORES: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One tile of BLOCK_N tokens into the online softmax: scores q c^T + q_pe pe^T (times score_scale
-    per token where SCALE_SCORES: an FP8 cache's scales), tokens outside mask_t dropped, and the latent
-    c as the value (the softmax weights times weight_scale per token where SCALE_WEIGHTS)."""
+def _attend_tile(q, q_odd, q_pe, c, c_odd, pe, mask_t, score_scale, weight_scale, m_i, l_i, acc, acc_odd,
+                 sm_scale_log2, FP8_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N tokens into the online softmax: scores q c^T + q_pe pe^T, tokens outside mask_t
+    dropped, and the latent c as the value. FP8_CACHE: the latent in halves, q and c its even columns
+    (acc their output), q_odd and c_odd its odd ones (acc_odd), and the tokens' scales on the scores
+    (score_scale) and on the softmax weights (weight_scale); otherwise q_odd, c_odd and acc_odd are unused."""
     qk = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+    if FP8_CACHE:
+        qk = tl.dot(q_odd, tl.trans(c_odd), acc=qk, input_precision=DOT_PRECISION)
     qk = tl.dot(q_pe, tl.trans(pe), acc=qk, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-    if SCALE_SCORES:
+    if FP8_CACHE:
         qk = qk * score_scale[None, :]
     qk = tl.where(mask_t[None, :], qk * sm_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile holds a valid token
@@ -95,10 +104,11 @@ def _attend_tile(q, q_pe, c, pe, mask_t, score_scale, weight_scale, m_i, l_i, ac
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    if SCALE_WEIGHTS:
+    if FP8_CACHE:
         p = p * weight_scale[None, :]
+        acc_odd = tl.dot(p.to(c.dtype), c_odd, acc=acc_odd * alpha[:, None], input_precision=DOT_PRECISION)
     acc = tl.dot(p.to(c.dtype), c, acc=acc, input_precision=DOT_PRECISION)  # latent is the value
-    return m_new, l_i, acc
+    return m_new, l_i, acc, acc_odd
 
 
 @triton.jit
@@ -141,28 +151,40 @@ def _prefetch_piece(kv_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_spli
 
 
 @triton.jit
+def _widen_pairs(pairs, dtype: tl.constexpr, ASM: tl.constexpr):
+    """uint16 pairs of e4m3 values (a token's latent columns 2j, 2j + 1) -> (even, odd) in dtype, exactly.
+    ASM (fp16 on the GPU): a byte permute and two e4m3x2 -> f16x2 conversions for each two pairs."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 e, o; prmt.b32 t, $2, 0, 0x3120; mov.b32 {e, o}, t; "
+            "cvt.rn.f16x2.e4m3x2 $0, e; cvt.rn.f16x2.e4m3x2 $1, o; }",
+            "=r,=r,r", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    even = (pairs & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(dtype)
+    odd = (pairs >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(dtype)
+    return even, odd
+
+
+@triton.jit
 def _widen_tile(c, pe, kv_ptr, block_start, offs_t, mask_t, q_dtype: tl.constexpr, q_unscale, R: tl.constexpr,
                 P: tl.constexpr, PAGE_SIZE: tl.constexpr, FP8_CACHE: tl.constexpr, FP16_DOTS: tl.constexpr,
                 UPCAST_DOT: tl.constexpr):
-    """A tile as the dots take it: (c, pe, score_scale, token_scale). An FP8 cache's e4m3 values widened
-    to the queries' dtype (exactly), and its tokens' scales (block_start: their block's first byte) for
-    after the score dot (with the queries' power of two where FP16_DOTS) and on the softmax weights before
-    the value dot; other caches as they are, scales 1. UPCAST_DOT (the interpreter): fp32 where the dots
-    would take bf16."""
-    if UPCAST_DOT and not FP16_DOTS:
-        c = c.to(tl.float32)
-        pe = pe.to(tl.float32)
-    elif FP8_CACHE:
-        c = c.to(q_dtype)
-        pe = pe.to(q_dtype)
+    """A tile as the dots take it: (c, c_odd, pe, score_scale, token_scale). An FP8 cache's latent pairs
+    (uint16) widened to the queries' dtype in its even and odd columns, its rope key widened, and its
+    tokens' scales (block_start: their block's first byte) for after the score dot (with the queries' power
+    of two where FP16_DOTS) and on the softmax weights before the value dot; other caches as they are (c_odd
+    unused), scales 1. UPCAST_DOT (the interpreter): fp32 where the dots would take bf16."""
+    dtype: tl.constexpr = tl.float32 if UPCAST_DOT and not FP16_DOTS else q_dtype
+    c_odd = c  # (unused but for an FP8 cache)
     if FP8_CACHE:
+        c, c_odd = _widen_pairs(c, dtype, FP16_DOTS and not UPCAST_DOT)
         scales = (kv_ptr + block_start + PAGE_SIZE * (R + P)).to(tl.pointer_type(tl.float32))
         token_scale = tl.load(scales + offs_t % PAGE_SIZE, mask=mask_t, other=0.0)
         score_scale = token_scale * q_unscale
     else:
+        c = c.to(dtype)
         token_scale = 1.0  # (unused)
         score_scale = 1.0
-    return c, pe, score_scale, token_scale
+    return c, c_odd, pe.to(dtype), score_scale, token_scale
 
 
 # Triton compiles a variant per pattern of the integer arguments (1, a multiple of 16, other); those
@@ -175,7 +197,7 @@ def _mla_decode_split_kernel(
     stride_ql_n, stride_ql_h, stride_qp_n, stride_qp_h,
     stride_kv_block, stride_kv_tok, stride_bt_n,
     stride_o_n, stride_o_h,
-    R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
     FP16_DOTS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr = False,
@@ -218,10 +240,14 @@ def _mla_decode_split_kernel(
     elif UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
+    q_odd = q  # (unused but for an FP8 cache)
+    if FP8_CACHE:  # its latent in halves (BLOCK_C columns each): even columns, odd ones
+        q, q_odd = tl.split(tl.reshape(q, [BLOCK_H, BLOCK_C, 2]))
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
-    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    acc_odd = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # (an FP8 cache's odd columns)
     # TMA: the whole tiles through the tensor-memory accelerator (a tile lies in one page: BLOCK_N divides
     # PAGE_SIZE), the last partial tile with pointers, whose masked loads read its tokens past the end as 0
     whole_end = start
@@ -230,29 +256,39 @@ def _mla_decode_split_kernel(
         for tile_start in range(start, whole_end, BLOCK_N):
             page = tl.load(block_tables_ptr + seq * stride_bt_n + tile_start // PAGE_SIZE)
             in_page = tile_start % PAGE_SIZE
-            c = tl.reshape(c_desc.load([page, in_page, 0]), [BLOCK_N, BLOCK_R])
+            c = tl.reshape(c_desc.load([page, in_page, 0]), [BLOCK_N, BLOCK_C])
             pe = tl.reshape(pe_desc.load([page, in_page, R]), [BLOCK_N, BLOCK_P])
             offs_t = tile_start + tl.arange(0, BLOCK_N)
-            c, pe, score_scale, token_scale = _widen_tile(c, pe, kv_ptr, page.to(tl.int64) * stride_kv_block, offs_t,
-                                                          offs_t < end, q.dtype, q_unscale, R, P, PAGE_SIZE,
-                                                          FP8_CACHE, FP16_DOTS, UPCAST_DOT)
-            m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, offs_t < end, score_scale, token_scale, m_i, l_i, acc,
-                                         sm_scale_log2, FP8_CACHE, FP8_CACHE, DOT_PRECISION)
+            c, c_odd, pe, score_scale, token_scale = _widen_tile(
+                c, pe, kv_ptr, page.to(tl.int64) * stride_kv_block, offs_t, offs_t < end, q.dtype, q_unscale, R, P,
+                PAGE_SIZE, FP8_CACHE, FP16_DOTS, UPCAST_DOT)
+            m_i, l_i, acc, acc_odd = _attend_tile(q, q_odd, q_pe, c, c_odd, pe, offs_t < end, score_scale,
+                                                  token_scale, m_i, l_i, acc, acc_odd, sm_scale_log2, FP8_CACHE,
+                                                  DOT_PRECISION)
     for tile_start in range(whole_end, end, BLOCK_N):
         offs_t = tile_start + tl.arange(0, BLOCK_N)
         mask_t = offs_t < end
         block_start, row = _cache_rows(block_tables_ptr, seq, stride_bt_n, offs_t, mask_t, stride_kv_block,
                                        stride_kv_tok, R, P, PAGE_SIZE, FP8_CACHE)      # [BLOCK_N] each
-        values = kv_ptr.to(tl.pointer_type(tl.float8e4nv)) if FP8_CACHE else kv_ptr
-        c = tl.load(values + row[:, None] + offs_r[None, :],
-                    mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
-        pe = tl.load(values + row[:, None] + R + offs_p[None, :],
-                     mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
-        c, pe, score_scale, token_scale = _widen_tile(c, pe, kv_ptr, block_start, offs_t, mask_t, q.dtype, q_unscale,
-                                                      R, P, PAGE_SIZE, FP8_CACHE, FP16_DOTS, UPCAST_DOT)
-        m_i, l_i, acc = _attend_tile(q, q_pe, c, pe, mask_t, score_scale, token_scale, m_i, l_i, acc,
-                                     sm_scale_log2, FP8_CACHE, FP8_CACHE, DOT_PRECISION)
+        if FP8_CACHE:  # the latent's e4m3 pairs (a row starts at an even byte), then the rope key's values
+            offs_c = tl.arange(0, BLOCK_C)
+            c = tl.load(kv_ptr.to(tl.pointer_type(tl.uint16)) + row[:, None] // 2 + offs_c[None, :],
+                        mask=mask_t[:, None] & (offs_c < R // 2)[None, :], other=0)   # [BLOCK_N, BLOCK_C]
+            pe = tl.load(kv_ptr.to(tl.pointer_type(tl.float8e4nv)) + row[:, None] + R + offs_p[None, :],
+                         mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
+        else:
+            c = tl.load(kv_ptr + row[:, None] + offs_r[None, :],
+                        mask=mask_t[:, None] & mask_r[None, :], other=0.0)         # [BLOCK_N, BLOCK_R]
+            pe = tl.load(kv_ptr + row[:, None] + R + offs_p[None, :],
+                         mask=mask_t[:, None] & mask_p[None, :], other=0.0)        # [BLOCK_N, BLOCK_P]
+        c, c_odd, pe, score_scale, token_scale = _widen_tile(c, pe, kv_ptr, block_start, offs_t, mask_t, q.dtype,
+                                                             q_unscale, R, P, PAGE_SIZE, FP8_CACHE, FP16_DOTS,
+                                                             UPCAST_DOT)
+        m_i, l_i, acc, acc_odd = _attend_tile(q, q_odd, q_pe, c, c_odd, pe, mask_t, score_scale, token_scale, m_i,
+                                              l_i, acc, acc_odd, sm_scale_log2, FP8_CACHE, DOT_PRECISION)
 
+    if FP8_CACHE:  # the even and odd columns back in order
+        acc = tl.reshape(tl.join(acc, acc_odd), [BLOCK_H, BLOCK_R])
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty range (DIRECT_OUT, length 0): zeros
     if DIRECT_OUT:  # a single split: write the final output, no merge
         tl.store(out_ptr + seq * stride_o_n + offs_h[:, None] * stride_o_h + offs_r[None, :],
@@ -289,20 +325,24 @@ def _default_num_splits(device, programs: int, max_seq_len: int) -> int:
     return max(1, min(want, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
-def _tma_values(kv_cache: torch.Tensor, R: int, P: int) -> torch.Tensor:
-    """The cache's values as tensor descriptors address them: a float cache itself; an FP8 cache's e4m3
-    values, [blocks, block_size, R + P] with each block's scales left out (a view)."""
+def _tma_views(kv_cache: torch.Tensor, R: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as tensor descriptors address it, (latent, rope key): a float cache itself, twice; an FP8
+    cache's values with each block's scales left out (views): the latent as uint16 pairs of e4m3 values,
+    [blocks, block_size, (R + P) / 2], the rope key as e4m3, [blocks, block_size, R + P]."""
     if kv_cache.dtype != torch.uint8:
-        return kv_cache
+        return kv_cache, kv_cache
     blocks, block_size, width = kv_cache.shape
-    return kv_cache.view(FP8).as_strided((blocks, block_size, R + P), (block_size * width, R + P, 1))
+    values = kv_cache.view(FP8).as_strided((blocks, block_size, R + P), (block_size * width, R + P, 1))
+    pairs = kv_cache.view(torch.uint16).as_strided((blocks, block_size, (R + P) // 2),
+                                                   (block_size * width // 2, (R + P) // 2, 1))
+    return pairs, values
 
 
 def _tma_fits(kv_cache: torch.Tensor, R: int, P: int, block_n: int) -> bool:
     """Tensor descriptors can read this cache's tiles whole: R and P powers of two (a tile's widths), a
-    tile inside one page, 16-byte aligned start and strides (of an FP8 cache's values: _tma_values)."""
+    tile inside one page, 16-byte aligned start and strides (of an FP8 cache's views: _tma_views)."""
     return (R & (R - 1) == 0 and P & (P - 1) == 0 and kv_cache.shape[1] % block_n == 0
-            and tma_aligned(_tma_values(kv_cache, R, P)))
+            and all(tma_aligned(view) for view in _tma_views(kv_cache, R, P)))
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -316,7 +356,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
     (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype, or an FP8
-    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous;
+    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous, R+P even;
     block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
@@ -344,6 +384,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                          f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P}, +4 for FP8)")
     if fp8 and not kv_cache.is_contiguous():
         raise ValueError("mla_decode: an FP8 kv_cache must be contiguous (its blocks' values, then their scales)")
+    if fp8 and (R + P) % 2:  # its latent is read in 16-bit pairs of values
+        raise ValueError(f"mla_decode: an FP8 kv_cache needs an even R + P, got {R} + {P}")
     if block_tables.dim() != 2 or block_tables.shape[0] != N or seq_lens.shape != (N,):
         raise ValueError(f"mla_decode: expected block_tables [{N}, max_blocks] and seq_lens [{N}];"
                          f" got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
@@ -403,10 +445,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError(f"mla_decode: tma needs power-of-two R and P, block_n dividing the"
                          f" block size ({block_size}) and 16-byte aligned rows; got R={R}, P={P}, block_n={block_n},"
                          f" {kv_cache.dtype}")
-    if tma:  # the latent and the rope key of BLOCK_N tokens of one page a load
-        values = _tma_values(kv_cache, R, P)
-        c_desc = TensorDescriptor.from_tensor(values, [1, block_n, R])
-        pe_desc = TensorDescriptor.from_tensor(values, [1, block_n, P])
+    block_c = block_r // 2 if fp8 else block_r  # an FP8 cache's latent in halves: even columns, odd ones
+    if tma:  # the latent and the rope key of BLOCK_N tokens of one page a load (an FP8 latent in pairs)
+        latent, rope = _tma_views(kv_cache, R, P)
+        c_desc = TensorDescriptor.from_tensor(latent, [1, block_n, R // 2 if fp8 else R])
+        pe_desc = TensorDescriptor.from_tensor(rope, [1, block_n, P])
     else:
         c_desc = pe_desc = kv_cache  # unused
 
@@ -416,7 +459,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        R=R, P=P, BLOCK_R=block_r, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
+        R=R, P=P, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_P=block_p, PAGE_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_N=block_n, DIRECT_OUT=num_kv_splits == 1 and not project_in_merge, UPCAST_DOT=on_cpu, FP8_CACHE=fp8,
         FP16_DOTS=fp16_dots, TMA=tma,
         **(dict(PREFETCH_CACHE=True, LINE=128 // kv_cache.element_size(),
