@@ -344,7 +344,9 @@ def test_mla_decode_rejects_bad_inputs(tk):
         dict(seq_lens=torch.tensor([5, 5], dtype=torch.int32)),             # wrong N
         dict(kv_cache=kv_cache.transpose(1, 2).contiguous().transpose(1, 2)),  # strided last dim
         dict(q_lat=q_lat.int()),
-        dict(q_pe=torch.randn(1, 2, 15), kv_cache=torch.zeros(2, 16, 32 + 15 + 4, dtype=torch.uint8)),  # FP8, odd R + P
+        dict(q_pe=torch.randn(1, 2, 15), kv_cache=torch.zeros(2, 16, 32 + 15 + 4, dtype=torch.uint8)),  # FP8, odd P
+        dict(q_lat=torch.randn(1, 2, 31), q_pe=torch.randn(1, 2, 17),                           # FP8, odd R
+             kv_cache=torch.zeros(2, 16, 31 + 17 + 4, dtype=torch.uint8)),
     ]
     for change in bad:
         args = dict(q_lat=q_lat, q_pe=q_pe, kv_cache=kv_cache, block_tables=block_tables, seq_lens=lens)

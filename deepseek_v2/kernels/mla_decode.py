@@ -356,7 +356,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 
     q_lat [N, H, R] and q_pe [N, H, P] (last dim contiguous), kv_cache [num_blocks, block_size, R+P]
     (last dim contiguous; a layer view of a bigger cache is fine), all one float dtype, or an FP8
-    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous, R+P even;
+    cache: uint8 [num_blocks, block_size, R+P+4] as kernels/fp8.py lays it out, contiguous, R and P even;
     block_tables [N, max_blocks] int32, seq_lens [N] int32 (0 gives zeros). num_kv_splits: how many
     pieces each sequence is cut into (None: from the SM count and max_seq_len); max_seq_len: an
     upper bound on seq_lens used only for that choice (None: max_blocks * block_size, the table's
@@ -384,8 +384,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                          f" kv_cache {tuple(kv_cache.shape)} (last dim must be R+P = {R + P}, +4 for FP8)")
     if fp8 and not kv_cache.is_contiguous():
         raise ValueError("mla_decode: an FP8 kv_cache must be contiguous (its blocks' values, then their scales)")
-    if fp8 and (R + P) % 2:  # its latent is read in 16-bit pairs of values
-        raise ValueError(f"mla_decode: an FP8 kv_cache needs an even R + P, got {R} + {P}")
+    if fp8 and (R % 2 or P % 2):  # its latent is read in 16-bit pairs of values, from 2-byte aligned rows
+        raise ValueError(f"mla_decode: an FP8 kv_cache needs even R and P, got R={R}, P={P}")
     if block_tables.dim() != 2 or block_tables.shape[0] != N or seq_lens.shape != (N,):
         raise ValueError(f"mla_decode: expected block_tables [{N}, max_blocks] and seq_lens [{N}];"
                          f" got {tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
