@@ -145,11 +145,12 @@ def bench_mla() -> None:
 def bench_mla_sweep() -> None:
     """MLA decode over the FP8 cache (16 heads, bf16 queries): its default launch and the grid of tile
     reads (pointers or TMA), warps, tokens a tile and the dots' dtype, beside the bf16 cache's default; then
-    both caches' default launches with more tiles in flight."""
+    both caches' default launches with more tiles in flight, and split as for a 4K-token max_model_len."""
     print("| sequences x tokens | bf16 cache | FP8 cache, default | " + " | ".join(
         [f"{'TMA' if tma else 'pointers'}, {w} warps, {n}-token tiles{'' if fp16 else ', bf16 dots'}"
-         for tma, w, n, fp16 in MLA_GRID] + [f"{cache} cache, {n} tiles in flight" for cache, n in MLA_BUFFERS]) + " |")
-    print("|---|---|---|" + "---|" * (len(MLA_GRID) + len(MLA_BUFFERS)), flush=True)
+         for tma, w, n, fp16 in MLA_GRID] + [f"{cache} cache, {n} tiles in flight" for cache, n in MLA_BUFFERS]
+        + [f"{cache} cache, split for 4K tokens" for cache in ("bf16", "fp8")]) + " |")
+    print("|---|---|---|" + "---|" * (len(MLA_GRID) + len(MLA_BUFFERS) + 2), flush=True)
     for N, L in MLA_SHAPES:
         caches, tables, lens, q_lat, q_pe = mla_inputs(N, L)
         cells = [graph_us(lambda: mla_decode(q_lat, q_pe, caches["bf16"], tables, lens, 0.1, max_seq_len=L)),
@@ -160,6 +161,9 @@ def bench_mla_sweep() -> None:
         for cache, n in MLA_BUFFERS:
             cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches[cache], tables, lens, 0.1, max_seq_len=L,
                                                      num_stages=2 * n + 1)))
+        for cache in ("bf16", "fp8"):  # the split count an engine with a 4K max_model_len launches (one-tile pieces
+            # at one sequence of 1K, where max_seq_len=L cuts 128-token pieces that more tiles in flight may serve)
+            cells.append(graph_us(lambda: mla_decode(q_lat, q_pe, caches[cache], tables, lens, 0.1, max_seq_len=4096)))
         print(f"| {N} x {L} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
 
 
