@@ -233,9 +233,9 @@ def main_loop(sass: str) -> dict:
 
 def resident_programs(registers: int, shared: int, warps: int) -> int:
     """Programs of one kernel an H100 / H200 SM holds at once: 64K registers (a warp's allocated in 256s),
-    228 KB of shared memory (1 KB of it reserved a program), 64 warps."""
+    228 KB of shared memory (1 KB of it reserved a program), 64 warps, 32 programs."""
     per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // (per_warp * warps), 228 * 1024 // (shared + 1024), 64 // warps)
+    return min(65536 // (per_warp * warps), 228 * 1024 // (shared + 1024), 64 // warps, 32)
 
 
 def build(launches) -> list[dict]:

@@ -80,8 +80,8 @@ PREFETCH_CACHE = True
 # comes from a load in the same loop (the block table), and Triton 3.6's pipeliner shares num_stages between
 # that load and the tile's: num_stages 2 to 4 all give one buffer (the next tile's copy is issued after this
 # tile's dots, so each tile waits out most of its own latency), 5 gives two, 7 three (the sm_90 build test
-# checks the depth). 1: num_stages 2, the launch every timing so far used; 2 and 3 are built and tested but
-# not yet timed (`scripts/bench_fp8.py --mla-sweep`).
+# checks the depth). 1: num_stages 2, the launch every timing so far used; 2 and 3 build without spills, but
+# their GPU tests (tests/gpu) have not run yet, nor their timing (`scripts/bench_fp8.py --mla-sweep`).
 TILE_BUFFERS = 1
 
 
