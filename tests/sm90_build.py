@@ -206,7 +206,8 @@ def waits_first(ptx: str) -> bool:
 # the SASS instruction classes main_loop counts (a class: the opcodes it starts with)
 LOOP_CLASSES = {"mma": ("HMMA", "HGMMA", "QGMMA"), "shared loads": ("LDS", "LDSM"), "byte shared loads": ("LDS.U8", "LDS.S8"),
                 "global loads": ("LDG", "LDGSTS", "UTMALDG"), "conversions": ("F2F", "I2F", "F2I"),
-                "spill traffic": ("STL", "LDL"), "shuffles": ("SHFL",), "barriers": ("BAR",)}
+                "spill traffic": ("STL", "LDL"), "shuffles": ("SHFL",), "barriers": ("BAR",),
+                "fp32 math": ("FFMA", "FMUL", "FADD")}
 
 
 def main_loop(sass: str) -> dict:

@@ -949,6 +949,17 @@ def test_kernels_build_for_sm90():
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}
+    # FP8 GEMMs whose tiles lie in one weight block row scale each K block's product by one value a row (the
+    # rows' scales times the block's): about one fp32 multiply-add an accumulator value a step, where scales
+    # taken an element (an fp32 multiply for the scale, another for the product) cost two
+    scaled_once = 0
+    for r in results:
+        c = r["config"]
+        if r["main_loop"] and (c.get("FP8_W") == "True" or (c.get("ONE_SCALE_ROW") == "True" and c["A_FP8"] == "True")):
+            acc = int(c["BLOCK_M"]) * int(c["BLOCK_N"]) * (2 if c.get("GATE_UP") == "True" else 1) // (32 * r["num_warps"])
+            assert r["main_loop"]["fp32 math"] <= 1.5 * acc, r
+            scaled_once += 1
+    assert scaled_once >= 10
     # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only
     assert {r["kernel"] for r in results if r["launch_pdl"]} == {r["kernel"] for r in results} - {"_combine_kernel"}
     for r in results:

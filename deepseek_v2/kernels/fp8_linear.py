@@ -131,9 +131,11 @@ def _plain_product(x_ptrs, p_ptr, offs_n, mask_m, N_PLAIN, K, first, last, strid
 @triton.jit
 def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
                  stride_xsm, stride_xsg, stride_sn, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_SCALE_ROW: tl.constexpr):
     """x's groups first..last-1 (e4m3 with scales xs if A_FP8, else quantized here) times the FP8 weight's
-    columns, each group's product scaled by the rows' and the weight block's scales, in fp32."""
+    columns, each group's product scaled by the rows' and the weight block's scales, in fp32.
+    ONE_SCALE_ROW: the tile's columns lie in one block row, scale_rows (a scalar): one weight scale a
+    group, so a multiply a row scales the product, not one an element (same numbers)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(first, last):
         k = g * GROUP + offs_k
@@ -145,8 +147,11 @@ def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, 
         else:
             x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                # [BLOCK_M, GROUP]
         w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
-        w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)     # [BLOCK_N]
-        acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
+        if ONE_SCALE_ROW:
+            acc += tl.dot(x_q, w) * (x_scale * tl.load(s_ptr + scale_rows * stride_sn + g))[:, None]
+        else:
+            w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)  # [BLOCK_N]
+            acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
     return acc
 
 
@@ -158,7 +163,7 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PIECES: tl.constexpr = 1, PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, ONE_SCALE_ROW: tl.constexpr, PIECES: tl.constexpr = 1, PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
@@ -169,7 +174,8 @@ def _fp8_linear_kernel(
     PIECES: then the number of pieces.
     HAS_PLAIN: N_PLAIN more output columns after the N of the FP8 weight (N a multiple of BLOCK_N, no
     col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN.
-    PREFETCH: the program's weight lines asked of L2 before the wait (launch.PREFETCH_WEIGHTS)."""
+    PREFETCH: the program's weight lines asked of L2 before the wait (launch.PREFETCH_WEIGHTS).
+    ONE_SCALE_ROW: every tile's columns lie in one 128-row weight block (no row_offset, BLOCK_N dividing 128)."""
     num_pid_n = tl.cdiv(N, BLOCK_N) + (tl.cdiv(N_PLAIN, BLOCK_N) if HAS_PLAIN else 0)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
     piece = tl.program_id(1)
@@ -179,7 +185,10 @@ def _fp8_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    scale_rows = (offs_n + row_offset) // GROUP                          # each column's weight block row
+    if ONE_SCALE_ROW:
+        scale_rows = (pid_n * BLOCK_N + row_offset) // GROUP             # the tile's weight block row
+    else:
+        scale_rows = (offs_n + row_offset) // GROUP                      # each column's weight block row
     offs_k = tl.arange(0, GROUP) - col_offset                            # group 0's columns (< 0: not ours)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -200,10 +209,11 @@ def _fp8_linear_kernel(
                                  BLOCK_M, BLOCK_N, UPCAST_DOT, DOT_PRECISION)
         else:
             acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first,
-                               last, stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
+                               last, stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS,
+                               ONE_SCALE_ROW)
     else:
         acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
-                           stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS)
+                           stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS, ONE_SCALE_ROW)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask_n = offs_n < width
@@ -372,7 +382,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
         SUM_ARRIVED=arrived is not None, PIECES=pieces if arrived is not None else 1,
         BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
-        UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
+        UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ONE_SCALE_ROW=r == 0 and BLOCK % cfg["BLOCK_N"] == 0, **cfg,
         **pdl_launch(x.device, M), **prefetch_launch(x.device, M),
     )
     if pieces > 1 and arrived is None:

@@ -45,17 +45,17 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
 
 
 @triton.jit
-def _accumulate(acc, a, b, a_scale, b_scale, FP8_W: tl.constexpr, SWAP_AB: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """acc + a @ b for a [rows, K] and b [K, columns]; FP8: the product scaled by the rows' scales a_scale
-    and the columns' weight-block scales b_scale. SWAP_AB: acc is [columns, rows] and gets b^T a^T, so that
+def _accumulate(acc, a, b, scale, FP8_W: tl.constexpr, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for a [rows, K] and b [K, columns]; FP8: the product scaled by scale [rows], the rows'
+    activation scales times the weight block's (one for the tile: its columns lie in one 128-row block,
+    so a multiply a row, not one an element). SWAP_AB: acc is [columns, rows] and gets b^T a^T, so that
     the weight's columns are the MMA's rows: Hopper's warpgroup MMA needs 64 of them, and decode's
     row blocks hold 16 or 32."""
     if FP8_W:
         if SWAP_AB:
-            acc += tl.dot(tl.trans(b), tl.trans(a)) * (b_scale[:, None] * a_scale[None, :])
+            acc += tl.dot(tl.trans(b), tl.trans(a)) * scale[None, :]
         else:
-            acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+            acc += tl.dot(a, b) * scale[:, None]
     elif SWAP_AB:
         acc = tl.dot(tl.trans(b), tl.trans(a), acc=acc, input_precision=DOT_PRECISION)
     else:
@@ -155,7 +155,7 @@ def _moe_gemm_kernel(
     a_ptrs = a_ptr + (rows // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     as_ptrs = as_ptr + (rows // A_ROW_DIV).to(tl.int64) * stride_asm                # FP8: the rows' scales
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
-    bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // BLOCK_K) * stride_bsn     # FP8: the columns' block rows
+    bs_ptrs = bs_ptr + expert * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn  # FP8: the tile's block row
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -179,13 +179,13 @@ def _moe_gemm_kernel(
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
             a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
-            b_scale = tl.load(bs_ptrs + k)
+            scale = a_scale * tl.load(bs_ptrs + k)
         else:
-            a_scale, b_scale = 1.0, 1.0  # (unused)
+            a_scale, scale = 1.0, 1.0  # (unused)
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-        acc = _accumulate(acc, a, b, a_scale, b_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+        acc = _accumulate(acc, a, b, scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
             if TMA:
                 b_up = tl.trans(b_desc.load([b_row + N, k * BLOCK_K]))
@@ -194,12 +194,12 @@ def _moe_gemm_kernel(
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None], other=0.0)
             if FP8_W:  # the up_proj's scales: its block rows follow the gate_proj's
-                up_scale = tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
+                up_scale = a_scale * tl.load(bs_ptrs + up_scale_row * stride_bsn + k)
             else:
                 up_scale = 1.0  # (unused)
                 if UPCAST_DOT:
                     b_up = b_up.to(tl.float32)
-            acc_up = _accumulate(acc_up, a, b_up, a_scale, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+            acc_up = _accumulate(acc_up, a, b_up, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if SWAP_AB:  # back to rows x columns for the epilogue
