@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8mla,buffers,fp8acc,abtree,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,buffers,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -113,6 +113,16 @@ if has abtree; then
       --workload mixed --json $(realpath "$OUT")/mixed-$name.json"
     step fixed-$name 150 bash -c "cd $tree && PYTHONPATH=. python3 -m deepseek_v2.cli bench $FP8_BENCH \
       --json $(realpath "$OUT")/fixed-$name.json"
+  done
+fi
+# ALT_TREE=DIR: the FP8 kernel table, then prefill and 256 sequences with FP8 weights, with this tree and with
+# DIR's, back to back (the FP8 GEMMs' one scale a row against the tree before it, docs/fp8.md)
+if has abfp8; then
+  for name in main alt main-again; do
+    tree=.; [ $name = alt ] && tree=${ALT_TREE:?set ALT_TREE to the other tree}
+    step fp8-kernels-$name 90 bash -c "cd $tree && PYTHONPATH=. python3 scripts/bench_fp8.py"
+    step fp8-bench-$name 150 bash -c "cd $tree && PYTHONPATH=. python3 -m deepseek_v2.cli bench --shape v2-lite \
+      --batch-sizes 256 --prompt-len 1024 --output-len 256 --prefill-len 4096 --prefill-prompts 8 --quantization fp8"
   done
 fi
 has fp8kernels && step bench-fp8-kernels 70 python3 scripts/bench_fp8.py
