@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8mla,buffers,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,buffers,swaps,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -151,6 +151,19 @@ if has buffers; then
       done
     done
   done
+fi
+# FP8 weights, the swapped operands not yet timed (~5 min): the dense FP8 GEMM's one-row tiles on the warpgroup
+# MMA (fp8_linear.SWAP_AB_MAX_M) at batch 1, the MoE's 32-row tiles (moe.SWAP_AB_MAX_BLOCK_M) and the gate/up
+# GEMM storing the intermediate quantized (moe.QUANTIZE_INTER_MAX_TOKENS) at 256 sequences, each beside the default
+if has swaps; then
+  for i in 1 2; do
+    step swaps-1-default-$i 120 python3 -m deepseek_v2.cli bench $B1 --quantization fp8
+    step swaps-1-gemm-$i 120 python3 scripts/with_settings.py fp8_linear.SWAP_AB_MAX_M=16 -- bench $B1 --quantization fp8
+  done
+  step swaps-256-default 150 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+  step swaps-256-moe-32 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 -- bench $B256 --quantization fp8
+  step swaps-256-quantize-inter 150 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
+    -- bench $B256 --quantization fp8
 fi
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped

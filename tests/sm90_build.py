@@ -114,6 +114,9 @@ def launch_decode_kernels() -> None:
     # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
                       config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
+    swap_default, fp8_linear.SWAP_AB_MAX_M = fp8_linear.SWAP_AB_MAX_M, 16  # one row with swapped operands (off)
+    fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(1, 3072, 16, 132))
+    fp8_linear.SWAP_AB_MAX_M = swap_default
     # the weights asked of L2 before the wait (launch.PREFETCH_WEIGHTS): that launch, o_proj inside a block,
     # W_UV's product in the merge at one sequence
     prefetch_default, launch.PREFETCH_WEIGHTS = launch.PREFETCH_WEIGHTS, True

@@ -810,6 +810,35 @@ def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
         tk.fp8_linear.linear(x, w, None, s, plain_rows=plain[:, 1:])
 
 
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8, 9])  # cases with tiles inside one weight block row
+def test_fp8_linear_with_swapped_operands(tk, case, monkeypatch):
+    """SWAP_AB (the products as w^T x^T, so that Hopper's warpgroup MMA takes a few rows in e4m3): the
+    reference's product, as the unswapped kernel gives it; the default up to SWAP_AB_MAX_M rows, with plain
+    rows in the launch too; refused for a part whose tiles straddle two weight block rows."""
+    M, N, K, offset, bias, dtype, config = FP8_LINEAR_CASES[case]
+    w, s = fp8_matrix(N, K, offset, seed=case)
+    x = (torch.randn(M, K) * 4).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    config = dict(config or tk.fp8_linear.default_config(M, N, -(-K // 128)))
+    straight = tk.fp8_linear.linear(x, w, b, s, offset, config=dict(config, SWAP_AB=False))
+    swapped = tk.fp8_linear.linear(x, w, b, s, offset, config=dict(config, SWAP_AB=True))
+    assert_close(swapped, reference.linear(x, w, b, s, offset), dtype)
+    assert_close(swapped, straight, dtype)
+    launches = []
+    kernel = tk.fp8_linear._fp8_linear_kernel
+    monkeypatch.setattr(tk.fp8_linear, "_fp8_linear_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: launches.append(kwargs["SWAP_AB"]) or kernel[grid](*args, **kwargs))})())
+    monkeypatch.setattr(tk.fp8_linear, "SWAP_AB_MAX_M", 16)
+    w, s = fp8_matrix(128, K, seed=case)
+    plain = torch.randn(64, K).to(dtype) / K**0.5
+    y = tk.fp8_linear.linear(x[:1], w, None, s, plain_rows=plain)
+    assert_close(y, reference.linear(x[:1], w, None, s, plain_rows=plain), dtype)
+    assert launches == [True]
+    w_part, s_part = fp8_matrix(N, K, (64, 0))
+    with pytest.raises(ValueError, match="SWAP_AB"):
+        tk.fp8_linear.linear(x, w_part, None, s_part, (64, 0), config=dict(config, SWAP_AB=True))
+
+
 def test_fp8_linear_views_and_leading_dims(tk):
     """The weight as a row view of a fused matrix (fuse_rows), x [B, S, K]; without scales: F.linear."""
     w, s = fp8_matrix(256, 128, seed=9)
@@ -949,15 +978,17 @@ def test_kernels_build_for_sm90():
     assert {(r["config"]["FP8_W"], r["config"]["BLOCK_M"]) for r in results
             if r["kernel"] == "_moe_gemm_kernel" and r["config"]["SWAP_AB"] == "True"} >= {
         ("True", "16"), ("False", "16"), ("True", "32")}
+    assert any(r["kernel"] == "_fp8_linear_kernel" and r["config"]["SWAP_AB"] == "True" for r in results)
     # FP8 GEMMs whose tiles lie in one weight block row scale each K block's product by one value a row (the
     # rows' scales times the block's): about one fp32 multiply-add an accumulator value a step, where scales
     # taken an element (an fp32 multiply for the scale, another for the product) cost two
     scaled_once = 0
     for r in results:
         c = r["config"]
-        if r["main_loop"] and (c.get("FP8_W") == "True" or (c.get("ONE_SCALE_ROW") == "True" and c["A_FP8"] == "True")):
-            acc = int(c["BLOCK_M"]) * int(c["BLOCK_N"]) * (2 if c.get("GATE_UP") == "True" else 1) // (32 * r["num_warps"])
-            assert r["main_loop"]["fp32 math"] <= 1.5 * acc, r
+        fp8_gemm = c.get("FP8_W") == "True" or (c.get("ONE_SCALE_ROW") == "True" and c["A_FP8"] == "True")
+        if r["main_loop"] and fp8_gemm:
+            values = int(c["BLOCK_M"]) * int(c["BLOCK_N"]) * (2 if c.get("GATE_UP") == "True" else 1)
+            assert r["main_loop"]["fp32 math"] <= 1.5 * values // (32 * r["num_warps"]), r
             scaled_once += 1
     assert scaled_once >= 10
     # programmatic dependent launch at few rows: every kernel but the one built here for many tokens only

@@ -131,12 +131,18 @@ def _plain_product(x_ptrs, p_ptr, offs_n, mask_m, N_PLAIN, K, first, last, strid
 @triton.jit
 def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
                  stride_xsm, stride_xsg, stride_sn, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_SCALE_ROW: tl.constexpr):
+                 BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, ONE_SCALE_ROW: tl.constexpr,
+                 SWAP_AB: tl.constexpr = False):
     """x's groups first..last-1 (e4m3 with scales xs if A_FP8, else quantized here) times the FP8 weight's
     columns, each group's product scaled by the rows' and the weight block's scales, in fp32.
     ONE_SCALE_ROW: the tile's columns lie in one block row, scale_rows (a scalar): one weight scale a
-    group, so a multiply a row scales the product, not one an element (same numbers)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    group, so a multiply a row scales the product, not one an element (same numbers). SWAP_AB (with
+    ONE_SCALE_ROW): the products as w^T x^T, transposed back at the end, so that the warpgroup MMA, which
+    needs 64 rows, takes a few rows' tile with e4m3 operands."""
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(first, last):
         k = g * GROUP + offs_k
         mask_k = (k >= 0) & (k < K)
@@ -148,10 +154,16 @@ def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, 
             x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                # [BLOCK_M, GROUP]
         w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
         if ONE_SCALE_ROW:
-            acc += tl.dot(x_q, w) * (x_scale * tl.load(s_ptr + scale_rows * stride_sn + g))[:, None]
+            scale = x_scale * tl.load(s_ptr + scale_rows * stride_sn + g)                # [BLOCK_M]
+            if SWAP_AB:
+                acc += tl.dot(tl.trans(w), tl.trans(x_q)) * scale[None, :]
+            else:
+                acc += tl.dot(x_q, w) * scale[:, None]
         else:
             w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)  # [BLOCK_N]
             acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
+    if SWAP_AB:
+        acc = tl.trans(acc)
     return acc
 
 
@@ -164,7 +176,7 @@ def _fp8_linear_kernel(
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ONE_SCALE_ROW: tl.constexpr, PIECES: tl.constexpr = 1, PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """A_FP8: x is already e4m3 with scales xs [M, groups] (quantize_activation); else x in its float
     dtype, quantized here. Program axis 1: a piece of K, groups_per_piece groups of it; with several
@@ -210,10 +222,11 @@ def _fp8_linear_kernel(
         else:
             acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first,
                                last, stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS,
-                               ONE_SCALE_ROW)
+                               ONE_SCALE_ROW, SWAP_AB)
     else:
         acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first, last,
-                           stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS, ONE_SCALE_ROW)
+                           stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS,
+                           ONE_SCALE_ROW, SWAP_AB)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask_n = offs_n < width
@@ -264,6 +277,12 @@ SUM_PIECES_IN_GEMM = True
 _COUNTERS = 1 << 16    # arrival counters: the tiles of one GEMM
 _PROGRAMS_PER_SM = 2   # few rows: K is cut into pieces until about this many programs per SM
 SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout rules hold (None: never)
+# Launches of up to this many rows (decode's 16-row tiles) multiply with swapped operands, the weight's 64
+# columns as the MMA's rows, so that Hopper's warpgroup MMA takes e4m3 as it is (16 rows are below its 64;
+# unswapped, they run mma.sync with e4m3 widened to fp16 in registers), as the fused MoE's thin blocks do
+# (moe.SWAP_AB_MAX_BLOCK_M). sm_90 build, one row: 294 instructions a K step against 382, 75 registers against
+# 96. 0 (never) until timed on a GPU (`gpu_check.sh levers1`).
+SWAP_AB_MAX_M = 0
 # linear's plain_rows in the FP8 GEMM's launch where it can take them (decode's few rows); False: always a
 # second product beside it (cuBLAS for the bf16 kv_a_proj_with_mqa).
 PLAIN_ROWS_IN_LAUNCH = True
@@ -310,8 +329,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     launch; default_config picks it for few rows); with a config the Triton kernel always runs.
     plain_rows [N2, K] in x's dtype (reference.linear's contract): N2 more output columns, x times them
     unquantized; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
-    launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). No host
-    synchronisation.
+    launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). config's
+    SWAP_AB: the FP8 products as weight columns x rows (default up to SWAP_AB_MAX_M rows; tiles inside one
+    weight block row only). No host synchronisation.
     """
     if weight_scale_inv is None:
         return reference.linear(x, weight, bias, plain_rows=plain_rows)
@@ -368,6 +388,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     per_piece = cdiv(groups, cfg.get("PIECES", 1))
     pieces = cdiv(groups, per_piece)
     cfg = {k: v for k, v in cfg.items() if k not in ("FUSED", "PIECES")}
+    one_scale_row = r == 0 and BLOCK % cfg["BLOCK_N"] == 0
+    cfg["SWAP_AB"] = cfg.get("SWAP_AB", M <= SWAP_AB_MAX_M and one_scale_row)
+    if cfg["SWAP_AB"] and not one_scale_row:
+        raise ValueError(f"{name}: SWAP_AB needs tiles inside one weight block row (no block_offset row, BLOCK_N "
+                         f"dividing {BLOCK}); got block_offset {block_offset}, BLOCK_N {cfg['BLOCK_N']}")
     xq, xs = (x, y) if fused else quantize_activation(x, c)
     out = y if pieces == 1 else torch.empty(pieces, M, N + N2, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * (triton.cdiv(N, cfg["BLOCK_N"]) + triton.cdiv(N2, cfg["BLOCK_N"]))
@@ -383,7 +408,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         SUM_ARRIVED=arrived is not None, PIECES=pieces if arrived is not None else 1,
         BIAS_IN_SUM=bias is not None and pieces > 1, HAS_PLAIN=plain_rows is not None,
         UPCAST_DOT=x.device.type == "cpu", DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ONE_SCALE_ROW=r == 0 and BLOCK % cfg["BLOCK_N"] == 0, **cfg,
+        ONE_SCALE_ROW=one_scale_row, **cfg,
         **pdl_launch(x.device, M), **prefetch_launch(x.device, M),
     )
     if pieces > 1 and arrived is None:

@@ -136,6 +136,23 @@ def test_fp8_linear_with_plain_rows(M):
     assert torch.equal(again, y)
 
 
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("shape", [0, 1, 3, 5])  # shapes whose tiles lie in one weight block row
+def test_fp8_linear_with_swapped_operands(shape, M, monkeypatch):
+    """Decode's few rows with the weight's columns as the warpgroup MMA's rows (fp8_linear.SWAP_AB_MAX_M):
+    the reference's product, alone and with the bf16 plain rows in the launch."""
+    from deepseek_v2.kernels import fp8_linear
+    monkeypatch.setattr(fp8_linear, "SWAP_AB_MAX_M", 16)
+    N, K, offset = LINEAR_SHAPES[shape]
+    w, s = fp8_weight(N, K, seed=shape, offset=offset)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    poison_free_memory()
+    assert rel_error(linear(x, w, None, s, offset), reference.linear(x, w, None, s, offset)) < 1e-2
+    plain = (torch.randn(576, K, device=DEVICE) * K**-0.5).to(torch.bfloat16)
+    y = linear(x, w, None, s, plain_rows=plain)
+    assert rel_error(y, reference.linear(x, w, None, s, plain_rows=plain)) < 1e-2
+
+
 def test_fp8_linear_cuda_graph():
     w, s = fp8_weight(3072, 2048, seed=11)
     x = torch.randn(4, 2048, device=DEVICE, dtype=torch.bfloat16)
