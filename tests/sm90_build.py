@@ -309,14 +309,15 @@ def run_in_subprocess(family: str) -> list[dict]:
 def report(results: list[dict]) -> str:
     """A markdown table of the builds: resources, programs an SM, pipeline buffers and the main loop's mix."""
     lines = ["| kernel | config | warps | stages | registers | spilled | shared KB | programs an SM | buffers |"
-             " main loop: instructions / MMAs / shared loads (one-byte) / conversions |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " main loop: instructions / MMAs / shared loads (one-byte) / conversions / fp32 math |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         config = " ".join(f"{k}={v}" for k, v in r["config"].items()
                           if k.startswith(("BLOCK", "FP8", "TMA", "SWAP", "PIECES", "FP16")) and v not in ("False", "None"))
         buffers = " ".join(f"{depth}x{tile}" for tile, depth in r["tile_buffers"].items()) or "-"
         loop = r["main_loop"]
         mix = (f"{loop['instructions']} / {loop['mma']} / {loop['shared loads']} ({loop['byte shared loads']}) / "
-               f"{loop['conversions']}") if loop else "-"
+               f"{loop['conversions']} / {loop['fp32 math']}") if loop else "-"
         lines.append(f"| {r['kernel']} | {config} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
                      f"{r['spill_bytes']} | {r['shared'] // 1024} | {r['resident']} | {buffers} | {mix} |")
     return "\n".join(lines)
