@@ -53,6 +53,25 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def accumulate(acc, a, b, scale, FP8_W: tl.constexpr, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for a [rows, K] and b [K, columns]; FP8_W: the product scaled by scale [rows], the rows'
+    activation scales times the weight block's (one for the tile: its columns lie in one 128-row block,
+    so a multiply a row, not one an element). SWAP_AB: acc is [columns, rows] and gets b^T a^T, so that
+    the weight's columns are the MMA's rows: Hopper's warpgroup MMA needs 64 of them, and decode's
+    row blocks hold 16 or 32. Shared with the fused MoE."""
+    if FP8_W:
+        if SWAP_AB:
+            acc += tl.dot(tl.trans(b), tl.trans(a)) * scale[None, :]
+        else:
+            acc += tl.dot(a, b) * scale[:, None]
+    elif SWAP_AB:
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc=acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, M_PAD, K, K_PAD, col_offset, stride_xm, stride_qm, stride_sm, stride_sg,
                      ROWS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
                      PDL: tl.constexpr = False):
@@ -154,11 +173,8 @@ def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, 
             x_q, x_scale = quantize_rows(x, FP8_MAX, EPS)                                # [BLOCK_M, GROUP]
         w = tl.load(w_ptrs + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [GROUP, BLOCK_N]
         if ONE_SCALE_ROW:
-            scale = x_scale * tl.load(s_ptr + scale_rows * stride_sn + g)                # [BLOCK_M]
-            if SWAP_AB:
-                acc += tl.dot(tl.trans(w), tl.trans(x_q)) * scale[None, :]
-            else:
-                acc += tl.dot(x_q, w) * scale[:, None]
+            acc = accumulate(acc, x_q, w, x_scale * tl.load(s_ptr + scale_rows * stride_sn + g), True, SWAP_AB,
+                             "tf32")  # (DOT_PRECISION: unused for e4m3)
         else:
             w_scale = tl.load(s_ptr + scale_rows * stride_sn + g, mask=mask_n, other=0.0)  # [BLOCK_N]
             acc += tl.dot(x_q, w) * (x_scale[:, None] * w_scale[None, :])
@@ -280,8 +296,8 @@ SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout 
 # Launches of up to this many rows (decode's 16-row tiles) multiply with swapped operands, the weight's 64
 # columns as the MMA's rows, so that Hopper's warpgroup MMA takes e4m3 as it is (16 rows are below its 64;
 # unswapped, they run mma.sync with e4m3 widened to fp16 in registers), as the fused MoE's thin blocks do
-# (moe.SWAP_AB_MAX_BLOCK_M). sm_90 build, one row: 294 instructions a K step against 382, 75 registers against
-# 96. 0 (never) until timed on a GPU (`gpu_check.sh levers1`).
+# (moe.SWAP_AB_MAX_BLOCK_M). sm_90 build, one row: 291 instructions a K step against 382, 77 registers against
+# 96. 0 (never) until timed on a GPU (`gpu_check.sh swaps`).
 SWAP_AB_MAX_M = 0
 # linear's plain_rows in the FP8 GEMM's launch where it can take them (decode's few rows); False: always a
 # second product beside it (cuBLAS for the bf16 kv_a_proj_with_mqa).

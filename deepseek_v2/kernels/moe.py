@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import BLOCK, EPS, FP8, FP8_MAX, cdiv
-from .fp8_linear import check_quantized_out, grouped_tile, quantize_activation, quantize_rows
+from .fp8_linear import accumulate, check_quantized_out, grouped_tile, quantize_activation, quantize_rows
 from .launch import (arrival_counters, hopper_class, pdl_launch, prefetch_l2, prefetch_launch, tma_aligned,
                      wait_for_prior_kernels)
 from .moe_align import MoeAlignment, moe_align
@@ -42,25 +42,6 @@ def _store_rows(c_ptr, acc, rows, mask_m, offs_n, N, stride_cm):
     """c[rows, offs_n] = acc in c's dtype, for the real rows and the columns < N."""
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
-
-
-@triton.jit
-def _accumulate(acc, a, b, scale, FP8_W: tl.constexpr, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b for a [rows, K] and b [K, columns]; FP8: the product scaled by scale [rows], the rows'
-    activation scales times the weight block's (one for the tile: its columns lie in one 128-row block,
-    so a multiply a row, not one an element). SWAP_AB: acc is [columns, rows] and gets b^T a^T, so that
-    the weight's columns are the MMA's rows: Hopper's warpgroup MMA needs 64 of them, and decode's
-    row blocks hold 16 or 32."""
-    if FP8_W:
-        if SWAP_AB:
-            acc += tl.dot(tl.trans(b), tl.trans(a)) * scale[None, :]
-        else:
-            acc += tl.dot(a, b) * scale[:, None]
-    elif SWAP_AB:
-        acc = tl.dot(tl.trans(b), tl.trans(a), acc=acc, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -106,7 +87,7 @@ def _moe_gemm_kernel(
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
     COMBINE: tl.constexpr,     # (down pass) also sum each token's TOPK rows into y [T, N] (+ add), as
     TOPK: tl.constexpr, HAS_ADD: tl.constexpr,  # _combine_kernel would: _sum_arrived_rows
-    SWAP_AB: tl.constexpr,     # the products as b^T a^T (_accumulate)
+    SWAP_AB: tl.constexpr,     # the products as b^T a^T (fp8_linear.accumulate)
     TMA: tl.constexpr,         # b's tiles through b_desc, a descriptor over b as [E * rows, K]
     QUANTIZE_OUT: tl.constexpr,  # (gate/up, BLOCK_N = 128) c in e4m3 with scales cs [rows, N / 128]:
                                  # quantize_activation of the rows rounded to y's dtype, one group a program
@@ -185,7 +166,7 @@ def _moe_gemm_kernel(
             if UPCAST_DOT:  # Triton 3.6's interpreter multiplies bf16 as raw uint16 bits
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-        acc = _accumulate(acc, a, b, scale, FP8_W, SWAP_AB, DOT_PRECISION)
+        acc = accumulate(acc, a, b, scale, FP8_W, SWAP_AB, DOT_PRECISION)
         if GATE_UP:
             if TMA:
                 b_up = tl.trans(b_desc.load([b_row + N, k * BLOCK_K]))
@@ -199,7 +180,7 @@ def _moe_gemm_kernel(
                 up_scale = 1.0  # (unused)
                 if UPCAST_DOT:
                     b_up = b_up.to(tl.float32)
-            acc_up = _accumulate(acc_up, a, b_up, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
+            acc_up = accumulate(acc_up, a, b_up, up_scale, FP8_W, SWAP_AB, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if SWAP_AB:  # back to rows x columns for the epilogue
