@@ -75,7 +75,7 @@ def launch_decode_kernels() -> None:
             moe.fused_moe(x, w13, w2, weights, ids)
             moe.fused_moe(x, fp8[0], fp8[1], weights, ids, fp8[2], fp8[3])
         swap_default = moe.SWAP_AB_MAX_BLOCK_M
-        moe.SWAP_AB_MAX_BLOCK_M = 32  # the thin tiers again, with swapped operands
+        moe.SWAP_AB_MAX_BLOCK_M = 0  # the thin tiers again, unswapped (mma.sync)
         for T in (16, 256):
             x, weights, ids = torch.empty(T, D, dtype=bf16), torch.ones(T, K), torch.zeros(T, K, dtype=torch.long)
             moe.fused_moe(x, w13, w2, weights, ids)
@@ -114,7 +114,7 @@ def launch_decode_kernels() -> None:
     # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
                       config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
-    swap_default, fp8_linear.SWAP_AB_MAX_M = fp8_linear.SWAP_AB_MAX_M, 16  # one row with swapped operands (off)
+    swap_default, fp8_linear.SWAP_AB_MAX_M = fp8_linear.SWAP_AB_MAX_M, 0  # one row unswapped (mma.sync), too
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(1, 3072, 16, 132))
     fp8_linear.SWAP_AB_MAX_M = swap_default
     # the weights asked of L2 before the wait (launch.PREFETCH_WEIGHTS): that launch, o_proj inside a block,

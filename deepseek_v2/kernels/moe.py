@@ -227,8 +227,10 @@ def _combine_kernel(out_ptr, add_ptr, y_ptr, D, K: tl.constexpr, HAS_ADD: tl.con
 # widen them to fp16 for mma.sync); 0: never. 16 (decode of up to ~170 V2-Lite sequences): on an H200,
 # batch-1 decode with FP8 weights 2.28 against 2.33 ms/token, 32 sequences with FP8 weights 5,126 against
 # 5,007 tokens/s in decode steps, bf16 within noise (docs/benchmarks.md, "Batch 1's attention in our
-# launches"). Not at 32: 256 V2-Lite decodes took 17,798 tokens/s with it against 17,648 (noise).
-SWAP_AB_MAX_BLOCK_M = 16
+# launches"). 32 (256 V2-Lite decodes' 32-row blocks too): with FP8 weights 22,910 and 22,995 tokens/s in
+# decode steps against 22,312 and 22,479 at 16 (same call, twice each: the FP8 tiles on wgmma with e4m3
+# operands, not widened on mma.sync); bf16 17,798 against 17,648 in an earlier call (noise).
+SWAP_AB_MAX_BLOCK_M = 32
 
 
 # FP8 experts: steps of up to this many tokens have the gate/up GEMM store the intermediate quantized (its
