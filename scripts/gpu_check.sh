@@ -152,16 +152,17 @@ if has buffers; then
     done
   done
 fi
-# FP8 weights, the swapped operands not yet timed (~5 min): the dense FP8 GEMM's one-row tiles on the warpgroup
-# MMA (fp8_linear.SWAP_AB_MAX_M) at batch 1, the MoE's 32-row tiles (moe.SWAP_AB_MAX_BLOCK_M) and the gate/up
-# GEMM storing the intermediate quantized (moe.QUANTIZE_INTER_MAX_TOKENS) at 256 sequences, each beside the default
+# FP8 weights, the swapped operands (~5 min; on by default since this step timed them): the default beside the
+# dense FP8 GEMM's one-row tiles unswapped (fp8_linear.SWAP_AB_MAX_M=0) at batch 1, the MoE's 32-row tiles
+# unswapped (moe.SWAP_AB_MAX_BLOCK_M=16) and the gate/up GEMM storing the intermediate quantized
+# (moe.QUANTIZE_INTER_MAX_TOKENS) at 256 sequences
 if has swaps; then
   for i in 1 2; do
     step swaps-1-default-$i 120 python3 -m deepseek_v2.cli bench $B1 --quantization fp8
-    step swaps-1-gemm-$i 120 python3 scripts/with_settings.py fp8_linear.SWAP_AB_MAX_M=16 -- bench $B1 --quantization fp8
+    step swaps-1-gemm-off-$i 120 python3 scripts/with_settings.py fp8_linear.SWAP_AB_MAX_M=0 -- bench $B1 --quantization fp8
   done
   step swaps-256-default 150 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
-  step swaps-256-moe-32 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=32 -- bench $B256 --quantization fp8
+  step swaps-256-moe-16 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=16 -- bench $B256 --quantization fp8
   step swaps-256-quantize-inter 150 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
     -- bench $B256 --quantization fp8
 fi
