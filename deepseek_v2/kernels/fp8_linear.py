@@ -297,8 +297,8 @@ SCALED_MM_MIN_M = 128  # from this many rows torch._scaled_mm, where its layout 
 # columns as the MMA's rows, so that Hopper's warpgroup MMA takes e4m3 as it is (16 rows are below its 64;
 # unswapped, they run mma.sync with e4m3 widened to fp16 in registers), as the fused MoE's thin blocks do
 # (moe.SWAP_AB_MAX_BLOCK_M). sm_90 build, one row: 291 instructions a K step against 382, 77 registers against
-# 96. On an H200, batch-1 decode with FP8 weights 1.85 ms/token with it against 1.88 without (three calls of
-# each, the same every time; docs/benchmarks.md, "Swapped operands on by default").
+# 96. On an H200, batch-1 decode with FP8 weights 1.85 ms/token with it in three runs against 1.88 without in
+# five (three calls; docs/benchmarks.md, "Swapped operands on by default").
 SWAP_AB_MAX_M = 16
 # linear's plain_rows in the FP8 GEMM's launch where it can take them (decode's few rows); False: always a
 # second product beside it (cuBLAS for the bf16 kv_a_proj_with_mqa).
