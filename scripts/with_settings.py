@@ -5,7 +5,8 @@ that is not (yet) the default against the default, in the same call.
         mla_decode.PROJECT_IN_MERGE_MAX_SEQS=8 -- bench --shape v2-lite --batch-sizes 1
 
 Each setting is MODULE.NAME=VALUE: MODULE a module of deepseek_v2/kernels, NAME an upper-case
-attribute it already has, VALUE a Python literal (a number, None, True, False). What follows `--` is
+attribute it already has, VALUE a Python literal (a number, None, True, False). A MODULE that starts
+with `deepseek_v2.` names any module, or a class in one: deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256. What follows `--` is
 the command line of `deepseek-v2`.
 """
 
@@ -24,11 +25,17 @@ def apply(setting: str) -> None:
     module_name, _, name = target.rpartition(".")
     if not module_name or not name.isupper() or not value:
         raise SystemExit(f"with_settings: expected MODULE.NAME=VALUE, got {setting!r}")
-    module = importlib.import_module(f"deepseek_v2.kernels.{module_name}")
-    if not hasattr(module, name):
-        raise SystemExit(f"with_settings: deepseek_v2.kernels.{module_name} has no setting {name}")
-    setattr(module, name, ast.literal_eval(value))
-    print(f"with_settings: deepseek_v2.kernels.{module_name}.{name} = {getattr(module, name)!r}", file=sys.stderr)
+    if not module_name.startswith("deepseek_v2."):
+        module_name = f"deepseek_v2.kernels.{module_name}"
+    owner_path, _, class_name = module_name.rpartition(".")
+    if class_name[:1].isupper():  # a class's attribute: deepseek_v2.moe.MoE.NAME
+        owner = getattr(importlib.import_module(owner_path), class_name)
+    else:
+        owner = importlib.import_module(module_name)
+    if not hasattr(owner, name):
+        raise SystemExit(f"with_settings: {module_name} has no setting {name}")
+    setattr(owner, name, ast.literal_eval(value))
+    print(f"with_settings: {module_name}.{name} = {getattr(owner, name)!r}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
