@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
-from .kernels.fp8 import BLOCK, FP8, cdiv, quantize_weight
+from .kernels.fp8 import BLOCK, quantized_buffers, quantize_weight
 from .parallel import SINGLE, TensorParallel, column_parallel, fuse_rows, row_parallel
 
 
@@ -42,12 +42,13 @@ class MLP(nn.Module):
         self.gate_up_scale: torch.Tensor | None = None  # its FP8 block scales
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate(x)) * up(x))."""
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)). x_fp8: x already quantized, for FP8 gate/up weights (the kernels'
+        linear's x_fp8)."""
         if self.gate_up_weight is None:
             gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
-            gate_up = self.kernels.linear(x, self.gate_up_weight, None, self.gate_up_scale)
+            gate_up = self.kernels.linear(x, self.gate_up_weight, None, self.gate_up_scale, x_fp8=x_fp8)
         return self.down_proj(self.kernels.silu_and_mul(gate_up))
 
     @torch.no_grad()
@@ -121,16 +122,17 @@ class RoutedExperts(nn.Module):
         self.kernels = REFERENCE
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                add: torch.Tensor | None = None) -> torch.Tensor:
+                add: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, D] -> sum over each token's K experts of weight * SwiGLU expert(x), [N, D]; with part
         of the experts, over those held here (a pick of another rank's expert gets the id -1). add
-        [N, D]: added to that sum (the shared experts' output: the kernels add it in their last launch)."""
+        [N, D]: added to that sum (the shared experts' output: the kernels add it in their last launch).
+        x_fp8: FP8 experts' input already quantized (by the router's launch), the kernels' moe's x_fp8."""
         held = self.gate_up_proj.shape[0]
         if held < self.num_experts:  # global ids -> this rank's, -1 for the rest
             local = topk_ids - self.first_expert
             topk_ids = torch.where((local >= 0) & (local < held), local, -1)
         return self.kernels.moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv, add)
+                                self.gate_up_proj_scale_inv, self.down_proj_scale_inv, add, x_fp8=x_fp8)
 
     @torch.no_grad()
     def to_fp8(self) -> None:
@@ -163,6 +165,12 @@ class MoE(nn.Module):
     # faster there. scripts/bench_moe_layer.py on an H200 (V2-Lite's layer, stacked against beside):
     # bf16 1.12x at 1 token, 1.03x at 16, 1.01x at 64, 0.96x at 128; FP8 1.30x, 1.11x, 1.11x, 1.01x.
     FUSED_SHARED_MAX_TOKENS = 64
+    # FP8 experts and shared experts, in steps of more tokens: x quantized once, by the router's launch (route's
+    # x_fp8), in the layout that torch._scaled_mm reads, for the routed experts' kernel and the shared
+    # experts' gate/up GEMM, where each quantized it in a launch of its own (two launches fewer a MoE layer
+    # at 256 decodes). Built, passes the interpreter's tests; off until timed on a GPU (scripts/gpu_check.sh
+    # router256).
+    SHARE_QUANTIZED_X = False
 
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -178,11 +186,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        stack = self.stack if self.stack is not None and x.shape[0] <= self.FUSED_SHARED_MAX_TOKENS else None
-        x_fp8 = None
-        if stack is not None and stack.gate_up_scale is not None:  # FP8 experts: the router quantizes x for them
-            x_fp8 = (torch.empty(x.shape, dtype=FP8, device=x.device),
-                     torch.empty(x.shape[0], cdiv(x.shape[1], BLOCK), dtype=torch.float32, device=x.device))
+        T = x.shape[0]
+        stack = self.stack if self.stack is not None and T <= self.FUSED_SHARED_MAX_TOKENS else None
+        x_fp8 = shared_x_fp8 = None
+        if self.experts.gate_up_proj_scale_inv is not None:  # FP8 experts: the router quantizes x for them
+            share = (stack is None and self.SHARE_QUANTIZED_X and self.shared_experts is not None
+                     and self.shared_experts.gate_up_scale is not None)  # and for the shared experts' GEMM
+            q, scales = quantized_buffers(T, x.shape[1], x.device, pad_rows=BLOCK if share else 1)
+            x_fp8 = (q[:T], scales[:T])
+            shared_x_fp8 = (q, scales) if share else None
         routing = self.gate(x, stack.num_shared if stack is not None else 0, x_fp8)
         if self.record_routing:
             K = self.args.num_experts_per_tok  # the routed picks only
@@ -192,8 +204,8 @@ class MoE(nn.Module):
                                          stack.gate_up_scale, stack.down_scale, x_fp8=x_fp8,
                                          num_shared=stack.num_shared)
         else:
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
-            y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared)  # routed + shared
+            shared = self.shared_experts(x, shared_x_fp8) if self.shared_experts is not None else None
+            y = self.experts(x, routing.topk_ids, routing.topk_weights, add=shared, x_fp8=x_fp8)  # routed + shared
         return self.tp.all_reduce(y).view(shape)  # routed and shared parts of every rank, summed once
 
     @torch.no_grad()

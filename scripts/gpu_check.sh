@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8mla,buffers,swaps,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,buffers,swaps,router256,more256,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -165,6 +165,33 @@ if has swaps; then
   step swaps-256-moe-16 150 python3 scripts/with_settings.py moe.SWAP_AB_MAX_BLOCK_M=16 -- bench $B256 --quantization fp8
   step swaps-256-quantize-inter 150 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
     -- bench $B256 --quantization fp8
+fi
+# 256 sequences' levers built without a GPU (docs/fp8.md, "The router in one launch and x quantized once at
+# 256 sequences"): their GPU tests, then 256 sequences, each against the default in the same call
+# (~9 min): the router in blocks of tokens (router.ROUTE_BLOCKS_MAX_TOKENS=512) in bf16 and FP8, and with
+# FP8 x quantized once for the MoE (MoE.SHARE_QUANTIZED_X) alone and with it. Step more256 (~8 min), FP8:
+# the shared experts inside the routed experts' kernel at 256 tokens, the gate/up GEMM storing the
+# intermediate quantized, and the Triton GEMM for the dense layers in place of cuBLAS's
+if has router256; then
+  step router256-tests 240 python3 -m pytest -q tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_fp8_gpu.py \
+    -k "route or quantized_once or x_once"
+  BLOCKS=router.ROUTE_BLOCKS_MAX_TOKENS=512 SHARE=deepseek_v2.moe.MoE.SHARE_QUANTIZED_X=True
+  step router256-bf16-default 120 python3 -m deepseek_v2.cli bench $B256
+  step router256-bf16-blocks 120 python3 scripts/with_settings.py $BLOCKS -- bench $B256
+  step router256-fp8-default 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+  step router256-fp8-blocks 120 python3 scripts/with_settings.py $BLOCKS -- bench $B256 --quantization fp8
+  step router256-fp8-share 120 python3 scripts/with_settings.py $SHARE -- bench $B256 --quantization fp8
+  step router256-fp8-both 120 python3 scripts/with_settings.py $BLOCKS $SHARE -- bench $B256 --quantization fp8
+fi
+if has more256; then
+  step more256-fp8-default 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+  step more256-fp8-fused-shared 120 python3 scripts/with_settings.py deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256 \
+    -- bench $B256 --quantization fp8
+  step more256-fp8-quantize-inter 120 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
+    -- bench $B256 --quantization fp8
+  step more256-fp8-triton-dense 120 python3 scripts/with_settings.py fp8_linear.SCALED_MM_MIN_M=None \
+    -- bench $B256 --quantization fp8
+  step more256-fp8-default-again 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
 fi
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped

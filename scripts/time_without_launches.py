@@ -67,7 +67,8 @@ real_linear = fp8_linear.linear
 _zeros: dict[tuple, torch.Tensor] = {}
 
 
-def no_fp8_gemm(x, weight, bias=None, weight_scale_inv=None, block_offset=(0, 0), *, plain_rows=None, config=None):
+def no_fp8_gemm(x, weight, bias=None, weight_scale_inv=None, block_offset=(0, 0), *, plain_rows=None, config=None,
+                x_fp8=None):
     """Zeros, not garbage (NaNs would route a token to no expert), made once a shape (in the warm-up)."""
     if weight_scale_inv is None:  # a bf16 weight: still multiplied
         return real_linear(x, weight, bias, plain_rows=plain_rows)

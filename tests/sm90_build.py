@@ -155,7 +155,7 @@ def launch_decode_kernels() -> None:
 
 def launch_fused_kernels() -> None:
     bf16 = torch.bfloat16
-    for T in (1, 16384):
+    for T in (1, 256, 16384):
         for D in (2048, 5120):
             x = torch.empty(T, D, dtype=bf16)
             norm.rms_norm(x, torch.empty(D, dtype=bf16), 1e-6)
@@ -167,8 +167,10 @@ def launch_fused_kernels() -> None:
                                         torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6, cache,
                                         torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
-        # V2-Lite's greedy router, V2's group-limited one: one launch at one token, cuBLAS and topk_softmax at 16384
+        # V2-Lite's greedy router, V2's group-limited one: one launch at one token (a program a token) and at 256
+        # (blocks of tokens), cuBLAS and topk_softmax at 16384
         router.GROUPED_IN_KERNEL = True  # built here whatever its setting
+        router.ROUTE_BLOCKS_MAX_TOKENS = 512
         for E, D, groups in ((64, 2048, None), (160, 5120, (8, 3))):
             router.route(torch.empty(T, D, dtype=bf16), torch.empty(E, D), 6, renormalize=True, num_shared=2,
                          groups=groups)

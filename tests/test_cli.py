@@ -230,13 +230,16 @@ def terminal_line(text: str) -> str:
 
 
 def test_with_settings_runs_a_command_with_kernel_settings_changed():
-    """scripts/with_settings.py (GPU benchmarks of paths not yet on by default): it sets what it is told,
-    refuses a setting the module does not have, then runs the command."""
+    """scripts/with_settings.py (GPU benchmarks of paths not yet on by default): it sets what it is told (a
+    kernel module's setting, or any deepseek_v2 module's or class's), refuses a setting the module does not
+    have, then runs the command."""
     script = [sys.executable, "scripts/with_settings.py"]
-    r = subprocess.run([*script, "moe.COMBINE_IN_GEMM_MAX_TOKENS=64", "prefill.TRITON_FROM_KEYS=None", "--", "info",
-                        "--shape", "v2-lite"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*script, "moe.COMBINE_IN_GEMM_MAX_TOKENS=64", "prefill.TRITON_FROM_KEYS=None",
+                        "deepseek_v2.moe.MoE.SHARE_QUANTIZED_X=True", "--", "info", "--shape", "v2-lite"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "moe.COMBINE_IN_GEMM_MAX_TOKENS = 64" in r.stderr and "15,706,484,224 total" in r.stdout
+    assert "deepseek_v2.moe.MoE.SHARE_QUANTIZED_X = True" in r.stderr
     r = subprocess.run([*script, "moe.NO_SUCH_SETTING=1", "--", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no setting NO_SUCH_SETTING" in r.stderr
 

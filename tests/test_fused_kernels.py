@@ -307,11 +307,13 @@ def test_group_limited_topk_softmax_matches_ref(tk, T, monkeypatch):
         tk.router.topk_softmax(torch.randn(3, 160), 6, True, groups=(7, 3))  # 160 is not 7 whole groups
 
 
-@pytest.mark.parametrize("T", [1, 5, 64, 65])
-def test_route_multiplies_in_fp32_and_routes(tk, T):
+@pytest.mark.parametrize("T", [1, 5, 64, 65, 513])
+def test_route_multiplies_in_fp32_and_routes(tk, T, monkeypatch):
     """route: the fp32 logits of bf16 x (up to 64 tokens in one launch whose last program per token
-    routes it; more through a GEMM and topk_softmax) within fp32 rounding of the reference's, and the
-    routing topk_softmax gives for them, shared experts' picks included; the arrival counts are zero after."""
+    routes it; with ROUTE_BLOCKS_MAX_TOKENS up to 512 in blocks of 16 tokens, a ragged last block; more
+    through a GEMM and topk_softmax) within fp32 rounding of the reference's, and the routing topk_softmax
+    gives for them, shared experts' picks included; the arrival counts are zero after."""
+    monkeypatch.setattr(tk.router, "ROUTE_BLOCKS_MAX_TOKENS", 512)
     torch.manual_seed(T)
     for E, D, k in [(64, 2048, 6), (20, 320, 3)]:  # 320: the last program's columns partly past D
         x = rows(T, D, torch.bfloat16, pad=3)
@@ -322,18 +324,19 @@ def test_route_multiplies_in_fp32_and_routes(tk, T):
         assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
         want_w, want_ids = reference.topk_softmax(logits, k, True, 1.0, num_shared=2)
         assert torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-6, atol=0)
-    assert not tk.launch.arrival_counters(x.device, "route", tk.router.ROUTE_MAX_TOKENS).any()
+    assert not tk.launch.arrival_counters(x.device, "route", tk.router._COUNTERS).any()
 
 
 @pytest.mark.parametrize("in_kernel", [False, True])
-@pytest.mark.parametrize("T", [1, 5, 65])
+@pytest.mark.parametrize("T", [1, 5, 65, 513])
 def test_route_quantizes_x_for_fp8_experts(tk, T, in_kernel, monkeypatch):
     """route's x_fp8: x quantized as fp8.quantize_activation does it, bit for bit (a ragged last group
-    too), by the router's own launch (QUANTIZE_X_IN_KERNEL, up to ROUTE_MAX_TOKENS tokens) or a quantize
-    launch beside it (65 tokens, or with the setting off); the routing the same as without x_fp8, and a
-    buffer of the wrong shape refused."""
+    too), by the router's own launch (QUANTIZE_X_IN_KERNEL: a token a program, or with
+    ROUTE_BLOCKS_MAX_TOKENS blocks of tokens from 65) or a quantize launch beside it (513 tokens, or with
+    the setting off); the routing the same as without x_fp8, and a buffer of the wrong shape refused."""
     from deepseek_v2.kernels import fp8
     monkeypatch.setattr(tk.router, "QUANTIZE_X_IN_KERNEL", in_kernel)
+    monkeypatch.setattr(tk.router, "ROUTE_BLOCKS_MAX_TOKENS", 512)
     torch.manual_seed(T)
     for E, D, k in [(64, 2048, 6), (20, 320, 3)]:  # 320: the last group 64 wide
         x = rows(T, D, torch.bfloat16, pad=3)

@@ -549,8 +549,9 @@ def test_fused_moe_fp8_gate_up_quantizes_the_intermediate_bit_for_bit(tk, shape,
 @pytest.mark.parametrize("shape", [(1, 8, 6, 256, 128), (3, 8, 2, 200, 256)])
 def test_fused_moe_fp8_reads_x_quantized_by_the_router(tk, shape, monkeypatch):
     """x_fp8 (x quantized by the router's launch): bit for bit the output of quantizing x in fused_moe,
-    with no quantize_activation launch of x's; refused for bf16 experts or a buffer of the wrong shape."""
-    from deepseek_v2.kernels.fp8 import quantize_activation
+    with no quantize_activation launch of x's, its scales row-major or M-major; refused for bf16 experts
+    or a buffer of the wrong shape."""
+    from deepseek_v2.kernels.fp8 import quantize_activation, quantized_buffers
     T, E, K, D, I = shape
     x, w13, w2, topk_weights, topk_ids = moe_inputs(T, E, K, D, I, torch.bfloat16, seed=T + D)
     q13, q2, s13, s2 = fp8_experts(w13.float(), w2.float())
@@ -561,6 +562,10 @@ def test_fused_moe_fp8_reads_x_quantized_by_the_router(tk, shape, monkeypatch):
     x_fp8 = quantize_activation(x)
     assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, x_fp8=x_fp8), apart)
     assert quantized == [(T * K, I)]  # the intermediate's only
+    q, scales = quantized_buffers(T, D, x.device, pad_rows=128)  # M-major scales (the shared experts' layout)
+    q[:T], scales[:T] = x_fp8
+    assert torch.equal(tk.moe.fused_moe(x, q13, q2, topk_weights, topk_ids, s13, s2, x_fp8=(q[:T], scales[:T])),
+                       apart)
     with pytest.raises(ValueError, match="x_fp8 is for FP8 experts"):
         tk.moe.fused_moe(x, w13, w2, topk_weights, topk_ids, x_fp8=x_fp8)
     with pytest.raises(ValueError, match="fused_moe x_fp8: out must be"):
@@ -808,6 +813,33 @@ def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
         assert not tk.launch.arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
     with pytest.raises(ValueError, match="plain_rows"):
         tk.fp8_linear.linear(x, w, None, s, plain_rows=plain[:, 1:])
+
+
+@pytest.mark.parametrize("case", [5, 6, 9])  # x quantized first: past FUSED_MAX_M rows, or FUSED=False
+def test_fp8_linear_reads_x_quantized_already(tk, case, monkeypatch):
+    """x_fp8 (x quantized once for several GEMMs, by the router's launch): bit for bit the output of
+    quantizing x in linear, with no quantize_activation launch, from buffers of 128 rows (x's first, the
+    rest never read: NaN here) with M-major scales, torch._scaled_mm's layout; a part whose groups start
+    inside a block quantizes x itself (its groups are not x_fp8's); a buffer of the wrong shape refused."""
+    from deepseek_v2.kernels.fp8 import quantized_buffers
+    M, N, K, offset, bias, dtype, config = FP8_LINEAR_CASES[case]
+    w, s = fp8_matrix(N, K, offset, seed=case)
+    x = (torch.randn(M, K) * 4).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    apart = tk.fp8_linear.linear(x, w, b, s, offset, config=config)
+    q, scales = quantized_buffers(M, K, x.device, pad_rows=128)
+    q.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
+    scales.fill_(float("nan"))
+    tk.fp8_linear.quantize_activation(x, out=(q[:M], scales[:M]))
+    quantized = []
+    real = tk.fp8_linear.quantize_activation
+    monkeypatch.setattr(tk.fp8_linear, "quantize_activation", lambda *a, **kw: quantized.append(1) or real(*a, **kw))
+    assert torch.equal(tk.fp8_linear.linear(x, w, b, s, offset, config=config, x_fp8=(q, scales)), apart)
+    assert quantized == ([1] if offset[1] else [])
+    with pytest.raises(ValueError, match="x_fp8"):
+        tk.fp8_linear.linear(x, w, b, s, offset, config=config, x_fp8=(q[:, 1:], scales))
+    with pytest.raises(ValueError, match="x_fp8 holds"):
+        tk.fp8_linear.linear(x, w, b, s, offset, config=config, x_fp8=(q[:M - 1], scales[:M - 1]))
 
 
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8, 9])  # cases with tiles inside one weight block row

@@ -233,7 +233,8 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
     block scales): a small step runs all of them in one call of the MoE kernels, a large one the shared
     MLP beside the routed experts; the layer's output is the same function either way, and the routed
     experts' weights are views of the stack, under their checkpoint names. FP8: the router hands the
-    stack's kernel x quantized (x_fp8, what the kernels' router makes in its own launch)."""
+    experts' kernel x quantized (x_fp8, what the kernels' router makes in its own launch), and with
+    SHARE_QUANTIZED_X the shared MLP's gate/up GEMM too, in torch._scaled_mm's layout."""
     import dataclasses
 
     from deepseek_v2.kernels.fp8 import quantize_activation
@@ -264,14 +265,24 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
         assert moe.last_routing.topk_ids.shape == (9, a.num_experts_per_tok)  # the routed picks only
         monkeypatch.setattr(MoE, "FUSED_SHARED_MAX_TOKENS", 8)
         unfused = moe(x)
-    assert experts_called == [a.n_routed_experts + 2, a.n_routed_experts]
-    if quantization == "fp8":
-        assert handed[1] is None and all(torch.equal(got.float(), want.float())
-                                         for got, want in zip(handed[0], quantize_activation(x)))
+        shared_handed = []
+        shared_kernels = moe.shared_experts.kernels
+        moe.shared_experts.kernels = dataclasses.replace(
+            shared_kernels, linear=lambda *args, **kw: shared_handed.append(kw.get("x_fp8"))
+            or shared_kernels.linear(*args, **kw))
+        monkeypatch.setattr(MoE, "SHARE_QUANTIZED_X", True)
+        shared_once = moe(x)
+    assert experts_called == [a.n_routed_experts + 2, a.n_routed_experts, a.n_routed_experts]
+    want_q, want_s = quantize_activation(x)
+    if quantization == "fp8":  # the router's quantization of x, for the experts' kernel, and the shared MLP's
+        assert all(torch.equal(got.float(), want.float()) for h in handed for got, want in zip(h, (want_q, want_s)))
+        q, scales = shared_handed[0]  # torch._scaled_mm's layout: 128 rows, M-major scales; x's rows first
+        assert q.shape == (128, a.hidden_size) and scales.stride(0) == 1 and len(shared_handed) == 1
+        assert torch.equal(q[:9].float(), want_q.float()) and torch.equal(scales[:9], want_s)
     else:
-        assert handed == [None, None]
+        assert handed == [None, None, None] and shared_handed == [None]
     assert rel_err(fused, before) < 1e-6, rel_err(fused, before)  # fp32: FP8 quantizes the same values
-    assert rel_err(unfused, before) < 1e-6
+    assert rel_err(unfused, before) < 1e-6 and torch.equal(shared_once, unfused)
     assert model.state_dict().keys() == keys
 
 

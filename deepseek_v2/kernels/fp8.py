@@ -137,6 +137,17 @@ def zero_padded(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
             scale.as_strided((scale.shape[0], width // BLOCK), (width // BLOCK, 1)))
 
 
+def quantized_buffers(M: int, K: int, device: torch.device, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty buffers for M rows of K activations quantized (a kernel's out=): e4m3 [M', K] and fp32 scales
+    [M', ceil(K / 128)], M' = M rounded up to pad_rows; with pad_rows = BLOCK, the scales M-major, the
+    layout torch._scaled_mm reads (fp8_linear.linear's x_fp8), which the other FP8 kernels read too."""
+    M_pad = cdiv(M, pad_rows) * pad_rows
+    G = cdiv(K, BLOCK)
+    scales = (torch.empty(G, M_pad, dtype=torch.float32, device=device).t() if pad_rows == BLOCK
+              else torch.empty(M_pad, G, dtype=torch.float32, device=device))
+    return torch.empty(M_pad, K, dtype=FP8, device=device), scales
+
+
 def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, offset: int = 0) -> torch.Tensor:
     K = q.shape[-1]
     return q.float() * scale.repeat_interleave(BLOCK, dim=-1)[..., offset:offset + K]

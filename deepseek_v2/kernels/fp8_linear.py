@@ -333,7 +333,8 @@ def _pieces(M: int, block_m: int, N: int, groups: int, sms: int) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0), *,
-           plain_rows: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+           plain_rows: torch.Tensor | None = None, config: dict | None = None,
+           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same contract as reference.linear: y [..., N] = x W^T (+ bias) in x's dtype (with plain_rows,
     [..., N + N2]).
 
@@ -348,7 +349,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     unquantized; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
     launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). config's
     SWAP_AB: the FP8 products as weight columns x rows (default up to SWAP_AB_MAX_M rows; tiles inside one
-    weight block row only). No host synchronisation.
+    weight block row only). x_fp8: x already quantized (quantize_activation's values), e4m3 [M', K] and
+    fp32 scales [M', ceil(K / 128)] with M' >= M rows (rows past M are not read for the result), read
+    instead of quantizing x where the path taken reads that layout: torch._scaled_mm with M' = M rounded
+    up to 128 and M-major scales (fp8.quantized_buffers), the Triton kernel with x quantized first and no
+    block_offset column; with x quantized inside the GEMM (few rows) it is not needed. No host
+    synchronisation.
     """
     if weight_scale_inv is None:
         return reference.linear(x, weight, bias, plain_rows=plain_rows)
@@ -372,7 +378,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                    or plain_rows.stride(1) != 1):
         raise ValueError(f"{name}: plain_rows [N2, {K}] {x.dtype} with a contiguous last dim expected, got "
                          f"{tuple(plain_rows.shape)} {plain_rows.dtype}")
-    tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows) if t is not None]
+    if x_fp8 is not None:
+        check_quantized_out(f"{name} x_fp8", *x_fp8, x_fp8[0].shape[0], K, cdiv(K, BLOCK))
+        if x_fp8[0].shape[0] < x.numel() // K:
+            raise ValueError(f"{name}: x_fp8 holds {x_fp8[0].shape[0]} rows, x {x.numel() // K}")
+    tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows, *(x_fp8 or ())) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"{name}: all tensors must be on one device")
     if x.stride(-1) != 1 or weight.stride(1) != 1 or weight_scale_inv.stride(1) != 1:
@@ -398,7 +408,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if plain_rows is None and config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
         # cuBLAS: x quantized with its rows padded to whole 128-row tiles (and its columns to the weight's
         # zero columns, if any) and M-major scales
-        xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True, width=wide.shape[1])
+        if x_fp8 is not None and x_fp8[0].shape == (cdiv(M, BLOCK) * BLOCK, wide.shape[1]) and x_fp8[1].stride(0) == 1:
+            xq, xs = x_fp8
+        else:
+            xq, xs = quantize_activation(x, pad_rows=BLOCK, scales_column_major=True, width=wide.shape[1])
         out = torch._scaled_mm(xq, wide.t(), scale_a=xs, scale_b=wide_scale.t(), out_dtype=x.dtype)[:M]
         y = out if bias is None else (out.float() + bias.float()).to(x.dtype)
         return y.view(*shape[:-1], N)
@@ -410,7 +423,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if cfg["SWAP_AB"] and not one_scale_row:
         raise ValueError(f"{name}: SWAP_AB needs tiles inside one weight block row (no block_offset row, BLOCK_N "
                          f"dividing {BLOCK}); got block_offset {block_offset}, BLOCK_N {cfg['BLOCK_N']}")
-    xq, xs = (x, y) if fused else quantize_activation(x, c)
+    xq, xs = (x, y) if fused else x_fp8 if x_fp8 is not None and c == 0 else quantize_activation(x, c)
     out = y if pieces == 1 else torch.empty(pieces, M, N + N2, dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * (triton.cdiv(N, cfg["BLOCK_N"]) + triton.cdiv(N2, cfg["BLOCK_N"]))
     summed_here = pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS

@@ -76,12 +76,13 @@ def _moe_gemm_kernel(
     a_ptr, b_ptr, b_desc, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, bs_ptr, as_ptr,
     cs_ptr, y_ptr, add_ptr, arrived_ptr,
     N, K, max_padded, num_rows, num_experts, up_scale_row, num_shared,
-    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_csm,
+    stride_am, stride_be, stride_bn, stride_cm, stride_bse, stride_bsn, stride_asm, stride_asg, stride_csm,
     A_ROW_DIV: tl.constexpr,   # a row = row id // A_ROW_DIV (K picks share one x row; 1 for inter)
     GATE_UP: tl.constexpr,     # b rows [n] are gate, [N + n] are up; store silu(gate) * up
     MUL_WEIGHT: tl.constexpr,  # scale rows by their routing weight
     FP8_W: tl.constexpr,       # b in e4m3 with block scales bs [E, block rows, K / 128] (BLOCK_K = 128),
-                               # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation)
+                               # a in e4m3 with scales as [rows of a, K / 128] (quantize_activation;
+                               # any strides: M-major where the shared experts' cuBLAS GEMM reads them too)
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_ROW_BLOCKS: tl.constexpr,  # block m holds row m alone, expert_ids_ptr is topk_ids (no alignment)
@@ -159,7 +160,7 @@ def _moe_gemm_kernel(
         else:
             b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if FP8_W:  # each K block's product scaled by the rows' and the weight block's scales
-            a_scale = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            a_scale = tl.load(as_ptrs + k * stride_asg, mask=mask_m, other=0.0)
             scale = a_scale * tl.load(bs_ptrs + k)
         else:
             a_scale, scale = 1.0, 1.0  # (unused)
@@ -404,7 +405,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             y, add if add is not None else y, combine if combine is not None else y, n, k,
             max_padded, T * K, E, cdiv(n, BLOCK), num_shared, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
             scale.stride(0) if fp8 else 0, scale.stride(1) if fp8 else 0, a_scale.stride(0) if fp8 else 0,
-            c_scale.stride(0) if c_scale.dim() == 2 else 0,
+            a_scale.stride(1) if fp8 else 0, c_scale.stride(0) if c_scale.dim() == 2 else 0,
             A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_WEIGHT=mul_weight, FP8_W=fp8,
             EVEN_K=k % launch_cfg["BLOCK_K"] == 0, UPCAST_DOT=on_cpu, DOT_PRECISION=precision, ONE_ROW_BLOCKS=T == 1,
             COMBINE=mul_weight and combine is not None, TOPK=K, HAS_ADD=add is not None,

@@ -28,6 +28,7 @@ from .launch import arrival_counters, pdl_launch, prefetch_l2, prefetch_launch, 
 
 _MAX_E = 1024
 _ELEMENTS_PER_PROGRAM = 2048  # BLOCK_T * BLOCK_E: 16 logits per thread with 4 warps
+_COUNTERS = 1024  # route's arrival counters: blocks of tokens of one launch
 
 
 @triton.jit
@@ -108,51 +109,68 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, scali
 
 
 @triton.jit
-def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, xq_ptr, xs_ptr, E, D,
+def _route_kernel(x_ptr, w_ptr, partial_ptr, arrived_ptr, logits_ptr, weights_ptr, ids_ptr, xq_ptr, xs_ptr, T, E, D,
                   stride_x, stride_xq, stride_xs, stride_xsg, scaling,
-                  SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SPLITS: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                   K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                   RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                   QUANTIZE_X: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
-    """Program (t, s): token t's fp32 logits over the hidden columns [s SPLIT_D, (s + 1) SPLIT_D), into
-    partial; the last of a token's SPLITS programs to arrive sums the parts in split order (the same sum
-    whichever arrives last), stores the logits and routes the token. QUANTIZE_X (SPLIT_D = 128): each
-    program also stores its columns of x as one activation group, e4m3 into xq and the scale into xs,
-    quantize_activation's arithmetic. PREFETCH: its columns of the fp32 weight asked of L2 before the wait
+    """Program (b, s): the fp32 logits of tokens [b BLOCK_T, (b + 1) BLOCK_T) over the hidden columns
+    [s SPLIT_D, (s + 1) SPLIT_D), into partial; the last of a block's SPLITS programs to arrive sums the
+    parts in split order (the same sum whichever arrives last), stores the logits and routes the tokens.
+    One token a program (BLOCK_T 1, decode's few tokens): the products on the CUDA cores, a row at a time;
+    a block of tokens: tl.dot in IEEE fp32. QUANTIZE_X (SPLIT_D = 128): each program also stores its
+    columns of x as one activation group a row, e4m3 into xq and the scale into xs, quantize_activation's
+    arithmetic. PREFETCH: its columns of the fp32 weight asked of L2 before the wait
     (launch.PREFETCH_WEIGHTS)."""
-    t = tl.program_id(0)
+    b = tl.program_id(0)
     s = tl.program_id(1)
+    rows = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = rows < T
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     if PREFETCH:  # an expert's SPLIT_D columns, 32 at a time (a line)
         lines = s * SPLIT_D + tl.arange(0, SPLIT_D // 32) * 32
         prefetch_l2(w_ptr + offs_e[:, None] * D + lines[None, :], mask_e[:, None] & (lines < D)[None, :])
     wait_for_prior_kernels(PDL)
-    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for d in tl.static_range(0, SPLIT_D, BLOCK_D):
-        offs_d = s * SPLIT_D + d + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        x = tl.load(x_ptr + t * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0.0)
-        acc += tl.sum(w * x[None, :], axis=1)
-    if QUANTIZE_X:  # the same columns as one group (from L1: just read)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    if BLOCK_T == 1:
+        acc_row = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d in tl.static_range(0, SPLIT_D, BLOCK_D):
+            offs_d = s * SPLIT_D + d + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_ptr + b * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :],
+                        other=0.0)
+            acc_row += tl.sum(w * x[None, :], axis=1)
+        acc = acc_row[None, :]
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for d in tl.static_range(0, SPLIT_D, BLOCK_D):
+            offs_d = s * SPLIT_D + d + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_e[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_e[None, :],
+                        other=0.0)
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+    if QUANTIZE_X:  # the same columns as one group a row (from L1: just read)
         offs_g = s * SPLIT_D + tl.arange(0, SPLIT_D)
-        mask_g = offs_g < D
-        q, scale = quantize_rows(tl.load(x_ptr + t * stride_x + offs_g, mask=mask_g, other=0.0)[None, :], FP8_MAX, EPS)
-        tl.store(xq_ptr + t * stride_xq + offs_g[None, :], q, mask=mask_g[None, :])
-        tl.store(xs_ptr + t * stride_xs + s * stride_xsg + tl.arange(0, 1), scale)
-    part_ptrs = partial_ptr + t * SPLITS * BLOCK_E + offs_e
-    tl.store(part_ptrs + s * BLOCK_E, acc)
+        mask_g = mask_t[:, None] & (offs_g < D)[None, :]
+        q, scale = quantize_rows(tl.load(x_rows + offs_g[None, :], mask=mask_g, other=0.0), FP8_MAX, EPS)
+        tl.store(xq_ptr + rows.to(tl.int64)[:, None] * stride_xq + offs_g[None, :], q, mask=mask_g)
+        tl.store(xs_ptr + rows.to(tl.int64) * stride_xs + s * stride_xsg, scale, mask=mask_t)
+    part_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * (SPLITS * BLOCK_E) + offs_e[None, :]
+    tl.store(part_ptrs + s * BLOCK_E, acc, mask=mask_t[:, None])
     tl.debug_barrier()  # all of this program's stores issued before its arrival is counted (release)
-    if tl.atomic_add(arrived_ptr + t, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-        logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if tl.atomic_add(arrived_ptr + b, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
         for j in tl.static_range(SPLITS):  # .cg: from L2, where the other programs' parts are
-            logits += tl.load(part_ptrs + j * BLOCK_E, cache_modifier=".cg")
-        tl.store(arrived_ptr + t, 0)  # zero again for the next launch
-        tl.store(logits_ptr + t * E + offs_e, logits, mask=mask_e)
-        rows = t + tl.arange(0, 1)
-        _softmax_topk_store(tl.where(mask_e, logits, float("-inf"))[None, :], rows, rows >= 0, weights_ptr, ids_ptr,
+            logits += tl.load(part_ptrs + j * BLOCK_E, mask=mask_t[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(arrived_ptr + b, 0)  # zero again for the next launch
+        valid = mask_t[:, None] & mask_e[None, :]
+        tl.store(logits_ptr + rows.to(tl.int64)[:, None] * E + offs_e[None, :], logits, mask=valid)
+        _softmax_topk_store(tl.where(valid, logits, float("-inf")), rows, mask_t, weights_ptr, ids_ptr,
                             E, scaling, K, NUM_SHARED, BLOCK_K, BLOCK_E, RENORMALIZE, LIBDEVICE, N_GROUP, TOPK_GROUP)
 
 
@@ -202,7 +220,17 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool, scaling: float
     return weights, ids
 
 
-ROUTE_MAX_TOKENS = 64  # steps of more tokens multiply by cuBLAS, then route with topk_softmax
+# Steps of up to this many tokens route in one launch (_route_kernel), a program a token and column split;
+# more multiply by cuBLAS, then route with topk_softmax.
+ROUTE_MAX_TOKENS = 64
+# Steps of more tokens, up to this many, route in one launch too, in blocks of ROW_BLOCK tokens multiplied
+# with tl.dot in IEEE fp32 (0: never). A 256-sequence decode step's router is four launches: a cast of x to
+# fp32, cuBLAS's fp32 GEMM and its split-K reduce, and topk_softmax (with FP8 experts a fifth, x quantized
+# for them): 14-17 us a MoE layer in the profile on an H200 (docs/fp8.md). Built, passes the interpreter's
+# tests and builds for sm_90 without spills; off until it has run and been timed on a GPU
+# (`bash scripts/gpu_check.sh router256`).
+ROUTE_BLOCKS_MAX_TOKENS = 0
+ROW_BLOCK = 16
 # Group-limited routing (DeepSeek-V2's router) in the kernels above; False gives it to the reference
 # (cuBLAS and PyTorch). On since tests/gpu passed with it on an H200 (test_route, the engine's greedy
 # outputs at V2's router shape).
@@ -221,9 +249,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
           num_shared: int = 0, groups: tuple[int, int] | None = None, *,
           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router (greedy, or group-limited with groups); same contract as reference.route: (logits
-    [T, E] fp32 = x @ weight^T in fp32, weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS tokens in one launch (the product
-    in fp32 split over the hidden size, each token routed by its last program: a decode step's router
-    was a cast, a two-kernel cuBLAS GEMV and the top-k); more tokens in cuBLAS's GEMM and topk_softmax.
+    [T, E] fp32 = x @ weight^T in fp32, weights, ids as topk_softmax gives them). Up to ROUTE_MAX_TOKENS
+    tokens in one launch (the product in fp32 split over the hidden size, each token routed by its last
+    program: a decode step's router was a cast, cuBLAS's fp32 GEMM and the top-k), and up to
+    ROUTE_BLOCKS_MAX_TOKENS in blocks of ROW_BLOCK tokens; more in cuBLAS's GEMM and topk_softmax.
     x [T, D] bf16 / fp16 / fp32 with a contiguous last dim; weight [E, D] fp32 contiguous. x_fp8 (FP8
     experts): buffers e4m3 [T, D] and fp32 [T, ceil(D / 128)] that also receive x quantized for the
     experts (quantize_activation, bit for bit), by the router's own launch where it has one
@@ -236,7 +265,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     E = weight.shape[0]
     if x_fp8 is not None:
         check_quantized_out("route", *x_fp8, T, D, triton.cdiv(D, BLOCK))
-    one_launch = (groups is None or GROUPED_IN_KERNEL) and 0 < T <= ROUTE_MAX_TOKENS
+    one_launch = (groups is None or GROUPED_IN_KERNEL) and 0 < T <= max(ROUTE_MAX_TOKENS, ROUTE_BLOCKS_MAX_TOKENS)
     if x_fp8 is not None and not (one_launch and QUANTIZE_X_IN_KERNEL):
         quantize_activation(x, out=x_fp8)
     if groups is not None and not GROUPED_IN_KERNEL:
@@ -247,8 +276,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     if not 1 <= k <= E <= _MAX_E:
         raise ValueError(f"route: need 1 <= k <= E <= {_MAX_E}; got k={k}, E={E}")
     n_group, topk_group = _check_groups("route", E, k, groups)
-    arrived = arrival_counters(x.device, "route", ROUTE_MAX_TOKENS)  # programs arrived, by token
-    block_e = triton.next_power_of_2(E)
+    block_t = 1 if T <= ROUTE_MAX_TOKENS else ROW_BLOCK
+    blocks = triton.cdiv(T, block_t)
+    arrived = arrival_counters(x.device, "route", _COUNTERS)  # programs arrived, by block of tokens
+    if blocks > _COUNTERS:
+        raise ValueError(f"route: {T} tokens in blocks of {block_t} need more than {_COUNTERS} arrival counters")
+    block_e = triton.next_power_of_2(E) if block_t == 1 else max(16, triton.next_power_of_2(E))  # tl.dot: 16+
     splits = triton.cdiv(D, _SPLIT_D)
     partial = torch.empty(T, splits, block_e, dtype=torch.float32, device=x.device)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
@@ -256,11 +289,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     ids = torch.empty(T, k + num_shared, dtype=torch.int32, device=x.device)
     quantize_x = x_fp8 is not None and QUANTIZE_X_IN_KERNEL
     xq, xs = x_fp8 if quantize_x else (x, logits)  # (unused without QUANTIZE_X)
-    _route_kernel[(T, splits)](
-        x, weight, partial, arrived, logits, weights, ids, xq, xs, E, D, x.stride(0), xq.stride(0), xs.stride(0),
-        xs.stride(-1), scaling, SPLITS=splits, SPLIT_D=_SPLIT_D, BLOCK_D=min(_SPLIT_D, max(16, 8192 // block_e)),
-        K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared), BLOCK_E=block_e,
-        RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
+    _route_kernel[(blocks, splits)](
+        x, weight, partial, arrived, logits, weights, ids, xq, xs, T, E, D, x.stride(0), xq.stride(0), xs.stride(0),
+        xs.stride(-1), scaling, SPLITS=splits, SPLIT_D=_SPLIT_D,
+        BLOCK_D=min(_SPLIT_D, max(16, (8192 if block_t == 1 else 2048) // block_e)),  # tl.dot's tiles: no spills
+        BLOCK_T=block_t, K=k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(k + num_shared),
+        BLOCK_E=block_e, RENORMALIZE=renormalize, LIBDEVICE=x.is_cuda, N_GROUP=n_group, TOPK_GROUP=topk_group,
         QUANTIZE_X=quantize_x, FP8_MAX=FP8_MAX, EPS=EPS,
         num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
         **prefetch_launch(x.device, T),

@@ -48,7 +48,7 @@ SETTINGS_ON = [("prefill", "TRITON_FROM_KEYS", None), ("moe", "COMBINE_IN_GEMM_M
                ("moe", "QUANTIZE_INTER_MAX_TOKENS", 16), ("fp8_linear", "PLAIN_ROWS_IN_LAUNCH", False),
                ("mla_decode", "_PROJECT_BLOCK_V", 16), ("router", "QUANTIZE_X_IN_KERNEL", False),
                ("mla_decode", "PREFETCH_CACHE", False), ("mla_decode", "TILE_BUFFERS", 2),
-               ("fp8_linear", "SWAP_AB_MAX_M", 16)]
+               ("fp8_linear", "SWAP_AB_MAX_M", 16), ("router", "ROUTE_BLOCKS_MAX_TOKENS", 512)]
 
 
 @pytest.mark.parametrize("settings_on", [False, True])

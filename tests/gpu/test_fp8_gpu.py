@@ -88,6 +88,29 @@ def test_fp8_linear_triton_over_prequantized_x(M):
         assert rel_error(y, reference.linear(x, w, None, s, offset)) < 1e-2
 
 
+@pytest.mark.parametrize("M", [256, 300])
+def test_fp8_linear_reads_x_quantized_once(M, monkeypatch):
+    """x_fp8 in torch._scaled_mm's layout (fp8.quantized_buffers: rows padded to 128, M-major scales; what
+    the router fills when MoE.SHARE_QUANTIZED_X shares it with the shared experts): cuBLAS and the Triton
+    GEMM read it, bit for bit the output of quantizing x in linear, with no quantize launch; the padding
+    rows (NaN here) are never part of the result."""
+    from deepseek_v2.kernels import fp8_linear
+    from deepseek_v2.kernels.fp8 import quantized_buffers
+    w, s = fp8_weight(2816, 2048, seed=M)  # V2-Lite's shared experts' gate/up
+    x = torch.randn(M, 2048, device=DEVICE, dtype=torch.bfloat16)
+    q, scales = quantized_buffers(M, 2048, x.device, pad_rows=128)
+    q.view(torch.uint8).fill_(0x7F)
+    scales.fill_(float("nan"))
+    fp8_linear.quantize_activation(x, out=(q[:M], scales[:M]))
+    real = fp8_linear.quantize_activation
+    for config in (None, dict(default_config(M), FUSED=False)):  # cuBLAS, the Triton GEMM
+        apart = linear(x, w, None, s, config=config)
+        calls = []
+        monkeypatch.setattr(fp8_linear, "quantize_activation", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        assert torch.equal(linear(x, w, None, s, config=config, x_fp8=(q, scales)), apart) and calls == []
+        monkeypatch.setattr(fp8_linear, "quantize_activation", real)
+
+
 @pytest.mark.parametrize("summed_in_gemm", [False, True])
 @pytest.mark.parametrize("pieces", [2, 16])
 def test_fp8_linear_with_k_in_pieces(pieces, summed_in_gemm, monkeypatch):
@@ -352,3 +375,22 @@ def test_engine_fp8_weights_and_cache_end_to_end():
     out = llm.chat([{"role": "user", "content": "What does the word \"momentarily\" mean?"}],
                    SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
     assert out.text.strip().startswith('"momentarily" (adverb):')
+
+
+def test_engine_fp8_quantizes_x_once_for_the_moe(monkeypatch):
+    """MoE.SHARE_QUANTIZED_X (steps of more than FUSED_SHARED_MAX_TOKENS tokens: here the prefill of 300-token
+    prompts): x quantized once by the router, for the routed experts' kernel and the shared experts' cuBLAS
+    GEMM, gives the demo model's greedy tokens and log-probabilities bit for bit as each quantizing x."""
+    from deepseek_v2 import LLM, SamplingParams
+    from deepseek_v2.moe import MoE
+    g = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_token_ids": torch.randint(2, 500, (300,), generator=g).tolist()} for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
+    results = []
+    for share in (False, True):
+        monkeypatch.setattr(MoE, "SHARE_QUANTIZED_X", share)
+        llm = LLM(quantization="fp8", num_kv_blocks=256)
+        results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs)
+                        for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+    assert results[0] == results[1]

@@ -174,20 +174,22 @@ def test_group_limited_topk_softmax(T):
     assert ulp_distance(weights.gather(1, order), want_w.gather(1, want_order)).max() <= 16
 
 
-@pytest.mark.parametrize("T", [1, 7, 64, 65])
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 256, 513])
 @pytest.mark.parametrize("E,D", [(64, 2048), (160, 5120)])
 def test_route(E, D, T, monkeypatch):
-    """The router in one launch (up to 64 tokens; 65: cuBLAS and topk_softmax): fp32 logits within fp32
-    rounding of cuBLAS's, and topk_softmax's routing of those logits (its weights to 8 ulps: the sum of
-    the exponentials in another order where topk_softmax holds several rows a program), replayed from a
-    CUDA graph 50 times on new tokens (each
-    replay's last program per token must see the other programs' parts, and leave the arrival counts
-    at zero). topk_softmax against torch's softmax: test_topk_softmax."""
+    """The router in one launch (up to 64 tokens a program a token; with ROUTE_BLOCKS_MAX_TOKENS, to 512
+    tokens in blocks of 16 multiplied with tl.dot in IEEE fp32; 513: cuBLAS and topk_softmax): fp32
+    logits within fp32 rounding of cuBLAS's, and topk_softmax's routing of those logits (its weights to 8
+    ulps: the sum of the exponentials in another order where topk_softmax holds several rows a program),
+    replayed from a CUDA graph 50 times on new tokens (each replay's last program per block must see the
+    other programs' parts, and leave the arrival counts at zero). topk_softmax against torch's softmax:
+    test_topk_softmax."""
     g = generator(E + T)
     x = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
     weight = torch.randn(E, D, device=DEVICE, generator=g) * 0.02
     groups = (8, 3) if E == 160 else None  # V2's group-limited routing; V2-Lite's greedy
     monkeypatch.setattr(router, "GROUPED_IN_KERNEL", True)  # the kernel, not the reference's fallback
+    monkeypatch.setattr(router, "ROUTE_BLOCKS_MAX_TOKENS", 512)  # blocks of tokens, whatever the default
     x_fp8 = (torch.empty(T, D, dtype=torch.float8_e4m3fn, device=DEVICE),
              torch.empty(T, D // 128, dtype=torch.float32, device=DEVICE))  # x quantized for FP8 experts too
     graph, (logits, weights, ids) = capture(lambda: route(x, weight, 6, False, 1.0, num_shared=2, groups=groups,
