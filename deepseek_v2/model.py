@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .checkpoint import checkpoint_args, load_dtype, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
+from .kernels.fp8 import BLOCK, quantized_buffers
 from .moe import MLP, MoE, MoEGate, RoutedExperts
 from .plan import check_parallel_size
 from .parallel import SINGLE, Linear, TensorParallel, column_parallel, fuse_rows, row_parallel, split_parameters
@@ -67,9 +68,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x), or with a residual stream: (norm(x + residual), x + residual)."""
-        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """norm(x), or with a residual stream: (norm(x + residual), x + residual). x_fp8: buffers that also
+        receive norm(x) quantized, for an FP8 GEMM after it (the kernels' rms_norm's x_fp8)."""
+        if x_fp8 is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual, x_fp8=x_fp8)
 
 
 @dataclass
@@ -98,6 +103,12 @@ class AttentionMetadata:
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepseekV2Attention in the official code). Under tensor parallelism
     a rank holds its heads' rows of q_proj / q_b_proj and kv_b_proj and columns of o_proj."""
+
+    # Steps of at least this many tokens (0: none) have the input norm quantize its output for an FP8 first
+    # projection (the kernels' rms_norm's x_fp8, in torch._scaled_mm's layout), where the FP8 GEMM quantized
+    # it in a launch of its own (fewer rows quantize x inside the GEMM). Built, passes the interpreter's
+    # tests; off until timed on a GPU (scripts/gpu_check.sh router256).
+    NORM_QUANTIZES_X_FROM = 0
 
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -132,19 +143,29 @@ class MLA(nn.Module):
                                       k_pe.view(B, S, a.qk_rope_head_dim))
         return self.o_proj(out.reshape(B, S, -1))
 
-    def project(self, x, cos, sin, kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None):
+    def input_fp8_buffers(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers for the input norm to quantize x into (project's x_fp8), where the first projection is
+        FP8 and the step has at least NORM_QUANTIZES_X_FROM tokens; else None."""
+        fp8_first = self.in_proj_plain or (self.in_proj_weight is not None and self.in_proj_scale is not None)
+        if not (fp8_first and self.NORM_QUANTIZES_X_FROM and T >= self.NORM_QUANTIZES_X_FROM):
+            return None
+        return quantized_buffers(T, self.args.hidden_size, device, pad_rows=BLOCK)
+
+    def project(self, x, cos, sin, kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Everything before attention, for T tokens x [T, D] (cos, sin [T, P / 2]): the query
         q [T, H, dn + P] with RoPE on its last P values, the normalised latent c_kv [T, R] and the rotated
-        rope key k_pe [T, P]; with kv_cache, [c_kv ; k_pe] is also written to the tokens' slots."""
+        rope key k_pe [T, P]; with kv_cache, [c_kv ; k_pe] is also written to the tokens' slots. x_fp8: x
+        already quantized, for an FP8 first projection (input_fp8_buffers)."""
         a = self.args
         H, dn, P, R = self.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         if self.in_proj_weight is not None:  # both projections of x in one GEMM (fuse_input_projections)
-            q, kv = self.kernels.linear(x, self.in_proj_weight, None, self.in_proj_scale).split(
+            q, kv = self.kernels.linear(x, self.in_proj_weight, None, self.in_proj_scale, x_fp8=x_fp8).split(
                 [self.in_proj_weight.shape[0] - R - P, R + P], -1)
         elif self.in_proj_plain:  # the FP8 one and the bf16 kv_a_proj_with_mqa in one call
             first = self.q_proj if a.q_lora_rank is None else self.q_a_proj
             both = self.kernels.linear(x, first.weight, None, first.weight_scale_inv,
-                                       plain_rows=self.kv_a_proj_with_mqa.weight)
+                                       plain_rows=self.kv_a_proj_with_mqa.weight, x_fp8=x_fp8)
             q, kv = both.split([first.out_features, R + P], -1)
         else:
             q = self.q_proj(x) if a.q_lora_rank is None else self.q_a_proj(x)
@@ -244,15 +265,17 @@ class DecoderLayer(nn.Module):
     def before_attention(self, x, residual, cos, sin, kv_cache, slot_mapping):
         """The input norm (adding x into the residual stream, if there is one yet) and MLA's projections,
         which write the step's latents to kv_cache: (q [T, H, dn + P], residual [T, D])."""
-        x, residual = self.input_norm(x, residual)
-        return self.self_attn.project(x, cos, sin, kv_cache, slot_mapping)[0], residual
+        x_fp8 = self.self_attn.input_fp8_buffers(x.shape[0], x.device)
+        x, residual = self.input_norm(x, residual, x_fp8)
+        return self.self_attn.project(x, cos, sin, kv_cache, slot_mapping, x_fp8)[0], residual
 
-    def input_norm(self, x, residual):
+    def input_norm(self, x, residual, x_fp8=None):
         """The input norm with x added into the residual stream (x starts it in the first layer):
-        (normed, residual)."""
+        (normed, residual); x_fp8: buffers that also receive the normed x quantized (MLA's
+        input_fp8_buffers)."""
         if residual is None:
-            return self.input_layernorm(x), x
-        return self.input_layernorm(x, residual)
+            return self.input_layernorm(x, x_fp8=x_fp8), x
+        return self.input_layernorm(x, residual, x_fp8=x_fp8)
 
     def after_attention(self, attn_out, residual):
         """o_proj of the attention output [T, H, dv], the post-attention norm and the FFN: (x, residual)."""

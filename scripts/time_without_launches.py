@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from deepseek_v2.kernels import absorb, fp8_linear, mla_decode, mla_prepare, moe, norm, router  # noqa: E402
 
 
-def no_norm(x, weight, eps, residual=None):
+def no_norm(x, weight, eps, residual=None, *, x_fp8=None):
     return x if residual is None else (x, residual)
 
 

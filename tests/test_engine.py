@@ -215,14 +215,30 @@ def test_bad_prompts_raise(setup):
         engine.add_request("ok", [2, 3], GREEDY)
 
 
-@pytest.mark.parametrize("name, fp8", [("qlora-yarn-scaled", False), ("qlora-plain-grouped", False),
-                                       ("qlora-yarn-scaled", True)])
-def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name, fp8):
+@pytest.mark.parametrize("name, fp8, quantize_once", [("qlora-yarn-scaled", False, False),
+                                                      ("qlora-plain-grouped", False, False),
+                                                      ("qlora-yarn-scaled", True, False),
+                                                      ("qlora-yarn-scaled", True, True)])
+def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kernels, name, fp8, quantize_once,
+                                                monkeypatch):
     """The engine with kernels="triton" (the Triton kernels, run here by Triton's CPU interpreter) gives
     the reference set's greedy tokens: the one switch flips every kernel family and nothing else. The
     grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference);
     the FP8 case FP8 weights (the FP8 GEMM and the fused MoE's FP8 path, every block partial at these
-    sizes) and the FP8 latent cache (its write in mla_prepare, its reads in decode and prefill)."""
+    sizes) and the FP8 latent cache (its write in mla_prepare, its reads in decode and prefill). With
+    quantize_once, the 256-sequence levers at these few tokens: the input norm quantizing x for the first
+    projection (MLA.NORM_QUANTIZES_X_FROM), the router in blocks of tokens quantizing x for the routed and
+    the shared experts (router.ROUTE_BLOCKS_MAX_TOKENS, MoE.SHARE_QUANTIZED_X), the FP8 GEMM reading x
+    quantized past 2 rows."""
+    if quantize_once:
+        from deepseek_v2.model import MLA
+        from deepseek_v2.moe import MoE
+        for owner, setting, value in [(MLA, "NORM_QUANTIZES_X_FROM", 3), (MoE, "SHARE_QUANTIZED_X", True),
+                                      (MoE, "FUSED_SHARED_MAX_TOKENS", 2),
+                                      (interpreted_kernels.router, "ROUTE_MAX_TOKENS", 2),
+                                      (interpreted_kernels.router, "ROUTE_BLOCKS_MAX_TOKENS", 16),
+                                      (interpreted_kernels.fp8_linear, "FUSED_MAX_M", 2)]:
+            monkeypatch.setattr(owner, setting, value)
     _, path = hf_checkpoint(name)
     tokenizer = Tokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(11)

@@ -80,6 +80,31 @@ def test_rms_norm_matches_ref(tk, T, dtype):
         assert_ulps(y, y_ref, f"y with residual D={D}")
 
 
+@pytest.mark.parametrize("T", [1, 37])
+def test_rms_norm_quantizes_its_output_for_fp8(tk, T):
+    """x_fp8: the norm's output also quantized in its launch, bit for bit quantize_activation of the
+    output it returns (a ragged last group, D under one group, M-major scales in a buffer of more rows:
+    those rows untouched); the reference's the same; a buffer of the wrong shape refused."""
+    from deepseek_v2.kernels import fp8
+    torch.manual_seed(T)
+    for D, pad in [(2048, 0), (200, 8), (64, 0)]:
+        x, residual = rows(T, D, torch.bfloat16, pad, scale=3.0), rows(T, D, torch.bfloat16)
+        weight = (1 + 0.1 * torch.randn(D)).to(torch.bfloat16)
+        for kernels in (tk.norm, reference):
+            q, scales = fp8.quantized_buffers(T, D, x.device, pad_rows=128)
+            q.view(torch.uint8).fill_(0x7F)
+            scales.fill_(-1.0)
+            y, _ = kernels.rms_norm(x, weight, 1e-6, residual=residual, x_fp8=(q, scales))
+            want_q, want_s = fp8.quantize_activation(y)
+            assert torch.equal(q[:T].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scales[:T], want_s)
+            assert (q[T:].view(torch.uint8) == 0x7F).all() and (scales[T:] == -1).all()
+            assert torch.equal(y, kernels.rms_norm(x, weight, 1e-6, residual=residual)[0])
+    with pytest.raises(ValueError, match="rms_norm"):
+        tk.norm.rms_norm(x, weight, 1e-6, x_fp8=(q[:, 1:], scales))
+    with pytest.raises(ValueError, match="rms_norm"):
+        tk.norm.rms_norm(x, weight, 1e-6, x_fp8=(q[:T - 1], scales[:T - 1]))
+
+
 def test_rms_norm_rejects_bad_inputs(tk):
     x, w = torch.randn(3, 16), torch.randn(16)
     bad = [

@@ -401,8 +401,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if plain_rows is not None and not (PLAIN_ROWS_IN_LAUNCH and fused and bias is None and block_offset == (0, 0)
                                        and N % cfg["BLOCK_N"] == 0):
         # the plain rows beside, not in, this launch
-        y = torch.cat([linear(x, weight, bias, weight_scale_inv, block_offset, config=config), F.linear(x, plain_rows)],
-                      -1)
+        y = torch.cat([linear(x, weight, bias, weight_scale_inv, block_offset, config=config, x_fp8=x_fp8),
+                       F.linear(x, plain_rows)], -1)
         return y.view(*shape[:-1], N + N2)
     wide, wide_scale = zero_padded(weight, weight_scale_inv)
     if plain_rows is None and config is None and use_scaled_mm(x, wide, wide_scale, block_offset):

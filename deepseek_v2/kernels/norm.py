@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import BLOCK, EPS, FP8_MAX
+from .fp8_linear import check_quantized_out, quantize_rows
 from .launch import pdl_launch, wait_for_prior_kernels
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,9 +38,13 @@ def rms_norm_row(x, weight, inv_n, eps):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, D, inv_d, eps,
-                     stride_x, stride_r, stride_y, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, q_ptr, qs_ptr, D, inv_d, eps,
+                     stride_x, stride_r, stride_y, stride_s, stride_q, stride_qs, stride_qsg,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr = False,
+                     GROUP: tl.constexpr = 128, FP8_MAX: tl.constexpr = 448.0, EPS: tl.constexpr = 1e-10,
+                     PDL: tl.constexpr = False):
+    """QUANTIZE: the normalised row also quantized for an FP8 GEMM (quantize_activation's groups of GROUP
+    and arithmetic), e4m3 into q and the groups' scales into qs."""
     wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
@@ -49,17 +55,27 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, D, inv_d, 
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + offs, x, mask=mask)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + row * stride_y + offs, rms_norm_row(x, w, inv_d, eps), mask=mask)
+    y = rms_norm_row(x, w, inv_d, eps)
+    tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+    if QUANTIZE:  # BLOCK_D / 128 groups (masked lanes are 0, as quantize_activation pads a ragged group)
+        q, scale = quantize_rows(tl.reshape(y, (BLOCK_D // GROUP, GROUP)), FP8_MAX, EPS)
+        groups = tl.arange(0, BLOCK_D // GROUP)
+        cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < D)
+        tl.store(qs_ptr + row * stride_qs + groups * stride_qsg, scale, mask=groups * GROUP < D)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             residual: torch.Tensor | None = None, *,
+             x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of each row; same contract as reference.rms_norm.
 
     x [..., D] (rows of the flattened [T, D] view may be strided, the last dim contiguous), weight [D],
     both one float dtype, D <= 8192. Without residual returns y; with residual (x's shape and dtype)
     returns (y, s), s = x + residual and y = rmsnorm(s). Outputs are new contiguous tensors of x's
-    shape. No host synchronisation.
+    shape. x_fp8: buffers e4m3 [T', D] and fp32 [T', ceil(D / 128)] (T' >= T; any strides) whose first T
+    rows also receive y quantized for an FP8 GEMM (quantize_activation, bit for bit), in the same launch.
+    No host synchronisation.
     """
     shape = x.shape
     if x.dim() < 1 or weight.shape != shape[-1:]:
@@ -83,15 +99,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         if residual.stride(1) != 1:
             raise ValueError("rms_norm: residual needs a contiguous last dim")
 
+    if x_fp8 is not None:
+        check_quantized_out("rms_norm x_fp8", *x_fp8, x_fp8[0].shape[0], D, triton.cdiv(D, BLOCK))
+        if x_fp8[0].shape[0] < T or x_fp8[0].device != x.device:
+            raise ValueError(f"rms_norm: x_fp8 must hold at least x's {T} rows, on x's device")
+
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else None
     if T > 0:
-        block_d = triton.next_power_of_2(D)
+        block_d = triton.next_power_of_2(D) if x_fp8 is None else max(BLOCK, triton.next_power_of_2(D))
         r = residual if residual is not None else x  # unused without residual
+        q, qs = x_fp8 if x_fp8 is not None else (y, y)  # (unused without QUANTIZE)
         _rms_norm_kernel[(T,)](
-            x, r, weight, y, s if s is not None else y, D, 1.0 / D, eps,
-            x.stride(0), r.stride(0), y.stride(0), y.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
+            x, r, weight, y, s if s is not None else y, q, qs, D, 1.0 / D, eps,
+            x.stride(0), r.stride(0), y.stride(0), y.stride(0), q.stride(0), qs.stride(0), qs.stride(-1),
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, QUANTIZE=x_fp8 is not None, GROUP=BLOCK,
+            FP8_MAX=FP8_MAX, EPS=EPS,
             num_warps=min(max(block_d // 256, 1), 16), enable_fp_fusion=False, **pdl_launch(x.device, T),
         )
     return y.view(shape) if s is None else (y.view(shape), s.view(shape))

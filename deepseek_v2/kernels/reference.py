@@ -49,13 +49,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             residual: torch.Tensor | None = None, *,
+             x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = weight * (v / rms(v)) over the last dim, with v = x, or v = x + residual (rounded to x's
     dtype); returns y, or (y, v) with a residual, so the residual stream is carried beside the layer
-    output. Normalised in fp32 and cast back BEFORE the weight multiply (the official rounding order)."""
+    output. Normalised in fp32 and cast back BEFORE the weight multiply (the official rounding order).
+    x_fp8: buffers (e4m3 [T', D], fp32 [T', ceil(D / 128)], T' >= T rows) whose first T rows also receive
+    y quantized (fp8.quantize_activation), for an FP8 GEMM after the norm."""
     v = x if residual is None else x + residual
     vf = v.float()
     y = weight * (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)).to(v.dtype)
+    if x_fp8 is not None:
+        rows = y.reshape(-1, y.shape[-1])
+        for out, value in zip(x_fp8, fp8.quantize_activation(rows)):
+            out[:rows.shape[0]] = value
     return y if residual is None else (y, v)
 
 

@@ -377,11 +377,14 @@ def test_engine_fp8_weights_and_cache_end_to_end():
     assert out.text.strip().startswith('"momentarily" (adverb):')
 
 
-def test_engine_fp8_quantizes_x_once_for_the_moe(monkeypatch):
-    """MoE.SHARE_QUANTIZED_X (steps of more than FUSED_SHARED_MAX_TOKENS tokens: here the prefill of 300-token
-    prompts): x quantized once by the router, for the routed experts' kernel and the shared experts' cuBLAS
-    GEMM, gives the demo model's greedy tokens and log-probabilities bit for bit as each quantizing x."""
+def test_engine_fp8_quantizes_x_once(monkeypatch):
+    """MoE.SHARE_QUANTIZED_X and MLA.NORM_QUANTIZES_X_FROM (steps of more than FUSED_SHARED_MAX_TOKENS and
+    FUSED_MAX_M tokens: here the prefill of 300-token prompts): x quantized once, by the router for the
+    routed experts' kernel and the shared experts' cuBLAS GEMM, and by the input norm for the query
+    projection, gives the demo model's greedy tokens and log-probabilities bit for bit as each GEMM
+    quantizing x."""
     from deepseek_v2 import LLM, SamplingParams
+    from deepseek_v2.model import MLA
     from deepseek_v2.moe import MoE
     g = torch.Generator().manual_seed(5)
     prompts = [{"prompt_token_ids": torch.randint(2, 500, (300,), generator=g).tolist()} for _ in range(3)]
@@ -389,6 +392,7 @@ def test_engine_fp8_quantizes_x_once_for_the_moe(monkeypatch):
     results = []
     for share in (False, True):
         monkeypatch.setattr(MoE, "SHARE_QUANTIZED_X", share)
+        monkeypatch.setattr(MLA, "NORM_QUANTIZES_X_FROM", 17 if share else 0)
         llm = LLM(quantization="fp8", num_kv_blocks=256)
         results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs)
                         for o in llm.generate(prompts, params, use_tqdm=False)])

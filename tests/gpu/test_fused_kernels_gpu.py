@@ -78,6 +78,27 @@ def test_rms_norm(D, T):
     assert_ulps(y, y_ref, 2, what="y with residual")
 
 
+@pytest.mark.parametrize("T", [7, 256, 300])
+@pytest.mark.parametrize("D", [2048, 5120])
+def test_rms_norm_quantizes_for_fp8(D, T):
+    """x_fp8 (MLA.NORM_QUANTIZES_X_FROM): the norm's output quantized in the same launch, bit for bit what
+    the quantize launch gives for the output it returns, into torch._scaled_mm's layout (rows padded to
+    128, M-major scales; the padding rows untouched)."""
+    from deepseek_v2.kernels.fp8 import quantized_buffers
+    g = generator(D + T + 1)
+    x = torch.randn(T, D, device=DEVICE, generator=g).mul_(3).to(BF16)
+    residual = torch.randn(T, D, device=DEVICE, generator=g).to(BF16)
+    weight = torch.randn(D, device=DEVICE, generator=g).mul_(0.1).add_(1).to(BF16)
+    q, scales = quantized_buffers(T, D, x.device, pad_rows=128)
+    q.view(torch.uint8).fill_(0x7F)
+    scales.fill_(-1.0)
+    y, s = rms_norm(x, weight, 1e-6, residual=residual, x_fp8=(q, scales))
+    want_q, want_s = quantize_activation(y)
+    assert torch.equal(q[:T].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scales[:T], want_s)
+    assert (q[T:].view(torch.uint8) == 0x7F).all() and (scales[T:] == -1).all()
+    assert torch.equal(y, rms_norm(x, weight, 1e-6, residual=residual)[0]) and s is not None
+
+
 # ---------------------------------------------------------------- mla_prepare
 
 def mla_inputs(T, H, seed):
