@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .checkpoint import checkpoint_args, load_dtype, load_weights, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
-from .kernels.fp8 import BLOCK, quantized_buffers
+from .kernels.fp8 import BLOCK, quantize_once, quantized_buffers
 from .moe import MLP, MoE, MoEGate, RoutedExperts
 from .plan import check_parallel_size
 from .parallel import SINGLE, Linear, TensorParallel, column_parallel, fuse_rows, row_parallel, split_parameters
@@ -72,8 +72,6 @@ class RMSNorm(nn.Module):
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
         """norm(x), or with a residual stream: (norm(x + residual), x + residual). x_fp8: buffers that also
         receive norm(x) quantized, for an FP8 GEMM after it (the kernels' rms_norm's x_fp8)."""
-        if x_fp8 is None:
-            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
         return self.kernels.rms_norm(x, self.weight, self.eps, residual, x_fp8=x_fp8)
 
 
@@ -103,12 +101,6 @@ class AttentionMetadata:
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepseekV2Attention in the official code). Under tensor parallelism
     a rank holds its heads' rows of q_proj / q_b_proj and kv_b_proj and columns of o_proj."""
-
-    # Steps of at least this many tokens (0: none) have the input norm quantize its output for an FP8 first
-    # projection (the kernels' rms_norm's x_fp8, in torch._scaled_mm's layout), where the FP8 GEMM quantized
-    # it in a launch of its own (fewer rows quantize x inside the GEMM). Built, passes the interpreter's
-    # tests; off until timed on a GPU (scripts/gpu_check.sh router256).
-    NORM_QUANTIZES_X_FROM = 0
 
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -145,9 +137,9 @@ class MLA(nn.Module):
 
     def input_fp8_buffers(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Buffers for the input norm to quantize x into (project's x_fp8), where the first projection is
-        FP8 and the step has at least NORM_QUANTIZES_X_FROM tokens; else None."""
+        FP8 and a step of T tokens quantizes once (fp8.QUANTIZE_ONCE_FROM); else None."""
         fp8_first = self.in_proj_plain or (self.in_proj_weight is not None and self.in_proj_scale is not None)
-        if not (fp8_first and self.NORM_QUANTIZES_X_FROM and T >= self.NORM_QUANTIZES_X_FROM):
+        if not (fp8_first and quantize_once(T)):
             return None
         return quantized_buffers(T, self.args.hidden_size, device, pad_rows=BLOCK)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .kernels import REFERENCE
-from .kernels.fp8 import BLOCK, quantized_buffers, quantize_weight
+from .kernels.fp8 import BLOCK, quantize_once, quantized_buffers, quantize_weight, zero_padded
 from .parallel import SINGLE, TensorParallel, column_parallel, fuse_rows, row_parallel
 
 
@@ -44,12 +44,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)). x_fp8: x already quantized, for FP8 gate/up weights (the kernels'
-        linear's x_fp8)."""
+        linear's x_fp8). A step that quantizes once (fp8.QUANTIZE_ONCE_FROM) has the activation's launch
+        quantize its output for an FP8 down projection, at the width it multiplies (zero columns too)."""
         if self.gate_up_weight is None:
             gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
             gate_up = self.kernels.linear(x, self.gate_up_weight, None, self.gate_up_scale, x_fp8=x_fp8)
-        return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        down = self.down_proj
+        T = gate_up.numel() // gate_up.shape[-1]
+        if down.weight_scale_inv is None or down.block_offset != (0, 0) or not quantize_once(T):
+            return down(self.kernels.silu_and_mul(gate_up))
+        width = zero_padded(down.weight, down.weight_scale_inv)[0].shape[1]
+        h_fp8 = quantized_buffers(T, width, gate_up.device, pad_rows=BLOCK)
+        return down(self.kernels.silu_and_mul(gate_up, x_fp8=h_fp8), x_fp8=h_fp8)
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:
@@ -165,12 +172,6 @@ class MoE(nn.Module):
     # faster there. scripts/bench_moe_layer.py on an H200 (V2-Lite's layer, stacked against beside):
     # bf16 1.12x at 1 token, 1.03x at 16, 1.01x at 64, 0.96x at 128; FP8 1.30x, 1.11x, 1.11x, 1.01x.
     FUSED_SHARED_MAX_TOKENS = 64
-    # FP8 experts and shared experts, in steps of more tokens: x quantized once, by the router's launch (route's
-    # x_fp8), in the layout that torch._scaled_mm reads, for the routed experts' kernel and the shared
-    # experts' gate/up GEMM, where each quantized it in a launch of its own (two launches fewer a MoE layer
-    # at 256 decodes). Built, passes the interpreter's tests; off until timed on a GPU (scripts/gpu_check.sh
-    # router256).
-    SHARE_QUANTIZED_X = False
 
     def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -190,7 +191,7 @@ class MoE(nn.Module):
         stack = self.stack if self.stack is not None and T <= self.FUSED_SHARED_MAX_TOKENS else None
         x_fp8 = shared_x_fp8 = None
         if self.experts.gate_up_proj_scale_inv is not None:  # FP8 experts: the router quantizes x for them
-            share = (stack is None and self.SHARE_QUANTIZED_X and self.shared_experts is not None
+            share = (stack is None and quantize_once(T) and self.shared_experts is not None
                      and self.shared_experts.gate_up_scale is not None)  # and for the shared experts' GEMM
             q, scales = quantized_buffers(T, x.shape[1], x.device, pad_rows=BLOCK if share else 1)
             x_fp8 = (q[:T], scales[:T])

@@ -114,8 +114,9 @@ class Linear(nn.Linear):
         self.block_offset = block_offset
         self.kernels = REFERENCE
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.weight, self.bias, self.weight_scale_inv, self.block_offset)
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x W^T (+ bias); x_fp8: x already quantized, for an FP8 weight (the kernels' linear's x_fp8)."""
+        return self.kernels.linear(x, self.weight, self.bias, self.weight_scale_inv, self.block_offset, x_fp8=x_fp8)
 
     @torch.no_grad()
     def to_fp8(self) -> None:
@@ -153,10 +154,10 @@ class ShardedLinear(Linear):
         self.shard = (dim, start * unit_size, end * unit_size, units * unit_size)  # dim, [start, end), whole
         self.tp, self.reduce = tp, reduce
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.shard[0] == 0 or self.tp.group is None:
-            return super().forward(x)
-        y = self.kernels.linear(x, self.weight, None, self.weight_scale_inv, self.block_offset)
+            return super().forward(x, x_fp8)
+        y = self.kernels.linear(x, self.weight, None, self.weight_scale_inv, self.block_offset, x_fp8=x_fp8)
         if self.reduce:
             self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -166,35 +166,32 @@ if has swaps; then
   step swaps-256-quantize-inter 150 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
     -- bench $B256 --quantization fp8
 fi
-# 256 sequences' levers built without a GPU (docs/fp8.md, "The router in one launch and x quantized once"):
-# their GPU tests, then 256 sequences, each against the default in the same call (~9 min): the router in
-# blocks of tokens (router.ROUTE_BLOCKS_MAX_TOKENS=512) in bf16 and FP8, and FP8 with all three levers (the
-# router's blocks, x quantized once for the routed and shared experts: MoE.SHARE_QUANTIZED_X, and by the
-# input norm: MLA.NORM_QUANTIZES_X_FROM). Step more256 (~9 min), FP8: the last two alone, the shared
-# experts inside the routed experts' kernel at 256 tokens, the gate/up GEMM storing the intermediate
-# quantized, and the Triton GEMM for the dense layers in place of cuBLAS's
-BLOCKS=router.ROUTE_BLOCKS_MAX_TOKENS=512 SHARE=deepseek_v2.moe.MoE.SHARE_QUANTIZED_X=True
-NORMQ=deepseek_v2.model.MLA.NORM_QUANTIZES_X_FROM=17
+# 256 sequences' levers built without a GPU (docs/fp8.md, "The router in one launch and inputs quantized
+# once"): their GPU tests, then 256 sequences, each against the default in the same call (~9 min): the
+# router in blocks of tokens (router.ROUTE_BLOCKS_MAX_TOKENS=512) in bf16 and FP8, and with FP8 the GEMMs'
+# inputs quantized once (fp8.QUANTIZE_ONCE_FROM), alone and with the router's blocks. Step more256 (~8 min),
+# FP8: the shared experts inside the routed experts' kernel at 256 tokens, the gate/up GEMM storing the
+# intermediate quantized, the Triton GEMM for the dense layers in place of cuBLAS's, and all of the levers
+BLOCKS=router.ROUTE_BLOCKS_MAX_TOKENS=512 ONCE=fp8.QUANTIZE_ONCE_FROM=17 INTER=moe.QUANTIZE_INTER_MAX_TOKENS=256
 if has router256; then
   step router256-tests 240 python3 -m pytest -q tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_fp8_gpu.py \
-    -k "route or quantized_once or x_once or quantizes_for_fp8"
+    -k "route or quantized_once or x_once or quantizes_for_fp8 or silu"
   step router256-bf16-default 120 python3 -m deepseek_v2.cli bench $B256
   step router256-bf16-blocks 120 python3 scripts/with_settings.py $BLOCKS -- bench $B256
   step router256-fp8-default 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
   step router256-fp8-blocks 120 python3 scripts/with_settings.py $BLOCKS -- bench $B256 --quantization fp8
-  step router256-fp8-all 120 python3 scripts/with_settings.py $BLOCKS $SHARE $NORMQ -- bench $B256 --quantization fp8
-  step router256-fp8-default-again 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+  step router256-fp8-once 120 python3 scripts/with_settings.py $ONCE -- bench $B256 --quantization fp8
+  step router256-fp8-both 120 python3 scripts/with_settings.py $BLOCKS $ONCE -- bench $B256 --quantization fp8
 fi
 if has more256; then
   step more256-fp8-default 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
-  step more256-fp8-share 120 python3 scripts/with_settings.py $SHARE -- bench $B256 --quantization fp8
-  step more256-fp8-norm 120 python3 scripts/with_settings.py $NORMQ -- bench $B256 --quantization fp8
   step more256-fp8-fused-shared 120 python3 scripts/with_settings.py deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256 \
     -- bench $B256 --quantization fp8
-  step more256-fp8-quantize-inter 120 python3 scripts/with_settings.py moe.QUANTIZE_INTER_MAX_TOKENS=256 \
-    -- bench $B256 --quantization fp8
+  step more256-fp8-quantize-inter 120 python3 scripts/with_settings.py $INTER -- bench $B256 --quantization fp8
   step more256-fp8-triton-dense 120 python3 scripts/with_settings.py fp8_linear.SCALED_MM_MIN_M=None \
     -- bench $B256 --quantization fp8
+  step more256-fp8-all 120 python3 scripts/with_settings.py $BLOCKS $ONCE $INTER -- bench $B256 --quantization fp8
+  step more256-fp8-default-again 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
 fi
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped

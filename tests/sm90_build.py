@@ -170,6 +170,9 @@ def launch_fused_kernels() -> None:
                                         torch.empty(T, 32), torch.empty(512, dtype=bf16), 1e-6, cache,
                                         torch.zeros(T, dtype=torch.long))
         activation.silu_and_mul(torch.empty(T, 2 * 1408, dtype=bf16))
+        if T == 256:  # the shared experts' activation quantized at their down projection's zero-column width
+            activation.silu_and_mul(torch.empty(T, 2 * 2816, dtype=bf16),
+                                    x_fp8=quantized_buffers(T, 3072, torch.device("cpu"), pad_rows=128))
         # V2-Lite's greedy router, V2's group-limited one: one launch at one token (a program a token) and at 256
         # (blocks of tokens), cuBLAS and topk_softmax at 16384
         router.GROUPED_IN_KERNEL = True  # built here whatever its setting

@@ -235,11 +235,11 @@ def test_with_settings_runs_a_command_with_kernel_settings_changed():
     have, then runs the command."""
     script = [sys.executable, "scripts/with_settings.py"]
     r = subprocess.run([*script, "moe.COMBINE_IN_GEMM_MAX_TOKENS=64", "prefill.TRITON_FROM_KEYS=None",
-                        "deepseek_v2.moe.MoE.SHARE_QUANTIZED_X=True", "--", "info", "--shape", "v2-lite"],
+                        "deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256", "--", "info", "--shape", "v2-lite"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "moe.COMBINE_IN_GEMM_MAX_TOKENS = 64" in r.stderr and "15,706,484,224 total" in r.stdout
-    assert "deepseek_v2.moe.MoE.SHARE_QUANTIZED_X = True" in r.stderr
+    assert "deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS = 256" in r.stderr
     r = subprocess.run([*script, "moe.NO_SUCH_SETTING=1", "--", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no setting NO_SUCH_SETTING" in r.stderr
 

@@ -226,15 +226,14 @@ def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kerne
     grouped case covers group-limited routing, which has no kernel (the Triton set uses the reference);
     the FP8 case FP8 weights (the FP8 GEMM and the fused MoE's FP8 path, every block partial at these
     sizes) and the FP8 latent cache (its write in mla_prepare, its reads in decode and prefill). With
-    quantize_once, the 256-sequence levers at these few tokens: the input norm quantizing x for the first
-    projection (MLA.NORM_QUANTIZES_X_FROM), the router in blocks of tokens quantizing x for the routed and
-    the shared experts (router.ROUTE_BLOCKS_MAX_TOKENS, MoE.SHARE_QUANTIZED_X), the FP8 GEMM reading x
-    quantized past 2 rows."""
+    quantize_once, the 256-sequence levers at these few tokens: inputs of the FP8 GEMMs quantized once
+    (fp8.QUANTIZE_ONCE_FROM: by the input norm for the first projection, by the router in blocks of tokens,
+    router.ROUTE_BLOCKS_MAX_TOKENS, for the routed and the shared experts, by the activation for the down
+    projection), the FP8 GEMM reading x quantized past 2 rows."""
     if quantize_once:
-        from deepseek_v2.model import MLA
+        from deepseek_v2.kernels import fp8
         from deepseek_v2.moe import MoE
-        for owner, setting, value in [(MLA, "NORM_QUANTIZES_X_FROM", 3), (MoE, "SHARE_QUANTIZED_X", True),
-                                      (MoE, "FUSED_SHARED_MAX_TOKENS", 2),
+        for owner, setting, value in [(fp8, "QUANTIZE_ONCE_FROM", 3), (MoE, "FUSED_SHARED_MAX_TOKENS", 2),
                                       (interpreted_kernels.router, "ROUTE_MAX_TOKENS", 2),
                                       (interpreted_kernels.router, "ROUTE_BLOCKS_MAX_TOKENS", 16),
                                       (interpreted_kernels.fp8_linear, "FUSED_MAX_M", 2)]:

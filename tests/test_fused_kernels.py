@@ -246,6 +246,30 @@ def test_silu_and_mul_matches_ref(tk, T, dtype):
         assert_ulps(tk.activation.silu_and_mul(x), reference.silu_and_mul(x), f"I={I}")
 
 
+@pytest.mark.parametrize("T", [1, 9])
+def test_silu_and_mul_quantizes_its_output_for_fp8(tk, T):
+    """x_fp8: the product also quantized in its launch, bit for bit quantize_activation of the output it
+    returns at the buffer's width (I, or a multiple of 128 past it whose columns are zeros: an FP8 weight
+    widened with zero columns), into a buffer of more rows with M-major scales (those rows untouched);
+    the reference's the same; a buffer of a width other than those refused."""
+    from deepseek_v2.kernels import fp8
+    torch.manual_seed(T)
+    for I, width in [(1408, 1408), (1408, 1536), (100, 256), (100, 100)]:
+        x = rows(T, 2 * I, torch.bfloat16, scale=4.0)
+        for kernels in (tk.activation, reference):
+            q, scales = fp8.quantized_buffers(T, width, x.device, pad_rows=128)
+            q.view(torch.uint8).fill_(0x7F)
+            scales.fill_(-1.0)
+            y = kernels.silu_and_mul(x, x_fp8=(q, scales))
+            assert torch.equal(y, kernels.silu_and_mul(x))
+            want_q, want_s = fp8.quantize_activation(torch.nn.functional.pad(y, (0, width - I)))
+            assert torch.equal(q[:T].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scales[:T], want_s)
+            assert (q[T:].view(torch.uint8) == 0x7F).all() and (scales[T:] == -1).all()
+    q, scales = fp8.quantized_buffers(T, 1500, x.device)
+    with pytest.raises(ValueError, match="silu_and_mul"):
+        tk.activation.silu_and_mul(rows(T, 2 * 1408, torch.bfloat16), x_fp8=(q, scales))
+
+
 def test_leading_dims_are_flattened(tk):
     """The wrappers take [..., D] as the model holds activations ([B, S, D] outside the engine)."""
     x, residual, weight = torch.randn(2, 5, 32), torch.randn(2, 5, 32), 1 + 0.1 * torch.randn(32)

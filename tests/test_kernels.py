@@ -842,6 +842,19 @@ def test_fp8_linear_reads_x_quantized_already(tk, case, monkeypatch):
         tk.fp8_linear.linear(x, w, b, s, offset, config=config, x_fp8=(q[:M - 1], scales[:M - 1]))
 
 
+def test_fp8_linear_reads_x_quantized_at_the_zero_columns_width(tk):
+    """A weight widened with zero columns (fp8.pad_columns: 200 -> 512) reads x_fp8 at that width (the
+    activation's launch quantizes at it, zeros past K), the same output as quantizing x itself."""
+    from deepseek_v2.kernels.fp8 import pad_columns, quantize_activation, quantized_buffers
+    w, s = pad_columns(*fp8_matrix(64, 200, seed=3))
+    x = torch.randn(40, 200).to(torch.bfloat16)
+    q, scales = quantized_buffers(40, 512, x.device, pad_rows=128)
+    q[:40], scales[:40] = quantize_activation(torch.nn.functional.pad(x, (0, 312)))
+    assert torch.equal(tk.fp8_linear.linear(x, w, None, s, x_fp8=(q, scales)), tk.fp8_linear.linear(x, w, None, s))
+    with pytest.raises(ValueError, match="columns wide"):
+        tk.fp8_linear.linear(x, w, None, s, x_fp8=quantized_buffers(40, 384, x.device))
+
+
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8, 9])  # cases with tiles inside one weight block row
 def test_fp8_linear_with_swapped_operands(tk, case, monkeypatch):
     """SWAP_AB (the products as w^T x^T, so that Hopper's warpgroup MMA takes a few rows in e4m3): the

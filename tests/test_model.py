@@ -234,9 +234,11 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
     MLP beside the routed experts; the layer's output is the same function either way, and the routed
     experts' weights are views of the stack, under their checkpoint names. FP8: the router hands the
     experts' kernel x quantized (x_fp8, what the kernels' router makes in its own launch), and with
-    SHARE_QUANTIZED_X the shared MLP's gate/up GEMM too, in torch._scaled_mm's layout."""
+    fp8.QUANTIZE_ONCE_FROM the shared MLP's gate/up GEMM too, in torch._scaled_mm's layout (its down
+    projection then reads the activation quantized by the activation's launch)."""
     import dataclasses
 
+    from deepseek_v2.kernels import fp8
     from deepseek_v2.kernels.fp8 import quantize_activation
 
     from deepseek_v2.config import DEFAULT_MODEL
@@ -270,7 +272,7 @@ def test_shared_experts_run_in_the_routed_experts_kernel(monkeypatch, quantizati
         moe.shared_experts.kernels = dataclasses.replace(
             shared_kernels, linear=lambda *args, **kw: shared_handed.append(kw.get("x_fp8"))
             or shared_kernels.linear(*args, **kw))
-        monkeypatch.setattr(MoE, "SHARE_QUANTIZED_X", True)
+        monkeypatch.setattr(fp8, "QUANTIZE_ONCE_FROM", 1)
         shared_once = moe(x)
     assert experts_called == [a.n_routed_experts + 2, a.n_routed_experts, a.n_routed_experts]
     want_q, want_s = quantize_activation(x)

@@ -16,14 +16,20 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .fp8 import BLOCK, EPS, FP8_MAX
+from .fp8_linear import check_quantized_out, quantize_rows
 from .launch import pdl_launch, wait_for_prior_kernels
 
 _BLOCK = 1024  # columns per program: 8 per thread with 4 warps, 16-byte bf16 accesses
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y,
-                         BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr = False):
+def _silu_and_mul_kernel(x_ptr, y_ptr, q_ptr, qs_ptr, I, WIDTH, stride_x, stride_y, stride_q, stride_qs, stride_qsg,
+                         BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, QUANTIZE: tl.constexpr = False,
+                         GROUP: tl.constexpr = 128, FP8_MAX: tl.constexpr = 448.0, EPS: tl.constexpr = 1e-10,
+                         PDL: tl.constexpr = False):
+    """QUANTIZE: the product also quantized for an FP8 GEMM (quantize_activation's groups of GROUP and
+    arithmetic) into q and qs, WIDTH columns: past I, zeros (an FP8 weight's zero columns meet them)."""
     wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -38,12 +44,20 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, I, stride_x, stride_y,
     silu = tl.div_rn(g, 1.0 + e).to(gate.dtype)
     y = (silu.to(tl.float32) * up.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+    if QUANTIZE:  # BLOCK / GROUP groups; masked lanes are 0 (silu(0) * 0)
+        q, scale = quantize_rows(tl.reshape(y, (BLOCK // GROUP, GROUP)), FP8_MAX, EPS)
+        groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+        cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < WIDTH)
+        tl.store(qs_ptr + row * stride_qs + groups * stride_qsg, scale, mask=groups * GROUP < WIDTH)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y [..., I] = silu(x[..., :I]) * x[..., I:] for x [..., 2I] (rows of the flattened [T, 2I] view may be
-    strided, the last dim contiguous), bf16/fp16/fp32; same contract as reference.silu_and_mul. No host
-    synchronisation."""
+    strided, the last dim contiguous), bf16/fp16/fp32; same contract as reference.silu_and_mul. x_fp8:
+    buffers e4m3 [T', W] and fp32 [T', ceil(W / 128)] (T' >= T, W = I or a multiple of 128 above it; any
+    strides) whose first T rows also receive y quantized for an FP8 GEMM (quantize_activation at width W,
+    bit for bit), in the same launch. No host synchronisation."""
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: expected x [..., 2I]; got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -53,11 +67,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     T, I = x.shape[0], x.shape[1] // 2
+    width = I
+    if x_fp8 is not None:
+        width = x_fp8[0].shape[1]
+        check_quantized_out("silu_and_mul x_fp8", *x_fp8, x_fp8[0].shape[0], width, triton.cdiv(width, BLOCK))
+        if x_fp8[0].shape[0] < T or x_fp8[0].device != x.device or width < I or (width > I and width % BLOCK):
+            raise ValueError(f"silu_and_mul: x_fp8 must hold at least x's {T} rows, on x's device, {I} columns or a"
+                             f" multiple of {BLOCK} above; got {tuple(x_fp8[0].shape)}")
     y = torch.empty(T, I, dtype=x.dtype, device=x.device)
     if T > 0 and I > 0:
-        block = min(_BLOCK, triton.next_power_of_2(I))
-        _silu_and_mul_kernel[(T, triton.cdiv(I, block))](
-            x, y, I, x.stride(0), y.stride(0), BLOCK=block, LIBDEVICE=x.is_cuda,
+        block = min(_BLOCK, triton.next_power_of_2(I)) if x_fp8 is None else \
+            max(BLOCK, min(_BLOCK, triton.next_power_of_2(width)))
+        q, qs = x_fp8 if x_fp8 is not None else (y, y)  # (unused without QUANTIZE)
+        _silu_and_mul_kernel[(T, triton.cdiv(width, block))](
+            x, y, q, qs, I, width, x.stride(0), y.stride(0), q.stride(0), qs.stride(0), qs.stride(-1), BLOCK=block,
+            LIBDEVICE=x.is_cuda, QUANTIZE=x_fp8 is not None, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,
             num_warps=4, enable_fp_fusion=False, enable_reflect_ftz=False, **pdl_launch(x.device, T),
         )
     return y.view(*shape[:-1], I)

@@ -137,6 +137,21 @@ def zero_padded(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
             scale.as_strided((scale.shape[0], width // BLOCK), (width // BLOCK, 1)))
 
 
+# Steps of at least this many tokens (0: none) quantize an FP8 GEMM's input once, in the launch that makes
+# it, where each FP8 GEMM quantized its input in a launch of its own (fewer rows quantize x inside the GEMM):
+# the input norm for MLA's first projection (rms_norm's x_fp8), the router for the routed and the shared
+# experts alike (route's x_fp8, then linear's x_fp8), SwiGLU's activation for an FP8 down projection
+# (silu_and_mul's x_fp8). Four launches fewer a MoE layer at 256 FP8 decodes. Built, passes the
+# interpreter's tests (the engine's tokens with it on are the reference's); off until it has run and been
+# timed on a GPU (scripts/gpu_check.sh router256).
+QUANTIZE_ONCE_FROM = 0
+
+
+def quantize_once(T: int) -> bool:
+    """Whether a step of T tokens quantizes its FP8 GEMMs' inputs once (QUANTIZE_ONCE_FROM)."""
+    return 0 < QUANTIZE_ONCE_FROM <= T
+
+
 def quantized_buffers(M: int, K: int, device: torch.device, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty buffers for M rows of K activations quantized (a kernel's out=): e4m3 [M', K] and fp32 scales
     [M', ceil(K / 128)], M' = M rounded up to pad_rows; with pad_rows = BLOCK, the scales M-major, the

@@ -349,8 +349,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     unquantized; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
     launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). config's
     SWAP_AB: the FP8 products as weight columns x rows (default up to SWAP_AB_MAX_M rows; tiles inside one
-    weight block row only). x_fp8: x already quantized (quantize_activation's values), e4m3 [M', K] and
-    fp32 scales [M', ceil(K / 128)] with M' >= M rows (rows past M are not read for the result), read
+    weight block row only). x_fp8: x already quantized (quantize_activation's values), e4m3 [M', K] (or
+    the width of the weight's zero columns, fp8.pad_columns, zeros past K) and fp32 scales [M', groups] with
+    M' >= M rows (rows past M are not read for the result), read
     instead of quantizing x where the path taken reads that layout: torch._scaled_mm with M' = M rounded
     up to 128 and M-major scales (fp8.quantized_buffers), the Triton kernel with x quantized first and no
     block_offset column; with x quantized inside the GEMM (few rows) it is not needed. No host
@@ -379,7 +380,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"{name}: plain_rows [N2, {K}] {x.dtype} with a contiguous last dim expected, got "
                          f"{tuple(plain_rows.shape)} {plain_rows.dtype}")
     if x_fp8 is not None:
-        check_quantized_out(f"{name} x_fp8", *x_fp8, x_fp8[0].shape[0], K, cdiv(K, BLOCK))
+        width = x_fp8[0].shape[1] if x_fp8[0].dim() == 2 else -1
+        if width not in (K, zero_padded(weight, weight_scale_inv)[0].shape[1]):
+            raise ValueError(f"{name}: x_fp8 must be {K} columns wide, or the width of the weight's zero columns")
+        check_quantized_out(f"{name} x_fp8", *x_fp8, x_fp8[0].shape[0], width, cdiv(width, BLOCK))
         if x_fp8[0].shape[0] < x.numel() // K:
             raise ValueError(f"{name}: x_fp8 holds {x_fp8[0].shape[0]} rows, x {x.numel() // K}")
     tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows, *(x_fp8 or ())) if t is not None]

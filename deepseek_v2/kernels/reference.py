@@ -169,11 +169,18 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     return torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, dv]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SwiGLU's activation: x [..., 2I] = [gate | up] -> silu(gate) * up [..., I], each op rounded to
-    x's dtype."""
+    x's dtype. x_fp8: buffers (e4m3 [T', W], fp32 [T', ceil(W / 128)], T' >= T, W >= I) whose first T rows
+    also receive the output quantized (fp8.quantize_activation; columns past I zeros), for an FP8 GEMM."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    y = F.silu(gate) * up
+    if x_fp8 is not None:
+        rows = y.reshape(-1, y.shape[-1])
+        wide = F.pad(rows, (0, x_fp8[0].shape[1] - rows.shape[1]))
+        for out, value in zip(x_fp8, fp8.quantize_activation(wide)):
+            out[:rows.shape[0]] = value
+    return y
 
 
 def _weigh(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:

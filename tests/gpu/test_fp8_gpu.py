@@ -91,7 +91,7 @@ def test_fp8_linear_triton_over_prequantized_x(M):
 @pytest.mark.parametrize("M", [256, 300])
 def test_fp8_linear_reads_x_quantized_once(M, monkeypatch):
     """x_fp8 in torch._scaled_mm's layout (fp8.quantized_buffers: rows padded to 128, M-major scales; what
-    the router fills when MoE.SHARE_QUANTIZED_X shares it with the shared experts): cuBLAS and the Triton
+    the router fills when fp8.QUANTIZE_ONCE_FROM shares it with the shared experts): cuBLAS and the Triton
     GEMM read it, bit for bit the output of quantizing x in linear, with no quantize launch; the padding
     rows (NaN here) are never part of the result."""
     from deepseek_v2.kernels import fp8_linear
@@ -378,21 +378,19 @@ def test_engine_fp8_weights_and_cache_end_to_end():
 
 
 def test_engine_fp8_quantizes_x_once(monkeypatch):
-    """MoE.SHARE_QUANTIZED_X and MLA.NORM_QUANTIZES_X_FROM (steps of more than FUSED_SHARED_MAX_TOKENS and
-    FUSED_MAX_M tokens: here the prefill of 300-token prompts): x quantized once, by the router for the
-    routed experts' kernel and the shared experts' cuBLAS GEMM, and by the input norm for the query
-    projection, gives the demo model's greedy tokens and log-probabilities bit for bit as each GEMM
-    quantizing x."""
+    """fp8.QUANTIZE_ONCE_FROM (here from 17 tokens: the prefill of 300-token prompts): the FP8 GEMMs' inputs
+    quantized once, by the router for the routed experts' kernel and the shared experts' cuBLAS GEMM, by the
+    input norm for the query projection and by the activation for the shared experts' down projection (at
+    its zero columns' width), gives the demo model's greedy tokens and log-probabilities bit for bit as
+    each GEMM quantizing its input."""
     from deepseek_v2 import LLM, SamplingParams
-    from deepseek_v2.model import MLA
-    from deepseek_v2.moe import MoE
+    from deepseek_v2.kernels import fp8
     g = torch.Generator().manual_seed(5)
     prompts = [{"prompt_token_ids": torch.randint(2, 500, (300,), generator=g).tolist()} for _ in range(3)]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
     results = []
     for share in (False, True):
-        monkeypatch.setattr(MoE, "SHARE_QUANTIZED_X", share)
-        monkeypatch.setattr(MLA, "NORM_QUANTIZES_X_FROM", 17 if share else 0)
+        monkeypatch.setattr(fp8, "QUANTIZE_ONCE_FROM", 17 if share else 0)
         llm = LLM(quantization="fp8", num_kv_blocks=256)
         results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs)
                         for o in llm.generate(prompts, params, use_tqdm=False)])

@@ -81,7 +81,7 @@ def test_rms_norm(D, T):
 @pytest.mark.parametrize("T", [7, 256, 300])
 @pytest.mark.parametrize("D", [2048, 5120])
 def test_rms_norm_quantizes_for_fp8(D, T):
-    """x_fp8 (MLA.NORM_QUANTIZES_X_FROM): the norm's output quantized in the same launch, bit for bit what
+    """x_fp8 (fp8.QUANTIZE_ONCE_FROM): the norm's output quantized in the same launch, bit for bit what
     the quantize launch gives for the output it returns, into torch._scaled_mm's layout (rows padded to
     128, M-major scales; the padding rows untouched)."""
     from deepseek_v2.kernels.fp8 import quantized_buffers
@@ -147,6 +147,24 @@ def test_silu_and_mul(I, T):
     x = torch.randn(T, 2 * I, device=DEVICE, generator=generator(I + T)).mul_(4).to(BF16)
     poison_free_memory()
     assert_ulps(silu_and_mul(x), reference.silu_and_mul(x), 1)
+
+
+@pytest.mark.parametrize("T", [7, 256, 300])
+@pytest.mark.parametrize("I, width", [(2816, 3072), (1408, 1408)])  # V2-Lite's shared experts (zero columns)
+def test_silu_and_mul_quantizes_for_fp8(I, width, T):
+    """x_fp8 (fp8.QUANTIZE_ONCE_FROM): the product quantized in the same launch at the down projection's
+    width (zeros past I), bit for bit what the quantize launch gives, into torch._scaled_mm's layout (the
+    padding rows untouched)."""
+    from deepseek_v2.kernels.fp8 import quantized_buffers
+    x = torch.randn(T, 2 * I, device=DEVICE, generator=generator(I + T + 1)).mul_(4).to(BF16)
+    q, scales = quantized_buffers(T, width, x.device, pad_rows=128)
+    q.view(torch.uint8).fill_(0x7F)
+    scales.fill_(-1.0)
+    y = silu_and_mul(x, x_fp8=(q, scales))
+    assert torch.equal(y, silu_and_mul(x))
+    want_q, want_s = quantize_activation(y, width=width)
+    assert torch.equal(q[:T].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scales[:T], want_s)
+    assert (q[T:].view(torch.uint8) == 0x7F).all() and (scales[T:] == -1).all()
 
 
 # ---------------------------------------------------------------- topk_softmax
