@@ -231,9 +231,9 @@ def test_triton_kernel_set_equals_the_reference(hf_checkpoint, interpreted_kerne
     router.ROUTE_BLOCKS_MAX_TOKENS, for the routed and the shared experts, by the activation for the down
     projection), the FP8 GEMM reading x quantized past 2 rows."""
     if quantize_once:
-        from deepseek_v2.kernels import fp8
+        from deepseek_v2.kernels import fp8 as fp8_formats
         from deepseek_v2.moe import MoE
-        for owner, setting, value in [(fp8, "QUANTIZE_ONCE_FROM", 3), (MoE, "FUSED_SHARED_MAX_TOKENS", 2),
+        for owner, setting, value in [(fp8_formats, "QUANTIZE_ONCE_FROM", 3), (MoE, "FUSED_SHARED_MAX_TOKENS", 2),
                                       (interpreted_kernels.router, "ROUTE_MAX_TOKENS", 2),
                                       (interpreted_kernels.router, "ROUTE_BLOCKS_MAX_TOKENS", 16),
                                       (interpreted_kernels.fp8_linear, "FUSED_MAX_M", 2)]:
