@@ -156,9 +156,8 @@ class MLA(nn.Module):
                 [self.in_proj_weight.shape[0] - R - P, R + P], -1)
         elif self.in_proj_plain:  # the FP8 one and the bf16 kv_a_proj_with_mqa in one call
             first = self.q_proj if a.q_lora_rank is None else self.q_a_proj
-            both = self.kernels.linear(x, first.weight, None, first.weight_scale_inv,
-                                       plain_rows=self.kv_a_proj_with_mqa.weight, x_fp8=x_fp8)
-            q, kv = both.split([first.out_features, R + P], -1)
+            q, kv = self.kernels.linear(x, first.weight, None, first.weight_scale_inv,
+                                        plain_rows=self.kv_a_proj_with_mqa.weight, x_fp8=x_fp8)
         else:
             q = self.q_proj(x) if a.q_lora_rank is None else self.q_a_proj(x)
             kv = self.kv_a_proj_with_mqa(x)

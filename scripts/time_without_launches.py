@@ -72,11 +72,12 @@ def no_fp8_gemm(x, weight, bias=None, weight_scale_inv=None, block_offset=(0, 0)
     """Zeros, not garbage (NaNs would route a token to no expert), made once a shape (in the warm-up)."""
     if weight_scale_inv is None:  # a bf16 weight: still multiplied
         return real_linear(x, weight, bias, plain_rows=plain_rows)
-    shape = (*x.shape[:-1], weight.shape[0] + (plain_rows.shape[0] if plain_rows is not None else 0))
-    key = (shape, x.dtype, x.device)
-    if key not in _zeros:
-        _zeros[key] = x.new_zeros(shape)
-    return _zeros[key]
+    def zeros(width):
+        key = ((*x.shape[:-1], width), x.dtype, x.device)
+        if key not in _zeros:
+            _zeros[key] = x.new_zeros(key[0])
+        return _zeros[key]
+    return zeros(weight.shape[0]) if plain_rows is None else (zeros(weight.shape[0]), zeros(plain_rows.shape[0]))
 
 
 LEFT_OUT = {"norms": (norm, "rms_norm", no_norm), "prepare": (mla_prepare, "mla_prepare", no_prepare),

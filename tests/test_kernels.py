@@ -789,9 +789,10 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
     (1, 96, 128, 32, torch.bfloat16, None),                      # N not whole column blocks: side by side
 ])
 def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
-    """plain_rows: more output columns, x times a weight in its own dtype, unquantized (MLA's bf16
-    kv_a_proj_with_mqa beside its FP8 query projection): the reference's columns, in the FP8 GEMM's launch
-    where it can take them (one launch, no F.linear) and beside it where not."""
+    """plain_rows: a second output, x times a weight in its own dtype, unquantized (MLA's bf16
+    kv_a_proj_with_mqa beside its FP8 query projection): the reference's values, in the FP8 GEMM's launch
+    where it can take them (one launch, no F.linear: the two outputs views of one) and beside it where not
+    (two tensors, no copy into one)."""
     M, N, K, N2, dtype, config = case
     if config and config.pop("SUM", False):
         monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", True)
@@ -801,14 +802,16 @@ def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
     dense = []
     real_linear = F.linear
     monkeypatch.setattr(tk.fp8_linear.F, "linear", lambda *a: dense.append(1) or real_linear(*a))
-    y = tk.fp8_linear.linear(x, w, None, s, plain_rows=plain, config=config)
+    y, y2 = tk.fp8_linear.linear(x, w, None, s, plain_rows=plain, config=config)
     monkeypatch.setattr(tk.fp8_linear.F, "linear", real_linear)
-    want = reference.linear(x, w, None, s, plain_rows=plain)
-    assert y.shape == (2, M, N + N2) and y.dtype == dtype
-    assert_close(y[..., :N], want[..., :N], dtype)
-    assert_close(y[..., N:], F.linear(x.float(), plain.float()), dtype)
+    want, want2 = reference.linear(x, w, None, s, plain_rows=plain)
+    assert y.shape == (2, M, N) and y2.shape == (2, M, N2) and y.dtype == y2.dtype == dtype
+    assert_close(y, want, dtype)
+    assert_close(y2, F.linear(x.float(), plain.float()), dtype)
+    assert torch.equal(want2, F.linear(x, plain))
     one_launch = 2 * M <= tk.fp8_linear.FUSED_MAX_M and N % 64 == 0
     assert dense == ([] if one_launch else [1])
+    assert (y2.data_ptr() == y.data_ptr() + N * y.element_size()) == one_launch  # views of one output
     if config and config.get("PIECES") and tk.fp8_linear.SUM_PIECES_IN_GEMM:
         assert not tk.launch.arrival_counters(x.device, "fp8 pieces", tk.fp8_linear._COUNTERS).any()
     with pytest.raises(ValueError, match="plain_rows"):
@@ -876,8 +879,9 @@ def test_fp8_linear_with_swapped_operands(tk, case, monkeypatch):
     monkeypatch.setattr(tk.fp8_linear, "SWAP_AB_MAX_M", 16)
     w, s = fp8_matrix(128, K, seed=case)
     plain = torch.randn(64, K).to(dtype) / K**0.5
-    y = tk.fp8_linear.linear(x[:1], w, None, s, plain_rows=plain)
-    assert_close(y, reference.linear(x[:1], w, None, s, plain_rows=plain), dtype)
+    for got, want in zip(tk.fp8_linear.linear(x[:1], w, None, s, plain_rows=plain),
+                         reference.linear(x[:1], w, None, s, plain_rows=plain)):
+        assert_close(got, want, dtype)
     assert launches == [True]
     w_part, s_part = fp8_matrix(N, K, (64, 0))
     with pytest.raises(ValueError, match="SWAP_AB"):

@@ -334,9 +334,9 @@ def _pieces(M: int, block_m: int, N: int, groups: int, sms: int) -> int:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0), *,
            plain_rows: torch.Tensor | None = None, config: dict | None = None,
-           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as reference.linear: y [..., N] = x W^T (+ bias) in x's dtype (with plain_rows,
-    [..., N + N2]).
+    (y, y2 [..., N2]): views of one output where one launch makes both, else two tensors).
 
     Without weight_scale_inv, F.linear. With it: weight [N, K] float8_e4m3fn (rows may be strided, the
     last dim contiguous: a view of a fused matrix is fine), weight_scale_inv [ceil((N + r) / 128),
@@ -398,16 +398,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N2 = 0 if plain_rows is None else plain_rows.shape[0]
     y = torch.empty(M, N + N2, dtype=x.dtype, device=x.device)
     if M == 0 or N + N2 == 0:
-        return y.view(*shape[:-1], N + N2)
+        return y.view(*shape[:-1], N + N2) if plain_rows is None else pair(y, N, shape)
     groups = cdiv(K + c, BLOCK)
     cfg = config or default_config(M, N + N2, groups, num_sms(x.device))
     fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
     if plain_rows is not None and not (PLAIN_ROWS_IN_LAUNCH and fused and bias is None and block_offset == (0, 0)
                                        and N % cfg["BLOCK_N"] == 0):
-        # the plain rows beside, not in, this launch
-        y = torch.cat([linear(x, weight, bias, weight_scale_inv, block_offset, config=config, x_fp8=x_fp8),
-                       F.linear(x, plain_rows)], -1)
-        return y.view(*shape[:-1], N + N2)
+        # the plain rows beside, not in, this launch: two outputs (no copy into one)
+        return (linear(x, weight, bias, weight_scale_inv, block_offset, config=config, x_fp8=x_fp8).view(*shape[:-1], N),
+                F.linear(x, plain_rows).view(*shape[:-1], N2))
     wide, wide_scale = zero_padded(weight, weight_scale_inv)
     if plain_rows is None and config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
         # cuBLAS: x quantized with its rows padded to whole 128-row tiles (and its columns to the weight's
@@ -447,7 +446,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
-    return y.view(*shape[:-1], N + N2)
+    return y.view(*shape[:-1], N + N2) if plain_rows is None else pair(y, N, shape)
+
+
+def pair(y: torch.Tensor, N: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """One output [M, N + N2] as the W part and the plain rows' part, views of it in x's leading shape."""
+    return y[:, :N].view(*shape[:-1], N), y[:, N:].view(*shape[:-1], y.shape[1] - N)
 
 
 def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_offset: tuple[int, int]) -> bool:

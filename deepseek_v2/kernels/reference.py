@@ -29,17 +29,18 @@ from . import fp8
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale_inv: torch.Tensor | None = None, block_offset: tuple[int, int] = (0, 0), *,
            plain_rows: torch.Tensor | None = None,
-           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T (+ bias), y in x's dtype. Without weight_scale_inv, W is weight (F.linear). With it, W
     is FP8 with one scale per 128 x 128 block (kernels/fp8.py; block_offset: where a tensor-parallel
     part starts inside its first block) and x is quantized per token in groups of 128 on the fly, as
     DeepSeek deploys FP8 (W8A8): both are dequantized and multiplied in fp32, the bias added in fp32.
-    plain_rows [N2, K] in x's dtype: x times them too (F.linear, x unquantized), their N2 columns after
-    W's: the FP8 query projection and the bf16 kv_a_proj_with_mqa of MLA's input in one call. x_fp8: x
+    plain_rows [N2, K] in x's dtype: x times them too (F.linear, x unquantized), returned beside y as
+    (y, y2 [..., N2]): the FP8 query projection and the bf16 kv_a_proj_with_mqa of MLA's input in one
+    call. x_fp8: x
     already quantized, which the kernels' GEMM may read instead of quantizing x; here x is quantized
     again (the same values)."""
     if plain_rows is not None:
-        return torch.cat([linear(x, weight, bias, weight_scale_inv, block_offset), F.linear(x, plain_rows)], -1)
+        return linear(x, weight, bias, weight_scale_inv, block_offset), F.linear(x, plain_rows)
     if weight_scale_inv is None:
         return F.linear(x, weight, bias)
     q, s = fp8.quantize_activation(x, block_offset[1])

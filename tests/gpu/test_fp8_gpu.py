@@ -142,21 +142,22 @@ def test_fp8_linear_with_k_in_pieces(pieces, summed_in_gemm, monkeypatch):
 @pytest.mark.parametrize("M", [1, 4, 300])
 def test_fp8_linear_with_plain_rows(M):
     """V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's 576 rows (plain_rows): at decode's few rows in
-    the FP8 GEMM's launch, both parts as their references give them; at 300 rows two products side by side."""
+    the FP8 GEMM's launch (two views of one output), both parts as their references give them; at 300 rows
+    two products side by side."""
     w, s = fp8_weight(3072, 2048, seed=M)
     g = torch.Generator(device=DEVICE).manual_seed(M)
     plain = (torch.randn(576, 2048, device=DEVICE, generator=g) * 2048**-0.5).to(torch.bfloat16)
     x = torch.randn(M, 2048, device=DEVICE, dtype=torch.bfloat16, generator=g)
     poison_free_memory()
-    y = linear(x, w, None, s, plain_rows=plain)
-    assert y.shape == (M, 3072 + 576)
-    assert rel_error(y[:, :3072], reference.linear(x, w, None, s)) < 1e-2
-    assert rel_error(y[:, 3072:], torch.nn.functional.linear(x.float(), plain.float())) < 5e-3
+    y, y2 = linear(x, w, None, s, plain_rows=plain)
+    assert y.shape == (M, 3072) and y2.shape == (M, 576)
+    assert rel_error(y, reference.linear(x, w, None, s)) < 1e-2
+    assert rel_error(y2, torch.nn.functional.linear(x.float(), plain.float())) < 5e-3
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         again = linear(x, w, None, s, plain_rows=plain)
     graph.replay()
-    assert torch.equal(again, y)
+    assert torch.equal(again[0], y) and torch.equal(again[1], y2)
 
 
 @pytest.mark.parametrize("M", [1, 16])
@@ -172,8 +173,8 @@ def test_fp8_linear_with_swapped_operands(shape, M, monkeypatch):
     poison_free_memory()
     assert rel_error(linear(x, w, None, s, offset), reference.linear(x, w, None, s, offset)) < 1e-2
     plain = (torch.randn(576, K, device=DEVICE) * K**-0.5).to(torch.bfloat16)
-    y = linear(x, w, None, s, plain_rows=plain)
-    assert rel_error(y, reference.linear(x, w, None, s, plain_rows=plain)) < 1e-2
+    for got, want in zip(linear(x, w, None, s, plain_rows=plain), reference.linear(x, w, None, s, plain_rows=plain)):
+        assert rel_error(got, want) < 1e-2
 
 
 def test_fp8_linear_cuda_graph():
