@@ -171,11 +171,12 @@ fi
 # router in blocks of tokens (router.ROUTE_BLOCKS_MAX_TOKENS=512) in bf16 and FP8, and with FP8 the GEMMs'
 # inputs quantized once (fp8.QUANTIZE_ONCE_FROM), alone and with the router's blocks. Step more256 (~8 min),
 # FP8: the shared experts inside the routed experts' kernel at 256 tokens, the gate/up GEMM storing the
-# intermediate quantized, the Triton GEMM for the dense layers in place of cuBLAS's, and all of the levers
+# intermediate quantized, the Triton GEMM for the dense layers in place of cuBLAS's, the query projection's
+# Triton GEMM with the bf16 kv_a_proj in its launch, and all of the levers
 BLOCKS=router.ROUTE_BLOCKS_MAX_TOKENS=512 ONCE=fp8.QUANTIZE_ONCE_FROM=17 INTER=moe.QUANTIZE_INTER_MAX_TOKENS=256
 if has router256; then
   step router256-tests 240 python3 -m pytest -q tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_fp8_gpu.py \
-    -k "route or quantized_once or x_once or quantizes_for_fp8 or silu"
+    -k "route or quantized_once or x_once or quantizes_for_fp8 or silu or plain_rows"
   step router256-bf16-default 120 python3 -m deepseek_v2.cli bench $B256
   step router256-bf16-blocks 120 python3 scripts/with_settings.py $BLOCKS -- bench $B256
   step router256-fp8-default 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
@@ -189,6 +190,8 @@ if has more256; then
     -- bench $B256 --quantization fp8
   step more256-fp8-quantize-inter 120 python3 scripts/with_settings.py $INTER -- bench $B256 --quantization fp8
   step more256-fp8-triton-dense 120 python3 scripts/with_settings.py fp8_linear.SCALED_MM_MIN_M=None \
+    -- bench $B256 --quantization fp8
+  step more256-fp8-plain-in-launch 120 python3 scripts/with_settings.py fp8_linear.PLAIN_ROWS_IN_LAUNCH_MAX_M=512 \
     -- bench $B256 --quantization fp8
   step more256-fp8-all 120 python3 scripts/with_settings.py $BLOCKS $ONCE $INTER -- bench $B256 --quantization fp8
   step more256-fp8-default-again 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8

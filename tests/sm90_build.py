@@ -114,6 +114,10 @@ def launch_decode_kernels() -> None:
     # V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's rows in its launch (plain_rows), at one row
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16),
                       config=fp8_linear.default_config(1, 3072 + 576, 16, 132))
+    # ... and at 256 rows, x quantized first (PLAIN_ROWS_IN_LAUNCH_MAX_M)
+    plain_default, fp8_linear.PLAIN_ROWS_IN_LAUNCH_MAX_M = fp8_linear.PLAIN_ROWS_IN_LAUNCH_MAX_M, 512
+    fp8_linear.linear(torch.empty(256, 2048, dtype=bf16), w, None, s, plain_rows=torch.empty(576, 2048, dtype=bf16))
+    fp8_linear.PLAIN_ROWS_IN_LAUNCH_MAX_M = plain_default
     swap_default, fp8_linear.SWAP_AB_MAX_M = fp8_linear.SWAP_AB_MAX_M, 0  # one row unswapped (mma.sync), too
     fp8_linear.linear(torch.empty(1, 2048, dtype=bf16), w, None, s, config=fp8_linear.default_config(1, 3072, 16, 132))
     fp8_linear.SWAP_AB_MAX_M = swap_default

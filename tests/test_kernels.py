@@ -786,6 +786,8 @@ def test_fp8_linear_sums_its_pieces_bit_for_bit(tk, case, monkeypatch):
     (3, 128, 384, 40, torch.float32, dict(SMALL, PIECES=3)),     # K in pieces: the plain columns' partials too
     (2, 64, 256, 70, torch.float16, dict(SMALL, PIECES=2, SUM=True)),  # the pieces summed in the GEMM
     (20, 256, 128, 64, torch.bfloat16, None),                    # past FUSED_MAX_M: two products side by side
+    (20, 256, 128, 64, torch.bfloat16, dict(MAX_M=512)),         # ... or in one launch, x quantized first
+    (70, 128, 384, 40, torch.float32, dict(MAX_M=512)),          # that, with K in pieces (129-512 rows' tier)
     (1, 96, 128, 32, torch.bfloat16, None),                      # N not whole column blocks: side by side
 ])
 def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
@@ -794,8 +796,12 @@ def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
     where it can take them (one launch, no F.linear: the two outputs views of one) and beside it where not
     (two tensors, no copy into one)."""
     M, N, K, N2, dtype, config = case
+    config = dict(config) if config else None
     if config and config.pop("SUM", False):
         monkeypatch.setattr(tk.fp8_linear, "SUM_PIECES_IN_GEMM", True)
+    if config and "MAX_M" in config:  # PLAIN_ROWS_IN_LAUNCH_MAX_M: the default launch config
+        monkeypatch.setattr(tk.fp8_linear, "PLAIN_ROWS_IN_LAUNCH_MAX_M", config.pop("MAX_M"))
+        config = None
     w, s = fp8_matrix(N, K, seed=N2)
     plain = (torch.randn(N2, K) / K**0.5).to(dtype)
     x = (torch.randn(2, M, K) * 3).to(dtype)
@@ -809,7 +815,7 @@ def test_fp8_linear_with_plain_rows(tk, case, monkeypatch):
     assert_close(y, want, dtype)
     assert_close(y2, F.linear(x.float(), plain.float()), dtype)
     assert torch.equal(want2, F.linear(x, plain))
-    one_launch = 2 * M <= tk.fp8_linear.FUSED_MAX_M and N % 64 == 0
+    one_launch = 2 * M <= max(tk.fp8_linear.FUSED_MAX_M, tk.fp8_linear.PLAIN_ROWS_IN_LAUNCH_MAX_M) and N % 64 == 0
     assert dense == ([] if one_launch else [1])
     assert (y2.data_ptr() == y.data_ptr() + N * y.element_size()) == one_launch  # views of one output
     if config and config.get("PIECES") and tk.fp8_linear.SUM_PIECES_IN_GEMM:

@@ -185,9 +185,9 @@ def _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, 
 
 @triton.jit
 def _fp8_linear_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, p_ptr, bias_ptr, y_ptr, sum_ptr, arrived_ptr, M, N, N_PLAIN, K, row_offset,
-    col_offset, groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_wn, stride_sn, stride_pn, stride_ym,
-    stride_ys, stride_sum,
+    x_ptr, xs_ptr, xp_ptr, w_ptr, s_ptr, p_ptr, bias_ptr, y_ptr, sum_ptr, arrived_ptr, M, N, N_PLAIN, K, row_offset,
+    col_offset, groups_per_piece, stride_xm, stride_xsm, stride_xsg, stride_xpm, stride_wn, stride_sn, stride_pn,
+    stride_ym, stride_ys, stride_sum,
     HAS_BIAS: tl.constexpr, A_FP8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr,
     SUM_ARRIVED: tl.constexpr, BIAS_IN_SUM: tl.constexpr, HAS_PLAIN: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -201,7 +201,8 @@ def _fp8_linear_kernel(
     arithmetic (in piece order in fp32, + bias if BIAS_IN_SUM, rounded once), counting on arrived_ptr;
     PIECES: then the number of pieces.
     HAS_PLAIN: N_PLAIN more output columns after the N of the FP8 weight (N a multiple of BLOCK_N, no
-    col_offset), the product of unquantized x with the plain weight p [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN.
+    col_offset), the product of unquantized x (xp: x itself, also where A_FP8) with the plain weight p
+    [N_PLAIN, K] in x's dtype; N' = N + N_PLAIN.
     PREFETCH: the program's weight lines asked of L2 before the wait (launch.PREFETCH_WEIGHTS).
     ONE_SCALE_ROW: every tile's columns lie in one 128-row weight block (no row_offset, BLOCK_N dividing 128)."""
     num_pid_n = tl.cdiv(N, BLOCK_N) + (tl.cdiv(N_PLAIN, BLOCK_N) if HAS_PLAIN else 0)
@@ -233,8 +234,8 @@ def _fp8_linear_kernel(
     wait_for_prior_kernels(PDL)
     if HAS_PLAIN:  # (a static branch first: the plain rows' dot is compiled only for launches that have them)
         if pid_n * BLOCK_N >= N:
-            acc = _plain_product(x_ptrs, p_ptr, offs_n - N, mask_m, N_PLAIN, K, first, last, stride_pn, GROUP,
-                                 BLOCK_M, BLOCK_N, UPCAST_DOT, DOT_PRECISION)
+            acc = _plain_product(xp_ptr + offs_m.to(tl.int64)[:, None] * stride_xpm, p_ptr, offs_n - N, mask_m,
+                                 N_PLAIN, K, first, last, stride_pn, GROUP, BLOCK_M, BLOCK_N, UPCAST_DOT, DOT_PRECISION)
         else:
             acc = _fp8_product(x_ptrs, xs_ptr, w_ptrs, s_ptr, offs_m, offs_k, mask_m, mask_n, scale_rows, K, first,
                                last, stride_xsm, stride_xsg, stride_sn, A_FP8, GROUP, BLOCK_M, BLOCK_N, FP8_MAX, EPS,
@@ -303,6 +304,12 @@ SWAP_AB_MAX_M = 16
 # linear's plain_rows in the FP8 GEMM's launch where it can take them (decode's few rows); False: always a
 # second product beside it (cuBLAS for the bf16 kv_a_proj_with_mqa).
 PLAIN_ROWS_IN_LAUNCH = True
+# ... and up to this many rows, past FUSED_MAX_M (x quantized first): the Triton GEMM with the plain rows in
+# its launch in place of cuBLAS's FP8 GEMM and a bf16 one beside (at 256 decodes the query projection took
+# 10 us in cuBLAS and the bf16 kv_a_proj_with_mqa 6.1 beside it: docs/benchmarks.md, "Where a 256-sequence
+# decode step goes"). Built, passes the interpreter's tests; 16 (none past the fused rows) until timed on a GPU
+# (scripts/gpu_check.sh more256).
+PLAIN_ROWS_IN_LAUNCH_MAX_M = 16
 
 
 def default_config(M: int, N: int = 0, groups: int = 1, sms: int = 132) -> dict:
@@ -345,9 +352,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     num_stages, FUSED (default True: quantize x inside the GEMM; False: quantize_activation first) and
     PIECES (K cut into this many pieces of whole groups, their fp32 partials summed by a second
     launch; default_config picks it for few rows); with a config the Triton kernel always runs.
-    plain_rows [N2, K] in x's dtype (reference.linear's contract): N2 more output columns, x times them
-    unquantized; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
-    launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer). config's
+    plain_rows [N2, K] in x's dtype (reference.linear's contract): x times them unquantized, a second output
+    y2; with an FP8 weight, no bias and no block_offset, up to FUSED_MAX_M rows in the same
+    launch (FP8 query projection and the bf16 kv_a_proj_with_mqa: a cuBLAS GEMM fewer a layer; with x
+    quantized first up to PLAIN_ROWS_IN_LAUNCH_MAX_M rows). config's
     SWAP_AB: the FP8 products as weight columns x rows (default up to SWAP_AB_MAX_M rows; tiles inside one
     weight block row only). x_fp8: x already quantized (quantize_activation's values), e4m3 [M', K] (or
     the width of the weight's zero columns, fp8.pad_columns, zeros past K) and fp32 scales [M', groups] with
@@ -402,8 +410,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     groups = cdiv(K + c, BLOCK)
     cfg = config or default_config(M, N + N2, groups, num_sms(x.device))
     fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
-    if plain_rows is not None and not (PLAIN_ROWS_IN_LAUNCH and fused and bias is None and block_offset == (0, 0)
-                                       and N % cfg["BLOCK_N"] == 0):
+    if plain_rows is not None and not (PLAIN_ROWS_IN_LAUNCH and (fused or M <= PLAIN_ROWS_IN_LAUNCH_MAX_M)
+                                       and bias is None and block_offset == (0, 0) and N % cfg["BLOCK_N"] == 0):
         # the plain rows beside, not in, this launch: two outputs (no copy into one)
         return (linear(x, weight, bias, weight_scale_inv, block_offset, config=config, x_fp8=x_fp8).view(*shape[:-1], N),
                 F.linear(x, plain_rows).view(*shape[:-1], N2))
@@ -432,9 +440,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     summed_here = pieces > 1 and SUM_PIECES_IN_GEMM and tiles <= _COUNTERS
     arrived = arrival_counters(x.device, "fp8 pieces", _COUNTERS) if summed_here else None
     _fp8_linear_kernel[(tiles, pieces)](
-        xq, xs, weight, weight_scale_inv, plain_rows if plain_rows is not None else weight,
+        xq, xs, x, weight, weight_scale_inv, plain_rows if plain_rows is not None else weight,
         bias if bias is not None else y, out, y, arrived if arrived is not None else y, M, N, N2, K, r, c, per_piece,
-        xq.stride(0), xs.stride(0), xs.stride(1), weight.stride(0), weight_scale_inv.stride(0),
+        xq.stride(0), xs.stride(0), xs.stride(1), x.stride(0), weight.stride(0), weight_scale_inv.stride(0),
         plain_rows.stride(0) if plain_rows is not None else 0, out.stride(-2), out.stride(0) if pieces > 1 else 0,
         y.stride(0),
         HAS_BIAS=bias is not None and pieces == 1, A_FP8=not fused, GROUP=BLOCK, FP8_MAX=FP8_MAX, EPS=EPS,

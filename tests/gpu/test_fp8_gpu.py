@@ -139,11 +139,14 @@ def test_fp8_linear_with_k_in_pieces(pieces, summed_in_gemm, monkeypatch):
             monkeypatch.setattr(fp8_linear, "SUM_PIECES_IN_GEMM", summed_in_gemm)
 
 
-@pytest.mark.parametrize("M", [1, 4, 300])
-def test_fp8_linear_with_plain_rows(M):
+@pytest.mark.parametrize("in_launch_max_m", [16, 512])
+@pytest.mark.parametrize("M", [1, 4, 256, 300])
+def test_fp8_linear_with_plain_rows(M, in_launch_max_m, monkeypatch):
     """V2-Lite's FP8 q_proj with the bf16 kv_a_proj_with_mqa's 576 rows (plain_rows): at decode's few rows in
-    the FP8 GEMM's launch (two views of one output), both parts as their references give them; at 300 rows
-    two products side by side."""
+    the FP8 GEMM's launch (two views of one output), both parts as their references give them; at 256 and
+    300 rows two products side by side, or with PLAIN_ROWS_IN_LAUNCH_MAX_M in the launch, x quantized first."""
+    from deepseek_v2.kernels import fp8_linear
+    monkeypatch.setattr(fp8_linear, "PLAIN_ROWS_IN_LAUNCH_MAX_M", in_launch_max_m)
     w, s = fp8_weight(3072, 2048, seed=M)
     g = torch.Generator(device=DEVICE).manual_seed(M)
     plain = (torch.randn(576, 2048, device=DEVICE, generator=g) * 2048**-0.5).to(torch.bfloat16)
@@ -151,6 +154,7 @@ def test_fp8_linear_with_plain_rows(M):
     poison_free_memory()
     y, y2 = linear(x, w, None, s, plain_rows=plain)
     assert y.shape == (M, 3072) and y2.shape == (M, 576)
+    assert (y2.data_ptr() == y.data_ptr() + 3072 * 2) == (M <= max(16, in_launch_max_m))  # one launch's output
     assert rel_error(y, reference.linear(x, w, None, s)) < 1e-2
     assert rel_error(y2, torch.nn.functional.linear(x.float(), plain.float())) < 5e-3
     graph = torch.cuda.CUDAGraph()
