@@ -2,7 +2,7 @@
 # One batched GPU session: GPU tests, kernel microbenchmarks, then the end-to-end benchmark against
 # Hugging Face. Logs go to $OUT (or ./gpu-out). Usage: PYTHONPATH=. bash scripts/gpu_check.sh [steps]
 # (steps: tests,kernels,fused,profile,prefill,levers1,costs1,levers256,fp8tests,fp8bench,fp8kernels,moelayer,
-# fewrows,fp8moe,fp8moe1,fp8mla,buffers,swaps,router256,more256,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
+# fewrows,fp8moe,fp8moe1,fp8mla,buffers,swaps,router256,more256,profile256,fp8acc,abtree,abfp8,serve,bench; see each below). PACK=1: at the end, everything written to $OUT goes
 # into one file, $OUT/gpu-check.tgz (for a machine that hands back few files).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -195,6 +195,12 @@ if has more256; then
     -- bench $B256 --quantization fp8
   step more256-fp8-all 120 python3 scripts/with_settings.py $BLOCKS $ONCE $INTER -- bench $B256 --quantization fp8
   step more256-fp8-default-again 120 python3 -m deepseek_v2.cli bench $B256 --quantization fp8
+fi
+# where the 256-sequence FP8 step goes with the levers above on, against the default (kernels by family)
+if has profile256; then
+  step profile256-fp8-default 150 python3 scripts/profile_decode.py --step-only --batch=256 --fp8
+  step profile256-fp8-levers 150 python3 scripts/with_settings.py $BLOCKS $ONCE -- scripts/profile_decode.py \
+    --step-only --batch=256 --fp8
 fi
 has fp8acc && step fp8-accuracy 90 python3 scripts/fp8_accuracy.py --v2-lite
 # The online benchmark (docs/benchmarks.md): a server of random V2-Lite-shape weights with the shipped

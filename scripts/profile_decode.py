@@ -12,7 +12,7 @@
    through TMA; at batches 1 and 256 also the tile size, warps and pipeline stages (the fastest six,
    with the bandwidth they reach). `--mla-only`: part 2 alone.
 3. One decode step of a random V2-Lite model at 1K context (batch 1, or --batch=N sequences), eager,
-   under the torch profiler: total kernel time per step and the top kernels, against the CUDA-graph
+   under the torch profiler: total kernel time per step, the top kernels and the kernels by family, against the CUDA-graph
    step time (the engine as it runs: asynchronous scheduling where it is on), and how much of the graph
    steps' wall time the device spends running kernels, and idle between them.
 """
@@ -147,6 +147,21 @@ def device_timeline(engine: LLMEngine, steps: int = 10) -> None:
           f"{', '.join(f'{g:.0f}' for g in sorted(gaps)[-4:])})")
 
 
+# a kernel's family in the step's summary: the first pattern its name contains
+FAMILIES = [("_moe_gemm_kernel", "routed experts' GEMMs"), ("_mla_decode_split", "MLA decode"),
+            ("merge", "MLA decode's merge"), ("_fp8_linear", "FP8 GEMM (Triton)"), ("_sum_pieces", "FP8 GEMM (Triton)"),
+            ("qqtst", "FP8 GEMM (cuBLAS)"), ("_quantize_kernel", "activations quantized"),
+            ("_route_kernel", "router"), ("_topk_softmax", "router"), ("sgemm", "router"), ("splitKreduce", "router"),
+            ("_rms_norm", "RMSNorm"), ("_mla_prepare", "MLA prepare"), ("_absorb", "W_UK's product"),
+            ("_moe_align", "MoE alignment"), ("_combine", "MoE combine"), ("_silu", "SwiGLU activation"),
+            ("nvjet", "bf16 GEMMs (cuBLAS: dense, W_UK / W_UV batched, LM head)"),
+            ("copy", "copies and casts"), ("elementwise", "other elementwise")]
+
+
+def family(kernel: str) -> str:
+    return next((name for pattern, name in FAMILIES if pattern in kernel), "other")
+
+
 def profile_step() -> None:
     batch = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--batch=")), 1)
     with torch.device("meta"):
@@ -187,6 +202,14 @@ def profile_step() -> None:
             print(f"kernel time per step {total:.2f} ms over {count:.0f} kernels; top kernels (ms/step, calls/step):")
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
                 print(f"  {e.self_device_time_total / 5 / 1e3:7.3f} {e.count / 5:6.0f}  {e.key[:110]}")
+            print("by family (ms/step, calls/step):")
+            families: dict[str, list[float]] = {}
+            for e in events:
+                total_calls = families.setdefault(family(e.key), [0.0, 0.0])
+                total_calls[0] += e.self_device_time_total / 5 / 1e3
+                total_calls[1] += e.count / 5
+            for name, (ms, calls) in sorted(families.items(), key=lambda item: -item[1][0]):
+                print(f"  {ms:7.3f} {calls:6.0f}  {name}")
         for i in range(batch):
             engine.abort(f"p{i}")
         del engine

@@ -6,14 +6,19 @@ that is not (yet) the default against the default, in the same call.
 
 Each setting is MODULE.NAME=VALUE: MODULE a module of deepseek_v2/kernels, NAME an upper-case
 attribute it already has, VALUE a Python literal (a number, None, True, False). A MODULE that starts
-with `deepseek_v2.` names any module, or a class in one: deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256. What follows `--` is
-the command line of `deepseek-v2`.
+with `deepseek_v2.` names any module, or a class in one: deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256.
+What follows `--` is the command line of `deepseek-v2`, or a Python script and its arguments (a path
+ending in .py):
+
+    PYTHONPATH=. python3 scripts/with_settings.py fp8.QUANTIZE_ONCE_FROM=17 -- \\
+        scripts/profile_decode.py --step-only --batch=256 --fp8
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import runpy
 import sys
 from pathlib import Path
 
@@ -44,8 +49,13 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     for setting in argv[:split]:
         apply(setting)
+    command = argv[split + 1:]
+    if command and command[0].endswith(".py"):  # a script (scripts/profile_decode.py ...), run as its own main
+        sys.argv = command
+        runpy.run_path(command[0], run_name="__main__")
+        return 0
     from deepseek_v2.cli import main as cli
-    return cli(argv[split + 1:])
+    return cli(command)
 
 
 if __name__ == "__main__":

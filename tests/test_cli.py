@@ -229,10 +229,10 @@ def terminal_line(text: str) -> str:
     return "".join(shown).rstrip()
 
 
-def test_with_settings_runs_a_command_with_kernel_settings_changed():
+def test_with_settings_runs_a_command_with_kernel_settings_changed(tmp_path):
     """scripts/with_settings.py (GPU benchmarks of paths not yet on by default): it sets what it is told (a
     kernel module's setting, or any deepseek_v2 module's or class's), refuses a setting the module does not
-    have, then runs the command."""
+    have, then runs the command, or a script with its arguments."""
     script = [sys.executable, "scripts/with_settings.py"]
     r = subprocess.run([*script, "moe.COMBINE_IN_GEMM_MAX_TOKENS=64", "prefill.TRITON_FROM_KEYS=None",
                         "deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS=256", "--", "info", "--shape", "v2-lite"],
@@ -240,6 +240,11 @@ def test_with_settings_runs_a_command_with_kernel_settings_changed():
     assert r.returncode == 0, r.stderr
     assert "moe.COMBINE_IN_GEMM_MAX_TOKENS = 64" in r.stderr and "15,706,484,224 total" in r.stdout
     assert "deepseek_v2.moe.MoE.FUSED_SHARED_MAX_TOKENS = 256" in r.stderr
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\nfrom deepseek_v2.kernels import fp8\nprint(fp8.QUANTIZE_ONCE_FROM, sys.argv[1:])\n")
+    r = subprocess.run([*script, "fp8.QUANTIZE_ONCE_FROM=17", "--", str(probe), "--batch=256"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "17 ['--batch=256']", r.stderr
     r = subprocess.run([*script, "moe.NO_SUCH_SETTING=1", "--", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no setting NO_SUCH_SETTING" in r.stderr
 
