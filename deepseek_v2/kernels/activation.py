@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .fp8 import BLOCK, EPS, FP8_MAX
-from .fp8_linear import check_quantized_out, quantize_rows
+from .fp8_linear import check_x_fp8, store_quantized_groups
 from .launch import pdl_launch, wait_for_prior_kernels
 
 _BLOCK = 1024  # columns per program: 8 per thread with 4 warps, 16-byte bf16 accesses
@@ -44,12 +44,9 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, q_ptr, qs_ptr, I, WIDTH, stride_x, stride
     silu = tl.div_rn(g, 1.0 + e).to(gate.dtype)
     y = (silu.to(tl.float32) * up.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
-    if QUANTIZE:  # BLOCK / GROUP groups; masked lanes are 0 (silu(0) * 0)
-        q, scale = quantize_rows(tl.reshape(y, (BLOCK // GROUP, GROUP)), FP8_MAX, EPS)
-        groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
-        cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < WIDTH)
-        tl.store(qs_ptr + row * stride_qs + groups * stride_qsg, scale, mask=groups * GROUP < WIDTH)
+    if QUANTIZE:  # masked lanes are 0 (silu(0) * 0)
+        store_quantized_groups(y, row, tl.program_id(1) * (BLOCK // GROUP), WIDTH, q_ptr, qs_ptr, stride_q, stride_qs,
+                               stride_qsg, BLOCK // GROUP, GROUP, FP8_MAX, EPS)
 
 
 def silu_and_mul(x: torch.Tensor, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -68,12 +65,9 @@ def silu_and_mul(x: torch.Tensor, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | 
     x = x.reshape(-1, shape[-1])
     T, I = x.shape[0], x.shape[1] // 2
     width = I
-    if x_fp8 is not None:
-        width = x_fp8[0].shape[1]
-        check_quantized_out("silu_and_mul x_fp8", *x_fp8, x_fp8[0].shape[0], width, triton.cdiv(width, BLOCK))
-        if x_fp8[0].shape[0] < T or x_fp8[0].device != x.device or width < I or (width > I and width % BLOCK):
-            raise ValueError(f"silu_and_mul: x_fp8 must hold at least x's {T} rows, on x's device, {I} columns or a"
-                             f" multiple of {BLOCK} above; got {tuple(x_fp8[0].shape)}")
+    if x_fp8 is not None:  # I columns, or a multiple of 128 past it (zeros: an FP8 weight's zero columns)
+        wide = x_fp8[0].shape[-1]
+        width = check_x_fp8("silu_and_mul", x_fp8, T, (I, wide) if wide > I and wide % BLOCK == 0 else (I,), x.device)
     y = torch.empty(T, I, dtype=x.dtype, device=x.device)
     if T > 0 and I > 0:
         block = min(_BLOCK, triton.next_power_of_2(I)) if x_fp8 is None else \

@@ -43,6 +43,33 @@ def quantize_rows(x, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
+def store_quantized_groups(y, row, first_group, width, q_ptr, qs_ptr, stride_q, stride_qs, stride_qsg,
+                           GROUPS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """A row's GROUPS x GROUP values y [GROUPS * GROUP] (masked lanes 0) quantized as quantize_activation
+    does, stored at groups first_group.. of row `row` (columns below width): e4m3 into q, scales into qs.
+    The in-launch quantization of an FP8 GEMM's input (rms_norm's and silu_and_mul's x_fp8)."""
+    q, scale = quantize_rows(tl.reshape(y, (GROUPS, GROUP)), FP8_MAX, EPS)
+    groups = first_group + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(q_ptr + row * stride_q + cols, q, mask=cols < width)
+    tl.store(qs_ptr + row * stride_qs + groups * stride_qsg, scale, mask=groups * GROUP < width)
+
+
+def check_x_fp8(name: str, x_fp8: tuple[torch.Tensor, torch.Tensor], rows: int, widths: tuple[int, ...],
+                device: torch.device) -> int:
+    """Raise unless x_fp8 can hold `rows` rows of activations quantized at one of `widths`: e4m3 [M', W] and
+    fp32 [M', ceil(W / 128)] (M' >= rows, last dim contiguous, any scale strides) on `device`. Returns W."""
+    q, s = x_fp8
+    width = q.shape[-1] if q.dim() == 2 else -1
+    if width not in widths:
+        raise ValueError(f"{name}: x_fp8 must be {' or '.join(map(str, widths))} columns wide; got {tuple(q.shape)}")
+    check_quantized_out(f"{name} x_fp8", q, s, q.shape[0], width, cdiv(width, BLOCK))
+    if q.shape[0] < rows or q.device != device or s.device != device:
+        raise ValueError(f"{name}: x_fp8 holds {q.shape[0]} rows on {q.device}; needs {rows} on {device}")
+    return width
+
+
+@triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program pid's (row block, column block): GROUP_M row blocks walk the columns together, so their
     weight tiles are shared in L2. Shared with the fused MoE."""
@@ -387,14 +414,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                    or plain_rows.stride(1) != 1):
         raise ValueError(f"{name}: plain_rows [N2, {K}] {x.dtype} with a contiguous last dim expected, got "
                          f"{tuple(plain_rows.shape)} {plain_rows.dtype}")
-    if x_fp8 is not None:
-        width = x_fp8[0].shape[1] if x_fp8[0].dim() == 2 else -1
-        if width not in (K, zero_padded(weight, weight_scale_inv)[0].shape[1]):
-            raise ValueError(f"{name}: x_fp8 must be {K} columns wide, or the width of the weight's zero columns")
-        check_quantized_out(f"{name} x_fp8", *x_fp8, x_fp8[0].shape[0], width, cdiv(width, BLOCK))
-        if x_fp8[0].shape[0] < x.numel() // K:
-            raise ValueError(f"{name}: x_fp8 holds {x_fp8[0].shape[0]} rows, x {x.numel() // K}")
-    tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows, *(x_fp8 or ())) if t is not None]
+    wide, wide_scale = zero_padded(weight, weight_scale_inv)
+    if x_fp8 is not None:  # x's width, or the weight's zero columns' (zeros past K)
+        check_x_fp8(name, x_fp8, x.numel() // K, (K, wide.shape[1]), x.device)
+    tensors = [x, weight, weight_scale_inv] + [t for t in (bias, plain_rows) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"{name}: all tensors must be on one device")
     if x.stride(-1) != 1 or weight.stride(1) != 1 or weight_scale_inv.stride(1) != 1:
@@ -406,7 +429,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N2 = 0 if plain_rows is None else plain_rows.shape[0]
     y = torch.empty(M, N + N2, dtype=x.dtype, device=x.device)
     if M == 0 or N + N2 == 0:
-        return y.view(*shape[:-1], N + N2) if plain_rows is None else pair(y, N, shape)
+        return y.view(*shape[:-1], N + N2) if plain_rows is None else _two_outputs(y, N, shape)
     groups = cdiv(K + c, BLOCK)
     cfg = config or default_config(M, N + N2, groups, num_sms(x.device))
     fused = M <= FUSED_MAX_M if config is None else config.get("FUSED", True)
@@ -415,7 +438,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # the plain rows beside, not in, this launch: two outputs (no copy into one)
         return (linear(x, weight, bias, weight_scale_inv, block_offset, config=config, x_fp8=x_fp8).view(*shape[:-1], N),
                 F.linear(x, plain_rows).view(*shape[:-1], N2))
-    wide, wide_scale = zero_padded(weight, weight_scale_inv)
     if plain_rows is None and config is None and use_scaled_mm(x, wide, wide_scale, block_offset):
         # cuBLAS: x quantized with its rows padded to whole 128-row tiles (and its columns to the weight's
         # zero columns, if any) and M-major scales
@@ -454,10 +476,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     )
     if pieces > 1 and arrived is None:
         sum_pieces(out, bias, y)
-    return y.view(*shape[:-1], N + N2) if plain_rows is None else pair(y, N, shape)
+    return y.view(*shape[:-1], N + N2) if plain_rows is None else _two_outputs(y, N, shape)
 
 
-def pair(y: torch.Tensor, N: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_outputs(y: torch.Tensor, N: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """One output [M, N + N2] as the W part and the plain rows' part, views of it in x's leading shape."""
     return y[:, :N].view(*shape[:-1], N), y[:, N:].view(*shape[:-1], y.shape[1] - N)
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import BLOCK, EPS, FP8_MAX
-from .fp8_linear import check_quantized_out, quantize_rows
+from .fp8_linear import check_x_fp8, store_quantized_groups
 from .launch import pdl_launch, wait_for_prior_kernels
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -57,12 +57,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, q_ptr, qs_
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     y = rms_norm_row(x, w, inv_d, eps)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
-    if QUANTIZE:  # BLOCK_D / 128 groups (masked lanes are 0, as quantize_activation pads a ragged group)
-        q, scale = quantize_rows(tl.reshape(y, (BLOCK_D // GROUP, GROUP)), FP8_MAX, EPS)
-        groups = tl.arange(0, BLOCK_D // GROUP)
-        cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < D)
-        tl.store(qs_ptr + row * stride_qs + groups * stride_qsg, scale, mask=groups * GROUP < D)
+    if QUANTIZE:  # masked lanes are 0, as quantize_activation pads a ragged group
+        store_quantized_groups(y, row, 0, D, q_ptr, qs_ptr, stride_q, stride_qs, stride_qsg, BLOCK_D // GROUP, GROUP,
+                               FP8_MAX, EPS)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -100,9 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             raise ValueError("rms_norm: residual needs a contiguous last dim")
 
     if x_fp8 is not None:
-        check_quantized_out("rms_norm x_fp8", *x_fp8, x_fp8[0].shape[0], D, triton.cdiv(D, BLOCK))
-        if x_fp8[0].shape[0] < T or x_fp8[0].device != x.device:
-            raise ValueError(f"rms_norm: x_fp8 must hold at least x's {T} rows, on x's device")
+        check_x_fp8("rms_norm", x_fp8, T, (D,), x.device)
 
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else None

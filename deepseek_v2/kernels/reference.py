@@ -36,9 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     DeepSeek deploys FP8 (W8A8): both are dequantized and multiplied in fp32, the bias added in fp32.
     plain_rows [N2, K] in x's dtype: x times them too (F.linear, x unquantized), returned beside y as
     (y, y2 [..., N2]): the FP8 query projection and the bf16 kv_a_proj_with_mqa of MLA's input in one
-    call. x_fp8: x
-    already quantized, which the kernels' GEMM may read instead of quantizing x; here x is quantized
-    again (the same values)."""
+    call. x_fp8: x already quantized, which the kernels' GEMM may read instead of quantizing x; here x is
+    quantized again (the same values)."""
     if plain_rows is not None:
         return linear(x, weight, bias, weight_scale_inv, block_offset), F.linear(x, plain_rows)
     if weight_scale_inv is None:
@@ -61,10 +60,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     vf = v.float()
     y = weight * (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)).to(v.dtype)
     if x_fp8 is not None:
-        rows = y.reshape(-1, y.shape[-1])
-        for out, value in zip(x_fp8, fp8.quantize_activation(rows)):
-            out[:rows.shape[0]] = value
+        quantize_into(x_fp8, y)
     return y if residual is None else (y, v)
+
+
+def quantize_into(x_fp8: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> None:
+    """The first rows of the buffers x_fp8 (e4m3 [T', W], fp32 [T', ceil(W / 128)]) = fp8.quantize_activation
+    of y's T rows, zero columns past y's up to W (an FP8 weight widened with zero columns)."""
+    rows = y.reshape(-1, y.shape[-1])
+    for out, value in zip(x_fp8, fp8.quantize_activation(F.pad(rows, (0, x_fp8[0].shape[1] - rows.shape[1])))):
+        out[:rows.shape[0]] = value
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -177,10 +182,7 @@ def silu_and_mul(x: torch.Tensor, *, x_fp8: tuple[torch.Tensor, torch.Tensor] | 
     gate, up = x.chunk(2, dim=-1)
     y = F.silu(gate) * up
     if x_fp8 is not None:
-        rows = y.reshape(-1, y.shape[-1])
-        wide = F.pad(rows, (0, x_fp8[0].shape[1] - rows.shape[1]))
-        for out, value in zip(x_fp8, fp8.quantize_activation(wide)):
-            out[:rows.shape[0]] = value
+        quantize_into(x_fp8, y)
     return y
 
 
@@ -208,8 +210,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, renormalize: bool, scal
     128)]) that also receive fp8.quantize_activation(x), for FP8 experts (the kernels' router does it in
     its own launch)."""
     if x_fp8 is not None:
-        for out, value in zip(x_fp8, fp8.quantize_activation(x)):
-            out.copy_(value)
+        quantize_into(x_fp8, x)
     with torch.autocast(x.device.type, enabled=False):
         logits = F.linear(x.float(), weight.float())
     if groups is None:
