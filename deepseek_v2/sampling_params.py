@@ -7,6 +7,7 @@ Pure Python (no torch): the scheduler and sequences hold these, and the server b
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy
@@ -92,6 +93,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (stop strings need text)
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output follows
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these tokens can be produced
+    bad_words: list[str] | None = None  # words the output never contains (each as its tokens)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -104,6 +109,12 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.logit_bias, dict):  # token ids as strings too (JSON's keys), as vLLM takes them
+            self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()}
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, (str, tuple)):
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         self.validate()
 
     def validate(self) -> None:
@@ -151,6 +162,25 @@ class SamplingParams:
             # the grammar ends the output with EOS, which these would hold off or ignore
             check(not self.ignore_eos, "ignore_eos", "ignore_eos cannot be used with structured outputs")
             check(not self.min_tokens, "min_tokens", "min_tokens cannot be used with structured outputs")
+            # these could forbid every token the grammar allows at some step, leaving nothing to sample
+            for name in ("allowed_token_ids", "bad_words"):
+                check(getattr(self, name) is None, name, f"{name} cannot be used with structured outputs")
+        lb = self.logit_bias
+        check(lb is None or (isinstance(lb, dict) and all(integer(k) and k >= 0 for k in lb)
+                             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                     for v in lb.values())),
+              "logit_bias", f"logit_bias must map token ids to finite numbers, got {_short(lb)}")
+        ids = self.allowed_token_ids
+        check(ids is None or (isinstance(ids, list) and ids and all(integer(t) and t >= 0 for t in ids)),
+              "allowed_token_ids", f"allowed_token_ids must be a non-empty list of token ids, got {_short(ids)}")
+        words = self.bad_words
+        check(words is None or (isinstance(words, list) and all(isinstance(w, str) and w.strip() for w in words)),
+              "bad_words", f"bad_words must be a list of words (strings with more than spaces), got {_short(words)}")
+        # with both, a bad word's last token could be the only allowed one left at some step
+        check(ids is None or not words, "bad_words", "give allowed_token_ids or bad_words, not both")
+        k = self.truncate_prompt_tokens
+        check(k is None or (integer(k) and (k >= 1 or k == -1)), "truncate_prompt_tokens",
+              f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -166,9 +196,37 @@ class SamplingParams:
         """Nothing of this row's sampling needs the host (no logprobs, grammar, min_tokens or penalties):
         its token can be drawn on the device and fed to the next step there (asynchronous scheduling)."""
         return (self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
-                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty)
+                and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
+                and not self.logit_bias and self.allowed_token_ids is None and not self.bad_words)
+
+    def truncated(self, prompt_token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt as generation takes it: its last truncate_prompt_tokens tokens (with -1, as many as
+        leave room for max_tokens, or for one token when max_tokens is None)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return prompt_token_ids
+        if k == -1:
+            k = max_model_len - (self.max_tokens or 1)
+        return prompt_token_ids[-k:] if k >= 1 else prompt_token_ids
 
     def all_stop_token_ids(self, eos_token_id: int | None) -> frozenset[int]:
         """The tokens that end a sequence: stop_token_ids, and the tokenizer's EOS unless ignore_eos."""
         eos = () if self.ignore_eos or eos_token_id is None else (eos_token_id,)
         return frozenset([*self.stop_token_ids, *eos])
+
+
+def _token_key(key):
+    """A logit_bias key as a token id: "42" -> 42 (anything else is left for validate() to name)."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key
+
+
+def _short(value) -> str:
+    """A value for an error message, cut short: only a long collection's first items are written out
+    (the message is made whether or not the check fails)."""
+    if isinstance(value, dict) and len(value) > 8:
+        return repr(dict(list(value.items())[:8]))[:-1] + ", ...}"
+    if isinstance(value, list) and len(value) > 8:
+        return repr(value[:8])[:-1] + ", ...]"
+    return repr(value)[:200]

@@ -74,6 +74,18 @@ def _check_messages(messages, roles: tuple[str, ...] = ROLES) -> None:
             raise ValueError(f"messages[{i}]['content'] must be a string, got {type(m.get('content')).__name__}")
 
 
+def _cut_after_final_message(text: str, final: str) -> str:
+    """The rendered chat up to the end of its final message's content (as transformers cuts it: a
+    template may strip the content's outer spaces)."""
+    if not final.strip():
+        raise ValueError("continue_final_message needs a last message with content to continue")
+    at = text.rfind(final.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not write the last message's content")
+    kept = final.lstrip()
+    return text[:at + (len(kept) if text[at:at + len(kept)] == kept else len(final.strip()))]
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with the transformers names: encode, decode, apply_chat_template."""
 
@@ -180,13 +192,20 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
-                            tools: list[dict] | None = None, **extra_template_vars):
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            **extra_template_vars):
         """Render `messages` with the chat template; ids (tokenize=True) or the rendered string.
         `tools` (OpenAI's function definitions) go to a template that writes them; for one that does
         not (the released DeepSeek-V2.5 template) they are described at the end of the system prompt.
+        `continue_final_message` (transformers' meaning): the rendering ends where the last message's
+        content does, without what the template closes it with (an assistant's EOS), so that generation
+        continues that message.
 
         The template writes the BOS itself, so the rendered text is tokenized without special tokens.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set: the first "
+                             "continues the last message, the second starts a new one")
         # a template without tool calls would drop tool messages without a word: refuse them
         _check_messages(messages, ROLES if "tool_calls" in self.chat_template else ROLES[:3])
         if self._template is None:
@@ -201,6 +220,8 @@ class Tokenizer:
             messages[0]["content"] += tools_prompt(tools)
         text = self._template.render(messages=messages, tools=tools or None, documents=None,
                                      add_generation_prompt=add_generation_prompt, **variables)
+        if continue_final_message:
+            text = _cut_after_final_message(text, messages[-1].get("content") or "")
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

@@ -171,6 +171,54 @@ def test_stop_strings_and_stop_token_ids(client, llm):
     assert streamed == full.text[:full.text.index(stop)]
 
 
+def test_logit_bias_allowed_token_ids_bad_words_and_truncation_equal_offline(client, llm):
+    """OpenAI's logit_bias (token ids as strings) and vLLM's allowed_token_ids, bad_words and
+    truncate_prompt_tokens give what the offline engine gives with the same SamplingParams."""
+    tok = llm.tokenizer
+    kw = dict(max_tokens=8, ignore_eos=True, **GREEDY)
+    full = offline(llm, "Biased text", **kw)[0]
+    bias = {full.token_ids[0]: -100, full.token_ids[3]: 5.5}
+    r = client.completions.create(model="tiny", prompt="Biased text", logit_bias={str(t): b for t, b in bias.items()},
+                                  **GREEDY, max_tokens=8, extra_body={"ignore_eos": True})
+    expect = offline(llm, "Biased text", logit_bias=bias, **kw)[0]
+    assert r.choices[0].text == expect.text != full.text
+    allowed = sorted(set(full.token_ids[:3]))
+    r = client.completions.create(model="tiny", prompt="Biased text", max_tokens=8, seed=5, logprobs=0,
+                                  extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+    assert r.choices[0].text == offline(llm, "Biased text", max_tokens=8, seed=5, ignore_eos=True,
+                                        allowed_token_ids=allowed)[0].text
+    tokens = r.choices[0].logprobs.tokens
+    assert len(tokens) == 8 and set(tokens) <= {tok.decode([t]) for t in allowed}
+    word = tok.decode(full.token_ids[2:4]).strip() or "the"
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Biased text"}],
+                                       max_tokens=8, **GREEDY, extra_body={"ignore_eos": True, "bad_words": [word]})
+    assert r.choices[0].message.content == offline_chat(llm, [{"role": "user", "content": "Biased text"}],
+                                                        bad_words=[word], **kw)
+    ids = tok.encode("one two three four five six")
+    r = client.completions.create(model="tiny", prompt="one two three four five six", max_tokens=3, echo=True,
+                                  **GREEDY, extra_body={"truncate_prompt_tokens": 3})
+    assert r.usage.prompt_tokens == 3
+    assert r.choices[0].text == tok.decode(ids[-3:]) + offline(llm, ids[-3:], max_tokens=3, **GREEDY)[0].text
+
+
+def test_continue_final_message_and_tokenize_equal_offline(server, client, llm):
+    """An assistant reply begun by the client is continued (vLLM's continue_final_message, which needs
+    add_generation_prompt=false), as LLM.chat continues it; /tokenize renders the same prompt."""
+    messages = [{"role": "user", "content": "What does the word harbor mean?"},
+                {"role": "assistant", "content": "It means"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "chat_template_kwargs": {"unused": 1}})
+    expect = llm.chat(messages, SamplingParams(max_tokens=8, **GREEDY), add_generation_prompt=False,
+                      continue_final_message=True, use_tqdm=False)[0]
+    assert r.choices[0].message.content == expect.outputs[0].text
+    assert r.usage.prompt_tokens == len(expect.prompt_token_ids)
+    ids = httpx.post(server + "/tokenize", json={"messages": messages, "continue_final_message": True,
+                                                 "add_generation_prompt": False}).json()["tokens"]
+    assert ids == expect.prompt_token_ids == llm.tokenizer.encode(
+        llm.tokenizer.apply_chat_template(messages, tokenize=False)[:-len(llm.tokenizer.eos_token)],
+        add_special_tokens=False)
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})
@@ -310,6 +358,10 @@ def test_structured_outputs_choice_and_json_object(client):
     r = client.completions.create(model="tiny", prompt="Is it?", max_tokens=8, temperature=1.0, n=4, seed=1,
                                   extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert {c.text for c in r.choices} <= {"yes", "no"}
+    # vLLM's older guided_* fields mean the same
+    old = client.completions.create(model="tiny", prompt="Is it?", max_tokens=8, temperature=1.0, n=4, seed=1,
+                                    extra_body={"guided_choice": ["yes", "no"]})
+    assert [c.text for c in old.choices] == [c.text for c in r.choices]
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON please"}],
                                        max_tokens=60, temperature=0, response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)

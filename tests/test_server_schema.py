@@ -54,3 +54,16 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
            "--no-color"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its files go there
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+
+
+def test_unknown_fields_are_logged_once_and_refused_vllm_fields_name_themselves(caplog):
+    from deepseek_v2.server.protocol import APIError, CompletionRequest
+    with caplog.at_level("WARNING", logger="deepseek_v2"):
+        for _ in range(2):
+            CompletionRequest(prompt="hi", frobnicate_twice=1, request_id="mine").to_sampling_params()
+    logged = [r.getMessage() for r in caplog.records if "frobnicate_twice" in r.getMessage()]
+    assert len(logged) == 1 and not any("request_id" in r.getMessage() for r in caplog.records)
+    with pytest.raises(APIError) as info:
+        CompletionRequest(prompt="hi", use_beam_search=True).to_sampling_params()
+    assert info.value.param == "use_beam_search" and info.value.status == 400
+    CompletionRequest(prompt="hi", use_beam_search=False, priority=0).to_sampling_params()  # unset: accepted

@@ -92,6 +92,20 @@ def test_chat_template_matches_transformers(tok, hf, messages, add_generation_pr
     assert text.endswith("Assistant:") == add_generation_prompt  # no trailing space, as the official template writes it
 
 
+@pytest.mark.parametrize("final", ["The answer is", "The answer is ", "  padded  ", "写一首诗 😀"])
+def test_continue_final_message_matches_transformers(tok, hf, final):
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": final}]
+    text = tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert text == hf.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert text.endswith(final) and tok.eos_token not in text  # this template keeps the spaces
+    assert tok.apply_chat_template(messages, continue_final_message=True) == hf.apply_chat_template(
+        messages, continue_final_message=True)["input_ids"]
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        tok.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="content"):
+        tok.apply_chat_template(messages[:1] + [{"role": "assistant", "content": " "}], continue_final_message=True)
+
+
 def test_checkpoint_template_is_the_spec_template(tok):
     assert tok.chat_template == DEEPSEEK_V2_CHAT_TEMPLATE
 

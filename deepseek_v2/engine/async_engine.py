@@ -211,7 +211,7 @@ class AsyncLLMEngine:
         InvalidRequestError for a request the engine cannot serve. The engine's own check, so the
         worker thread only enqueues."""
         self._check_accepting()
-        _, ids = self.engine.encode_prompt(prompt)  # reads only immutable tokenizer/model state
+        _, ids = self.engine.encode_prompt(prompt, params)  # reads only immutable tokenizer/model state
         self.engine.validate_request(ids, params)
         return ids
 

@@ -20,11 +20,22 @@ class RequestChecks:
     max_model_len: int
     vocab_size: int
 
-    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def encode_prompt(self, prompt: str | list[int], params: SamplingParams | None = None
+                      ) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt, cut to params.truncate_prompt_tokens (a cut text is
+        given as its kept tokens' text)."""
+        truncating = params is not None and params.truncate_prompt_tokens is not None
         if isinstance(prompt, str):
-            self.check_prompt_chars(len(prompt), "prompt")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+            if not truncating:  # a text cut to its end may be longer than the context
+                self.check_prompt_chars(len(prompt), "prompt")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if truncating:
+            kept = params.truncated(ids, self.max_model_len)
+            if len(kept) < len(ids):
+                text, ids = (None if text is None else self.tokenizer.decode(kept)), kept
+        return text, ids
 
     @functools.cached_property
     def max_prompt_chars(self) -> int:
@@ -61,6 +72,17 @@ class RequestChecks:
                                      f"{self.max_model_len}, leaving no room for output", "prompt")
         self.check_token_ids(prompt_token_ids, "prompt")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        for name in ("logit_bias", "allowed_token_ids"):
+            if getattr(params, name):
+                self.check_token_ids(list(getattr(params, name)), name)
+        # what could leave a step with no token to sample (structured outputs refuse both themselves)
+        stops = params.all_stop_token_ids(self.tokenizer.eos_token_id)
+        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= stops:
+            raise InvalidRequestError("allowed_token_ids holds only stop tokens, which min_tokens forbids "
+                                      "before its count", "allowed_token_ids")
+        if params.bad_words and 2 * len(params.bad_words) + len(stops) >= self.vocab_size:
+            raise InvalidRequestError(f"bad_words has {len(params.bad_words)} words, enough to forbid every "
+                                      f"token of this vocabulary ({self.vocab_size})", "bad_words")
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)  # compiled once, then cached
 

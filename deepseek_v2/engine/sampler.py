@@ -1,7 +1,7 @@
 """The sampler: everything between one step's logits and its tokens, for a batch of sequences with
 their own parameters. It owns the random generators (one per seeded sequence, one for the rest), the
-token masks (stop tokens before min_tokens; the grammars of structured outputs, through
-structured_outputs.GrammarMasks), the penalties, temperature, top-k / top-p / min-p, the draw itself
+token masks (stop tokens before min_tokens, allowed_token_ids, bad words; the grammars of structured
+outputs, through structured_outputs.GrammarMasks), logit_bias, the penalties, temperature, top-k / top-p / min-p, the draw itself
 and the logprobs handed back.
 
 Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws from p, so each row needs
@@ -97,21 +97,42 @@ class Sampler:
         return self.draw(logits, seqs)
 
     def apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Tokens a sequence may not produce now get -inf: what its grammar does not allow, and its
-        stop tokens (EOS included) while it has fewer than min_tokens output tokens."""
+        """What a sequence may produce now, and its logit_bias: tokens its grammar does not allow, tokens
+        outside its allowed_token_ids, its bad words' last tokens (Sequence.banned_token_ids) and its
+        stop tokens (EOS included) while it has fewer than min_tokens output tokens get -inf; then
+        logit_bias is added (vLLM's order: masks and bias before the penalties)."""
         if self.grammars is not None:
             logits = self.grammars.apply(logits, seqs)
         V = logits.shape[1]
-        rows, cols = [], []
+        banned_rows, banned_cols, allowed_rows, allowed, bias_rows, bias_cols, bias = [], [], [], [], [], [], []
         for i, s in enumerate(seqs):
-            if len(s.output_token_ids) < s.sampling_params.min_tokens:
-                blocked = [t for t in s.stop_token_ids if t < V]
-                rows += [i] * len(blocked)
-                cols += blocked
-        if not rows:
+            p = s.sampling_params
+            blocked = [t for t in s.banned_token_ids() if t < V]
+            banned_rows += [i] * len(blocked)
+            banned_cols += blocked
+            if p.allowed_token_ids is not None:
+                allowed_rows.append(i)
+                allowed.append([t for t in p.allowed_token_ids if t < V])
+            if p.logit_bias:
+                kept = [(t, b) for t, b in p.logit_bias.items() if t < V]
+                bias_rows += [i] * len(kept)
+                bias_cols += [t for t, _ in kept]
+                bias += [b for _, b in kept]
+        if not (banned_rows or allowed_rows or bias_rows):
             return logits
         logits = logits.clone()
-        logits[on_device(rows, logits.device), on_device(cols, logits.device)] = float("-inf")
+        device = logits.device
+        if allowed_rows:
+            keep = torch.zeros(len(allowed_rows), V, dtype=torch.bool)
+            for j, ids in enumerate(allowed):
+                keep[j, ids] = True
+            rows = on_device(allowed_rows, device, torch.long)
+            logits[rows] = logits[rows].masked_fill(~keep.to(device, non_blocking=True), float("-inf"))
+        if banned_rows:
+            logits[on_device(banned_rows, device), on_device(banned_cols, device)] = float("-inf")
+        if bias_rows:
+            logits.index_put_((on_device(bias_rows, device, torch.long), on_device(bias_cols, device, torch.long)),
+                              on_device(bias, device, logits.dtype), accumulate=True)
         return logits
 
     @staticmethod
@@ -189,3 +210,16 @@ class Sampler:
         self.seeded.pop(seq_id, None)
         if self.grammars is not None:
             self.grammars.release(seq_id)
+
+
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """The token sequences that spell each bad word, as vLLM finds them: the word without its leading
+    spaces, and the same after one space (a byte-level BPE spells a word inside a text differently
+    than at its start), without special tokens; each spelling once."""
+    spellings: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in spellings:
+                spellings.append(ids)
+    return spellings

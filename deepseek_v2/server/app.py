@@ -251,11 +251,14 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         core = llm()
         check_counts(body, core.config.max_waiting_requests)
         params = body.to_sampling_params(core.tokenizer)
+        # a prompt cut to its end (truncate_prompt_tokens) may be longer than the context before the cut
+        check_chars = core.check_prompt_chars if params.truncate_prompt_tokens is None else lambda n, param: None
         try:
-            body.check_chars(core.check_prompt_chars)  # before the text is tokenized
+            body.check_chars(check_chars)  # before the text is tokenized
         except InvalidRequestError as e:
             raise body.invalid(e) from None
-        prompts = await off_loop(body, body.prompts, core.tokenizer, core.check_prompt_chars)
+        prompts = await off_loop(body, body.prompts, core.tokenizer, check_chars)
+        prompts = body.truncated(prompts, params, core.max_model_len)
         body.check_lengths(prompts, core.max_model_len)
         reply = await off_loop(body, reply_cls, body, names[0], core.tokenizer, prompts)
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
@@ -329,8 +332,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         try:  # a text that cannot fit the context is refused before it is tokenized (this route needs no key)
             if body.messages is not None:
                 core.check_prompt_chars(sum(len(m.text()) for m in body.messages), "messages")
-                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body.messages,
-                                              body.add_generation_prompt)
+                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body)
             else:
                 core.check_prompt_chars(len(body.prompt), "prompt")
                 ids = await asyncio.to_thread(P.tokenize, "prompt", tok.encode, body.prompt,

@@ -12,6 +12,7 @@ combinations, the context length with max_tokens).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -23,6 +24,8 @@ from .. import tool_calls as tc
 from ..sampling_params import (SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams,
                                StructuredOutputsParams)
 from ..tokenizer import Tokenizer
+
+logger = logging.getLogger("deepseek_v2")
 
 CheckChars = Callable[[int, str], None]  # (number of characters, param): raises ContextLengthError
 
@@ -113,6 +116,21 @@ class ResponseFormat(OpenAIModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+# vLLM request fields not implemented here, refused when set (with why)
+_REFUSED_EXTRAS = {"use_beam_search": "this server samples, it does no beam search",
+                   "logits_processors": "no custom logits processors are loaded",
+                   "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
+                   "return_tokens_as_token_ids": "logprobs name tokens by their text",
+                   "priority": "requests are served in arrival order, with fair turns between them",
+                   "echo": "a chat reply does not repeat the last message",
+                   "cache_salt": "the prefix cache is shared by all requests"}
+# fields clients send that need nothing here (OpenAI's metadata, vLLM's ids and options with no effect)
+_KNOWN_EXTRAS = {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                 "guided_whitespace_pattern", "request_id", "metadata", "store", "service_tier",
+                 "spaces_between_special_tokens", "length_penalty", "documents", "mm_processor_kwargs"}
+_IGNORED_LOGGED: set[str] = set()
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
@@ -127,7 +145,7 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # refused unless empty
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON's keys are) -> bias, cut to [-100, 100]
     # vLLM extras
     top_k: int | None = Field(None, le=2**31 - 1)  # larger values would overflow the sampler's tensor
     min_p: float | None = None
@@ -137,6 +155,9 @@ class SamplingFields(OpenAIModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -150,20 +171,42 @@ class SamplingFields(OpenAIModel):
     @property
     def structured_field(self) -> str:
         """The request field the output's grammar came from."""
+        if self.structured_outputs is None and self.guided() is not None:
+            return f"guided_{next(iter(self.guided()))}"
         return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
+    def check_extras(self) -> None:
+        """Refuse the vLLM fields this server does not implement, where they are set (ignoring one would
+        answer something else than asked), and log the names of other unknown fields once each."""
+        extras = {k: v for k, v in (self.model_extra or {}).items() if v not in (None, False, 0, [], {})}
+        for name, why in _REFUSED_EXTRAS.items():
+            if name in extras:
+                raise APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported")
+        for name in sorted(set(extras) - _KNOWN_EXTRAS - _IGNORED_LOGGED):
+            _IGNORED_LOGGED.add(name)
+            logger.warning("request field %r is not one this server knows; it is ignored", name[:100])
+
+    def guided(self) -> dict | None:
+        """vLLM's older guided_json / guided_regex / guided_choice / guided_grammar as structured_outputs."""
+        extra = self.model_extra or {}
+        given = {kind: extra[f"guided_{kind}"] for kind in ("json", "regex", "choice", "grammar")
+                 if extra.get(f"guided_{kind}") is not None}
+        return given or None
+
     def structured(self) -> StructuredOutputsParams | None:
-        """The grammar the request asks for, from response_format or structured_outputs."""
-        if self.structured_outputs is not None and self.response_format is not None \
-                and self.response_format.type != "text":
-            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
-        if self.structured_outputs is not None:
+        """The grammar the request asks for, from response_format or structured_outputs (or vLLM's
+        older guided_* fields)."""
+        given = self.structured_outputs if self.structured_outputs is not None else self.guided()
+        if given is not None and self.response_format is not None and self.response_format.type != "text":
+            raise APIError(400, f"give response_format or {self.structured_field}, not both",
+                           param=self.structured_field)
+        if given is not None:
             known = {"json", "regex", "choice", "grammar", "json_object"}
-            unknown = sorted(set(self.structured_outputs) - known)
+            unknown = sorted(set(given) - known)
             if unknown:
                 raise APIError(400, f"structured_outputs.{unknown[0]} is not supported (known: {', '.join(sorted(known))})",
                                param="structured_outputs", code="unsupported")
-            return StructuredOutputsParams(**self.structured_outputs)
+            return StructuredOutputsParams(**given)
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -181,8 +224,7 @@ class SamplingFields(OpenAIModel):
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                          structured: StructuredOutputsParams | None = None,
                          skip_special_tokens: bool | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
+        self.check_extras()
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         try:
@@ -196,9 +238,31 @@ class SamplingFields(OpenAIModel):
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                structured_outputs=structured or self.structured())
+                structured_outputs=structured or self.structured(), logit_bias=self.token_biases(),
+                allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+                truncate_prompt_tokens=self.truncate_prompt_tokens)
         except InvalidRequestError as e:
             raise self.invalid(e) from None
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with token ids for keys and each bias cut to OpenAI's [-100, 100], as vLLM does."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            if not re.fullmatch(r"\s*\d+\s*", key):
+                raise APIError(400, f"logit_bias keys must be token ids, got {key[:50]!r}", param="logit_bias",
+                               code="invalid_value")
+            biases[int(key)] = min(100.0, max(-100.0, bias))
+        return biases
+
+    def truncated(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+                  max_model_len: int) -> list[tuple[str | None, list[int]]]:
+        """The prompts cut to truncate_prompt_tokens; a cut text prompt is echoed from its kept ids."""
+        if params.truncate_prompt_tokens is None:
+            return prompts
+        cut = [(text, params.truncated(ids, max_model_len)) for text, ids in prompts]
+        return [(text if len(kept) == len(ids) else None, kept) for (text, kept), (_, ids) in zip(cut, prompts)]
 
     def check_length(self, prompt_ids: list[int], max_model_len: int, max_tokens: int | None, param: str) -> None:
         if max_tokens is not None and len(prompt_ids) + max_tokens > max_model_len:
@@ -242,7 +306,8 @@ class CompletionRequest(SamplingFields):
                 if isinstance(x, str) else (None, list(x)) for x in self.batch]
 
     def param_name(self, engine_param: str) -> str:
-        return "logprobs" if engine_param == "prompt_logprobs" else engine_param  # echo's prompt logprobs
+        # echo's prompt logprobs
+        return "logprobs" if engine_param == "prompt_logprobs" else super().param_name(engine_param)
 
     def to_sampling_params(self, tokenizer: Tokenizer | None = None) -> SamplingParams:
         if self.suffix is not None:
@@ -311,13 +376,39 @@ class NamedToolChoice(OpenAIModel):
     function: FunctionName
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(OpenAIModel):
+    """How the messages are rendered (vLLM's fields): chat completions and /tokenize."""
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the prompt ends inside the last message, which the output continues
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
+
+    def render_options(self) -> dict:
+        """apply_chat_template's arguments besides the messages; a request's own template is refused."""
+        if (self.model_extra or {}).get("chat_template") is not None:
+            raise APIError(400, "chat_template is not taken from requests: the server renders with the model's own "
+                                "template", param="chat_template", code="unsupported")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt=false (one continues the last "
+                                "message, the other starts a new one)", param="continue_final_message")
+        extra = self.chat_template_kwargs or {}
+        taken = sorted(set(extra) & _TEMPLATE_NAMES)
+        if taken:
+            raise APIError(400, f"chat_template_kwargs cannot set {taken[0]!r}", param="chat_template_kwargs")
+        return {**extra, "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
+
+
+_TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+                   "bos_token", "eos_token", "pad_token", "unk_token"}
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_tokens: int | None = None  # None: up to the context length
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the chat template writes the BOS itself
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
@@ -354,7 +445,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def prompts(self, tokenizer: Tokenizer, check: CheckChars) -> list[tuple[str | None, list[int]]]:
         """The conversation's token ids. The template and the tokenizing: call it off the event loop."""
-        ids = encode_chat(tokenizer, check, self.messages, self.add_generation_prompt, self.tool_dicts())
+        ids = encode_chat(tokenizer, check, self, self.tool_dicts())
         if self.add_special_tokens and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         return [(None, ids)]
@@ -372,6 +463,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.uses_tools and self.tool_choice not in (None, "auto")
 
     def to_sampling_params(self, tokenizer: Tokenizer | None = None) -> SamplingParams:
+        self.render_options()  # its refusals before anything is rendered
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
@@ -402,12 +494,12 @@ class ChatCompletionRequest(SamplingFields):
         self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")
 
 
-def encode_chat(tokenizer: Tokenizer, check: CheckChars, messages: list[ChatMessage],
-                add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, check: CheckChars, body: ChatTemplateFields,
+                tools: list[dict] | None = None) -> list[int]:
     """The token ids of the rendered chat template; a rendering too long for the context is refused
     before it is tokenized."""
-    text = tokenize("messages", tokenizer.apply_chat_template, conversation(messages),
-                    add_generation_prompt=add_generation_prompt, tokenize=False, tools=tools)
+    text = tokenize("messages", tokenizer.apply_chat_template, conversation(body.messages), tokenize=False,
+                    tools=tools, **body.render_options())
     check(len(text), "messages")
     return tokenize("messages", tokenizer.encode, text, add_special_tokens=False)  # the template wrote the BOS
 
@@ -437,12 +529,11 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
 
