@@ -219,6 +219,43 @@ def test_continue_final_message_and_tokenize_equal_offline(server, client, llm):
         add_special_tokens=False)
 
 
+def test_responses_api_equals_the_chat_it_means(client, llm):
+    """/v1/responses: instructions and input as the chat's messages, the text as a message item, usage,
+    max_output_tokens as an incomplete status; its stream's typed events; refusals name its fields."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a harbor?"}]
+    r = client.responses.create(model="tiny", instructions="Be brief.", input="What is a harbor?",
+                                max_output_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    expect = llm.chat(messages, SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY), use_tqdm=False)[0]
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny"
+    assert [o.type for o in r.output] == ["message"] and r.output_text == expect.outputs[0].text
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (len(expect.prompt_token_ids), 12)
+    assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.temperature == 0
+    events = list(client.responses.create(model="tiny", input=messages, max_output_tokens=12, temperature=0,
+                                          stream=True, extra_body={"ignore_eos": True}))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert [e.type for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done", "response.incomplete"]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-4].text == events[-1].response.output_text == expect.outputs[0].text
+    done = client.responses.create(model="tiny", input="Hi", max_output_tokens=200, temperature=0)
+    assert done.status == "completed" and done.output_text == offline_chat(
+        llm, [{"role": "user", "content": "Hi"}], max_tokens=200, **GREEDY)
+    for body, param in [({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+                        ({"input": "x", "max_output_tokens": MAX_MODEL_LEN}, "input"),
+                        ({"input": []}, "input"), ({"input": [{"role": "wizard", "content": "x"}]}, "input"),
+                        ({"input": "x", "n": 2}, "n"), ({"input": "x", "text": {"format": {"type": "xml"}}}, "text"),
+                        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.post("/responses", body=body, cast_to=object)
+        assert info.value.body["param"] == param, info.value.body
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)  # nothing is stored
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

@@ -175,3 +175,40 @@ def test_tool_requests_refused_with_a_reason(server):
         r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **extra})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param, r.text
+
+
+# ---- the Responses API: function tools, calls as output items, results as input items -----------------
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_responses_function_calls_streamed_and_not_and_the_conversation_goes_on(client):
+    kw = dict(model="tools", input="What is the weather in Paris, in celsius?", tools=RESPONSE_TOOLS,
+              max_output_tokens=100, temperature=0, tool_choice={"type": "function", "name": "get_weather"})
+    r = client.responses.create(**kw)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert r.status == "completed" and set(json.loads(call.arguments)) == {"city", "unit"}
+    chat = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=100, temperature=0,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert call.arguments == chat.choices[0].message.tool_calls[0].function.arguments  # the same request
+    events = list(client.responses.create(**kw, stream=True))
+    types = [e.type for e in events]
+    assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert types[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments == events[-1].response.output[0].arguments
+    # the call and its result as input items: the model answers in text
+    then = client.responses.create(model="tools", tools=RESPONSE_TOOLS, tool_choice="none", max_output_tokens=8,
+                                   temperature=0, input=[{"role": "user", "content": ASK[0]["content"]},
+                                                         {"type": "function_call", "call_id": call.call_id,
+                                                          "name": call.name, "arguments": call.arguments},
+                                                         {"type": "function_call_output", "call_id": call.call_id,
+                                                          "output": '{"celsius": 21}'}])
+    assert [o.type for o in then.output] == ["message"] and then.output_text
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"celsius": 21}'}]
+    same = client.chat.completions.create(model="tools", messages=history, tools=TOOLS, tool_choice="none",
+                                          max_tokens=8, temperature=0)
+    assert then.output_text == same.choices[0].message.content

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server: `build_app(engine, ...)` returns a FastAPI app serving
-`/v1/models`, `/v1/completions` and `/v1/chat/completions` (JSON or Server-Sent Events), plus
+`/v1/models`, `/v1/completions`, `/v1/chat/completions` and `/v1/responses` (JSON or Server-Sent Events;
+the Responses API as chat completions, responses_api.py), plus
 `/health`, `/metrics`, `/tokenize`, `/detokenize`, `/tokenizer_info`, `/version` and the chat page at `/`.
 
 Every bad request gets the OpenAI error body with a 4xx status and leaves the engine untouched;
@@ -8,7 +9,7 @@ A request is checked in order of cost: the body's size (middleware.py), its shap
 length of its text, and only then is it tokenized, in a worker thread, so no request holds the
 event loop (the other streams, `/health`) for longer than parsing its JSON takes.
 How engine outputs become response bodies and stream chunks lives in `replies.py`.
-(About 360 lines: the routes share the checks, the submission and the error mapping defined here,
+(About 380 lines: the routes share the checks, the submission and the error mapping defined here,
 and splitting the routes from them would scatter one request's path over files.)
 """
 
@@ -19,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -36,6 +38,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .middleware import Accounting, BodyLimit, KeyAuth
 from .protocol import APIError, error_body
 from .replies import ChatReply, CompletionReply
+from .responses_api import ResponsesReply, ResponsesRequest, renamed
 
 logger = logging.getLogger("deepseek_v2")
 STATIC = Path(__file__).parent / "static"
@@ -167,7 +170,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            for request in ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest"):
+            for request in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest", "TokenizeRequest",
+                            "DetokenizeRequest"):
                 components[request]["properties"]["model"]["anyOf"][0]["enum"] = names
             chunk = R.ChatCompletionChunk.model_json_schema(mode="serialization",
                                                             ref_template="#/components/schemas/{model}")
@@ -303,6 +307,27 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
               responses=generation_responses(R.ChatCompletionResponse, R.ChatCompletionChunk))
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         return await until_disconnect(request, serve(request, body, ChatReply))
+
+    @app.post("/v1/responses", response_model=None, responses={
+        200: {"description": "a Response object, or with stream=true its events as Server-Sent Events "
+                             "(`event: <type>`, `data: <json>`)",
+              "content": {"application/json": {"schema": {"type": "object"}},
+                          "text/event-stream": {"itemSchema": {
+                              "type": "object", "required": ["event", "data"],
+                              "properties": {"event": {"type": "string"},
+                                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
+        **errors(400, 401, 404, 408, 413, 500, 503)})
+    async def create_response(body: ResponsesRequest, request: Request):
+        check_model(body.model)
+        try:
+            return await until_disconnect(request, serve(request, body.to_chat(), partial(ResponsesReply, request=body)))
+        except APIError as e:
+            raise renamed(e) from None
+
+    @app.get("/v1/responses/{response_id}", responses=errors(401, 404))
+    async def get_response(response_id: str):
+        raise APIError(404, f"there is no response {response_id[:100]!r}: this server stores no responses",
+                       param="response_id", code="not_found")
 
     # ---- service routes ---------------------------------------------------------------------------
     @app.get("/health", responses=errors(503))

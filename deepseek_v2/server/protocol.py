@@ -72,6 +72,9 @@ class APIError(Exception):
         if field == "prompt":  # a union: the per-member messages would only confuse
             return cls(400, "prompt must be a non-empty string, a list of strings, a list of token ids "
                             "or a list of lists of token ids", param="prompt", code="invalid_type")
+        if field == "input":  # the Responses API's union
+            return cls(400, "input must be a non-empty string or a non-empty list of items: messages ({role, content}), "
+                            "function_call and function_call_output", param="input", code="invalid_type")
         # union members show up in the location ('str', 'list[TextPart]', ...): keep field names and indices
         path = ".".join(x for x in loc if x.isdigit() or (x.isidentifier() and x not in _TYPE_TAGS))
         return cls(400, f"{path}: {e['msg']}", param=field, code=e.get("type"))

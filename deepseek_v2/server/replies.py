@@ -113,7 +113,8 @@ class Reply:
         if any(f is None or not f.finished for f in finals):
             raise P.APIError(503, "the request was aborted: the server is shutting down", code="aborted")
         body = await asyncio.to_thread(self.body_of, finals)
-        metrics.observe_usage(key, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        usage = self.usage(finals)
+        metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
         return body
 
     async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:

@@ -1,0 +1,331 @@
+"""OpenAI's Responses API (`POST /v1/responses`) over the chat machinery: a request becomes the chat
+completion it means (instructions as the system message, input items as messages, function tools as
+chat tools, `text.format` as `response_format`), and its reply is a Response object, or the Response
+stream's typed events (`event: <type>` then `data: <json>`, each with its sequence_number, no `[DONE]`).
+
+This server keeps no responses: `store` is accepted and nothing is stored, so `previous_response_id` and
+`GET /v1/responses/{id}` are refused; a conversation is sent whole, as with chat completions. DeepSeek-V2
+does not reason: `reasoning` is accepted and has no effect, and no reasoning items are output.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+
+from ..outputs import CompletionOutput, RequestOutput
+from . import protocol as P
+from .metrics import ServerMetrics
+from .replies import ENGINE_ERRORS, ChatReply, engine_error, logger
+
+# a chat request's fields as the Responses API names them (errors name what the client sent)
+RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+                    "response_format": "text.format", "top_logprobs": "top_logprobs"}
+
+
+# chat completion fields a Responses request may not carry (vLLM's sampling extras pass through)
+_CHAT_ONLY = (set(P.ChatCompletionRequest.model_fields) - set(P.SamplingFields.model_fields)
+              | {"n", "stream_options", "response_format"})
+
+
+# ---- the request ---------------------------------------------------------------------------------------
+class InputText(P.OpenAIModel):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(P.OpenAIModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(P.OpenAIModel):
+    """A call the model made earlier in the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(P.OpenAIModel):
+    """The caller's result of a function call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionTool(P.OpenAIModel):
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(P.OpenAIModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(P.OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(P.OpenAIModel):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(P.OpenAIModel):
+    model: str | None = None
+    input: Annotated[str, Field(min_length=1)] | \
+        Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = None  # None: up to the context
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    stream: bool = False
+    store: bool = True  # accepted; nothing is stored
+    previous_response_id: str | None = None  # refused: no response is stored
+    background: bool = False  # refused
+    truncation: Literal["disabled", "auto"] | None = None  # "auto" refused
+    metadata: dict[str, str] | None = None  # returned as given
+    user: str | None = None
+    reasoning: dict[str, Any] | None = None  # no effect: the model does not reason
+
+    def to_chat(self) -> ResponsesChatRequest:
+        """The chat completion this request means (vLLM's sampling extras pass through to it)."""
+        refused = {"previous_response_id": (self.previous_response_id is not None, "this server stores no responses; "
+                                            "send the whole conversation as input"),
+                   "background": (self.background, "responses are served while the client waits"),
+                   "truncation": (self.truncation == "auto", "a conversation too long for the context is refused, "
+                                  "not cut")}
+        for name, (given, why) in refused.items():
+            if given:
+                raise P.APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported")
+        extras = self.model_extra or {}
+        foreign = sorted(set(extras) & _CHAT_ONLY)
+        if foreign:
+            raise P.APIError(400, f"{foreign[0]} is a chat completions field; the Responses API does not take it",
+                             param=foreign[0])
+        chat: dict[str, Any] = {**extras, "messages": self.messages(), "stream": self.stream,
+                                "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
+                                "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
+        if self.tools:
+            chat["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, FunctionChoice):
+            chat["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            chat["tool_choice"] = self.tool_choice
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
+        elif fmt is not None:
+            chat["response_format"] = {"type": fmt.type}
+        try:
+            return ResponsesChatRequest.model_validate(chat)
+        except ValidationError as e:
+            raise renamed(P.APIError.from_validation(e.errors())) from None
+
+    def messages(self) -> list[dict]:
+        """instructions and input as chat messages: consecutive function calls are one assistant
+        message's tool_calls, a call's output a tool message."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, InputMessage):
+                messages.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                    last["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        return messages
+
+    def echoed(self) -> dict:
+        """The request's settings as a Response object repeats them."""
+        fmt = self.text.format if self.text is not None and self.text.format is not None else TextFormat(type="text")
+        choice = self.tool_choice or "auto"
+        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+                "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls,
+                "temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p,
+                "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
+                "tools": [t.model_dump(exclude_none=True) for t in self.tools or []],
+                "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)}, "truncation": "disabled",
+                "user": self.user, "previous_response_id": None, "background": False, "reasoning": None,
+                "store": False}
+
+
+class ResponsesChatRequest(P.ChatCompletionRequest):
+    """The chat request a Responses request becomes; the engine's refusals name the Responses field."""
+
+    def param_name(self, engine_param: str) -> str:
+        name = super().param_name(engine_param)
+        return RESPONSES_PARAMS.get(name, name)
+
+
+def renamed(error: P.APIError) -> P.APIError:
+    """A refusal of the chat request, naming the Responses API's field (any message's: `input`)."""
+    if error.param is not None:
+        error.param = "input" if error.param.startswith("messages") else RESPONSES_PARAMS.get(error.param, error.param)
+    return error
+
+
+# ---- the reply ---------------------------------------------------------------------------------------
+def event_line(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+class ResponsesReply(ChatReply):
+    """A Response object (`body_of`), or its stream of events (`stream`): a message item with one
+    output_text part, and with tools a function_call item for each call the model makes."""
+
+    prefix = "resp"
+
+    def __init__(self, *args, request: ResponsesRequest):
+        super().__init__(*args)
+        self.request = request
+        self.id = self.id.replace("resp-", "resp_")
+        self.seq = 0
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None,
+                 finish_reason: str | None = None) -> dict:
+        incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+        return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+                "status": "incomplete" if incomplete else status, "output": output, "error": None,
+                "incomplete_details": incomplete, "usage": usage, **self.request.echoed()}
+
+    def response_usage(self, finals: list[RequestOutput | None]) -> dict:
+        u = self.usage(finals)
+        return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+                "input_tokens_details": {"cached_tokens": u.prompt_tokens_details.cached_tokens},
+                "output_tokens_details": {"reasoning_tokens": 0}}
+
+    @staticmethod
+    def message_item(item_id: str, text: str, status: str = "completed") -> dict:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+        return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+                "status": status}
+
+    def body_of(self, finals: list[RequestOutput]) -> dict:
+        o: CompletionOutput = finals[0].outputs[0]
+        message, _ = self.message(o)
+        output = [self.message_item(f"msg_{uuid.uuid4().hex}", message.content)] if message.content else []
+        output += [self.call_item(f"fc_{uuid.uuid4().hex}", c.id, c.function.name, c.function.arguments)
+                   for c in message.tool_calls or []]
+        return self.response("completed", output, self.response_usage(finals), o.finish_reason)
+
+    def event(self, type_: str, **fields) -> str:
+        line = event_line({"type": type_, "sequence_number": self.seq, **fields})
+        self.seq += 1
+        return line
+
+    async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:
+        finals: list[RequestOutput | None] = [None]
+        items: list[dict] = []  # the output items as they stream (a message's text so far under "text")
+        text_at: int | None = None  # the index of the message item taking text now
+        call_at: dict[int, int] = {}  # the model's call index -> its item's index
+        try:
+            yield self.event("response.created", response=self.response("in_progress", []))
+            yield self.event("response.in_progress", response=self.response("in_progress", []))
+            async for _, out in outputs:
+                finals[0] = out
+                if out.finished:
+                    metrics.observe_request(out)
+                o = out.outputs[0]
+                content, deltas = o.delta_text, []
+                if self.body.uses_tools:
+                    content, deltas, _ = self.stream_tools(0, o)
+                if content:
+                    if text_at is None:
+                        text_at = len(items)
+                        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "text": ""})
+                        item_id = items[text_at]["id"]
+                        yield self.event("response.output_item.added", output_index=text_at,
+                                         item=self.message_item(item_id, "", "in_progress"))
+                        yield self.event("response.content_part.added", item_id=item_id, output_index=text_at,
+                                         content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                    items[text_at]["text"] += content
+                    yield self.event("response.output_text.delta", item_id=items[text_at]["id"], output_index=text_at,
+                                     content_index=0, delta=content, logprobs=[])
+                for d in deltas:
+                    if d.id is not None:  # a new call; text after it would open a new message item
+                        text_at, call_at[d.index] = None, len(items)
+                        items.append(self.call_item(f"fc_{uuid.uuid4().hex}", d.id, d.function.name, "", "in_progress"))
+                        yield self.event("response.output_item.added", output_index=len(items) - 1,
+                                         item=dict(items[-1]))
+                    at = call_at[d.index]
+                    if d.function.arguments:
+                        items[at]["arguments"] += d.function.arguments
+                        yield self.event("response.function_call_arguments.delta", item_id=items[at]["id"],
+                                         output_index=at, delta=d.function.arguments)
+            for k, item in enumerate(items):
+                for line in self.closing(k, item):
+                    yield line
+            o = finals[0].outputs[0] if finals[0] is not None else None
+            final = self.response("completed", [self.finished(item) for item in items], self.response_usage(finals),
+                                  o.finish_reason if o else None)
+            yield self.event(f"response.{final['status']}", response=final)
+        except ENGINE_ERRORS as e:  # after the 200 header an error can only travel in the stream
+            error = engine_error(e)
+            yield self.event("error", code=error.code, message=error.message, param=error.param)
+        except Exception as e:
+            logger.exception("error while streaming %s", self.id)
+            yield self.event("error", code=None, message=P.scrubbed(f"internal error: {e!r}"), param=None)
+        finally:
+            self.count_unfinished(finals, metrics)
+            usage = self.usage(finals)  # a client that went away still used what was generated
+            metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
+
+    def finished(self, item: dict) -> dict:
+        """A streamed item as the final Response lists it."""
+        if item["type"] == "message":
+            return self.message_item(item["id"], item["text"])
+        return {**item, "status": "completed"}
+
+    def closing(self, index: int, item: dict) -> list[str]:
+        """The events that close a streamed item."""
+        done = self.finished(item)
+        if item["type"] == "message":
+            return [self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                               text=item["text"], logprobs=[]),
+                    self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                               part=done["content"][0]),
+                    self.event("response.output_item.done", output_index=index, item=done)]
+        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=done)]
