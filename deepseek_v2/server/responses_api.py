@@ -38,36 +38,35 @@ class InputText(P.OpenAIModel):
     text: str
 
 
-class InputMessage(P.OpenAIModel):
+class InputItem(P.OpenAIModel):
+    id: str | None = None  # as a Response listed it: accepted, not needed
+    status: str | None = None
+
+
+class InputMessage(InputItem):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[InputText]
-    id: str | None = None
-    status: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(P.OpenAIModel):
+class FunctionCallItem(InputItem):
     """A call the model made earlier in the conversation."""
 
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutputItem(P.OpenAIModel):
+class FunctionCallOutputItem(InputItem):
     """The caller's result of a function call."""
 
     type: Literal["function_call_output"]
     call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 class FunctionTool(P.OpenAIModel):
