@@ -25,6 +25,8 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# DeepSeek-Coder's fill-in-the-middle tokens (in every DeepSeek-V2 vocabulary): prefix, hole, suffix, end
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 ROLES = ("system", "user", "assistant", "tool")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -136,6 +138,17 @@ class Tokenizer:
     def backend_json(self) -> str:
         """The whole tokenizer (tokenizer.json plus the tokens the config added) as JSON."""
         return self._tok.to_str()
+
+    @property
+    def has_fill_in_middle(self) -> bool:
+        return all(self._tok.token_to_id(t) is not None for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
+
+    def fill_in_middle(self, prefix: str, suffix: str) -> str:
+        """The prompt (to encode with the BOS) asking for the text between prefix and suffix, in
+        DeepSeek-Coder-V2's format: the model writes the middle, then EOS."""
+        if not self.has_fill_in_middle:
+            raise ValueError(f"this tokenizer has no fill-in-the-middle tokens ({FIM_BEGIN}, {FIM_HOLE}, {FIM_END})")
+        return f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}"
 
     # --- vocabulary -----------------------------------------------------------------------------------------------
     @property

@@ -256,6 +256,16 @@ def test_responses_api_equals_the_chat_it_means(client, llm):
         client.responses.retrieve(r.id)  # nothing is stored
 
 
+def test_suffix_fills_in_the_middle(client, llm):
+    """suffix: DeepSeek-Coder's fill-in-the-middle prompt, the same as the offline engine given it."""
+    prompt = llm.tokenizer.fill_in_middle("def add(a, b):\n", "\n    return c\n")
+    assert prompt == "<｜fim▁begin｜>def add(a, b):\n<｜fim▁hole｜>\n    return c\n<｜fim▁end｜>"
+    r = client.completions.create(model="tiny", prompt="def add(a, b):\n", suffix="\n    return c\n", max_tokens=8,
+                                  **GREEDY)
+    expect = offline(llm, prompt, max_tokens=8, **GREEDY)[0]
+    assert r.choices[0].text == expect.text and r.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

@@ -75,7 +75,8 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     (C, {"prompt": "hi", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
     (C, {"prompt": "hi", "stop_token_ids": [-5]}, 400, "stop_token_ids"),
     (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
-    (C, {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    (C, {"prompt": [5, 6], "suffix": "end"}, 400, "suffix"),  # fill-in-the-middle takes text
+    (C, {"prompt": "hi", "suffix": "end", "echo": True}, 400, "echo"),
     (C, {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     (C, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     (C, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),

@@ -281,7 +281,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None  # refused: no fill-in-the-middle
+    suffix: str | None = None  # fill-in-the-middle: the prompt is the text before the hole, this after it
     best_of: int | None = None  # only best_of == n is accepted
     add_special_tokens: bool = True  # BOS for string prompts, as the tokenizer config asks
 
@@ -300,13 +300,15 @@ class CompletionRequest(SamplingFields):
         """Refuse a text prompt too long for the context before anything is tokenized."""
         for x in self.batch:
             if isinstance(x, str):
-                check(len(x), "prompt")
+                check(len(x) + len(self.suffix or ""), "prompt")
 
     def prompts(self, tokenizer: Tokenizer, check: CheckChars) -> list[tuple[str | None, list[int]]]:
-        """(text or None, token ids) per prompt. The tokenizing: call it off the event loop."""
+        """(text or None, token ids) per prompt (with a suffix, the fill-in-the-middle prompt). The
+        tokenizing: call it off the event loop."""
         self.check_chars(check)
+        texts = [tokenizer.fill_in_middle(x, self.suffix) if self.suffix is not None else x for x in self.batch]
         return [(x, tokenize("prompt", tokenizer.encode, x, add_special_tokens=self.add_special_tokens))
-                if isinstance(x, str) else (None, list(x)) for x in self.batch]
+                if isinstance(x, str) else (None, list(x)) for x in texts]
 
     def param_name(self, engine_param: str) -> str:
         # echo's prompt logprobs
@@ -314,8 +316,14 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self, tokenizer: Tokenizer | None = None) -> SamplingParams:
         if self.suffix is not None:
-            raise APIError(400, "suffix is not supported (this server does no fill-in-the-middle)",
-                           param="suffix", code="unsupported")
+            if tokenizer is not None and not tokenizer.has_fill_in_middle:
+                raise APIError(400, "suffix needs fill-in-the-middle tokens, which this model's tokenizer does not have",
+                               param="suffix", code="unsupported")
+            if any(not isinstance(x, str) for x in self.batch):
+                raise APIError(400, "suffix needs text prompts (the fill-in-the-middle prompt is made of text)",
+                               param="suffix")
+            if self.echo:
+                raise APIError(400, "echo cannot be used with suffix", param="echo")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of", code="unsupported")
         max_tokens = 1 if self.echo_only else self.max_tokens  # one token is run and dropped
