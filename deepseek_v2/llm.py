@@ -55,13 +55,15 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of conversations.
         continue_final_message=True (with add_generation_prompt=False): the output continues the last
-        message (an assistant reply begun by the caller)."""
+        message (an assistant reply begun by the caller). tools: OpenAI's function definitions, written
+        into the prompt for a checkpoint that can call tools (tool_calls.ToolCallParser.parse reads the
+        calls out of the text; decode with skip_special_tokens=False to keep their markers)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message,
+                                                      continue_final_message=continue_final_message, tools=tools,
                                                       **(chat_template_kwargs or {}))
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

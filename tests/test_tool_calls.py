@@ -111,6 +111,14 @@ def test_template_round_trip(checkpoint):
     assert tok.convert_tokens_to_ids(CALLS_BEGIN) in ids  # the markers are single special tokens
 
 
+def test_offline_chat_writes_the_tools_into_the_prompt(checkpoint):
+    from deepseek_v2 import LLM, SamplingParams
+    llm = LLM(checkpoint, dtype="float32", device="cpu", num_kv_blocks=16)
+    out = llm.chat(ASK, SamplingParams(max_tokens=1), tools=TOOLS, use_tqdm=False)[0]
+    assert out.prompt_token_ids == llm.tokenizer.apply_chat_template(ASK, add_generation_prompt=True, tools=TOOLS)
+    assert out.prompt_token_ids != llm.tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint):
     proc, url, _ = start_server("--model", checkpoint, "--num-kv-blocks", "128", "--served-model-name", "tools")
