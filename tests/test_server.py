@@ -266,6 +266,53 @@ def test_suffix_fills_in_the_middle(client, llm):
     assert r.choices[0].text == expect.text and r.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
 
 
+def test_anthropic_messages_equal_the_chat_they_mean(server, llm):
+    """/v1/messages through Anthropic's own client: system and messages as the chat's, a text block,
+    stop reasons, usage, the stream's events, count_tokens, output_config's JSON schema, errors in
+    Anthropic's envelope, and the key as x-api-key."""
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=server, api_key=KEYS[0], max_retries=0)
+    ask = [{"role": "user", "content": "What is a harbor?"}]
+    chat = [{"role": "system", "content": "Be brief."}, *ask]
+    expect = llm.chat(chat, SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY), use_tqdm=False)[0]
+    m = client.messages.create(model="tiny", max_tokens=12, system="Be brief.", messages=ask,
+                               extra_body={"temperature": 0, "ignore_eos": True})
+    assert m.id.startswith("msg_") and m.role == "assistant" and m.model == "tiny"
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == expect.outputs[0].text
+    assert m.stop_reason == "max_tokens" and (m.usage.input_tokens, m.usage.output_tokens) == (
+        len(expect.prompt_token_ids), 12)
+    with client.messages.stream(model="tiny", max_tokens=12, system=[{"type": "text", "text": "Be brief."}],
+                                messages=ask, extra_body={"temperature": 0, "ignore_eos": True}) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    types = [e.type for e in events]
+    assert types[0] == "message_start" and types[-1] == "message_stop" and "content_block_delta" in types
+    assert final.content[0].text == expect.outputs[0].text and final.stop_reason == "max_tokens"
+    assert client.messages.count_tokens(model="tiny", system="Be brief.", messages=ask).input_tokens == len(
+        expect.prompt_token_ids)
+    full = offline_chat(llm, ask, max_tokens=30, ignore_eos=True, **GREEDY)
+    stop = full[6:9]
+    m = client.messages.create(model="tiny", max_tokens=30, messages=ask, stop_sequences=[stop],
+                               extra_body={"temperature": 0, "ignore_eos": True})
+    assert (m.stop_reason, m.stop_sequence, m.content[0].text) == ("stop_sequence", stop, full[:full.index(stop)])
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    m = client.messages.create(model="tiny", max_tokens=40, messages=ask,
+                               output_config={"format": {"type": "json_schema", "schema": schema}})
+    jsonschema.validate(json.loads(m.content[0].text), schema)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="tiny", max_tokens=0, messages=ask)
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
+    assert info.value.body["error"]["param"] == "max_tokens"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="tiny", max_tokens=5, messages=ask, thinking={"type": "enabled",
+                                                                                   "budget_tokens": 1024})
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        anthropic.Anthropic(base_url=server, api_key="sk-wrong", max_retries=0).messages.create(
+            model="tiny", max_tokens=5, messages=ask)
+    assert info.value.body["error"]["type"] == "authentication_error"
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

@@ -220,3 +220,39 @@ def test_responses_function_calls_streamed_and_not_and_the_conversation_goes_on(
     same = client.chat.completions.create(model="tools", messages=history, tools=TOOLS, tool_choice="none",
                                           max_tokens=8, temperature=0)
     assert then.output_text == same.choices[0].message.content
+
+
+# ---- Anthropic's Messages API: tool_use blocks out, tool_result blocks in ---------------------------------
+def test_anthropic_tool_use_streamed_and_not_and_the_conversation_goes_on(server, client):
+    anthropic = pytest.importorskip("anthropic")
+    claude = anthropic.Anthropic(base_url=server, api_key="none", max_retries=0)
+    tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+              "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    kw = dict(model="tools", max_tokens=100, tools=tools, messages=ASK, extra_body={"temperature": 0},
+              tool_choice={"type": "tool", "name": "get_weather"})
+    m = claude.messages.create(**kw)
+    [use] = m.content
+    assert use.type == "tool_use" and use.name == "get_weather" and set(use.input) == {"city", "unit"}
+    assert m.stop_reason == "tool_use"
+    chat = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=100, temperature=0,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert use.input == json.loads(chat.choices[0].message.tool_calls[0].function.arguments)  # the same request
+    with claude.messages.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == use.input
+    assert final.content[0].input == use.input and final.stop_reason == "tool_use"
+    # the call and its result: the model answers in text, as the chat with the same history does
+    history = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name,
+                                                        "input": use.input}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                             "content": '{"celsius": 21}'}]}]
+    then = claude.messages.create(model="tools", max_tokens=8, tools=tools, messages=history,
+                                  tool_choice={"type": "none"}, extra_body={"temperature": 0})
+    chat_history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": use.id, "type": "function", "function": {"name": use.name, "arguments": json.dumps(use.input)}}]},
+        {"role": "tool", "tool_call_id": use.id, "content": '{"celsius": 21}'}]
+    same = client.chat.completions.create(model="tools", messages=chat_history, tools=TOOLS, tool_choice="none",
+                                          max_tokens=8, temperature=0)
+    assert [b.type for b in then.content] == ["text"] and then.content[0].text == same.choices[0].message.content

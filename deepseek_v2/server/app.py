@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: `build_app(engine, ...)` returns a FastAPI app serving
-`/v1/models`, `/v1/completions`, `/v1/chat/completions` and `/v1/responses` (JSON or Server-Sent Events;
-the Responses API as chat completions, responses_api.py), plus
+`/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/responses` and Anthropic's `/v1/messages`
+(JSON or Server-Sent Events; the last two as chat completions: responses_api.py, anthropic_api.py), plus
 `/health`, `/metrics`, `/tokenize`, `/detokenize`, `/tokenizer_info`, `/version` and the chat page at `/`.
 
 Every bad request gets the OpenAI error body with a 4xx status and leaves the engine untouched;
@@ -9,7 +9,7 @@ A request is checked in order of cost: the body's size (middleware.py), its shap
 length of its text, and only then is it tokenized, in a worker thread, so no request holds the
 event loop (the other streams, `/health`) for longer than parsing its JSON takes.
 How engine outputs become response bodies and stream chunks lives in `replies.py`.
-(About 380 lines: the routes share the checks, the submission and the error mapping defined here,
+(About 420 lines: the routes share the checks, the submission and the error mapping defined here,
 and splitting the routes from them would scatter one request's path over files.)
 """
 
@@ -36,9 +36,10 @@ from . import protocol as P
 from . import responses as R
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .middleware import Accounting, BodyLimit, KeyAuth
-from .protocol import APIError, error_body
+from .protocol import APIError, anthropic_error, error_body
 from .replies import ChatReply, CompletionReply
-from .responses_api import ResponsesReply, ResponsesRequest, renamed
+from .anthropic_api import CountTokensRequest, MessagesChatRequest, MessagesReply, MessagesRequest
+from .responses_api import ResponsesChatRequest, ResponsesReply, ResponsesRequest
 
 logger = logging.getLogger("deepseek_v2")
 STATIC = Path(__file__).parent / "static"
@@ -74,6 +75,18 @@ def generation_responses(model: type, chunk: type) -> dict:
     event = {"type": "object", "required": ["data"],
              "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
     return {200: {"model": model, "content": {"text/event-stream": {"itemSchema": event}}},
+            **errors(400, 401, 404, 408, 413, 500, 503)}
+
+
+def typed_event_responses(what: str) -> dict:
+    """JSON, or Server-Sent Events of typed events (`event: <type>`, then `data: <json>`), as the
+    Responses API and Anthropic's stream."""
+    event = {"type": "object", "required": ["event", "data"],
+             "properties": {"event": {"type": "string"},
+                            "data": {"type": "string", "contentMediaType": "application/json"}}}
+    return {200: {"description": f"{what}, or with stream=true its events as Server-Sent Events",
+                  "content": {"application/json": {"schema": {"type": "object"}},
+                              "text/event-stream": {"itemSchema": event}}},
             **errors(400, 401, 404, 408, 413, 500, 503)}
 
 
@@ -170,8 +183,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            for request in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest", "TokenizeRequest",
-                            "DetokenizeRequest"):
+            for request in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest", "MessagesRequest",
+                            "CountTokensRequest", "TokenizeRequest", "DetokenizeRequest"):
                 components[request]["properties"]["model"]["anyOf"][0]["enum"] = names
             chunk = R.ChatCompletionChunk.model_json_schema(mode="serialization",
                                                             ref_template="#/components/schemas/{model}")
@@ -182,17 +195,23 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     app.openapi = openapi
 
     # ---- errors -----------------------------------------------------------------------------------
+    def error_response(request: Request, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        """An error body, in Anthropic's envelope on its routes."""
+        if request.url.path.startswith("/v1/messages"):
+            body = anthropic_error(status, body)
+        return JSONResponse(body, status, headers=headers)
+
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+        return error_response(request, exc.status, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        return JSONResponse(APIError.from_validation(exc.errors()).body(), 400)
+        return error_response(request, 400, APIError.from_validation(exc.errors()).body())
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        return error_response(request, exc.status_code, error_body(exc.status_code, str(exc.detail)), exc.headers)
 
     def llm():
         """The loaded LLMEngine (for its tokenizer and limits), or a 503."""
@@ -308,26 +327,39 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         return await until_disconnect(request, serve(request, body, ChatReply))
 
-    @app.post("/v1/responses", response_model=None, responses={
-        200: {"description": "a Response object, or with stream=true its events as Server-Sent Events "
-                             "(`event: <type>`, `data: <json>`)",
-              "content": {"application/json": {"schema": {"type": "object"}},
-                          "text/event-stream": {"itemSchema": {
-                              "type": "object", "required": ["event", "data"],
-                              "properties": {"event": {"type": "string"},
-                                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
-        **errors(400, 401, 404, 408, 413, 500, 503)})
-    async def create_response(body: ResponsesRequest, request: Request):
+    async def serve_as_chat(request: Request, body, chat_cls: type[P.TranslatedChatRequest], reply_cls):
+        """Another API's request served as the chat completion it means (body.to_chat()), its refusals
+        naming that API's fields."""
         check_model(body.model)
         try:
-            return await until_disconnect(request, serve(request, body.to_chat(), partial(ResponsesReply, request=body)))
+            return await until_disconnect(request, serve(request, body.to_chat(), partial(reply_cls, request=body)))
         except APIError as e:
-            raise renamed(e) from None
+            raise chat_cls.renamed(e) from None
+
+    @app.post("/v1/responses", response_model=None, responses=typed_event_responses("a Response object"))
+    async def create_response(body: ResponsesRequest, request: Request):
+        return await serve_as_chat(request, body, ResponsesChatRequest, ResponsesReply)
 
     @app.get("/v1/responses/{response_id}", responses=errors(401, 404))
     async def get_response(response_id: str):
         raise APIError(404, f"there is no response {response_id[:100]!r}: this server stores no responses",
                        param="response_id", code="not_found")
+
+    @app.post("/v1/messages", response_model=None, responses=typed_event_responses("a Message"))
+    async def create_message(body: MessagesRequest, request: Request):
+        return await serve_as_chat(request, body, MessagesChatRequest, MessagesReply)
+
+    @app.post("/v1/messages/count_tokens", responses=errors(400, 401, 404, 503))
+    async def count_message_tokens(body: CountTokensRequest) -> dict:
+        check_model(body.model)
+        core = llm()
+        chat = body.to_chat()
+        chat.to_sampling_params(core.tokenizer)  # the same refusals as the request itself
+        try:
+            [(_, ids)] = await off_loop(chat, chat.prompts, core.tokenizer, core.check_prompt_chars)
+        except APIError as e:
+            raise MessagesChatRequest.renamed(e) from None
+        return {"input_tokens": len(ids)}
 
     # ---- service routes ---------------------------------------------------------------------------
     @app.get("/health", responses=errors(503))

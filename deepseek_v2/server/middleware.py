@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match, Router
 
 from .metrics import ServerMetrics
-from .protocol import error_body, scrubbed
+from .protocol import anthropic_error, error_body, scrubbed
 
 logger = logging.getLogger("deepseek_v2")
 ANONYMOUS, UNAUTHORIZED = "anonymous", "unauthorized"
@@ -66,12 +66,15 @@ class KeyAuth:
         self.app = app
         self.keys = [(f"key-{i + 1}", hashlib.sha256(k.encode()).digest()) for i, k in enumerate(api_keys)]
 
-    def key_name(self, header: bytes) -> str | None:
-        scheme, _, token = header.decode("latin-1").partition(" ")
+    def key_name(self, headers: dict[bytes, bytes]) -> str | None:
+        """The name of the key sent as `Authorization: Bearer <key>`, or as Anthropic's `x-api-key: <key>`."""
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            token = headers.get(b"x-api-key", b"").decode("latin-1")
         digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
         found = None
         for name, key_digest in self.keys:  # no early exit: the time does not depend on which key matched
-            if secrets.compare_digest(digest, key_digest) and scheme.lower() == "bearer":
+            if secrets.compare_digest(digest, key_digest):
                 found = name
         return found
 
@@ -80,11 +83,13 @@ class KeyAuth:
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
         if self.keys and scope["method"] != "OPTIONS":
-            name = self.key_name(dict(scope["headers"]).get(b"authorization", b""))
+            name = self.key_name(dict(scope["headers"]))
             if name is None:
                 state["api_key_name"] = UNAUTHORIZED
-                body = error_body(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
+                body = error_body(401, "invalid or missing API key: send 'Authorization: Bearer <key>' "
+                                       "(or 'x-api-key: <key>')", code="invalid_api_key")
+                if scope["path"].startswith("/v1/messages"):
+                    body = anthropic_error(401, body)
                 return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             state["api_key_name"] = name
         else:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import tool_calls as tc
 from ..sampling_params import (SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams,
@@ -38,6 +38,17 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     """OpenAI's error envelope: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                         429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
+
+def anthropic_error(status: int, body: dict) -> dict:
+    """An error body (error_body's) in Anthropic's envelope, {"type": "error", "error": {"type", "message",
+    ...}}, for its Messages API routes; OpenAI's other fields are kept."""
+    return {"type": "error", "error": {**body["error"], "type": ANTHROPIC_ERROR_TYPES.get(status, "api_error")}}
 
 
 def scrubbed(message: str) -> str:
@@ -503,6 +514,35 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
 
     def check_lengths(self, prompts: list[tuple[str | None, list[int]]], max_model_len: int) -> None:
         self.check_length(prompts[0][1], max_model_len, self.max_new_tokens, "messages")
+
+
+class TranslatedChatRequest(ChatCompletionRequest):
+    """The chat request another API's request becomes (the Responses API's, Anthropic's): refusals name
+    that API's fields (PARAMS renames chat fields; any message's field is MESSAGES)."""
+
+    PARAMS: ClassVar[dict[str, str]] = {}
+    MESSAGES: ClassVar[str] = "messages"
+
+    def param_name(self, engine_param: str) -> str:
+        return self.renamed_param(super().param_name(engine_param))
+
+    @classmethod
+    def renamed_param(cls, param: str) -> str:
+        return cls.MESSAGES if param.startswith("messages") else cls.PARAMS.get(param, param)
+
+    @classmethod
+    def renamed(cls, error: APIError) -> APIError:
+        """A refusal of the chat request, naming the other API's field."""
+        if error.param is not None:
+            error.param = cls.renamed_param(error.param)
+        return error
+
+    @classmethod
+    def made_from(cls, fields: dict) -> TranslatedChatRequest:
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as e:
+            raise cls.renamed(APIError.from_validation(e.errors())) from None
 
 
 def encode_chat(tokenizer: Tokenizer, check: CheckChars, body: ChatTemplateFields,

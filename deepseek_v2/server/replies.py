@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from .. import tool_calls as tc
 from ..engine.async_engine import EngineDeadError, EngineNotReadyError, RequestAbortedError
@@ -316,3 +317,113 @@ class ChatReply(Reply):
         choices.sort(key=lambda c: c.index)
         return R.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                         usage=self.usage(finals)).model_dump(mode="json")
+
+
+def event_line(event: dict) -> str:
+    """One Server-Sent Event as the typed streams send them (the Responses API's, Anthropic's): its
+    type as the SSE event, then the event as JSON."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class Block:
+    """A piece of one reply's output as APIs made of blocks stream it: text, or one tool call."""
+
+    kind: str  # "text" or "call"
+    id: str
+    text: str = ""  # kind "text"
+    call_id: str = ""  # kind "call": the id the caller's result names
+    name: str = ""
+    arguments: str = ""  # JSON text, as the model wrote it
+
+
+class BlockReply(ChatReply):
+    """A one-choice chat reply streamed as a sequence of blocks (the Responses API's output items,
+    Anthropic's content blocks): the model's text and each of its tool calls open, grow and close in
+    order, one open at a time. Subclasses say what each moment sends (`events_*`) and build their
+    final body from the same blocks (`blocks_of`)."""
+
+    def blocks_of(self, o: CompletionOutput) -> list[Block]:
+        """The finished output as blocks: its text (if any), then its tool calls."""
+        message, _ = self.message(o)
+        blocks = [Block("text", self.block_id("text"), text=message.content)] if message.content else []
+        return blocks + [Block("call", self.block_id("call"), call_id=c.id, name=c.function.name,
+                               arguments=c.function.arguments) for c in message.tool_calls or []]
+
+    # ---- what each moment sends -------------------------------------------------------------------------
+    def block_id(self, kind: str) -> str:
+        return uuid.uuid4().hex
+
+    def events_start(self) -> list[str]:
+        return []
+
+    def events_opened(self, index: int, block: Block) -> list[str]:
+        return []
+
+    def events_grown(self, index: int, block: Block, piece: str) -> list[str]:
+        return []
+
+    def events_closed(self, index: int, block: Block) -> list[str]:
+        return []
+
+    def events_end(self, blocks: list[Block], finals: list[RequestOutput | None]) -> list[str]:
+        return []
+
+    def events_error(self, error: P.APIError) -> list[str]:
+        return []
+
+    async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:
+        finals: list[RequestOutput | None] = [None]
+        blocks: list[Block] = []
+        open_text: Block | None = None  # the text block taking text now
+        calls: dict[int, int] = {}  # the model's call index -> its block's index
+        try:
+            for line in self.events_start():
+                yield line
+            async for _, out in outputs:
+                finals[0] = out
+                if out.finished:
+                    metrics.observe_request(out)
+                o = out.outputs[0]
+                content, deltas = o.delta_text, []
+                if self.body.uses_tools:
+                    content, deltas, _ = self.stream_tools(0, o)
+                lines: list[str] = []
+                if content:
+                    if open_text is None:
+                        lines += self._open(blocks, open_text := Block("text", self.block_id("text")))
+                    open_text.text += content
+                    lines += self.events_grown(len(blocks) - 1, open_text, content)
+                for d in deltas:
+                    if d.id is not None:  # a new call: text after it opens a new text block
+                        open_text, calls[d.index] = None, len(blocks)
+                        lines += self._open(blocks, Block("call", self.block_id("call"), call_id=d.id,
+                                                          name=d.function.name))
+                    if d.function.arguments:
+                        call = blocks[calls[d.index]]
+                        call.arguments += d.function.arguments
+                        lines += self.events_grown(calls[d.index], call, d.function.arguments)
+                for line in lines:
+                    yield line
+            if blocks:
+                for line in self.events_closed(len(blocks) - 1, blocks[-1]):
+                    yield line
+            for line in self.events_end(blocks, finals):
+                yield line
+        except ENGINE_ERRORS as e:  # after the 200 header an error can only travel in the stream
+            for line in self.events_error(engine_error(e)):
+                yield line
+        except Exception as e:
+            logger.exception("error while streaming %s", self.id)
+            for line in self.events_error(P.APIError(500, P.scrubbed(f"internal error: {e!r}"))):
+                yield line
+        finally:
+            self.count_unfinished(finals, metrics)
+            usage = self.usage(finals)  # a client that went away still used what was generated
+            metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
+
+    def _open(self, blocks: list[Block], block: Block) -> list[str]:
+        """Close the open block (one is open at a time), then open this one."""
+        lines = self.events_closed(len(blocks) - 1, blocks[-1]) if blocks else []
+        blocks.append(block)
+        return lines + self.events_opened(len(blocks) - 1, block)

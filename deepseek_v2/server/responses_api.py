@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import RequestOutput
 from . import protocol as P
-from .metrics import ServerMetrics
-from .replies import ENGINE_ERRORS, ChatReply, engine_error, logger
+from .replies import Block, BlockReply, event_line
 
 # a chat request's fields as the Responses API names them (errors name what the client sent)
 RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
@@ -145,10 +143,7 @@ class ResponsesRequest(P.OpenAIModel):
             chat["response_format"] = {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
         elif fmt is not None:
             chat["response_format"] = {"type": fmt.type}
-        try:
-            return ResponsesChatRequest.model_validate(chat)
-        except ValidationError as e:
-            raise renamed(P.APIError.from_validation(e.errors())) from None
+        return ResponsesChatRequest.made_from(chat)
 
     def messages(self) -> list[dict]:
         """instructions and input as chat messages: consecutive function calls are one assistant
@@ -185,29 +180,15 @@ class ResponsesRequest(P.OpenAIModel):
                 "store": False}
 
 
-class ResponsesChatRequest(P.ChatCompletionRequest):
-    """The chat request a Responses request becomes; the engine's refusals name the Responses field."""
-
-    def param_name(self, engine_param: str) -> str:
-        name = super().param_name(engine_param)
-        return RESPONSES_PARAMS.get(name, name)
-
-
-def renamed(error: P.APIError) -> P.APIError:
-    """A refusal of the chat request, naming the Responses API's field (any message's: `input`)."""
-    if error.param is not None:
-        error.param = "input" if error.param.startswith("messages") else RESPONSES_PARAMS.get(error.param, error.param)
-    return error
+class ResponsesChatRequest(P.TranslatedChatRequest):
+    PARAMS = RESPONSES_PARAMS
+    MESSAGES = "input"
 
 
 # ---- the reply ---------------------------------------------------------------------------------------
-def event_line(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-
-
-class ResponsesReply(ChatReply):
-    """A Response object (`body_of`), or its stream of events (`stream`): a message item with one
-    output_text part, and with tools a function_call item for each call the model makes."""
+class ResponsesReply(BlockReply):
+    """A Response object (`body_of`), or its stream of events: the model's text as a message item with
+    one output_text part, and with tools a function_call item for each call it makes."""
 
     prefix = "resp"
 
@@ -217,12 +198,14 @@ class ResponsesReply(ChatReply):
         self.id = self.id.replace("resp-", "resp_")
         self.seq = 0
 
-    def response(self, status: str, output: list[dict], usage: dict | None = None,
-                 finish_reason: str | None = None) -> dict:
-        incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
+    def response(self, output: list[dict], finals: list[RequestOutput | None] | None = None) -> dict:
+        """The Response object: in progress (no finals yet), else completed or incomplete."""
+        o = finals[0].outputs[0] if finals and finals[0] is not None else None
+        incomplete = {"reason": "max_output_tokens"} if o is not None and o.finish_reason == "length" else None
+        status = "in_progress" if finals is None else "incomplete" if incomplete else "completed"
         return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
-                "status": "incomplete" if incomplete else status, "output": output, "error": None,
-                "incomplete_details": incomplete, "usage": usage, **self.request.echoed()}
+                "status": status, "output": output, "error": None, "incomplete_details": incomplete,
+                "usage": None if finals is None else self.response_usage(finals), **self.request.echoed()}
 
     def response_usage(self, finals: list[RequestOutput | None]) -> dict:
         u = self.usage(finals)
@@ -230,101 +213,59 @@ class ResponsesReply(ChatReply):
                 "input_tokens_details": {"cached_tokens": u.prompt_tokens_details.cached_tokens},
                 "output_tokens_details": {"reasoning_tokens": 0}}
 
-    @staticmethod
-    def message_item(item_id: str, text: str, status: str = "completed") -> dict:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
-        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+    def block_id(self, kind: str) -> str:
+        return f"{'msg' if kind == 'text' else 'fc'}_{uuid.uuid4().hex}"
 
     @staticmethod
-    def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
-        return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
-                "status": status}
+    def item(block: Block, status: str = "completed") -> dict:
+        if block.kind == "text":
+            content = [{"type": "output_text", "text": block.text, "annotations": []}] if status == "completed" else []
+            return {"type": "message", "id": block.id, "status": status, "role": "assistant", "content": content}
+        return {"type": "function_call", "id": block.id, "call_id": block.call_id, "name": block.name,
+                "arguments": block.arguments if status == "completed" else "", "status": status}
 
     def body_of(self, finals: list[RequestOutput]) -> dict:
-        o: CompletionOutput = finals[0].outputs[0]
-        message, _ = self.message(o)
-        output = [self.message_item(f"msg_{uuid.uuid4().hex}", message.content)] if message.content else []
-        output += [self.call_item(f"fc_{uuid.uuid4().hex}", c.id, c.function.name, c.function.arguments)
-                   for c in message.tool_calls or []]
-        return self.response("completed", output, self.response_usage(finals), o.finish_reason)
+        return self.response([self.item(b) for b in self.blocks_of(finals[0].outputs[0])], finals)
 
+    # ---- the stream's events ------------------------------------------------------------------------------
     def event(self, type_: str, **fields) -> str:
         line = event_line({"type": type_, "sequence_number": self.seq, **fields})
         self.seq += 1
         return line
 
-    async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:
-        finals: list[RequestOutput | None] = [None]
-        items: list[dict] = []  # the output items as they stream (a message's text so far under "text")
-        text_at: int | None = None  # the index of the message item taking text now
-        call_at: dict[int, int] = {}  # the model's call index -> its item's index
-        try:
-            yield self.event("response.created", response=self.response("in_progress", []))
-            yield self.event("response.in_progress", response=self.response("in_progress", []))
-            async for _, out in outputs:
-                finals[0] = out
-                if out.finished:
-                    metrics.observe_request(out)
-                o = out.outputs[0]
-                content, deltas = o.delta_text, []
-                if self.body.uses_tools:
-                    content, deltas, _ = self.stream_tools(0, o)
-                if content:
-                    if text_at is None:
-                        text_at = len(items)
-                        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "text": ""})
-                        item_id = items[text_at]["id"]
-                        yield self.event("response.output_item.added", output_index=text_at,
-                                         item=self.message_item(item_id, "", "in_progress"))
-                        yield self.event("response.content_part.added", item_id=item_id, output_index=text_at,
-                                         content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-                    items[text_at]["text"] += content
-                    yield self.event("response.output_text.delta", item_id=items[text_at]["id"], output_index=text_at,
-                                     content_index=0, delta=content, logprobs=[])
-                for d in deltas:
-                    if d.id is not None:  # a new call; text after it would open a new message item
-                        text_at, call_at[d.index] = None, len(items)
-                        items.append(self.call_item(f"fc_{uuid.uuid4().hex}", d.id, d.function.name, "", "in_progress"))
-                        yield self.event("response.output_item.added", output_index=len(items) - 1,
-                                         item=dict(items[-1]))
-                    at = call_at[d.index]
-                    if d.function.arguments:
-                        items[at]["arguments"] += d.function.arguments
-                        yield self.event("response.function_call_arguments.delta", item_id=items[at]["id"],
-                                         output_index=at, delta=d.function.arguments)
-            for k, item in enumerate(items):
-                for line in self.closing(k, item):
-                    yield line
-            o = finals[0].outputs[0] if finals[0] is not None else None
-            final = self.response("completed", [self.finished(item) for item in items], self.response_usage(finals),
-                                  o.finish_reason if o else None)
-            yield self.event(f"response.{final['status']}", response=final)
-        except ENGINE_ERRORS as e:  # after the 200 header an error can only travel in the stream
-            error = engine_error(e)
-            yield self.event("error", code=error.code, message=error.message, param=error.param)
-        except Exception as e:
-            logger.exception("error while streaming %s", self.id)
-            yield self.event("error", code=None, message=P.scrubbed(f"internal error: {e!r}"), param=None)
-        finally:
-            self.count_unfinished(finals, metrics)
-            usage = self.usage(finals)  # a client that went away still used what was generated
-            metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
+    def events_start(self):
+        return [self.event("response.created", response=self.response([])),
+                self.event("response.in_progress", response=self.response([]))]
 
-    def finished(self, item: dict) -> dict:
-        """A streamed item as the final Response lists it."""
-        if item["type"] == "message":
-            return self.message_item(item["id"], item["text"])
-        return {**item, "status": "completed"}
+    def events_opened(self, index, block):
+        lines = [self.event("response.output_item.added", output_index=index, item=self.item(block, "in_progress"))]
+        if block.kind == "text":
+            lines.append(self.event("response.content_part.added", item_id=block.id, output_index=index,
+                                    content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        return lines
 
-    def closing(self, index: int, item: dict) -> list[str]:
-        """The events that close a streamed item."""
-        done = self.finished(item)
-        if item["type"] == "message":
-            return [self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                               text=item["text"], logprobs=[]),
-                    self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+    def events_grown(self, index, block, piece):
+        if block.kind == "text":
+            return [self.event("response.output_text.delta", item_id=block.id, output_index=index, content_index=0,
+                               delta=piece, logprobs=[])]
+        return [self.event("response.function_call_arguments.delta", item_id=block.id, output_index=index,
+                           delta=piece)]
+
+    def events_closed(self, index, block):
+        done = self.item(block)
+        if block.kind == "text":
+            return [self.event("response.output_text.done", item_id=block.id, output_index=index, content_index=0,
+                               text=block.text, logprobs=[]),
+                    self.event("response.content_part.done", item_id=block.id, output_index=index, content_index=0,
                                part=done["content"][0]),
                     self.event("response.output_item.done", output_index=index, item=done)]
-        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                           arguments=item["arguments"]),
+        return [self.event("response.function_call_arguments.done", item_id=block.id, output_index=index,
+                           arguments=block.arguments),
                 self.event("response.output_item.done", output_index=index, item=done)]
+
+    def events_end(self, blocks, finals):
+        final = self.response([self.item(b) for b in blocks], finals)
+        return [self.event(f"response.{final['status']}", response=final)]
+
+    def events_error(self, error):
+        return [self.event("error", code=error.code, message=error.message, param=error.param)]
