@@ -135,6 +135,12 @@ def test_completion_stream_with_openai_client(client):
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == client.completions.create(**kw).choices[0].text
     assert chunks[-1].usage.completion_tokens == 20 and chunks[-2].choices[0].finish_reason == "length"
+    # vLLM's continuous_usage_stats: the usage so far on every chunk
+    steady = [c for c in client.completions.create(stream=True, **kw, extra_body={"stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}) if c.choices]
+    counts = [c.usage.completion_tokens for c in steady]
+    assert counts == sorted(counts) and counts[-1] == 20 and len(steady) >= 10
+    assert all(c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in steady)
     chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=2,
                                                max_tokens=5, stream=True, seed=3))
     assert {c.choices[0].index for c in chat if c.choices} == {0, 1}

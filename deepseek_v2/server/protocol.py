@@ -116,6 +116,7 @@ TokenIds = Annotated[list[int], Field(min_length=1)]
 # ---- requests --------------------------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk too
 
 
 class JsonSchemaFormat(OpenAIModel):

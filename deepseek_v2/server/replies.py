@@ -121,6 +121,7 @@ class Reply:
     async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:
         finals: list[RequestOutput | None] = [None] * len(self.prompts)
         started, done = set(), set()
+        continuous = self.body.stream_options is not None and self.body.stream_options.continuous_usage_stats
         try:
             for line in self.opening():
                 yield line
@@ -141,7 +142,7 @@ class Reply:
                     if o.finish_reason is not None:
                         done.add(idx)
                     if choice is not None:
-                        yield sse(self.chunk([choice]))
+                        yield sse(self.chunk([choice], self.usage(finals) if continuous else None))
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield sse(self.chunk([], usage=self.usage(finals)))
