@@ -82,8 +82,12 @@ def stream(engine, prompt, params, out=sys.stdout, lstrip: bool = False) -> str:
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_generate(args) -> None:
     params = sampling_params(args)  # a bad value is an error now, not after loading
+    if args.chat and args.suffix is not None:
+        raise ValueError("--chat and --suffix cannot be used together: a fill-in-the-middle prompt is not a chat")
     engine = load_engine(args)
     prompt = args.prompt
+    if args.suffix is not None:
+        prompt = engine.tokenizer.fill_in_middle(prompt, args.suffix)
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True)
@@ -257,6 +261,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--suffix", help="fill in the middle: generate the text between the prompt and this (the "
+                                    "fill-in-the-middle prompt of DeepSeek-Coder-V2)")
     add_model_arguments(p)
     add_sampling_arguments(p)
     add_engine_arguments(p)

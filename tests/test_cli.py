@@ -22,6 +22,17 @@ def test_generate_streams_the_greedy_completion():
     assert r.stdout == expected[0].outputs[0].text + "\n"
 
 
+def test_generate_fills_in_the_middle():
+    from deepseek_v2 import LLM, SamplingParams
+    r = run("generate", "def add(a, b):\n", "--suffix", "\n    return c\n", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    llm = LLM(device="cpu")
+    prompt = llm.tokenizer.fill_in_middle("def add(a, b):\n", "\n    return c\n")
+    assert r.stdout == llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text + "\n"
+    r = run("generate", "x", "--suffix", "y", "--chat")
+    assert r.returncode != 0 and "--suffix" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_info_reports_parameters_and_cache():
     r = run("info", "--shape", "v2-lite")
     assert r.returncode == 0, r.stderr
