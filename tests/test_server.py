@@ -319,6 +319,31 @@ def test_anthropic_messages_equal_the_chat_they_mean(server, llm):
     assert info.value.body["error"]["type"] == "authentication_error"
 
 
+def test_return_token_ids_streamed_and_not(server, client, llm):
+    """vLLM's return_token_ids: the prompt's ids and the generated ids, on the choice (completions) or the
+    response and its choices (chat); streamed, the prompt's on the first chunk and each chunk's own ids."""
+    kw = dict(model="tiny", prompt="Token ids", max_tokens=10, **GREEDY)
+    expect = offline(llm, "Token ids", max_tokens=10, **GREEDY)[0]
+    plain = client.completions.create(**kw).model_dump()
+    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
+    r = client.completions.create(**kw, extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+    assert r["prompt_token_ids"] == llm.tokenizer.encode("Token ids") and r["token_ids"] == expect.token_ids
+    chunks = [c.model_dump()["choices"][0] for c in client.completions.create(
+        **kw, stream=True, extra_body={"return_token_ids": True}) if c.choices]
+    assert chunks[0]["prompt_token_ids"] == r["prompt_token_ids"]
+    assert [t for c in chunks for t in c["token_ids"]] == expect.token_ids
+    ask = [{"role": "user", "content": "Token ids"}]
+    chat_expect = llm.chat(ask, SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)[0]
+    chat = client.chat.completions.create(model="tiny", messages=ask, max_tokens=10, **GREEDY,
+                                          extra_body={"return_token_ids": True}).model_dump()
+    assert chat["prompt_token_ids"] == chat_expect.prompt_token_ids
+    assert chat["choices"][0]["token_ids"] == chat_expect.outputs[0].token_ids
+    events = sse_events(server, "/v1/chat/completions", {"model": "tiny", "messages": ask, "max_tokens": 10,
+                                                          "temperature": 0, "stream": True, "return_token_ids": True})
+    assert events[0]["prompt_token_ids"] == chat_expect.prompt_token_ids
+    assert [t for e in events[1:-1] for t in e["choices"][0]["token_ids"]] == chat_expect.outputs[0].token_ids
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

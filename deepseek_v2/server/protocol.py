@@ -173,6 +173,8 @@ class SamplingFields(OpenAIModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
+    truncation_side: Literal["left"] | None = None  # the prompt's start is what is cut
+    return_token_ids: bool = False  # the prompt's and the output's token ids in the response
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -68,6 +68,15 @@ class Reply:
     def index(self, i: int, o: CompletionOutput) -> int:
         return i * self.n + o.index
 
+    def prompt_ids(self, i: int) -> list[int] | None:
+        """Prompt i's token ids where the request asks for them (vLLM's return_token_ids)."""
+        return list(self.prompts[i][1]) if getattr(self.body, "return_token_ids", False) else None
+
+    def output_ids(self, o: CompletionOutput) -> list[int] | None:
+        if not getattr(self.body, "return_token_ids", False):
+            return None
+        return [] if getattr(self.body, "echo_only", False) else list(o.token_ids)  # (echo_only's token is dropped)
+
     def usage(self, finals: list[RequestOutput | None]) -> R.UsageInfo:
         prompt = sum(len(ids) for _, ids in self.prompts)
         done = [f for f in finals if f is not None]
@@ -219,10 +228,12 @@ class CompletionReply(Reply):
         idx = self.index(i, o)
         text, logprobs, self._offsets[idx] = self.piece(i, out, o, first, delta=True,
                                                         offset=self._offsets.get(idx, 0))
-        if not text and o.finish_reason is None and not (logprobs and logprobs.tokens):
+        ids = self.body.return_token_ids
+        if not text and o.finish_reason is None and not (logprobs and logprobs.tokens) and not (ids and o.delta_token_ids):
             return None
         return R.CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
-                                  stop_reason=o.stop_reason)
+                                  stop_reason=o.stop_reason, prompt_token_ids=self.prompt_ids(i) if first else None,
+                                  token_ids=list(o.delta_token_ids) if ids else None)
 
     def chunk(self, choices, usage=None):
         return R.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -233,7 +244,8 @@ class CompletionReply(Reply):
             for o in out.outputs:
                 text, logprobs, _ = self.piece(i, out, o, first=True, delta=False, offset=0)
                 choices.append(R.CompletionChoice(index=self.index(i, o), text=text, logprobs=logprobs,
-                                                  finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                                                  finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                                  prompt_token_ids=self.prompt_ids(i), token_ids=self.output_ids(o)))
         choices.sort(key=lambda c: c.index)
         return self.chunk(choices, self.usage(finals)).model_dump(mode="json")
 
@@ -280,20 +292,22 @@ class ChatReply(Reply):
         return R.ChatLogprobs(content=content)
 
     def opening(self):
-        return [sse(self.chunk([R.ChatStreamChoice(index=k, delta=R.DeltaMessage(role="assistant", content=""),
-                                                   logprobs=None, finish_reason=None)]))
-                for k in range(len(self.prompts) * self.n)]
+        return [sse(R.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, prompt_token_ids=self.prompt_ids(0),
+            choices=[R.ChatStreamChoice(index=k, delta=R.DeltaMessage(role="assistant", content=""), logprobs=None,
+                                        finish_reason=None)])) for k in range(len(self.prompts) * self.n)]
 
     def delta_choice(self, i, out, o, first):
         content, calls, finish = o.delta_text, [], o.finish_reason
         if self.body.uses_tools:
             content, calls, finish = self.stream_tools(self.index(i, o), o)
-        if not content and not calls and finish is None and not (self.body.logprobs and o.delta_token_ids):
+        ids = self.body.return_token_ids
+        if not content and not calls and finish is None and not ((self.body.logprobs or ids) and o.delta_token_ids):
             return None
         delta = R.DeltaMessage(content=content or None, tool_calls=calls or None)
         return R.ChatStreamChoice(index=self.index(i, o), delta=delta,
                                   logprobs=self.chat_logprobs(o.delta_token_ids, o.delta_logprobs),
-                                  finish_reason=finish)
+                                  finish_reason=finish, token_ids=list(o.delta_token_ids) if ids else None)
 
     def message(self, o: CompletionOutput) -> tuple[R.ChatMessageOut, str | None]:
         if not self.body.uses_tools:
@@ -314,10 +328,12 @@ class ChatReply(Reply):
                 message, finish = self.message(o)
                 choices.append(R.ChatChoice(index=self.index(i, o), message=message,
                                             logprobs=self.chat_logprobs(o.token_ids, o.logprobs),
-                                            finish_reason=finish, stop_reason=o.stop_reason))
+                                            finish_reason=finish, stop_reason=o.stop_reason,
+                                            token_ids=self.output_ids(o)))
         choices.sort(key=lambda c: c.index)
         return R.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                        usage=self.usage(finals)).model_dump(mode="json")
+                                        usage=self.usage(finals), prompt_token_ids=self.prompt_ids(0)
+                                        ).model_dump(mode="json")
 
 
 def event_line(event: dict) -> str:

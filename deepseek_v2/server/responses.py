@@ -4,9 +4,24 @@ them from engine outputs; protocol.py holds the requests and the error body)."""
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_serializer
+
+
+class OmitsNulls(BaseModel):
+    """A body whose fields named in OMITTED are left out, not null, when unset: usage on stream chunks but
+    the last, the token ids that only return_token_ids asks for."""
+
+    OMITTED: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler):
+        d = handler(self)
+        for name in self.OMITTED:
+            if d.get(name) is None:
+                d.pop(name, None)
+        return d
 
 
 class PromptTokensDetails(BaseModel):
@@ -43,25 +58,22 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(OmitsNulls):
+    OMITTED = ("prompt_token_ids", "token_ids")
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids (streamed: on the first chunk)
+    token_ids: list[int] | None = None  # the generated ids (streamed: this chunk's)
 
 
-class WithOptionalUsage(BaseModel):
-    """A body whose usage is left out, not null, when there is none (stream chunks but the last)."""
+class WithOptionalUsage(OmitsNulls):
+    OMITTED = ("usage",)
 
     usage: UsageInfo | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler):
-        d = handler(self)
-        if d.get("usage") is None:
-            d.pop("usage", None)
-        return d
 
 
 class CompletionResponse(WithOptionalUsage):
@@ -105,21 +117,27 @@ class ChatMessageOut(BaseModel):
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(OmitsNulls):
+    OMITTED = ("token_ids",)
+
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitsNulls):
+    OMITTED = ("prompt_token_ids",)
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class WithoutNulls(BaseModel):
@@ -151,19 +169,25 @@ class DeltaMessage(WithoutNulls):
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChatStreamChoice(BaseModel):
+class ChatStreamChoice(OmitsNulls):
+    OMITTED = ("token_ids",)
+
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: this chunk's
 
 
 class ChatCompletionChunk(WithOptionalUsage):
+    OMITTED = ("usage", "prompt_token_ids")
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatStreamChoice]
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: on each choice's first chunk
 
 
 # ---- errors and service routes (for /openapi.json) --------------------------------------------------
