@@ -313,6 +313,9 @@ def test_anthropic_messages_equal_the_chat_they_mean(server, llm):
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model="tiny", max_tokens=5, messages=ask, thinking={"type": "enabled",
                                                                                    "budget_tokens": 1024})
+    with pytest.raises(anthropic.BadRequestError) as info:  # a chat field the Messages API has not
+        client.messages.create(model="tiny", max_tokens=5, messages=ask, extra_body={"n": 2})
+    assert info.value.body["error"]["param"] == "n"
     with pytest.raises(anthropic.AuthenticationError) as info:
         anthropic.Anthropic(base_url=server, api_key="sk-wrong", max_retries=0).messages.create(
             model="tiny", max_tokens=5, messages=ask)

@@ -106,7 +106,8 @@ class MessagesRequest(P.OpenAIModel):
         if self.thinking is not None and self.thinking.get("type") != "disabled":
             raise P.APIError(400, "thinking is not supported: this model does not reason", param="thinking",
                              code="unsupported")
-        chat: dict[str, Any] = {**(self.model_extra or {}), "messages": self.chat_messages(), "stream": self.stream,
+        extras = MessagesChatRequest.passed_through(self.model_extra, "the Messages API")
+        chat: dict[str, Any] = {**extras, "messages": self.chat_messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_tokens, "temperature": self.temperature,
                                 "top_p": self.top_p, "top_k": self.top_k, "stop": self.stop_sequences,
                                 "user": self.metadata.user_id if self.metadata else None}

@@ -541,11 +541,27 @@ class TranslatedChatRequest(ChatCompletionRequest):
         return error
 
     @classmethod
+    def passed_through(cls, extras: dict | None, api: str) -> dict:
+        """The other API's request fields it does not know, for the chat request: vLLM's sampling fields
+        (top_k, seed, logit_bias, ...); chat completions' own fields, and those whose answer only a chat
+        body carries, are refused."""
+        extras = extras or {}
+        foreign = sorted(set(extras) & _NOT_PASSED_THROUGH)
+        if foreign:
+            raise APIError(400, f"{foreign[0]} is not a field of {api}", param=foreign[0], code="unsupported")
+        return extras
+
+    @classmethod
     def made_from(cls, fields: dict) -> TranslatedChatRequest:
         try:
             return cls.model_validate(fields)
         except ValidationError as e:
             raise cls.renamed(APIError.from_validation(e.errors())) from None
+
+
+# chat completion fields another API's request may not pass through to the chat request it becomes
+_NOT_PASSED_THROUGH = (set(ChatCompletionRequest.model_fields) - set(SamplingFields.model_fields)
+                       | {"n", "stream_options", "response_format", "structured_outputs", "return_token_ids"})
 
 
 def encode_chat(tokenizer: Tokenizer, check: CheckChars, body: ChatTemplateFields,

@@ -25,11 +25,6 @@ RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_to
                     "response_format": "text.format", "top_logprobs": "top_logprobs"}
 
 
-# chat completion fields a Responses request may not carry (vLLM's sampling extras pass through)
-_CHAT_ONLY = (set(P.ChatCompletionRequest.model_fields) - set(P.SamplingFields.model_fields)
-              | {"n", "stream_options", "response_format"})
-
-
 # ---- the request ---------------------------------------------------------------------------------------
 class InputText(P.OpenAIModel):
     type: Literal["input_text", "output_text", "text"]
@@ -123,11 +118,7 @@ class ResponsesRequest(P.OpenAIModel):
         for name, (given, why) in refused.items():
             if given:
                 raise P.APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported")
-        extras = self.model_extra or {}
-        foreign = sorted(set(extras) & _CHAT_ONLY)
-        if foreign:
-            raise P.APIError(400, f"{foreign[0]} is a chat completions field; the Responses API does not take it",
-                             param=foreign[0])
+        extras = ResponsesChatRequest.passed_through(self.model_extra, "the Responses API")
         chat: dict[str, Any] = {**extras, "messages": self.messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
                                 "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
