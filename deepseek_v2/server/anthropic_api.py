@@ -168,9 +168,6 @@ class MessagesReply(BlockReply):
         self.request = request
         self.id = self.id.replace("msg-", "msg_")
 
-    def block_id(self, kind: str) -> str:
-        return "" if kind == "text" else f"toolu_{super().block_id(kind)[:24]}"
-
     @staticmethod
     def content_block(block: Block, done: bool = True) -> dict:
         if block.kind == "text":
