@@ -218,6 +218,17 @@ def test_continue_final_message_and_tokenize_equal_offline(server, client, llm):
                       continue_final_message=True, use_tqdm=False)[0]
     assert r.choices[0].message.content == expect.outputs[0].text
     assert r.usage.prompt_tokens == len(expect.prompt_token_ids)
+    # vLLM's echo: the reply repeats the last (assistant) message first, streamed or not
+    kw = dict(model="tiny", messages=messages, max_tokens=8, **GREEDY, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "echo": True})
+    echoed = client.chat.completions.create(**kw)
+    assert echoed.choices[0].message.content == "It means" + expect.outputs[0].text
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+    assert streamed == echoed.choices[0].message.content
+    replies = [client.chat.completions.create(model="tiny", messages=messages[:1], max_tokens=3, **GREEDY,
+                                              extra_body={"echo": echo}).choices[0].message.content
+               for echo in (False, True)]
+    assert replies[0] == replies[1]  # a last user message is not repeated
     ids = httpx.post(server + "/tokenize", json={"messages": messages, "continue_final_message": True,
                                                  "add_generation_prompt": False}).json()["tokens"]
     assert ids == expect.prompt_token_ids == llm.tokenizer.encode(

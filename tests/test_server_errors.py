@@ -112,7 +112,7 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     (C, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     (C, {"prompt": "hi", "priority": 3}, 400, "priority"),
     (C, {"prompt": "hi", "cache_salt": "tenant"}, 400, "cache_salt"),
-    (CHAT, {"messages": MSG, "echo": True}, 400, "echo"),
+    (CHAT, {"messages": MSG, "echo": "yes"}, 400, "echo"),
     (CHAT, {"messages": MSG, "chat_template": "{{ 'x' }}"}, 400, "chat_template"),
     (CHAT, {"messages": MSG, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
     (CHAT, {"messages": MSG, "continue_final_message": True}, 400, "continue_final_message"),

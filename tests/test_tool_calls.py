@@ -256,3 +256,10 @@ def test_anthropic_tool_use_streamed_and_not_and_the_conversation_goes_on(server
     same = client.chat.completions.create(model="tools", messages=chat_history, tools=TOOLS, tool_choice="none",
                                           max_tokens=8, temperature=0)
     assert [b.type for b in then.content] == ["text"] and then.content[0].text == same.choices[0].message.content
+
+
+def test_tokenize_renders_the_tools_as_chat_does(server, checkpoint):
+    tok = Tokenizer.from_pretrained(checkpoint)
+    r = httpx.post(server + "/tokenize", json={"messages": ASK, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == tok.apply_chat_template(ASK, add_generation_prompt=True, tools=TOOLS)

@@ -389,7 +389,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         try:  # a text that cannot fit the context is refused before it is tokenized (this route needs no key)
             if body.messages is not None:
                 core.check_prompt_chars(sum(len(m.text()) for m in body.messages), "messages")
-                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body)
+                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body, body.tool_dicts(tok))
             else:
                 core.check_prompt_chars(len(body.prompt), "prompt")
                 ids = await asyncio.to_thread(P.tokenize, "prompt", tok.encode, body.prompt,

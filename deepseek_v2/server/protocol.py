@@ -137,7 +137,6 @@ _REFUSED_EXTRAS = {"use_beam_search": "this server samples, it does no beam sear
                    "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
                    "return_tokens_as_token_ids": "logprobs name tokens by their text",
                    "priority": "requests are served in arrival order, with fair turns between them",
-                   "echo": "a chat reply does not repeat the last message",
                    "cache_salt": "the prefix cache is shared by all requests"}
 # fields clients send that need nothing here (OpenAI's metadata, vLLM's ids and options with no effect)
 _KNOWN_EXTRAS = {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
@@ -434,6 +433,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    echo: bool = False  # vLLM's: a last assistant message is repeated at the reply's start
     add_special_tokens: bool = False  # the chat template writes the BOS itself
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
@@ -603,8 +603,16 @@ class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[ToolDef] | None = None  # with messages: as a chat request with these tools renders them
     add_special_tokens: bool = True
     return_token_strs: bool = False
+
+    def tool_dicts(self, tokenizer: Tokenizer) -> list[dict] | None:
+        if not self.tools:
+            return None
+        if not tc.supports_tools(tokenizer):
+            raise APIError(400, "this model's chat template has no tool calling", param="tools", code="unsupported")
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -291,11 +291,19 @@ class ChatReply(Reply):
                               for t, v in top]))
         return R.ChatLogprobs(content=content)
 
+    @property
+    def echoed(self) -> str:
+        """With echo (vLLM's), the last message's text when it is the assistant's: the reply starts with it
+        (with continue_final_message, the whole of the continued message)."""
+        last = self.body.messages[-1]
+        return last.text() if getattr(self.body, "echo", False) and last.role == "assistant" else ""
+
     def opening(self):
         return [sse(R.ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, prompt_token_ids=self.prompt_ids(0),
-            choices=[R.ChatStreamChoice(index=k, delta=R.DeltaMessage(role="assistant", content=""), logprobs=None,
-                                        finish_reason=None)])) for k in range(len(self.prompts) * self.n)]
+            choices=[R.ChatStreamChoice(index=k, delta=R.DeltaMessage(role="assistant", content=self.echoed),
+                                        logprobs=None, finish_reason=None)]))
+                for k in range(len(self.prompts) * self.n)]
 
     def delta_choice(self, i, out, o, first):
         content, calls, finish = o.delta_text, [], o.finish_reason
@@ -311,11 +319,12 @@ class ChatReply(Reply):
 
     def message(self, o: CompletionOutput) -> tuple[R.ChatMessageOut, str | None]:
         if not self.body.uses_tools:
-            return R.ChatMessageOut(content=o.text), o.finish_reason
+            return R.ChatMessageOut(content=self.echoed + o.text), o.finish_reason
         content, calls = tc.ToolCallParser.parse(o.text)
         tool_calls = [R.ToolCallOut(id=c.id, function=R.FunctionCallOut(name=c.name, arguments=c.arguments))
                       for c in calls]
-        return R.ChatMessageOut(content=content, tool_calls=tool_calls), self.finish_reason(o, calls)
+        return (R.ChatMessageOut(content=(self.echoed + (content or "")) or None, tool_calls=tool_calls),
+                self.finish_reason(o, calls))
 
     def chunk(self, choices, usage=None):
         return R.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
