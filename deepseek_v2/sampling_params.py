@@ -97,6 +97,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these tokens can be produced
     bad_words: list[str] | None = None  # words the output never contains (each as its tokens)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
+    cache_salt: str | None = None  # the prefix cache shares blocks only between requests with the same salt
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -181,6 +182,8 @@ class SamplingParams:
         k = self.truncate_prompt_tokens
         check(k is None or (integer(k) and (k >= 1 or k == -1)), "truncate_prompt_tokens",
               f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt), "cache_salt",
+              f"cache_salt must be a non-empty string, got {_short(self.cache_salt)}")
 
     @property
     def greedy(self) -> bool:

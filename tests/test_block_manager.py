@@ -61,6 +61,21 @@ def test_prefix_hits_share_blocks_and_count_references():
     assert bm.prefix_queries == 14 and bm.prefix_hits == 12
 
 
+def test_cache_salt_shares_blocks_only_with_the_same_salt():
+    from deepseek_v2.sampling_params import SamplingParams
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = Sequence(list(range(9)), SamplingParams(cache_salt="tenant-a"))
+    run_tokens(bm, a, 9)
+    same = Sequence(list(range(9)), SamplingParams(cache_salt="tenant-a"))
+    assert bm.find_cached_prefix(same) == a.block_table[:2]
+    assert bm.find_cached_prefix(Sequence(list(range(9)), SamplingParams(cache_salt="tenant-b"))) == []
+    assert bm.find_cached_prefix(Sequence(list(range(9)))) == []  # unsalted requests do not see it either
+    plain = Sequence(list(range(9)))
+    run_tokens(bm, plain, 9)
+    assert bm.find_cached_prefix(Sequence(list(range(9)), SamplingParams(cache_salt="tenant-b"))) == []
+    assert bm.find_cached_prefix(Sequence(list(range(9)))) == plain.block_table[:2]
+
+
 def test_a_fully_cached_prompt_still_computes_its_last_block():
     bm = BlockManager(num_blocks=6, block_size=4)
     a = Sequence(list(range(8)))

@@ -358,6 +358,16 @@ def test_return_token_ids_streamed_and_not(server, client, llm):
     assert [t for e in events[1:-1] for t in e["choices"][0]["token_ids"]] == chat_expect.outputs[0].token_ids
 
 
+def test_cache_salt_keeps_prefixes_apart(client):
+    prompt = " ".join(f"salted{i}" for i in range(150))  # a few full cache blocks
+    def cached(**extra) -> int:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") >= 64  # the same salt shares the prefix
+    assert cached(cache_salt="tenant-b") == 0 and cached() == 0  # another salt, or none, does not
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

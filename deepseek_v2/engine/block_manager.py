@@ -1,5 +1,6 @@
 """The block manager: hands out fixed-size cache blocks to sequences, counts references, and keeps
-a prefix cache of full blocks keyed by their token ids chained with the previous block's hash.
+a prefix cache of full blocks keyed by their token ids chained with the previous block's hash (the
+first block's with the request's cache_salt, if it has one).
 It knows nothing about what a block holds. Pure Python (no torch).
 
 Freed blocks keep their hash and stay reusable until they are handed out again; the free queue
@@ -62,7 +63,7 @@ class BlockManager:
         to compute (the step must produce logits for the last token)."""
         if not self.enable_prefix_caching:
             return []
-        hits, prev = [], None
+        hits, prev = [], seq.sampling_params.cache_salt  # a salted prefix is found only with the same salt
         tokens = seq.token_ids
         for b in range((len(tokens) - 1) // self.block_size):
             chunk = tuple(tokens[b * self.block_size:(b + 1) * self.block_size])
@@ -122,7 +123,7 @@ class BlockManager:
         computed = seq.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
         full = min(computed // self.block_size, len(seq.block_table))
         for b in range(seq.num_hashed_blocks, full):
-            prev = self.blocks[seq.block_table[b - 1]].hash if b else None
+            prev = self.blocks[seq.block_table[b - 1]].hash if b else seq.sampling_params.cache_salt
             block = self.blocks[seq.block_table[b]]
             if block.hash is None:
                 chunk = tuple(seq.tokens_slice(b * self.block_size, (b + 1) * self.block_size))

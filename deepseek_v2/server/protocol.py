@@ -136,8 +136,7 @@ _REFUSED_EXTRAS = {"use_beam_search": "this server samples, it does no beam sear
                    "logits_processors": "no custom logits processors are loaded",
                    "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
                    "return_tokens_as_token_ids": "logprobs name tokens by their text",
-                   "priority": "requests are served in arrival order, with fair turns between them",
-                   "cache_salt": "the prefix cache is shared by all requests"}
+                   "priority": "requests are served in arrival order, with fair turns between them"}
 # fields clients send that need nothing here (OpenAI's metadata, vLLM's ids and options with no effect)
 _KNOWN_EXTRAS = {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
                  "guided_whitespace_pattern", "request_id", "metadata", "store", "service_tier",
@@ -174,6 +173,7 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     truncation_side: Literal["left"] | None = None  # the prompt's start is what is cut
     return_token_ids: bool = False  # the prompt's and the output's token ids in the response
+    cache_salt: str | None = None  # the prefix cache shares blocks only between requests with the same salt
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -256,7 +256,7 @@ class SamplingFields(OpenAIModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 structured_outputs=structured or self.structured(), logit_bias=self.token_biases(),
                 allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-                truncate_prompt_tokens=self.truncate_prompt_tokens)
+                truncate_prompt_tokens=self.truncate_prompt_tokens, cache_salt=self.cache_salt)
         except InvalidRequestError as e:
             raise self.invalid(e) from None
 
