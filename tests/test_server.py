@@ -342,6 +342,10 @@ def test_return_token_ids_streamed_and_not(server, client, llm):
     assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
     r = client.completions.create(**kw, extra_body={"return_token_ids": True}).model_dump()["choices"][0]
     assert r["prompt_token_ids"] == llm.tokenizer.encode("Token ids") and r["token_ids"] == expect.token_ids
+    named = client.completions.create(**kw, logprobs=2, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    assert named.logprobs.tokens == [f"token_id:{t}" for t in expect.token_ids]
+    assert all(k.startswith("token_id:") for top in named.logprobs.top_logprobs for k in top)
+    assert named.logprobs.text_offset == client.completions.create(**kw, logprobs=2).choices[0].logprobs.text_offset
     chunks = [c.model_dump()["choices"][0] for c in client.completions.create(
         **kw, stream=True, extra_body={"return_token_ids": True}) if c.choices]
     assert chunks[0]["prompt_token_ids"] == r["prompt_token_ids"]
@@ -352,6 +356,10 @@ def test_return_token_ids_streamed_and_not(server, client, llm):
                                           extra_body={"return_token_ids": True}).model_dump()
     assert chat["prompt_token_ids"] == chat_expect.prompt_token_ids
     assert chat["choices"][0]["token_ids"] == chat_expect.outputs[0].token_ids
+    lp = client.chat.completions.create(model="tiny", messages=ask, max_tokens=10, **GREEDY, logprobs=True,
+                                        top_logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    assert [c.token for c in lp.choices[0].logprobs.content] == [f"token_id:{t}" for t in
+                                                                 chat_expect.outputs[0].token_ids]
     events = sse_events(server, "/v1/chat/completions", {"model": "tiny", "messages": ask, "max_tokens": 10,
                                                           "temperature": 0, "stream": True, "return_token_ids": True})
     assert events[0]["prompt_token_ids"] == chat_expect.prompt_token_ids

@@ -111,6 +111,7 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
     (C, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
     (C, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     (C, {"prompt": "hi", "priority": 3}, 400, "priority"),
+    (C, {"prompt": "hi", "return_tokens_as_token_ids": "yes"}, 400, "return_tokens_as_token_ids"),
     (C, {"prompt": "hi", "cache_salt": ""}, 400, "cache_salt"),
     (CHAT, {"messages": MSG, "echo": "yes"}, 400, "echo"),
     (CHAT, {"messages": MSG, "chat_template": "{{ 'x' }}"}, 400, "chat_template"),

@@ -135,7 +135,6 @@ class ResponseFormat(OpenAIModel):
 _REFUSED_EXTRAS = {"use_beam_search": "this server samples, it does no beam search",
                    "logits_processors": "no custom logits processors are loaded",
                    "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
-                   "return_tokens_as_token_ids": "logprobs name tokens by their text",
                    "priority": "requests are served in arrival order, with fair turns between them"}
 # fields clients send that need nothing here (OpenAI's metadata, vLLM's ids and options with no effect)
 _KNOWN_EXTRAS = {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
@@ -173,6 +172,7 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     truncation_side: Literal["left"] | None = None  # the prompt's start is what is cut
     return_token_ids: bool = False  # the prompt's and the output's token ids in the response
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>", not by their text
     cache_salt: str | None = None  # the prefix cache shares blocks only between requests with the same salt
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None

@@ -65,6 +65,13 @@ class Reply:
             s = self._token_strs[token_id] = self.tok.decode([token_id])
         return s
 
+    def token_name(self, token_id: int) -> str:
+        """How logprobs name a token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids:
+        unambiguous where texts are not, e.g. a byte of a character split over tokens)."""
+        if getattr(self.body, "return_tokens_as_token_ids", False):
+            return f"token_id:{token_id}"
+        return self.token_str(token_id)
+
     def index(self, i: int, o: CompletionOutput) -> int:
         return i * self.n + o.index
 
@@ -195,13 +202,12 @@ class CompletionReply(Reply):
         (the tokens at `hidden` take no room), and the offset after them."""
         lp = R.CompletionLogprobs()
         for k, (tid, entry) in enumerate(zip(token_ids, entries)):
-            s = self.token_str(tid)
-            lp.tokens.append(s)
+            lp.tokens.append(self.token_name(tid))
             lp.text_offset.append(offset)
             if k not in hidden:
-                offset += len(s)
+                offset += len(self.token_str(tid))
             lp.token_logprobs.append(None if entry is None else entry[tid])
-            lp.top_logprobs.append(None if entry is None else {self.token_str(t): v for t, v in entry.items()})
+            lp.top_logprobs.append(None if entry is None else {self.token_name(t): v for t, v in entry.items()})
         return lp, offset
 
     def piece(self, i: int, out: RequestOutput, o: CompletionOutput, first: bool, delta: bool, offset: int):
@@ -282,11 +288,10 @@ class ChatReply(Reply):
         top_n = self.body.top_logprobs or 0
         content = []
         for tid, entry in zip(token_ids, entries or []):
-            s = self.token_str(tid)
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
             content.append(R.TokenLogprob(
-                token=s, logprob=entry[tid], bytes=list(s.encode("utf-8", "replace")),
-                top_logprobs=[R.TopLogprob(token=self.token_str(t), logprob=v,
+                token=self.token_name(tid), logprob=entry[tid], bytes=list(self.token_str(tid).encode("utf-8", "replace")),
+                top_logprobs=[R.TopLogprob(token=self.token_name(t), logprob=v,
                                            bytes=list(self.token_str(t).encode("utf-8", "replace")))
                               for t, v in top]))
         return R.ChatLogprobs(content=content)
