@@ -57,7 +57,8 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
 
 
 def test_unknown_fields_are_logged_once_and_refused_vllm_fields_name_themselves(caplog):
-    from deepseek_v2.server.protocol import APIError, CompletionRequest
+    from deepseek_v2.server.errors import APIError
+    from deepseek_v2.server.protocol import CompletionRequest
     with caplog.at_level("WARNING", logger="deepseek_v2"):
         for _ in range(2):
             CompletionRequest(prompt="hi", frobnicate_twice=1, request_id="mine").to_sampling_params()

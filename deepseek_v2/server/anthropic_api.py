@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..outputs import RequestOutput
 from . import protocol as P
+from .errors import APIError, anthropic_error
 from .replies import Block, BlockReply, event_line
 
 # a chat request's fields as Anthropic's API names them (errors name what the client sent)
@@ -104,7 +105,7 @@ class MessagesRequest(P.OpenAIModel):
     def to_chat(self) -> MessagesChatRequest:
         """The chat completion this request means (vLLM's sampling extras pass through to it)."""
         if self.thinking is not None and self.thinking.get("type") != "disabled":
-            raise P.APIError(400, "thinking is not supported: this model does not reason", param="thinking",
+            raise APIError(400, "thinking is not supported: this model does not reason", param="thinking",
                              code="unsupported")
         extras = MessagesChatRequest.passed_through(self.model_extra, "the Messages API")
         chat: dict[str, Any] = {**extras, "messages": self.chat_messages(), "stream": self.stream,
@@ -120,7 +121,7 @@ class MessagesRequest(P.OpenAIModel):
         choice = self.tool_choice
         if choice is not None:
             if choice.type == "tool" and not choice.name:
-                raise P.APIError(400, "tool_choice of type 'tool' needs a name", param="tool_choice")
+                raise APIError(400, "tool_choice of type 'tool' needs a name", param="tool_choice")
             chat["tool_choice"] = ({"type": "function", "function": {"name": choice.name}} if choice.type == "tool"
                                    else {"any": "required"}.get(choice.type, choice.type))
             chat["parallel_tool_calls"] = not choice.disable_parallel_tool_use
@@ -243,4 +244,4 @@ class MessagesReply(BlockReply):
                 self.event("message_stop")]
 
     def events_error(self, error):
-        return [self.event("error", error=P.anthropic_error(error.status, error.body())["error"])]
+        return [self.event("error", error=anthropic_error(error.status, error.body())["error"])]

@@ -36,7 +36,7 @@ from . import protocol as P
 from . import responses as R
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .middleware import Accounting, BodyLimit, KeyAuth
-from .protocol import APIError, anthropic_error, error_body
+from .errors import APIError, anthropic_error, error_body
 from .replies import ChatReply, CompletionReply
 from .anthropic_api import CountTokensRequest, MessagesChatRequest, MessagesReply, MessagesRequest
 from .responses_api import ResponsesChatRequest, ResponsesReply, ResponsesRequest

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match, Router
 
 from .metrics import ServerMetrics
-from .protocol import anthropic_error, error_body, scrubbed
+from .errors import anthropic_error, error_body, scrubbed
 
 logger = logging.getLogger("deepseek_v2")
 ANONYMOUS, UNAUTHORIZED = "anonymous", "unauthorized"

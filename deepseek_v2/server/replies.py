@@ -23,8 +23,8 @@ from ..engine.async_engine import EngineDeadError, EngineNotReadyError, RequestA
 from ..engine.llm_engine import StepError
 from ..outputs import CompletionOutput, RequestOutput
 from ..tokenizer import Tokenizer
-from . import protocol as P
 from . import responses as R
+from .errors import APIError, error_body, scrubbed
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("deepseek_v2")
@@ -34,13 +34,13 @@ DONE = "data: [DONE]\n\n"
 ENGINE_ERRORS = (StepError, RequestAbortedError, EngineDeadError, EngineNotReadyError)
 
 
-def engine_error(e: Exception) -> P.APIError:
+def engine_error(e: Exception) -> APIError:
     """What the client of a request that the engine ended (one of ENGINE_ERRORS) is told."""
     if isinstance(e, StepError):  # a fault in this request's step: the others are served on
-        return P.APIError(500, P.scrubbed(f"internal error: {e}"))
+        return APIError(500, scrubbed(f"internal error: {e}"))
     if isinstance(e, RequestAbortedError):
-        return P.APIError(503, str(e), code="aborted")
-    return P.APIError(503, str(e), code="engine_dead" if isinstance(e, EngineDeadError) else "not_ready")
+        return APIError(503, str(e), code="aborted")
+    return APIError(503, str(e), code="engine_dead" if isinstance(e, EngineDeadError) else "not_ready")
 
 
 def sse(obj) -> str:
@@ -128,7 +128,7 @@ class Reply:
         finally:  # a client that went away cancels this
             self.count_unfinished(finals, metrics)
         if any(f is None or not f.finished for f in finals):
-            raise P.APIError(503, "the request was aborted: the server is shutting down", code="aborted")
+            raise APIError(503, "the request was aborted: the server is shutting down", code="aborted")
         body = await asyncio.to_thread(self.body_of, finals)
         usage = self.usage(finals)
         metrics.observe_usage(key, usage.prompt_tokens, usage.completion_tokens)
@@ -166,7 +166,7 @@ class Reply:
             yield sse(engine_error(e).body())
         except Exception as e:
             logger.exception("error while streaming %s", self.id)
-            yield sse(P.error_body(500, P.scrubbed(f"internal error: {e!r}")))
+            yield sse(error_body(500, scrubbed(f"internal error: {e!r}")))
         finally:
             self.count_unfinished(finals, metrics)
             usage = self.usage(finals)  # a client that went away still used what was generated
@@ -400,7 +400,7 @@ class BlockReply(ChatReply):
     def events_end(self, blocks: list[Block], finals: list[RequestOutput | None]) -> list[str]:
         return []
 
-    def events_error(self, error: P.APIError) -> list[str]:
+    def events_error(self, error: APIError) -> list[str]:
         return []
 
     async def stream(self, outputs: AsyncIterator, metrics: ServerMetrics, key: str) -> AsyncIterator[str]:
@@ -446,7 +446,7 @@ class BlockReply(ChatReply):
                 yield line
         except Exception as e:
             logger.exception("error while streaming %s", self.id)
-            for line in self.events_error(P.APIError(500, P.scrubbed(f"internal error: {e!r}"))):
+            for line in self.events_error(APIError(500, scrubbed(f"internal error: {e!r}"))):
                 yield line
         finally:
             self.count_unfinished(finals, metrics)

@@ -10,7 +10,6 @@ does not reason: `reasoning` is accepted and has no effect, and no reasoning ite
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,7 @@ from pydantic import Field
 
 from ..outputs import RequestOutput
 from . import protocol as P
+from .errors import APIError
 from .replies import Block, BlockReply, event_line
 
 # a chat request's fields as the Responses API names them (errors name what the client sent)
@@ -117,7 +117,7 @@ class ResponsesRequest(P.OpenAIModel):
                                   "not cut")}
         for name, (given, why) in refused.items():
             if given:
-                raise P.APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported")
+                raise APIError(400, f"{name} is not supported: {why}", param=name, code="unsupported")
         extras = ResponsesChatRequest.passed_through(self.model_extra, "the Responses API")
         chat: dict[str, Any] = {**extras, "messages": self.messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
