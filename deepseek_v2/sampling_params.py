@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy
 # Sample i of a seeded request draws from seed + i, and a torch generator takes any 64-bit seed: the
@@ -71,6 +71,36 @@ class StructuredOutputsParams:
         return None
 
 
+@dataclass(frozen=True)
+class BadWords:
+    """bad_words as rules on tokens (vLLM's): each word is spelled as the tokenizer spells it alone and
+    after a space; a one-token spelling is never produced (`never`), the last token of a longer one not
+    where the output ends with the rest (`heads`: the rest's length -> the rest -> those last tokens, so
+    that a step looks up one ending per length, however many words there are). Made once per request,
+    off the engine's thread (`SamplingParams.tokenize_bad_words`)."""
+
+    never: tuple[int, ...]
+    heads: dict[int, dict[tuple[int, ...], tuple[int, ...]]]
+
+    @classmethod
+    def of(cls, tokenizer, words: list[str]) -> BadWords:
+        texts = [t for w in words for t in (w.lstrip(), " " + w.lstrip())]
+        spellings = {tuple(ids) for ids in tokenizer.encode_many(texts, add_special_tokens=False) if ids}
+        heads: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {}
+        for *head, last in sorted(w for w in spellings if len(w) > 1):
+            group = heads.setdefault(len(head), {})
+            group[tuple(head)] = group.get(tuple(head), ()) + (last,)
+        return cls(tuple(sorted(w[0] for w in spellings if len(w) == 1)), heads)
+
+    def banned_after(self, output: list[int]) -> list[int]:
+        """The last tokens of the longer spellings whose other tokens end `output`."""
+        banned: list[int] = []
+        for k, group in self.heads.items():
+            if len(output) >= k:
+                banned += group.get(tuple(output[len(output) - k:]), ())
+        return banned
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -98,6 +128,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words the output never contains (each as its tokens)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as fit)
     cache_salt: str | None = None  # the prefix cache shares blocks only between requests with the same salt
+    bad_words_tokens: BadWords | None = field(default=None, repr=False, compare=False)  # tokenize_bad_words
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -201,6 +232,12 @@ class SamplingParams:
         return (self.logprobs is None and self.min_tokens == 0 and self.structured_outputs is None
                 and self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
                 and not self.logit_bias and self.allowed_token_ids is None and not self.bad_words)
+
+    def tokenize_bad_words(self, tokenizer) -> None:
+        """Spell bad_words in tokens (BadWords), once; the engine does it when a request is added if no one
+        did before (the server does it in a worker thread, so a long list does not hold up the engine)."""
+        if self.bad_words and self.bad_words_tokens is None:
+            self.bad_words_tokens = BadWords.of(tokenizer, self.bad_words)
 
     def truncated(self, prompt_token_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt as generation takes it: its last truncate_prompt_tokens tokens (with -1, as many as

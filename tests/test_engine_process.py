@@ -35,6 +35,12 @@ def test_greedy_answers_equal_the_engine_in_process(server):
     llm = LLM(dtype="float32", device="cpu", num_kv_blocks=128)
     local = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))]
     assert served == local and streamed == local[0]
+    # the sampling fields the engine process applies itself: a bias, bad words (tokenized there), a salt
+    word = local[1].split()[0]
+    kw = dict(temperature=0, max_tokens=12, logit_bias={5: 3.0}, bad_words=[word], cache_salt="s")
+    served = client.completions.create(model="deepseek-v2-default", prompt=prompts[1], max_tokens=12, temperature=0,
+                                       logit_bias={"5": 3.0}, extra_body={"bad_words": [word], "cache_salt": "s"})
+    assert served.choices[0].text == llm.generate(prompts[1], SamplingParams(**kw))[0].outputs[0].text
 
 
 def test_bad_requests_are_refused_before_the_engine_process(server):

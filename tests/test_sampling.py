@@ -9,9 +9,9 @@ import torch
 
 from deepseek_v2.config import DEFAULT_MODEL
 from deepseek_v2.engine.sequence import Sequence
-from deepseek_v2.engine.sampler import Sampler, bad_words_token_ids
+from deepseek_v2.engine.sampler import Sampler
 from deepseek_v2.tokenizer import Tokenizer
-from deepseek_v2.sampling_params import InvalidRequestError, SamplingParams
+from deepseek_v2.sampling_params import BadWords, InvalidRequestError, SamplingParams
 
 
 def seq(prompt=(), output=(), eos_token_id=None, **kw) -> Sequence:
@@ -143,13 +143,17 @@ def test_logit_bias_allowed_and_banned_tokens_hand_computed():
     rows = [seq(logit_bias={"0": 10.0, 4: -2.5}),
             seq(allowed_token_ids=[1, 3], logit_bias={3: 1.0, 4: 7.0}),
             seq(output=[2], eos_token_id=4, min_tokens=2)]
-    rows[2].bad_words_token_ids = [[1], [2, 3], [0, 0]]  # 1 always; 3 after a 2; 0 after a 0 (not now)
+    rows[2].sampling_params.bad_words_tokens = bad_words([[1], [2, 3], [0, 0]])  # 1 always; 3 after a 2; 0 after 0
     inf = float("inf")
     expected = torch.tensor([[11.0, 2.0, 3.0, 4.0, 2.5],
                              [-inf, 2.0, -inf, 5.0, -inf],
                              [1.0, -inf, 3.0, -inf, -inf]])  # EOS 4 before min_tokens
-    assert torch.equal(Sampler().apply_masks(logits, rows), expected)
+    sampler = Sampler()
+    assert torch.equal(sampler.apply_masks(logits, rows), expected)
+    assert torch.equal(sampler.apply_masks(logits, rows), expected), "the second step, from the cached rules"
     assert logits[0, 0] == 1.0
+    sampler.release(rows[1].seq_id)
+    assert rows[1].seq_id not in sampler.rules and rows[0].seq_id in sampler.rules
     assert tokens(Sampler(), logits[:1], [seq(temperature=0, logit_bias={0: 10.0})]) == [0]
     assert not SamplingParams(logit_bias={0: 1.0}).samples_on_device, "the host applies them"
     assert not SamplingParams(temperature=0, allowed_token_ids=[1]).plain_greedy
@@ -166,21 +170,37 @@ def test_sampling_draws_only_allowed_tokens():
 
 def test_bad_words_are_banned_by_their_last_token_after_the_rest():
     s = seq(output=[7, 5, 6])
-    s.bad_words_token_ids = [[9], [5, 6, 8], [6, 8], [7, 5, 6, 4], [1, 6, 2]]
-    # [9] always; [5, 6, 8] and [6, 8] end on "5 6" / "6"; [7, 5, 6, 4] on the whole output; [1, 6, 2] not
-    assert s.banned_token_ids() == [9, 8, 8, 4]
+    s.sampling_params.bad_words_tokens = bad_words([[9], [5, 6, 8], [6, 8], [7, 5, 6, 4], [1, 6, 2], [3]])
+    # [9] and [3] always; [5, 6, 8] and [6, 8] end on "5 6" / "6"; [7, 5, 6, 4] on the whole output; [1, 6, 2] not
+    assert s.never_token_ids == (3, 9)
+    assert sorted(s.banned_token_ids()) == [4, 8, 8]
     assert seq(output=[]).banned_token_ids() == []
     short = seq(output=[6])
-    short.bad_words_token_ids = [[5, 6, 8]]
+    short.sampling_params.bad_words_tokens = bad_words([[5, 6, 8]])
     assert short.banned_token_ids() == [], "an output shorter than the word's head bans nothing"
 
 
-def test_bad_words_token_ids_spell_the_word_at_the_start_and_inside_a_text():
+def test_bad_words_spell_the_word_at_the_start_and_inside_a_text():
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
-    spellings = bad_words_token_ids(tok, ["  harbor", "the"])
-    texts = [tok.decode(ids) for ids in spellings]
-    assert texts[:2] == ["harbor", " harbor"] and set(texts[2:]) <= {"the", " the"} and len(texts) >= 3
-    assert len(set(map(tuple, spellings))) == len(spellings)
+    texts = {tok.decode(ids) for ids in spellings(BadWords.of(tok, ["  harbor", "the"]))}
+    assert texts == {"harbor", " harbor", "the", " the"}
+
+
+class _Spelled:
+    """A tokenizer whose texts are their own token ids, space-separated ("3 4" -> [3, 4])."""
+
+    @staticmethod
+    def encode_many(texts, add_special_tokens=False):
+        return [[int(t) for t in text.split()] for text in texts]
+
+
+def bad_words(words_as_ids: list[list[int]]) -> BadWords:
+    return BadWords.of(_Spelled, [" ".join(map(str, w)) for w in words_as_ids])
+
+
+def spellings(bad: BadWords) -> list[list[int]]:
+    return [[t] for t in bad.never] + [[*head, last] for group in bad.heads.values()
+                                       for head, lasts in group.items() for last in lasts]
 
 
 def test_truncated_keeps_the_prompts_end():
@@ -220,7 +240,7 @@ def test_engine_generates_within_allowed_tokens_without_bad_words_and_with_the_b
     out = banned.outputs[0].token_ids
 
     def spelled(ids) -> bool:  # banned as its tokens, as in vLLM (its letters in other tokens can still come)
-        return any(ids[i:i + len(w)] == w for w in bad_words_token_ids(tok, [word]) for i in range(len(ids)))
+        return any(ids[i:i + len(w)] == w for w in spellings(BadWords.of(tok, [word])) for i in range(len(ids)))
     assert spelled(plain.token_ids) and not spelled(out)
 
 

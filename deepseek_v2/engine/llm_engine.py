@@ -41,7 +41,6 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
 from .model_runner import LaunchedStep, ModelRunner, StepResult, cache_bytes_per_token, engine_max_model_len
 from .request_checks import RequestChecks
-from .sampler import bad_words_token_ids
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .workers import Control, ModelSource, WorkerError, Workers, start_model
@@ -235,14 +234,13 @@ class LLMEngine(RequestChecks):
             self.grammar_compiler  # engine's sampler gets its grammar masks (made once, here if not yet)
         ids = prompt_token_ids
         now = time.monotonic() if arrival_time is None else arrival_time
-        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words) if params.bad_words else None
+        params.tokenize_bad_words(self.tokenizer)  # (done already where the request was checked, if it was)
         samples = []
         for i in range(params.n):
             p = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples
                 p = replace(params, seed=params.seed + i)
-            seq = Sequence(ids, p, request_id, i, now, eos_token_id=self.tokenizer.eos_token_id,
-                           bad_words_token_ids=bad_words)
+            seq = Sequence(ids, p, request_id, i, now, eos_token_id=self.tokenizer.eos_token_id)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             samples.append(SampleState(seq, detok, logprobs=[] if params.logprobs is not None else None,
                                        cumulative_logprob=0.0 if params.logprobs is not None else None))

@@ -41,6 +41,17 @@ class TokenLogprobs:
 
 
 @dataclass
+class FixedRules:
+    """What a sequence may produce that does not change from step to step, on the logits' device:
+    never (one-token bad words), allowed (allowed_token_ids), logit_bias as ids and values."""
+
+    never: torch.Tensor | None
+    allowed: torch.Tensor | None
+    bias_ids: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass
 class SampledToken:
     token_id: int
     logprobs: TokenLogprobs | None = None  # when the sequence asked for logprobs
@@ -52,6 +63,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)  # rows without a seed of their own
         self.generator.manual_seed(seed)
         self.seeded: dict[int, torch.Generator] = {}  # seq_id -> its generator
+        self.rules: dict[int, FixedRules] = {}  # seq_id -> its fixed rules (rules_of)
         self.grammars = None  # structured_outputs.GrammarMasks, set by an engine that serves them
 
     def prepare(self, seqs: list[Sequence]) -> None:
@@ -98,42 +110,54 @@ class Sampler:
 
     def apply_masks(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """What a sequence may produce now, and its logit_bias: tokens its grammar does not allow, tokens
-        outside its allowed_token_ids, its bad words' last tokens (Sequence.banned_token_ids) and its
-        stop tokens (EOS included) while it has fewer than min_tokens output tokens get -inf; then
-        logit_bias is added (vLLM's order: masks and bias before the penalties)."""
+        outside its allowed_token_ids, its bad words (Sequence.never_token_ids, and banned_token_ids with
+        its stop tokens while it has fewer than min_tokens output tokens) get -inf; then logit_bias is
+        added (vLLM's order: masks and bias before the penalties)."""
         if self.grammars is not None:
             logits = self.grammars.apply(logits, seqs)
         V = logits.shape[1]
-        banned_rows, banned_cols, allowed_rows, allowed, bias_rows, bias_cols, bias = [], [], [], [], [], [], []
+        rows, cols, fixed = [], [], []
         for i, s in enumerate(seqs):
-            p = s.sampling_params
             blocked = [t for t in s.banned_token_ids() if t < V]
-            banned_rows += [i] * len(blocked)
-            banned_cols += blocked
-            if p.allowed_token_ids is not None:
-                allowed_rows.append(i)
-                allowed.append([t for t in p.allowed_token_ids if t < V])
-            if p.logit_bias:
-                kept = [(t, b) for t, b in p.logit_bias.items() if t < V]
-                bias_rows += [i] * len(kept)
-                bias_cols += [t for t, _ in kept]
-                bias += [b for _, b in kept]
-        if not (banned_rows or allowed_rows or bias_rows):
+            rows += [i] * len(blocked)
+            cols += blocked
+            if s.never_token_ids or s.sampling_params.allowed_token_ids is not None or s.sampling_params.logit_bias:
+                fixed.append(i)
+        if not (rows or fixed):
             return logits
         logits = logits.clone()
-        device = logits.device
-        if allowed_rows:
-            keep = torch.zeros(len(allowed_rows), V, dtype=torch.bool)
-            for j, ids in enumerate(allowed):
-                keep[j, ids] = True
-            rows = on_device(allowed_rows, device, torch.long)
-            logits[rows] = logits[rows].masked_fill(~keep.to(device, non_blocking=True), float("-inf"))
-        if banned_rows:
-            logits[on_device(banned_rows, device), on_device(banned_cols, device)] = float("-inf")
-        if bias_rows:
-            logits.index_put_((on_device(bias_rows, device, torch.long), on_device(bias_cols, device, torch.long)),
-                              on_device(bias, device, logits.dtype), accumulate=True)
+        for i in fixed:
+            rules = self.rules_of(seqs[i], V, logits.device)
+            if rules.allowed is not None:
+                kept = logits[i, rules.allowed]
+                logits[i] = float("-inf")
+                logits[i, rules.allowed] = kept
+            if rules.never is not None:
+                logits[i, rules.never] = float("-inf")
+        if rows:
+            logits[on_device(rows, logits.device), on_device(cols, logits.device)] = float("-inf")
+        for i in fixed:
+            rules = self.rules[seqs[i].seq_id]
+            if rules.bias_ids is not None:
+                logits[i].index_add_(0, rules.bias_ids, rules.bias.to(logits.dtype))
         return logits
+
+    def rules_of(self, seq: Sequence, vocab: int, device: torch.device) -> FixedRules:
+        """A sequence's fixed rules as index tensors on the logits' device, made on its first step (a
+        request with a long list pays for it once, not every step)."""
+        rules = self.rules.get(seq.seq_id)
+        if rules is None:
+            p = seq.sampling_params
+            def index(ids) -> torch.Tensor | None:
+                ids = [t for t in ids if t < vocab]
+                return on_device(ids, device, torch.long) if ids else None
+            bias = [(t, b) for t, b in (p.logit_bias or {}).items() if t < vocab]
+            rules = self.rules[seq.seq_id] = FixedRules(
+                never=index(seq.never_token_ids),
+                allowed=index(p.allowed_token_ids) if p.allowed_token_ids is not None else None,
+                bias_ids=on_device([t for t, _ in bias], device, torch.long) if bias else None,
+                bias=on_device([b for _, b in bias], device, torch.float32) if bias else None)
+        return rules
 
     @staticmethod
     def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -206,20 +230,9 @@ class Sampler:
                 for j, (t, lp) in enumerate(zip(targets, chosen))]
 
     def release(self, seq_id: int) -> None:
-        """Forget a finished sequence's generator and grammar."""
+        """Forget a finished sequence's generator, fixed rules and grammar."""
         self.seeded.pop(seq_id, None)
+        self.rules.pop(seq_id, None)
         if self.grammars is not None:
             self.grammars.release(seq_id)
 
-
-def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
-    """The token sequences that spell each bad word, as vLLM finds them: the word without its leading
-    spaces, and the same after one space (a byte-level BPE spells a word inside a text differently
-    than at its start), without special tokens; each spelling once."""
-    spellings: list[list[int]] = []
-    for word in words:
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids not in spellings:
-                spellings.append(ids)
-    return spellings

@@ -29,7 +29,7 @@ _ids = itertools.count()
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], sampling_params: SamplingParams | None = None,
                  request_id: str = "", index: int = 0, arrival_time: float | None = None,
-                 eos_token_id: int | None = None, bad_words_token_ids: list[list[int]] | None = None):
+                 eos_token_id: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n samples this is
@@ -37,7 +37,6 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.sampling_params = sampling_params or SamplingParams()
         self.stop_token_ids = self.sampling_params.all_stop_token_ids(eos_token_id)  # EOS unless ignore_eos
-        self.bad_words_token_ids = bad_words_token_ids or []  # each bad word as tokens (its spellings)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks of block_table already in the prefix cache
@@ -70,16 +69,20 @@ class Sequence:
             return self.output_token_ids[start - p:end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
+    @property
+    def never_token_ids(self) -> tuple[int, ...]:
+        """Tokens this sequence never produces (its one-token bad words)."""
+        bad = self.sampling_params.bad_words_tokens
+        return bad.never if bad is not None else ()
+
     def banned_token_ids(self) -> list[int]:
-        """Tokens this sequence may not produce next: its stop tokens (EOS included) while it has fewer
-        than min_tokens output tokens, and the last token of every bad word whose other tokens end the
-        output (a one-token bad word always)."""
+        """Tokens this sequence may not produce next, besides never_token_ids: its stop tokens (EOS
+        included) while it has fewer than min_tokens output tokens, and the last token of every bad word
+        whose other tokens end the output."""
         out = self.output_token_ids
         banned = list(self.stop_token_ids) if len(out) < self.sampling_params.min_tokens else []
-        for *head, last in self.bad_words_token_ids:
-            if not head or (len(out) >= len(head) and out[len(out) - len(head):] == head):
-                banned.append(last)
-        return banned
+        bad = self.sampling_params.bad_words_tokens
+        return banned + bad.banned_after(out) if bad is not None else banned
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -281,6 +281,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         except InvalidRequestError as e:
             raise body.invalid(e) from None
         prompts = await off_loop(body, body.prompts, core.tokenizer, check_chars)
+        if params.bad_words:  # spelled in tokens here, not in the engine's thread
+            await asyncio.to_thread(params.tokenize_bad_words, core.tokenizer)
         prompts = body.truncated(prompts, params, core.max_model_len)
         body.check_lengths(prompts, core.max_model_len)
         reply = await off_loop(body, reply_cls, body, names[0], core.tokenizer, prompts)
