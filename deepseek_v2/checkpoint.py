@@ -210,48 +210,116 @@ def load_weights(model: nn.Module, path, device="cpu", progress: bool | None = N
     return model
 
 
-def save_model(model: nn.Module, path, max_shard_size: int = 5 * 1024**3) -> None:
-    """Write config.json, generation_config.json and the weights (sharded above max_shard_size) from
-    the model's parameters, args and dtype."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def write_config(model: nn.Module, path: Path) -> None:
+    """config.json and generation_config.json from the model's args and dtype."""
     config = model.args.to_hf_config()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
+
+class ShardWriter:
+    """Tensors written into safetensors shards of at most max_shard_size bytes as they come (one shard in
+    memory at a time); close() gives the shards their names (model.safetensors, or
+    model-0000i-of-0000n.safetensors and the index). Old shards in the directory are removed first, so
+    none is left beside the new ones."""
+
+    def __init__(self, path: Path, max_shard_size: int):
+        self.path, self.max_shard_size = path, max_shard_size
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []  # (file under a temporary name, its tensors)
+        for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+            old.unlink(missing_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        # clone: one expert's slice shares storage with its stack, which safetensors refuses
+        self.pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        file = self.path / f"model-part-{len(self.written) + 1:05d}.safetensors"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.written.append((file, list(self.pending)))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.path / SINGLE_FILE)
+            return
+        weight_map = {}
+        for i, (file, names) in enumerate(self.written):
+            final = f"model-{i + 1:05d}-of-{len(self.written):05d}.safetensors"
+            file.rename(self.path / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_model(model: nn.Module, path, max_shard_size: int = 5 * 1024**3) -> None:
+    """Write config.json, generation_config.json and the weights (sharded above max_shard_size) from
+    the model's parameters, args and dtype."""
+    path = Path(path)
     if getattr(model, "tp", None) is not None and model.tp.size > 1:
         raise ValueError("save_pretrained writes a whole model: save from a single process, not a tensor-parallel rank")
+    path.mkdir(parents=True, exist_ok=True)
+    write_config(model, path)
+    writer = ShardWriter(path, max_shard_size)
     for name, tensor, _, _ in checkpoint_tensors(model):
-        if model.args.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, tensor))
-        size += nbytes
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        old.unlink(missing_ok=True)  # never leave stale shards beside the new ones
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    for file, shard in zip(names, shards):
-        # clone: one expert's slice shares storage with its stack, which safetensors refuses
-        tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in shard}
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        for n, t in tensors.items():
-            weight_map[n] = file
-            total += t.numel() * t.element_size()
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if not (model.args.tie_word_embeddings and name == "lm_head.weight"):
+            writer.add(name, tensor)
+    writer.close()
 
 
-__all__ = ["CheckpointError", "ConfigError", "checkpoint_args", "load_weights", "save_model", "parse_dtype"]
+def quantize_checkpoint(model: nn.Module, source, target, max_shard_size: int = 5 * 1024**3) -> None:
+    """Write the checkpoint at `source` again at `target` with the weights `model` holds in FP8 quantized
+    (DeepSeek's layout, as loading with quantization="fp8" quantizes them), one tensor at a time: the
+    memory of a shard, not of the model (V2's 236B fits where its weights do not). `model` is the
+    checkpoint's model built on the meta device with FP8 weights (use_fp8): it says which tensors are FP8,
+    which others the files must hold, and in which dtype. A tensor already in FP8 is copied with its scale."""
+    source, target = Path(source), Path(target)
+    expected = {t.name: t for t in checkpoint_tensors(model)}
+    if model.args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    target.mkdir(parents=True, exist_ok=True)
+    write_config(model, target)
+    writer, seen = ShardWriter(target, max_shard_size), set()
+    for file in weight_files(source):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if IGNORED.match(name):
+                        continue
+                    tensor, want = f.get_tensor(name), expected.get(name)
+                    if want is None and not name.endswith("_scale_inv"):
+                        raise CheckpointError(f"{file.name}: unexpected tensor '{name}'")
+                    if want is not None and tuple(tensor.shape) != want.shape:
+                        raise CheckpointError(f"{file.name}: tensor '{name}' has shape {list(tensor.shape)}, "
+                                              f"the model expects {list(want.shape)}")
+                    seen.add(name)
+                    if want is None or tensor.dtype == FP8:  # a scale, or a weight in FP8 already
+                        writer.add(name, tensor)
+                    elif want.target.dtype == FP8:
+                        q, scale = quantize_weight(tensor)
+                        writer.add(name, q)
+                        writer.add(name + "_scale_inv", scale)
+                    else:
+                        writer.add(name, tensor.to(want.target.dtype))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+    missing = [n for n in expected if n not in seen and not n.endswith("_scale_inv")]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    writer.close()
+
+
+__all__ = ["CheckpointError", "ConfigError", "checkpoint_args", "load_weights", "save_model", "quantize_checkpoint",
+           "parse_dtype"]

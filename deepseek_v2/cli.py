@@ -197,8 +197,8 @@ def memory_plan_lines(a, args) -> list[str]:
 
 
 def cmd_quantize(args) -> None:
-    """A checkpoint in DeepSeek's FP8 layout (docs/fp8.md): loaded with quantization="fp8", which
-    quantizes the FP8 weights as they load, and written with the tokenizer files beside it."""
+    """A checkpoint in DeepSeek's FP8 layout (docs/fp8.md), written tensor by tensor (the memory of a
+    shard, not of the model), with the tokenizer files beside it."""
     import shutil
     from pathlib import Path
     from .checkpoint import weight_files
@@ -207,8 +207,7 @@ def cmd_quantize(args) -> None:
     if target.exists() and target.resolve() == source.resolve():
         raise ValueError("quantize: OUT must be another directory than IN")
     size = sum(f.stat().st_size for f in weight_files(source))
-    model = DeepseekV2ForCausalLM.from_pretrained(source, quantization="fp8", progress=None)
-    model.save_pretrained(target, max_shard_size=int(args.max_shard_gib * 2**30))
+    DeepseekV2ForCausalLM.quantize_pretrained(source, target, max_shard_size=int(args.max_shard_gib * 2**30))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, target / name)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checkpoint import checkpoint_args, load_dtype, load_weights, save_model
+from .checkpoint import checkpoint_args, load_dtype, load_weights, quantize_checkpoint, save_model
 from .config import ModelArgs
 from .kernels import REFERENCE, load_kernels
 from .kernels.fp8 import BLOCK, quantize_once, quantized_buffers
@@ -440,6 +440,17 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 5 * 1024**3) -> None:
         save_model(self, path, max_shard_size=max_shard_size)
+
+    @classmethod
+    def quantize_pretrained(cls, source: str | os.PathLike, target: str | os.PathLike,
+                            max_shard_size: int = 5 * 1024**3) -> None:
+        """Write the checkpoint at `source` in DeepSeek's FP8 layout at `target`, tensor by tensor (the
+        same weights as from_pretrained(source, quantization="fp8").save_pretrained(target), without
+        the model in memory)."""
+        args = checkpoint_args(source).replace(quantization="fp8")
+        with torch.device("meta"):
+            model = cls(args).to(load_dtype(args)).use_fp8()
+        quantize_checkpoint(model, source, target, max_shard_size=max_shard_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -6,6 +6,7 @@ logits against bf16, and the engine end to end with FP8 weights and the FP8 late
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from deepseek_v2 import LLM, DeepseekV2ForCausalLM, EngineConfig, LLMEngine, ModelArgs, SamplingParams, Tokenizer
+from deepseek_v2.checkpoint import CheckpointError
 from deepseek_v2.config import DEFAULT_MODEL, ConfigError
 from deepseek_v2.parallel import Linear
 from deepseek_v2.kernels import reference
@@ -230,11 +232,31 @@ def test_fuse_for_inference_pads_fp8_weights_for_cublas(checkpoints, tmp_path, m
 
 def test_quantize_command_writes_a_checkpoint_that_loads_back(checkpoints, tmp_path):
     from deepseek_v2.cli import main
-    bf16, _ = checkpoints
+    bf16, fp8 = checkpoints
     assert main(["quantize", str(bf16), str(tmp_path / "out")]) == 0
     assert_same_parameters(DeepseekV2ForCausalLM.from_pretrained(tmp_path / "out"),
                            DeepseekV2ForCausalLM.from_pretrained(bf16, quantization="fp8"))
     assert main(["quantize", str(bf16), str(bf16)]) == 1  # never over its input
+    # tensor by tensor: the very tensors the quantized model saves, in shards of any size
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert written.keys() == load_file(fp8 / "model.safetensors").keys()
+    for name, t in load_file(fp8 / "model.safetensors").items():
+        assert written[name].dtype == t.dtype and torch.equal(written[name].view(torch.uint8), t.view(torch.uint8))
+    DeepseekV2ForCausalLM.quantize_pretrained(bf16, tmp_path / "shards", max_shard_size=200_000)
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and set(index["weight_map"]) == written.keys()
+    assert not list((tmp_path / "shards").glob("model-part-*"))
+    assert_same_parameters(DeepseekV2ForCausalLM.from_pretrained(tmp_path / "shards"),
+                           DeepseekV2ForCausalLM.from_pretrained(fp8))
+    DeepseekV2ForCausalLM.quantize_pretrained(fp8, tmp_path / "again")  # an FP8 checkpoint is copied as it is
+    assert_same_parameters(DeepseekV2ForCausalLM.from_pretrained(tmp_path / "again"),
+                           DeepseekV2ForCausalLM.from_pretrained(fp8))
+    extra = tmp_path / "extra"
+    shutil.copytree(bf16, extra)
+    tensors = load_file(extra / "model.safetensors")
+    save_file({**tensors, "model.stray.weight": torch.zeros(2)}, str(extra / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.stray.weight"):
+        DeepseekV2ForCausalLM.quantize_pretrained(extra, tmp_path / "never")
 
 
 @pytest.mark.parametrize("change, key", [({"quant_method": "awq"}, "quant_method"), ({"fmt": "e5m2"}, "fmt"),
