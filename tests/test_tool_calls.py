@@ -263,3 +263,18 @@ def test_tokenize_renders_the_tools_as_chat_does(server, checkpoint):
     r = httpx.post(server + "/tokenize", json={"messages": ASK, "tools": TOOLS})
     assert r.status_code == 200, r.text
     assert r.json()["tokens"] == tok.apply_chat_template(ASK, add_generation_prompt=True, tools=TOOLS)
+
+
+def test_responses_input_items_become_the_chat_messages_they_mean():
+    from deepseek_v2.server.responses_api import ResponsesRequest
+    call = {"type": "function_call", "name": "add", "arguments": '{"a":2,"b":3}'}
+    request = ResponsesRequest.model_validate({"instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "2+3"}, {"type": "input_text", "text": "?"}]},
+        {"role": "assistant", "content": "Let me add."}, {**call, "call_id": "c1"}, {**call, "call_id": "c2"},
+        {"type": "function_call_output", "call_id": "c1", "output": "5"}]})
+    calls = [{"id": c, "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}} for c in ("c1", "c2")]
+    assert request.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+                                  {"role": "assistant", "content": "Let me add.", "tool_calls": calls},
+                                  {"role": "tool", "tool_call_id": "c1", "content": "5"}]
+    alone = ResponsesRequest.model_validate({"input": [{**call, "call_id": "c1"}]}).messages()
+    assert alone == [{"role": "assistant", "content": None, "tool_calls": calls[:1]}]

@@ -137,8 +137,8 @@ class ResponsesRequest(P.OpenAIModel):
         return ResponsesChatRequest.made_from(chat)
 
     def messages(self) -> list[dict]:
-        """instructions and input as chat messages: consecutive function calls are one assistant
-        message's tool_calls, a call's output a tool message."""
+        """instructions and input as chat messages: function calls join the assistant message before them
+        (or make one) as its tool_calls, a call's output is a tool message."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         for item in items:
@@ -148,8 +148,9 @@ class ResponsesRequest(P.OpenAIModel):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
                 last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
-                    last["tool_calls"].append(call)
+                if last is not None and last["role"] == "assistant":
+                    last.setdefault("tool_calls", []).append(call)
+                    last["content"] = last["content"] or None  # (how DeepSeek's templates tell a call from a reply)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
