@@ -15,6 +15,7 @@ _EXPORTS = {
     "LLM": "deepseek_v2.llm",
     "SamplingParams": "deepseek_v2.sampling_params",
     "StructuredOutputsParams": "deepseek_v2.sampling_params",
+    "BeamSearchParams": "deepseek_v2.beam_search",
     "InvalidRequestError": "deepseek_v2.sampling_params",
     "Tokenizer": "deepseek_v2.tokenizer",
     "LLMEngine": "deepseek_v2.engine.llm_engine",

@@ -1,5 +1,5 @@
 """`LLM`: the offline Python API (vLLM's shape) over the engine: `generate` for text or token-id
-prompts and `chat` for conversations rendered with the checkpoint's chat template."""
+prompts, `chat` for conversations rendered with the checkpoint's chat template, and `beam_search`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from .config import DEFAULT_MODEL
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
+
+
+def prompt_list(prompts: Prompt | Seq[Prompt]) -> list[str | list[int]]:
+    """One prompt or a list of them, each a string or token ids (a dict's "prompt_token_ids" or "prompt")."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    return [p.get("prompt_token_ids", p.get("prompt")) if isinstance(p, dict) else p for p in prompts]
 
 
 class LLM:
@@ -37,21 +45,25 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a dict with "prompt" or "prompt_token_ids", or a
         list of these. Returns one RequestOutput per prompt, in order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                 and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         ids = []
         for prompt, p in zip(prompts, params_list):
-            if isinstance(prompt, dict):
-                prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
             rid = str(next(self._ids))
             self.engine.add_request(rid, prompt, p)
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """The params.beam_width most likely continuations of each prompt (vLLM's beam search,
+        beam_search.py), best first; prompts as for generate."""
+        ids = [self.engine.encode_prompt(p)[1] for p in prompt_list(prompts)]
+        return beam_search(lambda batch, step: self.generate(batch, step, use_tqdm=False), ids, params,
+                           None if params.ignore_eos else self.tokenizer.eos_token_id,
+                           lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True, continue_final_message: bool = False,

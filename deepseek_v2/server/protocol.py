@@ -66,7 +66,7 @@ class ResponseFormat(OpenAIModel):
 
 
 # vLLM request fields not implemented here, refused when set (with why)
-_REFUSED_EXTRAS = {"use_beam_search": "this server samples, it does no beam search",
+_REFUSED_EXTRAS = {"use_beam_search": "this server samples; beam search is offline (LLM.beam_search)",
                    "logits_processors": "no custom logits processors are loaded",
                    "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
                    "priority": "requests are served in arrival order, with fair turns between them"}
