@@ -215,6 +215,8 @@ class SamplingParams:
               f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}")
         check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt), "cache_salt",
               f"cache_salt must be a non-empty string, got {_short(self.cache_salt)}")
+        check(self.bad_words_tokens is None or isinstance(self.bad_words_tokens, BadWords), "bad_words",
+              "bad_words_tokens is made from bad_words (tokenize_bad_words), not given")
 
     @property
     def greedy(self) -> bool:
