@@ -1,9 +1,10 @@
-"""Beam search (vLLM's `LLM.beam_search`): the `beam_width` most likely continuations of a prompt, found
-one token at a time over the engine. Each step asks the engine for one token of every live beam with its
-2 x beam_width most likely alternatives (the prefix cache keeps the beams' shared tokens computed), extends
-each beam by each alternative, puts aside the candidates that end in EOS, and keeps the best beam_width
-of the others. A sequence's score is its cumulative log-probability divided by its length (prompt included,
-EOS not) to the power length_penalty, as vLLM scores them.
+"""Beam search (vLLM's `LLM.beam_search` and `use_beam_search`): the `beam_width` most likely continuations
+of a prompt, found one token at a time over the engine. Each step asks the engine for one token of every
+live beam with its 2 x beam_width most likely alternatives (the prefix cache keeps the beams' shared tokens
+computed), extends each beam by each alternative, puts aside the candidates that end in EOS, and keeps the
+best beam_width of the others. A sequence's score is its cumulative log-probability divided by its length
+(prompt included, EOS not) to the power length_penalty, as vLLM scores them. `BeamSearch` holds the search
+and leaves running the steps to its caller (`LLM.beam_search`, or the server's event loop).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .outputs import RequestOutput
 from .sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -50,38 +52,52 @@ def score(seq: BeamSearchSequence, eos_token_id: int | None, length_penalty: flo
     return seq.cum_logprob / length ** length_penalty
 
 
-def beam_search(generate: Callable[[list[list[int]], SamplingParams], list], prompts: list[list[int]],
-                params: BeamSearchParams, eos_token_id: int | None,
-                decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
-    """`generate(token_id_prompts, sampling_params)` returns one RequestOutput per prompt, in order (all
-    the prompts' beams go to it as one batch each step)."""
-    step = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width,
-                          ignore_eos=True)
-    beams = [[BeamSearchSequence(list(p))] for p in prompts]  # per prompt, its live beams
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    key = lambda s: score(s, eos_token_id, params.length_penalty)  # noqa: E731
-    for _ in range(params.max_tokens):
-        live = [(i, b) for i, group in enumerate(beams) for b in group]
-        if not live:
-            break
-        outs = generate([b.tokens for _, b in live], step)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(live, outs):
+class BeamSearch:
+    """The search over some prompts: `step_prompts` are the live beams' tokens to run one step on (with
+    `step_params`), `advance` takes that step's outputs, in the same order; `done` says when to stop, and
+    `results` gives each prompt's best sequences."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_id: int | None):
+        self.prompts, self.params = prompts, params
+        self.eos = None if params.ignore_eos else eos_token_id
+        self.step_params = SamplingParams(max_tokens=1, temperature=params.temperature,
+                                          logprobs=2 * params.beam_width, ignore_eos=True)
+        self.beams = [[BeamSearchSequence(list(p))] for p in prompts]  # per prompt, its live beams
+        self.finished: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.steps = 0
+
+    def key(self, seq: BeamSearchSequence) -> float:
+        return score(seq, self.eos, self.params.length_penalty)
+
+    @property
+    def live(self) -> list[tuple[int, BeamSearchSequence]]:
+        return [(i, b) for i, group in enumerate(self.beams) for b in group]
+
+    @property
+    def done(self) -> bool:
+        return self.steps == self.params.max_tokens or not self.live
+
+    def step_prompts(self) -> list[list[int]]:
+        return [b.tokens for _, b in self.live]
+
+    def advance(self, outputs: list[RequestOutput]) -> None:
+        candidates: list[list[BeamSearchSequence]] = [[] for _ in self.prompts]
+        for (i, beam), out in zip(self.live, outputs):
             alternatives = out.outputs[0].logprobs[0]  # the drawn token and the 2 x beam_width best
             for token, logprob in alternatives.items():
                 new = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob,
-                                         beam.logprobs + [alternatives])
-                if token == eos_token_id and not params.ignore_eos:
-                    new.finished = True
-                    done[i].append(new)
-                else:
-                    candidates[i].append(new)
-        beams = [sorted(c, key=key, reverse=True)[:params.beam_width] for c in candidates]
-    results = []
-    for i, prompt in enumerate(prompts):
-        best = sorted(done[i] + beams[i], key=key, reverse=True)[:params.beam_width]
-        for seq in best:
-            generated = seq.tokens[len(prompt):]
-            seq.text = decode(generated[:-1] if seq.finished else generated)
-        results.append(BeamSearchOutput(best))
-    return results
+                                         beam.logprobs + [alternatives], finished=token == self.eos)
+                (self.finished[i] if new.finished else candidates[i]).append(new)
+        self.beams = [sorted(c, key=self.key, reverse=True)[:self.params.beam_width] for c in candidates]
+        self.steps += 1
+
+    def results(self, decode: Callable[[list[int]], str]) -> list[BeamSearchOutput]:
+        """Each prompt's best sequences, best first, with the text of their generated tokens (EOS left out)."""
+        outputs = []
+        for i, prompt in enumerate(self.prompts):
+            best = sorted(self.finished[i] + self.beams[i], key=self.key, reverse=True)[:self.params.beam_width]
+            for seq in best:
+                generated = seq.tokens[len(prompt):]
+                seq.text = decode(generated[:-1] if seq.finished else generated)
+            outputs.append(BeamSearchOutput(best))
+        return outputs

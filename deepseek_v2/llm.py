@@ -9,7 +9,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from .config import DEFAULT_MODEL
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -60,10 +60,11 @@ class LLM:
     def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """The params.beam_width most likely continuations of each prompt (vLLM's beam search,
         beam_search.py), best first; prompts as for generate."""
-        ids = [self.engine.encode_prompt(p)[1] for p in prompt_list(prompts)]
-        return beam_search(lambda batch, step: self.generate(batch, step, use_tqdm=False), ids, params,
-                           None if params.ignore_eos else self.tokenizer.eos_token_id,
-                           lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True))
+        search = BeamSearch([self.engine.encode_prompt(p)[1] for p in prompt_list(prompts)], params,
+                            self.tokenizer.eos_token_id)
+        while not search.done:  # every prompt's live beams in one batch a step
+            search.advance(self.generate(search.step_prompts(), search.step_params, use_tqdm=False))
+        return search.results(lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True, continue_final_message: bool = False,

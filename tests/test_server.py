@@ -376,6 +376,28 @@ def test_cache_salt_keeps_prefixes_apart(client):
     assert cached(cache_salt="tenant-b") == 0 and cached() == 0  # another salt, or none, does not
 
 
+def test_use_beam_search_equals_offline_beam_search(client, llm):
+    """vLLM's use_beam_search with n beams: the n sequences LLM.beam_search finds, best first, on both
+    endpoints; what a search cannot give (a stream, logprobs, more than 10 beams) is refused by name."""
+    from deepseek_v2 import BeamSearchParams
+    r = client.completions.create(model="tiny", prompt="The dictionary is", max_tokens=6, n=3,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True})
+    [expect] = llm.beam_search(["The dictionary is"], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
+    assert [c.text for c in r.choices] == [s.text for s in expect.sequences]
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 18
+    ask = [{"role": "user", "content": "What is a harbor?"}]
+    chat = client.chat.completions.create(model="tiny", messages=ask, max_tokens=5, n=2,
+                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    prompt = llm.tokenizer.apply_chat_template(ask, add_generation_prompt=True)
+    [expect] = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=5, length_penalty=0.5))
+    assert [c.message.content for c in chat.choices] == [s.text for s in expect.sequences]
+    for extra, param in [({"stream": True}, "stream"), ({"logprobs": 2}, "logprobs"), ({"n": 11}, "n")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.post("/completions", cast_to=object, body={"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                                              "use_beam_search": True, **extra})
+        assert info.value.body["param"] == param
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="Logprobs", max_tokens=5, logprobs=3, **GREEDY,
                                   extra_body={"ignore_eos": True})

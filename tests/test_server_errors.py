@@ -108,7 +108,8 @@ BAD = [  # (path, body: dict or raw bytes, status, param)
      "allowed_token_ids"),
     (C, {"prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     # vLLM fields not implemented here: refused when set, never silently ignored
-    (C, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    (C, {"prompt": "hi", "use_beam_search": True, "stream": True}, 400, "stream"),
+    (C, {"prompt": "hi", "use_beam_search": True, "structured_outputs": {"choice": ["a"]}}, 400, "structured_outputs"),
     (C, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     (C, {"prompt": "hi", "priority": 3}, 400, "priority"),
     (C, {"prompt": "hi", "return_tokens_as_token_ids": "yes"}, 400, "return_tokens_as_token_ids"),

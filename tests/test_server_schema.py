@@ -65,6 +65,6 @@ def test_unknown_fields_are_logged_once_and_refused_vllm_fields_name_themselves(
     logged = [r.getMessage() for r in caplog.records if "frobnicate_twice" in r.getMessage()]
     assert len(logged) == 1 and not any("request_id" in r.getMessage() for r in caplog.records)
     with pytest.raises(APIError) as info:
-        CompletionRequest(prompt="hi", use_beam_search=True).to_sampling_params()
-    assert info.value.param == "use_beam_search" and info.value.status == 400
-    CompletionRequest(prompt="hi", use_beam_search=False, priority=0).to_sampling_params()  # unset: accepted
+        CompletionRequest(prompt="hi", logits_processors=["mine"]).to_sampling_params()
+    assert info.value.param == "logits_processors" and info.value.status == 400
+    CompletionRequest(prompt="hi", logits_processors=[], priority=0).to_sampling_params()  # unset: accepted

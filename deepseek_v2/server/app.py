@@ -30,14 +30,16 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..beam_search import BeamSearch
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
+from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import InvalidRequestError
 from . import protocol as P
 from . import responses as R
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .middleware import Accounting, BodyLimit, KeyAuth
 from .errors import APIError, anthropic_error, error_body
-from .replies import ChatReply, CompletionReply
+from .replies import ENGINE_ERRORS, ChatReply, CompletionReply, engine_error
 from .anthropic_api import CountTokensRequest, MessagesChatRequest, MessagesReply, MessagesRequest
 from .responses_api import ResponsesChatRequest, ResponsesReply, ResponsesRequest
 
@@ -286,6 +288,11 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         prompts = body.truncated(prompts, params, core.max_model_len)
         body.check_lengths(prompts, core.max_model_len)
         reply = await off_loop(body, reply_cls, body, names[0], core.tokenizer, prompts)
+        if body.use_beam_search:
+            beam = body.beam_search_params(params.max_tokens, prompts, core.max_model_len)
+            finals = await beam_search(BeamSearch([ids for _, ids in prompts], beam, core.tokenizer.eos_token_id),
+                                       body, reply.id, core.tokenizer)
+            return JSONResponse(await asyncio.to_thread(reply.body_of, finals))
         rids = [f"{reply.id}-{i}" for i in range(len(prompts))]
         try:
             engine.check_room(len(prompts) * body.n)  # all the request's prompts are accepted, or none
@@ -305,6 +312,34 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
             return JSONResponse(await reply.collect(outputs, metrics, key))
         finally:
             abort_all(rids)
+
+    async def beam_search(search: BeamSearch, body, group: str, tokenizer) -> list[RequestOutput]:
+        """use_beam_search: `search` run on the engine, each step every live beam a request of one token
+        (the prefix cache keeps the beams' shared tokens computed); then each prompt's best sequences as
+        one RequestOutput of n outputs, best first."""
+        async def last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+            final = None
+            async for final in outputs:
+                pass
+            if final is None or not final.finished:
+                raise APIError(503, "the request was aborted: the server is shutting down", code="aborted")
+            return final
+
+        while not search.done:
+            batch = search.step_prompts()
+            rids = [f"{group}-beam{search.steps}-{k}" for k in range(len(batch))]
+            try:
+                search.advance(await asyncio.gather(*(last(submit(body, ids, search.step_params, rid, group))
+                                                      for ids, rid in zip(batch, rids))))
+            except ENGINE_ERRORS as e:
+                raise engine_error(e) from None
+            finally:
+                abort_all(rids)
+        results = search.results(lambda tokens: tokenizer.decode(tokens, skip_special_tokens=body.skip_special_tokens))
+        return [RequestOutput(group, None, prompt, finished=True, outputs=[
+            CompletionOutput(k, s.text, s.tokens[len(prompt):], s.cum_logprob, finish_reason="stop" if s.finished
+                             else "length") for k, s in enumerate(result.sequences)])
+            for prompt, result in zip(search.prompts, results)]
 
     # ---- OpenAI routes ----------------------------------------------------------------------------
     def model_card(name: str) -> R.ModelCard:

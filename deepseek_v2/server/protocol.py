@@ -21,6 +21,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import tool_calls as tc
+from ..beam_search import BeamSearchParams
 from ..sampling_params import (SEED_MAX, SEED_MIN, ContextLengthError, InvalidRequestError, SamplingParams,
                                StructuredOutputsParams)
 from ..tokenizer import Tokenizer
@@ -66,14 +67,13 @@ class ResponseFormat(OpenAIModel):
 
 
 # vLLM request fields not implemented here, refused when set (with why)
-_REFUSED_EXTRAS = {"use_beam_search": "this server samples; beam search is offline (LLM.beam_search)",
-                   "logits_processors": "no custom logits processors are loaded",
+_REFUSED_EXTRAS = {"logits_processors": "no custom logits processors are loaded",
                    "prompt_logprobs": "on /v1/completions, echo with logprobs returns the prompt's",
                    "priority": "requests are served in arrival order, with fair turns between them"}
 # fields clients send that need nothing here (OpenAI's metadata, vLLM's ids and options with no effect)
 _KNOWN_EXTRAS = {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
                  "guided_whitespace_pattern", "request_id", "metadata", "store", "service_tier",
-                 "spaces_between_special_tokens", "length_penalty", "documents", "mm_processor_kwargs"}
+                 "spaces_between_special_tokens", "documents", "mm_processor_kwargs"}
 _IGNORED_LOGGED: set[str] = set()
 
 
@@ -108,6 +108,8 @@ class SamplingFields(OpenAIModel):
     return_token_ids: bool = False  # the prompt's and the output's token ids in the response
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>", not by their text
     cache_salt: str | None = None  # the prefix cache shares blocks only between requests with the same salt
+    use_beam_search: bool = False  # the n most likely continuations (beam_search.py), the body at the end
+    length_penalty: float = 1.0  # beam search's: a sequence's score is its log-probability / length ** this
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -124,6 +126,22 @@ class SamplingFields(OpenAIModel):
         if self.structured_outputs is None and self.guided() is not None:
             return f"guided_{next(iter(self.guided()))}"
         return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def beam_search_params(self, max_tokens: int | None, prompts: list[tuple[str | None, list[int]]],
+                           max_model_len: int) -> BeamSearchParams:
+        """use_beam_search's search (n beams, as vLLM takes them), after refusing what it cannot give."""
+        for name, given in (("stream", self.stream), ("logprobs", getattr(self, "logprobs", None) not in (None, False)),
+                            ("echo", getattr(self, "echo", False)), (self.structured_field, self.structured() is not None),
+                            ("tools", bool(getattr(self, "tools", None)))):
+            if given:
+                raise APIError(400, f"{name} cannot be used with use_beam_search", param=name)
+        if max_tokens is None:  # up to the context
+            max_tokens = max_model_len - max(len(ids) for _, ids in prompts)
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    temperature=self.temperature or 0.0, length_penalty=self.length_penalty)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="n" if e.param == "beam_width" else self.param_name(e.param)) from None
 
     def check_extras(self) -> None:
         """Refuse the vLLM fields this server does not implement, where they are set (ignoring one would
