@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..outputs import RequestOutput
 from . import protocol as P
+from .chat_protocol import TranslatedChatRequest
 from .errors import APIError, anthropic_error
 from .replies import Block, BlockReply, event_line
 
@@ -149,7 +150,7 @@ class MessagesRequest(P.OpenAIModel):
         return out
 
 
-class MessagesChatRequest(P.TranslatedChatRequest):
+class MessagesChatRequest(TranslatedChatRequest):
     PARAMS = MESSAGES_PARAMS
 
 

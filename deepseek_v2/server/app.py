@@ -34,6 +34,7 @@ from ..beam_search import BeamSearch
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import InvalidRequestError
+from . import chat_protocol as C
 from . import protocol as P
 from . import responses as R
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
@@ -361,10 +362,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
 
     @app.post("/v1/chat/completions", response_model=None,
               responses=generation_responses(R.ChatCompletionResponse, R.ChatCompletionChunk))
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+    async def chat_completions(body: C.ChatCompletionRequest, request: Request):
         return await until_disconnect(request, serve(request, body, ChatReply))
 
-    async def serve_as_chat(request: Request, body, chat_cls: type[P.TranslatedChatRequest], reply_cls):
+    async def serve_as_chat(request: Request, body, chat_cls: type[C.TranslatedChatRequest], reply_cls):
         """Another API's request served as the chat completion it means (body.to_chat()), its refusals
         naming that API's fields."""
         check_model(body.model)
@@ -417,7 +418,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         return R.VersionResponse(version=__version__)
 
     @app.post("/tokenize", response_model_exclude_none=True, responses=errors(400, 404, 408, 413, 503))
-    async def tokenize(body: P.TokenizeRequest) -> R.TokenizeResponse:
+    async def tokenize(body: C.TokenizeRequest) -> R.TokenizeResponse:
         check_model(body.model)
         core = llm()
         tok = core.tokenizer
@@ -426,7 +427,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | Sequence[str] = "
         try:  # a text that cannot fit the context is refused before it is tokenized (this route needs no key)
             if body.messages is not None:
                 core.check_prompt_chars(sum(len(m.text()) for m in body.messages), "messages")
-                ids = await asyncio.to_thread(P.encode_chat, tok, core.check_prompt_chars, body, body.tool_dicts(tok))
+                ids = await asyncio.to_thread(C.encode_chat, tok, core.check_prompt_chars, body, body.tool_dicts(tok))
             else:
                 core.check_prompt_chars(len(body.prompt), "prompt")
                 ids = await asyncio.to_thread(P.tokenize, "prompt", tok.encode, body.prompt,

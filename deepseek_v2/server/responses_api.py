@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..outputs import RequestOutput
 from . import protocol as P
+from .chat_protocol import TranslatedChatRequest
 from .errors import APIError
 from .replies import Block, BlockReply, event_line
 
@@ -172,7 +173,7 @@ class ResponsesRequest(P.OpenAIModel):
                 "store": False}
 
 
-class ResponsesChatRequest(P.TranslatedChatRequest):
+class ResponsesChatRequest(TranslatedChatRequest):
     PARAMS = RESPONSES_PARAMS
     MESSAGES = "input"
 
