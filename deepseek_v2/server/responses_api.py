@@ -22,8 +22,8 @@ from .errors import APIError
 from .replies import Block, BlockReply, event_line
 
 # a chat request's fields as the Responses API names them (errors name what the client sent)
-RESPONSES_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
-                    "response_format": "text.format", "top_logprobs": "top_logprobs"}
+RESPONSES_PARAMS = {"max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+                    "response_format": "text.format"}  # (any message's field is "input": MESSAGES below)
 
 
 # ---- the request ---------------------------------------------------------------------------------------
